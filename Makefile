@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - the whole pipeline on embedded defaults, with a synthetic fleet of agents
+#   make test   - virtualenv, install, Kafka broker, pytest, broker stop
+VENV      ?= .venv
+PYTHON    ?= python3
+BIN        = $(VENV)/bin
+TEST_DIR  ?= $(CURDIR)/.meterline-test
+TEST_PORT ?= 19092
+PYTEST_ARGS ?=
+TEST_ENV   = METERLINE_DATA_DIR=$(TEST_DIR) METERLINE_KAFKA_PORT=$(TEST_PORT) METERLINE_KAFKA_CONTROLLER_PORT=$$(($(TEST_PORT)+1))
+
+.PHONY: install test demo bench schemas clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(TEST_ENV) $(BIN)/meterline kafka start
+	status=0; $(TEST_ENV) METERLINE_KAFKA_BOOTSTRAP=$${METERLINE_KAFKA_BOOTSTRAP:-127.0.0.1:$(TEST_PORT)} \
+		$(BIN)/pytest $(PYTEST_ARGS) || status=$$?; \
+	$(TEST_ENV) $(BIN)/meterline kafka stop; exit $$status
+
+demo: install
+	$(BIN)/meterline demo
+
+bench: install
+	$(BIN)/python -m bench
+
+schemas: install
+	$(BIN)/python -m meterline.schemas.jsonschema
+
+clean:
+	-$(BIN)/meterline kafka stop
+	rm -rf .meterline .meterline-test

@@ -1,0 +1,102 @@
+"""Settings from METERLINE_* environment variables or a TOML/env config file.
+
+Precedence (highest first): constructor arguments, environment, the file named by
+METERLINE_CONFIG (TOML), a `.env` file in the working directory, defaults.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "meterline"
+
+
+class KafkaSecurity(BaseSettings):
+    """librdkafka security settings; every Kafka client in meterline takes these."""
+
+    model_config = SettingsConfigDict(env_prefix="METERLINE_KAFKA_", extra="ignore")
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERLINE_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Where the broker, the embedded store and spools live.")
+    kafka_bootstrap: str | None = Field(None, description="An existing cluster; when unset meterline starts its own broker on 127.0.0.1.")
+    kafka_port: int = Field(9092, description="Port of the broker that `meterline kafka start` runs.")
+    kafka_controller_port: int = 9093
+    kafka_home: Path | None = Field(default_factory=lambda: Path(os.environ["KAFKA_HOME"]) if os.environ.get("KAFKA_HOME") else None)
+    kafka_security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+    topic_prefix: str = Field("meterline", description="Topics are named <prefix>.<name>.v1.")
+    clickhouse_dsn: str | None = Field(None, description="chdb:///path (default: <data_dir>/clickhouse) or http(s)://user:pass@host:8123/db.")
+    clickhouse_cluster: str | None = Field(None, description="When set, DDL runs ON CLUSTER with Replicated tables.")
+    api_port: int = 8787
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("METERLINE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return (*sources, dotenv_settings)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{self.data_dir / 'clickhouse'}"
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a catalog name such as 'usage'."""
+        return f"{self.topic_prefix}.{name}.v1"
+
+    def kafka_config(self, **extra: Any) -> dict[str, Any]:
+        """Base librdkafka config (bootstrap + security) for any confluent-kafka client."""
+        sec = self.kafka_security
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": sec.security_protocol}
+        optional = {
+            "sasl.mechanism": sec.sasl_mechanism,
+            "sasl.username": sec.sasl_username,
+            "sasl.password": sec.sasl_password.get_secret_value() if sec.sasl_password else None,
+            "ssl.ca.location": sec.ssl_ca_location,
+            "ssl.certificate.location": sec.ssl_certificate_location,
+            "ssl.key.location": sec.ssl_key_location,
+        }
+        conf.update({k: str(v) for k, v in optional.items() if v is not None})
+        conf.update(extra)
+        return conf
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

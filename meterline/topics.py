@@ -1,0 +1,54 @@
+"""The topic catalog and an idempotent `topics create`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    purpose: str
+    config: dict[str, str] = field(default_factory=dict)
+
+
+CATALOG: tuple[TopicSpec, ...] = (
+    TopicSpec("usage", 12, "usage events from SDKs and the OTel bridge, keyed by tenant_id", {"retention.ms": str(7 * DAY_MS)}),
+    TopicSpec("gpu", 6, "NVML samples, keyed by node", {"retention.ms": str(7 * DAY_MS)}),
+    TopicSpec("priced", 12, "usage events with their exact price, keyed by tenant_id", {"retention.ms": str(7 * DAY_MS)}),
+    TopicSpec("spend", 6, "real-time spend per scope, keyed by tenant_id", {"retention.ms": str(3 * DAY_MS)}),
+    TopicSpec("anomalies", 3, "cost anomalies, keyed by tenant_id", {"retention.ms": str(30 * DAY_MS)}),
+    TopicSpec("control", 6, "throttle decisions, latest per scope (compacted)",
+              {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)}),
+    TopicSpec("budgets", 1, "budget policies, latest per policy_id (compacted)", {"cleanup.policy": "compact"}),
+    TopicSpec("dlq", 3, "records that failed validation, with the reason and original bytes", {"retention.ms": str(30 * DAY_MS)}),
+)
+
+
+def catalog_by_name() -> dict[str, TopicSpec]:
+    return {spec.name: spec for spec in CATALOG}
+
+
+def create_topics(settings: Settings, replication_factor: int = 1, timeout: float = 30.0) -> dict[str, str]:
+    """Create every catalog topic that is missing. Returns {topic: 'created' | 'exists'}."""
+    admin = AdminClient(settings.kafka_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = {settings.topic(s.name): s for s in CATALOG}
+    result = {name: "exists" for name in wanted if name in existing}
+    missing = [NewTopic(name, s.partitions, replication_factor, config=s.config) for name, s in wanted.items() if name not in existing]
+    for name, future in (admin.create_topics(missing, operation_timeout=timeout) if missing else {}).items():
+        try:
+            future.result(timeout)
+            result[name] = "created"
+        except KafkaException as err:
+            if err.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
+                raise
+            result[name] = "exists"
+    return dict(sorted(result.items()))

@@ -1,0 +1,361 @@
+"""The event contracts: one pydantic model per Kafka record type.
+
+Money is `Decimal` (serialised as a JSON string, never a float). Every model forbids
+unknown fields, bounds every string and map, and rejects timestamps far in the
+future, so a bad producer is caught at the edge with an error naming the field.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
+
+import pydantic
+import uuid_utils
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+MAX_FUTURE_SKEW = timedelta(minutes=5)
+MAX_ID_LEN = 128
+MAX_NAME_LEN = 256
+MAX_TEXT_LEN = 2048
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_VALUE_LEN = 1024
+MAX_TOKENS = 10**12  # far above any real call; stops overflow in Int64/UInt64 columns
+
+Kind = Literal["llm_call", "tool_call", "api_call"]
+Status = Literal["ok", "error", "timeout", "rate_limited", "cancelled"]
+Priority = Literal["critical", "high", "normal", "low", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low", "batch")
+Scope = Literal["tenant", "team", "project", "agent", "session"]
+SCOPES: tuple[Scope, ...] = ("tenant", "team", "project", "agent", "session")
+Action = Literal["allow", "throttle", "queue", "downgrade", "deny", "preempt"]
+Severity = Literal["info", "warning", "critical"]
+
+
+class InvalidEvent(ValueError):
+    """A record broke its contract. `errors` lists (field, message) pairs."""
+
+    def __init__(self, model: str, errors: list[tuple[str, str]]):
+        self.model = model
+        self.errors = errors
+        detail = "; ".join(f"{field}: {msg}" for field, msg in errors)
+        super().__init__(f"invalid {model}: {detail}")
+
+    @property
+    def reason(self) -> str:
+        """Short, stable text for a dead-letter record."""
+        return str(self)
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _not_in_future(ts: datetime) -> datetime:
+    if ts - datetime.now(timezone.utc) > MAX_FUTURE_SKEW:
+        raise ValueError(f"is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future (check the producer's clock)")
+    return ts.astimezone(timezone.utc)
+
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_no_control_chars)]
+OptionalId = Annotated[str, Field(max_length=MAX_ID_LEN), AfterValidator(_no_control_chars)]
+Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_control_chars)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_LEN)]
+Timestamp = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
+Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
+Count = Annotated[StrictInt, Field(ge=0)]
+Usd = Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False)]
+SignedUsd = Annotated[Decimal, Field(max_digits=28, decimal_places=12, allow_inf_nan=False)]
+Attributes = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)], Annotated[str, Field(max_length=MAX_ATTRIBUTE_VALUE_LEN)]],
+    Field(max_length=MAX_ATTRIBUTES),
+]
+
+
+def new_id() -> str:
+    """A UUIDv7: time-ordered, made once per event so retries keep their identity."""
+    return str(uuid_utils.uuid7())
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_timedelta="float")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+class Attribution(Contract):
+    """Who spent it: the chargeback hierarchy, tenant > team > project > agent > session."""
+
+    tenant_id: Id
+    team: OptionalId = ""
+    project: OptionalId = ""
+    agent_id: OptionalId = ""
+    session_id: OptionalId = ""
+
+
+class UsageEvent(Attribution):
+    """One LLM call, tool call or paid API call, as the agent saw it.
+
+    `input_tokens` counts every input token, cache reads and writes included
+    (OpenTelemetry's meaning); the cache counts are subsets of it.
+    """
+
+    event_id: UUID
+    ts: Timestamp
+    kind: Kind
+    provider: Name = ""
+    model: Name = ""
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    tool: Name = ""
+    units: Tokens = Field(1, description="Billable units of a tool/API call (pages, searches, ...).")
+    latency_ms: Count = 0
+    status: Status = "ok"
+    response_bytes: Count = 0
+    priority: Priority = "normal"
+    cost_usd: Usd | None = Field(None, description="Provider-reported cost; overrides the catalog.")
+    attributes: Attributes = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> UsageEvent:
+        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
+            raise ValueError("cache_read_tokens + cache_write_tokens must not exceed input_tokens (input counts all input tokens)")
+        if self.kind == "llm_call" and not self.model:
+            raise ValueError("model is required for kind=llm_call")
+        if self.kind != "llm_call" and not self.tool:
+            raise ValueError(f"tool is required for kind={self.kind}")
+        return self
+
+
+class GpuSample(Contract):
+    """One NVML reading: a whole GPU, a MIG instance, or one process on either.
+
+    GPU-seconds of a row = interval_ms / 1000 × (mig_slices / mig_total_slices for MIG).
+    A process row whose owner is unknown has attributed=False and empty attribution.
+    """
+
+    sample_id: UUID
+    ts: Timestamp
+    node: Id
+    level: Literal["gpu", "mig", "process"]
+    gpu_index: Count
+    gpu_uuid: Id
+    gpu_name: Name = ""
+    mig_uuid: OptionalId = ""
+    mig_profile: Name = ""
+    mig_slices: Count = 0
+    mig_total_slices: Count = 0
+    interval_ms: Annotated[StrictInt, Field(gt=0, le=3_600_000)]
+    utilization_pct: Annotated[StrictInt, Field(ge=0, le=100)] | None = None
+    memory_used_bytes: Count | None = None
+    memory_total_bytes: Count | None = None
+    power_mw: Count | None = None
+    energy_mj_delta: Count | None = None
+    temperature_c: Annotated[StrictInt, Field(ge=-100, le=200)] | None = None
+    pid: Count | None = None
+    process_memory_bytes: Count | None = None
+    sm_util_pct: Annotated[StrictInt, Field(ge=0, le=100)] | None = None
+    tenant_id: OptionalId = ""
+    team: OptionalId = ""
+    project: OptionalId = ""
+    agent_id: OptionalId = ""
+    session_id: OptionalId = ""
+    attributed: StrictBool = False
+    simulated: StrictBool = False
+
+
+class SpendUpdate(Contract):
+    """Real-time spend of one scope: the last window and the period-to-date total."""
+
+    update_id: UUID
+    ts: Timestamp
+    tenant_id: Id
+    scope: Scope
+    scope_id: Id
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    window_cost_usd: Usd
+    period_start: AwareDatetime
+    period_cost_usd: Usd
+    events: Count = 0
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    gpu_seconds: Annotated[Decimal, Field(ge=0, allow_inf_nan=False)] = Decimal(0)
+    gpu_cost_usd: Usd = Decimal(0)
+    unpriced_events: Count = 0
+
+
+class Anomaly(Contract):
+    anomaly_id: UUID
+    ts: Timestamp
+    kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu"]
+    severity: Severity
+    tenant_id: Id
+    scope: Scope | Literal["gpu", "model"]
+    scope_id: Id
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    evidence: dict[str, str] = Field(default_factory=dict, max_length=MAX_ATTRIBUTES, description="Numbers as exact strings.")
+    message: Text = ""
+
+
+class DecisionLimits(Contract):
+    tokens_per_min: Count | None = None
+    requests_per_min: Count | None = None
+    max_concurrent: Count | None = None
+
+
+class ThrottleDecision(Contract):
+    """What the allocator tells agents in a scope to do, until `expires_at`.
+
+    `priority` is None when the decision holds for every priority class.
+    """
+
+    decision_id: UUID
+    tenant_id: Id
+    scope: Scope
+    scope_id: Id
+    priority: Priority | None = None
+    action: Action
+    limits: DecisionLimits = Field(default_factory=DecisionLimits)
+    max_model: Name | None = None
+    reason: Text
+    policy_id: OptionalId = ""
+    budget_remaining_usd: SignedUsd | None = None
+    forecast_exhaustion_ts: AwareDatetime | None = None
+    reset_at: AwareDatetime | None = None
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+
+    @property
+    def key(self) -> str:
+        """Compaction key on the control topic: the latest decision per scope and class wins."""
+        return decision_key(self.scope, self.scope_id, self.priority)
+
+    @model_validator(mode="after")
+    def _check_times(self) -> ThrottleDecision:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        if self.action == "downgrade" and not self.max_model:
+            raise ValueError("max_model is required for action=downgrade")
+        return self
+
+
+def decision_key(scope: str, scope_id: str, priority: str | None) -> str:
+    return f"{scope}:{scope_id}:{priority or '*'}"
+
+
+class BudgetPolicy(Contract):
+    """A budget on one scope. Scope ids of child scopes are qualified by their tenant.
+
+    `actions` maps a priority class to what happens when the budget is exceeded.
+    """
+
+    policy_id: Id
+    tenant_id: Id
+    scope: Scope
+    scope_id: Id
+    unit: Literal["usd", "gpu_hours"] = "usd"
+    amount: Annotated[Decimal, Field(gt=0, max_digits=28, decimal_places=12, allow_inf_nan=False)]
+    period: Literal["day", "week", "month", "custom"] = "month"
+    period_anchor: AwareDatetime | None = Field(None, description="Start of a period; periods repeat from it.")
+    period_seconds: Annotated[StrictInt, Field(gt=0)] | None = Field(None, description="Length of a custom period.")
+    timezone: Annotated[str, Field(max_length=64)] = "UTC"
+    hard: StrictBool = True
+    alert_thresholds_pct: list[Annotated[StrictInt, Field(gt=0, le=1000)]] = Field(default_factory=lambda: [50, 80, 100], max_length=16)
+    actions: dict[Priority, Action] = Field(
+        default_factory=lambda: {"critical": "allow", "high": "throttle", "normal": "throttle", "low": "deny", "batch": "deny"}
+    )
+    created_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _check_period(self) -> BudgetPolicy:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA zone such as 'UTC' or 'Europe/Berlin'") from None
+        if self.period == "custom" and (self.period_seconds is None or self.period_anchor is None):
+            raise ValueError("period=custom needs period_seconds and period_anchor")
+        return self
+
+
+class DeadLetter(Contract):
+    """A record that could not be processed, with the reason and its original bytes."""
+
+    dlq_id: UUID
+    ts: AwareDatetime
+    stage: Name
+    source_topic: Name
+    partition: StrictInt
+    offset: StrictInt
+    reason: Text
+    error_type: Name
+    payload_b64: str = Field(max_length=16 * 1024 * 1024)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+CONTRACTS: dict[str, type[Contract]] = {
+    "usage_event": UsageEvent,
+    "gpu_sample": GpuSample,
+    "spend_update": SpendUpdate,
+    "anomaly": Anomaly,
+    "throttle_decision": ThrottleDecision,
+    "budget_policy": BudgetPolicy,
+    "dead_letter": DeadLetter,
+}
+
+
+def _as_invalid(model: type[BaseModel], err: pydantic.ValidationError) -> InvalidEvent:
+    errors = [(".".join(str(p) for p in e["loc"]) or "(record)", e["msg"]) for e in err.errors(include_url=False)]
+    return InvalidEvent(model.__name__, errors)
+
+
+def decode(contract: type[M], raw: bytes | str, /) -> M:
+    """Parse one JSON record; any problem raises InvalidEvent naming the field."""
+    try:
+        return contract.model_validate_json(raw)
+    except pydantic.ValidationError as err:
+        raise _as_invalid(contract, err) from None
+    except (ValueError, TypeError, RecursionError) as err:  # oversized numbers, deep nesting
+        raise InvalidEvent(contract.__name__, [("(record)", str(err)[:200])]) from None
+
+
+def build(contract: type[M], /, **fields: Any) -> M:
+    """Construct a record from Python values; raises InvalidEvent on bad values."""
+    try:
+        return contract(**fields)
+    except pydantic.ValidationError as err:
+        raise _as_invalid(contract, err) from None
+
+
+class PricedEvent(UsageEvent):
+    """A usage event with its exact price. `cost_usd` is the amount charged.
+
+    cost_source says where the price came from; `unpriced` rows are kept with cost 0
+    and raised as anomalies, never silently treated as free.
+    """
+
+    list_cost_usd: Usd = Decimal(0)
+    input_cost_usd: Usd = Decimal(0)
+    output_cost_usd: Usd = Decimal(0)
+    cache_read_cost_usd: Usd = Decimal(0)
+    cache_write_cost_usd: Usd = Decimal(0)
+    cost_source: Literal["provider", "catalog", "unpriced"]
+    catalog_version: Name
+    priced_at: AwareDatetime
+
+
+CONTRACTS["priced_event"] = PricedEvent
