@@ -31,7 +31,7 @@ bench: install
 	$(BIN)/python -m bench
 
 schemas: install
-	$(BIN)/python -m meterline.schemas.jsonschema
+	$(BIN)/python -m meterline.schemas.export
 
 clean:
 	-$(BIN)/meterline kafka stop

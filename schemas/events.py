@@ -13,7 +13,7 @@ from uuid import UUID
 
 import pydantic
 import uuid_utils
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import AfterValidator, PlainSerializer, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 MAX_ID_LEN = 128
@@ -67,8 +67,10 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_LEN)]
 Timestamp = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
 Count = Annotated[StrictInt, Field(ge=0)]
-Usd = Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False)]
-SignedUsd = Annotated[Decimal, Field(max_digits=28, decimal_places=12, allow_inf_nan=False)]
+# Decimals go to JSON as plain strings ("0.000000123457", never "1.23457E-7" or a float).
+PlainDecimal = PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
+Usd = Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
+SignedUsd = Annotated[Decimal, Field(max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
 Attributes = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)], Annotated[str, Field(max_length=MAX_ATTRIBUTE_VALUE_LEN)]],
     Field(max_length=MAX_ATTRIBUTES),
@@ -190,7 +192,7 @@ class SpendUpdate(Contract):
     events: Count = 0
     input_tokens: Count = 0
     output_tokens: Count = 0
-    gpu_seconds: Annotated[Decimal, Field(ge=0, allow_inf_nan=False)] = Decimal(0)
+    gpu_seconds: Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal] = Decimal(0)
     gpu_cost_usd: Usd = Decimal(0)
     unpriced_events: Count = 0
 
@@ -266,7 +268,7 @@ class BudgetPolicy(Contract):
     scope: Scope
     scope_id: Id
     unit: Literal["usd", "gpu_hours"] = "usd"
-    amount: Annotated[Decimal, Field(gt=0, max_digits=28, decimal_places=12, allow_inf_nan=False)]
+    amount: Annotated[Decimal, Field(gt=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
     period: Literal["day", "week", "month", "custom"] = "month"
     period_anchor: AwareDatetime | None = Field(None, description="Start of a period; periods repeat from it.")
     period_seconds: Annotated[StrictInt, Field(gt=0)] | None = Field(None, description="Length of a custom period.")

@@ -1,0 +1,135 @@
+"""The contracts: every rejection rule names its field; bad input only ever raises InvalidEvent."""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from meterline.schemas import (
+    CONTRACTS, BudgetPolicy, InvalidEvent, ThrottleDecision, UsageEvent, build, decode, new_id, utcnow,
+)
+from meterline.schemas import export
+
+
+def usage(**over) -> dict:
+    base = dict(event_id=new_id(), ts=utcnow().isoformat(), tenant_id="acme", team="search", project="p1",
+                agent_id="a1", session_id="s1", kind="llm_call", provider="openai", model="gpt-4o",
+                input_tokens=100, output_tokens=20, cache_read_tokens=50)
+    base.update(over)
+    return base
+
+
+def rejected_fields(raw: dict) -> list[str]:
+    with pytest.raises(InvalidEvent) as info:
+        decode(UsageEvent, json.dumps(raw))
+    return [field for field, _ in info.value.errors]
+
+
+def test_valid_event_round_trips_exactly():
+    event = decode(UsageEvent, json.dumps(usage(cost_usd="0.000000123457")))
+    assert event.cost_usd == Decimal("0.000000123457")
+    assert decode(UsageEvent, event.to_json()) == event
+    assert b'"cost_usd":"0.000000123457"' in event.to_json()  # money stays a string, never a float
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"input_tokens": -1}, "input_tokens"),
+        ({"output_tokens": 1.5}, "output_tokens"),
+        ({"output_tokens": "7"}, "output_tokens"),
+        ({"kind": "gpu_call"}, "kind"),
+        ({"priority": "urgent"}, "priority"),
+        ({"ts": (utcnow() + timedelta(hours=2)).isoformat()}, "ts"),
+        ({"ts": "2026-01-01T00:00:00"}, "ts"),  # no zone: ambiguous
+        ({"model": "m" * 300}, "model"),
+        ({"session_id": "x" * 129}, "session_id"),
+        ({"attributes": {f"k{i}": "v" for i in range(65)}}, "attributes"),
+        ({"attributes": {"k": "v" * 2000}}, "attributes.k"),
+        ({"cost_usd": "-0.01"}, "cost_usd"),
+        ({"cost_usd": "NaN"}, "cost_usd"),
+        ({"surprise": 1}, "surprise"),
+        ({"tenant_id": "a\nb"}, "tenant_id"),
+    ],
+)
+def test_rejection_names_the_field(override, field):
+    assert field in rejected_fields(usage(**override))
+
+
+def test_missing_tenant_is_rejected():
+    raw = usage()
+    del raw["tenant_id"]
+    assert rejected_fields(raw) == ["tenant_id"]
+
+
+def test_cache_tokens_must_fit_inside_input_tokens():
+    with pytest.raises(InvalidEvent, match="cache_read_tokens"):
+        decode(UsageEvent, json.dumps(usage(input_tokens=10, cache_read_tokens=8, cache_write_tokens=5)))
+
+
+def test_build_raises_invalid_event_at_the_call_site():
+    with pytest.raises(InvalidEvent, match="input_tokens"):
+        build(UsageEvent, event_id=new_id(), ts=utcnow(), tenant_id="t", kind="llm_call", model="m", input_tokens=-5)
+
+
+def test_tool_calls_need_a_tool_name_and_llm_calls_a_model():
+    with pytest.raises(InvalidEvent, match="tool is required"):
+        decode(UsageEvent, json.dumps(usage(kind="tool_call", model="")))
+    with pytest.raises(InvalidEvent, match="model is required"):
+        decode(UsageEvent, json.dumps(usage(model="")))
+
+
+def test_decision_and_policy_rules():
+    now = utcnow()
+    with pytest.raises(InvalidEvent, match="expires_at"):
+        build(ThrottleDecision, decision_id=new_id(), tenant_id="t", scope="tenant", scope_id="t", action="deny",
+              reason="r", issued_at=now, expires_at=now)
+    with pytest.raises(InvalidEvent, match="max_model"):
+        build(ThrottleDecision, decision_id=new_id(), tenant_id="t", scope="tenant", scope_id="t", action="downgrade",
+              reason="r", issued_at=now, expires_at=now + timedelta(seconds=30))
+    with pytest.raises(InvalidEvent, match="timezone"):
+        build(BudgetPolicy, policy_id="p", tenant_id="t", scope="tenant", scope_id="t", amount=Decimal(10), timezone="Mars/Olympus")
+    with pytest.raises(InvalidEvent, match="period_seconds"):
+        build(BudgetPolicy, policy_id="p", tenant_id="t", scope="tenant", scope_id="t", amount=Decimal(10), period="custom")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=6),
+    max_leaves=20,
+)
+field_names = st.sampled_from(sorted(UsageEvent.model_fields) + ["junk"])
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.dictionaries(field_names, json_values, max_size=12), st.sampled_from(sorted(CONTRACTS)))
+def test_generated_records_only_ever_raise_invalid_event(fields, contract_name):
+    try:
+        decode(CONTRACTS[contract_name], json.dumps(fields, allow_nan=True))
+    except InvalidEvent:
+        pass
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_only_ever_raise_invalid_event(raw):
+    with pytest.raises(InvalidEvent):
+        decode(UsageEvent, raw)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.fixed_dictionaries({}, optional={k: json_values for k in usage()}))
+def test_mutated_valid_events_only_ever_raise_invalid_event(over):
+    try:
+        decode(UsageEvent, json.dumps(usage(**over), allow_nan=True))
+    except InvalidEvent:
+        pass
+
+
+def test_json_schema_files_match_the_models():
+    rendered = export.render()
+    on_disk = {p.name: p.read_text() for p in export.OUT.glob("*.json")}
+    assert on_disk == rendered, "schemas/json drifted from the models: run `make schemas`"
