@@ -1,14 +1,336 @@
 """Pricing: the one source of truth for what a usage event or GPU time costs.
 
-INTERFACE DRAFT (owned by the streams work; other components call only these names):
+Interface (other components call only these names):
 
-    catalog = load_catalog(path=None)          # project catalog + genai-prices, cached
+    catalog = load_catalog(path=None)          # project catalog + genai-prices, cached per file
     catalog.version -> str                      # stored on every priced row
     catalog.price_usage(event: UsageEvent) -> PricedEvent
     catalog.price_gpu(gpu_name: str, seconds: Decimal, mig_slices: int = 0, mig_total_slices: int = 0)
-        -> Decimal                              # exact USD for that GPU time
+        -> Decimal                              # exact USD for that GPU time (LookupError: GPU not in catalog)
     catalog.gpu_sample_cost(sample: GpuSample) -> tuple[Decimal, Decimal]   # (gpu_seconds, usd)
     catalog.downgrade_for(model: str) -> str | None   # a cheaper model of the same task tier
 
+Rules
+- LLM prices come from genai-prices (offline snapshot, historic prices by the event's
+  timestamp, tiered prices by total input tokens) unless the project catalog
+  (streams/catalog.toml) has the (provider, model): custom, self-hosted or negotiated.
+- `input_tokens` counts every input token, cache reads and writes included (OpenTelemetry),
+  so uncached input = input - cache_read - cache_write. Cache reads and writes are priced at
+  their own rates; a model without a cache rate charges those tokens at its input rate
+  (what genai-prices does). A per-request fee (`requests_kcount`) is added to input cost.
+- Rounding: each component (input, output, cache read, cache write) is rounded to 12
+  decimal places with ROUND_HALF_EVEN; the total is the exact sum of the rounded
+  components, so components always add up to the total. GPU cost and tool cost are one
+  component each, rounded the same way.
+- A provider-reported `cost_usd` overrides the catalog (cost_source="provider"); the
+  catalog price is still computed into list_cost_usd and the components when possible.
+- A model nobody can price is kept at cost 0 with cost_source="unpriced" and counted in
+  `catalog.unpriced` (the anomaly detector raises it); never silently free.
+- Speed: genai_prices.calc_price costs ~68 µs; here a model's rates are resolved once per
+  (provider, model, price period) and cached, then the arithmetic is a few Decimal ops.
+
 All money is Decimal; nothing here touches float.
 """
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, datetime, time, timezone
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import genai_prices
+from genai_prices import data_snapshot
+from genai_prices import types as gp
+
+from meterline.schemas.events import GpuSample, PricedEvent, UsageEvent, utcnow
+
+DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+QUANTUM = Decimal("1e-12")
+ZERO = Decimal(0)
+MTOK = Decimal(1_000_000)
+SECONDS_PER_HOUR = Decimal(3600)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+Price = Decimal | gp.TieredPrices
+
+
+def q12(value: Decimal) -> Decimal:
+    """Round money to 12 decimal places, banker's rounding (the one rounding rule)."""
+    return value.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+class Rates(NamedTuple):
+    """USD per million tokens (Decimal or genai-prices tiered prices) + USD per request."""
+
+    input: Price | None
+    output: Price | None
+    cache_read: Price | None
+    cache_write: Price | None
+    per_request: Decimal = ZERO
+
+
+class Components(NamedTuple):
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+
+    @property
+    def total(self) -> Decimal:
+        return self.input + self.output + self.cache_read + self.cache_write
+
+
+NO_COMPONENTS = Components(ZERO, ZERO, ZERO, ZERO)
+
+
+def _start_of(value: Any) -> datetime:
+    """A catalog `start` (TOML date/datetime or RFC 3339 string) as an aware UTC datetime."""
+    if value is None:
+        return EPOCH
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=value.tzinfo or timezone.utc).astimezone(timezone.utc)
+    if isinstance(value, date):
+        return datetime.combine(value, time(), tzinfo=timezone.utc)
+    raise ValueError(f"start must be a date or datetime, got {value!r}")
+
+
+def _money(value: Any, where: str) -> Decimal:
+    if isinstance(value, float):
+        raise ValueError(f"{where}: write money as a string such as \"0.25\", not a float")
+    amount = Decimal(str(value))
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{where}: {value!r} is not a non-negative amount")
+    return amount
+
+
+def _latest(entries: list[tuple[datetime, Any]], ts: datetime) -> Any | None:
+    """The entry with the latest start not after ts (entries sorted by start)."""
+    found = None
+    for start, value in entries:
+        if start > ts:
+            break
+        found = value
+    return found
+
+
+def _tier_price(price: Price | None, total_input: int) -> Decimal | None:
+    """genai-prices' cliff tiers: crossing a tier prices ALL tokens at that tier's rate."""
+    if price is None or isinstance(price, Decimal):
+        return price
+    for tier in reversed(price.tiers):
+        if total_input > tier.start:
+            return tier.price
+    return price.base
+
+
+def _cost(tokens: int, per_mtok: Decimal | None) -> Decimal:
+    if not tokens or per_mtok is None:
+        return ZERO
+    return q12(tokens * per_mtok / MTOK)
+
+
+def token_components(rates: Rates, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> Components:
+    """Exact cost components for one call; input_tokens includes the cache tokens."""
+    input_rate = _tier_price(rates.input, input_tokens)
+    read_rate = _tier_price(rates.cache_read, input_tokens)
+    write_rate = _tier_price(rates.cache_write, input_tokens)
+    return Components(
+        input=_cost(input_tokens - cache_read - cache_write, input_rate) + q12(rates.per_request),
+        output=_cost(output_tokens, _tier_price(rates.output, input_tokens)),
+        cache_read=_cost(cache_read, read_rate if read_rate is not None else input_rate),
+        cache_write=_cost(cache_write, write_rate if write_rate is not None else input_rate),
+    )
+
+
+def _period_key(model: gp.ModelInfo, ts: datetime) -> Any:
+    """Which price period ts falls in: prices only change at start dates or times of day."""
+    if isinstance(model.prices, gp.ModelPrice):
+        return None
+    if any(isinstance(c.constraint, gp.TimeOfDateConstraint) for c in model.prices):
+        return ts.replace(second=0, microsecond=0)
+    return ts.date()
+
+
+@dataclass(frozen=True)
+class CustomModel:
+    start: datetime
+    rates: Rates
+
+
+class Catalog:
+    """Prices from genai-prices and the project catalog file; see the module doc."""
+
+    def __init__(self, data: dict[str, Any], file_bytes: bytes, source: str = "") -> None:
+        self.source = source
+        self.version = f"genai-prices {genai_prices.__version__} + catalog {hashlib.sha256(file_bytes).hexdigest()[:12]}"
+        self.provider_aliases = {k.lower(): v for k, v in data.get("provider_aliases", {}).items()}
+        self.gpus = sorted(
+            ((name.lower(), _money(rate, f"gpus.{name}")) for name, rate in data.get("gpus", {}).items()),
+            key=lambda item: -len(item[0]),
+        )
+        self.tools = self._load_tools(data.get("tools", []))
+        self.models = self._load_models(data.get("models", []))
+        self.tiers: list[list[str]] = [[m.lower() for m in models] for models in data.get("tiers", {}).values()]
+        self.unpriced: Counter[tuple[str, str]] = Counter()
+        self._snapshot = data_snapshot.get_snapshot()
+        self._model_cache: dict[tuple[str, str], gp.ModelInfo | None] = {}
+        self._rates_cache: dict[tuple[str, str, Any], Rates | None] = {}
+
+    # ----------------------------------------------------------------- loading
+    @staticmethod
+    def _load_tools(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[datetime, Decimal]]]:
+        tools: dict[tuple[str, str], list[tuple[datetime, Decimal]]] = {}
+        for i, row in enumerate(rows):
+            key = (row["tool"].lower(), row.get("provider", "").lower())
+            tools.setdefault(key, []).append((_start_of(row.get("start")), _money(row["unit_usd"], f"tools[{i}].unit_usd")))
+        return {k: sorted(v, key=lambda e: e[0]) for k, v in tools.items()}
+
+    @staticmethod
+    def _load_models(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[datetime, Rates]]]:
+        models: dict[tuple[str, str], list[tuple[datetime, Rates]]] = {}
+        for i, row in enumerate(rows):
+            def rate(name: str) -> Decimal | None:
+                return _money(row[name], f"models[{i}].{name}") if name in row else None
+
+            rates = Rates(rate("input_mtok"), rate("output_mtok"), rate("cache_read_mtok"), rate("cache_write_mtok"),
+                          rate("request_usd") or ZERO)
+            key = (row.get("provider", "*").lower(), row["model"].lower())
+            models.setdefault(key, []).append((_start_of(row.get("start")), rates))
+        return {k: sorted(v, key=lambda e: e[0]) for k, v in models.items()}
+
+    # ------------------------------------------------------------------ tokens
+    def rates_for(self, provider: str, model: str, ts: datetime) -> Rates | None:
+        """The rates that applied to (provider, model) at ts, or None when nobody prices it."""
+        provider, model = provider.lower(), model.lower()
+        custom = self.models.get((provider, model)) or self.models.get(("*", model))
+        if custom:
+            return _latest(custom, ts)
+        info = self._model_info(provider, model)
+        if info is None:
+            return None
+        key = (provider, model, _period_key(info, ts))
+        try:
+            return self._rates_cache[key]
+        except KeyError:
+            pass
+        mp = info.get_prices(ts)
+        rates = Rates(mp.input_mtok, mp.output_mtok, mp.cache_read_mtok, mp.cache_write_mtok,
+                      (mp.requests_kcount or ZERO) / 1000)
+        if len(self._rates_cache) > 100_000:  # bounded: periods are days, so this only grows over years
+            self._rates_cache.clear()
+        self._rates_cache[key] = rates
+        return rates
+
+    def _model_info(self, provider: str, model: str) -> gp.ModelInfo | None:
+        key = (provider, model)
+        if key in self._model_cache:
+            return self._model_cache[key]
+        provider_id = self.provider_aliases.get(provider, provider) or None
+        try:
+            _, info = self._snapshot.find_provider_model(model, None, provider_id, None)
+        except LookupError:
+            info = None
+        if len(self._model_cache) > 100_000:  # garbage model names must not grow memory without bound
+            self._model_cache.clear()
+        self._model_cache[key] = info
+        return info
+
+    def tool_unit_price(self, tool: str, provider: str, ts: datetime) -> Decimal | None:
+        entries = self.tools.get((tool.lower(), provider.lower())) or self.tools.get((tool.lower(), ""))
+        return _latest(entries, ts) if entries else None
+
+    def list_price(self, event: UsageEvent) -> tuple[Components, Decimal] | None:
+        """(components, total) from the catalogs, or None when nobody can price the event."""
+        if event.kind == "llm_call":
+            rates = self.rates_for(event.provider, event.model, event.ts)
+            if rates is None:
+                return None
+            parts = token_components(rates, event.input_tokens, event.output_tokens,
+                                     event.cache_read_tokens, event.cache_write_tokens)
+            return parts, parts.total
+        unit = self.tool_unit_price(event.tool, event.provider, event.ts)
+        if unit is None:
+            return None
+        return NO_COMPONENTS, q12(unit * event.units)
+
+    def price_usage(self, event: UsageEvent) -> PricedEvent:
+        """The event with its exact price (see the module doc for the rules)."""
+        listed = self.list_price(event)
+        parts, list_cost = listed if listed is not None else (NO_COMPONENTS, ZERO)
+        if event.cost_usd is not None:
+            cost, source = q12(event.cost_usd), "provider"
+        elif listed is not None:
+            cost, source = list_cost, "catalog"
+        else:
+            cost, source = ZERO, "unpriced"
+            self.unpriced[(event.provider, event.model or event.tool)] += 1
+        fields = dict(event)
+        fields["cost_usd"] = cost
+        return PricedEvent.model_construct(
+            **fields,
+            list_cost_usd=list_cost,
+            input_cost_usd=parts.input,
+            output_cost_usd=parts.output,
+            cache_read_cost_usd=parts.cache_read,
+            cache_write_cost_usd=parts.cache_write,
+            cost_source=source,
+            catalog_version=self.version,
+            priced_at=utcnow(),
+        )
+
+    # --------------------------------------------------------------------- GPU
+    def gpu_hourly(self, gpu_name: str) -> Decimal | None:
+        name = gpu_name.lower()
+        return next((rate for key, rate in self.gpus if key in name), None)
+
+    def price_gpu(self, gpu_name: str, seconds: Decimal, mig_slices: int = 0, mig_total_slices: int = 0) -> Decimal:
+        """Exact USD for `seconds` of a whole GPU, or of a MIG slice (slices / total of the GPU's rate)."""
+        hourly = self.gpu_hourly(gpu_name)
+        if hourly is None:
+            raise LookupError(f"no $/hour for GPU {gpu_name!r}; add it under [gpus] in {self.source or 'the catalog'}")
+        numerator, denominator = Decimal(seconds) * hourly, SECONDS_PER_HOUR
+        if mig_slices and mig_total_slices:
+            numerator, denominator = numerator * mig_slices, denominator * mig_total_slices
+        with localcontext(prec=50):
+            return q12(numerator / denominator)
+
+    def gpu_sample_cost(self, sample: GpuSample) -> tuple[Decimal, Decimal]:
+        """(GPU-seconds, USD) of one sample's interval; MIG rows count their fraction of the GPU."""
+        seconds = Decimal(sample.interval_ms) / 1000
+        slices, total = (sample.mig_slices, sample.mig_total_slices) if sample.mig_slices and sample.mig_total_slices else (0, 0)
+        with localcontext(prec=50):
+            gpu_seconds = q12(seconds * slices / total) if total else q12(seconds)
+        return gpu_seconds, self.price_gpu(sample.gpu_name, seconds, slices, total)
+
+    # ----------------------------------------------------------------- tiers
+    def downgrade_for(self, model: str) -> str | None:
+        """The next cheaper model in the same task tier, or None (already cheapest / unknown)."""
+        model = model.lower()
+        for tier in self.tiers:
+            if model in tier:
+                i = tier.index(model)
+                return tier[i + 1] if i + 1 < len(tier) else None
+        return None
+
+
+def parse_catalog(text: str, source: str = "") -> Catalog:
+    return Catalog(tomllib.loads(text), text.encode(), source)
+
+
+@lru_cache(maxsize=8)
+def _load(path: Path, mtime_ns: int) -> Catalog:
+    raw = path.read_bytes()
+    return Catalog(tomllib.loads(raw.decode()), raw, str(path))
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """The catalog from `path` (default: streams/catalog.toml); cached until the file changes."""
+    path = Path(path or DEFAULT_CATALOG).resolve()
+    return _load(path, path.stat().st_mtime_ns)
