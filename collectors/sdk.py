@@ -1,0 +1,352 @@
+"""The agent SDK: `Meter` records LLM, tool and API calls as `UsageEvent`s.
+
+    meter = Meter(settings, tenant_id="acme", team="search", project="rag", agent_id="planner")
+    meter.record_llm("openai", "gpt-4o", input_tokens=1200, output_tokens=80, latency_ms=950)
+
+    with meter.llm_call("anthropic", "claude-sonnet-4") as call:
+        reply = client.messages.create(...)
+        call.usage(reply.usage.input_tokens, reply.usage.output_tokens)
+
+    @meter.tool("web_search")
+    def search(q): ...
+
+    with meter.session("ticket-42"):
+        ...                                  # events here carry session_id="ticket-42"
+
+The hot path validates and serialises on the caller's thread (a precompiled check plus
+msgspec; anything the fast check is unsure of goes through the pydantic contract, which
+raises `InvalidEvent` at the call site) and hands bytes to a `Sender` (no I/O, no lock).
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import inspect
+import os
+import re
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Callable, Iterator, Literal
+
+import msgspec
+import pydantic
+from pydantic import TypeAdapter
+
+from meterline.schemas import InvalidEvent, build, new_id
+from meterline.schemas.events import (
+    MAX_ATTRIBUTE_VALUE_LEN, MAX_ATTRIBUTES, MAX_ID_LEN, MAX_NAME_LEN, MAX_TOKENS, PRIORITIES, Attribution, UsageEvent, Usd,
+)
+from meterline.settings import Settings
+
+from .attribution import SessionRegistry, sessions_dir
+from .sender import Sender
+
+STATUSES = frozenset(("ok", "error", "timeout", "rate_limited", "cancelled"))
+MAX_COUNT = 2**63 - 1
+_USD = TypeAdapter(Usd)
+_encode = msgspec.json.Encoder().encode
+_UTC = timezone.utc
+_now = datetime.now
+_checked_names: set[str] = set()
+
+
+def _name_ok(value: Any) -> bool:
+    """Cheap check for provider/model/tool names; misses go to the pydantic path."""
+    if value in _checked_names:
+        return True
+    if type(value) is str and len(value) <= MAX_NAME_LEN and value.isprintable():
+        if len(_checked_names) < 4096:
+            _checked_names.add(value)
+        return True
+    return False
+
+
+def _attrs_ok(attrs: dict) -> bool:
+    return len(attrs) <= MAX_ATTRIBUTES and all(
+        type(v) is str and len(v) <= MAX_ATTRIBUTE_VALUE_LEN and len(k) <= MAX_ID_LEN for k, v in attrs.items()
+    )
+
+
+def _counts_ok(*values: Any) -> bool:
+    return all(type(v) is int and 0 <= v <= MAX_TOKENS for v in values)
+
+
+@dataclass(frozen=True)
+class Session:
+    """Who the events are charged to, validated once when the session starts."""
+
+    tenant_id: str
+    team: str
+    project: str
+    agent_id: str
+    session_id: str
+    priority: str
+    key: bytes
+    fields: dict[str, str]
+
+    @classmethod
+    def make(cls, tenant_id: str, team: str, project: str, agent_id: str, session_id: str, priority: str) -> Session:
+        who = build(Attribution, tenant_id=tenant_id, team=team, project=project, agent_id=agent_id, session_id=session_id)
+        if priority not in PRIORITIES:
+            raise InvalidEvent("UsageEvent", [("priority", f"must be one of {', '.join(PRIORITIES)}, not {priority!r}")])
+        fields = {**who.model_dump(), "priority": priority}
+        return cls(**fields, key=who.tenant_id.encode(), fields=fields)
+
+    def replace(self, **changes: str | None) -> Session:
+        current = {k: self.fields[k] for k in ("tenant_id", "team", "project", "agent_id", "session_id", "priority")}
+        current.update({k: v for k, v in changes.items() if v is not None})
+        return Session.make(**current)
+
+
+def _status_of(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if "ratelimit" in type(exc).__name__.lower().replace("_", ""):
+        return "rate_limited"  # openai.RateLimitError, anthropic.RateLimitError, ...
+    return "error"
+
+
+class Meter:
+    """Records usage for one agent; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tenant_id: str,
+        team: str = "",
+        project: str = "",
+        agent_id: str = "",
+        session_id: str | None = None,
+        priority: str = "normal",
+        guard: Any = None,
+        sender: Sender | None = None,
+        register_pid: bool = True,
+        **sender_options: Any,
+    ):
+        base = Session.make(tenant_id, team, project, agent_id, session_id or new_id(), priority)
+        self.settings = settings
+        self.guard = guard
+        self._session: ContextVar[Session] = ContextVar(f"meterline.session.{id(self)}", default=base)
+        spool_name = re.sub(r"[^A-Za-z0-9_.-]", "_", agent_id or "default")
+        self.sender = sender or Sender(settings, settings.topic("usage"), settings.data_dir / "spool" / spool_name, **sender_options)
+        self._registry = SessionRegistry(sessions_dir(settings.data_dir)) if register_pid else None
+        self._pid = os.getpid()
+        self._register(base)
+        self._closed = False
+        atexit.register(self.close)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Session:
+        return self._session.get()
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the queue or the spool was full (also a Prometheus counter)."""
+        return self.sender.stats.dropped
+
+    @property
+    def stats(self):
+        return self.sender.stats
+
+    @contextmanager
+    def session(self, session_id: str | None = None, *, agent_id: str | None = None, team: str | None = None,
+                project: str | None = None, tenant_id: str | None = None, priority: str | None = None) -> Iterator[Session]:
+        """Charge events inside the block to another session (a new id when none is given)."""
+        new = self.current.replace(session_id=session_id or new_id(), agent_id=agent_id, team=team, project=project,
+                                   tenant_id=tenant_id, priority=priority)
+        token = self._session.set(new)
+        self._register(new)
+        try:
+            yield new
+        finally:
+            self._session.reset(token)
+            self._register(self.current)
+
+    # ---- recording -------------------------------------------------------------------------
+
+    def record_llm(self, provider: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
+                   cache_read_tokens: int = 0, cache_write_tokens: int = 0, latency_ms: int = 0, status: str = "ok",
+                   cost_usd: Decimal | str | None = None, **attrs: str) -> str:
+        """Record one LLM call; returns its event_id. `input_tokens` includes cached tokens."""
+        if (type(provider) is str and _name_ok(model) and model and _name_ok(provider) and status in STATUSES
+                and _counts_ok(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+                and cache_read_tokens + cache_write_tokens <= input_tokens
+                and type(latency_ms) is int and 0 <= latency_ms <= MAX_COUNT and (not attrs or _attrs_ok(attrs))):
+            return self._fast("llm_call", provider, model, "", input_tokens, output_tokens, cache_read_tokens,
+                              cache_write_tokens, 1, latency_ms, status, 0, cost_usd, attrs)
+        return self._checked(kind="llm_call", provider=provider, model=model, input_tokens=input_tokens,
+                             output_tokens=output_tokens, cache_read_tokens=cache_read_tokens,
+                             cache_write_tokens=cache_write_tokens, latency_ms=latency_ms, status=status,
+                             cost_usd=cost_usd, attributes=attrs)
+
+    def record_tool(self, name: str, latency_ms: int = 0, status: str = "ok", response_bytes: int = 0, units: int = 1,
+                    kind: Literal["tool_call", "api_call"] = "tool_call", provider: str = "",
+                    cost_usd: Decimal | str | None = None, **attrs: str) -> str:
+        """Record one tool or paid API call; returns its event_id."""
+        if (name and _name_ok(name) and _name_ok(provider) and (kind == "tool_call" or kind == "api_call")
+                and status in STATUSES and _counts_ok(units)
+                and type(latency_ms) is int and 0 <= latency_ms <= MAX_COUNT
+                and type(response_bytes) is int and 0 <= response_bytes <= MAX_COUNT and (not attrs or _attrs_ok(attrs))):
+            return self._fast(kind, provider, "", name, 0, 0, 0, 0, units, latency_ms, status, response_bytes, cost_usd, attrs)
+        return self._checked(kind=kind, provider=provider, tool=name, units=units, latency_ms=latency_ms, status=status,
+                             response_bytes=response_bytes, cost_usd=cost_usd, attributes=attrs)
+
+    def send(self, event: UsageEvent) -> None:
+        """Send an already-built event (the OpenTelemetry bridge uses this), keyed by its tenant."""
+        self.sender.send(event.tenant_id.encode(), event.to_json())
+
+    def _fast(self, kind, provider, model, tool, input_tokens, output_tokens, cache_read, cache_write, units,
+              latency_ms, status, response_bytes, cost_usd, attrs) -> str:
+        if cost_usd is not None:
+            try:
+                cost_usd = _USD.validate_python(cost_usd)
+            except pydantic.ValidationError:
+                return self._checked(kind=kind, provider=provider, model=model, tool=tool, input_tokens=input_tokens,
+                                     output_tokens=output_tokens, cache_read_tokens=cache_read, cache_write_tokens=cache_write,
+                                     units=units, latency_ms=latency_ms, status=status, response_bytes=response_bytes,
+                                     cost_usd=cost_usd, attributes=attrs)
+        session = self._session.get()
+        event_id = new_id()
+        record = session.fields.copy()
+        record.update(event_id=event_id, ts=_now(_UTC), kind=kind, provider=provider, model=model, tool=tool,
+                      input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
+                      cache_write_tokens=cache_write, units=units, latency_ms=latency_ms, status=status,
+                      response_bytes=response_bytes, cost_usd=cost_usd, attributes=attrs)
+        self.sender.send(session.key, _encode(record))
+        return event_id
+
+    def _checked(self, **fields: Any) -> str:
+        """The slow path: the pydantic contract decides, and names the bad field."""
+        session = self._session.get()
+        event = build(UsageEvent, event_id=new_id(), ts=_now(_UTC), **session.fields, **fields)
+        self.sender.send(session.key, event.to_json())
+        return str(event.event_id)
+
+    # ---- timing helpers --------------------------------------------------------------------
+
+    def llm_call(self, provider: str, model: str, **attrs: str) -> LlmCall:
+        """`with meter.llm_call("openai", "gpt-4o") as call: ...; call.usage(in, out)` — times and records."""
+        return LlmCall(self, provider, model, attrs)
+
+    def tool_call(self, name: str, *, kind: Literal["tool_call", "api_call"] = "tool_call", units: int = 1, **attrs: str) -> ToolCall:
+        """`with meter.tool_call("search") as call: ...; call.response_bytes = n` — times and records."""
+        return ToolCall(self, name, kind, units, attrs)
+
+    def tool(self, name: str | None = None, *, kind: Literal["tool_call", "api_call"] = "tool_call", units: int = 1) -> Callable:
+        """Decorator: time every call of a (sync or async) function and record it as a tool call.
+
+        A str/bytes return value sets response_bytes.
+        """
+        def decorate(fn: Callable) -> Callable:
+            tool_name = name or fn.__name__
+            if inspect.iscoroutinefunction(fn):
+                @functools.wraps(fn)
+                async def run_async(*args, **kwargs):
+                    async with self.tool_call(tool_name, kind=kind, units=units) as call:
+                        return call.result(await fn(*args, **kwargs))
+                return run_async
+
+            @functools.wraps(fn)
+            def run(*args, **kwargs):
+                with self.tool_call(tool_name, kind=kind, units=units) as call:
+                    return call.result(fn(*args, **kwargs))
+            return run
+        return decorate
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        return self.sender.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued (or spool it) and remove this process's session registration."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self.sender.close(timeout)
+        if self._registry is not None:
+            self._registry.unregister(self._pid)
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _register(self, session: Session) -> None:
+        if self._registry is not None:
+            self._registry.register(self._pid, session.fields)
+
+
+class _TimedCall:
+    """Shared timing for the context managers; `status` may be set by the caller."""
+
+    status: str | None = None
+
+    def __enter__(self):
+        self._t0 = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        latency_ms = (time.perf_counter_ns() - self._t0) // 1_000_000
+        self._record(latency_ms, self.status or _status_of(exc))
+        return False
+
+    async def __aenter__(self):
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type, exc, tb) -> Literal[False]:
+        return self.__exit__(exc_type, exc, tb)
+
+
+class LlmCall(_TimedCall):
+    def __init__(self, meter: Meter, provider: str, model: str, attrs: dict[str, str]):
+        self.meter, self.provider, self.model, self.attrs = meter, provider, model, attrs
+        self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_write_tokens = 0
+        self.cost_usd: Decimal | str | None = None
+        self.event_id: str | None = None
+        # The allocator's guard (allocator/guard.py) is consulted before the call; what to do with
+        # its answer (wait, downgrade, refuse) is the guard's and the caller's business.
+        self.decision = meter.guard.check(meter.current.priority, model) if meter.guard is not None else None
+
+    def usage(self, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
+              cost_usd: Decimal | str | None = None) -> None:
+        self.input_tokens, self.output_tokens = input_tokens, output_tokens
+        self.cache_read_tokens, self.cache_write_tokens, self.cost_usd = cache_read_tokens, cache_write_tokens, cost_usd
+
+    def _record(self, latency_ms: int, status: str) -> None:
+        self.event_id = self.meter.record_llm(
+            self.provider, self.model, self.input_tokens, self.output_tokens, self.cache_read_tokens,
+            self.cache_write_tokens, latency_ms, status, self.cost_usd, **self.attrs)
+
+
+class ToolCall(_TimedCall):
+    def __init__(self, meter: Meter, name: str, kind: str, units: int, attrs: dict[str, str]):
+        self.meter, self.name, self.kind, self.units, self.attrs = meter, name, kind, units, attrs
+        self.response_bytes = 0
+        self.event_id: str | None = None
+
+    def result(self, value: Any) -> Any:
+        """Pass a return value through, counting its size when it is text or bytes."""
+        if isinstance(value, (bytes, bytearray)):
+            self.response_bytes = len(value)
+        elif isinstance(value, str):
+            self.response_bytes = len(value.encode())
+        return value
+
+    def _record(self, latency_ms: int, status: str) -> None:
+        self.event_id = self.meter.record_tool(self.name, latency_ms, status, self.response_bytes, self.units,
+                                               self.kind, **self.attrs)  # type: ignore[arg-type]
