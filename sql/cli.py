@@ -1,0 +1,138 @@
+"""`meterline migrate`, `meterline sql` and `meterline sink`."""
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+READ_ONLY_KEYWORDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def check_read_only(query: str) -> str:
+    """Return the query without a trailing `;`, or raise ValueError if it could write."""
+    text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", query, flags=re.S).strip().rstrip(";").strip()
+    if ";" in re.sub(r"'(?:[^'\\]|\\.)*'", "''", text):
+        raise ValueError("one statement at a time")
+    first = re.match(r"[(\s]*([A-Za-z]+)", text)
+    if not first or first.group(1).upper() not in READ_ONLY_KEYWORDS:
+        raise ValueError(f"only read-only queries are allowed ({', '.join(READ_ONLY_KEYWORDS)})")
+    return text
+
+
+def register(app: typer.Typer) -> None:
+    app.command("migrate")(migrate_command)
+    app.command("sql")(sql_command)
+    app.command("sink")(sink_command)
+
+
+def _connect():
+    from meterline.console import fail
+    from meterline.settings import get_settings
+
+    from .ledger import connect
+
+    settings = get_settings()
+    try:
+        return connect(settings)
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
+        fail(f"cannot open the ledger at {settings.dsn}: {err}. If `meterline up` or `meterline sink` holds the "
+             "embedded store, query through it or stop it; for a server check METERLINE_CLICKHOUSE_DSN.")
+
+
+def migrate_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")] = False,
+    cluster: Annotated[str | None, typer.Option(help="Run DDL ON CLUSTER with Replicated + Distributed tables "
+                                                     "(default: METERLINE_CLICKHOUSE_CLUSTER).")] = None,
+) -> None:
+    """Create or upgrade the ClickHouse ledger (safe to re-run: each migration applies once).
+
+    Applies sql/migrations/NNNN_*.sql in order to the store in METERLINE_CLICKHOUSE_DSN
+    (default: embedded chDB under METERLINE_DATA_DIR) and records them in schema_migrations.
+    """
+    from meterline.console import console, emit_json, table
+    from meterline.settings import get_settings
+
+    from .ledger import load_migrations, migrate
+
+    client = _connect()
+    applied = set(migrate(client, cluster=cluster or get_settings().clickhouse_cluster))
+    rows = [{"migration": m.name, "state": "applied" if m.name in applied else "skipped"} for m in load_migrations()]
+    if as_json:
+        emit_json({"applied": sorted(applied), "skipped": [r["migration"] for r in rows if r["state"] == "skipped"]})
+    else:
+        console.print(table(rows, title=f"ledger at {get_settings().dsn}"))
+
+
+def sql_command(
+    query: Annotated[str, typer.Argument(help='A read-only query, e.g. "SELECT tenant_id, sum(cost_usd) FROM usage_hourly GROUP BY 1".')],
+    fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="table for people, json or csv for tools.")] = OutputFormat.table,
+) -> None:
+    """Run a read-only query against the ledger (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN).
+
+    Tables: priced_events, gpu_samples, spend_updates, anomalies, throttle_decisions,
+    budget_policies, dead_letters; hourly rollups usage_hourly and gpu_hourly
+    (always read rollups with sum() ... GROUP BY). Money columns are exact Decimals.
+    """
+    from meterline.console import console, emit_json, fail, table
+
+    try:
+        text = check_read_only(query)
+    except ValueError as err:
+        fail(f"{err}; `meterline sql` never changes the ledger")
+    client = _connect()
+    try:
+        result = client.query(text, settings={"readonly": 1})
+    except Exception as err:  # noqa: BLE001
+        fail(f"query failed: {str(err).strip().splitlines()[0]}")
+    rows = [dict(zip(result.column_names, r)) for r in result.result_rows]
+    if fmt is OutputFormat.json:
+        emit_json(rows)
+    elif fmt is OutputFormat.csv:
+        _write_csv(result.column_names, result.result_rows)
+    else:
+        console.print(table(rows) if rows else "(no rows)")
+
+
+def _write_csv(columns, rows) -> None:
+    import csv
+    import sys
+    from decimal import Decimal
+
+    from meterline.console import _default
+
+    def cell(v):
+        if isinstance(v, Decimal):
+            return format(v, "f")  # 0.000000000000000001, never 1E-18
+        return v if isinstance(v, (str, int)) or v is None else _default(v)
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(cell(v) for v in row)
+
+
+def sink_command(
+    batch_rows: Annotated[int, typer.Option(help="Flush when this many rows are buffered.")] = 50_000,
+    batch_seconds: Annotated[float, typer.Option(help="Flush at least this often (seconds).")] = 1.0,
+    group: Annotated[str, typer.Option(help="Kafka consumer group.")] = "meterline-sink",
+) -> None:
+    """Write every priced event, GPU sample, spend snapshot, anomaly, decision, budget and
+    dead letter from Kafka into the ClickHouse ledger, exactly once.
+
+    Each row stores its Kafka (topic, partition, offset); on start the sink resumes after
+    the highest offset in the ledger, and commits to Kafka only after the insert, so a
+    crash anywhere neither loses nor doubles a row. Ctrl-C flushes and stops.
+    """
+    from meterline.settings import get_settings
+
+    from .sink import run_sink
+
+    run_sink(get_settings(), batch_rows=batch_rows, batch_seconds=batch_seconds, group=group)

@@ -1,0 +1,198 @@
+"""The ClickHouse ledger: connection, numbered migrations, and the table catalog.
+
+`connect(settings)` opens the store named by `settings.dsn` (embedded chDB by default,
+`http(s)://` for a server). `migrate(client)` applies `sql/migrations/NNNN_*.sql` once
+each, in order, recording them in `schema_migrations`; with `cluster=` the same files
+are rendered for a ClickHouse cluster (see `render_for_cluster` and sql/README.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from meterline.settings import Settings
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+MIGRATIONS_TABLE = "schema_migrations"
+MONEY_SCALE = 18  # Decimal(38, 18) in every money column
+
+
+@dataclass(frozen=True)
+class LedgerTable:
+    """A raw table fed by one Kafka topic."""
+
+    name: str
+    topic: str  # catalog name, e.g. "priced"
+    contract: str  # key in schemas.events.CONTRACTS
+    id_column: str | None  # unique id the sink de-duplicates on (tables that feed rollups)
+    ts_column: str
+
+
+TABLES: tuple[LedgerTable, ...] = (
+    LedgerTable("priced_events", "priced", "priced_event", "event_id", "ts"),
+    LedgerTable("gpu_samples", "gpu", "gpu_sample", "sample_id", "ts"),
+    LedgerTable("spend_updates", "spend", "spend_update", None, "ts"),
+    LedgerTable("anomalies", "anomalies", "anomaly", None, "ts"),
+    LedgerTable("throttle_decisions", "control", "throttle_decision", None, "issued_at"),
+    LedgerTable("budget_policies", "budgets", "budget_policy", None, "created_at"),
+    LedgerTable("dead_letters", "dlq", "dead_letter", None, "ts"),
+)
+ID_TABLES = {"priced_events": "priced_event_ids", "gpu_samples": "gpu_sample_ids"}
+KAFKA_COLUMNS = ("_topic", "_partition", "_offset", "_batch_start")
+
+
+def table_for_topic(topic: str) -> LedgerTable:
+    return next(t for t in TABLES if t.topic == topic)
+
+
+# ---------------------------------------------------------------- connection
+
+
+def connect(settings: Settings, database: str | None = None, **client_settings: Any):
+    """A clickhouse-connect client for settings.dsn (chdb:///path or http(s)://...).
+
+    `database` is created when missing and becomes the client's default database
+    (tests use one database per test on a shared chDB path).
+    """
+    import clickhouse_connect
+
+    dsn = settings.dsn
+    client = clickhouse_connect.get_client(dsn=dsn, settings=client_settings or None)
+    if database:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+        client.database = database
+    return client
+
+
+def quote_identifier(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"{name!r} is not a plain identifier (letters, digits, underscore)")
+    return f"`{name}`"
+
+
+# ---------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str  # "0001"
+    name: str  # "0001_priced_events"
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+    def statements(self, cluster: str | None = None) -> list[str]:
+        text = render_for_cluster(self.sql, cluster) if cluster else self.sql
+        return split_statements(text)
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    files = sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    return [Migration(f.name[:4], f.stem, f.read_text()) for f in files]
+
+
+def split_statements(sql: str) -> list[str]:
+    """Statements end with `;` at the end of a line; `--` comment lines are dropped."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in re.split(r";\s*(?:\n|$)", body) if s.strip()]
+
+
+def _migrations_ddl(cluster: str | None) -> str:
+    on_cluster, engine = "", "ReplacingMergeTree(applied_at)"
+    if cluster:
+        on_cluster = f" ON CLUSTER '{cluster}'"
+        engine = f"ReplicatedReplacingMergeTree('{REPLICA_PATH}{MIGRATIONS_TABLE}', '{{replica}}', applied_at)"
+    return (
+        f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}{on_cluster} "
+        "(version String, name String, checksum String, applied_at DateTime64(3, 'UTC')) "
+        f"ENGINE = {engine} ORDER BY version"
+    )
+
+
+def applied_migrations(client) -> dict[str, str]:
+    rows = client.query(f"SELECT version, argMax(name, applied_at) FROM {MIGRATIONS_TABLE} GROUP BY version").result_rows
+    return dict(rows)
+
+
+def migrate(client, cluster: str | None = None) -> list[str]:
+    """Apply every migration not yet recorded, in order. Returns the names applied now.
+
+    Each statement is idempotent (IF NOT EXISTS), so a run interrupted mid-file is safe
+    to repeat; a file is recorded only after all of its statements succeeded.
+    """
+    client.command(_migrations_ddl(cluster))
+    done = applied_migrations(client)
+    applied: list[str] = []
+    for migration in load_migrations():
+        if migration.version in done:
+            continue
+        for statement in migration.statements(cluster):
+            client.command(statement)
+        client.insert(
+            MIGRATIONS_TABLE,
+            [[migration.version, migration.name, migration.checksum, datetime.now(timezone.utc)]],
+            column_names=["version", "name", "checksum", "applied_at"],
+        )
+        applied.append(migration.name)
+    return applied
+
+
+def migration_status(client) -> list[dict[str, str]]:
+    """Every migration file with 'applied' or 'pending' (for `meterline migrate --json`)."""
+    done = applied_migrations(client)
+    return [{"migration": m.name, "state": "applied" if m.version in done else "pending"} for m in load_migrations()]
+
+
+# ---------------------------------------------------------------- cluster rendering
+
+REPLICA_PATH = "/clickhouse/tables/{shard}/{database}/"
+_CREATE = re.compile(r"CREATE (TABLE|MATERIALIZED VIEW) IF NOT EXISTS (\w+)")
+_ENGINE = re.compile(r"ENGINE = (\w*)MergeTree(?:\(([^)]*)\))?")
+_DISTRIBUTED = re.compile(r"^-- @distributed (.+)$", re.M)
+
+
+def render_for_cluster(sql: str, cluster: str) -> str:
+    """The single-node migration text, rewritten for a cluster:
+
+    * `CREATE TABLE|MATERIALIZED VIEW IF NOT EXISTS x` gets `ON CLUSTER '<cluster>'`;
+    * `ENGINE = <X>MergeTree(args)` becomes `Replicated<X>MergeTree('<path>/x', '{replica}', args)`
+      (`{shard}`, `{replica}` are the servers' macros);
+    * a table preceded by a `-- @distributed <sharding key>` comment also gets `x_all`, a
+      Distributed table over the local ones. Writers and readers use `x_all`.
+    """
+    quoted = cluster.replace("'", "")
+
+    def per_statement(statement: str) -> str:
+        marker = _DISTRIBUTED.search(statement)
+        create = _CREATE.search(statement)
+        if not create:
+            return statement
+        name = create.group(2)
+        out = _CREATE.sub(lambda m: f"{m.group(0)} ON CLUSTER '{quoted}'", statement, count=1)
+        out = _ENGINE.sub(lambda m: _replicated(m, name), out, count=1)
+        if marker and create.group(1) == "TABLE":
+            out += (
+                f";\nCREATE TABLE IF NOT EXISTS {name}_all ON CLUSTER '{quoted}' AS {name} "
+                f"ENGINE = Distributed('{quoted}', currentDatabase(), '{name}', {marker.group(1).strip()})"
+            )
+        return out
+
+    parts = re.split(r"(;\s*(?:\n|$))", sql)
+    return "".join(per_statement(p) if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
+def _replicated(match: re.Match[str], table: str) -> str:
+    variant, args = match.group(1), (match.group(2) or "").strip()
+    extra = f", {args}" if args else ""
+    return f"ENGINE = Replicated{variant}MergeTree('{REPLICA_PATH}{table}', '{{replica}}'{extra})"
+
+
+def write_table(name: str, cluster: str | None) -> str:
+    """The table a writer or reader addresses: the Distributed `_all` table on a cluster."""
+    return f"{name}_all" if cluster else name
