@@ -149,6 +149,24 @@ def token_components(rates: Rates, input_tokens: int, output_tokens: int, cache_
     )
 
 
+def _pico_per_token(rates: Rates) -> tuple[int, int, int, int, int] | None:
+    """Whole pico-USD per token for (input, output, cache read, cache write) + pico per request.
+
+    None when a rate is tiered or not a whole number of pico-USD per token (more than 6
+    decimals per MTok): those events take the Decimal path.
+    """
+    if any(isinstance(r, gp.TieredPrices) for r in rates[:4]):
+        return None
+    rin = rates.input if rates.input is not None else ZERO
+    fallbacks = (rin, rates.output if rates.output is not None else ZERO,
+                 rates.cache_read if rates.cache_read is not None else rin,
+                 rates.cache_write if rates.cache_write is not None else rin)
+    per_token = [r.scaleb(6) for r in fallbacks] + [q12(rates.per_request).scaleb(12)]
+    if any(p != p.to_integral_value() for p in per_token):
+        return None
+    return tuple(int(p) for p in per_token)  # type: ignore[return-value]
+
+
 def _period_key(model: gp.ModelInfo, ts: datetime) -> Any:
     """Which price period ts falls in: prices only change at start dates or times of day."""
     if isinstance(model.prices, gp.ModelPrice):
@@ -182,6 +200,7 @@ class Catalog:
         self._snapshot = data_snapshot.get_snapshot()
         self._model_cache: dict[tuple[str, str], gp.ModelInfo | None] = {}
         self._rates_cache: dict[tuple[str, str, Any], Rates | None] = {}
+        self._int_rates: dict[int, tuple[tuple[int, int, int, int, int] | None, Rates]] = {}
 
     # ----------------------------------------------------------------- loading
     @staticmethod
@@ -225,6 +244,7 @@ class Catalog:
                       (mp.requests_kcount or ZERO) / 1000)
         if len(self._rates_cache) > 100_000:  # bounded: periods are days, so this only grows over years
             self._rates_cache.clear()
+            self._int_rates.clear()
         self._rates_cache[key] = rates
         return rates
 
@@ -259,6 +279,35 @@ class Catalog:
         if unit is None:
             return None
         return NO_COMPONENTS, q12(unit * event.units)
+
+    def price_pico(self, event: Any) -> tuple[int, int, int, int, int] | None:
+        """(input, output, cache_read, cache_write, total) list price in integer pico-USD, or None.
+
+        The streams' hot path: same rules as list_price, with integer arithmetic whenever every
+        rate is a whole number of pico-USD per token (true for nearly all public prices).
+        """
+        if event.kind == "llm_call":
+            rates = self.rates_for(event.provider, event.model, event.ts)
+            if rates is None:
+                return None
+            per_token = self._int_rates.get(id(rates))
+            if per_token is None:
+                per_token = self._int_rates[id(rates)] = (_pico_per_token(rates), rates)
+            ints = per_token[0]
+            if ints is None:  # tiered or sub-pico rates: the Decimal path, same rounding
+                parts = token_components(rates, event.input_tokens, event.output_tokens,
+                                         event.cache_read_tokens, event.cache_write_tokens)
+                values = tuple(int(p.scaleb(12)) for p in parts)
+                return (*values, sum(values))  # type: ignore[return-value]
+            rin, rout, rread, rwrite, request = ints
+            read, write = event.cache_read_tokens, event.cache_write_tokens
+            values = ((event.input_tokens - read - write) * rin + request, event.output_tokens * rout, read * rread, write * rwrite)
+            return (*values, sum(values))  # type: ignore[return-value]
+        unit = self.tool_unit_price(event.tool, event.provider, event.ts)
+        if unit is None:
+            return None
+        total = int(q12(unit * event.units).scaleb(12))
+        return 0, 0, 0, 0, total
 
     def price_usage(self, event: UsageEvent) -> PricedEvent:
         """The event with its exact price (see the module doc for the rules)."""

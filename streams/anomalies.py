@@ -1,0 +1,325 @@
+"""Streaming cost anomaly detection: pure classes driven by event time (no Kafka, no clock).
+
+Detectors (each returns schemas.Anomaly records; evidence numbers are exact strings):
+- runaway_session: a session's spend in the current minute far above what sessions of the
+  same agent usually spend in a minute (robust baseline per agent, below).
+- repeated_calls: one session repeating a near-identical call (same model/tool, token
+  counts equal to 2 significant digits) far more often per minute than the agent's sessions do.
+- spend_spike: a tenant's spend in a 10-second bucket far above its own EWMA baseline.
+- unpriced_model: a model or tool nobody can price (once per tenant/provider/model/hour).
+- idle_gpu: a GPU, MIG slice or process holding memory at ~0 % utilisation for a window.
+
+Robust baseline: integer EWMA of the level and of the absolute deviation from it (a
+streaming stand-in for median/MAD; alpha = 1/8). "Far above" = level + k x deviation, with
+the deviation floored at level/4 and an absolute floor so that perfectly regular traffic
+does not make the band zero-width. Flagged values feed the baseline clipped to the
+threshold (a runaway cannot teach the detector that runaways are normal). Each detector
+needs `warmup` observations before it raises, and holds a cooldown per key. Money inside
+is integer pico-USD; nothing is float.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from meterline.schemas.events import Anomaly, build, new_id
+
+from .codec import usd
+
+PICO = 10**12
+
+
+class Baseline:
+    """Integer EWMA level + EWMA absolute deviation (alpha = 1 / 2**shift)."""
+
+    __slots__ = ("level", "dev", "n")
+
+    def __init__(self) -> None:
+        self.level = self.dev = self.n = 0
+
+    def threshold(self, k: int, floor: int) -> int:
+        return self.level + k * max(self.dev, self.level // 4, floor)
+
+    def update(self, x: int, shift: int = 3) -> None:
+        if self.n == 0:
+            self.level = x
+        else:
+            self.dev += (abs(x - self.level) - self.dev) >> shift
+            self.level += (x - self.level) >> shift
+        self.n += 1
+
+
+@dataclass
+class DetectorConfig:
+    k: int = 6                                  # deviations above the level that count as "far above"
+    warmup: int = 12                            # observations before a baseline may raise
+    session_floor_usd: int = PICO // 100        # $0.01 per session-minute: never flag below
+    spike_bucket: timedelta = timedelta(seconds=10)
+    spike_floor_usd: int = PICO // 10           # $0.10 per tenant bucket: never flag below
+    repeat_floor: int = 20                      # identical calls per session-minute: never flag below
+    cooldown: timedelta = timedelta(minutes=5)
+    idle_window: timedelta = timedelta(minutes=5)
+    idle_util_pct: int = 1
+    idle_min_memory_bytes: int = 256 * 2**20
+    unpriced_every: timedelta = timedelta(hours=1)
+
+
+def _anomaly(kind: str, severity: str, tenant: str, scope: str, scope_id: str, start: datetime, end: datetime,
+             evidence: dict[str, Any], message: str) -> Anomaly:
+    return build(Anomaly, anomaly_id=new_id(), ts=end, kind=kind, severity=severity, tenant_id=tenant or "unattributed",
+                 scope=scope, scope_id=scope_id or "unknown", window_start=start, window_end=end,
+                 evidence={k: str(v) for k, v in evidence.items()}, message=message)
+
+
+def _severity(observed: int, threshold: int) -> str:
+    return "critical" if observed >= 3 * max(threshold, 1) else "warning"
+
+
+def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> tuple:
+    def sig2(n: int) -> int:  # round to 2 significant digits: near-identical, not exactly identical
+        if n < 100:
+            return n
+        scale = 10 ** (len(str(n)) - 2)
+        return (n + scale // 2) // scale * scale
+
+    return (kind, model, tool, sig2(input_tokens), sig2(output_tokens))
+
+
+class _SessionMinute:
+    __slots__ = ("minute", "cost", "calls", "repeats", "top_repeat", "flagged_cost", "flagged_repeat", "agent")
+
+    def __init__(self, minute: datetime, agent: tuple[str, str]) -> None:
+        self.minute, self.agent = minute, agent
+        self.cost = self.calls = self.top_repeat = 0
+        self.repeats: dict[tuple, int] = {}
+        self.flagged_cost = self.flagged_repeat = False
+
+
+class RunawaySessions:
+    """runaway_session + repeated_calls against the agent's own per-session-minute history."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.sessions: dict[tuple[str, str], _SessionMinute] = {}
+        self.cost_baseline: dict[tuple[str, str], Baseline] = {}
+        self.repeat_baseline: dict[tuple[str, str], Baseline] = {}
+        self.cooldown_until: dict[tuple[str, str, str], datetime] = {}
+        self._swept = datetime.min
+
+    def observe(self, tenant: str, agent: str, session: str, ts: datetime, cost: int, kind: str = "llm_call",
+                model: str = "", tool: str = "", input_tokens: int = 0, output_tokens: int = 0) -> list[Anomaly]:
+        if not session:
+            return []
+        cfg, key, minute = self.config, (tenant, session), ts.replace(second=0, microsecond=0)
+        agent_key = (tenant, agent or "*")
+        current = self.sessions.get(key)
+        if current is None or minute > current.minute:
+            if current is not None:
+                self._close(current)
+            current = self.sessions[key] = _SessionMinute(minute, agent_key)
+        elif minute < current.minute:
+            return []  # late event of a closed minute: its spend is in the ledger, not in the detector
+        current.cost += cost
+        current.calls += 1
+        fp = _fingerprint(kind, model, tool, input_tokens, output_tokens)
+        repeats = current.repeats[fp] = current.repeats.get(fp, 0) + 1
+        current.top_repeat = max(current.top_repeat, repeats)
+        found = []
+        costs = self.cost_baseline.get(agent_key)
+        if costs and costs.n >= cfg.warmup and not current.flagged_cost:
+            limit = costs.threshold(cfg.k, cfg.session_floor_usd)
+            if current.cost > limit and self._cool(("runaway_session", tenant, session), ts):
+                current.flagged_cost = True
+                found.append(_anomaly(
+                    "runaway_session", _severity(current.cost, limit), tenant, "session", session, minute, ts,
+                    {"session_minute_cost_usd": usd(current.cost), "threshold_usd": usd(limit),
+                     "agent_baseline_usd": usd(costs.level), "agent_deviation_usd": usd(costs.dev),
+                     "calls": current.calls, "agent_id": agent, "window_seconds": int((ts - minute).total_seconds()) + 1},
+                    f"session {session} of agent {agent or '?'} spent {usd(current.cost)} USD this minute; "
+                    f"its agent's sessions usually spend {usd(costs.level)} USD a minute"))
+        reps = self.repeat_baseline.get(agent_key)
+        if reps and reps.n >= cfg.warmup and not current.flagged_repeat:
+            limit = max(cfg.repeat_floor, reps.threshold(cfg.k, 1))
+            if current.top_repeat > limit and self._cool(("repeated_calls", tenant, session), ts):
+                current.flagged_repeat = True
+                found.append(_anomaly(
+                    "repeated_calls", _severity(current.top_repeat, limit), tenant, "session", session, minute, ts,
+                    {"identical_calls": current.top_repeat, "threshold_calls": limit, "agent_baseline_calls": reps.level,
+                     "model": model or tool, "input_tokens": input_tokens, "output_tokens": output_tokens,
+                     "session_minute_cost_usd": usd(current.cost), "agent_id": agent},
+                    f"session {session} repeated a near-identical {model or tool} call {current.top_repeat} times this minute"))
+        return found
+
+    def _close(self, closed: _SessionMinute) -> None:
+        cfg = self.config
+        costs = self.cost_baseline.setdefault(closed.agent, Baseline())
+        value = min(closed.cost, costs.threshold(cfg.k, cfg.session_floor_usd)) if costs.n >= cfg.warmup else closed.cost
+        costs.update(value)
+        self.repeat_baseline.setdefault(closed.agent, Baseline()).update(min(closed.top_repeat, 4 * cfg.repeat_floor))
+
+    def _cool(self, key: tuple[str, str, str], ts: datetime) -> bool:
+        if ts < self.cooldown_until.get(key, datetime.min.replace(tzinfo=ts.tzinfo)):
+            return False
+        self.cooldown_until[key] = ts + self.config.cooldown
+        return True
+
+    def tick(self, stream_now: datetime) -> None:
+        """Close session-minutes that stream time has passed (sessions that went quiet), once a minute."""
+        minute = stream_now.replace(second=0, microsecond=0)
+        if self._swept != datetime.min and minute <= self._swept:
+            return
+        self._swept = minute
+        for key in [k for k, s in self.sessions.items() if s.minute < minute]:
+            self._close(self.sessions.pop(key))
+        horizon = stream_now - self.config.cooldown
+        self.cooldown_until = {k: v for k, v in self.cooldown_until.items() if v > horizon}
+
+
+class _TenantBucket:
+    __slots__ = ("start", "cost", "baseline", "flagged", "cooldown_until")
+
+    def __init__(self, start: datetime) -> None:
+        self.start, self.cost, self.baseline, self.flagged = start, 0, Baseline(), False
+        self.cooldown_until = start
+
+
+class SpendSpikes:
+    """spend_spike: a tenant's spend per bucket against its own robust EWMA baseline."""
+
+    MAX_GAP_BUCKETS = 6  # quiet buckets between events feed zeros, at most this many
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.tenants: dict[str, _TenantBucket] = {}
+
+    def _bucket_start(self, ts: datetime) -> datetime:
+        size = self.config.spike_bucket
+        return ts - (ts - ts.replace(minute=0, second=0, microsecond=0)) % size
+
+    def observe(self, tenant: str, ts: datetime, cost: int) -> list[Anomaly]:
+        cfg, start = self.config, self._bucket_start(ts)
+        state = self.tenants.get(tenant)
+        if state is None:
+            state = self.tenants[tenant] = _TenantBucket(start)
+        if start > state.start:
+            self._close(state, start)
+        elif start < state.start:
+            return []
+        state.cost += cost
+        base = state.baseline
+        if base.n < cfg.warmup or state.flagged:
+            return []
+        limit = base.threshold(cfg.k, cfg.spike_floor_usd)
+        if state.cost <= limit or ts < state.cooldown_until:
+            return []
+        state.flagged, state.cooldown_until = True, ts + cfg.cooldown
+        return [_anomaly(
+            "spend_spike", _severity(state.cost, limit), tenant, "tenant", tenant, state.start, ts,
+            {"bucket_cost_usd": usd(state.cost), "threshold_usd": usd(limit), "baseline_usd": usd(base.level),
+             "deviation_usd": usd(base.dev), "bucket_seconds": int(cfg.spike_bucket.total_seconds()), "k": cfg.k},
+            f"tenant {tenant} spent {usd(state.cost)} USD in {int(cfg.spike_bucket.total_seconds())} s; "
+            f"its usual is {usd(base.level)} USD")]
+
+    def _close(self, state: _TenantBucket, new_start: datetime) -> None:
+        cfg, base = self.config, state.baseline
+        clip = base.threshold(cfg.k, cfg.spike_floor_usd) if base.n >= cfg.warmup else state.cost
+        base.update(min(state.cost, clip))
+        gaps = int((new_start - state.start) / cfg.spike_bucket) - 1
+        for _ in range(min(gaps, self.MAX_GAP_BUCKETS)):
+            base.update(0)
+        state.start, state.cost, state.flagged = new_start, 0, False
+
+
+class UnpricedModels:
+    """unpriced_model: raised once per (tenant, provider, model) per `unpriced_every` of stream time."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.seen: dict[tuple[str, str, str], tuple[datetime, int]] = {}
+
+    def observe(self, tenant: str, provider: str, model: str, ts: datetime) -> list[Anomaly]:
+        key = (tenant, provider, model)
+        first, count = self.seen.get(key, (None, 0))
+        if first is not None and ts - first < self.config.unpriced_every:
+            self.seen[key] = (first, count + 1)
+            return []
+        self.seen[key] = (ts, 1)
+        return [_anomaly("unpriced_model", "warning", tenant, "model", f"{provider}/{model}"[:128], ts, ts,
+                         {"provider": provider, "model": model, "events_last_period": count},
+                         f"no price for {provider or '?'}/{model}: events are kept at cost 0 (cost_source=unpriced); "
+                         "add the model to streams/catalog.toml [[models]]")]
+
+
+class _Idle:
+    __slots__ = ("since", "last", "gpu_ps", "cost", "memory", "flagged")
+
+    def __init__(self, ts: datetime) -> None:
+        self.since = self.last = ts
+        self.gpu_ps = self.cost = self.memory = 0
+        self.flagged = False
+
+
+class IdleGpus:
+    """idle_gpu: memory held at <= idle_util_pct utilisation for idle_window of stream time."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.devices: dict[tuple, _Idle] = {}
+
+    def observe(self, sample: Any, gpu_ps: int, cost: int) -> list[Anomaly]:
+        cfg = self.config
+        if sample.level == "process":
+            util, memory = sample.sm_util_pct, sample.process_memory_bytes
+        else:
+            util, memory = sample.utilization_pct, sample.memory_used_bytes
+        key = (sample.node, sample.gpu_uuid, sample.mig_uuid, sample.pid)
+        if util is None or memory is None or util > cfg.idle_util_pct or memory < cfg.idle_min_memory_bytes:
+            self.devices.pop(key, None)
+            return []
+        interval = timedelta(milliseconds=sample.interval_ms)
+        state = self.devices.get(key)
+        if state is None:
+            state = self.devices[key] = _Idle(sample.ts - interval)
+        state.last, state.memory = sample.ts, max(state.memory, memory)
+        state.gpu_ps += gpu_ps
+        state.cost += cost
+        idle_for = state.last - state.since
+        if state.flagged or idle_for < cfg.idle_window:
+            return []
+        state.flagged = True
+        attributed = sample.level == "process" and sample.attributed and sample.session_id
+        scope, scope_id = ("session", sample.session_id) if attributed else ("gpu", sample.mig_uuid or sample.gpu_uuid)
+        return [_anomaly(
+            "idle_gpu", "critical" if idle_for >= 4 * cfg.idle_window else "warning", sample.tenant_id, scope, scope_id,
+            state.since, state.last,
+            {"idle_seconds": int(idle_for.total_seconds()), "max_utilization_pct": cfg.idle_util_pct,
+             "memory_held_bytes": state.memory, "gpu_seconds": usd(state.gpu_ps), "paid_usd": usd(state.cost),
+             "node": sample.node, "gpu_uuid": sample.gpu_uuid, "mig_uuid": sample.mig_uuid, "pid": sample.pid or ""},
+            f"{sample.gpu_name or 'GPU'} on {sample.node} held {state.memory} bytes at ~0% utilisation for "
+            f"{int(idle_for.total_seconds())} s ({usd(state.cost)} USD paid)")]
+
+
+class Detectors:
+    """All detectors behind one facade the worker calls."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.runaway = RunawaySessions(self.config)
+        self.spikes = SpendSpikes(self.config)
+        self.unpriced = UnpricedModels(self.config)
+        self.idle = IdleGpus(self.config)
+
+    def usage(self, event: Any, cost: int, unpriced: bool) -> list[Anomaly]:
+        found = self.runaway.observe(event.tenant_id, event.agent_id, event.session_id, event.ts, cost, event.kind,
+                                     event.model, event.tool, event.input_tokens, event.output_tokens)
+        found += self.spikes.observe(event.tenant_id, event.ts, cost)
+        if unpriced:
+            found += self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)
+        return found
+
+    def gpu(self, sample: Any, gpu_ps: int, cost: int) -> list[Anomaly]:
+        return self.idle.observe(sample, gpu_ps, cost)
+
+    def tick(self, stream_now: datetime) -> None:
+        self.runaway.tick(stream_now)

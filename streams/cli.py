@@ -1,0 +1,54 @@
+"""`meterline streams`: the stream worker (validate, dedupe, price, spend, anomalies)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("streams")
+    def streams(
+        group: Annotated[str, typer.Option(help="Consumer group; run more workers with the same group to scale out.")] = "meterline-streams",
+        catalog: Annotated[Optional[Path], typer.Option(help="Price catalog TOML (default: the one shipped in streams/catalog.toml).")] = None,
+        checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints (spend published, outputs flushed, offsets committed).")] = 1.0,
+        dedupe_window: Annotated[int, typer.Option(help="Event ids remembered per usage partition to drop producer retries.")] = 100_000,
+        webhook: Annotated[Optional[str], typer.Option(envvar="METERLINE_ANOMALY_WEBHOOK", help="POST every anomaly as JSON to this URL (failures are logged, not fatal).")] = None,
+        exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many seconds without input (tests, backfills).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the run's counters as JSON on exit.")] = False,
+    ) -> None:
+        """Run the stream worker: usage -> validate (bad -> dlq) -> dedupe -> price -> priced topic;
+        usage + GPU samples -> real-time spend per tenant/team/project/agent/session -> spend topic;
+        streaming anomaly detection -> anomalies topic (and --webhook).
+
+        At-least-once: outputs are flushed before input offsets are committed, so a crash
+        repeats work (the ledger dedupes by event_id) and never loses it. Stop with Ctrl-C or
+        SIGTERM; the worker checkpoints before it exits.
+        """
+        import signal
+        import threading
+
+        from meterline.console import console, emit_json, fail
+        from meterline.settings import get_settings
+
+        from .pricing import load_catalog
+        from .worker import StreamWorker
+
+        settings = get_settings()
+        try:
+            worker = StreamWorker(settings, load_catalog(catalog), group_id=group, checkpoint_interval=checkpoint_interval,
+                                  dedupe_per_partition=dedupe_window, webhook_url=webhook)
+        except Exception as err:  # noqa: BLE001 - one line for the operator
+            fail(f"could not start the stream worker against {settings.bootstrap}: {err}. "
+                 "Is Kafka running and are the topics created? Try `meterline kafka start` and `meterline topics create`.")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        if not as_json:
+            console.print(f"streams: pricing with {worker.catalog.version}; consuming {worker.topics['usage']} and {worker.topics['gpu']}")
+        stats = worker.run(stop, exit_when_idle=exit_when_idle)
+        if as_json:
+            emit_json(dict(stats))
+        else:
+            console.print(", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "no input")

@@ -1,0 +1,164 @@
+"""Hot-path JSON for the pricer: msgspec decode + the contract's checks, msgspec encode.
+
+pydantic (schemas.events) is the contract; decoding a usage event with it costs ~4-10 µs,
+msgspec ~0.5 µs. `decode_usage` accepts a record on the fast path only when every rule of
+`UsageEvent` provably holds (tests/test_streams_codec.py checks "fast accepts => pydantic
+accepts" with hypothesis); anything unusual (odd formats, numbers for money, edge cases)
+falls back to pydantic, which either accepts it or names the field for the dead-letter
+record. Money leaves as fixed 12-decimal strings computed from integer pico-USD.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from meterline.schemas import events as ev
+
+PICO = 10**12
+UTC = timezone.utc
+_KINDS = frozenset(("llm_call", "tool_call", "api_call"))
+_STATUSES = frozenset(("ok", "error", "timeout", "rate_limited", "cancelled"))
+_PRIORITIES = frozenset(ev.PRIORITIES)
+_CONTROL = frozenset(chr(c) for c in range(32))
+
+
+class FastUsage(msgspec.Struct, forbid_unknown_fields=True):
+    """Same fields as schemas.UsageEvent; cost_usd only as a string (numbers go to pydantic)."""
+
+    event_id: uuid.UUID
+    ts: datetime
+    tenant_id: str
+    kind: str
+    team: str = ""
+    project: str = ""
+    agent_id: str = ""
+    session_id: str = ""
+    provider: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    tool: str = ""
+    units: int = 1
+    latency_ms: int = 0
+    status: str = "ok"
+    response_bytes: int = 0
+    priority: str = "normal"
+    cost_usd: Any = None  # str on the wire (numbers -> pydantic); Decimal once checked
+    attributes: dict[str, str] = {}
+
+
+_decoder = msgspec.json.Decoder(FastUsage)
+_encoder = msgspec.json.Encoder()
+
+
+def _clean(value: str, limit: int, required: bool = False) -> bool:
+    return (not required or value != "") and len(value) <= limit and _CONTROL.isdisjoint(value)
+
+
+def _tokens(value: int) -> bool:
+    return 0 <= value <= ev.MAX_TOKENS
+
+
+def _money_ok(value: Decimal) -> bool:
+    """Within Usd's bounds under both the raw and the normalised representation."""
+    if not value.is_finite() or value < 0:
+        return False
+    for d in (value, value.normalize()):
+        t = d.as_tuple()
+        if not isinstance(t.exponent, int) or t.exponent < -12 or len(t.digits) > 28 or len(t.digits) - min(t.exponent, 0) > 28 or t.exponent > 0:
+            return False
+    return True
+
+
+def _fast_ok(e: FastUsage, now: datetime) -> bool:
+    ts = e.ts
+    if ts.tzinfo is None or ts - now > ev.MAX_FUTURE_SKEW:
+        return False
+    if not (_clean(e.tenant_id, ev.MAX_ID_LEN, True) and _clean(e.team, ev.MAX_ID_LEN) and _clean(e.project, ev.MAX_ID_LEN)
+            and _clean(e.agent_id, ev.MAX_ID_LEN) and _clean(e.session_id, ev.MAX_ID_LEN)
+            and _clean(e.provider, ev.MAX_NAME_LEN) and _clean(e.model, ev.MAX_NAME_LEN) and _clean(e.tool, ev.MAX_NAME_LEN)):
+        return False
+    if e.kind not in _KINDS or e.status not in _STATUSES or e.priority not in _PRIORITIES:
+        return False
+    if not (_tokens(e.input_tokens) and _tokens(e.output_tokens) and _tokens(e.cache_read_tokens)
+            and _tokens(e.cache_write_tokens) and _tokens(e.units) and e.latency_ms >= 0 and e.response_bytes >= 0):
+        return False
+    if e.cache_read_tokens + e.cache_write_tokens > e.input_tokens:
+        return False
+    if (e.kind == "llm_call" and not e.model) or (e.kind != "llm_call" and not e.tool):
+        return False
+    attrs = e.attributes
+    if len(attrs) > ev.MAX_ATTRIBUTES or any(not k or len(k) > ev.MAX_ID_LEN or len(v) > ev.MAX_ATTRIBUTE_VALUE_LEN for k, v in attrs.items()):
+        return False
+    if e.cost_usd is not None:
+        if not isinstance(e.cost_usd, str):
+            return False
+        try:
+            e.cost_usd = Decimal(e.cost_usd)
+        except ArithmeticError:
+            return False
+        return _money_ok(e.cost_usd)
+    return True
+
+
+def decode_usage(raw: bytes, now: datetime | None = None) -> FastUsage | ev.UsageEvent:
+    """A valid usage event (FastUsage on the fast path, else UsageEvent); raises ev.InvalidEvent."""
+    now = now or datetime.now(UTC)
+    try:
+        fast = _decoder.decode(raw)
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+        fast = None
+    if fast is not None and _fast_ok(fast, now):
+        if fast.ts.utcoffset():
+            fast.ts = fast.ts.astimezone(UTC)
+        elif fast.ts.tzinfo is not UTC:
+            fast.ts = fast.ts.replace(tzinfo=UTC)
+        return fast
+    return ev.decode(ev.UsageEvent, raw)
+
+
+def usd(pico: int) -> str:
+    """Integer pico-USD as a fixed 12-decimal string ("0.002145000000")."""
+    sign = "-" if pico < 0 else ""
+    whole, frac = divmod(abs(pico), PICO)
+    return f"{sign}{whole}.{frac:012d}"
+
+
+def to_pico(amount: Decimal) -> int:
+    return int(amount.scaleb(12).to_integral_value())
+
+
+_USAGE_FIELDS = tuple(FastUsage.__struct_fields__)
+
+
+def usage_fields(event: FastUsage | ev.UsageEvent) -> dict[str, Any]:
+    if isinstance(event, FastUsage):
+        return {name: getattr(event, name) for name in _USAGE_FIELDS}
+    return dict(event)
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """JSON bytes; Decimal as strings, datetimes RFC 3339 (UTC as Z), UUIDs canonical."""
+    return _encoder.encode(record)
+
+
+def utc(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is UTC else ts.astimezone(UTC)
+
+
+def minute_start(ts: datetime) -> datetime:
+    return ts.replace(second=0, microsecond=0)
+
+
+def month_start(ts: datetime) -> datetime:
+    return ts.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_month(start: datetime) -> datetime:
+    return (start + timedelta(days=32)).replace(day=1)

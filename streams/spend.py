@@ -1,0 +1,139 @@
+"""Real-time spend per scope: period-to-date (UTC calendar month) and 1-minute windows.
+
+Pure state, driven by event time; the worker feeds it and writes what changed. Money is
+integer pico-USD (exact; 12 decimals like the ledger), GPU time integer pico-seconds.
+
+Semantics of one scope's state (and of the SpendUpdate it becomes):
+- window = the UTC minute of the newest event seen for the scope; window_cost_usd is the
+  spend inside it. An event for an earlier minute of the same month counts toward the
+  period only; an event from an earlier month is left to the ledger (counted in `late`).
+- period = the UTC calendar month; period_cost_usd = tokens + tools + GPU, month-to-date.
+- events, input_tokens, output_tokens, gpu_seconds, gpu_cost_usd, unpriced_events are
+  month-to-date too (gpu_cost_usd is the GPU share of period_cost_usd).
+- Scopes: tenant, team, project, agent, session; scope ids are qualified by tenant_id;
+  empty ids (no team, ...) are skipped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from meterline.schemas.events import SCOPES, new_id
+
+from .codec import month_start, next_month, usd
+
+MINUTE = timedelta(minutes=1)
+ScopeKey = tuple[str, str, str]  # (tenant_id, scope, scope_id)
+
+
+class ScopeSpend:
+    __slots__ = ("period_start", "period_end", "period", "window_start", "window", "events", "input_tokens",
+                 "output_tokens", "gpu_ps", "gpu", "unpriced", "dirty", "last_ts")
+
+    def __init__(self, minute: datetime) -> None:
+        self.window_start = minute
+        self.period_start = month_start(minute)
+        self.period_end = next_month(self.period_start)
+        self.period = self.window = self.events = self.input_tokens = self.output_tokens = 0
+        self.gpu_ps = self.gpu = self.unpriced = 0
+        self.dirty = True
+        self.last_ts = minute
+
+    def restore(self, update: dict[str, Any]) -> None:
+        """Continue from the last state this scope published (same period only)."""
+        from .codec import to_pico
+        from decimal import Decimal
+
+        self.period = to_pico(Decimal(update["period_cost_usd"]))
+        self.events = int(update["events"])
+        self.input_tokens = int(update["input_tokens"])
+        self.output_tokens = int(update["output_tokens"])
+        self.gpu_ps = to_pico(Decimal(update["gpu_seconds"]))
+        self.gpu = to_pico(Decimal(update["gpu_cost_usd"]))
+        self.unpriced = int(update["unpriced_events"])
+        window = datetime.fromisoformat(update["window_start"])
+        if window == self.window_start:
+            self.window = to_pico(Decimal(update["window_cost_usd"]))
+
+
+class SpendBook:
+    """Spend state of every active scope of the tenants this worker owns."""
+
+    def __init__(self, baseline: dict[ScopeKey, dict[str, Any]] | None = None) -> None:
+        self.states: dict[ScopeKey, ScopeSpend] = {}
+        self.baseline = baseline or {}  # last published state per scope (from the changelog)
+        self.late = 0
+
+    def _state(self, key: ScopeKey, minute: datetime) -> ScopeSpend:
+        state = ScopeSpend(minute)
+        restored = self.baseline.pop(key, None)
+        if restored and datetime.fromisoformat(restored["period_start"]) == state.period_start:
+            state.restore(restored)
+        self.states[key] = state
+        return state
+
+    def add(self, ids: tuple[str, str, str, str, str], ts: datetime, cost: int, input_tokens: int = 0,
+            output_tokens: int = 0, unpriced: int = 0, gpu_ps: int = 0, gpu_cost: int = 0, events: int = 1) -> None:
+        """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session)."""
+        tenant = ids[0]
+        minute = ts.replace(second=0, microsecond=0)
+        for scope, scope_id in zip(SCOPES, ids):
+            if not scope_id:
+                continue
+            key = (tenant, scope, scope_id)
+            state = self.states.get(key) or self._state(key, minute)
+            if minute != state.window_start:
+                if minute > state.window_start:
+                    if minute >= state.period_end:
+                        state.period_start = month_start(minute)
+                        state.period_end = next_month(state.period_start)
+                        state.period = state.events = state.input_tokens = state.output_tokens = 0
+                        state.gpu_ps = state.gpu = state.unpriced = 0
+                    state.window_start, state.window = minute, 0
+                elif minute < state.period_start:
+                    self.late += 1
+                    continue
+                else:  # an earlier minute of this month: the period, not the current window
+                    state.window -= cost
+            state.window += cost
+            state.period += cost
+            state.events += events
+            state.input_tokens += input_tokens
+            state.output_tokens += output_tokens
+            state.unpriced += unpriced
+            state.gpu_ps += gpu_ps
+            state.gpu += gpu_cost
+            state.last_ts = ts if ts > state.last_ts else state.last_ts
+            state.dirty = True
+
+    def drain(self, now: datetime | None = None) -> Iterator[tuple[ScopeKey, dict[str, Any]]]:
+        """SpendUpdate records (JSON-ready dicts) of every scope changed since the last drain."""
+        now = now or datetime.now(timezone.utc)
+        for key, state in self.states.items():
+            if state.dirty:
+                state.dirty = False
+                yield key, self.snapshot(key, state, now)
+
+    @staticmethod
+    def snapshot(key: ScopeKey, s: ScopeSpend, now: datetime) -> dict[str, Any]:
+        tenant, scope, scope_id = key
+        return {
+            "update_id": new_id(), "ts": now, "tenant_id": tenant, "scope": scope, "scope_id": scope_id,
+            "window_start": s.window_start, "window_end": s.window_start + MINUTE, "window_cost_usd": usd(s.window),
+            "period_start": s.period_start, "period_cost_usd": usd(s.period), "events": s.events,
+            "input_tokens": s.input_tokens, "output_tokens": s.output_tokens, "gpu_seconds": usd(s.gpu_ps),
+            "gpu_cost_usd": usd(s.gpu), "unpriced_events": s.unpriced,
+        }
+
+    def evict_idle(self, stream_now: datetime, idle: timedelta, scopes: tuple[str, ...] = ("session", "agent")) -> int:
+        """Forget clean session/agent states idle longer than `idle` (bounded memory); returns how many."""
+        stale = [k for k, s in self.states.items() if k[1] in scopes and not s.dirty and stream_now - s.last_ts > idle]
+        for key in stale:
+            del self.states[key]
+        return len(stale)
+
+    def drop_tenants(self, tenants: set[str]) -> None:
+        """Forget the state of tenants whose partitions moved to another worker."""
+        for key in [k for k in self.states if k[0] in tenants]:
+            del self.states[key]

@@ -1,0 +1,369 @@
+"""The stream worker: one lean confluent-kafka batch consumer (why not Faust: see notes/streams.md).
+
+    usage ──▶ validate ─▶ dedupe ─▶ price ─▶ priced        (PricedEvent, key tenant_id)
+      │          └──────────────────────────▶ dlq           (DeadLetter: reason + original bytes)
+    gpu  ──▶ validate ─▶ GPU-seconds + cost ─┐
+                                             ▼
+                 spend per tenant/team/project/agent/session ─▶ spend (SpendUpdate, key tenant_id)
+                                             │                  spend-state (compacted changelog)
+                 anomaly detectors ──────────┴────────────────▶ anomalies (+ optional webhook)
+
+Keys and state: usage is keyed by tenant_id, so one worker owns all of a tenant's events
+and its spend state (co-partitioned, no cross-worker merge). A huge tenant is one
+partition's work; see notes/streams.md for the trade-off and mitigations.
+
+Delivery (at-least-once, errs toward over-counting): every checkpoint (default 1 s) writes
+every changed scope to the spend topic and the compacted spend-state changelog, flushes
+the producer (priced, dlq, spend, anomalies all acknowledged), and only then commits the
+consumer offsets. A crash replays at most one checkpoint of input: priced rows may repeat
+(the ledger dedupes by event_id) and restored spend may count replayed events twice,
+never zero times.
+
+Dedupe: event ids are remembered per usage partition in an insertion-ordered dict capped
+at `dedupe_per_partition` ids (FIFO eviction), so memory is bounded (~100 B per id) and a
+producer retry within the last N events of its partition is dropped. The window restarts
+empty after a restart; the ledger's dedupe by event_id catches what it misses.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from meterline.schemas import events as ev
+from meterline.settings import Settings
+
+from .anomalies import DetectorConfig, Detectors
+from .codec import PICO, decode_usage, encode, to_pico, usage_fields, usd
+from .pricing import Catalog, load_catalog
+from .spend import ScopeKey, SpendBook
+
+log = logging.getLogger("meterline.streams")
+UTC = timezone.utc
+STATE_TOPIC = "spend-state"
+KEY_SEP = "\x1f"
+
+
+class DedupeWindow:
+    """The last `capacity` event ids of one partition (bounded; oldest forgotten first)."""
+
+    __slots__ = ("capacity", "ids")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.ids = capacity, {}
+
+    def seen(self, event_id: int) -> bool:
+        ids = self.ids
+        if event_id in ids:
+            return True
+        ids[event_id] = None
+        if len(ids) > self.capacity:
+            del ids[next(iter(ids))]
+        return False
+
+
+class Webhook:
+    """POSTs anomalies as JSON from a background thread; failures are logged, never fatal."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        import httpx
+
+        self.url, self.client = url, httpx.Client(timeout=timeout)
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
+        self.thread = threading.Thread(target=self._run, name="anomaly-webhook", daemon=True)
+        self.thread.start()
+
+    def send(self, body: bytes) -> None:
+        try:
+            self.queue.put_nowait(body)
+        except queue.Full:
+            log.warning("anomaly webhook queue full; dropped one anomaly (it is still on the anomalies topic)")
+
+    def _run(self) -> None:
+        while (body := self.queue.get()) is not None:
+            try:
+                self.client.post(self.url, content=body, headers={"content-type": "application/json"}).raise_for_status()
+            except Exception as err:  # noqa: BLE001 - a webhook never stops the stream
+                log.warning("anomaly webhook %s failed: %s", self.url, err)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+
+def ensure_state_topic(settings: Settings, partitions: int = 6) -> str:
+    """The compacted spend-state changelog (created on first use, like Faust's changelogs)."""
+    name = settings.topic(STATE_TOPIC)
+    admin = AdminClient(settings.kafka_config())
+    if name not in admin.list_topics(timeout=30).topics:
+        future = admin.create_topics([NewTopic(name, partitions, 1, config={"cleanup.policy": "compact", "segment.ms": "600000"})])[name]
+        try:
+            future.result(30)
+        except KafkaException as err:
+            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return name
+
+
+def restore_spend(settings: Settings, now: datetime | None = None) -> dict[ScopeKey, dict[str, Any]]:
+    """The last published state of every scope in the current month, read from the changelog."""
+    topic, now = ensure_state_topic(settings), now or datetime.now(UTC)
+    period = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    consumer = Consumer(settings.kafka_config(**{"group.id": "meterline-streams-restore", "enable.auto.commit": False}))
+    try:
+        parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+        todo = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        latest: dict[ScopeKey, dict[str, Any]] = {}
+        while todo:
+            for msg in consumer.consume(10_000, timeout=1.0):
+                if msg.error():
+                    continue
+                key = tuple(msg.key().decode().split(KEY_SEP, 2))
+                if msg.value() is None:
+                    latest.pop(key, None)
+                else:
+                    latest[key] = msgspec.json.decode(msg.value())
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    todo.discard(msg.partition())
+        return {k: v for k, v in latest.items() if datetime.fromisoformat(v["period_start"]) >= period}
+    finally:
+        consumer.close()
+
+
+class StreamWorker:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str = "meterline-streams",
+                 checkpoint_interval: float = 1.0, dedupe_per_partition: int = 100_000,
+                 detector_config: DetectorConfig | None = None, webhook_url: str | None = None,
+                 batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1)) -> None:
+        self.settings = settings
+        self.catalog = catalog or load_catalog()
+        self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "priced", "dlq", "spend", "anomalies")}
+        self.state_topic = ensure_state_topic(settings)
+        self.group_id, self.checkpoint_interval, self.batch_size = group_id, checkpoint_interval, batch_size
+        self.dedupe_per_partition, self.session_idle = dedupe_per_partition, session_idle
+        self.dedupe: dict[int, DedupeWindow] = {}
+        self.tenant_partition: dict[str, int] = {}
+        self.spend = SpendBook(restore_spend(settings))
+        self.detectors = Detectors(detector_config)
+        self.webhook = Webhook(webhook_url) if webhook_url else None
+        self.stats: Counter[str] = Counter()
+        self.stream_now = datetime.min.replace(tzinfo=UTC)
+        self._delivery_error: str | None = None
+        self._last_evict = time.monotonic()
+        self.producer = Producer(settings.kafka_config(**{
+            "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
+            "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576,
+            "batch.num.messages": 10_000, "on_delivery": self._on_delivery,
+        }))
+        self.consumer = Consumer(settings.kafka_config(**{
+            "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "partition.assignment.strategy": "cooperative-sticky",
+        }))
+
+    # ------------------------------------------------------------------ loop
+    def run(self, stop: threading.Event | None = None, exit_when_idle: float | None = None,
+            until_caught_up: bool = False) -> Counter[str]:
+        """Consume until `stop` is set, nothing arrived for exit_when_idle seconds, or (until_caught_up)
+        every assigned partition is read to its end; checkpoints on exit."""
+        stop = stop or threading.Event()
+        self.consumer.subscribe([self.topics["usage"], self.topics["gpu"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        next_checkpoint, idle_since = time.monotonic() + self.checkpoint_interval, time.monotonic()
+        try:
+            while not stop.is_set():
+                msgs = self.consumer.consume(self.batch_size, timeout=0.1)
+                if msgs:
+                    self.process(msgs)
+                    idle_since = time.monotonic()
+                elif exit_when_idle is not None and time.monotonic() - idle_since > exit_when_idle:
+                    break
+                elif until_caught_up and self.caught_up():
+                    break
+                if time.monotonic() >= next_checkpoint:
+                    self.checkpoint()
+                    next_checkpoint = time.monotonic() + self.checkpoint_interval
+            self.checkpoint()
+        finally:
+            self.consumer.close()
+            if self.webhook:
+                self.webhook.close()
+        return self.stats
+
+    def caught_up(self) -> bool:
+        """Every assigned partition consumed to its high watermark (and something is assigned)."""
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return False
+        for tp in self.consumer.position(assigned):
+            high = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+            if high > 0 and (tp.offset < 0 or tp.offset < high):
+                return False
+        return True
+
+    def process(self, msgs: list[Any]) -> None:
+        usage_topic, now = self.topics["usage"], datetime.now(UTC)
+        gpu_samples = []
+        for msg in msgs:
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", msg.error())
+                continue
+            if msg.topic() == usage_topic:
+                self._usage(msg, now)
+            else:
+                sample = self._decode_or_dlq(msg, ev.GpuSample, now)
+                if sample is not None:
+                    gpu_samples.append(sample)
+        if gpu_samples:
+            self._gpu(gpu_samples)
+
+    # ----------------------------------------------------------------- usage
+    def _usage(self, msg: Any, now: datetime) -> None:
+        raw = msg.value()
+        try:
+            if raw is None:
+                raise ev.InvalidEvent("UsageEvent", [("(record)", "empty record (tombstone)")])
+            event = decode_usage(raw, now)
+        except ev.InvalidEvent as err:
+            self._dead_letter(msg, err.reason, "InvalidEvent", now)
+            return
+        partition = msg.partition()
+        window = self.dedupe.get(partition)
+        if window is None:
+            window = self.dedupe[partition] = DedupeWindow(self.dedupe_per_partition)
+        if window.seen(event.event_id.int):
+            self.stats["duplicates"] += 1
+            return
+        self.tenant_partition[event.tenant_id] = partition
+        self._price_and_publish(event, now)
+
+    def _price_and_publish(self, event: Any, now: datetime) -> None:
+        listed = self.catalog.price_pico(event)
+        if event.cost_usd is not None:
+            cost, source = to_pico(event.cost_usd), "provider"
+        elif listed is not None:
+            cost, source = listed[4], "catalog"
+        else:
+            cost, source = 0, "unpriced"
+            self.catalog.unpriced[(event.provider, event.model or event.tool)] += 1
+        parts = listed or (0, 0, 0, 0, 0)
+        record = usage_fields(event)
+        record.update(cost_usd=usd(cost), list_cost_usd=usd(parts[4]), input_cost_usd=usd(parts[0]),
+                      output_cost_usd=usd(parts[1]), cache_read_cost_usd=usd(parts[2]), cache_write_cost_usd=usd(parts[3]),
+                      cost_source=source, catalog_version=self.catalog.version, priced_at=now)
+        tenant = event.tenant_id
+        self._produce(self.topics["priced"], encode(record), tenant)
+        unpriced = source == "unpriced"
+        self.stats["priced"] += 1
+        self.stats["unpriced"] += unpriced
+        self.spend.add((tenant, event.team, event.project, event.agent_id, event.session_id), event.ts, cost,
+                       event.input_tokens, event.output_tokens, unpriced)
+        if event.ts > self.stream_now:
+            self.stream_now = event.ts
+        for anomaly in self.detectors.usage(event, cost, unpriced):
+            self._anomaly(anomaly)
+
+    # ------------------------------------------------------------------- GPU
+    def _gpu(self, samples: list[ev.GpuSample]) -> None:
+        """Charge process rows; processes sharing one device in one sample split its time equally."""
+        sharing = Counter((s.node, s.gpu_uuid, s.mig_uuid, s.ts) for s in samples if s.level == "process")
+        for sample in samples:
+            self.stats["gpu_samples"] += 1
+            gpu_ps = cost = 0
+            try:
+                seconds, usd_cost = self.catalog.gpu_sample_cost(sample)
+                gpu_ps, cost = to_pico(seconds), to_pico(usd_cost)
+            except LookupError:
+                self.stats["gpu_unpriced"] += 1
+            if sample.level == "process":
+                n = sharing[(sample.node, sample.gpu_uuid, sample.mig_uuid, sample.ts)]
+                gpu_ps, cost = gpu_ps // n, cost // n  # the remainder (< n pico) is not charged: never over
+                if sample.attributed and sample.tenant_id:
+                    ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
+                else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"
+                    ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                self.spend.add(ids, sample.ts, cost, gpu_ps=gpu_ps, gpu_cost=cost, events=0)
+            for anomaly in self.detectors.gpu(sample, gpu_ps, cost):
+                self._anomaly(anomaly)
+
+    # ------------------------------------------------------------- outputs
+    def _decode_or_dlq(self, msg: Any, contract: type, now: datetime) -> Any | None:
+        try:
+            if msg.value() is None:
+                raise ev.InvalidEvent(contract.__name__, [("(record)", "empty record (tombstone)")])
+            return ev.decode(contract, msg.value())
+        except ev.InvalidEvent as err:
+            self._dead_letter(msg, err.reason, "InvalidEvent", now)
+            return None
+
+    def _dead_letter(self, msg: Any, reason: str, error_type: str, now: datetime) -> None:
+        letter = {"dlq_id": ev.new_id(), "ts": now, "stage": "streams", "source_topic": msg.topic(),
+                  "partition": msg.partition(), "offset": msg.offset(), "reason": reason[: ev.MAX_TEXT_LEN],
+                  "error_type": error_type, "payload_b64": base64.b64encode(msg.value() or b"").decode()}
+        self._produce(self.topics["dlq"], encode(letter), msg.key())
+        self.stats["dead_letters"] += 1
+
+    def _anomaly(self, anomaly: ev.Anomaly) -> None:
+        body = anomaly.to_json()
+        self._produce(self.topics["anomalies"], body, anomaly.tenant_id)
+        self.stats["anomalies"] += 1
+        if self.webhook:
+            self.webhook.send(body)
+
+    def _produce(self, topic: str, value: bytes, key: Any) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None and self._delivery_error is None:
+            self._delivery_error = f"{msg.topic()}: {err}"
+
+    # ----------------------------------------------------------- checkpoint
+    def checkpoint(self) -> None:
+        """Publish changed spend, wait for every output to be acknowledged, then commit input offsets."""
+        for key, update in self.spend.drain():
+            body = encode(update)
+            self._produce(self.topics["spend"], body, key[0])
+            self._produce(self.state_topic, body, KEY_SEP.join(key))
+            self.stats["spend_updates"] += 1
+        self.detectors.tick(self.stream_now) if self.stream_now.year > 1 else None
+        remaining = self.producer.flush(60)
+        if remaining or self._delivery_error:
+            raise RuntimeError(f"could not deliver to Kafka ({self._delivery_error or f'{remaining} records pending'}); "
+                               "offsets were not committed, a restart replays from the last checkpoint")
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as err:
+            if err.args[0].code() != KafkaError._NO_OFFSET:
+                raise
+        if time.monotonic() - self._last_evict > 60:
+            self._last_evict = time.monotonic()
+            self.stats["evicted_scopes"] += self.spend.evict_idle(self.stream_now, self.session_idle)
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self.spend.states or self.stats:  # a rebalance: newly owned tenants continue from the changelog
+            self.spend.baseline = restore_spend(self.settings)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.checkpoint()
+        lost = {p.partition for p in partitions if p.topic == self.topics["usage"]}
+        for p in lost:
+            self.dedupe.pop(p, None)
+        self.spend.drop_tenants({t for t, p in self.tenant_partition.items() if p in lost})
+
+
+__all__ = ["StreamWorker", "DedupeWindow", "restore_spend", "ensure_state_topic", "PICO"]
