@@ -1,0 +1,193 @@
+"""`meterline report …`, `meterline up`, `meterline demo` (and `meterline sql` if no one else adds it)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from meterline.console import console, emit_json, fail
+from meterline.settings import get_settings
+
+report_app = typer.Typer(
+    help=(
+        "Chargeback reports from the ledger. Periods: --since/--until take an ISO date or datetime (UTC), 'now', "
+        "or '7d' / '12h' / '30m' ago; the default is this month so far. Works while `meterline up` runs "
+        "(through its API) and when nothing runs (opening the store directly).\n\n"
+        "Example:  meterline report chargeback --by team --since 7d --format csv > spend.csv"
+    ),
+    no_args_is_help=True,
+)
+
+Since = Annotated[Optional[str], typer.Option("--since", help="Start (inclusive): 2025-06-01, 2025-06-01T12:00, 7d, 12h.")]
+Until = Annotated[Optional[str], typer.Option("--until", help="End (exclusive); default now.")]
+Tenant = Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant.")]
+Team = Annotated[Optional[str], typer.Option("--team", help="Only this team.")]
+Project = Annotated[Optional[str], typer.Option("--project", help="Only this project.")]
+Fmt = Annotated[str, typer.Option("--format", "-f", help="table (people), json or csv (machines; money as exact decimal strings).")]
+
+
+def _params(**kwargs: Any):
+    from .report import ReportParams
+
+    try:
+        return ReportParams.parse(**kwargs)
+    except ValueError as err:
+        fail(str(err))
+
+
+def _ledger():
+    from .store import open_ledger
+
+    settings = get_settings()
+    try:
+        return open_ledger(settings)
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a driver traceback
+        fail(_open_error(settings, err))
+
+
+def _open_error(settings: Any, err: Exception) -> str:
+    text = str(err)
+    if "EmbeddedServer" in text or "Unable to open the chdb engine" in text:
+        return (f"the embedded store {settings.dsn} is held by another process (a `meterline sink` or `up` without an API?). "
+                "Query through `meterline up` (it serves reports), or stop that process and retry.")
+    return f"could not open the ledger at {settings.dsn}: {text}"
+
+
+def run_named_report(name: str, params: Any):
+    """The report's Result, direct or through `up`."""
+    from .report import run_report
+    from .store import LedgerError, RemoteLedger
+
+    ledger = _ledger()
+    try:
+        if isinstance(ledger, RemoteLedger):
+            return ledger.report(name, params.as_query())
+        return run_report(ledger, name, params)
+    except (LedgerError, ValueError, KeyError) as err:
+        fail(str(err))
+    except Exception as err:  # noqa: BLE001 - ClickHouse errors: the first line says what is wrong
+        fail(f"the ledger refused the query: {str(err).splitlines()[0][:300]} (has `meterline migrate` run?)")
+    finally:
+        ledger.close()
+
+
+def _emit(name: str, params: Any, fmt: str) -> None:
+    from .report import render
+
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format must be table, json or csv, not {fmt!r}")
+    result = run_named_report(name, params)
+    out = render(name, params, result, fmt)  # type: ignore[arg-type]
+    if fmt == "table":
+        console.print(out)
+        if not result.rows:
+            console.print("[dim]no rows in this period: widen --since, or check that the sink is running[/]")
+    else:
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+
+
+@report_app.command("chargeback")
+def chargeback(
+    by: Annotated[str, typer.Option("--by", help="tenant | team | project | agent | session | model")] = "tenant",
+    since: Since = None, until: Until = None, tenant: Tenant = None, team: Team = None, project: Project = None, fmt: Fmt = "table",
+) -> None:
+    """Spend per tenant / team / project / agent / session / model: tokens, usage cost, GPU cost, total."""
+    _emit("chargeback", _params(by=by, since=since, until=until, tenant=tenant, team=team, project=project), fmt)
+
+
+@report_app.command("top-sessions")
+def top_sessions(
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many sessions.")] = 20,
+    since: Since = None, until: Until = None, tenant: Tenant = None, team: Team = None, project: Project = None, fmt: Fmt = "table",
+) -> None:
+    """The most expensive agent sessions (usage + attributed GPU cost)."""
+    _emit("top-sessions", _params(limit=limit, since=since, until=until, tenant=tenant, team=team, project=project), fmt)
+
+
+@report_app.command("cost-per-action")
+def cost_per_action(since: Since = None, until: Until = None, tenant: Tenant = None, team: Team = None,
+                    project: Project = None, fmt: Fmt = "table") -> None:
+    """Cost per successful action, per agent: all spend (failed calls, GPU) over the calls that succeeded."""
+    _emit("cost-per-action", _params(since=since, until=until, tenant=tenant, team=team, project=project), fmt)
+
+
+@report_app.command("gpu")
+def gpu(since: Since = None, until: Until = None, fmt: Fmt = "table") -> None:
+    """GPU-hours and their cost against utilisation per device; idle cost is money paid for idle cycles."""
+    _emit("gpu", _params(since=since, until=until), fmt)
+
+
+@report_app.command("burn-down")
+def burn_down(tenant: Tenant = None, fmt: Fmt = "table") -> None:
+    """Every budget this period: spent, remaining, % used vs % of period elapsed, forecast exhaustion."""
+    _emit("burn-down", _params(tenant=tenant), fmt)
+
+
+@report_app.command("totals")
+def totals(since: Since = None, until: Until = None, fmt: Fmt = "table") -> None:
+    """Ledger grand totals (priced events, usage and GPU cost, decisions, anomalies) for a period."""
+    _emit("totals", _params(since=since, until=until), fmt)
+
+
+@report_app.command("focus")
+def focus(
+    out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="csv or parquet.")] = "csv",
+    since: Since = None, until: Until = None, tenant: Tenant = None,
+    billing_account: Annotated[str, typer.Option(help="FOCUS BillingAccountId / InvoiceIssuerName.")] = "meterline",
+) -> None:
+    """FinOps FOCUS 1.2 export: cached and uncached tokens as separate rows, GPU-hours, x_ columns for sessions and agents."""
+    from .focus import export
+
+    if fmt not in ("csv", "parquet"):
+        fail(f"--format must be csv or parquet, not {fmt!r}")
+    params = _params(since=since, until=until, tenant=tenant)
+    ledger = _ledger()
+    try:
+        rows = export(ledger, params, out, fmt, billing_account)
+    except Exception as err:  # noqa: BLE001
+        fail(f"FOCUS export failed: {str(err).splitlines()[0][:300]}")
+    finally:
+        ledger.close()
+    console.print(f"wrote {rows} FOCUS {fmt} rows to {out}")
+
+
+def sql_command(
+    query: Annotated[str, typer.Argument(help="One read-only statement (SELECT, SHOW, DESCRIBE, EXPLAIN).")],
+    fmt: Fmt = "table",
+) -> None:
+    """Run read-only SQL on the ledger (directly, or through `meterline up` while it runs)."""
+    from .report import ReportParams, render
+    from .store import Result
+
+    ledger = _ledger()
+    try:
+        result: Result = ledger.query(query)
+    except Exception as err:  # noqa: BLE001
+        fail(f"query failed: {str(err).splitlines()[0][:400]}")
+    finally:
+        ledger.close()
+    params = ReportParams.parse()
+    out = render("sql", params, result, fmt)  # type: ignore[arg-type]
+    if fmt == "table":
+        out.title = None
+        console.print(out)
+    else:
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(report_app, name="report")
+    commands = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    if "sql" not in commands:
+        app.command("sql")(sql_command)
+    from .up import up_command
+    from .demo import demo_command
+
+    app.command("up")(up_command)
+    app.command("demo")(demo_command)
+
+
+__all__ = ["register", "emit_json"]

@@ -1,0 +1,135 @@
+"""Prometheus metrics for `up`: computed at scrape time from Kafka and the ledger.
+
+Counting from Kafka's watermarks (rather than a counter in every hot loop) costs
+nothing per event: events/s is the growth of the usage topic's end offsets, lag is
+end offset minus the committed offset of each consumer group, dead letters are the
+records on the DLQ topic.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from meterline.settings import Settings
+
+log = logging.getLogger("meterline.app.metrics")
+
+DECISION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class KafkaWatermarks:
+    """End offsets and committed offsets, through one metadata-only consumer."""
+
+    def __init__(self, settings: Settings):
+        from confluent_kafka import Consumer
+
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._consumer = Consumer(settings.kafka_config(**{"group.id": "meterline-metrics", "enable.auto.commit": False}))
+
+    def partitions(self, topic: str) -> list:
+        from confluent_kafka import TopicPartition
+
+        meta = self._consumer.list_topics(topic, timeout=5).topics.get(topic)
+        return [TopicPartition(topic, p) for p in (meta.partitions if meta and meta.error is None else {})]
+
+    def end_offsets(self, topic: str) -> int:
+        with self._lock:
+            return sum(self._consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in self.partitions(topic))
+
+    def lag(self, group: str, topic: str) -> int | None:
+        """Records on `topic` not yet committed by `group` (None when the group committed nothing)."""
+        from confluent_kafka import Consumer
+
+        with self._lock:
+            tps = self.partitions(topic)
+            ends = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps}
+        reader = Consumer(self.settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+        try:
+            committed = reader.committed(tps, timeout=5)
+        finally:
+            reader.close()
+        done = [tp for tp in committed if tp.offset >= 0]
+        if not done:
+            return None
+        return sum(ends[tp.partition] - tp.offset for tp in done) + sum(ends[tp.partition] for tp in committed if tp.offset < 0)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class PipelineCollector:
+    """A prometheus_client collector; each scrape reads Kafka (and the ledger) once."""
+
+    def __init__(self, settings: Settings, groups: dict[str, str], unpriced: Callable[[], int | None],
+                 components: Callable[[], dict[str, dict[str, Any]]]):
+        self.settings = settings
+        self.groups = groups  # consumer group -> topic it reads
+        self.unpriced = unpriced
+        self.components = components
+        self.kafka: KafkaWatermarks | None = None
+        self._last: tuple[float, int] | None = None
+
+    def _watermarks(self) -> KafkaWatermarks:
+        if self.kafka is None:
+            self.kafka = KafkaWatermarks(self.settings)
+        return self.kafka
+
+    def collect(self):
+        yield from self._component_metrics()
+        try:
+            yield from self._kafka_metrics()
+        except Exception as err:  # noqa: BLE001 - a scrape never fails because Kafka is away
+            log.warning("metrics: Kafka unavailable: %s", err)
+        unpriced = self._safe(self.unpriced)
+        if unpriced is not None:
+            yield CounterMetricFamily("meterline_unpriced_events", "Usage events no catalog could price (kept, flagged).", value=unpriced)
+
+    def _kafka_metrics(self):
+        kafka = self._watermarks()
+        usage_total = kafka.end_offsets(self.settings.topic("usage"))
+        yield CounterMetricFamily("meterline_usage_events", "Usage events accepted by Kafka.", value=usage_total)
+        now = time.monotonic()
+        rate = 0.0
+        if self._last and now > self._last[0]:
+            rate = max(0.0, (usage_total - self._last[1]) / (now - self._last[0]))
+        self._last = (now, usage_total)
+        yield GaugeMetricFamily("meterline_events_per_second", "Usage events per second since the previous scrape.", value=rate)
+        yield CounterMetricFamily("meterline_dead_letters", "Records sent to the dead-letter topic.",
+                                  value=kafka.end_offsets(self.settings.topic("dlq")))
+        lag = GaugeMetricFamily("meterline_consumer_lag", "Records not yet committed by a consumer group.", labels=["group", "topic"])
+        for group, topic in self.groups.items():
+            value = kafka.lag(group, self.settings.topic(topic))
+            if value is not None:
+                lag.add_metric([group, self.settings.topic(topic)], value)
+        yield lag
+
+    def _component_metrics(self):
+        up = GaugeMetricFamily("meterline_component_up", "1 while a supervised component runs.", labels=["component"])
+        restarts = CounterMetricFamily("meterline_component_restarts", "Restarts of a supervised component.", labels=["component"])
+        for name, info in self.components().items():
+            up.add_metric([name], 1 if info.get("running") else 0)
+            restarts.add_metric([name], info.get("restarts", 0))
+        yield up
+        yield restarts
+
+    @staticmethod
+    def _safe(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001
+            log.warning("metrics: %s", err)
+            return None
+
+
+def build_registry(collector: PipelineCollector) -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    latency = Histogram("meterline_decision_latency_seconds", "From a decision's issued_at to `up` reading it on the control topic.",
+                        buckets=DECISION_BUCKETS, registry=registry)
+    return registry, latency

@@ -1,0 +1,311 @@
+"""Chargeback reports over the ledger: the SQL lives in sql/queries/*.sql.
+
+Every filter is a ClickHouse query parameter (`{name:Type}`, bound by the server),
+including the grouping column (`{by:Identifier}`), so nothing a user types is ever
+pasted into SQL. Reports run the same on a direct store and through `up`'s API.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Literal
+from zoneinfo import ZoneInfo
+
+from .store import Result
+
+QUERIES_DIR = Path(__file__).resolve().parents[1] / "sql" / "queries"
+DIMENSIONS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id",
+              "session": "session_id", "model": "model"}
+SCOPE_COLUMNS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id"}
+Format = Literal["table", "json", "csv"]
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def query_dir() -> Path:
+    """sql/queries in a source checkout; the installed package's copy otherwise."""
+    if QUERIES_DIR.is_dir():
+        return QUERIES_DIR
+    import meterline.sql
+
+    return Path(meterline.sql.__file__).with_name("queries")
+
+
+@lru_cache(maxsize=None)
+def load_query(name: str) -> str:
+    return (query_dir() / f"{name}.sql").read_text()
+
+
+# ---- parameters -----------------------------------------------------------------------------
+
+
+def parse_when(text: str | datetime | None, now: datetime) -> datetime | None:
+    """'now', '7d' / '12h' / '30m' ago, an ISO date or datetime (naive means UTC)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=timezone.utc)
+    text = text.strip()
+    if text == "now":
+        return now
+    if m := _RELATIVE.match(text):
+        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time: use an ISO date (2025-06-01), a datetime, 'now', or '7d' / '12h' / '30m' ago") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+@dataclass
+class ReportParams:
+    """What every report accepts. since/until default to this month so far."""
+
+    since: datetime
+    until: datetime
+    by: str = "tenant"
+    tenant: str = ""
+    team: str = ""
+    project: str = ""
+    limit: int = 20
+
+    @classmethod
+    def parse(cls, since: Any = None, until: Any = None, by: str | None = None, tenant: str | None = None,
+              team: str | None = None, project: str | None = None, limit: Any = None,
+              now: datetime | None = None) -> ReportParams:
+        now = now or datetime.now(timezone.utc)
+        end = parse_when(until, now) or now + timedelta(seconds=1)  # `now` included
+        start = parse_when(since, now) or end.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        if start >= end:
+            raise ValueError(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
+        by = by or "tenant"
+        if by not in DIMENSIONS:
+            raise ValueError(f"--by must be one of {', '.join(DIMENSIONS)}, not {by!r}")
+        limit = int(limit) if limit not in (None, "") else 20
+        if not 0 < limit <= 100_000:
+            raise ValueError("--limit must be between 1 and 100000")
+        return cls(start, end, by, tenant or "", team or "", project or "", limit)
+
+    def query_parameters(self) -> dict[str, Any]:
+        return {"since": self.since, "until": self.until, "tenant": self.tenant, "team": self.team,
+                "project": self.project, "by": DIMENSIONS[self.by], "limit": self.limit}
+
+    def as_query(self) -> dict[str, str]:
+        """The same parameters as strings, for `up`'s /api/report."""
+        return {"since": self.since.isoformat(), "until": self.until.isoformat(), "by": self.by, "tenant": self.tenant,
+                "team": self.team, "project": self.project, "limit": str(self.limit)}
+
+
+# ---- the reports ----------------------------------------------------------------------------
+
+
+class Querier:
+    """Anything with .query(sql, parameters) -> Result (DirectLedger, RemoteLedger)."""
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result: ...
+
+
+def _sql_report(name: str, keys: tuple[str, ...]) -> Callable[[Querier, ReportParams], Result]:
+    def run(ledger: Querier, params: ReportParams) -> Result:
+        all_params = params.query_parameters()
+        return ledger.query(load_query(name), {k: all_params[k] for k in keys})
+
+    return run
+
+
+FILTERS = ("since", "until", "tenant", "team", "project")
+
+REPORTS: dict[str, tuple[str, Callable[[Querier, ReportParams], Result]]] = {
+    "chargeback": ("Spend per tenant / team / project / agent / session / model (--by).",
+                   _sql_report("chargeback", ("by", *FILTERS))),
+    "top-sessions": ("The most expensive agent sessions.", _sql_report("top_sessions", (*FILTERS, "limit"))),
+    "cost-per-action": ("Cost per successful action, per agent (failed calls and GPU time included).",
+                        _sql_report("cost_per_action", FILTERS)),
+    "gpu": ("GPU-hours and their cost against utilisation, per device.", _sql_report("gpu_utilisation", ("since", "until"))),
+    "totals": ("Ledger grand totals: what every chargeback adds up to.", _sql_report("ledger_totals", ("since", "until"))),
+}
+
+
+def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
+    if name == "burn-down":
+        return burn_down(ledger, params)
+    if name not in REPORTS:
+        raise KeyError(f"no report {name!r}; reports: {', '.join(REPORT_NAMES)}")
+    result = REPORTS[name][1](ledger, params)
+    if name == "chargeback":
+        result.columns[0] = params.by  # the grouping column is named after the dimension
+    return result
+
+
+REPORT_NAMES = (*REPORTS, "burn-down")
+
+
+# ---- budget burn-down -----------------------------------------------------------------------
+
+
+def period_bounds(period: str, tz: str, now: datetime, anchor: datetime | None = None,
+                  period_seconds: int | None = None) -> tuple[datetime, datetime]:
+    """The budget period containing `now`: day / week (Monday) / month in the policy's zone, or custom."""
+    if period == "custom" and anchor and period_seconds:
+        n = int((now - anchor).total_seconds() // period_seconds)
+        start = anchor + timedelta(seconds=n * period_seconds)
+        return start, start + timedelta(seconds=period_seconds)
+    local = now.astimezone(ZoneInfo(tz))
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        start, end = midnight, midnight + timedelta(days=1)
+    elif period == "week":
+        start = midnight - timedelta(days=local.weekday())
+        end = start + timedelta(days=7)
+    else:  # month
+        start = midnight.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    # wall-clock midnight in the zone, then UTC (DST days are 23 or 25 hours long)
+    zone = ZoneInfo(tz)
+    return (start.replace(tzinfo=None).replace(tzinfo=zone).astimezone(timezone.utc),
+            end.replace(tzinfo=None).replace(tzinfo=zone).astimezone(timezone.utc))
+
+
+BURN_DOWN_TYPES = ["String", "String", "String", "String", "String", "Decimal(38, 18)", "DateTime64(3, 'UTC')",
+                   "DateTime64(3, 'UTC')", "Decimal(38, 18)", "Decimal(38, 18)", "Decimal(38, 2)", "Decimal(38, 2)",
+                   "Nullable(DateTime64(3, 'UTC'))", "String"]
+BURN_DOWN_COLUMNS = ["policy_id", "tenant_id", "scope", "scope_id", "unit", "amount", "period_start", "period_end",
+                     "spent", "remaining", "used_pct", "elapsed_pct", "forecast_exhaustion", "burn"]
+
+
+def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None) -> Result:
+    """Per budget: spent and remaining this period, against the straight pacing line.
+
+    `burn` is a sparkline of remaining budget over the period so far (for people);
+    forecast_exhaustion extrapolates the period's average spend rate.
+    """
+    now = now or datetime.now(timezone.utc)
+    policies = ledger.query(load_query("budget_policies"), {"tenant": params.tenant}).dicts()
+    rows = []
+    for p in policies:
+        start, end = period_bounds(p["period"], p["timezone"] or "UTC", now, p["period_anchor"], p["period_seconds"])
+        scope_id = _unqualified(p["scope_id"], p["tenant_id"], p["scope"])
+        bucket = max(60, int((end - start).total_seconds() // 48))
+        spend = ledger.query(load_query("scope_spend"), {
+            "column": SCOPE_COLUMNS.get(p["scope"], "tenant_id"), "tenant": p["tenant_id"], "scope_id": scope_id,
+            "since": start, "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
+        field = 2 if p["unit"] == "gpu_hours" else 1
+        spent = sum((Decimal(r[field]) for r in spend), Decimal(0))
+        amount = Decimal(p["amount"])
+        elapsed = max((now - start).total_seconds(), 1.0)
+        forecast = None
+        if spent >= amount:
+            forecast = now
+        elif spent > 0:
+            rate = spent / Decimal(elapsed)
+            eta = now + timedelta(seconds=float((amount - spent) / rate))
+            forecast = eta if eta < end else None
+        rows.append((p["policy_id"], p["tenant_id"], p["scope"], p["scope_id"], p["unit"], amount, start, end, spent,
+                     amount - spent, _pct(spent, amount), _pct(Decimal(elapsed), Decimal((end - start).total_seconds())),
+                     forecast, _sparkline(spend, field, amount)))
+    return Result(BURN_DOWN_COLUMNS, BURN_DOWN_TYPES, rows)
+
+
+def _unqualified(scope_id: str, tenant_id: str, scope: str) -> str:
+    """Child scope ids may be written tenant-qualified ('acme/research'); the ledger stores the bare id."""
+    if scope != "tenant":
+        for sep in ("/", ":"):
+            if scope_id.startswith(tenant_id + sep):
+                return scope_id[len(tenant_id) + 1:]
+    return scope_id
+
+
+def _pct(part: Decimal, whole: Decimal) -> Decimal:
+    return (part * 100 / whole).quantize(Decimal("0.01"), ROUND_HALF_EVEN) if whole else Decimal(0)
+
+
+def _sparkline(buckets: list[tuple], field: int, amount: Decimal) -> str:
+    blocks = " ▁▂▃▄▅▆▇█"
+    remaining, out = amount, []
+    for row in buckets:
+        remaining -= Decimal(row[field])
+        level = max(Decimal(0), min(Decimal(1), remaining / amount)) if amount else Decimal(0)
+        out.append(blocks[int(level * (len(blocks) - 1))])
+    return "".join(out)
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def exact(value: Any) -> Any:
+    """Money and quantities as exact plain decimal strings ('12.5', never '1.25E+1')."""
+    if isinstance(value, Decimal):
+        text = format(value.normalize(), "f")
+        return "0" if text in ("-0", "") else text
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return value
+
+
+def to_json_doc(name: str, params: ReportParams, result: Result) -> dict[str, Any]:
+    return {"report": name, "since": params.since.isoformat(), "until": params.until.isoformat(),
+            "rows": [{k: exact(v) for k, v in row.items()} for row in result.dicts()]}
+
+
+def to_csv(result: Result) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(result.columns)
+    for row in result.rows:
+        writer.writerow(["" if v is None else exact(v) for v in row])
+    return buf.getvalue()
+
+
+def display(value: Any, column: str) -> str:
+    """Human rendering for tables: money to 6 places (json/csv stay exact)."""
+    if value is None:
+        return "—"
+    if isinstance(value, Decimal):
+        if column.endswith("_usd") or column in ("amount", "spent", "remaining"):
+            return f"{value.quantize(Decimal('0.000001'), ROUND_HALF_EVEN):,}"
+        return exact(value) if column.endswith("pct") else f"{value.quantize(Decimal('0.0001'), ROUND_HALF_EVEN):,}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value) if value != "" else "(none)"
+
+
+def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str | Any:
+    """csv/json -> text; table -> a rich Table."""
+    if fmt == "json":
+        return json.dumps(to_json_doc(name, params, result))
+    if fmt == "csv":
+        return to_csv(result)
+    from rich.table import Table
+
+    title = f"{name} · {params.since:%Y-%m-%d %H:%M} → {params.until:%Y-%m-%d %H:%M} UTC"
+    table = Table(title=title, header_style="bold")
+    for i, col in enumerate(result.columns):
+        numeric = bool(result.rows) and isinstance(result.rows[0][i], (int, Decimal, float))
+        table.add_column(col, justify="right" if numeric else "left")
+    for row in result.rows:
+        table.add_row(*(display(v, c) for v, c in zip(row, result.columns)))
+    totals = _totals_row(result)
+    if totals:
+        table.add_section()
+        table.add_row(*totals, style="bold")
+    return table
+
+
+def _totals_row(result: Result) -> list[str] | None:
+    money = [i for i, c in enumerate(result.columns) if c.endswith("cost_usd")]
+    if not result.rows or not money:
+        return None
+    out = ["" for _ in result.columns]
+    out[0] = "TOTAL"
+    for i in money:
+        out[i] = display(sum((r[i] or Decimal(0) for r in result.rows), Decimal(0)), result.columns[i])
+    return out

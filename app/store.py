@@ -1,0 +1,190 @@
+"""Read access to the ledger, wherever it lives.
+
+chDB allows one process per data directory, and while `meterline up` runs that
+process is `up` (its sink writes there). So readers ask: does a live `up` hold this
+store? If so they go through its HTTP API; otherwise they open the store directly.
+`up` announces itself in <data_dir>/up.json (pid + API URL) and removes it on exit.
+
+Results keep exact types across both paths: Decimal money and datetimes travel as
+strings in JSON and are restored from the ClickHouse column types.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from meterline.settings import Settings
+
+RUNFILE = "up.json"
+READ_ONLY = {"readonly": 2}  # 2: reads only, but queries may tune settings (never `readonly` itself)
+
+
+@dataclass
+class Result:
+    """A query result: column names, ClickHouse type names, rows of Python values."""
+
+    columns: list[str]
+    types: list[str]
+    rows: list[tuple] = field(default_factory=list)
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"columns": self.columns, "types": self.types, "rows": [[_jsonable(v) for v in r] for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Result:
+        types = doc["types"]
+        rows = [tuple(_restore(v, t) for v, t in zip(row, types)) for row in doc["rows"]]
+        return cls(doc["columns"], types, rows)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)  # exact: money never becomes a float
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _aware(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _restore(value: Any, ch_type: str) -> Any:
+    if value is None:
+        return None
+    base = ch_type.removeprefix("Nullable(").removeprefix("LowCardinality(")
+    if base.startswith("Decimal"):
+        return Decimal(value)
+    if base.startswith("DateTime"):
+        return datetime.fromisoformat(value)
+    if base.startswith("Date"):
+        return date.fromisoformat(value)
+    return value
+
+
+class DirectLedger:
+    """Opens the store in this process (chDB path or a ClickHouse server)."""
+
+    mode = "direct"
+
+    def __init__(self, settings: Settings, client: Any | None = None):
+        if client is None:
+            from meterline.sql.ledger import connect
+
+            client = connect(settings)
+        self.client = client
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+        res = self.client.query(sql, parameters=parameters or {}, settings=READ_ONLY)
+        types = [t.name for t in res.column_types]
+        utc = [i for i, t in enumerate(types) if "DateTime" in t]
+        rows = [tuple(r) for r in res.result_rows]
+        if utc:  # clickhouse-connect hands back naive datetimes; the ledger's are all UTC
+            rows = [tuple(_aware(v) if i in utc else v for i, v in enumerate(r)) for r in rows]
+        return Result(list(res.column_names), types, rows)
+
+    def close(self) -> None:
+        close = getattr(self.client, "close", None)
+        if close:
+            close()
+
+
+class RemoteLedger:
+    """Talks to the `up` process that holds the store."""
+
+    mode = "remote"
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+        body = {"sql": sql, "parameters": {k: _jsonable(v) for k, v in (parameters or {}).items()}}
+        return Result.from_json(self._ok(self.http.post("/api/sql", json=body)))
+
+    def report(self, name: str, params: dict[str, Any]) -> Result:
+        query = {k: _jsonable(v) for k, v in params.items() if v is not None}
+        return Result.from_json(self._ok(self.http.get(f"/api/report/{name}", params=query)))
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self._ok(self.http.get(path, params=params))
+
+    @staticmethod
+    def _ok(resp: Any) -> Any:
+        if resp.status_code >= 400:
+            try:
+                message = resp.json().get("error", resp.text)
+            except ValueError:
+                message = resp.text
+            raise LedgerError(message)
+        return resp.json()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class LedgerError(RuntimeError):
+    """A query the ledger refused (bad SQL, not read-only, ...); the message says why."""
+
+
+# ---- the runfile that `up` writes -----------------------------------------------------------
+
+
+def runfile(settings: Settings) -> Path:
+    return settings.data_dir / RUNFILE
+
+
+def write_runfile(settings: Settings, url: str) -> Path:
+    path = runfile(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "url": url, "dsn": settings.dsn}))
+    tmp.replace(path)
+    return path
+
+
+def remove_runfile(settings: Settings) -> None:
+    path = runfile(settings)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def running_up(settings: Settings) -> str | None:
+    """The API URL of a live `up` on this data dir, or None."""
+    try:
+        info = json.loads(runfile(settings).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info.get("url")
+
+
+def open_ledger(settings: Settings) -> DirectLedger | RemoteLedger:
+    """The ledger for a reader: through `up` when it holds an embedded store, else direct."""
+    url = running_up(settings)
+    if url and settings.dsn.startswith("chdb:"):
+        return RemoteLedger(url)
+    return DirectLedger(settings)

@@ -1,0 +1,61 @@
+-- Chargeback: spend per key (by = tenant_id | team | project | agent_id | session_id | model) in [since, until).
+-- Usage cost comes from priced_events (every priced row, exact Decimal); GPU cost from
+-- per-process gpu_samples (the grain that carries attribution; unattributed GPU time keys as '').
+-- By model, GPU time appears as its own line ('gpu:<name>').
+-- Parameters: by Identifier, since/until DateTime64(3), tenant/team/project String ('' = all).
+SELECT
+    key,
+    sum(events) AS events,
+    sum(ok_events) AS ok_events,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(cache_read_tokens) AS cache_read_tokens,
+    sum(cache_write_tokens) AS cache_write_tokens,
+    sum(unpriced_events) AS unpriced_events,
+    sum(usage_cost) AS usage_cost_usd,
+    sum(gpu_secs) AS gpu_seconds,
+    sum(gpu_cost) AS gpu_cost_usd,
+    sum(usage_cost + gpu_cost) AS total_cost_usd
+FROM
+(
+    SELECT
+        {by:Identifier} AS key,
+        count() AS events,
+        countIf(status = 'ok') AS ok_events,
+        sum(input_tokens) AS input_tokens,
+        sum(output_tokens) AS output_tokens,
+        sum(cache_read_tokens) AS cache_read_tokens,
+        sum(cache_write_tokens) AS cache_write_tokens,
+        countIf(cost_source = 'unpriced') AS unpriced_events,
+        sum(cost_usd) AS usage_cost,
+        toDecimal128(0, 18) AS gpu_secs,
+        toDecimal128(0, 18) AS gpu_cost
+    FROM priced_events
+    WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+      AND ({tenant:String} = '' OR tenant_id = {tenant:String})
+      AND ({team:String} = '' OR team = {team:String})
+      AND ({project:String} = '' OR project = {project:String})
+    GROUP BY key
+
+    UNION ALL
+
+    SELECT
+        {by:Identifier} AS key,
+        0, 0, 0, 0, 0, 0, 0,
+        toDecimal128(0, 18),
+        sum(gpu_seconds),
+        sum(cost_usd)
+    FROM
+    (
+        SELECT tenant_id, team, project, agent_id, session_id, concat('gpu:', gpu_name) AS model, gpu_seconds, cost_usd
+        FROM gpu_samples
+        WHERE level = 'process'
+          AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+          AND ({tenant:String} = '' OR tenant_id = {tenant:String})
+          AND ({team:String} = '' OR team = {team:String})
+          AND ({project:String} = '' OR project = {project:String})
+    )
+    GROUP BY key
+)
+GROUP BY key
+ORDER BY total_cost_usd DESC, key

@@ -1,0 +1,14 @@
+-- FOCUS export, GPU part: attributed (and unattributed) per-process GPU time per hour.
+-- Parameters: since/until DateTime64(3), tenant String ('' = all).
+SELECT
+    toDateTime64(toStartOfHour(ts), 3, 'UTC') AS hour,
+    tenant_id, team, project, agent_id, session_id, node, gpu_uuid, gpu_name, mig_profile,
+    catalog_version, attributed, simulated,
+    count() AS samples,
+    sum(gpu_seconds) AS gpu_seconds,
+    sum(cost_usd) AS billed_cost_usd
+FROM gpu_samples
+WHERE level = 'process' AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+  AND ({tenant:String} = '' OR tenant_id = {tenant:String})
+GROUP BY hour, tenant_id, team, project, agent_id, session_id, node, gpu_uuid, gpu_name, mig_profile, catalog_version, attributed, simulated
+ORDER BY hour, tenant_id, session_id, node, gpu_uuid

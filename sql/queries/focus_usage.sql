@@ -1,0 +1,26 @@
+-- FOCUS export, usage part: priced events per hour and charge line, cost components kept
+-- apart (uncached input, cache read, cache write, output) so cached and uncached tokens
+-- become separate FOCUS rows. cost_source is in the key: catalog rows bill exactly their
+-- list components; provider-reported rows are split in Python in proportion to them.
+-- Parameters: since/until DateTime64(3), tenant String ('' = all).
+SELECT
+    toDateTime64(toStartOfHour(ts), 3, 'UTC') AS hour,
+    tenant_id, team, project, agent_id, session_id, kind, provider, model, tool, priority,
+    cost_source, catalog_version,
+    count() AS events,
+    sum(input_tokens - cache_read_tokens - cache_write_tokens) AS uncached_input_qty,
+    sum(cache_read_tokens) AS cache_read_qty,
+    sum(cache_write_tokens) AS cache_write_qty,
+    sum(output_tokens) AS output_qty,
+    sum(units) AS units_qty,
+    sum(cost_usd) AS billed_cost_usd,
+    sum(list_cost_usd) AS list_cost_usd,
+    sum(input_cost_usd) AS input_list_usd,
+    sum(cache_read_cost_usd) AS cache_read_list_usd,
+    sum(cache_write_cost_usd) AS cache_write_list_usd,
+    sum(output_cost_usd) AS output_list_usd
+FROM priced_events
+WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+  AND ({tenant:String} = '' OR tenant_id = {tenant:String})
+GROUP BY hour, tenant_id, team, project, agent_id, session_id, kind, provider, model, tool, priority, cost_source, catalog_version
+ORDER BY hour, tenant_id, team, project, agent_id, session_id, model, tool
