@@ -57,9 +57,11 @@ _checked_names: set[str] = set()
 
 def _name_ok(value: Any) -> bool:
     """Cheap check for provider/model/tool names; misses go to the pydantic path."""
+    if type(value) is not str:
+        return False
     if value in _checked_names:
         return True
-    if type(value) is str and len(value) <= MAX_NAME_LEN and value.isprintable():
+    if len(value) <= MAX_NAME_LEN and value.isprintable():
         if len(_checked_names) < 4096:
             _checked_names.add(value)
         return True

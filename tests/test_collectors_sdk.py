@@ -1,0 +1,221 @@
+"""The agent SDK: events through the real broker, timing helpers, validation at the call site."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from collectors_kafka import read_topic
+from meterline.collectors import Meter
+from meterline.collectors.attribution import sessions_dir
+from meterline.schemas import InvalidEvent, build, decode, new_id
+from meterline.schemas.events import UsageEvent
+from meterline.settings import Settings
+
+
+class CapturingSender:
+    """Stands in for the Kafka sender where only the bytes the hot path makes matter."""
+
+    def __init__(self):
+        self.records: list[tuple[bytes, bytes]] = []
+
+    def send(self, key: bytes, value: bytes) -> None:
+        self.records.append((key, value))
+
+    def close(self, timeout: float = 0) -> None:
+        pass
+
+
+@pytest.fixture
+def offline_meter(tmp_path):
+    meter = Meter(Settings(data_dir=tmp_path), tenant_id="acme", team="search", project="rag", agent_id="planner",
+                  session_id="s-1", sender=CapturingSender(), register_pid=False)
+    yield meter
+    meter.close()
+
+
+def test_events_arrive_through_kafka_attributed_with_distinct_ids(settings):
+    meter = Meter(settings, tenant_id="acme", team="search", project="rag", agent_id="planner", session_id="s-1", priority="high")
+    ids = [meter.record_llm("openai", "gpt-4o", 1000 + i, 50, cache_read_tokens=200, latency_ms=900, cost_usd="0.0125")
+           for i in range(5)]
+    ids.append(meter.record_tool("web_search", latency_ms=300, response_bytes=2048, units=2, kind="api_call", provider="serpapi"))
+    with meter.session("s-2", agent_id="critic") as session:
+        assert session.session_id == "s-2"
+        ids.append(meter.record_llm("anthropic", "claude-sonnet-4", 10, 5))
+    ids.append(meter.record_llm("openai", "gpt-4o-mini", 1, 1))
+    assert meter.flush(60)
+    meter.close()
+
+    messages = read_topic(settings, settings.topic("usage"), len(ids))
+    events = {str(e.event_id): e for e in (decode(UsageEvent, m.value()) for m in messages)}
+    assert sorted(events) == sorted(ids) and len(set(ids)) == len(ids)
+    assert {m.key() for m in messages} == {b"acme"}
+    first = events[ids[0]]
+    assert (first.tenant_id, first.team, first.project, first.agent_id, first.session_id, first.priority) == (
+        "acme", "search", "rag", "planner", "s-1", "high")
+    assert (first.input_tokens, first.cache_read_tokens, first.cost_usd, first.kind) == (1000, 200, Decimal("0.0125"), "llm_call")
+    tool = events[ids[5]]
+    assert (tool.kind, tool.tool, tool.units, tool.response_bytes, tool.provider) == ("api_call", "web_search", 2, 2048, "serpapi")
+    assert (events[ids[6]].session_id, events[ids[6]].agent_id) == ("s-2", "critic")
+    assert (events[ids[7]].session_id, events[ids[7]].agent_id) == ("s-1", "planner")
+
+
+def test_decorated_and_timed_calls_record_latency_and_status(offline_meter):
+    meter = offline_meter
+
+    @meter.tool("search")
+    def search(query: str) -> str:
+        time.sleep(0.05)  # the work being timed, not a wait for a condition
+        return "result " * 10
+
+    search("kafka")
+    with pytest.raises(RuntimeError):
+        with meter.llm_call("openai", "gpt-4o", route="chat") as call:
+            call.usage(120, 30, cache_read_tokens=100)
+            raise RuntimeError("provider said no")
+    with meter.llm_call("openai", "gpt-4o") as ok_call:
+        ok_call.usage(10, 2)
+
+    events = [decode(UsageEvent, value) for _, value in meter.sender.records]
+    assert [e.kind for e in events] == ["tool_call", "llm_call", "llm_call"]
+    assert events[0].latency_ms >= 50 and events[0].tool == "search" and events[0].response_bytes == len("result " * 10)
+    assert (events[1].status, events[1].input_tokens, events[1].cache_read_tokens, events[1].attributes) == (
+        "error", 120, 100, {"route": "chat"})
+    assert events[2].status == "ok" and str(events[2].event_id) == ok_call.event_id
+
+
+def test_async_tool_decorator(offline_meter):
+    @offline_meter.tool()
+    async def fetch_page() -> bytes:
+        return b"x" * 7
+
+    assert asyncio.run(fetch_page()) == b"x" * 7
+    event = decode(UsageEvent, offline_meter.sender.records[-1][1])
+    assert (event.tool, event.response_bytes) == ("fetch_page", 7)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.record_llm("openai", "gpt-4o", -1, 0),
+    lambda m: m.record_llm("openai", "gpt-4o", 10, 0, cache_read_tokens=11),
+    lambda m: m.record_llm("openai", "", 1, 1),
+    lambda m: m.record_llm("openai", "gpt-4o", 1, 1, status="exploded"),
+    lambda m: m.record_llm("openai", "gpt-4o", 1, 1, cost_usd="-0.5"),
+    lambda m: m.record_llm("openai", "gpt\x00-4o", 1, 1),
+    lambda m: m.record_tool("", latency_ms=1),
+    lambda m: m.record_tool("search", latency_ms=-3),
+    lambda m: m.record_tool("search", note=5),
+])
+def test_invalid_arguments_raise_the_contract_error_and_send_nothing(offline_meter, call):
+    with pytest.raises(InvalidEvent):
+        call(offline_meter)
+    assert offline_meter.sender.records == []
+
+
+def test_missing_tenant_or_bad_priority_is_rejected_when_the_meter_is_made(tmp_path):
+    with pytest.raises(InvalidEvent, match="tenant_id"):
+        Meter(Settings(data_dir=tmp_path), tenant_id="", sender=CapturingSender())
+    with pytest.raises(InvalidEvent, match="priority"):
+        Meter(Settings(data_dir=tmp_path), tenant_id="acme", priority="urgent", sender=CapturingSender())
+
+
+def test_guard_is_consulted_before_a_timed_llm_call(tmp_path):
+    asked = []
+
+    class Guard:
+        def check(self, priority, model):
+            asked.append((priority, model))
+            return "downgrade:gpt-4o-mini"
+
+    meter = Meter(Settings(data_dir=tmp_path), tenant_id="acme", priority="low", guard=Guard(), sender=CapturingSender(),
+                  register_pid=False)
+    with meter.llm_call("openai", "gpt-4o") as call:
+        assert call.decision == "downgrade:gpt-4o-mini"
+    assert asked == [("low", "gpt-4o")]
+
+
+def test_meter_registers_its_pid_session_and_removes_it_on_close(tmp_path):
+    meter = Meter(Settings(data_dir=tmp_path), tenant_id="acme", agent_id="planner", session_id="s-1", sender=CapturingSender())
+    path = sessions_dir(tmp_path) / f"{os.getpid()}.json"
+    assert json.loads(path.read_text())["session_id"] == "s-1"
+    with meter.session("s-2"):
+        assert json.loads(path.read_text())["session_id"] == "s-2"
+    assert json.loads(path.read_text())["session_id"] == "s-1"
+    meter.close()
+    assert not path.exists()
+
+
+# ---- the fast path never disagrees with the contract ----------------------------------------------
+
+counts = st.one_of(st.sampled_from([-1, 0, 1, 10**12, 10**12 + 1, 2**63 - 1, 2**63, 2**70, True, False, 1.0, "5", None]),
+                   st.integers(min_value=-5, max_value=10**6), st.floats(allow_nan=True))
+names = st.one_of(st.sampled_from(["openai", "gpt-4o", "", "x" * 256, "x" * 257, "a\x1fb", "naïve", "tab\there", "\x7f"]),
+                  st.text(max_size=20), st.integers())
+statuses = st.one_of(st.sampled_from(["ok", "error", "timeout", "rate_limited", "cancelled"]), st.text(max_size=8))
+costs = st.one_of(st.none(), st.sampled_from(["0.5", "-1", "abc", "1e-20", "NaN"]), st.decimals(allow_nan=True, places=14))
+attr_maps = st.dictionaries(st.sampled_from(["a", "route", "k" * 129]), st.one_of(st.text(max_size=5), st.integers()), max_size=3)
+
+
+VALID_LLM = dict(provider="openai", model="gpt-4o", input_tokens=100, output_tokens=20, cache_read_tokens=40,
+                 cache_write_tokens=10, latency_ms=900, status="ok", cost_usd=None, attributes={"route": "chat"})
+WILD_LLM = dict(provider=names, model=names, input_tokens=counts, output_tokens=counts, cache_read_tokens=counts,
+                cache_write_tokens=counts, latency_ms=counts, status=statuses, cost_usd=costs, attributes=attr_maps)
+
+
+def _mostly_valid(data, valid: dict, wild: dict) -> dict:
+    """A valid call with one to three fields replaced by wild values: every check gets exercised alone."""
+    fields = dict(valid)
+    for name in data.draw(st.lists(st.sampled_from(sorted(wild)), min_size=1, max_size=3, unique=True)):
+        fields[name] = data.draw(wild[name], label=name)
+    return fields
+
+
+@hsettings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_llm_fast_path_accepts_exactly_what_the_contract_accepts(offline_meter, data):
+    fields = _mostly_valid(data, VALID_LLM, WILD_LLM)
+    try:
+        expected = build(UsageEvent, event_id=new_id(), ts="2026-01-01T00:00:00Z", kind="llm_call", tenant_id="acme", **fields)
+    except InvalidEvent:
+        expected = None
+    before = len(offline_meter.sender.records)
+    args = {k: v for k, v in fields.items() if k != "attributes"}
+    try:
+        offline_meter.record_llm(**args, **fields["attributes"])
+    except InvalidEvent:
+        assert expected is None, "the SDK rejected what the contract accepts"
+        assert len(offline_meter.sender.records) == before
+        return
+    assert expected is not None, "the SDK accepted what the contract rejects"
+    sent = decode(UsageEvent, offline_meter.sender.records[-1][1])
+    for name in VALID_LLM:
+        assert getattr(sent, name) == getattr(expected, name), name
+
+
+VALID_TOOL = dict(name="search", latency_ms=10, status="ok", response_bytes=100, units=1, kind="tool_call")
+WILD_TOOL = dict(name=names, latency_ms=counts, status=statuses, response_bytes=counts, units=counts,
+                 kind=st.sampled_from(["tool_call", "api_call", "llm_call", "other"]))
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tool_fast_path_accepts_exactly_what_the_contract_accepts(offline_meter, data):
+    f = _mostly_valid(data, VALID_TOOL, WILD_TOOL)
+    try:
+        build(UsageEvent, event_id=new_id(), ts="2026-01-01T00:00:00Z", tenant_id="acme", tool=f["name"], kind=f["kind"],
+              latency_ms=f["latency_ms"], status=f["status"], response_bytes=f["response_bytes"], units=f["units"])
+        valid = True
+    except InvalidEvent:
+        valid = False
+    try:
+        offline_meter.record_tool(**f)
+    except InvalidEvent:
+        assert not valid, "the SDK rejected what the contract accepts"
+        return
+    assert valid, "the SDK accepted what the contract rejects"
+    sent = decode(UsageEvent, offline_meter.sender.records[-1][1])
+    assert (sent.tool, sent.kind, sent.latency_ms, sent.units) == (f["name"], f["kind"], f["latency_ms"], f["units"])
