@@ -123,6 +123,10 @@ def sink_command(
     batch_rows: Annotated[int, typer.Option(help="Flush when this many rows are buffered.")] = 50_000,
     batch_seconds: Annotated[float, typer.Option(help="Flush at least this often (seconds).")] = 1.0,
     group: Annotated[str, typer.Option(help="Kafka consumer group.")] = "meterline-sink",
+    instance_id: Annotated[str | None, typer.Option(help="Static group membership id: a restarted sink takes its "
+                                                         "partitions back at once instead of after the session timeout.")] = None,
+    until_idle: Annotated[float | None, typer.Option(help="Exit after this many seconds without a new record "
+                                                          "(backfills, tests).")] = None,
 ) -> None:
     """Write every priced event, GPU sample, spend snapshot, anomaly, decision, budget and
     dead letter from Kafka into the ClickHouse ledger, exactly once.
@@ -135,4 +139,6 @@ def sink_command(
 
     from .sink import run_sink
 
-    run_sink(get_settings(), batch_rows=batch_rows, batch_seconds=batch_seconds, group=group)
+    overrides = {"group.instance.id": instance_id, "session.timeout.ms": 10_000} if instance_id else None
+    run_sink(get_settings(), batch_rows=batch_rows, batch_seconds=batch_seconds, group=group,
+             consumer_overrides=overrides, idle_exit_s=until_idle)

@@ -1,0 +1,434 @@
+"""The ledger sink: Kafka → ClickHouse, every row exactly once, no external dedupe store.
+
+Flush order (the whole contract, tested in tests/test_sql_sink.py):
+
+1. decode each record; a bad one becomes a DeadLetter (reason + original bytes), the rest go on;
+2. drop duplicate ids (priced events, GPU samples): repeats within the batch and ids the ledger
+   already holds for the batch's time range;
+3. produce the dead letters and wait for the broker's ack;
+4. insert the rows, each with its Kafka (topic, partition, offset): one insert per table and
+   month partition, retried with exponential backoff while ClickHouse is unavailable;
+5. commit the offsets to Kafka (a hint for tools; the sink itself never reads it).
+
+On partition assignment the sink asks the ledger, not Kafka, where to resume: after the
+highest stored offset of each partition. Because a crash can split a batch that spans
+months (one insert per month partition), it re-reads the last batch of each partition
+(`_batch_start`) and skips the offsets the ledger already has. A crash anywhere therefore
+neither loses nor doubles a row. Dead letters are at-least-once: a record that failed after
+the last stored row may be dead-lettered again after a crash.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+
+from meterline.schemas import events as ev
+from meterline.settings import Settings
+
+from . import ledger
+from .decode import decode_priced
+from .rows import budget_policy_row, contract_row, gpu_sample_row, insert_rows
+
+log = logging.getLogger("meterline.sink")
+
+JSON_INSERT_SETTINGS = {"date_time_input_format": "best_effort", "input_format_null_as_default": 1,
+                        "input_format_skip_unknown_fields": 0}
+DLQ_NAMESPACE = uuid.UUID("5b0d4c2e-8f0e-4f6a-9c57-0d1e5a1f7e11")
+TP = tuple[str, int]
+
+
+def month_of(ts: datetime) -> int:
+    ts = ts.astimezone(timezone.utc)
+    return ts.year * 100 + ts.month
+
+
+@dataclass
+class TableBatch:
+    """Rows of one table waiting for the next insert, grouped by month partition."""
+
+    json_rows: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))  # priced: JSONEachRow
+    dict_rows: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    ids: dict[int, list[tuple[str, datetime]]] = field(default_factory=lambda: defaultdict(list))  # parallel to rows
+
+    def __len__(self) -> int:
+        return sum(map(len, self.json_rows.values())) + sum(map(len, self.dict_rows.values()))
+
+
+@dataclass
+class Batch:
+    tables: dict[str, TableBatch] = field(default_factory=lambda: defaultdict(TableBatch))
+    dead: list[ev.DeadLetter] = field(default_factory=list)
+    start: dict[TP, int] = field(default_factory=dict)  # first offset per partition in this batch
+    next_offset: dict[TP, int] = field(default_factory=dict)  # what to commit
+    rows: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class Revoked(Exception):
+    """Partitions were taken away mid-flush: drop what is not inserted; the new owner redoes it."""
+
+
+class LedgerSink:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client=None,
+        group: str = "meterline-sink",
+        batch_rows: int = 50_000,
+        batch_seconds: float = 1.0,
+        max_backoff_s: float = 30.0,
+        catalog=None,
+        consumer_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client if client is not None else ledger.connect(settings)
+        self.cluster = settings.clickhouse_cluster
+        self.tables = {settings.topic(t.topic): t for t in ledger.TABLES}
+        self.batch_rows, self.batch_seconds, self.max_backoff_s = batch_rows, batch_seconds, max_backoff_s
+        self._catalog = catalog
+        self.consumer = Consumer(settings.kafka_config(**{
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "queued.max.messages.kbytes": 256 * 1024,
+            "max.poll.interval.ms": 600_000,
+            **(consumer_overrides or {}),
+        }))
+        self.producer = Producer(settings.kafka_config(**{"enable.idempotence": True, "linger.ms": 20}))
+        self.dlq_topic = settings.topic("dlq")
+        self.batch = Batch()
+        self.replay: dict[TP, tuple[int, set[int]]] = {}  # per partition: (highest stored offset, stored offsets of its last batch)
+        self.position: dict[TP, int] = {}  # next offset to read, per assigned partition
+        self.flushing = False
+        self.revoked_mid_flush = False
+        self.stats = {"rows": 0, "duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
+        """Consume until `stop` is set (or, with idle_exit_s, until nothing arrived that long)."""
+        stop = stop or threading.Event()
+        self.consumer.subscribe(list(self.tables), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        last_message = time.monotonic()
+        try:
+            while not stop.is_set():
+                messages = self.consumer.consume(num_messages=10_000, timeout=0.2)
+                for msg in messages:
+                    self._take(msg)
+                if messages:
+                    last_message = time.monotonic()
+                if self.batch.rows >= self.batch_rows or (
+                    (self.batch.next_offset) and time.monotonic() - self.batch.opened >= self.batch_seconds
+                ):
+                    self.flush()
+                if idle_exit_s is not None and not messages and time.monotonic() - last_message > idle_exit_s:
+                    break
+            self.flush()
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+
+    # ------------------------------------------------------------------ assignment
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Resume every partition from the ledger: re-read its last batch, skip what is stored."""
+        resume = self._retry(lambda: self._resume_points(partitions), "read resume offsets")
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            start, hi, present = resume.get(key, (OFFSET_BEGINNING, -1, set()))
+            tp.offset = start
+            if hi >= 0:
+                self.replay[key] = (hi, present)
+            self.position[key] = start if start >= 0 else 0
+        consumer.assign(partitions)
+        log.info("assigned %d partitions; resuming from the ledger", len(partitions))
+
+    def _resume_points(self, partitions: list[TopicPartition]) -> dict[TP, tuple[int, int, set[int]]]:
+        out: dict[TP, tuple[int, int, set[int]]] = {}
+        for topic in {tp.topic for tp in partitions}:
+            table = ledger.write_table(self.tables[topic].name, self.cluster)
+            rows = self.client.query(
+                f"SELECT _partition, max(_offset), argMax(_batch_start, _offset) FROM {table} "
+                "WHERE _topic = {t:String} GROUP BY _partition", parameters={"t": topic}).result_rows
+            for partition, hi, batch_start in rows:
+                present = {r[0] for r in self.client.query(
+                    f"SELECT _offset FROM {table} WHERE _topic = {{t:String}} AND _partition = {{p:UInt32}} "
+                    "AND _offset >= {lo:UInt64}", parameters={"t": topic, "p": partition, "lo": batch_start}).result_rows}
+                out[(topic, partition)] = (batch_start, hi, present)
+        return out
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.flushing:
+            self.revoked_mid_flush = True  # the flush loop drops what it has not inserted
+            return
+        try:
+            self.flush(retry=False)
+        except Exception as err:  # noqa: BLE001 - safe to drop: the next owner resumes from the ledger
+            log.warning("could not flush on revoke (%s); the next owner will re-read from the ledger", err)
+        self.batch = Batch()
+        for tp in partitions:
+            self.replay.pop((tp.topic, tp.partition), None)
+            self.position.pop((tp.topic, tp.partition), None)
+
+    # ------------------------------------------------------------------ intake
+
+    def _take(self, msg: Message) -> None:
+        if msg.error():
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consume error: %s", msg.error())
+            return
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        key = (topic, partition)
+        if offset < self.position.get(key, 0):
+            return  # delivered again after a pause/resume: already taken
+        already_dead = False
+        replay = self.replay.get(key)
+        if replay is not None:
+            hi, present = replay
+            if offset <= hi:
+                if offset in present:
+                    self._advance(key, offset)
+                    return
+                already_dead = True  # dead-lettered before the batch that stored `hi` was inserted
+            else:
+                del self.replay[key]
+        batch = self.batch
+        start = batch.start.setdefault(key, offset)
+        self._advance(key, offset)
+        table = self.tables[topic]
+        try:
+            self._add_row(batch, table, msg, start)
+        except ev.InvalidEvent as err:
+            if not already_dead:
+                batch.dead.append(self._dead_letter(msg, err.reason, type(err).__name__))
+
+    def _advance(self, key: TP, offset: int) -> None:
+        self.batch.next_offset[key] = offset + 1
+        self.position[key] = offset + 1
+
+    def _add_row(self, batch: Batch, table: ledger.LedgerTable, msg: Message, start: int) -> None:
+        raw = msg.value()
+        rows = batch.tables[table.name]
+        coords = {"_topic": msg.topic(), "_partition": msg.partition(), "_offset": msg.offset(), "_batch_start": start}
+        if raw is None:  # tombstone on a compacted topic
+            if table.name == "budget_policies":
+                ts = datetime.fromtimestamp(msg.timestamp()[1] / 1000, timezone.utc)
+                rows.dict_rows[month_of(ts)].append({"policy_id": (msg.key() or b"").decode(errors="replace"),
+                                                      "created_at": ts, "deleted": True, **coords})
+                batch.rows += 1
+            return
+        if table.name == "priced_events":
+            body, event_id, ts = decode_priced(raw)
+            month = month_of(ts)
+            rows.json_rows[month].append(body[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
+                msg.topic().encode(), msg.partition(), msg.offset(), start))
+            rows.ids[month].append((event_id, ts))
+        else:
+            record = ev.decode(ev.CONTRACTS[table.contract], raw)
+            row = self._row(record)
+            month = month_of(row[table.ts_column])
+            rows.dict_rows[month].append({**row, **coords})
+            if table.id_column:
+                rows.ids[month].append((str(row[table.id_column]), row[table.ts_column]))
+        batch.rows += 1
+
+    def _row(self, record: ev.Contract) -> dict[str, Any]:
+        if isinstance(record, ev.GpuSample):
+            return self._gpu_row(record)
+        if isinstance(record, ev.BudgetPolicy):
+            return budget_policy_row(record)
+        return contract_row(record)
+
+    def _gpu_row(self, sample: ev.GpuSample) -> dict[str, Any]:
+        catalog = self.catalog
+        try:
+            seconds, cost = catalog.gpu_sample_cost(sample)
+            version = catalog.version
+        except LookupError as err:  # a GPU without a $/hour: keep the time, flag the row, never invent a price
+            log.warning("%s", err)
+            seconds, cost, version = Decimal(sample.interval_ms) / 1000, Decimal(0), "unpriced"
+        return gpu_sample_row(sample, seconds, cost, version)
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from meterline.streams.pricing import load_catalog
+
+            self._catalog = load_catalog()
+        return self._catalog
+
+    def _dead_letter(self, msg: Message, reason: str, error_type: str) -> ev.DeadLetter:
+        # Deterministic id: the same bad record dead-lettered twice is one row in the ledger's history.
+        dlq_id = uuid.uuid5(DLQ_NAMESPACE, f"{msg.topic()}:{msg.partition()}:{msg.offset()}")
+        return ev.DeadLetter(dlq_id=dlq_id, ts=ev.utcnow(), stage="sink", source_topic=msg.topic(), partition=msg.partition(),
+                             offset=msg.offset(), reason=reason[:2048], error_type=error_type,
+                             payload_b64=base64.b64encode(msg.value() or b"").decode())
+
+    # ------------------------------------------------------------------ flush
+
+    def flush(self, retry: bool = True) -> None:
+        """Insert the batch (rows with offsets), then commit its offsets. See the module doc."""
+        batch, self.batch = self.batch, Batch()
+        if not batch.next_offset:
+            return
+        self.flushing, self.revoked_mid_flush = True, False
+        try:
+            inserts = self._inserts(batch, retry)
+            self._send_dead_letters(batch.dead)
+            for describe, insert in inserts:
+                self._retry(insert, describe) if retry else insert()
+            self._commit(batch)
+            self.stats["flushes"] += 1
+            self.stats["rows"] += batch.rows
+        except Revoked:
+            log.warning("partitions revoked mid-flush; the new owner resumes from the ledger")
+            self.batch = Batch()
+        finally:
+            self.flushing = False
+
+    def _inserts(self, batch: Batch, retry: bool) -> list[tuple[str, Callable[[], None]]]:
+        """One insert per (table, month), after dropping duplicate ids."""
+        out = []
+        for name, rows in batch.tables.items():
+            target = ledger.write_table(name, self.cluster)
+            fresh = self._fresh_ids(name, rows, retry)
+            for month, items in rows.json_rows.items():
+                keep = [b for b, ok in zip(items, fresh.get(month, [True] * len(items))) if ok]
+                if keep:
+                    out.append((f"insert {len(keep)} rows into {target}", self._json_insert(target, keep)))
+            for month, dict_items in rows.dict_rows.items():
+                keep_rows = [r for r, ok in zip(dict_items, fresh.get(month, [True] * len(dict_items))) if ok]
+                if keep_rows:
+                    out.append((f"insert {len(keep_rows)} rows into {target}", self._dict_insert(target, keep_rows)))
+        return out
+
+    def _json_insert(self, table: str, rows: list[bytes]) -> Callable[[], None]:
+        body = b"\n".join(rows)
+        settings = {**JSON_INSERT_SETTINGS, **self._insert_settings()}
+        return lambda: self.client.raw_insert(table, None, body, settings=settings, fmt="JSONEachRow")
+
+    def _dict_insert(self, table: str, rows: list[dict[str, Any]]) -> Callable[[], None]:
+        def insert() -> None:
+            for keys in {tuple(r) for r in rows}:  # tombstones carry fewer columns
+                insert_rows(self.client, table, [r for r in rows if tuple(r) == keys])
+        return insert
+
+    def _insert_settings(self) -> dict[str, Any]:
+        return {"distributed_foreground_insert": 1} if self.cluster else {}
+
+    def _fresh_ids(self, name: str, rows: TableBatch, retry: bool) -> dict[int, list[bool]]:
+        """Per month, a keep-flag per row: False for an id seen earlier in the batch or already stored."""
+        if name not in ledger.ID_TABLES or not rows.ids:
+            return {}
+        all_ids = [(i, ts) for items in rows.ids.values() for i, ts in items]
+        stored = self._retry(lambda: self._stored_ids(name, all_ids), "check duplicate ids") if retry \
+            else self._stored_ids(name, all_ids)
+        seen = set(stored)
+        flags: dict[int, list[bool]] = {}
+        for month, items in rows.ids.items():
+            month_flags = []
+            for event_id, _ in items:
+                month_flags.append(event_id not in seen)
+                seen.add(event_id)
+            flags[month] = month_flags
+        self.stats["duplicates"] += sum(not f for fl in flags.values() for f in fl)
+        return flags
+
+    def _stored_ids(self, name: str, ids: list[tuple[str, datetime]]) -> set[str]:
+        table = ledger.write_table(ledger.ID_TABLES[name], self.cluster)
+        id_column = next(t.id_column for t in ledger.TABLES if t.name == name)
+        lo = min(ts for _, ts in ids).astimezone(timezone.utc).replace(tzinfo=None)
+        hi = max(ts for _, ts in ids).astimezone(timezone.utc).replace(tzinfo=None)
+        data = "\n".join(i for i, _ in ids)  # UUID text: no quoting needed
+        query = (f"SELECT toString({id_column}) FROM {table} WHERE ts BETWEEN toDateTime64('{lo}', 3, 'UTC') "
+                 f"AND toDateTime64('{hi}', 3, 'UTC') AND {id_column} IN "
+                 f"(SELECT id FROM format(TSV, 'id UUID', '{data}'))")
+        return {r[0] for r in self.client.query(query, settings={"max_query_size": len(query) + 4096}).result_rows}
+
+    def _send_dead_letters(self, dead: list[ev.DeadLetter]) -> None:
+        for letter in dead:
+            self.producer.produce(self.dlq_topic, key=letter.source_topic.encode(), value=letter.to_json())
+        if dead:
+            if self.producer.flush(30) != 0:
+                raise RuntimeError("dead letters were not acknowledged by Kafka")
+            self.stats["dead_letters"] += len(dead)
+            log.warning("%d records dead-lettered to %s", len(dead), self.dlq_topic)
+
+    def _commit(self, batch: Batch) -> None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in batch.next_offset.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+        except Exception as err:  # noqa: BLE001 - a hint only; the ledger is the truth
+            log.debug("offset commit skipped: %s", err)
+
+    def _retry(self, action: Callable[[], Any], what: str) -> Any:
+        """Run `action` until it succeeds, backing off exponentially; keeps the group membership alive."""
+        delay = 0.2
+        while True:
+            try:
+                return action()
+            except Exception as err:  # noqa: BLE001 - ClickHouse down, disk full, ...: keep the data, wait
+                self.stats["retries"] += 1
+                log.warning("ledger unavailable (%s: %s); retry in %.1fs, lag %d", what, str(err).splitlines()[0][:200],
+                            delay, sum(self.lag().values()))
+                self._wait(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep while serving group callbacks: paused partitions deliver nothing."""
+        if not self.flushing:
+            time.sleep(seconds)
+            return
+        assignment = self.consumer.assignment()
+        self.consumer.pause(assignment)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = self.consumer.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+            if msg is not None:
+                self._take(msg)  # prefetched before the pause: it joins the next batch
+            if self.revoked_mid_flush:
+                raise Revoked()
+        self.consumer.resume(self.consumer.assignment())
+
+    # ------------------------------------------------------------------ observability
+
+    def lag(self) -> dict[TP, int]:
+        """Messages not yet in the ledger, per assigned partition (high watermark - next offset)."""
+        out = {}
+        for tp in self.consumer.assignment():
+            key = (tp.topic, tp.partition)
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:  # noqa: BLE001
+                continue
+            if high >= 0:
+                out[key] = max(0, high - self.position.get(key, high))
+        return out
+
+
+def run_sink(settings: Settings, idle_exit_s: float | None = None, **options: Any) -> None:
+    """`meterline sink`: run until SIGINT/SIGTERM, then flush and stop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    sink = LedgerSink(settings, **options)
+    ledger.migrate(sink.client, cluster=settings.clickhouse_cluster)
+    log.info("sink consuming %s into %s", ", ".join(sink.tables), settings.dsn)
+    sink.run(stop, idle_exit_s=idle_exit_s)
+    log.info("sink stopped: %s", sink.stats)
