@@ -35,6 +35,7 @@ from meterline.settings import Settings
 from .spool import FsyncPolicy, Spool
 
 log = logging.getLogger("meterline.collectors")
+RDKAFKA_LOG = logging.getLogger("meterline.collectors.librdkafka")  # librdkafka's own lines, served by poll()
 
 DROPPED = Counter("meterline_sdk_events_dropped_total", "Records the SDK dropped (spool or queue full).", ["topic", "reason"])
 SPOOLED = Counter("meterline_sdk_events_spooled_total", "Records written to the on-disk spool.", ["topic"])
@@ -81,7 +82,7 @@ class Sender:
         self._conf = settings.kafka_config(**{
             "enable.idempotence": True, "acks": "all", "linger.ms": 20, "compression.type": "lz4",
             "message.timeout.ms": delivery_timeout_ms, "socket.connection.setup.timeout.ms": 3000,
-            "reconnect.backoff.max.ms": 2000, "error_cb": self._on_error, "log_level": 3,
+            "reconnect.backoff.max.ms": 2000, "error_cb": self._on_error, "logger": RDKAFKA_LOG,
             **(producer_config or {}),
         })
         self._producer = Producer(self._conf)
