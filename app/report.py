@@ -288,16 +288,22 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
 
     title = f"{name} · {params.since:%Y-%m-%d %H:%M} → {params.until:%Y-%m-%d %H:%M} UTC"
     table = Table(title=title, header_style="bold")
-    for i, col in enumerate(result.columns):
+    shown = [i for i, col in enumerate(result.columns) if i == 0 or not _all_zero(result, i)]
+    for i in shown:
         numeric = bool(result.rows) and isinstance(result.rows[0][i], (int, Decimal, float))
-        table.add_column(col, justify="right" if numeric else "left")
+        table.add_column(result.columns[i], justify="right" if numeric else "left", overflow="fold")
     for row in result.rows:
-        table.add_row(*(display(v, c) for v, c in zip(row, result.columns)))
+        table.add_row(*(display(row[i], result.columns[i]) for i in shown))
     totals = _totals_row(result)
     if totals:
         table.add_section()
-        table.add_row(*totals, style="bold")
+        table.add_row(*(totals[i] for i in shown), style="bold")
     return table
+
+
+def _all_zero(result: Result, i: int) -> bool:
+    """Columns with nothing in them (no GPU, no cache writes…) are left out of the table view."""
+    return bool(result.rows) and all(r[i] in (0, None, "") for r in result.rows)
 
 
 def _totals_row(result: Result) -> list[str] | None:

@@ -94,12 +94,22 @@ class DirectLedger:
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
         res = self.client.query(sql, parameters=parameters or {}, settings=READ_ONLY)
+        if not res.column_names:  # an empty result carries no header on chDB; ask for the shape
+            return Result(*self._shape(sql, parameters), [])
         types = [t.name for t in res.column_types]
         utc = [i for i, t in enumerate(types) if "DateTime" in t]
         rows = [tuple(r) for r in res.result_rows]
         if utc:  # clickhouse-connect hands back naive datetimes; the ledger's are all UTC
             rows = [tuple(_aware(v) if i in utc else v for i, v in enumerate(r)) for r in rows]
         return Result(list(res.column_names), types, rows)
+
+    def _shape(self, sql: str, parameters: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+        try:
+            rows = self.client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')})", parameters=parameters or {},
+                                     settings=READ_ONLY).result_rows
+        except Exception:  # noqa: BLE001 - statements without a row shape (SHOW …): no columns
+            return [], []
+        return [r[0] for r in rows], [r[1] for r in rows]
 
     def close(self) -> None:
         close = getattr(self.client, "close", None)

@@ -1,0 +1,328 @@
+"""`meterline report` against a real migrated chDB ledger with a known ground truth.
+
+The ledger is filled once per module (priced events with cache tokens, provider-reported
+and unpriced costs, tool calls, failures; GPU samples at device and process level; a
+budget). Every report, in every format, is checked against totals computed here with
+Decimal. The CLI runs in-process (typer's CliRunner) so the one-chDB-path-per-process
+rule holds: the module's client is closed before any command opens the store.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import json
+import random
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from typer.testing import CliRunner
+
+from meterline.cli import app
+from meterline.console import console
+from meterline.schemas.events import BudgetPolicy, GpuSample, PricedEvent, new_id
+from meterline.settings import Settings, get_settings
+from meterline.sql import ledger
+from meterline.sql.rows import budget_policy_row, gpu_sample_row, insert_rows, priced_event_row, with_offsets
+
+from meterline.app.report import ReportParams, period_bounds
+
+ZERO = Decimal(0)
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+SINCE = (NOW - timedelta(hours=2)).isoformat()
+UNTIL = (NOW + timedelta(minutes=1)).isoformat()
+TENANTS = ("acme", "globex", "initech")
+TEAMS = ("search", "support", "research")
+MODELS = (("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4"), ("openai", "gpt-4o-mini"))
+FOCUS_12 = (  # the FOCUS 1.2 column list, written out independently of meterline.app.focus
+    "AvailabilityZone BilledCost BillingAccountId BillingAccountName BillingAccountType BillingCurrency BillingPeriodEnd "
+    "BillingPeriodStart CapacityReservationId CapacityReservationStatus ChargeCategory ChargeClass ChargeDescription "
+    "ChargeFrequency ChargePeriodEnd ChargePeriodStart CommitmentDiscountCategory CommitmentDiscountId "
+    "CommitmentDiscountName CommitmentDiscountQuantity CommitmentDiscountStatus CommitmentDiscountType "
+    "CommitmentDiscountUnit ConsumedQuantity ConsumedUnit ContractedCost ContractedUnitPrice EffectiveCost InvoiceId "
+    "InvoiceIssuerName ListCost ListUnitPrice PricingCategory PricingCurrency PricingCurrencyContractedUnitPrice "
+    "PricingCurrencyEffectiveCost PricingCurrencyListUnitPrice PricingQuantity PricingUnit ProviderName PublisherName "
+    "RegionId RegionName ResourceId ResourceName ResourceType ServiceCategory ServiceName ServiceSubcategory SkuId "
+    "SkuMeter SkuPriceDetails SkuPriceId SubAccountId SubAccountName SubAccountType Tags"
+).split()
+
+
+def usd(rng: random.Random, digits: int = 12) -> Decimal:
+    return Decimal(rng.randrange(1, 10**9)) / Decimal(10**digits)
+
+
+def make_events(rng: random.Random, n: int = 240) -> list[PricedEvent]:
+    events = []
+    for i in range(n):
+        tenant, team = rng.choice(TENANTS), rng.choice(TEAMS)
+        agent = f"{tenant}-agent-{rng.randrange(3)}"
+        common = dict(event_id=new_id(), ts=NOW - timedelta(seconds=rng.randrange(1, 3600)), tenant_id=tenant, team=team,
+                      project=f"p{rng.randrange(2)}", agent_id=agent, session_id=f"{agent}-s{rng.randrange(4)}",
+                      status=rng.choice(("ok", "ok", "ok", "error")), priority=rng.choice(("high", "normal", "batch")),
+                      catalog_version="test-1", priced_at=NOW)
+        if i % 10 == 9:  # a tool call: one unit price, no token components
+            cost = usd(rng)
+            events.append(PricedEvent(**common, kind="tool_call", tool="web_search", units=rng.randrange(1, 4),
+                                      cost_usd=cost, list_cost_usd=cost, cost_source="catalog"))
+            continue
+        provider, model = rng.choice(MODELS)
+        cache_read, cache_write = rng.randrange(0, 500), rng.randrange(0, 50)
+        parts = {k: usd(rng) for k in ("input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd")}
+        if not cache_read:
+            parts["cache_read_cost_usd"] = ZERO
+        if not cache_write:
+            parts["cache_write_cost_usd"] = ZERO
+        listed = sum(parts.values(), ZERO)
+        source, cost = "catalog", listed
+        if i % 13 == 0:
+            source, cost = "provider", usd(rng)  # provider-reported: overrides the catalog
+        if i % 37 == 0:
+            source, cost, listed = "unpriced", ZERO, ZERO
+            parts = dict.fromkeys(parts, ZERO)
+        events.append(PricedEvent(**common, kind="llm_call", provider=provider, model=model,
+                                  input_tokens=1000 + cache_read + cache_write, output_tokens=rng.randrange(1, 900),
+                                  cache_read_tokens=cache_read, cache_write_tokens=cache_write, cost_usd=cost,
+                                  list_cost_usd=listed, cost_source=source, **parts))
+    return events
+
+
+def make_gpu(rng: random.Random) -> list[tuple[GpuSample, Decimal, Decimal]]:
+    rows = []
+    for k in range(30):
+        ts = NOW - timedelta(seconds=10 * (k + 1))
+        base = dict(ts=ts, node="node-1", gpu_index=0, gpu_uuid="GPU-aaaa", gpu_name="NVIDIA H100 80GB HBM3", interval_ms=10_000)
+        rows.append((GpuSample(sample_id=new_id(), level="gpu", utilization_pct=rng.randrange(0, 101), **base),
+                     Decimal(10), Decimal("0.006916666667")))
+        owner = ("acme", "search", "p0", "acme-agent-0", "acme-agent-0-s0") if k % 3 else ("", "", "", "", "")
+        rows.append((GpuSample(sample_id=new_id(), level="process", pid=4242, attributed=bool(owner[0]),
+                               tenant_id=owner[0], team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4], **base),
+                     Decimal(10), Decimal("0.006916666667")))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def truth(tmp_path_factory):
+    """Fill a fresh ledger; return the events and GPU rows that went in."""
+    path = tmp_path_factory.mktemp("app-report")
+    settings = Settings(data_dir=path / "data", clickhouse_dsn=f"chdb://{path / 'ch'}")
+    gc.collect()  # another module's leftover clients must not pin a different chDB path
+    client = ledger.connect(settings)
+    ledger.migrate(client)
+    rng = random.Random(20250601)
+    events, gpu = make_events(rng), make_gpu(rng)
+    insert_rows(client, "priced_events", [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)])
+    insert_rows(client, "gpu_samples", [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
+                                        for i, (s, sec, cost) in enumerate(gpu)])
+    policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("0.5"),
+                          period="custom", period_anchor=NOW - timedelta(days=1), period_seconds=2 * 86400)
+    insert_rows(client, "budget_policies", [with_offsets(budget_policy_row(policy), "budgets", 0, 0)])
+    client.close()
+    yield {"events": events, "gpu": gpu, "settings": settings}
+    gc.collect()
+
+
+@pytest.fixture
+def cli(truth, monkeypatch):
+    s = truth["settings"]
+    monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", s.dsn)
+    monkeypatch.setenv("METERLINE_DATA_DIR", str(s.data_dir))
+    monkeypatch.setattr(console, "width", 250)  # a wide terminal, so table cells are not folded
+    get_settings.cache_clear()
+    runner = CliRunner()
+
+    def invoke(*args: str) -> str:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    yield invoke
+    get_settings.cache_clear()
+
+
+DIMS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id", "model": "model"}
+
+
+def expected_chargeback(truth, by: str) -> dict[str, dict[str, Decimal]]:
+    out: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    for e in truth["events"]:
+        key = getattr(e, DIMS[by])
+        out[key]["usage_cost_usd"] += e.cost_usd
+        out[key]["events"] += 1
+        out[key]["cache_read_tokens"] += e.cache_read_tokens
+    for sample, seconds, cost in truth["gpu"]:
+        if sample.level != "process":
+            continue
+        key = f"gpu:{sample.gpu_name}" if by == "model" else getattr(sample, DIMS[by])
+        out[key]["gpu_cost_usd"] += cost
+        out[key]["gpu_seconds"] += seconds
+    for v in out.values():
+        v["total_cost_usd"] = v["usage_cost_usd"] + v["gpu_cost_usd"]
+    return out
+
+
+@pytest.mark.parametrize("by", list(DIMS))
+def test_chargeback_json_matches_ground_truth_for_every_dimension(cli, truth, by):
+    doc = json.loads(cli("report", "chargeback", "--by", by, "--since", SINCE, "--until", UNTIL, "--format", "json"))
+    want = expected_chargeback(truth, by)
+    got = {r[by]: r for r in doc["rows"]}
+    assert set(got) == set(want)
+    for key, w in want.items():
+        for col in ("usage_cost_usd", "gpu_cost_usd", "total_cost_usd", "gpu_seconds"):
+            assert Decimal(got[key][col]) == w[col], (key, col)  # exact, from decimal strings
+        assert got[key]["events"] == w["events"]
+        assert got[key]["cache_read_tokens"] == w["cache_read_tokens"]
+
+
+def test_chargeback_csv_and_table_carry_the_same_totals(cli, truth):
+    want_total = sum((v["total_cost_usd"] for v in expected_chargeback(truth, "team").values()), ZERO)
+    rows = list(csv.DictReader(io.StringIO(cli("report", "chargeback", "--by", "team", "--since", SINCE, "--until", UNTIL, "--format", "csv"))))
+    assert sum(Decimal(r["total_cost_usd"]) for r in rows) == want_total
+    assert all("E" not in r["total_cost_usd"] for r in rows)  # plain decimals, never exponent notation
+    table = cli("report", "chargeback", "--by", "team", "--since", SINCE, "--until", UNTIL)
+    for team in TEAMS:
+        assert team in table
+    assert "TOTAL" in table and f"{want_total.quantize(Decimal('0.000001')):,}" in table
+
+
+def test_filters_are_parameters_not_sql(cli, truth):
+    acme = json.loads(cli("report", "chargeback", "--by", "team", "--tenant", "acme", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    want = sum((e.cost_usd for e in truth["events"] if e.tenant_id == "acme"), ZERO)
+    want += sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.tenant_id == "acme"), ZERO)
+    assert sum(Decimal(r["total_cost_usd"]) for r in acme["rows"]) == want
+    injected = json.loads(cli("report", "chargeback", "--tenant", "x' OR 1=1 --", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    assert injected["rows"] == []
+
+
+def test_top_sessions_are_ordered_and_limited(cli, truth):
+    doc = json.loads(cli("report", "top-sessions", "--limit", "5", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    totals = [Decimal(r["total_cost_usd"]) for r in doc["rows"]]
+    assert len(totals) == 5 and totals == sorted(totals, reverse=True)
+    want = expected_chargeback(truth, "session")
+    assert totals[0] == max(v["total_cost_usd"] for k, v in want.items() if k)
+
+
+def test_cost_per_successful_action(cli, truth):
+    doc = json.loads(cli("report", "cost-per-action", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    row = next(r for r in doc["rows"] if r["agent_id"] == "acme-agent-0")
+    mine = [e for e in truth["events"] if e.agent_id == "acme-agent-0"]
+    gpu = sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.agent_id == "acme-agent-0"), ZERO)
+    ok = sum(1 for e in mine if e.status == "ok")
+    total = sum((e.cost_usd for e in mine), ZERO) + gpu
+    assert row["successful_actions"] == ok and row["actions"] == len(mine)
+    assert Decimal(row["total_cost_usd"]) == total
+    assert abs(Decimal(row["cost_per_success_usd"]) - total / ok) < Decimal("1e-17")
+
+
+def test_gpu_hours_cost_and_utilisation(cli, truth):
+    doc = json.loads(cli("report", "gpu", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    (row,) = doc["rows"]
+    device = [(s, sec, c) for s, sec, c in truth["gpu"] if s.level == "gpu"]
+    assert abs(Decimal(row["gpu_hours"]) - sum((sec for _, sec, _ in device), ZERO) / 3600) < Decimal("1e-17")  # hours: 18 places
+    assert Decimal(row["cost_usd"]) == sum((c for _, _, c in device), ZERO)
+    mean_util = sum(s.utilization_pct for s, _, _ in device) / len(device)
+    assert abs(float(row["avg_utilization_pct"]) - mean_util) <= 0.05
+    idle = sum((c * (100 - s.utilization_pct) / 100 for s, _, c in device), ZERO)
+    assert Decimal(row["idle_cost_usd"]) == idle
+    assert row["sessions"] == 1
+
+
+def test_burn_down_against_the_budget(cli, truth):
+    doc = json.loads(cli("report", "burn-down", "-f", "json"))
+    (row,) = doc["rows"]
+    spent = sum((e.cost_usd for e in truth["events"] if e.tenant_id == "acme"), ZERO)
+    spent += sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.attributed and s.tenant_id == "acme"), ZERO)
+    assert Decimal(row["spent"]) == spent
+    assert Decimal(row["remaining"]) == Decimal("0.5") - spent
+    assert row["policy_id"] == "acme-month" and Decimal(49) < Decimal(row["elapsed_pct"]) < Decimal(52)
+    assert Decimal(row["used_pct"]) == (spent * 100 / Decimal("0.5")).quantize(Decimal("0.01"))
+
+
+def test_totals_equal_the_chargeback_sum(cli, truth):
+    (tot,) = json.loads(cli("report", "totals", "--since", SINCE, "--until", UNTIL, "-f", "json"))["rows"]
+    assert Decimal(tot["usage_cost_usd"]) == sum((e.cost_usd for e in truth["events"]), ZERO)
+    assert tot["priced_events"] == len(truth["events"])
+    assert tot["unpriced_events"] == sum(1 for e in truth["events"] if e.cost_source == "unpriced")
+
+
+def _focus_csv(cli, tmp_path) -> list[dict[str, str]]:
+    out = tmp_path / "focus.csv"
+    cli("report", "focus", "--out", str(out), "--since", SINCE, "--until", UNTIL)
+    with open(out, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames
+    focus_cols = [c for c in header if not c.startswith("x_")]
+    assert focus_cols == FOCUS_12  # every FOCUS 1.2 column, in spec order, nothing else unprefixed
+    assert {"x_SessionId", "x_AgentId", "x_GpuSeconds", "x_TokenType"} <= set(header)
+    return rows
+
+
+def test_focus_csv_validates_and_adds_up_exactly(cli, truth, tmp_path):
+    rows = _focus_csv(cli, tmp_path)
+    events = truth["events"]
+    gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == sum((e.cost_usd for e in events), ZERO) + gpu_cost
+    assert sum(Decimal(r["ListCost"]) for r in rows) == sum((e.list_cost_usd for e in events), ZERO) + gpu_cost
+    for r in rows:
+        assert r["BillingCurrency"] == "USD" and r["ChargeCategory"] == "Usage" and r["ChargeClass"] == ""
+        assert r["ChargePeriodStart"] < r["ChargePeriodEnd"] and r["SubAccountId"]
+        assert Decimal(r["EffectiveCost"]) == Decimal(r["BilledCost"]) >= 0
+        json.loads(r["Tags"])
+    # cached and uncached tokens are separate rows, with their own quantities
+    by_type = defaultdict(Decimal)
+    for r in rows:
+        by_type[r["x_TokenType"]] += Decimal(r["ConsumedQuantity"])
+    llm = [e for e in events if e.kind == "llm_call"]
+    assert by_type["cache_read"] == sum(e.cache_read_tokens for e in llm)
+    assert by_type["cache_write"] == sum(e.cache_write_tokens for e in llm)
+    assert by_type["input"] == sum(e.input_tokens - e.cache_read_tokens - e.cache_write_tokens for e in llm)
+    gpu_rows = [r for r in rows if r["ConsumedUnit"] == "GPU-Hours"]
+    assert sum(Decimal(r["x_GpuSeconds"]) for r in gpu_rows) == sum((sec for s, sec, _ in truth["gpu"] if s.level == "process"), ZERO)
+
+
+def test_focus_parquet_has_decimal_money_and_the_same_total(cli, truth, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "focus.parquet"
+    cli("report", "focus", "--format", "parquet", "--out", str(out), "--since", SINCE, "--until", UNTIL)
+    table = pq.read_table(out)
+    assert [n for n in table.schema.names if not n.startswith("x_")] == FOCUS_12
+    for col in ("BilledCost", "EffectiveCost", "ListCost", "ConsumedQuantity"):
+        assert table.schema.field(col).type == pa.decimal128(38, 18)
+    assert table.schema.field("ChargePeriodStart").type == pa.timestamp("ms", tz="UTC")
+    gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
+    assert sum(table.column("BilledCost").to_pylist(), ZERO) == sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost
+
+
+def test_split_of_a_provider_cost_adds_up_exactly():
+    from meterline.app.focus import split_billed
+
+    parts = split_billed(Decimal("0.000000000000000007"), [Decimal("1"), Decimal("1"), Decimal("1")])
+    assert sum(parts, ZERO) == Decimal("0.000000000000000007") and all(p >= 0 for p in parts)
+    assert split_billed(Decimal("3"), [ZERO, ZERO]) == [Decimal("3"), ZERO]
+
+
+def test_budget_periods_follow_the_policy_zone():
+    now = datetime(2025, 3, 30, 12, tzinfo=timezone.utc)  # Europe/Berlin switches to summer time this day
+    start, end = period_bounds("day", "Europe/Berlin", now)
+    assert (start, end) == (datetime(2025, 3, 29, 23, tzinfo=timezone.utc), datetime(2025, 3, 30, 22, tzinfo=timezone.utc))
+    start, end = period_bounds("month", "UTC", now)
+    assert (start, end) == (datetime(2025, 3, 1, tzinfo=timezone.utc), datetime(2025, 4, 1, tzinfo=timezone.utc))
+    start, _ = period_bounds("week", "UTC", now)
+    assert start == datetime(2025, 3, 24, tzinfo=timezone.utc)
+
+
+@hsettings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(since=st.one_of(st.none(), st.text(max_size=30)), by=st.one_of(st.none(), st.text(max_size=12)),
+       limit=st.one_of(st.none(), st.integers(-5, 10**6).map(str), st.text(max_size=5)))
+def test_bad_report_parameters_raise_only_value_errors(since, by, limit):
+    try:
+        params = ReportParams.parse(since=since, by=by, limit=limit)
+    except ValueError:
+        return
+    assert params.by in DIMS and params.since < params.until and 0 < params.limit
