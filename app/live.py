@@ -38,6 +38,7 @@ class LiveState:
         self.decision_counts: Counter[str] = Counter()
         self.anomaly_counts: Counter[str] = Counter()
         self.observers: list[Callable[[str, Any], None]] = []
+        self.simulated = False  # the demo sets it: the page then says SIMULATED DATA
 
     def add_spend(self, update: SpendUpdate) -> None:
         if update.scope != "tenant":
@@ -75,6 +76,7 @@ class LiveState:
         with self._lock:
             return {
                 "ts": datetime.now(timezone.utc).isoformat(),
+                "simulated": self.simulated,
                 "tenants": [
                     {"tenant_id": t, "cost_usd": str(c), "gpu_cost_usd": str(self.tenant_gpu_cost.get(t, Decimal(0)))}
                     for t, c in sorted(self.tenant_spend.items(), key=lambda kv: -kv[1])

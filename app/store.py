@@ -61,6 +61,13 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _param_text(value: Any) -> Any:
+    """A query parameter as ClickHouse parses it server-side ({since:DateTime64(3, 'UTC')} wants no 'T')."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return _jsonable(value)
+
+
 def _aware(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
@@ -129,7 +136,7 @@ class RemoteLedger:
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
-        body = {"sql": sql, "parameters": {k: _jsonable(v) for k, v in (parameters or {}).items()}}
+        body = {"sql": sql, "parameters": {k: _param_text(v) for k, v in (parameters or {}).items()}}
         return Result.from_json(self._ok(self.http.post("/api/sql", json=body)))
 
     def report(self, name: str, params: dict[str, Any]) -> Result:

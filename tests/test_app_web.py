@@ -1,0 +1,208 @@
+"""The HTTP API and the built-in page, against the real broker, real chDB and a real browser.
+
+Spend updates, decisions and anomalies go through Kafka into the live feed; the page is
+loaded in headless Chromium (Debian's `chromium`), its DOM is checked for chart elements
+that carry data, and a screenshot must not be blank. Reports through the API must equal
+the same reports run directly on the store.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import re
+import shutil
+import struct
+import subprocess
+import time
+import uuid
+import zlib
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+
+from meterline.app.api import ApiServer
+from meterline.app.live import LiveFeed
+from meterline.app.report import ReportParams, run_report
+from meterline.app.store import DirectLedger, RemoteLedger, open_ledger, remove_runfile, write_runfile
+from meterline.schemas.events import Anomaly, PricedEvent, SpendUpdate, ThrottleDecision, new_id
+from meterline.settings import Settings
+from meterline.sql import ledger
+from meterline.sql.rows import insert_rows, priced_event_row, with_offsets
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage"]
+TENANTS = ("acme", "globex", "initech")
+NOW = datetime.now(timezone.utc)
+
+
+def publish_activity(settings: Settings) -> None:
+    producer = Producer(settings.kafka_config())
+    for tenant_i, tenant in enumerate(TENANTS):
+        total = Decimal(0)
+        for step in range(12):
+            total += Decimal(tenant_i + 1) * Decimal("0.37")
+            ts = NOW - timedelta(seconds=60 - 5 * step)
+            update = SpendUpdate(update_id=new_id(), ts=ts, tenant_id=tenant, scope="tenant", scope_id=tenant,
+                                 window_start=ts - timedelta(seconds=5), window_end=ts, window_cost_usd=Decimal("0.37"),
+                                 period_start=NOW.replace(day=1, hour=0, minute=0, second=0, microsecond=0), period_cost_usd=total)
+            producer.produce(settings.topic("spend"), update.to_json(), key=tenant)
+    for action, extra in (("throttle", {}), ("downgrade", {"max_model": "gpt-4o-mini"}), ("deny", {}), ("deny", {})):
+        d = ThrottleDecision(decision_id=new_id(), tenant_id="globex", scope="tenant", scope_id="globex", priority="low",
+                             action=action, reason=f"test {action}", issued_at=NOW, expires_at=NOW + timedelta(minutes=5), **extra)
+        producer.produce(settings.topic("control"), d.to_json(), key=d.key)
+    for kind in ("runaway_session", "spend_spike"):
+        a = Anomaly(anomaly_id=new_id(), ts=NOW, kind=kind, severity="warning", tenant_id="initech", scope="session",
+                    scope_id="s-1", window_start=NOW - timedelta(minutes=1), window_end=NOW, message=f"test {kind}")
+        producer.produce(settings.topic("anomalies"), a.to_json(), key="initech")
+    assert producer.flush(30) == 0
+
+
+@pytest.fixture
+def served(settings, tmp_path):
+    """Live feed + API over a migrated chDB ledger with a few priced events."""
+    gc.collect()
+    store = Settings(**{**settings.model_dump(), "clickhouse_dsn": f"chdb://{tmp_path / 'ch'}"})
+    client = ledger.connect(store)
+    ledger.migrate(client)
+    events = [PricedEvent(event_id=new_id(), ts=NOW - timedelta(minutes=i), tenant_id=TENANTS[i % 3], team="t", kind="llm_call",
+                          provider="openai", model="gpt-4o", input_tokens=100, output_tokens=10, cost_usd=Decimal(i) / 1000,
+                          list_cost_usd=Decimal(i) / 1000, cost_source="catalog", catalog_version="v", priced_at=NOW)
+              for i in range(1, 30)]
+    insert_rows(client, "priced_events", [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)])
+    publish_activity(store)
+    feed = LiveFeed(store).start()
+    api = ApiServer(lambda: DirectLedger(store, ledger.connect(store)), live=feed.state,
+                    health=lambda: {"api": {"running": True, "restarts": 0}}, port=0)
+    api.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (len(feed.state.series) == 3 and len(feed.state.decisions) == 4
+                                               and len(feed.state.anomalies) == 2):
+        time.sleep(0.1)
+    yield store, api, feed, client, events
+    api.stop()
+    feed.stop()
+    client.close()
+    gc.collect()
+
+
+def test_live_api_reports_spend_decisions_and_anomalies(served):
+    _, api, *_ = served
+    live = httpx.get(f"{api.url}/api/live").json()
+    assert {t["tenant_id"] for t in live["tenants"]} == set(TENANTS)
+    top = max(live["tenants"], key=lambda t: Decimal(t["cost_usd"]))
+    assert top["tenant_id"] == "initech" and Decimal(top["cost_usd"]) == Decimal("0.37") * 3 * 12
+    assert live["decision_counts"] == {"throttle": 1, "downgrade": 1, "deny": 2}
+    assert live["anomaly_counts"] == {"runaway_session": 1, "spend_spike": 1}
+    assert httpx.get(f"{api.url}/health").json()["status"] == "ok"
+
+
+def test_reports_through_the_api_equal_direct_reports(served):
+    store, api, _, client, events = served
+    params = ReportParams.parse(since="1d", by="tenant")
+    direct = run_report(DirectLedger(store, client), "chargeback", params)
+    remote = RemoteLedger(api.url)
+    via_api = remote.report("chargeback", params.as_query())
+    assert via_api.rows == direct.rows and via_api.columns == direct.columns
+    assert sum(r[-1] for r in via_api.rows) == sum((e.cost_usd for e in events), Decimal(0))
+    typed = remote.query("SELECT sum(cost_usd) AS c FROM priced_events WHERE ts >= {since:DateTime64(3, 'UTC')}",
+                         {"since": NOW - timedelta(days=1)})
+    assert typed.rows == [(sum((e.cost_usd for e in events), Decimal(0)),)]  # a Decimal again, to the last digit
+
+
+def test_the_api_only_reads(served):
+    _, api, _, client, _ = served
+    for sql in ("DROP TABLE priced_events", "SELECT 1; DROP TABLE priced_events", "INSERT INTO anomalies SELECT * FROM anomalies"):
+        resp = httpx.post(f"{api.url}/api/sql", json={"sql": sql})
+        assert resp.status_code == 403, sql
+    bad = httpx.get(f"{api.url}/api/report/chargeback", params={"by": "password"})
+    assert bad.status_code == 400 and "--by" in bad.json()["error"]
+    assert client.query("SELECT count() FROM priced_events").result_rows == [(29,)]
+
+
+def test_readers_go_through_up_while_it_runs(served):
+    store, api, *_ = served
+    write_runfile(store, api.url)
+    try:
+        reader = open_ledger(store)
+        assert isinstance(reader, RemoteLedger)
+        assert reader.query("SELECT count() AS n FROM priced_events").rows == [(29,)]
+    finally:
+        remove_runfile(store)
+    assert not (store.data_dir / "up.json").exists()
+
+
+def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Decode an 8-bit RGB/RGBA, non-interlaced PNG (what Chromium writes) into pixel rows."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", 0
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunk)
+            assert depth == 8 and color in (2, 6) and interlace == 0
+            bpp = 3 if color == 2 else 4
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw, stride, rows, prev = zlib.decompress(idat), width * bpp, [], bytearray(width * bpp)
+    for y in range(height):
+        filt, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if filt == 1:
+                line[i] = (line[i] + a) & 255
+            elif filt == 2:
+                line[i] = (line[i] + b) & 255
+            elif filt == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif filt == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return width, height, [bytes(r[i:i + 3]) for r in rows for i in range(0, stride, bpp)]
+
+
+def chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    profile = tmp_path / f"chrome-{uuid.uuid4().hex[:6]}"
+    return subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_the_page_draws_charts_with_data_in_a_real_browser(served, tmp_path):
+    _, api, *_ = served
+    done = chromium(["--virtual-time-budget=10000", "--dump-dom", api.url], tmp_path)
+    dom = done.stdout
+    assert "<svg" in dom, done.stderr[-2000:]
+    series = set(re.findall(r'<path[^>]*class="series"[^>]*data-series="([^"]+)"', dom))
+    assert series == set(TENANTS)  # one line per tenant
+    paths = re.findall(r'<path[^>]*class="series"[^>]*\sd="([^"]+)"', dom)
+    assert all(p.count("L") >= 5 for p in paths)  # lines drawn through the points
+    bars = re.findall(r'<rect[^>]*class="bar"[^>]*data-name="([^"]+)"[^>]*data-value="([^"]+)"', dom)
+    names = {n for n, v in bars if float(v) > 0}
+    assert {"throttle", "downgrade", "deny", "runaway_session", "spend_spike", *TENANTS} <= names
+    assert "test deny" in dom and "test runaway_session" in dom  # the tables list them
+
+    shot = tmp_path / "page.png"
+    chromium(["--virtual-time-budget=10000", "--window-size=1280,1100", "--hide-scrollbars", f"--screenshot={shot}", api.url], tmp_path)
+    if os.environ.get("METERLINE_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["METERLINE_KEEP_SCREENSHOT"])
+    width, height, pixels = png_pixels(shot.read_bytes())
+    assert (width, height) == (1280, 1100)
+    colours = {p for p in pixels[::7]}
+    assert len(colours) > 50, "the screenshot is (nearly) blank"
+    series_blue = sum(1 for p in pixels if abs(p[0] - 0x4d) < 12 and abs(p[1] - 0xab) < 12 and abs(p[2] - 0xf7) < 12)
+    assert series_blue > 200  # the first tenant's line and bar are on screen in their colour
