@@ -24,9 +24,9 @@ def collect_gpu(
 ) -> None:
     """Sample every GPU through NVML and publish GpuSample records to <prefix>.gpu.v1, keyed by node.
 
-    Per GPU: utilization, memory, power, energy, temperature; per MIG instance; per process with the
-    agent session that owns it (the SDK's run directory, else METERLINE_SESSION_ID in the process
-    environment). Processes with no known owner are published with attributed=false.
+    Per GPU: utilization, memory, power, energy, temperature; per MIG instance; per process with the agent session that owns it (the SDK's run directory, else METERLINE_SESSION_ID in the process environment). Processes with no known owner are published with attributed=false.
+
+    Examples:  meterline collect gpu --simulate --once --json    ·    meterline collect gpu --interval 10
     """
     import socket
     import threading

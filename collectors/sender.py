@@ -26,6 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import Counter
@@ -73,11 +74,14 @@ class Sender:
         fsync: FsyncPolicy = "segment",
         delivery_timeout_ms: int = 15_000,
         producer_config: dict | None = None,
+        encoder: Callable[[Any], tuple[bytes, bytes]] | None = None,
     ):
         self.topic = topic
+        self.encoder = encoder
+        self._delivered_metric, self._spooled_metric = DELIVERED.labels(topic), SPOOLED.labels(topic)
         self.stats = SenderStats()
         self.queue_max = queue_max
-        self._queue: deque[tuple[bytes, bytes]] = deque()
+        self._queue: deque[tuple] = deque()
         self._spool = Spool(spool_dir, spool_max_bytes, spool_segment_bytes, fsync)
         self._conf = settings.kafka_config(**{
             "enable.idempotence": True, "acks": "all", "linger.ms": 20, "compression.type": "lz4",
@@ -104,10 +108,14 @@ class Sender:
 
     def send(self, key: bytes, value: bytes) -> None:
         """Queue one record; never blocks, never does I/O."""
+        self.submit((key, value))
+
+    def submit(self, item: tuple) -> None:
+        """Queue `(key, value)` bytes, or any tuple that `encoder` turns into them on the background thread."""
         if len(self._queue) >= self.queue_max or self._closed:
             self._drop("closed" if self._closed else "queue_full")
             return
-        self._queue.append((key, value))
+        self._queue.append(item)
 
     @property
     def outage(self) -> bool:
@@ -173,7 +181,16 @@ class Sender:
     def _drain_queue(self) -> int:
         queue, moved = self._queue, 0
         while queue:
-            key, value = queue.popleft()
+            item = queue.popleft()
+            if type(item[0]) is bytes:
+                key, value = item
+            else:
+                try:
+                    key, value = self.encoder(item)
+                except Exception:  # noqa: BLE001 - a bug here must not stop the sender thread
+                    log.exception("meterline: could not encode a queued %s record", self.topic)
+                    self._drop("encode_error")
+                    continue
             if self._outage or self._spool.bytes:  # keep order: newer records wait behind spooled ones
                 self._to_spool(key, value)
             else:
@@ -214,7 +231,7 @@ class Sender:
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         if err is None:
             self.stats.delivered += 1
-            DELIVERED.labels(self.topic).inc()
+            self._delivered_metric.inc()
             self._outage = False
             return
         if err.code() in PERMANENT:
@@ -246,7 +263,7 @@ class Sender:
     def _to_spool(self, key: bytes, value: bytes) -> None:
         if self._spool.append(key, value):
             self.stats.spooled += 1
-            SPOOLED.labels(self.topic).inc()
+            self._spooled_metric.inc()
         else:
             self._drop("spool_full")
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from collectors_kafka import read_topic
 from meterline.collectors import Meter
 from meterline.collectors.attribution import sessions_dir
+from meterline.collectors.sdk import encode_queued
 from meterline.schemas import InvalidEvent, build, decode, new_id
 from meterline.schemas.events import UsageEvent
 from meterline.settings import Settings
@@ -26,6 +27,9 @@ class CapturingSender:
 
     def send(self, key: bytes, value: bytes) -> None:
         self.records.append((key, value))
+
+    def submit(self, item: tuple) -> None:
+        self.records.append(encode_queued(item))  # what the real sender's thread does
 
     def close(self, timeout: float = 0) -> None:
         pass
@@ -41,28 +45,33 @@ def offline_meter(tmp_path):
 
 def test_events_arrive_through_kafka_attributed_with_distinct_ids(settings):
     meter = Meter(settings, tenant_id="acme", team="search", project="rag", agent_id="planner", session_id="s-1", priority="high")
-    ids = [meter.record_llm("openai", "gpt-4o", 1000 + i, 50, cache_read_tokens=200, latency_ms=900, cost_usd="0.0125")
-           for i in range(5)]
-    ids.append(meter.record_tool("web_search", latency_ms=300, response_bytes=2048, units=2, kind="api_call", provider="serpapi"))
+    for i in range(5):  # the first call learns the names; the rest take the one-expression fast path
+        meter.record_llm("openai", "gpt-4o", 1000 + i, 50, cache_read_tokens=200, latency_ms=900)
+    meter.record_llm("openai", "gpt-4o", 2000, 60, cost_usd="0.0125", route="chat")
+    meter.record_tool("web_search", latency_ms=300, response_bytes=2048, units=2, kind="api_call", provider="serpapi")
     with meter.session("s-2", agent_id="critic") as session:
         assert session.session_id == "s-2"
-        ids.append(meter.record_llm("anthropic", "claude-sonnet-4", 10, 5))
-    ids.append(meter.record_llm("openai", "gpt-4o-mini", 1, 1))
+        meter.record_llm("anthropic", "claude-sonnet-4", 3000, 5)
+    meter.record_llm("openai", "gpt-4o-mini", 4000, 1)
     assert meter.flush(60)
     meter.close()
 
-    messages = read_topic(settings, settings.topic("usage"), len(ids))
-    events = {str(e.event_id): e for e in (decode(UsageEvent, m.value()) for m in messages)}
-    assert sorted(events) == sorted(ids) and len(set(ids)) == len(ids)
+    messages = read_topic(settings, settings.topic("usage"), 9)
+    events = [decode(UsageEvent, m.value()) for m in messages]
+    assert len({e.event_id for e in events}) == 9 and all(e.event_id.version == 7 for e in events)
     assert {m.key() for m in messages} == {b"acme"}
-    first = events[ids[0]]
+    by_input = {e.input_tokens: e for e in events}
+    first = by_input[1000]
     assert (first.tenant_id, first.team, first.project, first.agent_id, first.session_id, first.priority) == (
         "acme", "search", "rag", "planner", "s-1", "high")
-    assert (first.input_tokens, first.cache_read_tokens, first.cost_usd, first.kind) == (1000, 200, Decimal("0.0125"), "llm_call")
-    tool = events[ids[5]]
+    assert (first.kind, first.provider, first.model, first.output_tokens, first.cache_read_tokens, first.latency_ms) == (
+        "llm_call", "openai", "gpt-4o", 50, 200, 900)
+    assert sorted(by_input) == [0, 1000, 1001, 1002, 1003, 1004, 2000, 3000, 4000]
+    assert (by_input[2000].cost_usd, by_input[2000].attributes) == (Decimal("0.0125"), {"route": "chat"})
+    tool = by_input[0]
     assert (tool.kind, tool.tool, tool.units, tool.response_bytes, tool.provider) == ("api_call", "web_search", 2, 2048, "serpapi")
-    assert (events[ids[6]].session_id, events[ids[6]].agent_id) == ("s-2", "critic")
-    assert (events[ids[7]].session_id, events[ids[7]].agent_id) == ("s-1", "planner")
+    assert (by_input[3000].session_id, by_input[3000].agent_id) == ("s-2", "critic")
+    assert (by_input[4000].session_id, by_input[4000].agent_id) == ("s-1", "planner")
 
 
 def test_decorated_and_timed_calls_record_latency_and_status(offline_meter):
@@ -86,7 +95,7 @@ def test_decorated_and_timed_calls_record_latency_and_status(offline_meter):
     assert events[0].latency_ms >= 50 and events[0].tool == "search" and events[0].response_bytes == len("result " * 10)
     assert (events[1].status, events[1].input_tokens, events[1].cache_read_tokens, events[1].attributes) == (
         "error", 120, 100, {"route": "chat"})
-    assert events[2].status == "ok" and str(events[2].event_id) == ok_call.event_id
+    assert events[2].status == "ok" and events[2].input_tokens == 10
 
 
 def test_async_tool_decorator(offline_meter):
@@ -161,7 +170,7 @@ attr_maps = st.dictionaries(st.sampled_from(["a", "route", "k" * 129]), st.one_o
 
 
 VALID_LLM = dict(provider="openai", model="gpt-4o", input_tokens=100, output_tokens=20, cache_read_tokens=40,
-                 cache_write_tokens=10, latency_ms=900, status="ok", cost_usd=None, attributes={"route": "chat"})
+                 cache_write_tokens=10, latency_ms=900, status="ok", cost_usd=None, attributes={})
 WILD_LLM = dict(provider=names, model=names, input_tokens=counts, output_tokens=counts, cache_read_tokens=counts,
                 cache_write_tokens=counts, latency_ms=counts, status=statuses, cost_usd=costs, attributes=attr_maps)
 
@@ -194,6 +203,42 @@ def test_llm_fast_path_accepts_exactly_what_the_contract_accepts(offline_meter, 
     sent = decode(UsageEvent, offline_meter.sender.records[-1][1])
     for name in VALID_LLM:
         assert getattr(sent, name) == getattr(expected, name), name
+
+
+def _agree_with_contract(meter, fields: dict) -> None:
+    """One record_llm call and the contract must agree on accept/reject and on every field."""
+    try:
+        expected = build(UsageEvent, event_id=new_id(), ts="2026-01-01T00:00:00Z", kind="llm_call", tenant_id="acme", **fields)
+    except InvalidEvent:
+        expected = None
+    before = len(meter.sender.records)
+    args = {k: v for k, v in fields.items() if k != "attributes"}
+    try:
+        meter.record_llm(**args, **fields["attributes"])
+    except InvalidEvent:
+        assert expected is None, f"the SDK rejected what the contract accepts: {fields}"
+        assert len(meter.sender.records) == before
+        return
+    assert expected is not None, f"the SDK accepted what the contract rejects: {fields}"
+    sent = decode(UsageEvent, meter.sender.records[-1][1])
+    for name in VALID_LLM:
+        assert getattr(sent, name) == getattr(expected, name), (name, fields)
+
+
+BOUNDARIES = [-1, 0, 1, 49, 50, 51, 59, 60, 61, 89, 90, 91, 99, 100, 101, 10**12 - 1, 10**12, 10**12 + 1, 2**63 - 1, 2**63,
+              True, False, 1.0, "5", None, Decimal(1)]
+WEIRD = ["", "ok", "error", "x" * 256, "x" * 257, "a\x1fb", "\x7f", "naïve", 0, None, ["ok"], "0.5", "-1", "NaN",
+         Decimal("0.000000000001"), Decimal("0.0000000000001"), Decimal("-0"), Decimal("Infinity")]
+
+
+def test_every_boundary_value_of_every_field_agrees_with_the_contract(offline_meter):
+    offline_meter.record_llm("openai", "gpt-4o", 1, 1)  # the names are known: the one-expression path is in play
+    for name in VALID_LLM:
+        for value in BOUNDARIES + WEIRD + ([{"a": "b"}, {"a": 1}, {"k" * 129: "v"}, {f"k{i}": "v" for i in range(65)}]
+                                           if name == "attributes" else []):
+            if name == "attributes" and not isinstance(value, dict):
+                continue
+            _agree_with_contract(offline_meter, {**VALID_LLM, name: value})
 
 
 VALID_TOOL = dict(name="search", latency_ms=10, status="ok", response_bytes=100, units=1, kind="tool_call")
