@@ -36,7 +36,11 @@ from meterline.settings import Settings
 from .spool import FsyncPolicy, Spool
 
 log = logging.getLogger("meterline.collectors")
-RDKAFKA_LOG = logging.getLogger("meterline.collectors.librdkafka")  # librdkafka's own lines, served by poll()
+# librdkafka's own lines (served by poll()). During an outage it logs every reconnect attempt; the
+# error callback already turns that into one warning, so its lines are off unless a level is set here.
+RDKAFKA_LOG = logging.getLogger("meterline.collectors.librdkafka")
+if RDKAFKA_LOG.level == logging.NOTSET:
+    RDKAFKA_LOG.setLevel(logging.CRITICAL)
 
 DROPPED = Counter("meterline_sdk_events_dropped_total", "Records the SDK dropped (spool or queue full).", ["topic", "reason"])
 SPOOLED = Counter("meterline_sdk_events_spooled_total", "Records written to the on-disk spool.", ["topic"])

@@ -45,21 +45,28 @@ def own_broker(tmp_path):
 def test_events_recorded_during_an_outage_arrive_exactly_once(own_broker):
     settings, broker = own_broker
     meter = Meter(settings, tenant_id="acme", agent_id="outage", delivery_timeout_ms=3000)
-    ids = [meter.record_llm("openai", "gpt-4o", 10, i) for i in range(20)]
+    expected = []
+    for i in range(20):
+        meter.record_llm("openai", "gpt-4o", 10, i)
+        expected.append(("llm_call", 10, i, 0))
     assert meter.flush(60), "the broker is up: everything should be delivered"
 
     broker.stop()
-    ids += [meter.record_llm("openai", "gpt-4o", 20, i) for i in range(30)]
+    for i in range(30):
+        meter.record_llm("openai", "gpt-4o", 20, i)
+        expected.append(("llm_call", 20, i, 0))
     wait_for(lambda: meter.stats.spooled >= 30 and not len(meter.sender._producer), "the 30 events to be spooled")
     assert meter.sender.outage and meter.stats.dropped == 0
 
     broker.start(timeout=180)
-    ids += [meter.record_tool("search", latency_ms=i) for i in range(10)]
+    for i in range(10):
+        meter.record_tool("search", latency_ms=i)
+        expected.append(("tool_call", 0, 0, i))
     assert meter.flush(120), "after the restart the spool should drain"
     meter.close()
 
-    events = [decode(UsageEvent, m.value()) for m in read_topic(settings, settings.topic("usage"), len(ids))]
-    delivered = [str(e.event_id) for e in events]
-    assert sorted(delivered) == sorted(ids), "every event exactly once"
-    assert meter.stats.replayed >= 30 and meter.stats.outages >= 1
+    events = [decode(UsageEvent, m.value()) for m in read_topic(settings, settings.topic("usage"), len(expected))]
+    assert len({e.event_id for e in events}) == len(events) == len(expected), "every event exactly once"
+    assert sorted((e.kind, e.input_tokens, e.output_tokens, e.latency_ms) for e in events) == sorted(expected)
+    assert meter.stats.replayed >= 30 and meter.stats.outages >= 1 and meter.stats.dropped == 0
     assert not any(meter.sender.spool_dir.glob("*.seg")), "nothing left behind on disk"
