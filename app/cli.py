@@ -162,6 +162,7 @@ def sql_command(
     from .report import ReportParams, render
     from .store import Result
 
+    fmt = getattr(fmt, "value", fmt)
     ledger = _ledger()
     try:
         result: Result = ledger.query(query)
@@ -169,6 +170,11 @@ def sql_command(
         fail(f"query failed: {str(err).splitlines()[0][:400]}")
     finally:
         ledger.close()
+    if fmt == "json":  # the same shape as the direct `meterline sql --format json`: a list of rows
+        from .report import exact
+
+        emit_json([{k: exact(v) for k, v in row.items()} for row in result.dicts()])
+        return
     params = ReportParams.parse()
     out = render("sql", params, result, fmt)  # type: ignore[arg-type]
     if fmt == "table":
@@ -178,11 +184,29 @@ def sql_command(
         sys.stdout.write(out if out.endswith("\n") else out + "\n")
 
 
+def _through_up(original):
+    """Another component's `sql` command, routed through `meterline up` while up holds the embedded store."""
+    import functools
+
+    @functools.wraps(original)
+    def sql(*args: Any, **kwargs: Any) -> None:
+        from .store import running_up
+
+        settings = get_settings()
+        if settings.dsn.startswith("chdb:") and running_up(settings):
+            return sql_command(kwargs.get("query", args[0] if args else ""), kwargs.get("fmt", "table"))
+        return original(*args, **kwargs)
+
+    return sql
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(report_app, name="report")
-    commands = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    if "sql" not in commands:
+    sql = next((c for c in app.registered_commands if c.name == "sql"), None)
+    if sql is None:
         app.command("sql")(sql_command)
+    elif sql.callback is not None:
+        sql.callback = _through_up(sql.callback)
     from .up import up_command
     from .demo import demo_command
 

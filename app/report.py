@@ -23,7 +23,6 @@ from .store import Result
 QUERIES_DIR = Path(__file__).resolve().parents[1] / "sql" / "queries"
 DIMENSIONS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id",
               "session": "session_id", "model": "model"}
-SCOPE_COLUMNS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id"}
 Format = Literal["table", "json", "csv"]
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -191,11 +190,10 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
     rows = []
     for p in policies:
         start, end = period_bounds(p["period"], p["timezone"] or "UTC", now, p["period_anchor"], p["period_seconds"])
-        scope_id = _unqualified(p["scope_id"], p["tenant_id"], p["scope"])
         bucket = max(60, int((end - start).total_seconds() // 48))
         spend = ledger.query(load_query("scope_spend"), {
-            "column": SCOPE_COLUMNS.get(p["scope"], "tenant_id"), "tenant": p["tenant_id"], "scope_id": scope_id,
-            "since": start, "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
+            **scope_filter(p["scope"], p["scope_id"], p["tenant_id"]), "since": start,
+            "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
         field = 2 if p["unit"] == "gpu_hours" else 1
         spent = sum((Decimal(r[field]) for r in spend), Decimal(0))
         amount = Decimal(p["amount"])
@@ -213,13 +211,16 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
     return Result(BURN_DOWN_COLUMNS, BURN_DOWN_TYPES, rows)
 
 
-def _unqualified(scope_id: str, tenant_id: str, scope: str) -> str:
-    """Child scope ids may be written tenant-qualified ('acme/research'); the ledger stores the bare id."""
-    if scope != "tenant":
-        for sep in ("/", ":"):
-            if scope_id.startswith(tenant_id + sep):
-                return scope_id[len(tenant_id) + 1:]
-    return scope_id
+SCOPE_DEPTH = {"tenant": 0, "team": 1, "project": 2, "agent": 3, "session": 4}
+
+
+def scope_filter(scope: str, scope_id: str, tenant_id: str = "") -> dict[str, Any]:
+    """scope_spend.sql parameters for a budget scope id: the allocator's tenant path
+    ('acme/research/chat'); an id without '/' below tenant level is read as tenant_id/<id>."""
+    depth = SCOPE_DEPTH[scope]
+    path = scope_id if depth == 0 or "/" in scope_id or not tenant_id else f"{tenant_id}/{scope_id}"
+    parts = (path.split("/") + [""] * 5)[:5]
+    return {"tenant": parts[0], "team": parts[1], "project": parts[2], "agent": parts[3], "session": parts[4], "depth": depth}
 
 
 def _pct(part: Decimal, whole: Decimal) -> Decimal:
@@ -291,7 +292,7 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
     shown = [i for i, col in enumerate(result.columns) if i == 0 or not _all_zero(result, i)]
     for i in shown:
         numeric = bool(result.rows) and isinstance(result.rows[0][i], (int, Decimal, float))
-        table.add_column(result.columns[i], justify="right" if numeric else "left", overflow="fold")
+        table.add_column(_header(result.columns[i]), justify="right" if numeric else "left", overflow="fold")
     for row in result.rows:
         table.add_row(*(display(row[i], result.columns[i]) for i in shown))
     totals = _totals_row(result)
@@ -299,6 +300,12 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
         table.add_section()
         table.add_row(*(totals[i] for i in shown), style="bold")
     return table
+
+
+def _header(column: str) -> str:
+    """Short headers for narrow terminals (json/csv keep the real column names)."""
+    return (column.replace("_cost_usd", " $").replace("_usd", " $").replace("_tokens", " tok")
+            .replace("cache_read", "cache rd").replace("cache_write", "cache wr").replace("_", " "))
 
 
 def _all_zero(result: Result, i: int) -> bool:

@@ -1,9 +1,421 @@
-"""`meterline up`: the whole pipeline in one supervised process (work in progress)."""
+"""`meterline up`: the whole pipeline on one machine, supervised, with the HTTP API.
+
+What runs where, and why:
+
+* the ledger sink runs on a thread of this process, next to the HTTP API: with the
+  embedded chDB store only one process may open the data directory, so the process that
+  writes the ledger is the one that answers queries (reports, /api/sql, Grafana through
+  a real server);
+* the stream worker runs as a child process (`meterline streams`): it is the CPU-heavy
+  stage and gets a core of its own instead of sharing this process's GIL;
+* the allocator runs on a thread, with the ledger injected for reconciliation;
+* a live feed thread follows spend, decisions and anomalies for the page and /metrics.
+
+A component that dies is restarted with exponential backoff (1 s … 30 s) and the restart
+is logged and counted (/health, /metrics). SIGINT/SIGTERM stop the stream worker first
+(it checkpoints), then the allocator, then wait for the sink to drain what is already in
+Kafka, flush and commit, so nothing is lost. `up.json` in the data directory tells
+`meterline report` / `sql` to come through the API while `up` runs.
+"""
 from __future__ import annotations
 
-from meterline.console import fail
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from meterline.settings import Settings
+
+log = logging.getLogger("meterline.up")
+MAX_BACKOFF_S = 30.0
+SINK_GROUP, STREAMS_GROUP, ALLOCATOR_GROUP = "meterline-sink", "meterline-streams", "meterline-allocator"
+LEDGER_TOPICS = ("priced", "gpu", "spend", "anomalies", "control", "budgets", "dlq")
 
 
-def up_command() -> None:
-    """Run streams, sink, allocator and the HTTP API in one supervised process."""
-    fail("`meterline up` is not wired yet")
+# ---- supervision ------------------------------------------------------------------------------
+
+
+@dataclass
+class Component:
+    """One supervised part. Subclasses implement _start, alive and _stop."""
+
+    name: str
+    restarts: int = 0
+    last_error: str = ""
+    started_at: float = 0.0
+    failures_in_a_row: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self._start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop(timeout)
+
+    def _start(self) -> None: ...
+    def _stop(self, timeout: float) -> None: ...
+    def alive(self) -> bool: ...
+
+    def state(self) -> dict[str, Any]:
+        return {"running": self.alive(), "restarts": self.restarts, "last_error": self.last_error, **self.extra}
+
+
+class ThreadComponent(Component):
+    """Runs `make().run(stop_event)` on a thread; a return or an exception counts as a death."""
+
+    def __init__(self, name: str, make: Callable[[], Any]):
+        super().__init__(name)
+        self.make = make
+        self.instance: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+
+    def _start(self) -> None:
+        self._stop_event = threading.Event()
+        self.instance = self.make()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.instance.run(self._stop_event)
+        except Exception as err:  # noqa: BLE001 - the supervisor restarts it; the log has the traceback
+            self.last_error = f"{type(err).__name__}: {err}"[:300]
+            log.exception("%s died", self.name)
+
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def _stop(self, timeout: float) -> None:
+        self._stop_event.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+
+class ProcessComponent(Component):
+    """A child process (its own core); output goes to <data_dir>/logs/<name>.log."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
+        super().__init__(name)
+        self.argv, self.env, self.log_dir = argv, env, log_dir
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{self.name}.log", "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.extra["pid"] = self.proc.pid
+
+    def alive(self) -> bool:
+        if self.proc is None:
+            return False
+        code = self.proc.poll()
+        if code is not None and not self.last_error.startswith(f"exit {code}"):
+            self.last_error = f"exit {code} (see {self.log_dir / (self.name + '.log')})"
+        return code is None
+
+    def _stop(self, timeout: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # the worker checkpoints on SIGTERM
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Supervisor:
+    def __init__(self, components: list[Component]):
+        self.components = components
+
+    def start(self) -> None:
+        for c in self.components:
+            log.info("starting %s", c.name)
+            c.start()
+
+    def check(self, stopping: threading.Event) -> None:
+        """Restart what died, with exponential backoff between attempts."""
+        for c in self.components:
+            if stopping.is_set() or c.alive():
+                if c.alive() and time.monotonic() - c.started_at > MAX_BACKOFF_S:
+                    c.failures_in_a_row = 0
+                continue
+            backoff = min(MAX_BACKOFF_S, 2.0 ** c.failures_in_a_row)
+            if time.monotonic() - c.started_at < backoff:
+                continue
+            c.restarts += 1
+            c.failures_in_a_row += 1
+            log.warning("%s stopped (%s); restart #%d", c.name, c.last_error or "no error", c.restarts)
+            try:
+                c.start()
+            except Exception as err:  # noqa: BLE001 - try again after the next backoff
+                c.last_error = f"restart failed: {err}"[:300]
+                log.exception("could not restart %s", c.name)
+
+    def watch(self, stopping: threading.Event, every: float = 0.5) -> None:
+        while not stopping.wait(every):
+            self.check(stopping)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        return {c.name: c.state() for c in self.components}
+
+    def get(self, name: str) -> Component | None:
+        return next((c for c in self.components if c.name == name), None)
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes a child `meterline` command see these exact settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env.update({
+        "METERLINE_DATA_DIR": str(settings.data_dir), "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap,
+        "METERLINE_TOPIC_PREFIX": settings.topic_prefix, "METERLINE_CLICKHOUSE_DSN": settings.dsn,
+    })
+    for key, value in settings.kafka_security.model_dump().items():
+        if value is not None:
+            env[f"METERLINE_KAFKA_{key.upper()}"] = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+    if settings.clickhouse_cluster:
+        env["METERLINE_CLICKHOUSE_CLUSTER"] = settings.clickhouse_cluster
+    return env
+
+
+def meterline_argv(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from meterline.cli import main; main()", *args]
+
+
+class _LiveRunner:
+    """LiveFeed as a supervised runner."""
+
+    def __init__(self, feed: Any):
+        self.feed = feed
+
+    def run(self, stop: threading.Event) -> None:
+        self.feed._stop = stop  # noqa: SLF001 - the feed loops until this event is set
+        self.feed._run()  # noqa: SLF001
+
+
+class _ApiRunner:
+    def __init__(self, api: Any):
+        self.api = api
+
+    def run(self, stop: threading.Event) -> None:
+        if not self.api.alive():
+            self.api.start()
+        while not stop.wait(0.5):
+            if not self.api.alive():
+                raise RuntimeError("the HTTP server thread stopped")
+
+
+class Up:
+    """Everything `meterline up` runs. `start()`, then `run_until(stop)` or `stop()`."""
+
+    def __init__(self, settings: Settings, *, port: int | None = None, host: str = "127.0.0.1", streams: bool = True,
+                 allocator: bool = True, simulated: bool = False, sink_batch_seconds: float = 0.5):
+        from .live import LiveFeed, LiveState
+
+        self.settings = settings
+        self.host, self.port = host, settings.api_port if port is None else port
+        self.live = LiveState()
+        self.live.simulated = simulated
+        self.sink_batch_seconds = sink_batch_seconds
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self.ledger_lag = timedelta(minutes=2)
+        self.api = None
+        self.registry = None
+        self.latency = None
+        self.feed = LiveFeed(settings, self.live, on_decision_latency=self._observe_latency)
+        components: list[Component] = [ThreadComponent("sink", self._make_sink)]
+        if allocator:
+            components.append(ThreadComponent("allocator", self._make_allocator))
+        if streams:
+            components.append(ProcessComponent("streams", meterline_argv("streams"), settings_env(settings),
+                                               settings.data_dir / "logs"))
+        components.append(ThreadComponent("live", lambda: _LiveRunner(self.feed)))
+        self.supervisor = Supervisor(components)
+
+    # ---- parts --------------------------------------------------------------------------------
+
+    def client(self) -> Any:
+        """A ledger client for the calling thread (chDB serialises calls per client)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from meterline.sql.ledger import connect
+
+            client = self._local.client = connect(self.settings)
+            self._clients.append(client)
+        return client
+
+    def _make_sink(self) -> Any:
+        from meterline.sql.sink import LedgerSink
+        from meterline.sql.ledger import connect
+
+        client = connect(self.settings)
+        self._clients.append(client)
+        return LedgerSink(self.settings, client=client, group=SINK_GROUP, batch_seconds=self.sink_batch_seconds)
+
+    def _make_allocator(self) -> Any:
+        from meterline.allocator.engine import Engine
+        from meterline.allocator.service import AllocatorService
+        from meterline.streams.pricing import load_catalog
+
+        catalog = load_catalog()
+        engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for)
+        self.ledger_lag = engine.config.ledger_lag
+        service = AllocatorService(self.settings, engine, group_id=ALLOCATOR_GROUP)
+        return service
+
+    def ledger_spend(self, scope: str, scope_id: str, since: Any) -> Decimal:
+        """Period-to-date spend of a budget scope from the ledger, for the allocator's reconciliation.
+
+        Counts up to `ledger_lag` ago: the allocator adds the stream's windows after that.
+        """
+        from datetime import datetime, timezone
+
+        from .report import load_query, scope_filter
+        from .store import DirectLedger
+
+        until = datetime.now(timezone.utc) - self.ledger_lag
+        if until <= since:
+            return Decimal(0)
+        rows = DirectLedger(self.settings, self.client()).query(load_query("scope_spend"), {
+            **scope_filter(scope, scope_id), "since": since, "until": until, "bucket_seconds": 86400 * 366}).rows
+        return sum((Decimal(r[1]) for r in rows), Decimal(0))
+
+    def _observe_latency(self, seconds: float) -> None:
+        if self.latency is not None:
+            self.latency.observe(seconds)
+
+    def _unpriced(self) -> int:
+        from .store import DirectLedger
+
+        rows = DirectLedger(self.settings, self.client()).query("SELECT sum(unpriced_events) FROM usage_hourly").rows
+        return int(rows[0][0] or 0) if rows else 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Migrate, start every component and the API; returns the API URL."""
+        from meterline.sql.ledger import migrate
+
+        from .api import ApiServer
+        from .metrics import PipelineCollector, build_registry
+        from .store import DirectLedger, write_runfile
+
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate(self.client(), cluster=self.settings.clickhouse_cluster)
+        collector = PipelineCollector(self.settings, {SINK_GROUP: "priced", STREAMS_GROUP: "usage", ALLOCATOR_GROUP: "spend"},
+                                      self._unpriced, self.supervisor.health)
+        self.registry, self.latency = build_registry(collector)
+        self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
+                             health=self.supervisor.health, host=self.host, port=self.port)
+        url = self.api.start()
+        self.port = self.api.port
+        self.supervisor.components.append(ThreadComponent("api", lambda: _ApiRunner(self.api)))
+        self.supervisor.start()
+        write_runfile(self.settings, url)
+        log.info("meterline up: API and dashboard at %s", url)
+        return url
+
+    def run_until(self, stop: threading.Event) -> None:
+        self.supervisor.watch(stop)
+
+    def drain(self, timeout: float = 20.0) -> bool:
+        """Wait until the sink has committed everything already in the ledger topics."""
+        from .metrics import KafkaWatermarks
+
+        kafka = KafkaWatermarks(self.settings)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                sink = self.supervisor.get("sink")
+                if sink is None or not sink.alive():
+                    return False
+                lags = [kafka.lag(SINK_GROUP, self.settings.topic(t)) for t in LEDGER_TOPICS]
+                if all(lag in (0, None) for lag in lags) and any(lag == 0 for lag in lags):
+                    return True
+                time.sleep(0.2)
+            return False
+        finally:
+            kafka.close()
+
+    def stop(self) -> None:
+        """Graceful: stream worker checkpoints, allocator stops, sink drains + flushes + commits."""
+        from .store import remove_runfile
+
+        order = ["streams", "allocator"]
+        for name in order:
+            if (c := self.supervisor.get(name)) is not None:
+                log.info("stopping %s", name)
+                c.stop(timeout=60)
+        if not self.drain():
+            log.warning("the sink did not drain within the timeout; the rest stays in Kafka for the next start")
+        for name in ("sink", "live", "api"):
+            if (c := self.supervisor.get(name)) is not None:
+                log.info("stopping %s", name)
+                c.stop(timeout=60)
+        if self.api is not None:
+            self.api.stop()
+        remove_runfile(self.settings)
+        for client in self._clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing at exit
+                pass
+        self._clients.clear()
+        log.info("meterline up: stopped")
+
+
+def up_command(
+    port: Annotated[Optional[int], typer.Option(help="HTTP port for the API and dashboard (default: METERLINE_API_PORT or 8787).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
+    no_streams: Annotated[bool, typer.Option("--no-streams", help="Do not run the stream worker here (it runs elsewhere).")] = False,
+    no_allocator: Annotated[bool, typer.Option("--no-allocator", help="Do not run the allocator here.")] = False,
+) -> None:
+    """Run the whole pipeline in one supervised command: stream worker, ledger sink, allocator, HTTP API.
+
+    Embedded chDB by default (this process holds the store and serves every query), or the Kafka and
+    ClickHouse named by METERLINE_KAFKA_BOOTSTRAP / METERLINE_CLICKHOUSE_DSN. Components that die are
+    restarted; Ctrl-C (or SIGTERM) stops gracefully with nothing lost. While it runs, `meterline report`
+    and `meterline sql` go through its API. Dashboard: http://127.0.0.1:8787/  Metrics: /metrics
+    """
+    from meterline.console import console, fail
+    from meterline.settings import get_settings
+
+    from .store import running_up
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    if (other := running_up(settings)) is not None:
+        fail(f"`meterline up` already runs for {settings.data_dir} (API {other}); stop it first or set METERLINE_DATA_DIR")
+    pipeline = Up(settings, port=port, host=host, streams=not no_streams, allocator=not no_allocator)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = pipeline.start()
+    except Exception as err:  # noqa: BLE001 - one clear line
+        pipeline.stop()
+        fail(f"could not start: {err}. Is Kafka running (`meterline kafka start`) with topics (`meterline topics create`)?")
+    console.print(f"[green]meterline up[/]: dashboard {url}/  ·  metrics {url}/metrics  ·  Ctrl-C stops")
+    try:
+        pipeline.run_until(stop)
+    finally:
+        console.print("stopping: stream worker checkpoints, sink drains and commits…")
+        pipeline.stop()
