@@ -200,7 +200,7 @@ class SpendUpdate(Contract):
 class Anomaly(Contract):
     anomaly_id: UUID
     ts: Timestamp
-    kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu"]
+    kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu", "budget_threshold"]
     severity: Severity
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]
@@ -238,6 +238,14 @@ class ThrottleDecision(Contract):
     reset_at: AwareDatetime | None = None
     issued_at: AwareDatetime
     expires_at: AwareDatetime
+    # Spend lease (hard budgets): the scope may spend up to `spend_limit_usd` in its lease
+    # period (until reset_at), counted by the guard locally from the costs it records, so a
+    # late decision cannot let concurrent calls overshoot. `spent_usd` is what the allocator
+    # had counted when it issued the lease. On an ancestor scope, `session_lease_usd` is what
+    # a session without a lease of its own may spend before it gets one.
+    spend_limit_usd: Usd | None = None
+    spent_usd: Usd | None = None
+    session_lease_usd: Usd | None = None
 
     @property
     def key(self) -> str:

@@ -1,0 +1,39 @@
+"""Small confluent-kafka helpers shared by the service, the guard and the budget commands."""
+from __future__ import annotations
+
+import time
+
+
+def partition_ends(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:
+    """High watermark per partition; retries while a fresh topic is still electing leaders."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            if not partitions:
+                raise KafkaException(f"topic {topic} has no partitions yet")
+            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # leader election on a just-created topic takes a moment
+
+
+def assign_from_beginning(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:
+    """Assign every partition of a (compacted) topic from offset 0; returns the ends at assignment."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    ends = partition_ends(consumer, topic, timeout)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    return ends
+
+
+def assign_from_time(consumer, topics: list[str], since_ms: int, timeout: float = 30.0) -> None:
+    """Assign every partition of `topics` from the first record at or after `since_ms` (epoch ms)."""
+    from confluent_kafka import OFFSET_END, TopicPartition
+
+    wanted = [TopicPartition(t, p, since_ms) for t in topics for p in partition_ends(consumer, t, timeout)]
+    found = consumer.offsets_for_times(wanted, timeout=timeout)
+    consumer.assign([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END) for tp in found])

@@ -1,0 +1,515 @@
+"""The decision engine: budgets + spend + GPU capacity -> throttle decisions. Pure logic.
+
+No I/O here: the clock, the ledger query and the model catalog are injected, so every
+rule is testable with a controllable clock. The Kafka service (service.py) feeds it
+records and publishes what it returns.
+
+Rules, per budget (a BudgetPolicy on one scope), evaluated for each priority class:
+  exhausted        spent >= amount            -> the policy's action for the class
+  reserve          remaining < headroom       -> normal/low/batch get their exceed action;
+                                                 critical/high keep the reserved headroom
+  hot (pacing)     recent rate > allowed rate  -> throttle batch/low (normal too when the
+                   (= remaining / time left)     forecast exhaustion is near); critical/high run
+  otherwise        allow
+A soft budget never denies (deny becomes throttle) and grants no leases.
+
+Hard USD budgets also grant spend leases to the sessions below them (see `_grant`):
+each live session gets a cumulative spend ceiling that its guard enforces locally, and
+the sum of ceilings never exceeds the budget, so Kafka's delay cannot cause overshoot.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_DOWN, Decimal
+
+from meterline.schemas.events import (
+    PRIORITIES,
+    Action,
+    Anomaly,
+    BudgetPolicy,
+    DecisionLimits,
+    GpuSample,
+    Priority,
+    SpendUpdate,
+    ThrottleDecision,
+    decision_key,
+    new_id,
+    utcnow,
+)
+
+from .gpu import GpuPool, fair_shares
+from .periods import period_bounds
+from .scopes import is_within, lineage, tenant_of
+
+ZERO = Decimal(0)
+CENT_NANO = Decimal("1e-12")
+SEVERITY: dict[str, int] = {"allow": 0, "downgrade": 1, "throttle": 2, "queue": 3, "preempt": 4, "deny": 5}
+PROTECTED: tuple[Priority, ...] = ("critical", "high")
+LedgerSpend = Callable[[str, str, datetime], Decimal]
+
+
+def usd(x: Decimal) -> Decimal:
+    """Round down to the contract's 12 decimal places (grants round toward less spend)."""
+    return x.quantize(CENT_NANO, rounding=ROUND_DOWN)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    decision_ttl: timedelta = timedelta(seconds=30)
+    rate_window: timedelta = timedelta(minutes=5)     # recent spend rate for pacing and forecast
+    headroom_pct: Decimal = Decimal(10)               # of each budget, kept for critical and high
+    forecast_horizon: timedelta = timedelta(hours=1)  # throttle normal too when exhaustion is this close
+    lease_idle: timedelta = timedelta(seconds=60)     # a session silent this long stops being renewed
+    lease_slots: int = 20                             # a grant is at most pool / max(live sessions, slots)
+    starter_pct: Decimal = Decimal(1)                 # of the uncommitted budget kept for unseen sessions
+    window_memory: timedelta = timedelta(hours=2)     # re-sent windows are recognised this long
+    ledger_lag: timedelta = timedelta(minutes=2)      # stream windows this recent may not be in the ledger yet
+    gpu_idle_for: timedelta = timedelta(minutes=10)
+    gpu_weights: dict[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass
+class BudgetState:
+    policy: BudgetPolicy
+    start: datetime
+    end: datetime
+    spent: Decimal = ZERO                       # in the policy's unit
+    fired: set[int] = field(default_factory=set)
+    recent: deque = field(default_factory=deque)  # (window_end, cost in unit, events)
+    max_starter: Decimal = ZERO
+
+    def roll(self, now: datetime) -> None:
+        if now >= self.end or now < self.start:
+            self.start, self.end = period_bounds(self.policy, now)
+            self.spent, self.fired, self.max_starter = ZERO, set(), ZERO
+            self.recent.clear()
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.policy.amount - self.spent
+
+    def rate(self, now: datetime, window: timedelta) -> tuple[Decimal, Decimal]:
+        """(cost per second, events per second) over the recent window."""
+        while self.recent and now - self.recent[0][0] > window:
+            self.recent.popleft()
+        span = Decimal(max(1.0, min(window, now - self.start).total_seconds()))
+        return sum((c for _, c, _ in self.recent), ZERO) / span, Decimal(sum(e for _, _, e in self.recent)) / span
+
+
+@dataclass
+class Lease:
+    session_id: str
+    epoch: datetime
+    epoch_end: datetime
+    spent: Decimal = ZERO
+    limit: Decimal = ZERO
+    last_grant: Decimal = ZERO
+    events: int = 0
+    last_seen: datetime | None = None
+    live_until: datetime | None = None   # expiry of the last published lease decision
+
+    @property
+    def outstanding(self) -> Decimal:
+        return max(ZERO, self.limit - self.spent)
+
+
+@dataclass
+class Outputs:
+    decisions: list[ThrottleDecision] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)   # keys to tombstone on the control topic
+    alerts: list[Anomaly] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, *, clock: Callable[[], datetime] = utcnow,
+                 ledger_spend: LedgerSpend | None = None, downgrade_for: Callable[[str], str | None] | None = None,
+                 primary_model: Callable[[str, str], str | None] | None = None,
+                 gpu_pending: Callable[[str], Decimal] | None = None):
+        self.config = config or EngineConfig()
+        self.clock = clock
+        self.ledger_spend = ledger_spend
+        self.downgrade_for = downgrade_for
+        self.primary_model = primary_model
+        self.gpu_pending = gpu_pending
+        self.budgets: dict[str, BudgetState] = {}
+        self.leases: dict[str, Lease] = {}
+        self.gpu = GpuPool()
+        self._windows: dict[str, dict[datetime, tuple[Decimal, Decimal, datetime]]] = {}
+        self._published: dict[str, tuple[tuple, ThrottleDecision]] = {}
+        self._alerts: list[Anomaly] = []
+        self._tenants_seen: set[str] = set()
+
+    # ---- inputs -------------------------------------------------------------------------
+    def apply_policy(self, policy: BudgetPolicy) -> None:
+        old = self.budgets.get(policy.policy_id)
+        start, end = period_bounds(policy, self.clock())
+        state = BudgetState(policy, start, end)
+        if old and (old.start, old.end) == (start, end) and old.policy.unit == policy.unit:
+            state.spent, state.fired, state.recent, state.max_starter = old.spent, old.fired, old.recent, old.max_starter
+        else:
+            state.spent = self._spend_in_memory(policy, start)
+        self.budgets[policy.policy_id] = state
+
+    def remove_policy(self, policy_id: str) -> None:
+        self.budgets.pop(policy_id, None)
+
+    def apply_spend(self, update: SpendUpdate) -> None:
+        """Add a window's spend to every budget on its scope (a re-sent window counts once)."""
+        now = self.clock()
+        self._tenants_seen.add(update.tenant_id)
+        lease = self._lease_for(update.scope_id, now) if update.scope == "session" else None  # before the window lands
+        windows = self._windows.setdefault(update.scope_id, {})
+        old_usd, old_gpu, _ = windows.get(update.window_start, (ZERO, ZERO, update.window_end))
+        d_usd, d_gpu = max(ZERO, update.window_cost_usd - old_usd), max(ZERO, update.gpu_seconds - old_gpu)
+        windows[update.window_start] = (max(old_usd, update.window_cost_usd), max(old_gpu, update.gpu_seconds), update.window_end)
+        for state in self._budgets_on(update.scope_id):
+            state.roll(now)
+            if state.start <= update.window_start < state.end:
+                delta = d_usd if state.policy.unit == "usd" else d_gpu / 3600
+                state.spent += delta
+                state.recent.append((update.window_end, delta, update.events))
+                self._check_alerts(state, now)
+        if lease and update.window_start >= lease.epoch:
+            lease.spent += d_usd
+            lease.events += update.events
+            lease.last_seen = now
+
+    def apply_gpu(self, sample: GpuSample) -> None:
+        self.gpu.observe(sample.level, sample.gpu_uuid, sample.mig_uuid, sample.mig_slices, sample.mig_total_slices,
+                         sample.tenant_id, sample.utilization_pct, sample.ts)
+
+    def reconcile(self) -> None:
+        """Period-to-date spend = ledger up to the recent past + the stream's recent windows.
+
+        Windows newer than `ledger_lag` may be counted twice; that only errs toward throttling.
+        """
+        if self.ledger_spend is None:
+            return
+        now = self.clock()
+        for state in self.budgets.values():
+            if state.policy.unit != "usd":
+                continue
+            state.roll(now)
+            recorded = self.ledger_spend(state.policy.scope, state.policy.scope_id, state.start)
+            recent = sum((c for start, (c, _, end) in self._windows.get(state.policy.scope_id, {}).items()
+                          if start >= state.start and end > now - self.config.ledger_lag), ZERO)
+            state.spent = recorded + recent
+            self._check_alerts(state, now)
+
+    # ---- outputs ------------------------------------------------------------------------
+    def decide(self) -> Outputs:
+        """Decisions whose content changed since they were last published, plus new alerts."""
+        now = self.clock()
+        self._forget_old_windows(now)
+        self.gpu.prune(now)
+        wanted = self._render(now)
+        out = Outputs(alerts=self._alerts)
+        self._alerts = []
+        for key, decision in wanted.items():
+            signature = _signature(decision)
+            previous = self._published.get(key)
+            if previous is None or previous[0] != signature:
+                self._published[key] = (signature, decision)
+                out.decisions.append(decision)
+        for key in [k for k in self._published if k not in wanted]:
+            del self._published[key]
+            out.retired.append(key)
+        return out
+
+    def heartbeat(self) -> list[ThrottleDecision]:
+        """Live decisions past half their TTL, renewed (same id, fresh times) so guards keep them."""
+        now = self.clock()
+        renewed = []
+        for key, (signature, decision) in list(self._published.items()):
+            if decision.expires_at - now < self.config.decision_ttl / 2:
+                if key.startswith("session:") and self._idle(self.leases.get(decision.scope_id), now):
+                    continue  # an idle session's lease lapses; its commitment is released after expiry
+                fresh = decision.model_copy(update={"issued_at": now, "expires_at": now + self.config.decision_ttl})
+                self._published[key] = (signature, fresh)
+                renewed.append(fresh)
+                if decision.scope == "session" and decision.scope_id in self.leases:
+                    self.leases[decision.scope_id].live_until = fresh.expires_at
+        return renewed
+
+    # ---- rendering ----------------------------------------------------------------------
+    def _render(self, now: datetime) -> dict[str, ThrottleDecision]:
+        candidates: list[ThrottleDecision] = []
+        for state in self.budgets.values():
+            state.roll(now)
+            candidates.extend(self._budget_decisions(state, now))
+        candidates.extend(self._lease_decisions(now))
+        candidates.extend(self._gpu_decisions(now))
+        candidates.extend(self._liveness(now, {d.tenant_id for d in candidates}))
+        merged: dict[str, ThrottleDecision] = {}
+        for d in candidates:
+            merged[d.key] = _stricter(merged[d.key], d) if d.key in merged else d
+        return merged
+
+    def _decision(self, now: datetime, **fields) -> ThrottleDecision:
+        previous = self._published.get(decision_key(fields["scope"], fields["scope_id"], fields.get("priority")))
+        decision = ThrottleDecision(decision_id=new_id(), issued_at=now, expires_at=now + self.config.decision_ttl, **fields)
+        if previous and previous[0] == _signature(decision):
+            return decision.model_copy(update={"decision_id": previous[1].decision_id})
+        return decision
+
+    def _liveness(self, now: datetime, covered: set[str]) -> Iterable[ThrottleDecision]:
+        """An `allow` for every tenant seen without a budget, so fail-closed guards know we are alive."""
+        for tenant in self._tenants_seen - covered:
+            yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, action="allow",
+                                 reason="no budget applies; allocator is live")
+
+    def _budget_decisions(self, state: BudgetState, now: datetime) -> Iterable[ThrottleDecision]:
+        p, cfg = state.policy, self.config
+        remaining = state.remaining
+        left = max(Decimal("1"), Decimal((state.end - now).total_seconds()))
+        allowed_rate = max(ZERO, remaining) / left
+        rate, events_rate = state.rate(now, cfg.rate_window)
+        forecast = _forecast(now, remaining, rate)
+        pace = rate / allowed_rate if allowed_rate > 0 else (Decimal("Infinity") if rate > 0 else ZERO)
+        headroom = p.amount * cfg.headroom_pct / 100
+        near = forecast is not None and forecast - now <= cfg.forecast_horizon
+        hot = forecast is not None and forecast < state.end
+        starter = self._starter(state, now) if p.hard and p.unit == "usd" else None
+        used_pct = state.spent * 100 / p.amount
+        for priority in PRIORITIES:
+            action, why = self._class_action(p, priority, remaining, headroom, hot, near)
+            if action == "deny" and not p.hard:
+                action = "throttle"
+            limits, model = DecisionLimits(), None
+            if action == "throttle":
+                limits = self._throttle_limits(state, priority, events_rate, pace)
+            if action == "downgrade":
+                model = self._downgrade_model(p.scope, p.scope_id)
+                action = "downgrade" if model else "throttle"
+                if action == "throttle":
+                    limits = self._throttle_limits(state, priority, events_rate, pace)
+            reason = (f"{p.scope} {p.scope_id}: {why}; {used_pct:.1f}% of {p.amount} {p.unit} used, "
+                      f"pace {_ratio(pace)} of allowed") + (f", exhaustion forecast {forecast:%Y-%m-%dT%H:%M:%SZ}" if forecast else "")
+            yield self._decision(
+                now, tenant_id=p.tenant_id, scope=p.scope, scope_id=p.scope_id, priority=priority, action=action,
+                limits=limits, max_model=model, reason=reason, policy_id=p.policy_id,
+                budget_remaining_usd=usd(remaining) if p.unit == "usd" else None,
+                forecast_exhaustion_ts=forecast, reset_at=state.end, session_lease_usd=starter)
+
+    def _class_action(self, p: BudgetPolicy, priority: Priority, remaining: Decimal, headroom: Decimal,
+                      hot: bool, near: bool) -> tuple[Action, str]:
+        exceed = p.actions.get(priority, "throttle")
+        if remaining <= 0:
+            return exceed, f"budget exhausted, {priority} gets {exceed}"
+        if priority in PROTECTED:
+            return "allow", f"headroom reserved for {priority}"
+        if remaining < headroom:
+            return exceed if SEVERITY[exceed] > 0 else "throttle", "in the headroom reserved for critical/high"
+        if hot and (priority in ("low", "batch") or near):
+            return "throttle", "spending faster than the budget allows" + (" (exhaustion near)" if near else "")
+        return "allow", "within pace"
+
+    def _throttle_limits(self, state: BudgetState, priority: Priority, events_rate: Decimal, pace: Decimal) -> DecisionLimits:
+        """Requests/min per guard that would bring the scope back to its allowed pace, less for lower classes."""
+        share = {"critical": Decimal(1), "high": Decimal(1), "normal": Decimal("0.5"), "low": Decimal("0.25"), "batch": Decimal("0.1")}[priority]
+        per_min = events_rate * 60 * share
+        if pace > 1 and pace.is_finite():
+            per_min /= pace
+        sessions = max(1, sum(1 for lease in self.leases.values() if is_within(lease.session_id, state.policy.scope_id)
+                              and not self._idle(lease, self.clock())))
+        return DecisionLimits(requests_per_min=max(1, int(per_min / sessions)))
+
+    def _downgrade_model(self, scope: str, scope_id: str) -> str | None:
+        if not (self.downgrade_for and self.primary_model):
+            return None
+        model = self.primary_model(scope, scope_id)
+        return self.downgrade_for(model) if model else None
+
+    # ---- alerts -------------------------------------------------------------------------
+    def _check_alerts(self, state: BudgetState, now: datetime) -> None:
+        p = state.policy
+        used_pct = state.spent * 100 / p.amount
+        for threshold in sorted(p.alert_thresholds_pct):
+            if used_pct >= threshold and threshold not in state.fired:
+                state.fired.add(threshold)
+                severity = "critical" if threshold >= 100 else "warning" if threshold >= 80 else "info"
+                self._alerts.append(Anomaly(
+                    anomaly_id=new_id(), ts=now, kind="budget_threshold", severity=severity, tenant_id=p.tenant_id,
+                    scope=p.scope, scope_id=p.scope_id, window_start=state.start, window_end=state.end,
+                    evidence={"policy_id": p.policy_id, "threshold_pct": str(threshold), "spent": str(state.spent),
+                              "amount": str(p.amount), "unit": p.unit, "period_start": state.start.isoformat()},
+                    message=f"{p.scope} {p.scope_id} used {used_pct:.1f}% of its {p.period} budget {p.policy_id} "
+                            f"({state.spent} of {p.amount} {p.unit}); crossed {threshold}%"))
+
+    # ---- spend leases -------------------------------------------------------------------
+    def _hard_ancestors(self, scope_id: str) -> list[BudgetState]:
+        ids = {sid for _, sid in lineage(scope_id)}
+        return [s for s in self.budgets.values() if s.policy.hard and s.policy.unit == "usd" and s.policy.scope_id in ids]
+
+    def _lease_for(self, session_id: str, now: datetime) -> Lease | None:
+        hard = self._hard_ancestors(session_id)
+        if not hard:
+            self.leases.pop(session_id, None)
+            return None
+        for s in hard:
+            s.roll(now)
+        epoch, epoch_end = max(s.start for s in hard), min(s.end for s in hard)
+        lease = self.leases.get(session_id)
+        if lease is None or lease.epoch != epoch:
+            lease = Lease(session_id, epoch, epoch_end, spent=self._windows_sum(session_id, epoch))
+            self.leases[session_id] = lease
+        return lease
+
+    def _idle(self, lease: Lease | None, now: datetime) -> bool:
+        return lease is None or lease.last_seen is None or now - lease.last_seen > self.config.lease_idle
+
+    def _under(self, state: BudgetState) -> list[Lease]:
+        return [lease for lease in self.leases.values() if is_within(lease.session_id, state.policy.scope_id)]
+
+    def _pool(self, state: BudgetState, now: datetime) -> tuple[Decimal, Decimal, int]:
+        """(grantable, kept for unseen sessions, live sessions) under one hard budget."""
+        leases = self._under(state)
+        spent = max(state.spent, sum((lease.spent for lease in leases), ZERO))
+        uncommitted = max(ZERO, state.policy.amount - spent - sum((lease.outstanding for lease in leases), ZERO))
+        reserve = uncommitted * self.config.starter_pct / 100
+        live = sum(1 for lease in leases if not self._idle(lease, now))
+        return uncommitted - reserve, reserve, live
+
+    def _starter(self, state: BudgetState, now: datetime) -> Decimal:
+        _, reserve, _ = self._pool(state, now)
+        cost = sum((c for _, c, _ in state.recent), ZERO)
+        events = sum(e for _, _, e in state.recent)
+        call = cost / events if events else ZERO
+        starter = usd(min(reserve, max(reserve / self.config.lease_slots, 2 * call)))  # enough for a first call
+        state.max_starter = max(state.max_starter, starter)
+        return starter
+
+    def _lease_decisions(self, now: datetime) -> Iterable[ThrottleDecision]:
+        for session_id in list(self.leases):
+            lease = self._lease_for(session_id, now)
+            if lease is None:
+                continue
+            if self._idle(lease, now):
+                if lease.live_until is None or now >= lease.live_until:
+                    lease.limit, lease.live_until = lease.spent, None   # lapsed: release what it did not spend
+                    continue
+            decision = self._grant(lease, now)
+            lease.live_until = decision.expires_at
+            yield decision
+
+    def _grant(self, lease: Lease, now: datetime) -> ThrottleDecision:
+        """Top the session's ceiling up from the tightest ancestor's pool, or deny when nothing is left.
+
+        A ceiling is never lowered (a guard may already spend against it); a session that
+        had no live lease is first charged the largest starter it could have drawn.
+        """
+        hard = self._hard_ancestors(lease.session_id)
+        if lease.live_until is None:
+            lease.limit = max(lease.limit, lease.spent + max(s.max_starter for s in hard))
+        call_cost = lease.spent / lease.events if lease.events else ZERO
+        min_grant = max(2 * call_cost, min(s.policy.amount for s in hard) / 10**6)
+        if lease.last_grant == 0 or lease.outstanding < max(lease.last_grant / 2, min_grant):
+            pools = [(self._pool(s, now), s) for s in hard]
+            grant = usd(min(pool / max(live, self.config.lease_slots) for (pool, _, live), _ in pools))
+            if grant >= min_grant:
+                lease.limit += grant
+                lease.last_grant = grant
+        binding = min(hard, key=lambda s: self._pool(s, now)[0])
+        exhausted = lease.outstanding < max(call_cost, min_grant / 2)
+        return self._decision(
+            now, tenant_id=tenant_of(lease.session_id), scope="session", scope_id=lease.session_id,
+            action="deny" if exhausted else "allow", policy_id=binding.policy.policy_id,
+            reason=(f"hard budget {binding.policy.policy_id} is fully committed" if exhausted
+                    else f"spend lease under hard budget {binding.policy.policy_id}"),
+            spend_limit_usd=usd(lease.limit), spent_usd=usd(lease.spent), budget_remaining_usd=usd(lease.outstanding),
+            reset_at=lease.epoch_end)
+
+    # ---- GPU capacity -------------------------------------------------------------------
+    def _gpu_decisions(self, now: datetime) -> Iterable[ThrottleDecision]:
+        nominal = self._gpu_quotas()
+        if not nominal or self.gpu.capacity == 0:
+            return
+        usage = self.gpu.usage()
+        idle = self.gpu.idle(now, self.config.gpu_idle_for)
+        pending = {t: (self.gpu_pending(t) if self.gpu_pending else ZERO) for t in set(nominal) | set(usage)}
+        demand = {t: usage.get(t, ZERO) - idle.get(t, ZERO) + pending[t] for t in pending}
+        shares = fair_shares(self.gpu.capacity, nominal, self.config.gpu_weights or nominal, demand)
+        contended = sum(usage.values(), ZERO) + sum(pending.values(), ZERO) > self.gpu.capacity  # someone waits
+        for tenant, used in usage.items():
+            quota = nominal.get(tenant, ZERO)
+            share = max(shares.get(tenant, ZERO), min(quota, used - idle.get(tenant, ZERO)))
+            if contended and used > share:
+                give_back = used - share
+                reason = (f"tenant {tenant}: reclaim {give_back:.2f} GPUs (holds {used:.2f}, fair share {share:.2f}, "
+                          f"quota {quota:.2f}" + (f", {idle[tenant]:.2f} idle" if idle.get(tenant) else "") + "); batch first")
+                yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="preempt",
+                                     limits=DecisionLimits(max_concurrent=int(share)), reason=reason)
+            elif used > quota:
+                yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="allow",
+                                     reason=f"tenant {tenant}: borrowing {used - quota:.2f} idle GPUs above quota {quota:.2f}")
+
+    def _gpu_quotas(self) -> dict[str, Decimal]:
+        """Nominal GPUs per tenant = its tenant GPU-hour budget spread over the period."""
+        quotas: dict[str, Decimal] = {}
+        for s in self.budgets.values():
+            if s.policy.unit == "gpu_hours" and s.policy.scope == "tenant":
+                hours = Decimal((s.end - s.start).total_seconds()) / 3600
+                quotas[s.policy.tenant_id] = quotas.get(s.policy.tenant_id, ZERO) + s.policy.amount / hours
+        return quotas
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    def _budgets_on(self, scope_id: str) -> list[BudgetState]:
+        return [s for s in self.budgets.values() if s.policy.scope_id == scope_id]
+
+    def _windows_sum(self, scope_id: str, since: datetime) -> Decimal:
+        return sum((c for start, (c, _, _) in self._windows.get(scope_id, {}).items() if start >= since), ZERO)
+
+    def _spend_in_memory(self, policy: BudgetPolicy, since: datetime) -> Decimal:
+        cost = lambda v: v[0] if policy.unit == "usd" else v[1] / 3600  # noqa: E731
+        return sum((cost(v) for start, v in self._windows.get(policy.scope_id, {}).items() if start >= since), ZERO)
+
+    def _forget_old_windows(self, now: datetime) -> None:
+        horizon = now - self.config.window_memory
+        for scope_id, windows in list(self._windows.items()):
+            for start in [s for s, (_, _, end) in windows.items() if end < horizon]:
+                del windows[start]
+            if not windows:
+                del self._windows[scope_id]
+
+
+def _signature(d: ThrottleDecision) -> tuple:
+    """What makes a decision different for a guard (remaining budget alone does not)."""
+    return (d.action, d.limits, d.max_model, d.policy_id, d.reset_at, d.spend_limit_usd, _coarse(d.session_lease_usd),
+            d.action == "deny" and d.reason)
+
+
+def _coarse(x: Decimal | None) -> Decimal | None:
+    """Two significant digits: a starter allowance that drifts a little is not a new decision."""
+    return None if x is None or x == 0 else Decimal(f"{x:.1e}")
+
+
+def _stricter(a: ThrottleDecision, b: ThrottleDecision) -> ThrottleDecision:
+    """Two rules for one key: the more severe action wins; leases keep the smaller allowance."""
+    first, second = (a, b) if SEVERITY[a.action] >= SEVERITY[b.action] else (b, a)
+    lease = [x for x in (a.session_lease_usd, b.session_lease_usd) if x is not None]
+    return first.model_copy(update={
+        "session_lease_usd": min(lease) if lease else None,
+        "limits": _min_limits(first.limits, second.limits) if first.action == second.action else first.limits})
+
+
+def _min_limits(a: DecisionLimits, b: DecisionLimits) -> DecisionLimits:
+    pick = lambda x, y: y if x is None else x if y is None else min(x, y)  # noqa: E731
+    return DecisionLimits(tokens_per_min=pick(a.tokens_per_min, b.tokens_per_min),
+                          requests_per_min=pick(a.requests_per_min, b.requests_per_min),
+                          max_concurrent=pick(a.max_concurrent, b.max_concurrent))
+
+
+def _forecast(now: datetime, remaining: Decimal, rate: Decimal) -> datetime | None:
+    """When the budget runs out at the recent rate (now if it already has; None if not within 10 years)."""
+    if remaining <= 0:
+        return now
+    if rate <= 0 or remaining / rate > 10 * 365 * 86400:
+        return None
+    return now + timedelta(seconds=float(remaining / rate))  # a time, not money
+
+
+def _ratio(pace: Decimal) -> str:
+    return "∞" if not pace.is_finite() else f"{pace:.2f}x"

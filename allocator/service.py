@@ -1,0 +1,153 @@
+"""`meterline allocator`: the engine behind Kafka.
+
+Reads budgets (compacted topic, from the beginning, own assignment) and spend + GPU
+samples (consumer group `meterline-allocator`), and after every batch publishes the
+decisions whose content changed to the compacted control topic (key = decision key,
+tombstones for retired keys) and threshold alerts to the anomalies topic. Live
+decisions are re-published before they expire (heartbeat) and period-to-date spend is
+reconciled with the ledger on a timer.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+
+from meterline.schemas.events import GpuSample, InvalidEvent, SpendUpdate, decode
+
+from ._kafka import assign_from_beginning, assign_from_time
+from .budgets import apply_policy_record
+from .engine import Engine, Outputs
+
+log = logging.getLogger("meterline.allocator")
+
+
+class AllocatorService:
+    def __init__(self, settings, engine: Engine | None = None, *, tick: float = 0.1, heartbeat_every: float = 2.0,
+                 reconcile_every: float = 60.0, group_id: str | None = None):
+        self.settings = settings
+        self.engine = engine or Engine()
+        self.tick, self.heartbeat_every, self.reconcile_every = tick, heartbeat_every, reconcile_every
+        self.group_id = group_id
+        self.counts: Counter[str] = Counter()
+        self.ready = threading.Event()   # set once the budgets topic has been read to its end
+
+    def run(self, stop: threading.Event) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        s = self.settings
+        budgets = self._budget_consumer()
+        data = Consumer(s.kafka_config(**{"group.id": self.group_id or f"meterline-allocator-{uuid.uuid4().hex}",
+                                          "auto.offset.reset": "earliest", "enable.auto.commit": bool(self.group_id),
+                                          "fetch.wait.max.ms": 10}))
+        if self.group_id:   # scale-out: instances split tenants (spend is keyed by tenant_id)
+            data.subscribe([s.topic("spend"), s.topic("gpu")])
+        else:               # one instance: replay the recent past so re-sent windows and rates are known
+            since = time.time() - self.engine.config.window_memory.total_seconds()
+            assign_from_time(data, [s.topic("spend"), s.topic("gpu")], int(since * 1000))
+        producer = Producer(s.kafka_config(**{"enable.idempotence": True, "linger.ms": 2}))
+        topics = {s.topic("spend"): SpendUpdate, s.topic("gpu"): GpuSample}
+        last_heartbeat = last_reconcile = time.monotonic()
+        try:
+            self._read_budgets(budgets, until_end=True)
+            self.ready.set()
+            while not stop.is_set():
+                self._read_budgets(budgets, until_end=False)
+                for msg in self._batch(data):
+                    self._apply(topics, msg)
+                now = time.monotonic()
+                if now - last_reconcile >= self.reconcile_every:
+                    self.engine.reconcile()
+                    last_reconcile = now
+                self._publish(producer, self.engine.decide())
+                if now - last_heartbeat >= self.heartbeat_every:
+                    self._publish(producer, Outputs(decisions=self.engine.heartbeat()))
+                    last_heartbeat = now
+                producer.poll(0)
+        finally:
+            producer.flush(10)
+            data.close()
+            budgets.close()
+
+    def _batch(self, consumer) -> list:
+        """Wait up to one tick for the first record, then take whatever else is already there."""
+        first = consumer.poll(self.tick)
+        return [first, *consumer.consume(2000, 0)] if first is not None else []
+
+    def _apply(self, topics: dict, msg) -> None:
+        if msg.error():
+            self.counts["kafka_errors"] += 1
+            return
+        contract = topics.get(msg.topic())
+        try:
+            record = decode(contract, msg.value() or b"")
+        except InvalidEvent as err:
+            self.counts["invalid"] += 1
+            log.warning("skipping an invalid record from %s: %s", msg.topic(), err)
+            return
+        if isinstance(record, SpendUpdate):
+            self.engine.apply_spend(record)
+            self.counts["spend"] += 1
+        else:
+            self.engine.apply_gpu(record)
+            self.counts["gpu"] += 1
+
+    def _budget_consumer(self):
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(self.settings.kafka_config(**{"group.id": f"meterline-allocator-budgets-{uuid.uuid4().hex}",
+                                                          "enable.auto.commit": False}))
+        self._budget_ends = assign_from_beginning(consumer, self.settings.topic("budgets"))
+        self._policies: dict = {}
+        return consumer
+
+    def _read_budgets(self, consumer, until_end: bool) -> None:
+        positions = {p: 0 for p in self._budget_ends}
+        while True:
+            msgs = consumer.consume(500, 0.2 if until_end else 0)
+            for msg in msgs:
+                if msg.error():
+                    continue
+                positions[msg.partition()] = msg.offset() + 1
+                result = apply_policy_record(self._policies, msg.key(), msg.value())
+                if isinstance(result, str):
+                    self.engine.remove_policy(result)
+                elif result is not None:
+                    self.engine.apply_policy(result)
+                    self.counts["budgets"] += 1
+            if not until_end or all(positions[p] >= end for p, end in self._budget_ends.items()):
+                return
+
+    def _publish(self, producer, out: Outputs) -> None:
+        control, anomalies = self.settings.topic("control"), self.settings.topic("anomalies")
+        for decision in out.decisions:
+            self._produce(producer, control, decision.key.encode(), decision.to_json())
+        for key in out.retired:
+            self._produce(producer, control, key.encode(), None)
+        for alert in out.alerts:
+            self._produce(producer, anomalies, alert.tenant_id.encode(), alert.to_json())
+        self.counts["decisions"] += len(out.decisions)
+        self.counts["alerts"] += len(out.alerts)
+
+    @staticmethod
+    def _produce(producer, topic: str, key: bytes, value: bytes | None) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                return
+            except BufferError:  # local queue full: let the client drain, then retry
+                producer.poll(0.05)
+
+
+def run_in_thread(settings, engine: Engine | None = None, **kwargs) -> tuple[AllocatorService, threading.Event, threading.Thread]:
+    """Start the service on a daemon thread (tests, `meterline up`). Returns (service, stop, thread)."""
+    service = AllocatorService(settings, engine, **kwargs)
+    stop = threading.Event()
+    thread = threading.Thread(target=service.run, args=(stop,), name="meterline-allocator", daemon=True)
+    thread.start()
+    return service, stop, thread
+
+
+

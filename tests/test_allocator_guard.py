@@ -1,0 +1,164 @@
+"""The allocator and the agent guard through the real broker: leases, denies, fail-open/closed."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from meterline.allocator.budgets import publish_policy, read_policies, delete_policy
+from meterline.allocator.engine import Engine, EngineConfig
+from meterline.allocator.guard import AllocatorUnavailable, BudgetExceeded, DecisionFeed, Guard, Throttled
+from meterline.allocator.service import run_in_thread
+from meterline.allocator.simulate import SpendReporter
+from meterline.schemas.events import PRIORITIES, BudgetPolicy, DecisionLimits, ThrottleDecision, new_id, utcnow
+
+pytestmark = pytest.mark.kafka
+
+
+def wait_until(condition, what: str, attempts: int = 2000):
+    """Poll a condition (no fixed sleeps); fails after attempts x 10 ms."""
+    for _ in range(attempts):
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    pytest.fail(f"never happened: {what}")
+
+
+@pytest.fixture
+def allocator(settings):
+    service, stop, thread = run_in_thread(settings, Engine(EngineConfig()), tick=0.02)
+    assert service.ready.wait(30)
+    yield service
+    stop.set()
+    thread.join()
+
+
+@pytest.fixture
+def feed(settings):
+    f = DecisionFeed(settings, tenants={"acme"}).start()
+    assert f.wait_ready(30)
+    yield f
+    f.close()
+
+
+def hard_budget(amount: str, **kw) -> BudgetPolicy:
+    return BudgetPolicy(policy_id="acme-hard", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal(amount),
+                        hard=True, actions={p: "deny" for p in PRIORITIES}, **kw)
+
+
+def test_twenty_concurrent_agents_overshoot_a_hard_budget_by_at_most_one_percent(settings, allocator, feed):
+    budget, cost = Decimal("50"), Decimal("0.01")
+    publish_policy(settings, hard_budget(str(budget)))
+    wait_until(lambda: feed.decisions.get("tenant:acme:normal"), "the tenant decision reached the guard")
+    reporter = SpendReporter(settings, interval=0.02).start()
+    spent = [Decimal(0)] * 20
+    outcomes: list[str] = [""] * 20
+
+    def agent(i: int) -> None:
+        # critical: pacing would (rightly) throttle a month's budget spent in a second; only the lease stops them
+        guard = Guard(feed, "acme", team="research", session_id=f"s{i}", priority="critical", lease_timeout=60)
+        while True:
+            try:
+                guard.check("gpt-4o", cost_usd=cost)
+            except BudgetExceeded as err:
+                outcomes[i] = err.policy_id
+                return
+            spent[i] += cost                       # the call happened: real money
+            reporter.add(guard.scopes["session"], cost)
+            guard.record(cost, reserved_usd=cost)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reporter.stop()
+    total = sum(spent)
+    assert total <= budget * Decimal("1.01"), f"overshoot: spent {total} of {budget}"
+    assert total >= budget * Decimal("0.9"), f"the leases starved the agents: spent only {total} of {budget}"
+    assert set(outcomes) == {"acme-hard"}, "every agent was stopped by the named hard budget"
+    assert sum(1 for s in spent if s > 0) == 20, "every agent got to spend"
+
+
+def test_deny_names_the_budget_and_its_reset(settings, allocator, feed):
+    publish_policy(settings, hard_budget("1"))
+    reporter = SpendReporter(settings)
+    reporter.add("acme", Decimal("1.5"))
+    reporter.flush()
+    guard = Guard(feed, "acme", session_id="s1", priority="critical")
+    decision = wait_until(lambda: (d := feed.decisions.get("tenant:acme:critical")) and d.action == "deny" and d, "deny")
+    with pytest.raises(BudgetExceeded) as info:
+        guard.check("gpt-4o")
+    assert info.value.policy_id == "acme-hard"
+    assert info.value.reset_at == decision.decision.reset_at and info.value.reset_at > utcnow()
+
+
+def test_budget_cli_store_round_trip(settings):
+    publish_policy(settings, hard_budget("5"))
+    assert read_policies(settings)["acme-hard"].amount == Decimal("5")
+    delete_policy(settings, "acme-hard")
+    assert "acme-hard" not in read_policies(settings)
+
+
+def _publish(settings, decision: ThrottleDecision) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer(settings.kafka_config())
+    producer.produce(settings.topic("control"), key=decision.key.encode(), value=decision.to_json())
+    producer.flush(10)
+
+
+def _decision(action: str = "allow", ttl: float = 60, **kw) -> ThrottleDecision:
+    now = utcnow()
+    return ThrottleDecision(decision_id=new_id(), tenant_id="acme", scope="tenant", scope_id="acme", action=action,
+                            reason="test", issued_at=now, expires_at=now + timedelta(seconds=ttl), **kw)
+
+
+def test_expired_decisions_fall_back_to_fail_open_or_fail_closed(settings, feed):
+    clock = [time.time()]
+    opened = Guard(feed, "acme", session_id="s1", fail_mode="open", clock=lambda: clock[0])
+    closed = Guard(feed, "acme", session_id="s1", fail_mode="closed", clock=lambda: clock[0])
+    with pytest.raises(AllocatorUnavailable):
+        closed.check("m")                          # nothing heard from the allocator yet
+    _publish(settings, _decision("throttle", ttl=60, limits=DecisionLimits(requests_per_min=1)))
+    wait_until(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
+    assert closed.check("m") == "m"                # a token
+    with pytest.raises(Throttled):
+        closed.check("m", wait=False)              # bucket empty, caller will not wait
+    clock[0] += 120                                # the allocator went silent; the decision expired
+    assert opened.check("m") == "m"
+    with pytest.raises(AllocatorUnavailable):
+        closed.check("m")
+
+
+def test_guard_downgrades_and_queues(settings, feed):
+    guard = Guard(feed, "acme", team="t", session_id="s1", queue_timeout=0.05)
+    _publish(settings, _decision("downgrade", max_model="gpt-4o-mini"))
+    wait_until(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
+    assert guard.check("gpt-4o") == "gpt-4o-mini"
+    _publish(settings, _decision("queue"))
+    wait_until(lambda: feed.decisions["tenant:acme:*"].action == "queue", "queue arrived")
+    with pytest.raises(Throttled, match="queued"):
+        guard.check("gpt-4o")
+    released: list[str | None] = []
+    waiter = threading.Thread(target=lambda: released.append(Guard(feed, "acme", session_id="s2", queue_timeout=60).check("x")))
+    waiter.start()
+    _publish(settings, _decision("allow"))
+    waiter.join()
+    assert released == ["x"]
+
+
+def test_guard_check_costs_microseconds(feed, settings):
+    _publish(settings, _decision("allow"))
+    wait_until(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
+    guard = Guard(feed, "acme", team="t", project="p", agent_id="a", session_id="s")
+    n = 20000
+    start = time.perf_counter()
+    for _ in range(n):
+        guard.check("gpt-4o")
+    per_call = (time.perf_counter() - start) / n
+    assert per_call < 50e-6, f"a guard check took {per_call * 1e6:.1f} µs"
