@@ -16,6 +16,8 @@ def register(app: typer.Typer) -> None:
         dedupe_window: Annotated[int, typer.Option(help="Event ids remembered per usage partition to drop producer retries.")] = 100_000,
         webhook: Annotated[Optional[str], typer.Option(envvar="METERLINE_ANOMALY_WEBHOOK", help="POST every anomaly as JSON to this URL (failures are logged, not fatal).")] = None,
         exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many seconds without input (tests, backfills).")] = None,
+        instance_id: Annotated[Optional[str], typer.Option(help="Static group membership (e.g. the pod name): a restarted worker takes its partitions back at once instead of after the session timeout.")] = None,
+        until_caught_up: Annotated[bool, typer.Option(help="Stop once every assigned partition is read to its end (tests, backfills).")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the run's counters as JSON on exit.")] = False,
     ) -> None:
         """Run the stream worker: usage -> validate (bad -> dlq) -> dedupe -> price -> priced topic;
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         try:
             worker = StreamWorker(settings, load_catalog(catalog), group_id=group, checkpoint_interval=checkpoint_interval,
-                                  dedupe_per_partition=dedupe_window, webhook_url=webhook)
+                                  dedupe_per_partition=dedupe_window, webhook_url=webhook, instance_id=instance_id)
         except Exception as err:  # noqa: BLE001 - one line for the operator
             fail(f"could not start the stream worker against {settings.bootstrap}: {err}. "
                  "Is Kafka running and are the topics created? Try `meterline kafka start` and `meterline topics create`.")
@@ -47,7 +49,7 @@ def register(app: typer.Typer) -> None:
             signal.signal(sig, lambda *_: stop.set())
         if not as_json:
             console.print(f"streams: pricing with {worker.catalog.version}; consuming {worker.topics['usage']} and {worker.topics['gpu']}")
-        stats = worker.run(stop, exit_when_idle=exit_when_idle)
+        stats = worker.run(stop, exit_when_idle=exit_when_idle, until_caught_up=until_caught_up)
         if as_json:
             emit_json(dict(stats))
         else:

@@ -145,7 +145,8 @@ class StreamWorker:
     def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str = "meterline-streams",
                  checkpoint_interval: float = 1.0, dedupe_per_partition: int = 100_000,
                  detector_config: DetectorConfig | None = None, webhook_url: str | None = None,
-                 batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1)) -> None:
+                 batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1),
+                 instance_id: str | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog()
         self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "priced", "dlq", "spend", "anomalies")}
@@ -166,7 +167,8 @@ class StreamWorker:
             "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576,
             "batch.num.messages": 10_000, "on_delivery": self._on_delivery,
         }))
-        self.consumer = Consumer(settings.kafka_config(**{
+        static = {"group.instance.id": instance_id} if instance_id else {}  # restart resumes without a session timeout
+        self.consumer = Consumer(settings.kafka_config(**static, **{
             "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "partition.assignment.strategy": "cooperative-sticky",
         }))

@@ -121,3 +121,13 @@ def test_rates_resolved_once_per_period(catalog):
         catalog.price_usage(usage(model="gpt-4o", provider="openai", input_tokens=5))
     assert len(data_snapshot.get_snapshot()._lookup_cache) == lookups
     assert ("openai", "gpt-4o", None) in catalog._rates_cache
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude-sonnet-4-5", "claude-opus-4-6", "grok-4.20", "deepseek-v4-flash"])
+def test_integer_fast_path_equals_decimal_path(catalog, model):
+    for inp, out, read, write in [(1000, 10, 400, 100), (250_000, 5000, 100_000, 0), (7, 3, 0, 7), (0, 0, 0, 0)]:
+        event = usage(provider="", model=model, input_tokens=inp, output_tokens=out, cache_read_tokens=read, cache_write_tokens=write)
+        priced = catalog.price_usage(event)
+        pico = catalog.price_pico(event)
+        expected = (priced.input_cost_usd, priced.output_cost_usd, priced.cache_read_cost_usd, priced.cache_write_cost_usd, priced.list_cost_usd)
+        assert tuple(Decimal(p).scaleb(-12) for p in pico) == expected

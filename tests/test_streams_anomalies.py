@@ -1,0 +1,124 @@
+"""Anomaly detectors, driven by stream time only (pure, no Kafka)."""
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+from meterline.schemas.events import GpuSample, build, new_id
+from meterline.streams.anomalies import Detectors, IdleGpus, RunawaySessions, SpendSpikes, UnpricedModels
+
+T0 = datetime(2025, 3, 3, 9, 0, tzinfo=timezone.utc)
+PICO = 10**12
+CENT = PICO // 100
+
+
+def steady(rng: random.Random, minutes: int, tenants=("acme",), agents=4, sessions=12):
+    """Usage of a steady workload: every session calls every ~2 s for a few cents, with noise."""
+    for second in range(0, minutes * 60, 2):
+        for tenant in tenants:
+            for s in range(sessions):
+                if rng.random() < 0.8:
+                    cost = rng.randint(CENT // 2, 2 * CENT)
+                    yield SimpleNamespace(tenant_id=tenant, agent_id=f"agent{s % agents}", session_id=f"{tenant}-s{s}",
+                                          ts=T0 + timedelta(seconds=second, milliseconds=rng.randint(0, 1999)),
+                                          kind="llm_call", model="gpt-4o", tool="", provider="openai",
+                                          input_tokens=rng.randint(500, 5000), output_tokens=rng.randint(50, 900)), cost
+
+
+def run(detectors: Detectors, stream):
+    found = []
+    for event, cost in stream:
+        found += detectors.usage(event, cost, unpriced=False)
+        detectors.tick(event.ts)
+    return found
+
+
+def test_steady_workload_raises_nothing():
+    assert run(Detectors(), steady(random.Random(7), minutes=30, tenants=("acme", "globex"))) == []
+
+
+def test_runaway_session_flagged_within_seconds_of_stream_time():
+    rng, detectors = random.Random(1), Detectors()
+    assert run(detectors, steady(rng, minutes=15)) == []
+    start = T0 + timedelta(minutes=15, seconds=5)
+    found = []
+    for i in range(200):  # a loop: 5 calls a second, 20 cents each
+        ts = start + timedelta(milliseconds=200 * i)
+        event = SimpleNamespace(tenant_id="acme", agent_id="agent1", session_id="acme-s1", ts=ts, kind="llm_call", model="gpt-4o",
+                                tool="", provider="openai", input_tokens=1000 + i, output_tokens=500)
+        found += detectors.usage(event, 20 * CENT, unpriced=False)
+    runaway = [a for a in found if a.kind == "runaway_session"]
+    assert len(runaway) == 1, found
+    assert runaway[0].scope == "session" and runaway[0].scope_id == "acme-s1"
+    assert runaway[0].ts - start <= timedelta(seconds=10)
+    assert runaway[0].severity in ("warning", "critical")
+    assert set(runaway[0].evidence) >= {"session_minute_cost_usd", "threshold_usd", "agent_baseline_usd"}
+    repeated = [a for a in found if a.kind == "repeated_calls"]
+    assert repeated and repeated[0].evidence["identical_calls"].isdigit()
+
+
+def test_tenant_spike_flagged_within_seconds_and_not_repeated_in_cooldown():
+    rng, detectors = random.Random(2), Detectors()
+    assert run(detectors, steady(rng, minutes=10)) == []
+    start = T0 + timedelta(minutes=10, seconds=1)
+    found = []
+    for i in range(300):  # ten times the usual rate for 30 s, across many new sessions
+        event = SimpleNamespace(tenant_id="acme", agent_id="agent9", session_id=f"burst{i}", ts=start + timedelta(milliseconds=100 * i),
+                                kind="llm_call", model="gpt-4o", tool="", provider="openai", input_tokens=800, output_tokens=100)
+        found += detectors.usage(event, 10 * CENT, unpriced=False)
+    spikes = [a for a in found if a.kind == "spend_spike"]
+    assert len(spikes) == 1
+    assert spikes[0].ts - start <= timedelta(seconds=10)
+    assert spikes[0].scope == "tenant" and spikes[0].tenant_id == "acme"
+    assert int(spikes[0].evidence["bucket_seconds"]) == 10
+
+
+def test_spike_baseline_is_per_tenant():
+    spikes = SpendSpikes()
+    found = []
+    for i in range(600):  # a big tenant spending a lot steadily never flags a small one, nor itself
+        ts = T0 + timedelta(seconds=i)
+        found += spikes.observe("big", ts, 50 * PICO)
+        found += spikes.observe("small", ts, CENT)
+    assert found == []
+
+
+def test_runaway_needs_history_first():
+    detector = RunawaySessions()
+    found = [a for i in range(100) for a in detector.observe("t", "a", "s", T0 + timedelta(seconds=i), PICO)]
+    assert found == []  # no baseline yet: a new agent is not a runaway by definition
+
+
+def test_unpriced_model_raised_once_per_hour():
+    detector = UnpricedModels()
+    first = detector.observe("acme", "nobody", "mystery", T0)
+    assert [a.kind for a in first] == ["unpriced_model"] and first[0].scope == "model"
+    assert detector.observe("acme", "nobody", "mystery", T0 + timedelta(minutes=59)) == []
+    assert len(detector.observe("acme", "nobody", "mystery", T0 + timedelta(minutes=61))) == 1
+
+
+def gpu_row(ts, util, memory, session="s1"):
+    return build(GpuSample, sample_id=new_id(), ts=ts, node="n1", level="process", gpu_index=0, gpu_uuid="GPU-1", gpu_name="H100",
+                 interval_ms=10_000, pid=42, sm_util_pct=util, process_memory_bytes=memory, tenant_id="acme", session_id=session,
+                 attributed=True)
+
+
+def test_idle_gpu_held_memory_at_zero_utilisation():
+    detector = IdleGpus()
+    found = []
+    for i in range(40):  # 10 s samples: 400 s idle with 20 GiB held
+        found += detector.observe(gpu_row(T0 + timedelta(seconds=10 * i), 0, 20 * 2**30), 10 * PICO, PICO // 360)
+    assert len(found) == 1
+    anomaly = found[0]
+    assert anomaly.kind == "idle_gpu" and anomaly.scope == "session" and anomaly.scope_id == "s1"
+    assert int(anomaly.evidence["idle_seconds"]) >= 300
+
+
+def test_busy_or_empty_gpu_is_not_idle():
+    detector = IdleGpus()
+    found = []
+    for i in range(60):
+        found += detector.observe(gpu_row(T0 + timedelta(seconds=10 * i), 0 if i % 20 else 80, 20 * 2**30), 0, 0)
+        found += detector.observe(gpu_row(T0 + timedelta(seconds=10 * i), 0, 0, session="s2"), 0, 0)
+    assert found == []

@@ -1,0 +1,252 @@
+"""The stream worker against the real broker: bad input, spend totals, GPU attribution, SIGKILL."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+
+from meterline.schemas.events import GpuSample, SpendUpdate, UsageEvent, build, decode, new_id
+from meterline.settings import Settings
+from meterline.streams.worker import StreamWorker
+from meterline.topics import create_topics
+
+pytestmark = pytest.mark.kafka
+NOW = datetime.now(timezone.utc)
+MODELS = [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("self-hosted", "llama-3.1-8b-instruct"), ("nobody", "mystery-9000")]
+
+
+def fresh_settings(bootstrap: str) -> Settings:
+    s = Settings(kafka_bootstrap=bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}")
+    create_topics(s)
+    return s
+
+
+def usage_record(rng: random.Random, tenant: str | None = None, **overrides) -> dict:
+    provider, model = rng.choice(MODELS)
+    inp = rng.randint(0, 20_000)
+    read = rng.randint(0, inp // 2)
+    record = {"event_id": new_id(), "ts": (NOW - timedelta(seconds=rng.randint(60, 600))).isoformat(),
+              "tenant_id": tenant or rng.choice(["acme", "globex", "initech"]), "team": rng.choice(["core", "ml", ""]),
+              "project": rng.choice(["p1", "p2"]), "agent_id": f"agent{rng.randint(0, 3)}", "session_id": f"s{rng.randint(0, 40)}",
+              "kind": "llm_call", "provider": provider, "model": model, "input_tokens": inp, "output_tokens": rng.randint(0, 4000),
+              "cache_read_tokens": read, "cache_write_tokens": rng.randint(0, inp - read)}
+    if rng.random() < 0.1:
+        record.update(kind="tool_call", tool="web_search", model="", units=rng.randint(1, 5))
+    if rng.random() < 0.05:
+        record["cost_usd"] = "0.0123"
+    record.update(overrides)
+    return record
+
+
+def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    producer = Producer(settings.kafka_config(**{"linger.ms": 5, "enable.idempotence": True}))
+    for i, (key, value) in enumerate(records):
+        producer.produce(settings.topic(topic), value, key)
+        if i % 10_000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    """Every record of the topic, read up to the high watermarks (no timing guesses)."""
+    name = settings.topic(topic) if "." not in topic else topic
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False}))
+    try:
+        parts = consumer.list_topics(name, timeout=30).topics[name].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=30)[1] for p in parts}
+        todo = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in todo])
+        out = []
+        while todo:
+            for msg in consumer.consume(10_000, timeout=1.0):
+                if msg.error():
+                    continue
+                out.append(msg.value())
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    todo.discard(msg.partition())
+        return out
+    finally:
+        consumer.close()
+
+
+def run_worker(settings: Settings, **kw) -> Counter:
+    return StreamWorker(settings, group_id=f"streams-{uuid.uuid4().hex[:6]}", checkpoint_interval=0.5, **kw).run(until_caught_up=True)
+
+
+# ------------------------------------------------------------------ bad input
+def _bad(rng_seed: int, kind: str) -> bytes:
+    rng = random.Random(rng_seed)
+    good = usage_record(rng)
+    broken = {
+        "truncated_json": lambda: json.dumps(good).encode()[: rng.randint(0, 40)],
+        "binary": lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))),
+        "wrong_type": lambda: json.dumps({**good, rng.choice(["input_tokens", "ts", "tenant_id", "event_id"]): rng.choice([[1], {"a": 1}, True, 1.5, "x"])}).encode(),
+        "negative_tokens": lambda: json.dumps({**good, "output_tokens": -rng.randint(1, 10**6)}).encode(),
+        "huge_string": lambda: json.dumps({**good, "model": "m" * rng.randint(300, 200_000)}).encode(),
+        "cache_exceeds_input": lambda: json.dumps({**good, "input_tokens": 1, "cache_read_tokens": 5}).encode(),
+        "future_ts": lambda: json.dumps({**good, "ts": (NOW + timedelta(days=1)).isoformat()}).encode(),
+        "missing_tenant": lambda: json.dumps({k: v for k, v in good.items() if k != "tenant_id"}).encode(),
+        "float_money": lambda: json.dumps({**good, "cost_usd": "NaN"}).encode(),
+        "unknown_field": lambda: json.dumps({**good, "surprise": 1}).encode(),
+        "not_an_object": lambda: b"[1, 2, 3]",
+    }
+    return broken[kind]()
+
+
+BAD_KINDS = ["truncated_json", "binary", "wrong_type", "negative_tokens", "huge_string", "cache_exceeds_input", "future_ts",
+             "missing_tenant", "float_money", "unknown_field", "not_an_object"]
+stream_items = st.lists(
+    st.one_of(st.tuples(st.just("valid"), st.integers(0, 10**9)),
+              st.tuples(st.just("dup"), st.integers(0, 10**9)),
+              st.tuples(st.sampled_from(BAD_KINDS), st.integers(0, 10**9))),
+    min_size=20, max_size=300,
+)
+
+
+@hsettings(max_examples=3, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+@given(items=stream_items)
+def test_bad_input_goes_to_dlq_and_every_valid_event_is_priced_once(kafka_bootstrap, items):
+    settings = fresh_settings(kafka_bootstrap)
+    records, valid_ids, bad_payloads = [], set(), []
+    for kind, seed in items:
+        if kind in ("valid", "dup"):
+            rec = usage_record(random.Random(seed))
+            raw = json.dumps(rec).encode()
+            records += [(rec["tenant_id"].encode(), raw)] * (2 if kind == "dup" else 1)  # a producer retry: same bytes twice
+            valid_ids.add(rec["event_id"])
+        else:
+            raw = _bad(seed, kind)
+            records.append((b"acme", raw))
+            bad_payloads.append(raw)
+    records.append((b"acme", None))  # a tombstone is bad input too
+    bad_payloads.append(b"")
+    produce(settings, "usage", records)
+
+    stats = run_worker(settings)
+
+    priced = Counter(json.loads(raw)["event_id"] for raw in read_topic(settings, "priced"))
+    assert set(priced) == valid_ids and set(priced.values()) == {1}
+    letters = [json.loads(raw) for raw in read_topic(settings, "dlq")]
+    assert sorted(base64.b64decode(d["payload_b64"]) for d in letters) == sorted(bad_payloads)
+    assert all(d["reason"] and d["source_topic"] == settings.topic("usage") for d in letters)
+    assert stats["priced"] == len(valid_ids) and stats["dead_letters"] == len(bad_payloads)
+
+
+# ------------------------------------------------------------- spend totals
+def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstrap):
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(3)
+    events = [usage_record(rng) for _ in range(3000)]
+    produce(settings, "usage", [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in events])
+    ts = NOW - timedelta(minutes=2)
+    gpu = [  # two processes share one MIG slice (they split it), an unattributed one has a slice of its own
+        build(GpuSample, sample_id=new_id(), ts=ts, node="n1", level="process", gpu_index=0, gpu_uuid="GPU-1", gpu_name="NVIDIA H100 80GB HBM3",
+              mig_uuid=f"MIG-{1 if tenant else 2}", mig_slices=1, mig_total_slices=7, interval_ms=7000, pid=pid, process_memory_bytes=2**30, sm_util_pct=50,
+              tenant_id=tenant, team="core" if tenant else "", session_id=session, attributed=bool(tenant))
+        for pid, tenant, session in [(1, "acme", "s1"), (2, "acme", "s2"), (3, "", "")]
+    ]
+    produce(settings, "gpu", [(b"n1", g.to_json()) for g in gpu])
+
+    run_worker(settings)
+
+    expected: dict[tuple, Decimal] = defaultdict(Decimal)
+    events_per_scope: Counter = Counter()
+    for raw in read_topic(settings, "priced"):
+        p = json.loads(raw)
+        for scope, sid in [("tenant", p["tenant_id"]), ("team", p["team"]), ("project", p["project"]), ("agent", p["agent_id"]), ("session", p["session_id"])]:
+            if sid:
+                expected[(p["tenant_id"], scope, sid)] += Decimal(p["cost_usd"])
+                events_per_scope[(p["tenant_id"], scope, sid)] += 1
+    # H100 $2.49/h, 1/7 slice, 7 s = 1 GPU-second = 0.000691666667 (12 dp, half-even), split between 2 processes
+    # by whole pico-USD (the remainder is never charged: spend may err low by < 1 pico per process, never high).
+    gpu_share = Decimal("0.000345833333")
+    for key in [("acme", "tenant", "acme"), ("acme", "team", "core"), ("acme", "session", "s1"), ("acme", "session", "s2")]:
+        expected[key] += gpu_share * (2 if key[1] in ("tenant", "team") else 1)
+    expected[("unattributed", "tenant", "unattributed")] += Decimal("0.000691666667")
+
+    latest: dict[tuple, SpendUpdate] = {}
+    for raw in read_topic(settings, "spend"):
+        update = decode(SpendUpdate, raw)  # every update honours the contract
+        latest[(update.tenant_id, update.scope, update.scope_id)] = update
+    assert set(latest) == set(expected)
+    for key, total in expected.items():
+        assert latest[key].period_cost_usd == total, key
+        assert latest[key].events == events_per_scope[key], key
+    assert latest[("acme", "session", "s1")].gpu_seconds == Decimal("0.5")
+    assert latest[("unattributed", "tenant", "unattributed")].gpu_seconds == Decimal("1")
+    assert any(decode(SpendUpdate, r).window_end - decode(SpendUpdate, r).window_start == timedelta(minutes=1) for r in read_topic(settings, "spend")[:1])
+    anomalies = [json.loads(r) for r in read_topic(settings, "anomalies")]
+    assert {a["kind"] for a in anomalies} >= {"unpriced_model"}
+
+
+# -------------------------------------------------------------------- crash
+def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, str]]:
+    ts = (NOW - timedelta(minutes=5)).isoformat()
+    out = []
+    for i in range(n):
+        tenant, eid = f"tenant{i % 5}", new_id()
+        raw = (f'{{"event_id":"{eid}","ts":"{ts}","tenant_id":"{tenant}","agent_id":"a{i % 7}","session_id":"s{i % 500}",'
+               f'"kind":"llm_call","provider":"openai","model":"gpt-4o","input_tokens":{1000 + i % 97},"output_tokens":{i % 300},'
+               f'"cache_read_tokens":{i % 50}}}').encode()
+        out.append((tenant.encode(), raw, eid, tenant))
+    return out
+
+
+def _priced_count(settings: Settings) -> int:
+    consumer = Consumer(settings.kafka_config(**{"group.id": "count"}))
+    try:
+        name = settings.topic("priced")
+        return sum(consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in range(12))
+    finally:
+        consumer.close()
+
+
+def test_sigkill_mid_stream_loses_nothing_and_ledger_dedupe_is_exact(kafka_bootstrap, tmp_path):
+    settings, total = fresh_settings(kafka_bootstrap), 60_000
+    records = _fast_records(total, random.Random(5))
+    produce(settings, "usage", [(k, v) for k, v, _, _ in records])
+    env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": kafka_bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
+           "METERLINE_DATA_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--group", "crash", "--instance-id", "w1",
+           "--checkpoint-interval", "0.3", "--until-caught-up", "--json"]
+    worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while _priced_count(settings) < 5_000 and worker.poll() is None:
+        time.sleep(0.05)  # polling the broker for a condition
+    at_kill = _priced_count(settings)
+    assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert at_kill < total, "the worker finished before it could be killed; raise `total`"
+    restarted = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
+
+    priced = [json.loads(raw) for raw in read_topic(settings, "priced")]
+    assert {p["event_id"] for p in priced} == {eid for _, _, eid, _ in records}  # every event at least once
+    by_id = {p["event_id"]: p for p in priced}  # the ledger's dedupe by event_id
+    ledger: dict[str, Decimal] = defaultdict(Decimal)
+    for p in by_id.values():
+        ledger[p["tenant_id"]] += Decimal(p["cost_usd"])
+    from meterline.streams.pricing import load_catalog
+
+    catalog, truth = load_catalog(), defaultdict(Decimal)
+    for _, raw, _, tenant in records:
+        truth[tenant] += catalog.price_usage(decode(UsageEvent, raw)).cost_usd
+    assert ledger == truth  # exact to the last digit
+    spend = {}
+    for raw in read_topic(settings, "spend"):
+        u = json.loads(raw)
+        if u["scope"] == "tenant":
+            spend[u["tenant_id"]] = Decimal(u["period_cost_usd"])
+    assert all(spend[t] >= truth[t] for t in truth)  # real-time totals err toward over, never under
