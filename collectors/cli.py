@@ -28,6 +28,7 @@ def collect_gpu(
 
     Examples:  meterline collect gpu --simulate --once --json    ·    meterline collect gpu --interval 10
     """
+    import signal
     import socket
     import threading
 
@@ -56,6 +57,7 @@ def collect_gpu(
 
         sender = Sender(settings, settings.topic("gpu"), settings.data_dir / "spool" / f"gpu-{node}")
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a DaemonSet stops pods with SIGTERM: flush, then exit
     try:
         while True:
             if simulate:
@@ -73,8 +75,10 @@ def collect_gpu(
     except KeyboardInterrupt:
         pass
     finally:
+        if not simulate:
+            nvml.nvmlShutdown()
         if sender is not None:
-            delivered = sender.flush(30.0)
+            delivered = sender.flush(10.0)
             sender.close()
             if not delivered:
                 err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; "

@@ -96,6 +96,7 @@ class Sender:
         self._producer = Producer(self._conf)
         self._outage = False
         self._reset_producer = False
+        self._busy = False  # the thread holds records it popped but has not produced or spooled yet
         self._replay: Path | None = None
         self._replay_pending = 0
         self._drop_lock = threading.Lock()
@@ -134,11 +135,12 @@ class Sender:
         return self._spool.directory
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything queued was delivered (True) or spooled during an outage (False)."""
+        """True once everything sent so far was delivered (spool replayed too); False when `timeout`
+        passed first: the rest is then safe in the spool or in librdkafka's queue."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._idle():
-                return not self._spool.bytes and not self._outage
+            if self._idle() and not self._spool.bytes and not self._outage:
+                return True
             time.sleep(0.005)
         return False
 
@@ -178,12 +180,13 @@ class Sender:
         return self._outage or (not self._spool.bytes and not len(self._producer))
 
     def _idle(self) -> bool:
-        if self._queue or self._replay is not None:
+        if self._queue or self._busy or self._replay is not None:
             return False
         return len(self._producer) == 0 and (self._outage or not self._spool.bytes)
 
     def _drain_queue(self) -> int:
         queue, moved = self._queue, 0
+        self._busy = True
         while queue:
             item = queue.popleft()
             if type(item[0]) is bytes:
@@ -200,6 +203,7 @@ class Sender:
             else:
                 self._produce(key, value, self._on_delivery)
             moved += 1
+        self._busy = False
         return moved
 
     def _produce(self, key: bytes, value: bytes, callback) -> None:
@@ -228,11 +232,11 @@ class Sender:
             self._replay = None
 
     def _on_replay_delivery(self, err: KafkaError | None, msg) -> None:
-        self._on_delivery(err, msg)
+        self._on_delivery(err, msg, replaying=True)
         self._replay_pending -= 1
         self._finish_replay_if_done()
 
-    def _on_delivery(self, err: KafkaError | None, msg) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg, replaying: bool = False) -> None:
         if err is None:
             self.stats.delivered += 1
             self._delivered_metric.inc()
@@ -243,7 +247,8 @@ class Sender:
             self._drop(f"rejected:{err.name()}")
             return
         self._set_outage(err)
-        self._to_spool(msg.key() or b"", msg.value())
+        # A failed replay goes back to the tail even past the limit: its segment, still counted, is removed next.
+        self._to_spool(msg.key() or b"", msg.value(), force=replaying)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -264,8 +269,8 @@ class Sender:
         old.purge()
         old.flush(1.0)
 
-    def _to_spool(self, key: bytes, value: bytes) -> None:
-        if self._spool.append(key, value):
+    def _to_spool(self, key: bytes, value: bytes, force: bool = False) -> None:
+        if self._spool.append(key, value, force):
             self.stats.spooled += 1
             self._spooled_metric.inc()
         else:

@@ -50,11 +50,11 @@ class Spool:
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def append(self, key: bytes, value: bytes) -> bool:
-        """Append one record; False (nothing written) when the spool is full."""
+    def append(self, key: bytes, value: bytes, force: bool = False) -> bool:
+        """Append one record; False (nothing written) when the spool is full, unless `force`."""
         frame = HEADER.pack(len(key), len(value), zlib.crc32(value, zlib.crc32(key))) + key + value
         with self._mutex:
-            if self._bytes + len(frame) > self.max_bytes:
+            if self._bytes + len(frame) > self.max_bytes and not force:
                 return False
             if self._active_fd is None or self._active_size + len(frame) > self.segment_bytes:
                 self._rotate()

@@ -30,6 +30,7 @@ def test_a_full_spool_refuses_the_newest_record(tmp_path):
     accepted = [spool.append(b"k", b"x" * 30) for _ in range(5)]
     assert accepted == [True, True, False, False, False]
     assert spool.bytes <= 100
+    assert spool.append(b"k", b"x" * 30, force=True)  # a failed replay returns to the tail whatever the limit
 
 
 def test_a_torn_tail_is_skipped_and_counted_and_the_rest_survives_a_restart(tmp_path):
@@ -71,9 +72,9 @@ def test_spool_full_drops_are_counted_logged_and_exported_and_the_agent_never_wa
     spool, gate = meter.sender._spool, threading.Event()
     real_append = spool.append
 
-    def slow_disk(key, value):
+    def slow_disk(key, value, force=False):
         gate.wait()  # the background thread is stuck on the disk ...
-        return real_append(key, value)
+        return real_append(key, value, force)
 
     meter.record_llm("openai", "gpt-4o", 1, 1)
     wait_for(lambda: meter.sender.outage, "the outage to be noticed")
