@@ -339,9 +339,11 @@ class LlmCall(_TimedCall):
         self.meter, self.provider, self.model, self.attrs = meter, provider, model, attrs
         self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_write_tokens = 0
         self.cost_usd: Decimal | str | None = None
-        # The allocator's guard (allocator/guard.py) is consulted before the call; what to do with
-        # its answer (wait, downgrade, refuse) is the guard's and the caller's business.
-        self.decision = meter.guard.check(meter.current.priority, model) if meter.guard is not None else None
+        # The allocator's guard (allocator/guard.py) is consulted before the call: it may wait, raise
+        # (throttled / over budget: nothing is recorded) or name a cheaper model, which `call.model` becomes.
+        self.decision = meter.guard.check(model, priority=meter.current.priority) if meter.guard is not None else None
+        if self.decision:
+            self.model = self.decision
 
     def usage(self, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
               cost_usd: Decimal | str | None = None) -> None:

@@ -132,19 +132,21 @@ def test_missing_tenant_or_bad_priority_is_rejected_when_the_meter_is_made(tmp_p
         Meter(Settings(data_dir=tmp_path), tenant_id="acme", priority="urgent", sender=CapturingSender())
 
 
-def test_guard_is_consulted_before_a_timed_llm_call(tmp_path):
+def test_guard_is_consulted_before_a_timed_llm_call_and_may_downgrade_it(tmp_path):
     asked = []
 
-    class Guard:
-        def check(self, priority, model):
-            asked.append((priority, model))
-            return "downgrade:gpt-4o-mini"
+    class Guard:  # the signature of allocator.guard.Guard.check
+        def check(self, model=None, *, cost_usd=None, priority=None, wait=True):
+            asked.append((model, priority))
+            return "gpt-4o-mini"
 
     meter = Meter(Settings(data_dir=tmp_path), tenant_id="acme", priority="low", guard=Guard(), sender=CapturingSender(),
                   register_pid=False)
     with meter.llm_call("openai", "gpt-4o") as call:
-        assert call.decision == "downgrade:gpt-4o-mini"
-    assert asked == [("low", "gpt-4o")]
+        assert (call.decision, call.model) == ("gpt-4o-mini", "gpt-4o-mini")
+        call.usage(10, 1)
+    assert asked == [("gpt-4o", "low")]
+    assert decode(UsageEvent, meter.sender.records[-1][1]).model == "gpt-4o-mini"  # what was actually called
 
 
 def test_meter_registers_its_pid_session_and_removes_it_on_close(tmp_path):
