@@ -42,7 +42,7 @@ from meterline.schemas.events import (
 
 from .gpu import GpuPool, fair_shares
 from .periods import period_bounds
-from .scopes import is_within, lineage, tenant_of
+from .scopes import canonical, is_within, level_key, lineage, tenant_of
 
 ZERO = Decimal(0)
 CENT_NANO = Decimal("1e-12")
@@ -93,7 +93,7 @@ class BudgetState:
 
     def rate(self, now: datetime, window: timedelta) -> tuple[Decimal, Decimal]:
         """(cost per second, events per second) over the recent window."""
-        while self.recent and now - self.recent[0][0] > window:
+        while self.recent and now - self.recent[0][0] >= window:
             self.recent.popleft()
         span = Decimal(max(1.0, min(window, now - self.start).total_seconds()))
         return sum((c for _, c, _ in self.recent), ZERO) / span, Decimal(sum(e for _, _, e in self.recent)) / span
@@ -137,10 +137,11 @@ class Engine:
         self.budgets: dict[str, BudgetState] = {}
         self.leases: dict[str, Lease] = {}
         self.gpu = GpuPool()
-        self._windows: dict[str, dict[datetime, tuple[Decimal, Decimal, datetime]]] = {}
+        self._windows: dict[tuple, dict[datetime, tuple[Decimal, Decimal, datetime]]] = {}  # by level_key
         self._published: dict[str, tuple[tuple, ThrottleDecision]] = {}
         self._alerts: list[Anomaly] = []
         self._tenants_seen: set[str] = set()
+        self._totals: dict[str, tuple[datetime, int, Decimal]] = {}
 
     # ---- inputs -------------------------------------------------------------------------
     def apply_policy(self, policy: BudgetPolicy) -> None:
@@ -160,22 +161,32 @@ class Engine:
         """Add a window's spend to every budget on its scope (a re-sent window counts once)."""
         now = self.clock()
         self._tenants_seen.add(update.tenant_id)
-        lease = self._lease_for(update.scope_id, now) if update.scope == "session" else None  # before the window lands
-        windows = self._windows.setdefault(update.scope_id, {})
+        scope_id = canonical(update.tenant_id, update.scope, update.scope_id)
+        lease = self._lease_for(scope_id, now) if update.scope == "session" else None  # before the window lands
+        d_events, d_gpu = self._period_deltas(scope_id, update)
+        windows = self._windows.setdefault(level_key(scope_id), {})
         old_usd, old_gpu, _ = windows.get(update.window_start, (ZERO, ZERO, update.window_end))
-        d_usd, d_gpu = max(ZERO, update.window_cost_usd - old_usd), max(ZERO, update.gpu_seconds - old_gpu)
-        windows[update.window_start] = (max(old_usd, update.window_cost_usd), max(old_gpu, update.gpu_seconds), update.window_end)
-        for state in self._budgets_on(update.scope_id):
+        d_usd = max(ZERO, update.window_cost_usd - old_usd)
+        windows[update.window_start] = (max(old_usd, update.window_cost_usd), old_gpu + d_gpu, update.window_end)
+        for state in self._budgets_on(scope_id):
             state.roll(now)
             if state.start <= update.window_start < state.end:
                 delta = d_usd if state.policy.unit == "usd" else d_gpu / 3600
                 state.spent += delta
-                state.recent.append((update.window_end, delta, update.events))
+                state.recent.append((update.window_end, delta, d_events))
                 self._check_alerts(state, now)
         if lease and update.window_start >= lease.epoch:
             lease.spent += d_usd
-            lease.events += update.events
+            lease.events += d_events
             lease.last_seen = now
+
+    def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Decimal]:
+        """New events and GPU-seconds since the last update (the contract carries them period-to-date)."""
+        old = self._totals.get(scope_id)
+        self._totals[scope_id] = (update.period_start, update.events, update.gpu_seconds)
+        if old is None or old[0] != update.period_start:
+            return update.events, update.gpu_seconds
+        return max(0, update.events - old[1]), max(ZERO, update.gpu_seconds - old[2])
 
     def apply_gpu(self, sample: GpuSample) -> None:
         self.gpu.observe(sample.level, sample.gpu_uuid, sample.mig_uuid, sample.mig_slices, sample.mig_total_slices,
@@ -194,7 +205,7 @@ class Engine:
                 continue
             state.roll(now)
             recorded = self.ledger_spend(state.policy.scope, state.policy.scope_id, state.start)
-            recent = sum((c for start, (c, _, end) in self._windows.get(state.policy.scope_id, {}).items()
+            recent = sum((c for start, (c, _, end) in self._windows.get(level_key(state.policy.scope_id), {}).items()
                           if start >= state.start and end > now - self.config.ledger_lag), ZERO)
             state.spent = recorded + recent
             self._check_alerts(state, now)
@@ -341,8 +352,8 @@ class Engine:
 
     # ---- spend leases -------------------------------------------------------------------
     def _hard_ancestors(self, scope_id: str) -> list[BudgetState]:
-        ids = {sid for _, sid in lineage(scope_id)}
-        return [s for s in self.budgets.values() if s.policy.hard and s.policy.unit == "usd" and s.policy.scope_id in ids]
+        levels = {level_key(sid) for _, sid in lineage(scope_id)}
+        return [s for s in self.budgets.values() if s.policy.hard and s.policy.unit == "usd" and level_key(s.policy.scope_id) in levels]
 
     def _lease_for(self, session_id: str, now: datetime) -> Lease | None:
         hard = self._hard_ancestors(session_id)
@@ -457,14 +468,15 @@ class Engine:
 
     # ---- bookkeeping --------------------------------------------------------------------
     def _budgets_on(self, scope_id: str) -> list[BudgetState]:
-        return [s for s in self.budgets.values() if s.policy.scope_id == scope_id]
+        level = level_key(scope_id)
+        return [s for s in self.budgets.values() if level_key(s.policy.scope_id) == level]
 
     def _windows_sum(self, scope_id: str, since: datetime) -> Decimal:
-        return sum((c for start, (c, _, _) in self._windows.get(scope_id, {}).items() if start >= since), ZERO)
+        return sum((c for start, (c, _, _) in self._windows.get(level_key(scope_id), {}).items() if start >= since), ZERO)
 
     def _spend_in_memory(self, policy: BudgetPolicy, since: datetime) -> Decimal:
         cost = lambda v: v[0] if policy.unit == "usd" else v[1] / 3600  # noqa: E731
-        return sum((cost(v) for start, v in self._windows.get(policy.scope_id, {}).items() if start >= since), ZERO)
+        return sum((cost(v) for start, v in self._windows.get(level_key(policy.scope_id), {}).items() if start >= since), ZERO)
 
     def _forget_old_windows(self, now: datetime) -> None:
         horizon = now - self.config.window_memory
@@ -490,8 +502,10 @@ def _stricter(a: ThrottleDecision, b: ThrottleDecision) -> ThrottleDecision:
     """Two rules for one key: the more severe action wins; leases keep the smaller allowance."""
     first, second = (a, b) if SEVERITY[a.action] >= SEVERITY[b.action] else (b, a)
     lease = [x for x in (a.session_lease_usd, b.session_lease_usd) if x is not None]
+    same = first.action == second.action
     return first.model_copy(update={
         "session_lease_usd": min(lease) if lease else None,
+        "reason": f"{first.reason}; {second.reason}"[:2048] if same else first.reason,
         "limits": _min_limits(first.limits, second.limits) if first.action == second.action else first.limits})
 
 

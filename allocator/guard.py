@@ -29,7 +29,7 @@ from typing import Literal
 from meterline.schemas.events import InvalidEvent, Priority, ThrottleDecision, decision_key, decode
 
 from ._kafka import assign_from_beginning
-from .scopes import scope_ids, tenant_of
+from .scopes import bare, scope_ids, tenant_of
 
 NANO = Decimal(10**9)
 FailMode = Literal["open", "closed"]
@@ -194,7 +194,9 @@ class Guard:
         self.queue_timeout, self.lease_timeout = queue_timeout, lease_timeout
         self.clock = clock
         self.scopes = scope_ids(tenant_id, team, project, agent_id, session_id)
-        self.session_key = decision_key("session", self.scopes["session"], None) if "session" in self.scopes else None
+        # each scope under its path id and its bare id (what a tenant-qualified spend job's ids become)
+        self._ids = {scope: tuple(dict.fromkeys((sid, bare(sid)))) for scope, sid in self.scopes.items()}
+        self._session_keys = tuple(decision_key("session", sid, None) for sid in self._ids.get("session", ()))
         self._plans: dict[str, _Plan] = {}
         self._buckets: dict[str, tuple[str, TokenBucket]] = {}
         self._lock = threading.Lock()
@@ -221,8 +223,8 @@ class Guard:
     def _debit(self, nanos: int) -> None:
         with self._lock:
             self.spent += nanos
-            lease = self.feed.decisions.get(self.session_key) if self.session_key else None
-            if lease is None or lease.expires <= self.clock():
+            now = self.clock()
+            if not any((d := self.feed.decisions.get(k)) is not None and d.expires > now for k in self._session_keys):
                 self.spent_unleased += nanos
 
     def _plan(self, priority: str) -> _Plan:
@@ -235,16 +237,16 @@ class Guard:
     def _build_plan(self, priority: str, now: float) -> _Plan:
         version, table = self.feed.version, self.feed.decisions
         live, valid_until, expired = [], now + 3600.0, False
-        for scope, scope_id in self.scopes.items():
-            found = [d for d in (table.get(decision_key(scope, scope_id, priority)), table.get(decision_key(scope, scope_id, None))) if d]
+        for scope, ids in self._ids.items():
+            found = [d for sid in ids for d in (table.get(decision_key(scope, sid, priority)), table.get(decision_key(scope, sid, None))) if d]
             current = next((d for d in found if d.expires > now), None)
             if current is not None:
-                key = decision_key(scope, scope_id, current.decision.priority)
+                key = decision_key(scope, current.decision.scope_id, current.decision.priority)
                 live.append((key, current))
                 valid_until = min(valid_until, current.expires)
             elif found:
                 expired = True
-        lease = next((d for k, d in live if k == self.session_key), None)
+        lease = next((d for k, d in live if d.decision.scope == "session" and d.limit is not None), None)
         starters = [d.starter for _, d in live if d.starter is not None]
         starter = None if lease or not starters else min(starters)
         if lease is not None and lease.limit is not None:

@@ -41,3 +41,23 @@ def tenant_of(scope_id: str) -> str:
 
 def is_within(scope_id: str, ancestor_id: str) -> bool:
     return scope_id == ancestor_id or scope_id.startswith(ancestor_id + SEP)
+
+
+def canonical(tenant_id: str, scope: Scope, scope_id: str) -> str:
+    """A path id for any producer's id: paths stay; a bare id (e.g. 's-42' from a spend job that
+    qualifies ids by tenant only) is placed at its level with unknown parents: 'acme////s-42'."""
+    if scope == "tenant" or scope_id.startswith(tenant_id + SEP):
+        return scope_id
+    return tenant_id + SEP * SCOPES.index(scope) + scope_id
+
+
+def level_key(scope_id: str) -> tuple[str, int, str]:
+    """(tenant, depth, own id): the same scope whether its parents are known or not."""
+    parts = scope_id.split(SEP)
+    return parts[0], len(parts) - 1, parts[-1]
+
+
+def bare(scope_id: str) -> str:
+    """The id with its parents left unknown: what `canonical` makes of a bare id."""
+    tenant, depth, own = level_key(scope_id)
+    return tenant + SEP * depth + own if depth else tenant

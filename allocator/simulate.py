@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 
 from meterline.schemas.events import SpendUpdate, new_id, utcnow
 
 from .scopes import lineage, tenant_of
+
+PERIOD_START = datetime(2000, 1, 1, tzinfo=timezone.utc)  # stand-in: the allocator keeps its own periods
 
 
 class SpendReporter:
@@ -28,6 +30,7 @@ class SpendReporter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spend-reporter", daemon=True)
         self._window_start = utcnow()
+        self._events: dict[str, int] = defaultdict(int)   # period-to-date, as the streams job sends them
 
     def start(self) -> SpendReporter:
         self._thread.start()
@@ -47,8 +50,9 @@ class SpendReporter:
         start, end = self._window_start, utcnow()
         self._window_start = end
         for scope_id, (cost, events) in pending.items():
+            self._events[scope_id] += events
             self.producer.produce(self.settings.topic("spend"), key=tenant_of(scope_id).encode(),
-                                  value=spend_update(scope_id, start, end, cost, events).to_json())
+                                  value=spend_update(scope_id, start, end, cost, self._events[scope_id]).to_json())
         self.producer.flush(10)
         return len(pending)
 
@@ -62,8 +66,10 @@ class SpendReporter:
             self.flush()
 
 
-def spend_update(scope_id: str, start: datetime, end: datetime, cost: Decimal, events: int = 1) -> SpendUpdate:
+def spend_update(scope_id: str, start: datetime, end: datetime, cost: Decimal, events: int = 1,
+                 period_start: datetime = PERIOD_START) -> SpendUpdate:
+    """A window's cost; `events` is period-to-date, as in the contract."""
     scope = lineage(scope_id)[-1][0]
     return SpendUpdate(update_id=new_id(), ts=end, tenant_id=tenant_of(scope_id), scope=scope, scope_id=scope_id,
-                       window_start=start, window_end=end, window_cost_usd=cost, period_start=start,
+                       window_start=start, window_end=end, window_cost_usd=cost, period_start=period_start,
                        period_cost_usd=cost, events=events)

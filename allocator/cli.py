@@ -1,0 +1,168 @@
+"""`meterline budget set|list|delete` and `meterline allocator`."""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Optional
+
+import typer
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
+
+budget_app = typer.Typer(
+    help=("Budgets per tenant / team / project / agent / session, in USD or GPU-hours, per day, week, month or a "
+          "custom period. They live on the compacted budgets topic; the allocator turns them into decisions.\n\n"
+          "Example:  meterline budget set --tenant acme --team research --amount 500 --period month "
+          "--timezone Europe/Berlin --alert 50 --alert 80 --alert 100 --action low=deny --action batch=deny"),
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(budget_app, name="budget")
+    app.command("allocator")(allocator)
+
+
+@budget_app.command("set")
+def budget_set(
+    tenant: Annotated[str, typer.Option(help="Tenant id (always required).")],
+    amount: Annotated[str, typer.Option(help="Budget per period, exact decimal (USD or GPU-hours).")],
+    team: Annotated[str, typer.Option(help="Team, to budget a team (or something below it).")] = "",
+    project: Annotated[str, typer.Option(help="Project.")] = "",
+    agent: Annotated[str, typer.Option(help="Agent id.")] = "",
+    session: Annotated[str, typer.Option(help="Session id.")] = "",
+    unit: Annotated[str, typer.Option(help="usd or gpu_hours. A tenant's GPU-hour budget is also its nominal GPU share.")] = "usd",
+    period: Annotated[str, typer.Option(help="day, week, month or custom.")] = "month",
+    anchor: Annotated[Optional[datetime], typer.Option(help="Reset anchor (ISO time): its local time of day, weekday or day of month; start of a custom period.")] = None,
+    period_seconds: Annotated[Optional[int], typer.Option(help="Length of a custom period.")] = None,
+    timezone: Annotated[str, typer.Option(help="IANA zone the period boundaries are computed in.")] = "UTC",
+    soft: Annotated[bool, typer.Option("--soft", help="Alert and throttle, never deny, no spend leases.")] = False,
+    alert: Annotated[Optional[list[int]], typer.Option(help="Alert threshold in % (repeat). Each fires once per period.")] = None,
+    action: Annotated[Optional[list[str]], typer.Option(help="class=action when exceeded, e.g. low=deny (repeat). Classes: critical high normal low batch; actions: allow throttle queue downgrade deny preempt.")] = None,
+    policy_id: Annotated[Optional[str], typer.Option("--id", help="Policy id (default: scope:path:unit:period).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create or replace a budget (same id replaces). Prints the stored policy."""
+    from meterline.console import console, emit_json, fail
+    from meterline.schemas.events import BudgetPolicy, InvalidEvent, build
+    from meterline.settings import get_settings
+
+    from .budgets import publish_policy
+    from .scopes import scope_ids
+
+    ids = scope_ids(tenant, team, project, agent, session)
+    scope, scope_id = list(ids.items())[-1]
+    try:
+        exact = Decimal(amount)
+    except InvalidOperation:
+        fail(f"--amount {amount!r} is not a decimal number; write it like 500 or 12.50")
+    try:
+        actions = dict(BudgetPolicy.model_fields["actions"].default_factory())  # type: ignore[misc]
+        actions.update(_pairs(action or []))
+        fields = dict(policy_id=policy_id or f"{scope}:{scope_id}:{unit}:{period}", tenant_id=tenant, scope=scope,
+                      scope_id=scope_id, unit=unit, amount=exact, period=period, period_anchor=anchor,
+                      period_seconds=period_seconds, timezone=timezone, hard=not soft, actions=actions)
+        if alert:
+            fields["alert_thresholds_pct"] = alert
+        policy = build(BudgetPolicy, **fields)
+    except (InvalidEvent, ValueError) as err:
+        fail(f"{err}. See `meterline budget set --help`.")
+    try:
+        publish_policy(get_settings(), policy)
+    except Exception as err:  # noqa: BLE001
+        fail(f"could not publish the budget to {get_settings().bootstrap}: {err}. Is Kafka running (`meterline kafka start`)?")
+    if as_json:
+        emit_json(policy.model_dump(mode="json"))
+    else:
+        console.print(f"[green]budget {policy.policy_id}[/]: {policy.amount} {policy.unit} per {policy.period} on {scope} {scope_id}"
+                      f" ({'hard' if policy.hard else 'soft'}, {policy.timezone})")
+
+
+@budget_app.command("list")
+def budget_list(as_json: JsonFlag = False, tenant: Annotated[Optional[str], typer.Option(help="Only this tenant.")] = None) -> None:
+    """Show every live budget (read from the budgets topic)."""
+    from meterline.console import console, emit_json, fail, table
+    from meterline.settings import get_settings
+
+    from .budgets import read_policies
+
+    try:
+        policies = [p for p in read_policies(get_settings()).values() if tenant is None or p.tenant_id == tenant]
+    except Exception as err:  # noqa: BLE001
+        fail(f"could not read budgets from {get_settings().bootstrap}: {err}. Is Kafka running?")
+    if as_json:
+        emit_json([p.model_dump(mode="json") for p in policies])
+        return
+    rows = [{"id": p.policy_id, "scope": p.scope, "scope_id": p.scope_id, "amount": p.amount, "unit": p.unit,
+             "period": p.period, "tz": p.timezone, "hard": "hard" if p.hard else "soft",
+             "alerts %": ",".join(map(str, p.alert_thresholds_pct)),
+             "on exceed": " ".join(f"{k}={v}" for k, v in p.actions.items())} for p in policies]
+    console.print(table(rows) if rows else "no budgets yet: `meterline budget set --help`")
+
+
+@budget_app.command("delete")
+def budget_delete(policy_id: Annotated[str, typer.Argument(help="The policy id, as `budget list` shows it.")], as_json: JsonFlag = False) -> None:
+    """Delete a budget (a tombstone on the budgets topic); its decisions are retired."""
+    from meterline.console import console, emit_json, fail
+    from meterline.settings import get_settings
+
+    from .budgets import delete_policy
+
+    try:
+        delete_policy(get_settings(), policy_id)
+    except Exception as err:  # noqa: BLE001
+        fail(f"could not delete {policy_id}: {err}. Is Kafka running?")
+    emit_json({"deleted": policy_id}) if as_json else console.print(f"deleted budget {policy_id}")
+
+
+def allocator(
+    heartbeat: Annotated[float, typer.Option(help="Seconds between re-publishing live decisions.")] = 2.0,
+    ttl: Annotated[float, typer.Option(help="Seconds a decision stays valid without a heartbeat.")] = 30.0,
+    reconcile: Annotated[float, typer.Option(help="Seconds between ledger reconciliations (0 = off).")] = 60.0,
+    group: Annotated[Optional[str], typer.Option(help="Consumer group, to split tenants over several allocators.")] = None,
+) -> None:
+    """Run the allocator: budgets + spend + GPU samples in, throttle decisions and budget alerts out.
+
+    Decisions go to the compacted control topic (key scope:id:class); agents' guards obey them.
+    Stop with Ctrl-C.
+    """
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from meterline.console import console
+    from meterline.settings import get_settings
+
+    from .engine import Engine, EngineConfig
+    from .ledger import ledger_spend_or_none
+    from .service import AllocatorService
+
+    settings = get_settings()
+    engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl)), ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
+                    downgrade_for=_downgrade_for())
+    service = AllocatorService(settings, engine, heartbeat_every=heartbeat, reconcile_every=reconcile or 1e9, group_id=group)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print(f"allocator on {settings.bootstrap}: {settings.topic('control')} ← decisions; Ctrl-C stops")
+    service.run(stop)
+    console.print(f"allocator stopped: {dict(service.counts)}")
+
+
+def _downgrade_for():
+    try:
+        from meterline.streams.pricing import load_catalog
+
+        return load_catalog().downgrade_for
+    except Exception:  # noqa: BLE001 - no catalog: downgrade decisions fall back to throttle
+        return None
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--action {item!r} must look like class=action, e.g. low=deny")
+        out[key.strip()] = value.strip()
+    return out
