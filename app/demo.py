@@ -1,9 +1,391 @@
-"""`meterline demo`: a simulated fleet against the whole pipeline (work in progress)."""
+"""`meterline demo`: the whole pipeline with a SIMULATED fleet of agents, live in the terminal.
+
+The fleet (every number below is simulated, reproducible with --seed):
+
+* four tenants with hourly budgets published through the allocator's budget API:
+  acme (paced: spends faster than its budget allows, so low-priority work is throttled),
+  globex (comfortable), initech (has a runaway agent), umbrella (small budget, runs out:
+  its normal/low/batch agents are denied, `high` is downgraded to a cheaper model,
+  `critical` keeps running);
+* a priority mix (critical … batch) across agents that call real model names, priced by
+  the catalog, plus tool calls and one self-hosted model nobody can price;
+* a runaway agent at initech that loops on the same call (after a normal recent history);
+* a simulated GPU node (`meterline collect gpu --simulate`) whose processes belong to
+  acme and globex sessions.
+
+Every agent checks its allocator guard before each call and obeys: throttled calls back
+off, downgraded calls use the model they are told to, denied calls stop. The demo ends
+with a chargeback table from the ledger, checked against the ledger's own total.
+"""
 from __future__ import annotations
 
-from meterline.console import fail
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Annotated, Any, Optional
+
+import typer
+
+log = logging.getLogger("meterline.demo")
+BANNER = "SIMULATED DATA — a synthetic fleet, not real usage"
 
 
-def demo_command() -> None:
-    """Run the pipeline with a SIMULATED fleet of agents."""
-    fail("`meterline demo` is not wired yet")
+@dataclass
+class AgentSpec:
+    tenant: str
+    team: str
+    project: str
+    agent: str
+    priority: str
+    provider: str
+    model: str
+    calls_per_s: float
+    input_tokens: int
+    output_tokens: int
+    cache_ratio: float = 0.3
+    tool: str = ""
+    runaway: bool = False
+
+
+FLEET: tuple[AgentSpec, ...] = (
+    AgentSpec("acme", "research", "rag", "planner", "high", "anthropic", "claude-sonnet-4", 3, 6000, 900),
+    AgentSpec("acme", "research", "rag", "retriever", "normal", "openai", "gpt-4o", 4, 4000, 400, tool="web_search"),
+    AgentSpec("acme", "support", "triage", "classifier", "low", "openai", "gpt-4o", 4, 3000, 200),
+    AgentSpec("acme", "ops", "nightly", "reindexer", "batch", "openai", "gpt-4o", 4, 8000, 300),
+    AgentSpec("globex", "ml", "eval", "judge", "normal", "openai", "gpt-4o-mini", 4, 3000, 300),
+    AgentSpec("globex", "ml", "finetune", "trainer", "batch", "self-hosted", "globex-llama-70b-ft", 1, 2000, 500),
+    AgentSpec("initech", "research", "agents", "coder", "normal", "anthropic", "claude-sonnet-4", 2, 5000, 1200),
+    AgentSpec("initech", "research", "agents", "looper", "normal", "openai", "gpt-4o", 25, 3000, 600, runaway=True),
+    AgentSpec("umbrella", "product", "chat", "assistant", "high", "openai", "gpt-4o", 3, 5000, 800),
+    AgentSpec("umbrella", "product", "chat", "summarizer", "normal", "openai", "gpt-4o", 4, 6000, 600),
+    AgentSpec("umbrella", "ops", "alerts", "pager", "critical", "openai", "gpt-4o-mini", 2, 1500, 200),
+    AgentSpec("umbrella", "ops", "backfill", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
+)
+BUDGETS_USD = {"acme": Decimal("20"), "globex": Decimal("500"), "initech": Decimal("200"), "umbrella": Decimal("0.60")}
+# What each priority class gets once a budget is used up (soft budgets turn deny into throttle).
+EXCEED_ACTIONS = {"critical": "allow", "high": "downgrade", "normal": "queue", "low": "deny", "batch": "deny"}
+# Hard budgets also hand out per-session spend leases. Those need the stream's session spend
+# updates to carry the allocator's tenant-path scope ids; until both sides agree, a hard budget
+# would hold every session at its starter allowance, so the demo runs soft budgets.
+HARD_BUDGETS = False
+
+
+@dataclass
+class Outcomes:
+    """What the agents saw, per tenant: calls made, throttled, downgraded, denied."""
+
+    counts: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    sent: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, tenant: str, what: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[tenant][what] += n
+            if what in ("ok", "downgraded", "history"):
+                self.sent += n
+
+
+class Agent(threading.Thread):
+    """One simulated agent: guard.check → (obey) → meter.record → guard.record, in a loop."""
+
+    def __init__(self, spec: AgentSpec, settings: Any, feed: Any, catalog: Any, outcomes: Outcomes, stop: threading.Event,
+                 seed: int):
+        super().__init__(name=f"agent-{spec.tenant}-{spec.agent}", daemon=True)
+        from meterline.allocator.guard import Guard
+        from meterline.collectors.sdk import Meter
+
+        self.spec, self.catalog, self.outcomes, self.stop_event = spec, catalog, outcomes, stop
+        self.random = random.Random(seed)
+        session = f"{spec.agent}-{seed % 10_000:04d}"
+        self.meter = Meter(settings, tenant_id=spec.tenant, team=spec.team, project=spec.project, agent_id=spec.agent,
+                           session_id=session, priority=spec.priority, register_pid=False)
+        self.guard = Guard(feed, spec.tenant, spec.team, spec.project, spec.agent, session, priority=spec.priority,
+                           fail_mode="open", queue_timeout=2.0, lease_timeout=2.0)
+
+    def run(self) -> None:
+        from meterline.allocator.guard import AllocatorUnavailable, BudgetExceeded, Throttled
+
+        s, r = self.spec, self.random
+        pause = 1.0 / s.calls_per_s
+        while not self.stop_event.is_set():
+            tokens_in = s.input_tokens if s.runaway else max(100, int(r.gauss(s.input_tokens, s.input_tokens / 4)))
+            tokens_out = s.output_tokens if s.runaway else max(10, int(r.gauss(s.output_tokens, s.output_tokens / 4)))
+            estimate = self._price(s.model, tokens_in, tokens_out)
+            asked = time.monotonic()
+            try:  # waits (briefly) for a token, a queue slot or a spend lease, as the allocator says
+                model = self.guard.check(s.model, cost_usd=estimate, wait=True) or s.model
+            except Throttled as err:
+                self.outcomes.add(s.tenant, "throttled")
+                self.stop_event.wait(min(2.0, max(pause, err.retry_after)))
+                continue
+            except BudgetExceeded as err:
+                denied = str(err).startswith(("deny", "preempt"))
+                self.outcomes.add(s.tenant, "denied" if denied else "throttled")
+                self.stop_event.wait(1.0)  # wait for the next decision instead of calling
+                continue
+            except AllocatorUnavailable:
+                self.outcomes.add(s.tenant, "denied")
+                self.stop_event.wait(1.0)
+                continue
+            if time.monotonic() - asked > 0.05:
+                self.outcomes.add(s.tenant, "throttled")  # the guard held the call back
+            cached = int(tokens_in * s.cache_ratio)
+            self.meter.record_llm(s.provider, model, input_tokens=tokens_in, output_tokens=tokens_out,
+                                  cache_read_tokens=cached, latency_ms=int(r.uniform(200, 2500)),
+                                  status="ok" if r.random() > 0.04 else "error")
+            self.guard.record(self._price(model, tokens_in, tokens_out, cached), reserved_usd=estimate)
+            self.outcomes.add(s.tenant, "downgraded" if model != s.model else "ok")
+            if s.tool and r.random() < 0.3:
+                self.meter.record_tool(s.tool, latency_ms=int(r.uniform(100, 900)), units=1)
+                self.outcomes.add(s.tenant, "ok")
+            self.stop_event.wait(pause * r.uniform(0.7, 1.3))
+        self.meter.flush(30)
+        self.meter.close()
+
+    def _price(self, model: str, tokens_in: int, tokens_out: int, cached: int = 0) -> Decimal:
+        from meterline.schemas.events import UsageEvent, new_id, utcnow
+
+        event = UsageEvent(event_id=new_id(), ts=utcnow(), tenant_id=self.spec.tenant, kind="llm_call",
+                           provider=self.spec.provider, model=model, input_tokens=tokens_in, output_tokens=tokens_out,
+                           cache_read_tokens=cached)
+        return self.catalog.price_usage(event).cost_usd
+
+
+def send_history(settings: Any, seed: int, outcomes: Outcomes) -> None:
+    """The last half hour of the runaway agent's normal sessions, so anomaly baselines know 'normal'."""
+    from meterline.collectors.sdk import Meter
+    from meterline.schemas.events import UsageEvent, new_id
+
+    r = random.Random(seed)
+    spec = next(s for s in FLEET if s.runaway)
+    meter = Meter(settings, tenant_id=spec.tenant, team=spec.team, project=spec.project, agent_id=spec.agent,
+                  session_id="history", register_pid=False)
+    now = datetime.now(timezone.utc)
+    n = 0
+    for minute in range(30, 0, -1):
+        for k in range(3):  # three short, ordinary sessions a minute
+            session = f"{spec.agent}-hist-{minute:02d}-{k}"
+            for call in range(r.randint(1, 3)):
+                ts = now - timedelta(minutes=minute) + timedelta(seconds=k * 15 + call * 3)
+                meter.send(UsageEvent(event_id=new_id(), ts=ts, tenant_id=spec.tenant, team=spec.team, project=spec.project,
+                                      agent_id=spec.agent, session_id=session, kind="llm_call", provider=spec.provider,
+                                      model=spec.model, input_tokens=r.randint(800, 3000), output_tokens=r.randint(50, 400),
+                                      priority=spec.priority))
+                n += 1
+    meter.flush(30)
+    meter.close()
+    outcomes.add(spec.tenant, "history", n)
+
+
+def publish_budgets(settings: Any, start: datetime) -> None:
+    from meterline.allocator.budgets import publish_policy
+    from meterline.schemas.events import BudgetPolicy
+
+    for tenant, amount in BUDGETS_USD.items():
+        publish_policy(settings, BudgetPolicy(
+            policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=amount,
+            period="custom", period_anchor=start, period_seconds=3600, hard=HARD_BUDGETS, actions=EXCEED_ACTIONS))
+
+
+# ---- the terminal view --------------------------------------------------------------------------
+
+
+def view(up: Any, outcomes: Outcomes, started: float, duration: float, url: str, seed: int):
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    live = up.live
+    snap = live.snapshot(recent=8)
+    spend = {t["tenant_id"]: Decimal(t["cost_usd"]) for t in snap["tenants"]}
+    tenants = Table(title="spend per tenant (stream, period to date) and what the agents saw", expand=True)
+    for col in ("tenant", "budget $/h", "spent $", "used", "calls", "throttled", "downgraded", "denied"):
+        tenants.add_column(col, justify="left" if col == "tenant" else "right")
+    for tenant, budget in BUDGETS_USD.items():
+        c = outcomes.counts[tenant]
+        used = spend.get(tenant, Decimal(0)) / budget * 100
+        style = "red" if used >= 100 else "yellow" if used >= 80 else ""
+        tenants.add_row(tenant, f"{budget:,.2f}", f"{spend.get(tenant, Decimal(0)):,.4f}", Text(f"{used:,.0f}%", style=style),
+                        str(c["ok"] + c["downgraded"]), str(c["throttled"]), str(c["downgraded"]), str(c["denied"]))
+    decisions = Table(title=f"throttle decisions {dict(snap['decision_counts'])}", expand=True)
+    for col in ("scope", "prio", "action", "reason"):
+        decisions.add_column(col, overflow="ellipsis", no_wrap=True)
+    colours = {"deny": "red", "preempt": "red", "throttle": "yellow", "queue": "yellow", "downgrade": "cyan", "allow": "green"}
+    for d in snap["decisions"]:
+        model = f" → {d['max_model']}" if d["max_model"] else ""
+        decisions.add_row(Text(f"{d['scope']}:{d['scope_id']}"), d["priority"] or "*",
+                          Text(d["action"] + model, style=colours.get(d["action"], "")), Text(d["reason"]))
+    anomalies = Table(title=f"anomalies {dict(snap['anomaly_counts'])}", expand=True)
+    for col in ("tenant", "kind", "severity", "message"):
+        anomalies.add_column(col, overflow="ellipsis", no_wrap=True)
+    for a in snap["anomalies"]:
+        anomalies.add_row(Text(a["tenant_id"]), a["kind"], a["severity"], Text(a["message"]))
+    elapsed = time.monotonic() - started
+    header = (f"[bold black on yellow] {BANNER} [/]  seed {seed}  ·  {elapsed:4.0f}/{duration:.0f} s  ·  "
+              f"dashboard {url}/")
+    return Panel(Group(tenants, decisions, anomalies), title="meterline demo", subtitle=header)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def wait_settled(up: Any, settings: Any, timeout: float = 60.0) -> None:
+    """Until the stream worker has read all usage and the sink has stored everything."""
+    from .metrics import KafkaWatermarks
+    from .up import STREAMS_GROUP
+
+    kafka = KafkaWatermarks(settings)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            lag = kafka.lag(STREAMS_GROUP, settings.topic("usage"))
+            if lag == 0:
+                break
+            time.sleep(0.3)
+    finally:
+        kafka.close()
+    up.drain(timeout=max(5.0, deadline - time.monotonic()))
+
+
+def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_json: bool, keep: bool) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.live import Live
+
+    from meterline.allocator.guard import DecisionFeed
+    from meterline.broker import LocalBroker
+    from meterline.streams.pricing import load_catalog
+    from meterline.topics import create_topics
+
+    from .report import ReportParams, render, run_report
+    from .store import DirectLedger
+    from .up import ProcessComponent, Up, meterline_argv, settings_env
+
+    console = Console(stderr=as_json)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with console.status("Kafka: starting or finding the broker…"):
+        LocalBroker(settings).start(timeout=120)
+        create_topics(settings)
+    start = datetime.now(timezone.utc).replace(second=0, microsecond=0)  # spend windows start on the minute
+    up = Up(settings, port=port, simulated=True)
+    up.supervisor.components.append(ProcessComponent(
+        "gpu-simulator", meterline_argv("collect", "gpu", "--simulate", "--interval", "2", "--node", "sim-node-1"),
+        settings_env(settings), settings.data_dir / "logs"))
+    with console.status("starting the pipeline (streams, sink, allocator, API)…"):
+        url = up.start()
+        allocator = up.supervisor.get("allocator")
+        publish_budgets(settings, start)
+        if allocator is not None:
+            allocator.instance.ready.wait(30)
+    outcomes = Outcomes()
+    send_history(settings, seed, outcomes)
+    catalog = load_catalog()
+    feed = DecisionFeed(settings).start()
+    stop = threading.Event()
+    agents = [Agent(spec, settings, feed, catalog, outcomes, stop, seed * 100 + i) for i, spec in enumerate(FLEET)]
+    started = time.monotonic()
+    try:
+        for agent in agents:
+            agent.start()
+        with Live(view(up, outcomes, started, duration, url, seed), console=console, refresh_per_second=4,
+                  transient=False) as screen:
+            while time.monotonic() - started < duration:
+                up.supervisor.check(stop)
+                time.sleep(0.25)
+                screen.update(view(up, outcomes, started, duration, url, seed))
+        stop.set()
+        for agent in agents:
+            agent.join(30)
+        if (gpu := up.supervisor.get("gpu-simulator")) is not None:
+            up.supervisor.components.remove(gpu)  # no new samples: the ledger can settle
+            gpu.stop(10)
+        with console.status("letting the pipeline settle (every event priced and in the ledger)…"):
+            wait_settled(up, settings)
+        params = ReportParams.parse(since=(start - timedelta(hours=1)).isoformat())
+        ledger = DirectLedger(settings, up.client())
+        chargeback = run_report(ledger, "chargeback", params)
+        (totals,) = run_report(ledger, "totals", params).dicts()
+        summary = summarise(chargeback, totals, up, outcomes, url, seed, duration)
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            console.print(render("chargeback", params, chargeback, "table"))
+            console.print(f"[bold black on yellow] {BANNER} [/]")
+            console.print(f"ledger: {totals['priced_events']} priced events (agents sent {outcomes.sent}), "
+                          f"usage ${summary['ledger_usage_cost_usd']} + GPU ${summary['ledger_gpu_cost_usd']} = "
+                          f"chargeback ${summary['chargeback_total_usd']} "
+                          f"({'[green]equal[/]' if summary['chargeback_equals_ledger'] else '[red]MISMATCH[/]'})")
+            console.print(f"decisions {summary['decisions']} · anomalies {summary['anomalies']}")
+            console.print(f"dashboard: {url}/   (reports: `meterline report chargeback --by team`)")
+        if keep:
+            console.print("serving the dashboard until Ctrl-C…")
+            try:
+                up.run_until(threading.Event())
+            except KeyboardInterrupt:
+                pass
+        return summary
+    finally:
+        stop.set()
+        feed.close()
+        up.stop()
+
+
+def summarise(chargeback: Any, totals: dict, up: Any, outcomes: Outcomes, url: str, seed: int, duration: float) -> dict[str, Any]:
+    from .report import exact
+
+    total_col = chargeback.columns.index("total_cost_usd")
+    charged = sum((row[total_col] for row in chargeback.rows), Decimal(0))
+    usage = totals["usage_cost_usd"] or Decimal(0)
+    gpu = totals["gpu_cost_usd"] or Decimal(0)
+    snap = up.live.snapshot()
+    return {
+        "simulated": True, "seed": seed, "duration_s": duration, "dashboard": url + "/",
+        "events_sent": outcomes.sent, "priced_events": totals["priced_events"],
+        "ledger_usage_cost_usd": exact(usage), "ledger_gpu_cost_usd": exact(gpu),
+        "chargeback_total_usd": exact(charged), "chargeback_equals_ledger": charged == usage + gpu,
+        "decisions": snap["decision_counts"], "anomalies": snap["anomaly_counts"],
+        "ledger_decisions": totals["decisions"], "ledger_anomalies": totals["anomalies"],
+        "agents": {t: dict(c) for t, c in outcomes.counts.items()},
+        "chargeback": [{k: exact(v) for k, v in row.items()} for row in chargeback.dicts()],
+    }
+
+
+def demo_command(
+    duration: Annotated[float, typer.Option(help="Seconds the simulated fleet runs.")] = 60.0,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same fleet behaviour.")] = 7,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port for the dashboard (default 8787).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (the live view goes to stderr).")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep serving the dashboard after the fleet stops, until Ctrl-C.")] = False,
+) -> None:
+    """Run the whole pipeline with a SIMULATED fleet of agents and watch it work.
+
+    Starts Kafka if needed, creates topics, migrates the ledger, runs `meterline up` and drives
+    tenants with budgets, a priority mix, a simulated GPU node, a runaway agent and a tenant that
+    runs out of budget. The live view shows spend, decisions and anomalies; the agents obey the
+    allocator (throttled, downgraded, denied). Ends with a chargeback table and the dashboard URL.
+    """
+    from meterline.console import fail
+    from meterline.settings import get_settings
+
+    from .store import running_up
+
+    settings = get_settings()
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, filename=str(logs / "demo.log"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if running_up(settings):
+        fail(f"`meterline up` already runs on {settings.data_dir}; stop it, or run the demo with another METERLINE_DATA_DIR")
+    try:
+        run_demo(settings, duration, seed, port, as_json, keep)
+    except Exception as err:  # noqa: BLE001 - one clear line; the log has the rest
+        log.exception("demo failed")
+        from rich.markup import escape
+
+        fail(escape(f"the demo stopped: {err} (details in {logs / 'demo.log'})"))

@@ -237,6 +237,7 @@ class Up:
         self._local = threading.local()
         self._clients: list[Any] = []
         self.ledger_lag = timedelta(minutes=2)
+        self._models: dict[tuple[str, str], tuple[float, str | None]] = {}
         self.api = None
         self.registry = None
         self.latency = None
@@ -276,7 +277,7 @@ class Up:
         from meterline.streams.pricing import load_catalog
 
         catalog = load_catalog()
-        engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for)
+        engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for, primary_model=self.primary_model)
         self.ledger_lag = engine.config.ledger_lag
         service = AllocatorService(self.settings, engine, group_id=ALLOCATOR_GROUP)
         return service
@@ -297,6 +298,27 @@ class Up:
         rows = DirectLedger(self.settings, self.client()).query(load_query("scope_spend"), {
             **scope_filter(scope, scope_id), "since": since, "until": until, "bucket_seconds": 86400 * 366}).rows
         return sum((Decimal(r[1]) for r in rows), Decimal(0))
+
+    def primary_model(self, scope: str, scope_id: str) -> str | None:
+        """The model a scope spends most on (last hour, from the ledger), cached for a few seconds."""
+        from datetime import datetime, timezone
+
+        from .report import load_query, scope_filter
+        from .store import DirectLedger
+
+        now = time.monotonic()
+        cached = self._models.get((scope, scope_id))
+        if cached and now - cached[0] < (15.0 if cached[1] else 3.0):
+            return cached[1]
+        try:
+            rows = DirectLedger(self.settings, self.client()).query(load_query("primary_model"), {
+                **scope_filter(scope, scope_id), "since": datetime.now(timezone.utc) - timedelta(hours=1)}).rows
+        except Exception:  # noqa: BLE001 - no model known: the allocator throttles instead of downgrading
+            log.exception("primary model lookup failed")
+            rows = []
+        model = rows[0][0] if rows else None
+        self._models[(scope, scope_id)] = (now, model)
+        return model
 
     def _observe_latency(self, seconds: float) -> None:
         if self.latency is not None:

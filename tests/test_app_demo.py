@@ -1,0 +1,62 @@
+"""End to end from the CLI: `meterline demo` on the real broker and an embedded store.
+
+After the demo exits, the test reads the ledger with the CLI (the store is free again):
+decisions of at least three kinds, at least one anomaly, every event the agents sent priced
+exactly once, and a chargeback whose total equals the priced rows in the ledger.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from decimal import Decimal
+
+import pytest
+
+CLI = [sys.executable, "-c", "from meterline.cli import main; main()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env.update(METERLINE_KAFKA_BOOTSTRAP=settings.bootstrap, METERLINE_TOPIC_PREFIX=settings.topic_prefix,
+               METERLINE_DATA_DIR=str(settings.data_dir), METERLINE_CLICKHOUSE_DSN=settings.dsn)
+
+    def meterline(*args: str, timeout: float = 120) -> str:
+        done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stdout
+
+    summary = json.loads(meterline("demo", "--duration", "40", "--seed", "11", "--port", str(free_port()), "--json", timeout=600))
+    assert summary["simulated"] is True and summary["dashboard"].startswith("http://127.0.0.1:")
+
+    actions = {r["action"]: int(r["n"]) for r in json.loads(meterline(
+        "sql", "SELECT action, count() AS n FROM throttle_decisions GROUP BY action", "-f", "json"))}
+    assert len(actions) >= 3, actions
+    assert {"throttle", "downgrade"} <= set(actions), actions  # the agents were told to slow down and to step down
+    anomalies = {r["kind"]: int(r["n"]) for r in json.loads(meterline(
+        "sql", "SELECT kind, count() AS n FROM anomalies GROUP BY kind", "-f", "json"))}
+    assert sum(anomalies.values()) >= 1, anomalies
+
+    (ledger,) = json.loads(meterline("sql", "SELECT count() AS n, uniqExact(event_id) AS ids, toString(sum(cost_usd)) AS usage, "
+                                     "(SELECT toString(sum(cost_usd)) FROM gpu_samples WHERE level = 'process') AS gpu "
+                                     "FROM priced_events", "-f", "json"))
+    assert int(ledger["n"]) == int(ledger["ids"]) == summary["events_sent"]  # every event, exactly once
+    chargeback = json.loads(meterline("report", "chargeback", "--by", "tenant", "--since", "1d", "-f", "json"))["rows"]
+    assert {"acme", "globex", "initech", "umbrella"} <= {r["tenant"] for r in chargeback}
+    total = sum(Decimal(r["total_cost_usd"]) for r in chargeback)
+    assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) > 0  # to the last digit
+    assert summary["chargeback_equals_ledger"] is True
+    by_model = json.loads(meterline("report", "chargeback", "--by", "model", "--since", "1d", "-f", "json"))["rows"]
+    assert sum(Decimal(r["total_cost_usd"]) for r in by_model) == total
+    (obeyed,) = json.loads(meterline("sql", "SELECT countIf(model != 'gpt-4o') AS downgraded FROM priced_events "
+                                     "WHERE tenant_id = 'umbrella' AND agent_id = 'assistant'", "-f", "json"))
+    assert int(obeyed["downgraded"]) > 0  # umbrella's high-priority agent called the cheaper model it was told to
