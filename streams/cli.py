@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("streams")
     def streams(
-        group: Annotated[str, typer.Option(help="Consumer group; run more workers with the same group to scale out.")] = "meterline-streams",
+        group: Annotated[Optional[str], typer.Option(help="Consumer group (default <topic prefix>.streams); run more workers with the same group to scale out.")] = None,
         catalog: Annotated[Optional[Path], typer.Option(help="Price catalog TOML (default: the one shipped in streams/catalog.toml).")] = None,
         checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints (spend published, outputs flushed, offsets committed).")] = 1.0,
         dedupe_window: Annotated[int, typer.Option(help="Event ids remembered per usage partition to drop producer retries.")] = 100_000,

@@ -142,7 +142,7 @@ def restore_spend(settings: Settings, now: datetime | None = None) -> dict[Scope
 
 
 class StreamWorker:
-    def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str = "meterline-streams",
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str | None = None,
                  checkpoint_interval: float = 1.0, dedupe_per_partition: int = 100_000,
                  detector_config: DetectorConfig | None = None, webhook_url: str | None = None,
                  batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1),
@@ -151,6 +151,7 @@ class StreamWorker:
         self.catalog = catalog or load_catalog()
         self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "priced", "dlq", "spend", "anomalies")}
         self.state_topic = ensure_state_topic(settings)
+        group_id = group_id or f"{settings.topic_prefix}.streams"  # one group per topic prefix
         self.group_id, self.checkpoint_interval, self.batch_size = group_id, checkpoint_interval, batch_size
         self.dedupe_per_partition, self.session_idle = dedupe_per_partition, session_idle
         self.dedupe: dict[int, DedupeWindow] = {}
@@ -206,9 +207,13 @@ class StreamWorker:
         assigned = self.consumer.assignment()
         if not assigned:
             return False
-        for tp in self.consumer.position(assigned):
+        positions = self.consumer.position(assigned)
+        unread = [tp for tp in positions if tp.offset < 0]  # nothing consumed since start: where the group left off
+        committed = {(tp.topic, tp.partition): tp.offset for tp in (self.consumer.committed(unread, timeout=10) if unread else [])}
+        for tp in positions:
+            offset = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
             high = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
-            if high > 0 and (tp.offset < 0 or tp.offset < high):
+            if high > 0 and offset < high:
                 return False
         return True
 

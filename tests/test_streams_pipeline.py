@@ -204,32 +204,33 @@ def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, s
     return out
 
 
-def _priced_count(settings: Settings) -> int:
-    consumer = Consumer(settings.kafka_config(**{"group.id": "count"}))
-    try:
-        name = settings.topic("priced")
-        return sum(consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in range(12))
-    finally:
-        consumer.close()
+def _priced_count(settings: Settings, consumer: Consumer) -> int:
+    name = settings.topic("priced")
+    return sum(consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10, cached=False)[1] for p in range(12))
 
 
 def test_sigkill_mid_stream_loses_nothing_and_ledger_dedupe_is_exact(kafka_bootstrap, tmp_path):
     settings, total = fresh_settings(kafka_bootstrap), 60_000
     records = _fast_records(total, random.Random(5))
-    produce(settings, "usage", [(k, v) for k, v, _, _ in records])
+    chunks = [records[:10_000], records[10_000:20_000], records[20_000:]]
     env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": kafka_bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
            "METERLINE_DATA_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--group", "crash", "--instance-id", "w1",
-           "--checkpoint-interval", "0.3", "--until-caught-up", "--json"]
-    worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while _priced_count(settings) < 5_000 and worker.poll() is None:
-        time.sleep(0.05)  # polling the broker for a condition
-    at_kill = _priced_count(settings)
-    assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
-    worker.send_signal(signal.SIGKILL)
+    cmd = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--instance-id", "w1",
+           "--checkpoint-interval", "0.3", "--json"]
+    worker = subprocess.Popen([*cmd, "--exit-when-idle", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    probe = Consumer(settings.kafka_config(**{"group.id": "probe"}))
+    produce(settings, "usage", [(k, v) for k, v, _, _ in chunks[0]])
+    while _priced_count(settings, probe) == 0:  # the worker is up and pricing
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    produce(settings, "usage", [(k, v) for k, v, _, _ in chunks[1]])
+    worker.send_signal(signal.SIGKILL)  # mid-stream: input is still arriving
     worker.wait()
-    assert at_kill < total, "the worker finished before it could be killed; raise `total`"
-    restarted = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+    at_kill = _priced_count(settings, probe)
+    probe.close()
+    produce(settings, "usage", [(k, v) for k, v, _, _ in chunks[2]])
+    assert 0 < at_kill < total
+    restarted = subprocess.run([*cmd, "--until-caught-up"], env=env, capture_output=True, timeout=600)
     assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
 
     priced = [json.loads(raw) for raw in read_topic(settings, "priced")]
