@@ -68,6 +68,7 @@ class EngineConfig:
     window_memory: timedelta = timedelta(hours=2)     # re-sent windows are recognised this long
     ledger_lag: timedelta = timedelta(minutes=2)      # stream windows this recent may not be in the ledger yet
     gpu_idle_for: timedelta = timedelta(minutes=10)
+    full_render_every: timedelta = timedelta(seconds=1)  # between re-evaluating everything (rates decay with time)
     gpu_weights: dict[str, Decimal] = field(default_factory=dict)
 
 
@@ -142,6 +143,10 @@ class Engine:
         self._alerts: list[Anomaly] = []
         self._tenants_seen: set[str] = set()
         self._totals: dict[str, tuple[datetime, int, Decimal]] = {}
+        self._by_level: dict[tuple[str, int, str], list[BudgetState]] = {}
+        self._sources: dict[tuple, list[ThrottleDecision]] = {}   # rendered decisions per rule source
+        self._dirty: set[tuple] = set()
+        self._last_full: datetime | None = None
 
     # ---- inputs -------------------------------------------------------------------------
     def apply_policy(self, policy: BudgetPolicy) -> None:
@@ -153,14 +158,22 @@ class Engine:
         else:
             state.spent = self._spend_in_memory(policy, start)
         self.budgets[policy.policy_id] = state
+        self._policies_changed()
 
     def remove_policy(self, policy_id: str) -> None:
         self.budgets.pop(policy_id, None)
+        self._sources.pop(("budget", policy_id), None)
+        self._policies_changed()
+
+    def _policies_changed(self) -> None:
+        self._by_level = {}
+        for state in self.budgets.values():
+            self._by_level.setdefault(level_key(state.policy.scope_id), []).append(state)
+        self._last_full = None   # leases and liveness may change anywhere: re-render everything next time
 
     def apply_spend(self, update: SpendUpdate) -> None:
         """Add a window's spend to every budget on its scope (a re-sent window counts once)."""
         now = self.clock()
-        self._tenants_seen.add(update.tenant_id)
         scope_id = canonical(update.tenant_id, update.scope, update.scope_id)
         lease = self._lease_for(scope_id, now) if update.scope == "session" else None  # before the window lands
         d_events, d_gpu = self._period_deltas(scope_id, update)
@@ -175,6 +188,12 @@ class Engine:
                 state.spent += delta
                 state.recent.append((update.window_end, delta, d_events))
                 self._check_alerts(state, now)
+                self._dirty.add(("budget", state.policy.policy_id))
+        if update.tenant_id not in self._tenants_seen:
+            self._tenants_seen.add(update.tenant_id)
+            self._dirty.add(("live", update.tenant_id))
+        if lease:
+            self._dirty.add(("lease", scope_id))
         if lease and update.window_start >= lease.epoch:
             lease.spent += d_usd
             lease.events += d_events
@@ -189,6 +208,7 @@ class Engine:
         return max(0, update.events - old[1]), max(ZERO, update.gpu_seconds - old[2])
 
     def apply_gpu(self, sample: GpuSample) -> None:
+        self._dirty.add(("gpu",))
         self.gpu.observe(sample.level, sample.gpu_uuid, sample.mig_uuid, sample.mig_slices, sample.mig_total_slices,
                          sample.tenant_id, sample.utilization_pct, sample.ts)
 
@@ -214,9 +234,12 @@ class Engine:
     def decide(self) -> Outputs:
         """Decisions whose content changed since they were last published, plus new alerts."""
         now = self.clock()
-        self._forget_old_windows(now)
-        self.gpu.prune(now)
-        wanted = self._render(now)
+        full = self._last_full is None or now - self._last_full >= self.config.full_render_every
+        if full:
+            self._last_full = now
+            self._forget_old_windows(now)
+            self.gpu.prune(now)
+        wanted = self._render(now, full)
         out = Outputs(alerts=self._alerts)
         self._alerts = []
         for key, decision in wanted.items():
@@ -246,17 +269,25 @@ class Engine:
         return renewed
 
     # ---- rendering ----------------------------------------------------------------------
-    def _render(self, now: datetime) -> dict[str, ThrottleDecision]:
-        candidates: list[ThrottleDecision] = []
-        for state in self.budgets.values():
-            state.roll(now)
-            candidates.extend(self._budget_decisions(state, now))
-        candidates.extend(self._lease_decisions(now))
-        candidates.extend(self._gpu_decisions(now))
-        candidates.extend(self._liveness(now, {d.tenant_id for d in candidates}))
+    def _render(self, now: datetime, full: bool) -> dict[str, ThrottleDecision]:
+        """Re-render the rule sources that changed (all of them when `full`), then merge per key."""
+        dirty, self._dirty = self._dirty, set()
+        for pid, state in self.budgets.items():
+            if full or ("budget", pid) in dirty:
+                state.roll(now)
+                self._sources[("budget", pid)] = list(self._budget_decisions(state, now))
+        known = {k[1] for k in self._sources if k[0] == "lease"} | set(self.leases)
+        for session_id in known if full else [k[1] for k in dirty if k[0] == "lease"]:
+            self._sources[("lease", session_id)] = list(self._lease_decisions(now, session_id))
+        if full or ("gpu",) in dirty:
+            self._sources[("gpu",)] = list(self._gpu_decisions(now))
+        budgeted = {s.policy.tenant_id for s in self.budgets.values()}
+        for tenant in self._tenants_seen if full else [k[1] for k in dirty if k[0] == "live"]:
+            self._sources[("live", tenant)] = [] if tenant in budgeted else [self._liveness(now, tenant)]
         merged: dict[str, ThrottleDecision] = {}
-        for d in candidates:
-            merged[d.key] = _stricter(merged[d.key], d) if d.key in merged else d
+        for decisions in self._sources.values():
+            for d in decisions:
+                merged[d.key] = _stricter(merged[d.key], d) if d.key in merged else d
         return merged
 
     def _decision(self, now: datetime, **fields) -> ThrottleDecision:
@@ -266,11 +297,10 @@ class Engine:
             return decision.model_copy(update={"decision_id": previous[1].decision_id})
         return decision
 
-    def _liveness(self, now: datetime, covered: set[str]) -> Iterable[ThrottleDecision]:
-        """An `allow` for every tenant seen without a budget, so fail-closed guards know we are alive."""
-        for tenant in self._tenants_seen - covered:
-            yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, action="allow",
-                                 reason="no budget applies; allocator is live")
+    def _liveness(self, now: datetime, tenant: str) -> ThrottleDecision:
+        """An `allow` for a tenant seen without a budget, so fail-closed guards know we are alive."""
+        return self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, action="allow",
+                              reason="no budget applies; allocator is live")
 
     def _budget_decisions(self, state: BudgetState, now: datetime) -> Iterable[ThrottleDecision]:
         p, cfg = state.policy, self.config
@@ -352,8 +382,8 @@ class Engine:
 
     # ---- spend leases -------------------------------------------------------------------
     def _hard_ancestors(self, scope_id: str) -> list[BudgetState]:
-        levels = {level_key(sid) for _, sid in lineage(scope_id)}
-        return [s for s in self.budgets.values() if s.policy.hard and s.policy.unit == "usd" and level_key(s.policy.scope_id) in levels]
+        return [s for _, sid in lineage(scope_id) for s in self._by_level.get(level_key(sid), ())
+                if s.policy.hard and s.policy.unit == "usd"]
 
     def _lease_for(self, session_id: str, now: datetime) -> Lease | None:
         hard = self._hard_ancestors(session_id)
@@ -393,18 +423,17 @@ class Engine:
         state.max_starter = max(state.max_starter, starter)
         return starter
 
-    def _lease_decisions(self, now: datetime) -> Iterable[ThrottleDecision]:
-        for session_id in list(self.leases):
-            lease = self._lease_for(session_id, now)
-            if lease is None:
-                continue
-            if self._idle(lease, now):
-                if lease.live_until is None or now >= lease.live_until:
-                    lease.limit, lease.live_until = lease.spent, None   # lapsed: release what it did not spend
-                    continue
-            decision = self._grant(lease, now)
-            lease.live_until = decision.expires_at
-            yield decision
+    def _lease_decisions(self, now: datetime, session_id: str) -> Iterable[ThrottleDecision]:
+        lease = self._lease_for(session_id, now)
+        if lease is None:
+            return
+        if self._idle(lease, now):
+            if lease.live_until is None or now >= lease.live_until:
+                lease.limit, lease.live_until = lease.spent, None   # lapsed: release what it did not spend
+                return
+        decision = self._grant(lease, now)
+        lease.live_until = decision.expires_at
+        yield decision
 
     def _grant(self, lease: Lease, now: datetime) -> ThrottleDecision:
         """Top the session's ceiling up from the tightest ancestor's pool, or deny when nothing is left.
@@ -468,8 +497,7 @@ class Engine:
 
     # ---- bookkeeping --------------------------------------------------------------------
     def _budgets_on(self, scope_id: str) -> list[BudgetState]:
-        level = level_key(scope_id)
-        return [s for s in self.budgets.values() if level_key(s.policy.scope_id) == level]
+        return self._by_level.get(level_key(scope_id), [])
 
     def _windows_sum(self, scope_id: str, since: datetime) -> Decimal:
         return sum((c for start, (c, _, _) in self._windows.get(level_key(scope_id), {}).items() if start >= since), ZERO)

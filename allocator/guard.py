@@ -122,7 +122,8 @@ class DecisionFeed:
         self._check_ready({})
         positions: dict[int, int] = {}
         while not self._stop.is_set():
-            batch = self._consumer.consume(500, self.poll_timeout)
+            first = self._consumer.poll(self.poll_timeout)   # returns as soon as a record is there
+            batch = [first, *self._consumer.consume(500, 0)] if first is not None else []
             for msg in batch:
                 if msg.error():
                     continue

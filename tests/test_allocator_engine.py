@@ -121,6 +121,7 @@ def test_downgrade_names_a_cheaper_model_from_the_injected_catalog():
     assert actions(e)["high"] == "downgrade"
     assert latest(e, "tenant:acme:high").max_model == "gpt-4o-mini"
     e.primary_model = lambda scope, sid: None              # nothing to step down to: throttle instead
+    clock.advance(seconds=1)                               # looked up again at the next full evaluation
     assert actions(e)["high"] == "throttle"
 
 
@@ -265,6 +266,7 @@ def test_gpu_borrowing_is_reclaimed_batch_first_never_in_quota():
     assert latest(e, "tenant:acme:batch").action == "allow"            # borrowing 3 idle GPUs
     assert "borrowing" in latest(e, "tenant:acme:batch").reason
     pending["b"] = D(3)                                                 # b wants its quota back
+    clock.advance(seconds=1)
     e.decide()
     d = latest(e, "tenant:acme:batch")
     assert d.action == "preempt" and d.limits.max_concurrent == 4       # back to its quota, not below
