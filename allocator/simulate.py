@@ -19,11 +19,12 @@ PERIOD_START = datetime(2000, 1, 1, tzinfo=timezone.utc)  # stand-in: the alloca
 
 
 class SpendReporter:
-    def __init__(self, settings, interval: float = 0.02, producer=None):
+    def __init__(self, settings, interval: float = 0.02, producer=None, bare_ids: bool = False):
         from confluent_kafka import Producer
 
         self.settings = settings
         self.interval = interval
+        self.bare_ids = bare_ids   # send 's-42' rather than 'acme/t/p/a/s-42', as a tenant-qualified spend job does
         self.producer = producer or Producer(settings.kafka_config(**{"linger.ms": 1, "enable.idempotence": True}))
         self._pending: dict[str, list] = defaultdict(lambda: [Decimal(0), 0])
         self._lock = threading.Lock()
@@ -52,7 +53,7 @@ class SpendReporter:
         for scope_id, (cost, events) in pending.items():
             self._events[scope_id] += events
             self.producer.produce(self.settings.topic("spend"), key=tenant_of(scope_id).encode(),
-                                  value=spend_update(scope_id, start, end, cost, self._events[scope_id]).to_json())
+                                  value=spend_update(scope_id, start, end, cost, self._events[scope_id], bare=self.bare_ids).to_json())
         self.producer.flush(10)
         return len(pending)
 
@@ -67,9 +68,11 @@ class SpendReporter:
 
 
 def spend_update(scope_id: str, start: datetime, end: datetime, cost: Decimal, events: int = 1,
-                 period_start: datetime = PERIOD_START) -> SpendUpdate:
+                 period_start: datetime = PERIOD_START, bare: bool = False) -> SpendUpdate:
     """A window's cost; `events` is period-to-date, as in the contract."""
-    scope = lineage(scope_id)[-1][0]
-    return SpendUpdate(update_id=new_id(), ts=end, tenant_id=tenant_of(scope_id), scope=scope, scope_id=scope_id,
+    scope, sent_id = lineage(scope_id)[-1][0], scope_id
+    if bare and scope != "tenant":
+        sent_id = scope_id.rsplit("/", 1)[-1]
+    return SpendUpdate(update_id=new_id(), ts=end, tenant_id=tenant_of(scope_id), scope=scope, scope_id=sent_id,
                        window_start=start, window_end=end, window_cost_usd=cost, period_start=period_start,
                        period_cost_usd=cost, events=events)

@@ -50,11 +50,12 @@ def hard_budget(amount: str, **kw) -> BudgetPolicy:
                         hard=True, actions={p: "deny" for p in PRIORITIES}, **kw)
 
 
-def test_twenty_concurrent_agents_overshoot_a_hard_budget_by_at_most_one_percent(settings, allocator, feed):
+@pytest.mark.parametrize("bare_ids", [False, True], ids=["path-ids", "bare-ids"])
+def test_twenty_concurrent_agents_overshoot_a_hard_budget_by_at_most_one_percent(settings, allocator, feed, bare_ids):
     budget, cost = Decimal("50"), Decimal("0.01")
     publish_policy(settings, hard_budget(str(budget)))
     wait_until(lambda: feed.decisions.get("tenant:acme:normal"), "the tenant decision reached the guard")
-    reporter = SpendReporter(settings, interval=0.02).start()
+    reporter = SpendReporter(settings, interval=0.02, bare_ids=bare_ids).start()
     spent = [Decimal(0)] * 20
     outcomes: list[str] = [""] * 20
 
@@ -162,3 +163,44 @@ def test_guard_check_costs_microseconds(feed, settings):
         guard.check("gpt-4o")
     per_call = (time.perf_counter() - start) / n
     assert per_call < 50e-6, f"a guard check took {per_call * 1e6:.1f} µs"
+
+
+def _anomalies(settings) -> list:
+    from confluent_kafka import Consumer
+
+    from meterline.allocator._kafka import assign_from_beginning
+    from meterline.schemas.events import Anomaly, decode
+
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"t-{new_id()}", "enable.auto.commit": False}))
+    ends = assign_from_beginning(consumer, settings.topic("anomalies"))
+    out, positions = [], {p: 0 for p in ends}
+    while any(positions[p] < e for p, e in ends.items()):
+        msg = consumer.poll(10)
+        assert msg is not None, "the anomalies topic stalled"
+        positions[msg.partition()] = msg.offset() + 1
+        out.append(decode(Anomaly, msg.value()))
+    consumer.close()
+    return out
+
+
+def test_priorities_and_team_inside_tenant_through_the_broker(settings, allocator, feed):
+    publish_policy(settings, BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme",
+                                          amount=Decimal(1000)))
+    publish_policy(settings, BudgetPolicy(policy_id="research-month", tenant_id="acme", scope="team",
+                                          scope_id="acme/research", amount=Decimal(100)))
+    wait_until(lambda: "team:acme/research:low" in feed.decisions, "team decisions")
+    reporter = SpendReporter(settings)
+    reporter.add("acme/research", Decimal("95"))           # the team is in the headroom kept for critical/high
+    reporter.flush()
+    wait_until(lambda: feed.decisions["team:acme/research:batch"].action == "deny", "team under pressure")
+    research = {p: Guard(feed, "acme", team="research", session_id=f"r-{p}", priority=p) for p in PRIORITIES}
+    assert research["critical"].check("m") == "m" and research["high"].check("m") == "m"
+    for p in ("low", "batch"):
+        with pytest.raises(BudgetExceeded, match="research-month"):
+            research[p].check("m")
+    assert Guard(feed, "acme", team="ops", session_id="o1", priority="batch").check("m") == "m", "other teams are fine"
+    reporter.add("acme/research", Decimal("1"))
+    reporter.flush()
+    wait_until(lambda: [a for a in _anomalies(settings) if a.evidence.get("threshold_pct") == "80"], "the 80 % alert")
+    alerts = [(a.evidence["policy_id"], a.evidence["threshold_pct"]) for a in _anomalies(settings)]
+    assert sorted(alerts) == [("research-month", "50"), ("research-month", "80")], "each threshold once"
