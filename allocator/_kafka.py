@@ -37,3 +37,10 @@ def assign_from_time(consumer, topics: list[str], since_ms: int, timeout: float 
     wanted = [TopicPartition(t, p, since_ms) for t in topics for p in partition_ends(consumer, t, timeout)]
     found = consumer.offsets_for_times(wanted, timeout=timeout)
     consumer.assign([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END) for tp in found])
+
+
+def caught_up(consumer, ends: dict[int, int]) -> bool:
+    """Has the consumer's position reached `ends` on every partition? (Works when compaction
+    removed the last offsets, where waiting to *see* the record at end-1 would never finish.)"""
+    positions = {tp.partition: tp.offset for tp in consumer.position(consumer.assignment())}
+    return all(positions.get(p, -1) >= end or end == 0 for p, end in ends.items())

@@ -1,11 +1,12 @@
 """Budget policies on the compacted budgets topic (key = policy_id, tombstone = delete)."""
 from __future__ import annotations
 
+import time
 import uuid
 
 from meterline.schemas.events import BudgetPolicy, InvalidEvent, decode
 
-from ._kafka import assign_from_beginning
+from ._kafka import assign_from_beginning, caught_up
 
 
 def _producer(settings):
@@ -39,10 +40,15 @@ def read_policies(settings, timeout: float = 15.0) -> dict[str, BudgetPolicy]:
         partitions = list(ends)
         policies: dict[str, BudgetPolicy] = {}
         positions = {p: 0 for p in partitions}
+        deadline = time.monotonic() + timeout
         while any(positions[p] < end for p, end in ends.items()):
-            msg = consumer.poll(timeout)
+            msg = consumer.poll(0.5)
             if msg is None:
-                raise TimeoutError(f"reading {topic} stalled at {positions} of {ends}")
+                if caught_up(consumer, ends):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {topic} stalled at {positions} of {ends}")
+                continue
             if msg.error():
                 continue
             positions[msg.partition()] = msg.offset() + 1

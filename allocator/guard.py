@@ -28,7 +28,7 @@ from typing import Literal
 
 from meterline.schemas.events import InvalidEvent, Priority, ThrottleDecision, decision_key, decode
 
-from ._kafka import assign_from_beginning
+from ._kafka import assign_from_beginning, caught_up
 from .scopes import bare, scope_ids, tenant_of
 
 NANO = Decimal(10**9)
@@ -119,8 +119,9 @@ class DecisionFeed:
         self._consumer.close()
 
     def _run(self) -> None:
-        self._check_ready({})
         positions: dict[int, int] = {}
+        if not any(self._ends.values()):
+            self.ready.set()
         while not self._stop.is_set():
             first = self._consumer.poll(self.poll_timeout)   # returns as soon as a record is there
             batch = [first, *self._consumer.consume(500, 0)] if first is not None else []
@@ -133,12 +134,9 @@ class DecisionFeed:
                 with self.changed:
                     self.version += 1
                     self.changed.notify_all()
-            if not self.ready.is_set():
-                self._check_ready(positions)
-
-    def _check_ready(self, positions: dict[int, int]) -> None:
-        if all(positions.get(p, 0) >= end for p, end in self._ends.items()):
-            self.ready.set()
+            if not self.ready.is_set() and (all(positions.get(p, 0) >= end for p, end in self._ends.items())
+                                            or not batch and caught_up(self._consumer, self._ends)):
+                self.ready.set()
 
     def _apply(self, raw_key: bytes | None, value: bytes | None) -> None:
         if raw_key is None:

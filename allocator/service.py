@@ -17,7 +17,7 @@ from collections import Counter
 
 from meterline.schemas.events import GpuSample, InvalidEvent, SpendUpdate, decode
 
-from ._kafka import assign_from_beginning, assign_from_time
+from ._kafka import assign_from_beginning, assign_from_time, caught_up
 from .budgets import apply_policy_record
 from .engine import Engine, Outputs
 
@@ -118,6 +118,8 @@ class AllocatorService:
                     self.engine.apply_policy(result)
                     self.counts["budgets"] += 1
             if not until_end or all(positions[p] >= end for p, end in self._budget_ends.items()):
+                return
+            if not msgs and caught_up(consumer, self._budget_ends):
                 return
 
     def _publish(self, producer, out: Outputs) -> None:
