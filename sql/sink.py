@@ -115,13 +115,14 @@ class LedgerSink:
         self.position: dict[TP, int] = {}  # next offset to read, per assigned partition
         self.flushing = False
         self.revoked_mid_flush = False
+        self.stop = threading.Event()
         self.stats = {"rows": 0, "duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
         """Consume until `stop` is set (or, with idle_exit_s, until nothing arrived that long)."""
-        stop = stop or threading.Event()
+        stop = self.stop = stop or threading.Event()
         self.consumer.subscribe(list(self.tables), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         last_message = time.monotonic()
@@ -160,7 +161,7 @@ class LedgerSink:
 
     def _resume_points(self, partitions: list[TopicPartition]) -> dict[TP, tuple[int, int, set[int]]]:
         out: dict[TP, tuple[int, int, set[int]]] = {}
-        for topic in {tp.topic for tp in partitions}:
+        for topic in {tp.topic for tp in partitions} & set(self.tables):
             table = ledger.write_table(self.tables[topic].name, self.cluster)
             rows = self.client.query(
                 f"SELECT _partition, max(_offset), argMax(_batch_start, _offset) FROM {table} "
@@ -383,6 +384,8 @@ class LedgerSink:
             try:
                 return action()
             except Exception as err:  # noqa: BLE001 - ClickHouse down, disk full, ...: keep the data, wait
+                if self.stop.is_set():
+                    raise  # stopping: nothing was committed, the next start resumes from the ledger
                 self.stats["retries"] += 1
                 log.warning("ledger unavailable (%s: %s); retry in %.1fs, lag %d", what, str(err).splitlines()[0][:200],
                             delay, sum(self.lag().values()))

@@ -1,0 +1,184 @@
+"""The ledger sink against the real broker and real chDB.
+
+The sink runs as `meterline sink` in a subprocess (it owns the chDB data directory while it
+runs); the ledger is read afterwards with `meterline sql` in another subprocess, so this
+test process never opens a chDB engine of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from meterline.schemas.events import DeadLetter, GpuSample, decode, new_id, utcnow
+from meterline.settings import Settings
+from meterline.sql.decode import PricedRecord, decode_priced
+from meterline.sql.synth import priced_events
+from meterline.topics import catalog_by_name
+
+METERLINE = [str(Path(sys.executable).with_name("meterline"))]
+CRASH_EVENTS = int(os.environ.get("METERLINE_TEST_CRASH_EVENTS", "100000"))
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
+            "METERLINE_CLICKHOUSE_DSN": settings.dsn, "METERLINE_DATA_DIR": str(settings.data_dir)}
+
+
+def group(settings: Settings) -> str:
+    return f"ledger-{settings.topic_prefix}"  # a group per test: members of other tests never share it
+
+
+def start_sink(settings: Settings, *args: str) -> subprocess.Popen:
+    cmd = [*METERLINE, "sink", "--group", group(settings), "--instance-id", "sink-1", *args]
+    return subprocess.Popen(cmd, env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def sink_until_idle(settings: Settings, *args: str) -> str:
+    proc = start_sink(settings, "--until-idle", "3", *args)
+    out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    return out
+
+
+def ledger_sql(settings: Settings, query: str) -> list[dict]:
+    done = subprocess.run([*METERLINE, "sql", query, "--format", "json"], env=_env(settings), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def produce(settings: Settings, topic: str, records: list[bytes | None], keys: list[bytes] | None = None) -> None:
+    producer = Producer(settings.kafka_config(**{"linger.ms": 50, "enable.idempotence": True}))
+    name, partitions = settings.topic(topic), catalog_by_name()[topic].partitions
+    for i, value in enumerate(records):
+        while True:
+            try:
+                producer.produce(name, value, key=keys[i] if keys else None, partition=i % partitions)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+
+def committed_total(consumer: Consumer, settings: Settings, topic: str) -> int:
+    tps = [TopicPartition(settings.topic(topic), p) for p in range(catalog_by_name()[topic].partitions)]
+    return sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=10))
+
+
+def _usd(units: int) -> Decimal:
+    return Decimal(units).scaleb(-12)
+
+
+def test_sigkill_anywhere_neither_loses_nor_doubles_a_row(settings):
+    records, truth = priced_events(CRASH_EVENTS, seed=11)
+    produce(settings, "priced", records)
+    # Kill the sink at several points: right after start, and each time more rows are committed.
+    watcher = Consumer(settings.kafka_config(**{"group.id": group(settings)}))
+    for fraction in (0.0, 0.2, 0.45, 0.7):
+        proc = start_sink(settings, "--batch-rows", "7000")
+        target = int(CRASH_EVENTS * fraction)
+        while proc.poll() is None and committed_total(watcher, settings, "priced") < target:
+            pass  # Kafka's committed offsets trail the ledger: these rows are stored
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    watcher.close()
+    sink_until_idle(settings)
+
+    stored = ledger_sql(settings, "SELECT count() AS n, uniqExact(_topic, _partition, _offset) AS coords, "
+                                  "uniqExact(event_id) AS ids FROM priced_events")[0]
+    assert stored == {"n": CRASH_EVENTS, "coords": CRASH_EVENTS, "ids": CRASH_EVENTS}
+    for column, expected in (("tenant_id", truth.by_tenant), ("model", truth.by_model)):
+        for source in ("priced_events", "usage_hourly"):
+            rows = ledger_sql(settings, f"SELECT {column} AS k, toString(sum(cost_usd)) AS usd FROM {source} GROUP BY k")
+            assert {r["k"]: Decimal(r["usd"]) for r in rows} == {k: _usd(v) for k, v in expected.items()}, source
+    rows = ledger_sql(settings, "SELECT tenant_id, team, toString(sum(cost_usd)) AS usd FROM priced_events GROUP BY 1, 2")
+    assert {(r["tenant_id"], r["team"]): Decimal(r["usd"]) for r in rows} == {k: _usd(v) for k, v in truth.by_team.items()}
+
+
+def test_duplicate_event_ids_never_reach_the_rollups(settings):
+    records, truth = priced_events(3000, seed=5)
+    produce(settings, "priced", records + records[:500])  # duplicates inside one batch
+    sink_until_idle(settings)
+    produce(settings, "priced", records[1000:1600])  # duplicates of rows already in the ledger
+    sink_until_idle(settings)
+    total = sum(truth.by_tenant.values())
+    got = ledger_sql(settings, "SELECT (SELECT count() FROM priced_events) AS n, "
+                               "(SELECT toString(sum(cost_usd)) FROM priced_events) AS raw, "
+                               "(SELECT toString(sum(cost_usd)) FROM usage_hourly) AS rollup, "
+                               "(SELECT sum(events) FROM usage_hourly) AS events")[0]
+    assert got["n"] == 3000 and got["events"] == 3000
+    assert Decimal(got["raw"]) == Decimal(got["rollup"]) == _usd(total)
+
+
+def test_malformed_records_go_to_the_dlq_and_their_neighbours_land(settings):
+    records, truth = priced_events(200, seed=3)
+    bad = [b'{"broken', b"[]", records[0].replace(b'"input_tokens":', b'"input_tokens":-'),
+           records[1].replace(b'"kind":"llm_call"', b'"kind":"teleport"'), b"\xff\xfe"]
+    produce(settings, "priced", records[:100] + bad + records[100:])
+    sink_until_idle(settings)
+
+    consumer = Consumer(settings.kafka_config(**{"group.id": "dlq-reader", "auto.offset.reset": "earliest"}))
+    consumer.subscribe([settings.topic("dlq")])
+    letters: list[DeadLetter] = []
+    while len(letters) < len(bad):
+        msg = consumer.poll(10)
+        assert msg is not None, f"only {len(letters)} dead letters arrived"
+        letters.append(decode(DeadLetter, msg.value()))
+    consumer.close()
+    import base64
+
+    assert sorted(base64.b64decode(d.payload_b64) for d in letters) == sorted(bad)
+    assert all(d.reason and d.source_topic == settings.topic("priced") for d in letters)
+    assert any("input_tokens" in d.reason for d in letters) and any("kind" in d.reason for d in letters)
+    got = ledger_sql(settings, "SELECT (SELECT count() FROM priced_events) AS n, "
+                               "(SELECT toString(sum(cost_usd)) FROM priced_events) AS usd")[0]
+    assert got["n"] == 200 and Decimal(got["usd"]) == _usd(sum(truth.by_tenant.values()))
+
+
+def test_gpu_samples_are_priced_with_the_catalog_and_rolled_up(settings):
+    from meterline.streams.pricing import load_catalog
+
+    samples = [GpuSample(sample_id=new_id(), ts=utcnow(), node="n1", level="mig", gpu_index=0, gpu_uuid="GPU-1",
+                         gpu_name="NVIDIA H100 80GB HBM3", mig_slices=3, mig_total_slices=7, interval_ms=1000,
+                         tenant_id="acme", session_id=f"s{i % 3}", attributed=True) for i in range(30)]
+    produce(settings, "gpu", [s.to_json() for s in samples] + [samples[0].to_json()])  # one duplicate
+    sink_until_idle(settings)
+    catalog = load_catalog()
+    seconds, cost = catalog.gpu_sample_cost(samples[0])
+    got = ledger_sql(settings, "SELECT sum(samples) AS n, toString(sum(gpu_seconds)) AS s, toString(sum(cost_usd)) AS usd "
+                               "FROM gpu_hourly WHERE tenant_id = 'acme'")[0]
+    assert got["n"] == 30 and Decimal(got["s"]) == 30 * seconds and Decimal(got["usd"]) == 30 * cost
+    versions = ledger_sql(settings, "SELECT DISTINCT catalog_version AS v FROM gpu_samples")
+    assert versions == [{"v": catalog.version}]
+
+
+def test_budget_tombstones_are_kept_as_deleted_history(settings):
+    policy = b'{"policy_id":"b1","tenant_id":"acme","scope":"tenant","scope_id":"acme","amount":"10"}'
+    produce(settings, "budgets", [policy, None], keys=[b"b1", b"b1"])
+    sink_until_idle(settings)
+    rows = ledger_sql(settings, "SELECT policy_id, deleted, toString(amount) AS amount FROM budget_policies ORDER BY _offset")
+    assert [(r["policy_id"], r["deleted"]) for r in rows] == [("b1", False), ("b1", True)]
+    assert Decimal(rows[0]["amount"]) == 10
+
+
+def test_fast_decoder_agrees_with_the_contract():
+    """msgspec's PricedRecord mirrors PricedEvent: same fields, same verdicts on these records."""
+    from meterline.schemas.events import InvalidEvent, PricedEvent
+
+    assert set(PricedRecord.__struct_fields__) == set(PricedEvent.model_fields)
+    good, _ = priced_events(3, seed=1)
+    for raw in good:
+        body, event_id, ts = decode_priced(raw)
+        assert json.loads(body) == json.loads(raw) and event_id == str(decode(PricedEvent, raw).event_id)
+    bad = [good[0].replace(b'"cost_usd":"', b'"cost_usd":"-'), good[0].replace(b'"team"', b'"teem"'),
+           good[0].replace(b'"output_tokens":', b'"output_tokens":1.5,"x":'), good[0][:-1] + b',"cost_usd":"1e-20"}']
+    for raw in bad:
+        with pytest.raises(InvalidEvent):
+            decode_priced(raw)
