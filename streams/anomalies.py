@@ -4,7 +4,7 @@ Detectors (each returns schemas.Anomaly records; evidence numbers are exact stri
 - runaway_session: a session's spend in the current minute far above what sessions of the
   same agent usually spend in a minute (robust baseline per agent, below).
 - repeated_calls: one session repeating a near-identical call (same model/tool, token
-  counts equal to 2 significant digits) far more often per minute than the agent's sessions do.
+  counts within ~6 %) far more often per minute than the agent's sessions do.
 - spend_spike: a tenant's spend in a 10-second bucket far above its own EWMA baseline.
 - unpriced_model: a model or tool nobody can price (once per tenant/provider/model/hour).
 - idle_gpu: a GPU, MIG slice or process holding memory at ~0 % utilisation for a window.
@@ -28,6 +28,7 @@ from meterline.schemas.events import Anomaly, build, new_id
 from .codec import usd
 
 PICO = 10**12
+MINUTE = timedelta(minutes=1)
 
 
 class Baseline:
@@ -76,14 +77,14 @@ def _severity(observed: int, threshold: int) -> str:
     return "critical" if observed >= 3 * max(threshold, 1) else "warning"
 
 
-def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> tuple:
-    def sig2(n: int) -> int:  # round to 2 significant digits: near-identical, not exactly identical
-        if n < 100:
-            return n
-        scale = 10 ** (len(str(n)) - 2)
-        return (n + scale // 2) // scale * scale
+def _near(n: int) -> tuple[int, int]:
+    """n rounded to its top 4 bits (within ~6 %): near-identical token counts compare equal."""
+    shift = n.bit_length() - 4
+    return (n >> shift, shift) if shift > 0 else (n, 0)
 
-    return (kind, model, tool, sig2(input_tokens), sig2(output_tokens))
+
+def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> tuple:
+    return (kind, model, tool, _near(input_tokens), _near(output_tokens))
 
 
 class _SessionMinute:
@@ -105,6 +106,7 @@ class RunawaySessions:
         self.cost_baseline: dict[tuple[str, str], Baseline] = {}
         self.repeat_baseline: dict[tuple[str, str], Baseline] = {}
         self.cooldown_until: dict[tuple[str, str, str], datetime] = {}
+        self.tenant_minute: dict[str, datetime] = {}  # stream time per tenant: partitions advance unevenly
         self._swept = datetime.min
 
     def observe(self, tenant: str, agent: str, session: str, ts: datetime, cost: int, kind: str = "llm_call",
@@ -118,6 +120,8 @@ class RunawaySessions:
             if current is not None:
                 self._close(current)
             current = self.sessions[key] = _SessionMinute(minute, agent_key)
+            if minute > self.tenant_minute.get(tenant, minute - MINUTE):
+                self.tenant_minute[tenant] = minute
         elif minute < current.minute:
             return []  # late event of a closed minute: its spend is in the ledger, not in the detector
         current.cost += cost
@@ -165,22 +169,26 @@ class RunawaySessions:
         return True
 
     def tick(self, stream_now: datetime) -> None:
-        """Close session-minutes that stream time has passed (sessions that went quiet), once a minute."""
+        """Close session-minutes their tenant's stream time has left behind by over a minute (quiet sessions).
+
+        Per tenant, because partitions advance unevenly: one tenant's clock must not close another's minutes.
+        """
         minute = stream_now.replace(second=0, microsecond=0)
         if self._swept != datetime.min and minute <= self._swept:
             return
         self._swept = minute
-        for key in [k for k, s in self.sessions.items() if s.minute < minute]:
+        now = self.tenant_minute
+        for key in [k for k, s in self.sessions.items() if s.minute < now.get(k[0], s.minute) - MINUTE]:
             self._close(self.sessions.pop(key))
         horizon = stream_now - self.config.cooldown
         self.cooldown_until = {k: v for k, v in self.cooldown_until.items() if v > horizon}
 
 
 class _TenantBucket:
-    __slots__ = ("start", "cost", "baseline", "flagged", "cooldown_until")
+    __slots__ = ("start", "bucket", "cost", "baseline", "flagged", "cooldown_until")
 
-    def __init__(self, start: datetime) -> None:
-        self.start, self.cost, self.baseline, self.flagged = start, 0, Baseline(), False
+    def __init__(self, start: datetime, bucket: int) -> None:
+        self.start, self.bucket, self.cost, self.baseline, self.flagged = start, bucket, 0, Baseline(), False
         self.cooldown_until = start
 
 
@@ -192,19 +200,17 @@ class SpendSpikes:
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
         self.tenants: dict[str, _TenantBucket] = {}
-
-    def _bucket_start(self, ts: datetime) -> datetime:
-        size = self.config.spike_bucket
-        return ts - (ts - ts.replace(minute=0, second=0, microsecond=0)) % size
+        self._bucket_s = int(self.config.spike_bucket.total_seconds())
 
     def observe(self, tenant: str, ts: datetime, cost: int) -> list[Anomaly]:
-        cfg, start = self.config, self._bucket_start(ts)
+        cfg = self.config
+        bucket = (ts.toordinal() * 86400 + ts.hour * 3600 + ts.minute * 60 + ts.second) // self._bucket_s
         state = self.tenants.get(tenant)
         if state is None:
-            state = self.tenants[tenant] = _TenantBucket(start)
-        if start > state.start:
-            self._close(state, start)
-        elif start < state.start:
+            state = self.tenants[tenant] = _TenantBucket(self._start_of(ts), bucket)
+        if bucket > state.bucket:
+            self._close(state, self._start_of(ts), bucket)
+        elif bucket < state.bucket:
             return []
         state.cost += cost
         base = state.baseline
@@ -217,18 +223,19 @@ class SpendSpikes:
         return [_anomaly(
             "spend_spike", _severity(state.cost, limit), tenant, "tenant", tenant, state.start, ts,
             {"bucket_cost_usd": usd(state.cost), "threshold_usd": usd(limit), "baseline_usd": usd(base.level),
-             "deviation_usd": usd(base.dev), "bucket_seconds": int(cfg.spike_bucket.total_seconds()), "k": cfg.k},
-            f"tenant {tenant} spent {usd(state.cost)} USD in {int(cfg.spike_bucket.total_seconds())} s; "
-            f"its usual is {usd(base.level)} USD")]
+             "deviation_usd": usd(base.dev), "bucket_seconds": self._bucket_s, "k": cfg.k},
+            f"tenant {tenant} spent {usd(state.cost)} USD in {self._bucket_s} s; its usual is {usd(base.level)} USD")]
 
-    def _close(self, state: _TenantBucket, new_start: datetime) -> None:
+    def _start_of(self, ts: datetime) -> datetime:
+        return ts - (ts - ts.replace(minute=0, second=0, microsecond=0)) % self.config.spike_bucket
+
+    def _close(self, state: _TenantBucket, new_start: datetime, new_bucket: int) -> None:
         cfg, base = self.config, state.baseline
         clip = base.threshold(cfg.k, cfg.spike_floor_usd) if base.n >= cfg.warmup else state.cost
         base.update(min(state.cost, clip))
-        gaps = int((new_start - state.start) / cfg.spike_bucket) - 1
-        for _ in range(min(gaps, self.MAX_GAP_BUCKETS)):
+        for _ in range(min(new_bucket - state.bucket - 1, self.MAX_GAP_BUCKETS)):
             base.update(0)
-        state.start, state.cost, state.flagged = new_start, 0, False
+        state.start, state.bucket, state.cost, state.flagged = new_start, new_bucket, 0, False
 
 
 class UnpricedModels:

@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     def streams(
         group: Annotated[Optional[str], typer.Option(help="Consumer group (default <topic prefix>.streams); run more workers with the same group to scale out.")] = None,
         catalog: Annotated[Optional[Path], typer.Option(help="Price catalog TOML (default: the one shipped in streams/catalog.toml).")] = None,
-        checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints (spend published, outputs flushed, offsets committed).")] = 1.0,
+        checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints (all spend published, outputs flushed, offsets committed); a crash replays at most this much input.")] = 5.0,
+        publish_interval: Annotated[float, typer.Option(help="Seconds between spend updates of tenant/team/project scopes (sessions and agents: every checkpoint).")] = 1.0,
         dedupe_window: Annotated[int, typer.Option(help="Event ids remembered per usage partition to drop producer retries.")] = 100_000,
         webhook: Annotated[Optional[str], typer.Option(envvar="METERLINE_ANOMALY_WEBHOOK", help="POST every anomaly as JSON to this URL (failures are logged, not fatal).")] = None,
         exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many seconds without input (tests, backfills).")] = None,
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
         settings = get_settings()
         try:
-            worker = StreamWorker(settings, load_catalog(catalog), group_id=group, checkpoint_interval=checkpoint_interval,
+            worker = StreamWorker(settings, load_catalog(catalog), group_id=group, checkpoint_interval=checkpoint_interval, publish_interval=publish_interval,
                                   dedupe_per_partition=dedupe_window, webhook_url=webhook, instance_id=instance_id)
         except Exception as err:  # noqa: BLE001 - one line for the operator
             fail(f"could not start the stream worker against {settings.bootstrap}: {err}. "

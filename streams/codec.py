@@ -9,10 +9,11 @@ record. Money leaves as fixed 12-decimal strings computed from integer pico-USD.
 """
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,49 +21,46 @@ from meterline.schemas import events as ev
 
 PICO = 10**12
 UTC = timezone.utc
-_KINDS = frozenset(("llm_call", "tool_call", "api_call"))
-_STATUSES = frozenset(("ok", "error", "timeout", "rate_limited", "cancelled"))
-_PRIORITIES = frozenset(ev.PRIORITIES)
-_CONTROL = frozenset(chr(c) for c in range(32))
+
+
+Id = Annotated[str, msgspec.Meta(max_length=ev.MAX_ID_LEN)]
+Name = Annotated[str, msgspec.Meta(max_length=ev.MAX_NAME_LEN)]
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_TOKENS)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+AttrKey = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_LEN)]
+AttrValue = Annotated[str, msgspec.Meta(max_length=ev.MAX_ATTRIBUTE_VALUE_LEN)]
+_CONTROL_RE = re.compile(r"[\x00-\x1f]")
 
 
 class FastUsage(msgspec.Struct, forbid_unknown_fields=True):
-    """Same fields as schemas.UsageEvent; cost_usd only as a string (numbers go to pydantic)."""
+    """Same fields and bounds as schemas.UsageEvent (checked in C by msgspec); the rest in _fast_ok."""
 
     event_id: uuid.UUID
     ts: datetime
-    tenant_id: str
-    kind: str
-    team: str = ""
-    project: str = ""
-    agent_id: str = ""
-    session_id: str = ""
-    provider: str = ""
-    model: str = ""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    tool: str = ""
-    units: int = 1
-    latency_ms: int = 0
-    status: str = "ok"
-    response_bytes: int = 0
-    priority: str = "normal"
-    cost_usd: Any = None  # str on the wire (numbers -> pydantic); Decimal once checked
-    attributes: dict[str, str] = {}
+    tenant_id: Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_LEN)]
+    kind: Literal["llm_call", "tool_call", "api_call"]
+    team: Id = ""
+    project: Id = ""
+    agent_id: Id = ""
+    session_id: Id = ""
+    provider: Name = ""
+    model: Name = ""
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cache_read_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    tool: Name = ""
+    units: Tokens = 1
+    latency_ms: Count = 0
+    status: Literal["ok", "error", "timeout", "rate_limited", "cancelled"] = "ok"
+    response_bytes: Count = 0
+    priority: Literal["critical", "high", "normal", "low", "batch"] = "normal"
+    cost_usd: Any = None  # a string on the wire (numbers go to pydantic); Decimal once checked; the charge once priced
+    attributes: Annotated[dict[AttrKey, AttrValue], msgspec.Meta(max_length=ev.MAX_ATTRIBUTES)] = {}
 
 
 _decoder = msgspec.json.Decoder(FastUsage)
 _encoder = msgspec.json.Encoder()
-
-
-def _clean(value: str, limit: int, required: bool = False) -> bool:
-    return (not required or value != "") and len(value) <= limit and _CONTROL.isdisjoint(value)
-
-
-def _tokens(value: int) -> bool:
-    return 0 <= value <= ev.MAX_TOKENS
 
 
 def _money_ok(value: Decimal) -> bool:
@@ -80,21 +78,11 @@ def _fast_ok(e: FastUsage, now: datetime) -> bool:
     ts = e.ts
     if ts.tzinfo is None or ts - now > ev.MAX_FUTURE_SKEW:
         return False
-    if not (_clean(e.tenant_id, ev.MAX_ID_LEN, True) and _clean(e.team, ev.MAX_ID_LEN) and _clean(e.project, ev.MAX_ID_LEN)
-            and _clean(e.agent_id, ev.MAX_ID_LEN) and _clean(e.session_id, ev.MAX_ID_LEN)
-            and _clean(e.provider, ev.MAX_NAME_LEN) and _clean(e.model, ev.MAX_NAME_LEN) and _clean(e.tool, ev.MAX_NAME_LEN)):
-        return False
-    if e.kind not in _KINDS or e.status not in _STATUSES or e.priority not in _PRIORITIES:
-        return False
-    if not (_tokens(e.input_tokens) and _tokens(e.output_tokens) and _tokens(e.cache_read_tokens)
-            and _tokens(e.cache_write_tokens) and _tokens(e.units) and e.latency_ms >= 0 and e.response_bytes >= 0):
+    if _CONTROL_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False
     if e.cache_read_tokens + e.cache_write_tokens > e.input_tokens:
         return False
     if (e.kind == "llm_call" and not e.model) or (e.kind != "llm_call" and not e.tool):
-        return False
-    attrs = e.attributes
-    if len(attrs) > ev.MAX_ATTRIBUTES or any(not k or len(k) > ev.MAX_ID_LEN or len(v) > ev.MAX_ATTRIBUTE_VALUE_LEN for k, v in attrs.items()):
         return False
     if e.cost_usd is not None:
         if not isinstance(e.cost_usd, str):
@@ -125,6 +113,8 @@ def decode_usage(raw: bytes, now: datetime | None = None) -> FastUsage | ev.Usag
 
 def usd(pico: int) -> str:
     """Integer pico-USD as a fixed 12-decimal string ("0.002145000000")."""
+    if not pico:
+        return "0.000000000000"
     sign = "-" if pico < 0 else ""
     whole, frac = divmod(abs(pico), PICO)
     return f"{sign}{whole}.{frac:012d}"

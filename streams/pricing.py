@@ -57,6 +57,7 @@ SECONDS_PER_HOUR = Decimal(3600)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Price = Decimal | gp.TieredPrices
+_MISS = object()
 
 
 def q12(value: Decimal) -> Decimal:
@@ -200,7 +201,7 @@ class Catalog:
         self._snapshot = data_snapshot.get_snapshot()
         self._model_cache: dict[tuple[str, str], gp.ModelInfo | None] = {}
         self._rates_cache: dict[tuple[str, str, Any], Rates | None] = {}
-        self._int_rates: dict[int, tuple[tuple[int, int, int, int, int] | None, Rates]] = {}
+        self._day_cache: dict[tuple[str, str, int], tuple[Any, Rates] | None] = {}
 
     # ----------------------------------------------------------------- loading
     @staticmethod
@@ -244,7 +245,6 @@ class Catalog:
                       (mp.requests_kcount or ZERO) / 1000)
         if len(self._rates_cache) > 100_000:  # bounded: periods are days, so this only grows over years
             self._rates_cache.clear()
-            self._int_rates.clear()
         self._rates_cache[key] = rates
         return rates
 
@@ -287,13 +287,10 @@ class Catalog:
         rate is a whole number of pico-USD per token (true for nearly all public prices).
         """
         if event.kind == "llm_call":
-            rates = self.rates_for(event.provider, event.model, event.ts)
-            if rates is None:
-                return None
-            per_token = self._int_rates.get(id(rates))
+            per_token = self._day_rates(event.provider, event.model, event.ts)
             if per_token is None:
-                per_token = self._int_rates[id(rates)] = (_pico_per_token(rates), rates)
-            ints = per_token[0]
+                return None
+            ints, rates = per_token
             if ints is None:  # tiered or sub-pico rates: the Decimal path, same rounding
                 parts = token_components(rates, event.input_tokens, event.output_tokens,
                                          event.cache_read_tokens, event.cache_write_tokens)
@@ -308,6 +305,29 @@ class Catalog:
             return None
         total = int(q12(unit * event.units).scaleb(12))
         return 0, 0, 0, 0, total
+
+    def _day_rates(self, provider: str, model: str, ts: datetime) -> tuple[Any, Rates] | None:
+        """(integer rates or None, rates) for one UTC day: one dict lookup per event on the hot path."""
+        key = (provider, model, ts.toordinal())
+        hit = self._day_cache.get(key, _MISS)
+        if hit is not _MISS:
+            return hit
+        rates = self.rates_for(provider, model, ts)
+        value = None if rates is None else (_pico_per_token(rates), rates)
+        if self._changes_within_a_day(provider.lower(), model.lower()):
+            return value  # time-of-day prices or intraday catalog starts: no per-day cache
+        if len(self._day_cache) > 200_000:
+            self._day_cache.clear()
+        self._day_cache[key] = value
+        return value
+
+    def _changes_within_a_day(self, provider: str, model: str) -> bool:
+        custom = self.models.get((provider, model)) or self.models.get(("*", model))
+        if custom:
+            return any(start.time() != time() for start, _ in custom)
+        info = self._model_info(provider, model)
+        return info is not None and not isinstance(info.prices, gp.ModelPrice) and any(
+            isinstance(c.constraint, gp.TimeOfDateConstraint) for c in info.prices)
 
     def price_usage(self, event: UsageEvent) -> PricedEvent:
         """The event with its exact price (see the module doc for the rules)."""

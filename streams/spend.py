@@ -76,42 +76,52 @@ class SpendBook:
     def add(self, ids: tuple[str, str, str, str, str], ts: datetime, cost: int, input_tokens: int = 0,
             output_tokens: int = 0, unpriced: int = 0, gpu_ps: int = 0, gpu_cost: int = 0, events: int = 1) -> None:
         """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session)."""
-        tenant = ids[0]
+        tenant, states = ids[0], self.states
         minute = ts.replace(second=0, microsecond=0)
         for scope, scope_id in zip(SCOPES, ids):
             if not scope_id:
                 continue
-            key = (tenant, scope, scope_id)
-            state = self.states.get(key) or self._state(key, minute)
-            if minute != state.window_start:
-                if minute > state.window_start:
-                    if minute >= state.period_end:
-                        state.period_start = month_start(minute)
-                        state.period_end = next_month(state.period_start)
-                        state.period = state.events = state.input_tokens = state.output_tokens = 0
-                        state.gpu_ps = state.gpu = state.unpriced = 0
-                    state.window_start, state.window = minute, 0
-                elif minute < state.period_start:
-                    self.late += 1
+            state = states.get((tenant, scope, scope_id))
+            if state is None or state.window_start != minute:
+                state = self._roll(state, (tenant, scope, scope_id), minute)
+                if state is None:
                     continue
-                else:  # an earlier minute of this month: the period, not the current window
-                    state.window -= cost
-            state.window += cost
+                if state.window_start == minute:
+                    state.window += cost
+            else:
+                state.window += cost
             state.period += cost
             state.events += events
             state.input_tokens += input_tokens
             state.output_tokens += output_tokens
-            state.unpriced += unpriced
-            state.gpu_ps += gpu_ps
-            state.gpu += gpu_cost
-            state.last_ts = ts if ts > state.last_ts else state.last_ts
+            if unpriced or gpu_ps or gpu_cost:
+                state.unpriced += unpriced
+                state.gpu_ps += gpu_ps
+                state.gpu += gpu_cost
             state.dirty = True
 
-    def drain(self, now: datetime | None = None) -> Iterator[tuple[ScopeKey, dict[str, Any]]]:
-        """SpendUpdate records (JSON-ready dicts) of every scope changed since the last drain."""
+    def _roll(self, state: ScopeSpend | None, key: ScopeKey, minute: datetime) -> ScopeSpend | None:
+        """The state an event of `minute` updates: new, next window, next period, or None (older month)."""
+        if state is None:
+            return self._state(key, minute)
+        if minute > state.window_start:
+            if minute >= state.period_end:
+                state.period_start = month_start(minute)
+                state.period_end = next_month(state.period_start)
+                state.period = state.events = state.input_tokens = state.output_tokens = 0
+                state.gpu_ps = state.gpu = state.unpriced = 0
+            state.window_start, state.window, state.last_ts = minute, 0, minute
+            return state
+        if minute < state.period_start:
+            self.late += 1
+            return None
+        return state  # an earlier minute of this month: counts toward the period, not the current window
+
+    def drain(self, now: datetime | None = None, scopes: frozenset[str] | None = None) -> Iterator[tuple[ScopeKey, dict[str, Any]]]:
+        """SpendUpdate records (JSON-ready dicts) of every scope changed since the last drain (of `scopes`)."""
         now = now or datetime.now(timezone.utc)
         for key, state in self.states.items():
-            if state.dirty:
+            if state.dirty and (scopes is None or key[1] in scopes):
                 state.dirty = False
                 yield key, self.snapshot(key, state, now)
 

@@ -12,8 +12,9 @@ Keys and state: usage is keyed by tenant_id, so one worker owns all of a tenant'
 and its spend state (co-partitioned, no cross-worker merge). A huge tenant is one
 partition's work; see notes/streams.md for the trade-off and mitigations.
 
-Delivery (at-least-once, errs toward over-counting): every checkpoint (default 1 s) writes
-every changed scope to the spend topic and the compacted spend-state changelog, flushes
+Spend is published every `publish_interval` (1 s) for tenant/team/project scopes and at
+every checkpoint (5 s) for all scopes. Delivery (at-least-once, errs toward over-counting):
+every checkpoint writes every changed scope to the spend topic and the compacted spend-state changelog, flushes
 the producer (priced, dlq, spend, anomalies all acknowledged), and only then commits the
 consumer offsets. A crash replays at most one checkpoint of input: priced rows may repeat
 (the ledger dedupes by event_id) and restored spend may count replayed events twice,
@@ -43,7 +44,7 @@ from meterline.schemas import events as ev
 from meterline.settings import Settings
 
 from .anomalies import DetectorConfig, Detectors
-from .codec import PICO, decode_usage, encode, to_pico, usage_fields, usd
+from .codec import PICO, FastUsage, decode_usage, encode, to_pico, usd
 from .pricing import Catalog, load_catalog
 from .spend import ScopeKey, SpendBook
 
@@ -51,6 +52,8 @@ log = logging.getLogger("meterline.streams")
 UTC = timezone.utc
 STATE_TOPIC = "spend-state"
 KEY_SEP = "\x1f"
+NO_PARTS = (0, 0, 0, 0, 0)
+TOP_SCOPES = frozenset(("tenant", "team", "project"))
 
 
 class DedupeWindow:
@@ -143,7 +146,7 @@ def restore_spend(settings: Settings, now: datetime | None = None) -> dict[Scope
 
 class StreamWorker:
     def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str | None = None,
-                 checkpoint_interval: float = 1.0, dedupe_per_partition: int = 100_000,
+                 checkpoint_interval: float = 5.0, publish_interval: float = 1.0, dedupe_per_partition: int = 100_000,
                  detector_config: DetectorConfig | None = None, webhook_url: str | None = None,
                  batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1),
                  instance_id: str | None = None) -> None:
@@ -153,6 +156,7 @@ class StreamWorker:
         self.state_topic = ensure_state_topic(settings)
         group_id = group_id or f"{settings.topic_prefix}.streams"  # one group per topic prefix
         self.group_id, self.checkpoint_interval, self.batch_size = group_id, checkpoint_interval, batch_size
+        self.publish_interval = min(publish_interval, checkpoint_interval)
         self.dedupe_per_partition, self.session_idle = dedupe_per_partition, session_idle
         self.dedupe: dict[int, DedupeWindow] = {}
         self.tenant_partition: dict[str, int] = {}
@@ -162,6 +166,8 @@ class StreamWorker:
         self.stats: Counter[str] = Counter()
         self.stream_now = datetime.min.replace(tzinfo=UTC)
         self._delivery_error: str | None = None
+        self._suffix_now: datetime | None = None
+        self._suffix = ""
         self._last_evict = time.monotonic()
         self.producer = Producer(settings.kafka_config(**{
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
@@ -182,6 +188,7 @@ class StreamWorker:
         stop = stop or threading.Event()
         self.consumer.subscribe([self.topics["usage"], self.topics["gpu"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
         next_checkpoint, idle_since = time.monotonic() + self.checkpoint_interval, time.monotonic()
+        next_publish = time.monotonic() + self.publish_interval
         try:
             while not stop.is_set():
                 msgs = self.consumer.consume(self.batch_size, timeout=0.1)
@@ -195,6 +202,10 @@ class StreamWorker:
                 if time.monotonic() >= next_checkpoint:
                     self.checkpoint()
                     next_checkpoint = time.monotonic() + self.checkpoint_interval
+                    next_publish = time.monotonic() + self.publish_interval
+                elif time.monotonic() >= next_publish:
+                    self.publish_spend(TOP_SCOPES)  # fast path for budgets; sessions and agents wait for the checkpoint
+                    next_publish = time.monotonic() + self.publish_interval
             self.checkpoint()
         finally:
             self.consumer.close()
@@ -263,22 +274,35 @@ class StreamWorker:
         else:
             cost, source = 0, "unpriced"
             self.catalog.unpriced[(event.provider, event.model or event.tool)] += 1
-        parts = listed or (0, 0, 0, 0, 0)
-        record = usage_fields(event)
-        record.update(cost_usd=usd(cost), list_cost_usd=usd(parts[4]), input_cost_usd=usd(parts[0]),
-                      output_cost_usd=usd(parts[1]), cache_read_cost_usd=usd(parts[2]), cache_write_cost_usd=usd(parts[3]),
-                      cost_source=source, catalog_version=self.catalog.version, priced_at=now)
+        parts = listed or NO_PARTS
         tenant = event.tenant_id
-        self._produce(self.topics["priced"], encode(record), tenant)
+        self._produce(self.topics["priced"], self._priced_json(event, cost, parts, source, now), tenant)
         unpriced = source == "unpriced"
         self.stats["priced"] += 1
-        self.stats["unpriced"] += unpriced
+        if unpriced:
+            self.stats["unpriced"] += 1
         self.spend.add((tenant, event.team, event.project, event.agent_id, event.session_id), event.ts, cost,
                        event.input_tokens, event.output_tokens, unpriced)
         if event.ts > self.stream_now:
             self.stream_now = event.ts
         for anomaly in self.detectors.usage(event, cost, unpriced):
             self._anomaly(anomaly)
+
+    def _priced_json(self, event: Any, cost: int, parts: tuple[int, ...], source: str, now: datetime) -> bytes:
+        """PricedEvent JSON: the usage fields (cost_usd = the charge) + price fields, without building a model."""
+        if now is not self._suffix_now:  # once per batch
+            self._suffix_now = now
+            self._suffix = f',"catalog_version":{msgspec.json.encode(self.catalog.version).decode()},"priced_at":"{now.isoformat().replace("+00:00", "Z")}"}}'
+        prices = (f',"list_cost_usd":"{usd(parts[4])}","input_cost_usd":"{usd(parts[0])}","output_cost_usd":"{usd(parts[1])}",'
+                  f'"cache_read_cost_usd":"{usd(parts[2])}","cache_write_cost_usd":"{usd(parts[3])}","cost_source":"{source}"')
+        if isinstance(event, FastUsage):
+            event.cost_usd = usd(cost)
+            head = encode(event)
+        else:
+            record = dict(event)
+            record["cost_usd"] = usd(cost)
+            head = encode(record)
+        return head[:-1] + (prices + self._suffix).encode()
 
     # ------------------------------------------------------------------- GPU
     def _gpu(self, samples: list[ev.GpuSample]) -> None:
@@ -340,13 +364,18 @@ class StreamWorker:
             self._delivery_error = f"{msg.topic()}: {err}"
 
     # ----------------------------------------------------------- checkpoint
-    def checkpoint(self) -> None:
-        """Publish changed spend, wait for every output to be acknowledged, then commit input offsets."""
-        for key, update in self.spend.drain():
+    def publish_spend(self, scopes: frozenset[str] | None = None) -> None:
+        """SpendUpdate of every changed scope (of `scopes`) to the spend topic and the changelog."""
+        now = datetime.now(UTC)
+        for key, update in self.spend.drain(now, scopes):
             body = encode(update)
             self._produce(self.topics["spend"], body, key[0])
             self._produce(self.state_topic, body, KEY_SEP.join(key))
             self.stats["spend_updates"] += 1
+
+    def checkpoint(self) -> None:
+        """Publish all changed spend, wait for every output to be acknowledged, then commit input offsets."""
+        self.publish_spend()
         self.detectors.tick(self.stream_now) if self.stream_now.year > 1 else None
         remaining = self.producer.flush(60)
         if remaining or self._delivery_error:

@@ -1,0 +1,291 @@
+"""Stream worker throughput vs a bare confluent-kafka consume of the same messages, same run.
+
+    METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python -m bench.pipeline [--events 300000] [--sessions 100000]
+
+1. Produce N usage events (msgspec-encoded, keyed by tenant, `--sessions` distinct sessions,
+   5 models incl. cache tokens and 2% tool calls) to a fresh topic prefix.
+2. Baseline: a bare confluent-kafka consumer reads all N (batch consume, count bytes).
+3. Pipeline: `--workers` x `meterline streams` processes (validate, dedupe, price, spend,
+   anomalies, produce priced + spend + changelog, commit) drain the same N; the rate is the
+   priced record count over the span of the priced records' timestamps (first to last).
+4. Ledger (optional, --ledger): `meterline sink` drains the priced topic into embedded
+   ClickHouse (chDB) in a subprocess; rows counted afterwards.
+5. Memory: RSS of the worker process after the run, and tracemalloc of the worker's state
+   (spend, detectors, dedupe) holding `--sessions` active sessions.
+6. Per-stage cost per event (one core, no I/O) to show where the time goes.
+
+Writes a section to bench/results/pipeline.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import msgspec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from meterline.schemas.events import new_id
+from meterline.settings import Settings
+from meterline.topics import create_topics
+
+RESULTS = Path(__file__).with_name("results") / "pipeline.md"
+MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"),
+          ("anthropic", "claude-haiku-4-5"), ("self-hosted", "llama-3.1-70b-instruct")]
+
+
+def make_events(n: int, sessions: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
+    rng, now = random.Random(seed), datetime.now(timezone.utc) - timedelta(minutes=10)
+    out = []
+    for i in range(n):
+        s = i % sessions
+        tenant = f"tenant{s % 50}"
+        provider, model = MODELS[i % len(MODELS)]
+        inp = rng.randint(200, 20_000)
+        read = rng.randint(0, inp // 2)
+        record = {"event_id": new_id(), "ts": now + timedelta(milliseconds=i), "tenant_id": tenant, "team": f"team{s % 200}",
+                  "project": f"proj{s % 500}", "agent_id": f"agent{s % 2000}", "session_id": f"sess{s}", "kind": "llm_call",
+                  "provider": provider, "model": model, "input_tokens": inp, "output_tokens": rng.randint(10, 2000),
+                  "cache_read_tokens": read, "latency_ms": rng.randint(100, 9000)}
+        if i % 50 == 0:
+            record.update(kind="tool_call", tool="web_search", model="", provider="")
+        out.append((tenant.encode(), msgspec.json.encode(record)))
+    return out
+
+
+def produce(settings: Settings, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    producer = Producer(settings.kafka_config(**{"linger.ms": 20, "compression.type": "lz4", "enable.idempotence": True,
+                                                 "queue.buffering.max.messages": 2_000_000, "batch.num.messages": 10_000}))
+    t0 = time.perf_counter()
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+    return time.perf_counter() - t0
+
+
+def bare_consume(settings: Settings, topic: str, n: int) -> float:
+    """Seconds for a plain batch consumer to read n messages (from its first batch)."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"bare-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                                                 "auto.offset.reset": "earliest", "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50}))
+    parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    seen, size, t0 = 0, 0, None
+    while seen < n:
+        for msg in consumer.consume(5000, timeout=1.0):
+            if msg.error():
+                continue
+            t0 = t0 or time.perf_counter()
+            size += len(msg.value())
+            seen += 1
+    elapsed = time.perf_counter() - t0
+    consumer.close()
+    return elapsed
+
+
+def run_workers(settings: Settings, workers: int, data_dir: Path) -> tuple[float, list[dict], int]:
+    """`workers` x `meterline streams --until-caught-up` in one consumer group; rate from the priced records' timestamps."""
+    env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
+           "METERLINE_DATA_DIR": str(data_dir)}
+    cli = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--until-caught-up", "--json"]
+    procs = [subprocess.Popen([*cli, "--instance-id", f"bench-{i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(workers)]
+    outputs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("a worker failed: " + " | ".join(err.decode()[-500:] for _, err in outputs))
+    stats = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
+    rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    first, last, count = topic_time_span(settings, settings.topic("priced"))
+    return count / max(last - first, 1e-3), stats, rss_kib
+
+
+def topic_time_span(settings: Settings, topic: str) -> tuple[float, float, int]:
+    """(first, last) record timestamps (seconds; set when the worker produced them) and the record count."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"span-{uuid.uuid4().hex}", "enable.auto.commit": False}))
+    parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+    todo = {p for p, end in ends.items() if end > 0}
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+    first, last, count = float("inf"), 0.0, 0
+    while todo:
+        for msg in consumer.consume(10_000, timeout=1.0):
+            if msg.error():
+                continue
+            ts = msg.timestamp()[1] / 1000
+            first, last, count = min(first, ts), max(last, ts), count + 1
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                todo.discard(msg.partition())
+    consumer.close()
+    return first, last, count
+
+
+def state_memory(sessions: int) -> tuple[int, int]:
+    """tracemalloc bytes of the worker's state (spend + detectors + dedupe) with `sessions` active sessions."""
+    from meterline.streams.anomalies import Detectors
+    from meterline.streams.codec import decode_usage
+    from meterline.streams.spend import SpendBook
+    from meterline.streams.worker import DedupeWindow
+
+    events = [decode_usage(raw) for _, raw in make_events(2 * sessions, sessions, seed=9)]
+    tracemalloc.start()
+    book, detectors, dedupe = SpendBook(), Detectors(), [DedupeWindow(100_000) for _ in range(12)]
+    for i, e in enumerate(events):
+        dedupe[i % 12].seen(e.event_id.int)
+        book.add((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), e.ts, 1000, e.input_tokens, e.output_tokens)
+        detectors.usage(e, 1000, False)
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return current, len(book.states)
+
+
+def stage_costs(n: int = 30_000) -> dict[str, float]:
+    """µs per event of each stage, one core, no Kafka."""
+    from meterline.schemas.events import UsageEvent
+    from meterline.streams.anomalies import Detectors
+    from types import SimpleNamespace
+
+    from meterline.streams.codec import decode_usage
+    from meterline.streams.worker import StreamWorker
+    from meterline.streams.pricing import load_catalog
+    from meterline.streams.spend import SpendBook
+
+    raws = [raw for _, raw in make_events(n, 10_000, seed=3)]
+    catalog, book, detectors = load_catalog(), SpendBook(), Detectors()
+
+    def timed(fn, items):
+        t0 = time.perf_counter()
+        out = [fn(x) for x in items]
+        return (time.perf_counter() - t0) / len(items) * 1e6, out
+
+    pydantic_us, _ = timed(UsageEvent.model_validate_json, raws)
+    decode_us, events = timed(decode_usage, raws)
+    price_us, prices = timed(catalog.price_pico, events)
+    now = datetime.now(timezone.utc)
+
+    shell = SimpleNamespace(catalog=catalog, _suffix_now=None, _suffix="")
+    encode_us, _ = timed(lambda e: StreamWorker._priced_json(shell, e, 1000, (400, 500, 100, 0, 1000), "catalog", now), events)
+    spend_us, _ = timed(lambda e: book.add((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), e.ts, 1000,
+                                           e.input_tokens, e.output_tokens), events)
+    detect_us, _ = timed(lambda e: detectors.usage(e, 1000, False), events)
+    return {"pydantic decode (reference)": pydantic_us, "decode + validate (msgspec fast path)": decode_us,
+            "price (cached rates, integer pico-USD)": price_us, "build + encode PricedEvent": encode_us,
+            "spend: 5 scopes": spend_us, "anomaly detectors": detect_us}
+
+
+def faust_cost(n: int = 5000) -> float | None:
+    """µs per event of a Faust agent updating one table through test_context (DESIGN.md's measurement)."""
+    try:
+        import asyncio
+
+        import faust
+    except ImportError:
+        return None
+    app = faust.App(f"bench-{uuid.uuid4().hex[:6]}", broker="kafka://127.0.0.1:9092", store="memory://")  # test_context never connects
+    topic = app.topic("usage", value_type=bytes)
+    table = app.Table("spend", default=int)
+
+    @app.agent(topic)
+    async def count(stream):
+        async for value in stream:
+            table[value[:8]] += 1
+
+    async def drive() -> float:
+        async with count.test_context() as agent:
+            t0 = time.perf_counter()
+            for i in range(n):
+                await agent.put(b"tenant%02d" % (i % 50))
+            return (time.perf_counter() - t0) / n * 1e6
+
+    return asyncio.run(drive())
+
+
+def run_ledger(settings: Settings, data_dir: Path, expected: int) -> tuple[float, int] | None:
+    env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
+           "METERLINE_DATA_DIR": str(data_dir), "METERLINE_CLICKHOUSE_DSN": f"chdb://{data_dir / 'ch'}"}
+    cli = [sys.executable, "-c", "from meterline.cli import main; main()"]
+    if subprocess.run([*cli, "migrate"], env=env, capture_output=True).returncode != 0:
+        return None
+    t0 = time.perf_counter()
+    sink = subprocess.run([*cli, "sink", "--until-idle", "3"], env=env, capture_output=True)
+    elapsed = time.perf_counter() - t0 - 3
+    if sink.returncode != 0:
+        print(sink.stderr.decode()[-1000:])
+        return None
+    count = subprocess.run([*cli, "sql", "SELECT count() FROM priced_events", "--format", "csv"], env=env, capture_output=True)
+    rows = int(count.stdout.decode().split()[-1]) if count.returncode == 0 and count.stdout.strip() else -1
+    return elapsed, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes in one consumer group (partitions = parallelism)")
+    parser.add_argument("--ledger", action="store_true", help="also drain priced into embedded ClickHouse with `meterline sink`")
+    args = parser.parse_args()
+
+    settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
+    create_topics(settings)
+    records = make_events(args.events, args.sessions)
+    produce_s = produce(settings, settings.topic("usage"), records)
+    bare_s = bare_consume(settings, settings.topic("usage"), args.events)
+    worker_rate, stats, rss_kib = run_workers(settings, args.workers, Path(f"/tmp/{settings.topic_prefix}"))
+    bare_rate = args.events / bare_s
+    state_bytes, scopes = state_memory(args.sessions)
+    stages = stage_costs()
+    try:
+        faust_us = faust_cost()
+    except Exception as err:  # noqa: BLE001 - the comparison is optional
+        print(f"faust measurement failed: {err}")
+        faust_us = None
+    ledger = run_ledger(settings, Path(f"/tmp/{settings.topic_prefix}"), args.events) if args.ledger else None
+
+    lines = [
+        f"## stream worker (`bench/pipeline.py`), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Machine: `{platform.machine()}`, {os.cpu_count()} cores (shared with the broker and other engineers' jobs), "
+        f"Python {platform.python_version()}. Command: `METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python -m bench.pipeline "
+        f"--events {args.events} --sessions {args.sessions} --workers {args.workers}{' --ledger' if args.ledger else ''}`. "
+        "Worker rate = priced records / (last - first priced record timestamp), i.e. from its first produced result to its last.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| events | {args.events:,} ({args.sessions:,} sessions, 50 tenants, 5 models + tool calls) |",
+        f"| produce (idempotent, lz4) | {args.events / produce_s:,.0f} events/s |",
+        f"| bare confluent-kafka consume (baseline) | {bare_rate:,.0f} events/s |",
+        f"| {args.workers} stream worker process(es): usage -> priced (+ spend, changelog, anomalies, commit) | {worker_rate:,.0f} events/s |",
+        f"| **ratio worker / bare consume** | **{worker_rate / bare_rate:.2f}** |",
+        f"| worker counters | {' / '.join(', '.join(f'{k}={v}' for k, v in sorted(s.items())) for s in stats)} |",
+        f"| worker process max RSS ({args.sessions:,} sessions{' over ' + str(args.workers) + ' workers' if args.workers > 1 else ''}) | {rss_kib / 1024:,.0f} MiB |",
+        f"| worker state at {args.sessions:,} active sessions ({scopes:,} scopes; spend + detectors + dedupe, tracemalloc) | "
+        f"{state_bytes / 2**20:,.1f} MiB ({state_bytes / args.sessions:,.0f} B per session) |",
+    ]
+    if ledger:
+        lines.append(f"| `meterline sink` priced -> ClickHouse (chDB) drain | {args.events / ledger[0]:,.0f} events/s, {ledger[1]:,} rows |")
+    lines += ["", "Per-stage cost, one core, no Kafka I/O (µs per event):", "", "| stage | µs/event |", "|---|---|"]
+    lines += [f"| {name} | {us:.2f} |" for name, us in stages.items()]
+    if faust_us is not None:
+        lines.append(f"| Faust agent + one table update via test_context (memory broker; for the choice) | {faust_us:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS.read_text() if RESULTS.exists() else "# Stream pipeline benchmark\n\n"
+    RESULTS.write_text(previous.rstrip() + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
