@@ -80,12 +80,12 @@ class BudgetState:
     spent: Decimal = ZERO                       # in the policy's unit
     fired: set[int] = field(default_factory=set)
     recent: deque = field(default_factory=deque)  # (window_end, cost in unit, events)
-    max_starter: Decimal = ZERO
+    starters: deque = field(default_factory=deque)   # (live until, starter) as published recently
 
     def roll(self, now: datetime) -> None:
         if now >= self.end or now < self.start:
             self.start, self.end = period_bounds(self.policy, now)
-            self.spent, self.fired, self.max_starter = ZERO, set(), ZERO
+            self.spent, self.fired = ZERO, set()
             self.recent.clear()
 
     @property
@@ -147,6 +147,7 @@ class Engine:
         self._sources: dict[tuple, list[ThrottleDecision]] = {}   # rendered decisions per rule source
         self._dirty: set[tuple] = set()
         self._last_full: datetime | None = None
+        self._pools: dict[str, list] = {}   # per render: policy_id -> [grantable, reserve, live]
 
     # ---- inputs -------------------------------------------------------------------------
     def apply_policy(self, policy: BudgetPolicy) -> None:
@@ -154,7 +155,7 @@ class Engine:
         start, end = period_bounds(policy, self.clock())
         state = BudgetState(policy, start, end)
         if old and (old.start, old.end) == (start, end) and old.policy.unit == policy.unit:
-            state.spent, state.fired, state.recent, state.max_starter = old.spent, old.fired, old.recent, old.max_starter
+            state.spent, state.fired, state.recent, state.starters = old.spent, old.fired, old.recent, old.starters
         else:
             state.spent = self._spend_in_memory(policy, start)
         self.budgets[policy.policy_id] = state
@@ -183,7 +184,7 @@ class Engine:
         windows[update.window_start] = (max(old_usd, update.window_cost_usd), old_gpu + d_gpu, update.window_end)
         for state in self._budgets_on(scope_id):
             state.roll(now)
-            if state.start <= update.window_start < state.end:
+            if update.window_end > state.start and update.window_start < state.end:  # overlap counts whole: errs toward throttling
                 delta = d_usd if state.policy.unit == "usd" else d_gpu / 3600
                 state.spent += delta
                 state.recent.append((update.window_end, delta, d_events))
@@ -194,7 +195,7 @@ class Engine:
             self._dirty.add(("live", update.tenant_id))
         if lease:
             self._dirty.add(("lease", scope_id))
-        if lease and update.window_start >= lease.epoch:
+        if lease and update.window_end > lease.epoch:
             lease.spent += d_usd
             lease.events += d_events
             lease.last_seen = now
@@ -226,7 +227,7 @@ class Engine:
             state.roll(now)
             recorded = self.ledger_spend(state.policy.scope, state.policy.scope_id, state.start)
             recent = sum((c for start, (c, _, end) in self._windows.get(level_key(state.policy.scope_id), {}).items()
-                          if start >= state.start and end > now - self.config.ledger_lag), ZERO)
+                          if end > state.start and end > now - self.config.ledger_lag), ZERO)
             state.spent = recorded + recent
             self._check_alerts(state, now)
 
@@ -272,12 +273,14 @@ class Engine:
     def _render(self, now: datetime, full: bool) -> dict[str, ThrottleDecision]:
         """Re-render the rule sources that changed (all of them when `full`), then merge per key."""
         dirty, self._dirty = self._dirty, set()
+        self._pools = {}
         for pid, state in self.budgets.items():
             if full or ("budget", pid) in dirty:
                 state.roll(now)
                 self._sources[("budget", pid)] = list(self._budget_decisions(state, now))
         known = {k[1] for k in self._sources if k[0] == "lease"} | set(self.leases)
-        for session_id in known if full else [k[1] for k in dirty if k[0] == "lease"]:
+        touched = {k[1] for k in dirty if k[0] == "lease"}
+        for session_id in touched | {sid for sid in known if self._lease_due(sid, now)} if full else touched:
             self._sources[("lease", session_id)] = list(self._lease_decisions(now, session_id))
         if full or ("gpu",) in dirty:
             self._sources[("gpu",)] = list(self._gpu_decisions(now))
@@ -406,7 +409,22 @@ class Engine:
         return [lease for lease in self.leases.values() if is_within(lease.session_id, state.policy.scope_id)]
 
     def _pool(self, state: BudgetState, now: datetime) -> tuple[Decimal, Decimal, int]:
-        """(grantable, kept for unseen sessions, live sessions) under one hard budget."""
+        """(grantable, kept for unseen sessions, live sessions) under one hard budget.
+
+        Computed once per render (O(sessions)); grants made during the render are taken off
+        the cached value, which stays conservative (the reserve is not shrunk with them).
+        """
+        cached = self._pools.get(state.policy.policy_id)
+        if cached is None:
+            cached = self._pools[state.policy.policy_id] = list(self._compute_pool(state, now))
+        return cached[0], cached[1], cached[2]
+
+    def _commit(self, hard: list[BudgetState], amount: Decimal) -> None:
+        for s in hard:
+            if s.policy.policy_id in self._pools:
+                self._pools[s.policy.policy_id][0] -= amount
+
+    def _compute_pool(self, state: BudgetState, now: datetime) -> tuple[Decimal, Decimal, int]:
         leases = self._under(state)
         spent = max(state.spent, sum((lease.spent for lease in leases), ZERO))
         uncommitted = max(ZERO, state.policy.amount - spent - sum((lease.outstanding for lease in leases), ZERO))
@@ -415,13 +433,27 @@ class Engine:
         return uncommitted - reserve, reserve, live
 
     def _starter(self, state: BudgetState, now: datetime) -> Decimal:
-        _, reserve, _ = self._pool(state, now)
+        """What an unseen session may spend: the reserve split over max(slots, live sessions), ≥ 2 calls."""
+        _, reserve, live = self._pool(state, now)
+        self._max_starter(state, now)   # prune
         cost = sum((c for _, c, _ in state.recent), ZERO)
         events = sum(e for _, _, e in state.recent)
         call = cost / events if events else ZERO
-        starter = usd(min(reserve, max(reserve / self.config.lease_slots, 2 * call)))  # enough for a first call
-        state.max_starter = max(state.max_starter, starter)
+        starter = usd(min(reserve, max(reserve / max(self.config.lease_slots, live), 2 * call)))
+        state.starters.append((now + 2 * self.config.decision_ttl, starter))
         return starter
+
+    def _max_starter(self, state: BudgetState, now: datetime) -> Decimal:
+        """The largest starter a guard may still be drawing on (published within two TTLs)."""
+        while state.starters and state.starters[0][0] < now:
+            state.starters.popleft()
+        return max((v for _, v in state.starters), default=ZERO)
+
+    def _lease_due(self, session_id: str, now: datetime) -> bool:
+        """Worth re-evaluating on a full pass: gone, idle, past its period, or running low."""
+        lease = self.leases.get(session_id)
+        return (lease is None or self._idle(lease, now) or now >= lease.epoch_end or lease.last_grant == 0
+                or lease.outstanding < lease.last_grant / 2 or self._published.get(decision_key("session", session_id, None)) is None)
 
     def _lease_decisions(self, now: datetime, session_id: str) -> Iterable[ThrottleDecision]:
         lease = self._lease_for(session_id, now)
@@ -443,7 +475,11 @@ class Engine:
         """
         hard = self._hard_ancestors(lease.session_id)
         if lease.live_until is None:
-            lease.limit = max(lease.limit, lease.spent + max(s.max_starter for s in hard))
+            uncommitted = min(sum(self._pool(s, now)[:2], ZERO) for s in hard)   # never book past the budget
+            starter = max(ZERO, min(max(self._max_starter(s, now) for s in hard), uncommitted))
+            charged = max(lease.limit, lease.spent + starter)
+            self._commit(hard, charged - lease.limit)
+            lease.limit = charged
         call_cost = lease.spent / lease.events if lease.events else ZERO
         min_grant = max(2 * call_cost, min(s.policy.amount for s in hard) / 10**6)
         if lease.last_grant == 0 or lease.outstanding < max(lease.last_grant / 2, min_grant):
@@ -452,6 +488,7 @@ class Engine:
             if grant >= min_grant:
                 lease.limit += grant
                 lease.last_grant = grant
+                self._commit(hard, grant)
         binding = min(hard, key=lambda s: self._pool(s, now)[0])
         exhausted = lease.outstanding < max(call_cost, min_grant / 2)
         return self._decision(
@@ -500,11 +537,11 @@ class Engine:
         return self._by_level.get(level_key(scope_id), [])
 
     def _windows_sum(self, scope_id: str, since: datetime) -> Decimal:
-        return sum((c for start, (c, _, _) in self._windows.get(level_key(scope_id), {}).items() if start >= since), ZERO)
+        return sum((c for c, _, end in self._windows.get(level_key(scope_id), {}).values() if end > since), ZERO)
 
     def _spend_in_memory(self, policy: BudgetPolicy, since: datetime) -> Decimal:
         cost = lambda v: v[0] if policy.unit == "usd" else v[1] / 3600  # noqa: E731
-        return sum((cost(v) for start, v in self._windows.get(level_key(policy.scope_id), {}).items() if start >= since), ZERO)
+        return sum((cost(v) for v in self._windows.get(level_key(policy.scope_id), {}).values() if v[2] > since), ZERO)
 
     def _forget_old_windows(self, now: datetime) -> None:
         horizon = now - self.config.window_memory
