@@ -125,12 +125,13 @@ class DecisionFeed:
         while not self._stop.is_set():
             first = self._consumer.poll(self.poll_timeout)   # returns as soon as a record is there
             batch = [first, *self._consumer.consume(500, 0)] if first is not None else []
+            applied = 0
             for msg in batch:
                 if msg.error():
                     continue
                 positions[msg.partition()] = msg.offset() + 1
-                self._apply(msg.key(), msg.value())
-            if batch:
+                applied += self._apply(msg.key(), msg.value())
+            if applied:   # guards rebuild their plans only when a decision for a wanted tenant changed
                 with self.changed:
                     self.version += 1
                     self.changed.notify_all()
@@ -138,20 +139,20 @@ class DecisionFeed:
                                             or not batch and caught_up(self._consumer, self._ends)):
                 self.ready.set()
 
-    def _apply(self, raw_key: bytes | None, value: bytes | None) -> None:
+    def _apply(self, raw_key: bytes | None, value: bytes | None) -> bool:
         if raw_key is None:
-            return
+            return False
         key = raw_key.decode()
         if self.tenants is not None and tenant_of(key[key.find(":") + 1:key.rfind(":")]) not in self.tenants:
-            return  # someone else's decision: not even decoded
+            return False  # someone else's decision: not even decoded
         if value is None:
-            self.decisions.pop(key, None)
-            return
+            return self.decisions.pop(key, None) is not None
         try:
             self.decisions[key] = Compiled(decode(ThrottleDecision, value))
         except InvalidEvent:
-            return
+            return False
         self.received[key] = time.time()
+        return True
 
 
 class TokenBucket:

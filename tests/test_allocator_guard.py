@@ -204,3 +204,20 @@ def test_priorities_and_team_inside_tenant_through_the_broker(settings, allocato
     wait_until(lambda: [a for a in _anomalies(settings) if a.evidence.get("threshold_pct") == "80"], "the 80 % alert")
     alerts = [(a.evidence["policy_id"], a.evidence["threshold_pct"]) for a in _anomalies(settings)]
     assert sorted(alerts) == [("research-month", "50"), ("research-month", "80")], "each threshold once"
+
+
+def test_heartbeat_keeps_decisions_alive_for_fail_closed_guards(settings, feed):
+    service, stop, thread = run_in_thread(settings, Engine(EngineConfig(decision_ttl=timedelta(seconds=1))),
+                                          tick=0.02, heartbeat_every=0.1)
+    try:
+        assert service.ready.wait(30)
+        publish_policy(settings, hard_budget("100"))
+        first = wait_until(lambda: feed.decisions.get("tenant:acme:normal"), "first decision").decision
+        guard = Guard(feed, "acme", session_id="s1", fail_mode="closed")
+        renewed = wait_until(lambda: (d := feed.decisions["tenant:acme:normal"].decision).issued_at >= first.expires_at and d,
+                             "a renewal issued after the first decision's expiry")
+        assert renewed.decision_id == first.decision_id, "a heartbeat renews the same decision"
+        assert guard.check("m") == "m", "while the allocator is healthy, fail-closed guards keep working"
+    finally:
+        stop.set()
+        thread.join()
