@@ -11,9 +11,7 @@ pydantic and sql/rows.py.
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Literal
-from uuid import UUID
 
 import msgspec
 from msgspec import Meta
@@ -26,13 +24,16 @@ Name = Annotated[str, Meta(max_length=ev.MAX_NAME_LEN)]
 Tokens = Annotated[int, Meta(ge=0, le=ev.MAX_TOKENS)]
 Count = Annotated[int, Meta(ge=0)]
 Ts = Annotated[datetime, Meta(tz=True)]
-Usd = Decimal  # sign and scale are checked in _fast_ok (msgspec has no Decimal bounds)
+# Money as the contract allows it (>= 0, Decimal(28, 12)), checked by msgspec's C regex instead of
+# building six Decimals per event; ClickHouse parses the text exactly. A JSON number falls back to pydantic.
+Usd = Annotated[str, Meta(pattern=r"^[0-9]{1,16}(\.[0-9]{1,12})?$")]
+Uuid = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
 
 
 class PricedRecord(msgspec.Struct, forbid_unknown_fields=True):
     """PricedEvent (schemas/events.py) as msgspec sees it; a test keeps the two in step."""
 
-    event_id: UUID
+    event_id: Uuid
     ts: Ts
     tenant_id: Id
     kind: Literal["llm_call", "tool_call", "api_call"]
@@ -59,37 +60,34 @@ class PricedRecord(msgspec.Struct, forbid_unknown_fields=True):
     attributes: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=ev.MAX_ID_LEN)],
                                Annotated[str, Meta(max_length=ev.MAX_ATTRIBUTE_VALUE_LEN)]],
                           Meta(max_length=ev.MAX_ATTRIBUTES)] = {}
-    list_cost_usd: Usd = Decimal(0)
-    input_cost_usd: Usd = Decimal(0)
-    output_cost_usd: Usd = Decimal(0)
-    cache_read_cost_usd: Usd = Decimal(0)
-    cache_write_cost_usd: Usd = Decimal(0)
+    list_cost_usd: Usd = "0"
+    input_cost_usd: Usd = "0"
+    output_cost_usd: Usd = "0"
+    cache_read_cost_usd: Usd = "0"
+    cache_write_cost_usd: Usd = "0"
 
 
 _priced_decoder = msgspec.json.Decoder(PricedRecord)
-MONEY_FIELDS = ("cost_usd", "list_cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd")
-MAX_MONEY = Decimal(10) ** 16  # the contract's Decimal(28, 12)
 
 
-def _fast_ok(r: PricedRecord) -> bool:
+def _fast_ok(r: PricedRecord, latest_ts: datetime) -> bool:
     """The contract rules msgspec cannot express; False sends the record to pydantic."""
     if r.cache_read_tokens + r.cache_write_tokens > r.input_tokens:
         return False
     if (r.kind == "llm_call" and not r.model) or (r.kind != "llm_call" and not r.tool):
         return False
-    for name in MONEY_FIELDS:
-        value = getattr(r, name)
-        if value is not None and not (0 <= value < MAX_MONEY and value.as_tuple().exponent >= -12):  # type: ignore[operator]
-            return False
-    return (r.ts - ev.utcnow()) <= ev.MAX_FUTURE_SKEW
+    return r.ts <= latest_ts
 
 
-def decode_priced(raw: bytes) -> tuple[bytes, str, datetime]:
-    """(JSON object bytes, event_id, ts in UTC) of a valid PricedEvent; raises InvalidEvent."""
+def decode_priced(raw: bytes, latest_ts: datetime | None = None) -> tuple[bytes, str, datetime]:
+    """(JSON object bytes, event_id, ts) of a valid PricedEvent; raises InvalidEvent.
+
+    `latest_ts` (now + the contract's allowed clock skew) lets a caller compute it once per batch.
+    """
     try:
         record = _priced_decoder.decode(raw)
-        if _fast_ok(record):
-            return raw.rstrip(), str(record.event_id), record.ts
+        if _fast_ok(record, latest_ts or ev.utcnow() + ev.MAX_FUTURE_SKEW):
+            return raw.rstrip(), record.event_id.lower(), record.ts
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError):
         pass
     event = ev.decode(ev.PricedEvent, raw)  # the authority: raises InvalidEvent with the field's name

@@ -116,6 +116,7 @@ class LedgerSink:
         self.flushing = False
         self.revoked_mid_flush = False
         self.stop = threading.Event()
+        self.latest_ts = ev.utcnow() + ev.MAX_FUTURE_SKEW  # newest event time the contract accepts
         self.stats = {"rows": 0, "duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -129,6 +130,7 @@ class LedgerSink:
         try:
             while not stop.is_set():
                 messages = self.consumer.consume(num_messages=10_000, timeout=0.2)
+                self.latest_ts = ev.utcnow() + ev.MAX_FUTURE_SKEW
                 for msg in messages:
                     self._take(msg)
                 if messages:
@@ -234,7 +236,7 @@ class LedgerSink:
                 batch.rows += 1
             return
         if table.name == "priced_events":
-            body, event_id, ts = decode_priced(raw)
+            body, event_id, ts = decode_priced(raw, self.latest_ts)
             month = month_of(ts)
             rows.json_rows[month].append(body[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
                 msg.topic().encode(), msg.partition(), msg.offset(), start))
