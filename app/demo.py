@@ -3,10 +3,10 @@
 The fleet (every number below is simulated, reproducible with --seed):
 
 * four tenants with hourly budgets published through the allocator's budget API:
-  acme (paced: spends faster than its budget allows, so low-priority work is throttled),
-  globex (comfortable), initech (has a runaway agent), umbrella (small budget, runs out:
-  its normal/low/batch agents are denied, `high` is downgraded to a cheaper model,
-  `critical` keeps running);
+  acme (spends faster than its pace allows, so low-priority work is throttled), globex
+  (hard and comfortable), initech (its runaway agent burns through the budget), umbrella
+  (small: runs out first). Once a budget is used up, `high` agents are downgraded to a
+  cheaper model, `normal` ones queued, low/batch throttled, `critical` keeps running;
 * a priority mix (critical … batch) across agents that call real model names, priced by
   the catalog, plus tool calls and one self-hosted model nobody can price;
 * a runaway agent at initech that loops on the same call (after a normal recent history);
@@ -60,20 +60,31 @@ FLEET: tuple[AgentSpec, ...] = (
     AgentSpec("acme", "ops", "nightly", "reindexer", "batch", "openai", "gpt-4o", 4, 8000, 300),
     AgentSpec("globex", "ml", "eval", "judge", "normal", "openai", "gpt-4o-mini", 4, 3000, 300),
     AgentSpec("globex", "ml", "finetune", "trainer", "batch", "self-hosted", "globex-llama-70b-ft", 1, 2000, 500),
-    AgentSpec("initech", "research", "agents", "coder", "normal", "anthropic", "claude-sonnet-4", 2, 5000, 1200),
+    AgentSpec("initech", "research", "agents", "coder", "high", "anthropic", "claude-sonnet-4", 2, 5000, 1200),
     AgentSpec("initech", "research", "agents", "looper", "normal", "openai", "gpt-4o", 25, 3000, 600, runaway=True),
     AgentSpec("umbrella", "product", "chat", "assistant", "high", "openai", "gpt-4o", 3, 5000, 800),
     AgentSpec("umbrella", "product", "chat", "summarizer", "normal", "openai", "gpt-4o", 4, 6000, 600),
     AgentSpec("umbrella", "ops", "alerts", "pager", "critical", "openai", "gpt-4o-mini", 2, 1500, 200),
     AgentSpec("umbrella", "ops", "backfill", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
 )
-BUDGETS_USD = {"acme": Decimal("20"), "globex": Decimal("500"), "initech": Decimal("200"), "umbrella": Decimal("0.60")}
-# What each priority class gets once a budget is used up (soft budgets turn deny into throttle).
-EXCEED_ACTIONS = {"critical": "allow", "high": "downgrade", "normal": "queue", "low": "deny", "batch": "deny"}
-# Hard budgets also hand out per-session spend leases. Those need the stream's session spend
-# updates to carry the allocator's tenant-path scope ids; until both sides agree, a hard budget
-# would hold every session at its starter allowance, so the demo runs soft budgets.
-HARD_BUDGETS = False
+@dataclass(frozen=True)
+class DemoBudget:
+    amount: Decimal
+    hard: bool
+    actions: dict[str, str]  # what each priority class gets once the budget is used up
+
+
+STRICT = {"critical": "allow", "high": "downgrade", "normal": "deny", "low": "deny", "batch": "deny"}
+LENIENT = {"critical": "allow", "high": "downgrade", "normal": "queue", "low": "throttle", "batch": "deny"}
+# Hard budgets also hand out per-session spend leases; a new session's first allowance is
+# 1 % of the budget split over 20 slots, so small hard budgets would hold the demo's first
+# calls back. The small budgets here are soft: they throttle, queue and downgrade instead.
+BUDGETS: dict[str, DemoBudget] = {
+    "acme": DemoBudget(Decimal("20"), False, STRICT),        # spends faster than its pace: low/batch (then normal) throttled
+    "globex": DemoBudget(Decimal("500"), True, STRICT),      # hard and comfortable: spend leases, no overshoot
+    "initech": DemoBudget(Decimal("8"), False, LENIENT),     # the runaway burns it: high downgraded, normal queued
+    "umbrella": DemoBudget(Decimal("0.15"), False, LENIENT), # small: runs out first; critical keeps running
+}
 
 
 @dataclass
@@ -187,10 +198,10 @@ def publish_budgets(settings: Any, start: datetime) -> None:
     from meterline.allocator.budgets import publish_policy
     from meterline.schemas.events import BudgetPolicy
 
-    for tenant, amount in BUDGETS_USD.items():
+    for tenant, budget in BUDGETS.items():
         publish_policy(settings, BudgetPolicy(
-            policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=amount,
-            period="custom", period_anchor=start, period_seconds=3600, hard=HARD_BUDGETS, actions=EXCEED_ACTIONS))
+            policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=budget.amount,
+            period="custom", period_anchor=start, period_seconds=3600, hard=budget.hard, actions=budget.actions))
 
 
 # ---- the terminal view --------------------------------------------------------------------------
@@ -206,25 +217,26 @@ def view(up: Any, outcomes: Outcomes, started: float, duration: float, url: str,
     snap = live.snapshot(recent=8)
     spend = {t["tenant_id"]: Decimal(t["cost_usd"]) for t in snap["tenants"]}
     tenants = Table(title="spend per tenant (stream, period to date) and what the agents saw", expand=True)
-    for col in ("tenant", "budget $/h", "spent $", "used", "calls", "throttled", "downgraded", "denied"):
+    for col in ("tenant", "budget $/h", "spent $", "used", "calls", "held back", "downgraded", "denied"):
         tenants.add_column(col, justify="left" if col == "tenant" else "right")
-    for tenant, budget in BUDGETS_USD.items():
+    for tenant, b in BUDGETS.items():
         c = outcomes.counts[tenant]
+        budget = b.amount
         used = spend.get(tenant, Decimal(0)) / budget * 100
         style = "red" if used >= 100 else "yellow" if used >= 80 else ""
-        tenants.add_row(tenant, f"{budget:,.2f}", f"{spend.get(tenant, Decimal(0)):,.4f}", Text(f"{used:,.0f}%", style=style),
+        tenants.add_row(tenant, f"{budget:,.2f} {'hard' if b.hard else 'soft'}", f"{spend.get(tenant, Decimal(0)):,.4f}", Text(f"{used:,.0f}%", style=style),
                         str(c["ok"] + c["downgraded"]), str(c["throttled"]), str(c["downgraded"]), str(c["denied"]))
     decisions = Table(title=f"throttle decisions {dict(snap['decision_counts'])}", expand=True)
-    for col in ("scope", "prio", "action", "reason"):
-        decisions.add_column(col, overflow="ellipsis", no_wrap=True)
+    for col, width in (("scope", 18), ("prio", 8), ("action", 24), ("reason", None)):
+        decisions.add_column(col, overflow="ellipsis", no_wrap=True, min_width=width, ratio=None if width else 1)
     colours = {"deny": "red", "preempt": "red", "throttle": "yellow", "queue": "yellow", "downgrade": "cyan", "allow": "green"}
     for d in snap["decisions"]:
         model = f" → {d['max_model']}" if d["max_model"] else ""
         decisions.add_row(Text(f"{d['scope']}:{d['scope_id']}"), d["priority"] or "*",
                           Text(d["action"] + model, style=colours.get(d["action"], "")), Text(d["reason"]))
     anomalies = Table(title=f"anomalies {dict(snap['anomaly_counts'])}", expand=True)
-    for col in ("tenant", "kind", "severity", "message"):
-        anomalies.add_column(col, overflow="ellipsis", no_wrap=True)
+    for col, width in (("tenant", 9), ("kind", 16), ("severity", 8), ("message", None)):
+        anomalies.add_column(col, overflow="ellipsis", no_wrap=True, min_width=width, ratio=None if width else 1)
     for a in snap["anomalies"]:
         anomalies.add_row(Text(a["tenant_id"]), a["kind"], a["severity"], Text(a["message"]))
     elapsed = time.monotonic() - started
@@ -239,13 +251,13 @@ def view(up: Any, outcomes: Outcomes, started: float, duration: float, url: str,
 def wait_settled(up: Any, settings: Any, timeout: float = 60.0) -> None:
     """Until the stream worker has read all usage and the sink has stored everything."""
     from .metrics import KafkaWatermarks
-    from .up import STREAMS_GROUP
+    from .up import group_name
 
     kafka = KafkaWatermarks(settings)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            lag = kafka.lag(STREAMS_GROUP, settings.topic("usage"))
+            lag = kafka.lag(group_name(settings, "streams"), settings.topic("usage"))
             if lag == 0:
                 break
             time.sleep(0.3)
@@ -315,6 +327,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         if as_json:
             print(json.dumps(summary))
         else:
+            console.print()
             console.print(render("chargeback", params, chargeback, "table"))
             console.print(f"[bold black on yellow] {BANNER} [/]")
             console.print(f"ledger: {totals['priced_events']} priced events (agents sent {outcomes.sent}), "
@@ -322,7 +335,8 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
                           f"chargeback ${summary['chargeback_total_usd']} "
                           f"({'[green]equal[/]' if summary['chargeback_equals_ledger'] else '[red]MISMATCH[/]'})")
             console.print(f"decisions {summary['decisions']} · anomalies {summary['anomalies']}")
-            console.print(f"dashboard: {url}/   (reports: `meterline report chargeback --by team`)")
+            console.print(f"dashboard: {url}/ (served while the demo runs; `--keep` keeps it, `meterline up` serves this "
+                          "data again)  ·  reports: `meterline report chargeback --by team`")
         if keep:
             console.print("serving the dashboard until Ctrl-C…")
             try:

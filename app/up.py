@@ -38,7 +38,10 @@ from meterline.settings import Settings
 
 log = logging.getLogger("meterline.up")
 MAX_BACKOFF_S = 30.0
-SINK_GROUP, STREAMS_GROUP, ALLOCATOR_GROUP = "meterline-sink", "meterline-streams", "meterline-allocator"
+def group_name(settings: Settings, role: str) -> str:
+    """Consumer groups per deployment (topic prefix): two pipelines on one cluster never share a group."""
+    return f"{settings.topic_prefix}-{role}"
+
 LEDGER_TOPICS = ("priced", "gpu", "spend", "anomalies", "control", "budgets", "dlq")
 
 
@@ -246,7 +249,8 @@ class Up:
         if allocator:
             components.append(ThreadComponent("allocator", self._make_allocator))
         if streams:
-            components.append(ProcessComponent("streams", meterline_argv("streams"), settings_env(settings),
+            components.append(ProcessComponent("streams", meterline_argv("streams", "--group", group_name(settings, "streams")),
+                                               settings_env(settings),
                                                settings.data_dir / "logs"))
         components.append(ThreadComponent("live", lambda: _LiveRunner(self.feed)))
         self.supervisor = Supervisor(components)
@@ -269,7 +273,7 @@ class Up:
 
         client = connect(self.settings)
         self._clients.append(client)
-        return LedgerSink(self.settings, client=client, group=SINK_GROUP, batch_seconds=self.sink_batch_seconds)
+        return LedgerSink(self.settings, client=client, group=group_name(self.settings, "sink"), batch_seconds=self.sink_batch_seconds)
 
     def _make_allocator(self) -> Any:
         from meterline.allocator.engine import Engine
@@ -279,7 +283,7 @@ class Up:
         catalog = load_catalog()
         engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for, primary_model=self.primary_model)
         self.ledger_lag = engine.config.ledger_lag
-        service = AllocatorService(self.settings, engine, group_id=ALLOCATOR_GROUP)
+        service = AllocatorService(self.settings, engine, group_id=group_name(self.settings, "allocator"))
         return service
 
     def ledger_spend(self, scope: str, scope_id: str, since: Any) -> Decimal:
@@ -342,7 +346,9 @@ class Up:
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate(self.client(), cluster=self.settings.clickhouse_cluster)
-        collector = PipelineCollector(self.settings, {SINK_GROUP: "priced", STREAMS_GROUP: "usage", ALLOCATOR_GROUP: "spend"},
+        groups = {group_name(self.settings, "sink"): "priced", group_name(self.settings, "streams"): "usage",
+                  group_name(self.settings, "allocator"): "spend"}
+        collector = PipelineCollector(self.settings, groups,
                                       self._unpriced, self.supervisor.health)
         self.registry, self.latency = build_registry(collector)
         self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
@@ -369,7 +375,7 @@ class Up:
                 sink = self.supervisor.get("sink")
                 if sink is None or not sink.alive():
                     return False
-                lags = [kafka.lag(SINK_GROUP, self.settings.topic(t)) for t in LEDGER_TOPICS]
+                lags = [kafka.lag(group_name(self.settings, "sink"), self.settings.topic(t)) for t in LEDGER_TOPICS]
                 if all(lag in (0, None) for lag in lags) and any(lag == 0 for lag in lags):
                     return True
                 time.sleep(0.2)
