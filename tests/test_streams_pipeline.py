@@ -93,7 +93,7 @@ def _bad(rng_seed: int, kind: str) -> bytes:
     broken = {
         "truncated_json": lambda: json.dumps(good).encode()[: rng.randint(0, 40)],
         "binary": lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))),
-        "wrong_type": lambda: json.dumps({**good, rng.choice(["input_tokens", "ts", "tenant_id", "event_id"]): rng.choice([[1], {"a": 1}, True, 1.5, "x"])}).encode(),
+        "wrong_type": lambda: json.dumps({**good, **dict([rng.choice(WRONG_TYPES)])}).encode(),
         "negative_tokens": lambda: json.dumps({**good, "output_tokens": -rng.randint(1, 10**6)}).encode(),
         "huge_string": lambda: json.dumps({**good, "model": "m" * rng.randint(300, 200_000)}).encode(),
         "cache_exceeds_input": lambda: json.dumps({**good, "input_tokens": 1, "cache_read_tokens": 5}).encode(),
@@ -106,6 +106,10 @@ def _bad(rng_seed: int, kind: str) -> bytes:
     return broken[kind]()
 
 
+WRONG_TYPES = [(field, value) for field, values in {
+    "input_tokens": ["12", 1.5, True, [1], None], "ts": [True, [1], {"a": 1}, "yesterday", None],
+    "tenant_id": [1, True, [1], None, ""], "event_id": ["x", 1, None], "kind": ["chat", 3], "attributes": [[1], {"k": 1}],
+}.items() for value in values]
 BAD_KINDS = ["truncated_json", "binary", "wrong_type", "negative_tokens", "huge_string", "cache_exceeds_input", "future_ts",
              "missing_tenant", "float_money", "unknown_field", "not_an_object"]
 stream_items = st.lists(
