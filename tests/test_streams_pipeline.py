@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
-from meterline.schemas.events import GpuSample, SpendUpdate, UsageEvent, build, decode, new_id
+from meterline.schemas.events import GpuSample, PricedEvent, SpendUpdate, UsageEvent, build, decode, new_id
 from meterline.settings import Settings
 from meterline.streams.worker import StreamWorker
 from meterline.topics import create_topics
@@ -169,6 +169,10 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
     events_per_scope: Counter = Counter()
     for raw in read_topic(settings, "priced"):
         p = json.loads(raw)
+        priced = decode(PricedEvent, raw)  # the sink's contract holds for every record
+        assert priced.cost_usd == Decimal(p["cost_usd"]) and priced.catalog_version.startswith("genai-prices ")
+        if priced.kind == "llm_call" and priced.cost_source == "catalog":
+            assert priced.cost_usd == priced.input_cost_usd + priced.output_cost_usd + priced.cache_read_cost_usd + priced.cache_write_cost_usd
         for scope, sid in [("tenant", p["tenant_id"]), ("team", p["team"]), ("project", p["project"]), ("agent", p["agent_id"]), ("session", p["session_id"])]:
             if sid:
                 expected[(p["tenant_id"], scope, sid)] += Decimal(p["cost_usd"])
