@@ -113,11 +113,10 @@ def decode_usage(raw: bytes, now: datetime | None = None) -> FastUsage | ev.Usag
 
 def usd(pico: int) -> str:
     """Integer pico-USD as a fixed 12-decimal string ("0.002145000000")."""
-    if not pico:
-        return "0.000000000000"
-    sign = "-" if pico < 0 else ""
-    whole, frac = divmod(abs(pico), PICO)
-    return f"{sign}{whole}.{frac:012d}"
+    if pico < 0:
+        return "-" + usd(-pico)
+    digits = str(pico).rjust(13, "0")
+    return f"{digits[:-12]}.{digits[-12:]}"
 
 
 def to_pico(amount: Decimal) -> int:
