@@ -284,7 +284,7 @@ class Engine:
             self._sources[("lease", session_id)] = list(self._lease_decisions(now, session_id))
         if full or ("gpu",) in dirty:
             self._sources[("gpu",)] = list(self._gpu_decisions(now))
-        budgeted = {s.policy.tenant_id for s in self.budgets.values()}
+        budgeted = {s.policy.tenant_id for s in self.budgets.values() if s.policy.scope == "tenant"}
         for tenant in self._tenants_seen if full else [k[1] for k in dirty if k[0] == "live"]:
             self._sources[("live", tenant)] = [] if tenant in budgeted else [self._liveness(now, tenant)]
         merged: dict[str, ThrottleDecision] = {}
