@@ -79,11 +79,13 @@ def _emit(name: str, params: Any, fmt: str) -> None:
     if fmt not in ("table", "json", "csv"):
         fail(f"--format must be table, json or csv, not {fmt!r}")
     result = run_named_report(name, params)
+    if fmt == "table" and not result.rows:
+        console.print(f"{name}: no rows between {params.since:%Y-%m-%d %H:%M} and {params.until:%Y-%m-%d %H:%M} UTC "
+                      "(widen --since, or check that the sink runs: `meterline up`)")
+        return
     out = render(name, params, result, fmt)  # type: ignore[arg-type]
     if fmt == "table":
         console.print(out)
-        if not result.rows:
-            console.print("[dim]no rows in this period: widen --since, or check that the sink is running[/]")
     else:
         sys.stdout.write(out if out.endswith("\n") else out + "\n")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import threading
 import time
 from collections import Counter, defaultdict
@@ -396,8 +397,15 @@ def demo_command(
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if running_up(settings):
         fail(f"`meterline up` already runs on {settings.data_dir}; stop it, or run the demo with another METERLINE_DATA_DIR")
+
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # SIGTERM stops the demo as cleanly as Ctrl-C
     try:
         run_demo(settings, duration, seed, port, as_json, keep)
+    except KeyboardInterrupt:
+        fail("interrupted; the pipeline was stopped cleanly", code=130)
     except Exception as err:  # noqa: BLE001 - one clear line; the log has the rest
         log.exception("demo failed")
         from rich.markup import escape

@@ -118,7 +118,7 @@ class ProcessComponent(Component):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{self.name}.log", "ab") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         self.extra["pid"] = self.proc.pid
 
     def alive(self) -> bool:
@@ -139,6 +139,16 @@ class ProcessComponent(Component):
             log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
             self.proc.kill()
             self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM (and checkpoints) if `up` itself is killed hard."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Supervisor:
@@ -387,11 +397,11 @@ class Up:
         """Graceful: stream worker checkpoints, allocator stops, sink drains + flushes + commits."""
         from .store import remove_runfile
 
-        order = ["streams", "allocator"]
-        for name in order:
-            if (c := self.supervisor.get(name)) is not None:
-                log.info("stopping %s", name)
-                c.stop(timeout=60)
+        core = ("sink", "live", "api")
+        producers = [c for c in self.supervisor.components if c.name not in core]
+        for c in sorted(producers, key=lambda c: c.name == "allocator"):  # stream worker and collectors, then allocator
+            log.info("stopping %s", c.name)
+            c.stop(timeout=60)
         if not self.drain():
             log.warning("the sink did not drain within the timeout; the rest stays in Kafka for the next start")
         for name in ("sink", "live", "api"):
