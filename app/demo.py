@@ -346,6 +346,8 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
                 pass
         return summary
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean stop short
+            signal.signal(sig, lambda *_: console.print("stopping cleanly, please wait…"))
         stop.set()
         feed.close()
         up.stop()

@@ -190,7 +190,7 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
     rows = []
     for p in policies:
         start, end = period_bounds(p["period"], p["timezone"] or "UTC", now, p["period_anchor"], p["period_seconds"])
-        bucket = max(60, int((end - start).total_seconds() // 48))
+        bucket = max(60, int((end - start).total_seconds() // 24))
         spend = ledger.query(load_query("scope_spend"), {
             **scope_filter(p["scope"], p["scope_id"], p["tenant_id"]), "since": start,
             "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
@@ -265,12 +265,12 @@ def to_csv(result: Result) -> str:
 
 
 def display(value: Any, column: str) -> str:
-    """Human rendering for tables: money to 6 places (json/csv stay exact)."""
+    """Human rendering for tables: money to 4 places (json/csv stay exact)."""
     if value is None:
         return "—"
     if isinstance(value, Decimal):
         if column.endswith("_usd") or column in ("amount", "spent", "remaining"):
-            return f"{value.quantize(Decimal('0.000001'), ROUND_HALF_EVEN):,}"
+            return f"{value.quantize(Decimal('0.0001'), ROUND_HALF_EVEN):,}"
         return exact(value) if column.endswith("pct") else f"{value.quantize(Decimal('0.0001'), ROUND_HALF_EVEN):,}"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
@@ -289,17 +289,33 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
 
     title = f"{name} · {params.since:%Y-%m-%d %H:%M} → {params.until:%Y-%m-%d %H:%M} UTC"
     table = Table(title=title, header_style="bold")
-    shown = [i for i, col in enumerate(result.columns) if i == 0 or not _all_zero(result, i)]
-    for i in shown:
+    compact = TABLE_COLUMNS.get(name)
+    shown = [i for i, col in enumerate(result.columns)
+             if i == 0 or (not _all_zero(result, i) and (compact is None or col in compact))]
+    cells = [[display(row[i], result.columns[i]) for i in shown] for row in result.rows]
+    for k, i in enumerate(shown):
         numeric = bool(result.rows) and isinstance(result.rows[0][i], (int, Decimal, float))
-        table.add_column(_header(result.columns[i]), justify="right" if numeric else "left", overflow="fold")
-    for row in result.rows:
-        table.add_row(*(display(row[i], result.columns[i]) for i in shown))
+        widest = max((len(c[k]) for c in cells), default=0)
+        # numbers never fold; names keep at least 12 characters, longer ones fold
+        table.add_column(_header(result.columns[i]), justify="right" if numeric else "left", overflow="fold",
+                         min_width=widest if numeric else min(12, widest))
+    for row in cells:
+        table.add_row(*row)
     totals = _totals_row(result)
     if totals:
         table.add_section()
         table.add_row(*(totals[i] for i in shown), style="bold")
     return table
+
+
+# People get the columns that matter on an 80-column terminal; json/csv carry every column.
+TABLE_COLUMNS = {
+    "chargeback": ("events", "input_tokens", "output_tokens", "usage_cost_usd", "gpu_cost_usd", "total_cost_usd"),
+    "top-sessions": ("tenant_id", "agent_id", "session_id", "events", "total_cost_usd"),
+    "cost-per-action": ("tenant_id", "agent_id", "actions", "successful_actions", "total_cost_usd", "cost_per_success_usd"),
+    "gpu": ("node", "gpu_name", "gpu_hours", "cost_usd", "avg_utilization_pct", "idle_cost_usd"),
+    "burn-down": ("scope_id", "amount", "spent", "used_pct", "elapsed_pct", "burn"),
+}
 
 
 def _header(column: str) -> str:

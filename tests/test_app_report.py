@@ -185,7 +185,7 @@ def test_chargeback_csv_and_table_carry_the_same_totals(cli, truth):
     table = cli("report", "chargeback", "--by", "team", "--since", SINCE, "--until", UNTIL)
     for team in TEAMS:
         assert team in table
-    assert "TOTAL" in table and f"{want_total.quantize(Decimal('0.000001')):,}" in table
+    assert "TOTAL" in table and f"{want_total.quantize(Decimal('0.0001')):,}" in table
 
 
 def test_filters_are_parameters_not_sql(cli, truth):
