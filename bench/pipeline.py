@@ -220,7 +220,12 @@ def run_ledger(settings: Settings, data_dir: Path, expected: int) -> tuple[float
     if subprocess.run([*cli, "migrate"], env=env, capture_output=True).returncode != 0:
         return None
     t0 = time.perf_counter()
-    sink = subprocess.run([*cli, "sink", "--until-idle", "3"], env=env, capture_output=True)
+    try:
+        sink = subprocess.run([*cli, "sink", "--until-idle", "3", "--group", f"{settings.topic_prefix}.bench-sink"], env=env,
+                              capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        print("the sink did not go idle within 300 s; ledger drain not measured")
+        return None
     elapsed = time.perf_counter() - t0 - 3
     if sink.returncode != 0:
         print(sink.stderr.decode()[-1000:])

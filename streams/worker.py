@@ -171,13 +171,13 @@ class StreamWorker:
         self._last_evict = time.monotonic()
         self.producer = Producer(settings.kafka_config(**{
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
-            "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576,
+            "queue.buffering.max.messages": 500_000, "queue.buffering.max.kbytes": 65_536,  # bounded: backpressure via BufferError
             "batch.num.messages": 10_000, "on_delivery": self._on_delivery,
         }))
         static = {"group.instance.id": instance_id} if instance_id else {}  # restart resumes without a session timeout
         self.consumer = Consumer(settings.kafka_config(**static, **{
             "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384, "partition.assignment.strategy": "cooperative-sticky",
         }))
 
     # ------------------------------------------------------------------ loop
