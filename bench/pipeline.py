@@ -284,7 +284,7 @@ def main() -> None:
     lines += ["", "Per-stage cost, one core, no Kafka I/O (µs per event):", "", "| stage | µs/event |", "|---|---|"]
     lines += [f"| {name} | {us:.2f} |" for name, us in stages.items()]
     if faust_us is not None:
-        lines.append(f"| Faust agent + one table update via test_context (memory broker; for the choice) | {faust_us:.2f} |")
+        lines.append(f"| Faust agent + one table update via test_context (in-memory store, no Kafka I/O; for the choice) | {faust_us:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
