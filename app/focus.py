@@ -215,8 +215,9 @@ def write_parquet(rows: list[dict[str, Any]], out: Path) -> None:
     import pyarrow.parquet as pq
 
     schema = arrow_schema()
-    table = pa.Table.from_pylist([{c: _arrow_value(c, r[c]) for c in COLUMNS} for r in rows], schema=schema)
-    pq.write_table(table, out)
+    columns = [pa.array([_arrow_value(f.name, r[f.name]) for r in rows] if f.name in DECIMAL_COLUMNS
+                        else [r[f.name] for r in rows], type=f.type) for f in schema]
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), out)
 
 
 def _arrow_value(col: str, value: Any) -> Any:
