@@ -202,6 +202,17 @@ def running_up(settings: Settings) -> str | None:
 def open_ledger(settings: Settings) -> DirectLedger | RemoteLedger:
     """The ledger for a reader: through `up` when it holds an embedded store, else direct."""
     url = running_up(settings)
-    if url and settings.dsn.startswith("chdb:"):
+    if url and settings.dsn.startswith("chdb:") and _answers(url):
         return RemoteLedger(url)
     return DirectLedger(settings)
+
+
+def _answers(url: str) -> bool:
+    """A stale up.json (up killed hard, its pid reused) must not send readers to a dead API."""
+    import httpx
+
+    try:
+        httpx.get(f"{url}/health", timeout=5.0)
+    except httpx.HTTPError:
+        return False
+    return True
