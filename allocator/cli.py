@@ -48,7 +48,7 @@ def budget_set(
     from meterline.settings import get_settings
 
     from .budgets import publish_policy
-    from .scopes import scope_ids
+    from meterline.schemas.scopes import scope_ids
 
     ids = scope_ids(tenant, team, project, agent, session)
     scope, scope_id = list(ids.items())[-1]

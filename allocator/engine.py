@@ -42,7 +42,7 @@ from meterline.schemas.events import (
 
 from .gpu import GpuPool, fair_shares
 from .periods import period_bounds
-from .scopes import canonical, is_within, level_key, lineage, tenant_of
+from meterline.schemas.scopes import canonical, is_within, level_key, lineage, tenant_of
 
 ZERO = Decimal(0)
 CENT_NANO = Decimal("1e-12")

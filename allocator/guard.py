@@ -29,7 +29,7 @@ from typing import Literal
 from meterline.schemas.events import InvalidEvent, Priority, ThrottleDecision, decision_key, decode
 
 from ._kafka import assign_from_beginning, caught_up
-from .scopes import bare, scope_ids, tenant_of
+from meterline.schemas.scopes import bare, scope_ids, tenant_of
 
 NANO = Decimal(10**9)
 FailMode = Literal["open", "closed"]

@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from .engine import LedgerSpend
-from .scopes import SEP
+from meterline.schemas.scopes import SEP
 
 log = logging.getLogger("meterline.allocator")
 DEPTH = {"tenant": 0, "team": 1, "project": 2, "agent": 3, "session": 4}

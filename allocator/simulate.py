@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from meterline.schemas.events import SpendUpdate, new_id, utcnow
 
-from .scopes import lineage, tenant_of
+from meterline.schemas.scopes import lineage, tenant_of
 
 PERIOD_START = datetime(2000, 1, 1, tzinfo=timezone.utc)  # stand-in: the allocator keeps its own periods
 

@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 from .settings import Settings
 
 POM = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "pom.xml"
-HEAP = os.environ.get("METERLINE_KAFKA_HEAP", "-Xms256m -Xmx768m")
+HEAP = os.environ.get("METERLINE_KAFKA_HEAP", "-Xms256m -Xmx1g")
 
 
 class BrokerError(RuntimeError):
@@ -177,6 +177,7 @@ class LocalBroker:
                 "rootLogger.appenderRef.file.ref = file\n"
                 "logger.kafka.name = kafka\nlogger.kafka.level = WARN\n"
                 "logger.apache.name = org.apache.kafka\nlogger.apache.level = WARN\n"
+                "logger.state.name = state.change.logger\nlogger.state.level = WARN\n"
             )
         return path
 

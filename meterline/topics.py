@@ -1,6 +1,7 @@
 """The topic catalog and an idempotent `topics create`."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
@@ -51,4 +52,18 @@ def create_topics(settings: Settings, replication_factor: int = 1, timeout: floa
             if err.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
                 raise
             result[name] = "exists"
+    _wait_for_leaders(admin, list(wanted), timeout)
     return dict(sorted(result.items()))
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
+    """Return once every partition of `topics` has a leader: a new topic's partitions
+    answer NOT_LEADER for a moment, and clients that start right away would trip on it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = admin.list_topics(timeout=timeout).topics
+        if all(t in meta and meta[t].partitions and not meta[t].error
+               and all(p.leader >= 0 and not p.error for p in meta[t].partitions.values()) for t in topics):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topics {topics} have partitions without a leader after {timeout:.0f} s")

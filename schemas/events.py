@@ -62,6 +62,8 @@ def _not_in_future(ts: datetime) -> datetime:
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_no_control_chars)]
 OptionalId = Annotated[str, Field(max_length=MAX_ID_LEN), AfterValidator(_no_control_chars)]
+# A scope id is the '/'-joined path from the tenant (schemas/scopes.py): up to five ids.
+ScopeId = Annotated[str, Field(min_length=1, max_length=5 * (MAX_ID_LEN + 1)), AfterValidator(_no_control_chars)]
 Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_control_chars)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_LEN)]
 Timestamp = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
@@ -183,7 +185,7 @@ class SpendUpdate(Contract):
     ts: Timestamp
     tenant_id: Id
     scope: Scope
-    scope_id: Id
+    scope_id: ScopeId
     window_start: AwareDatetime
     window_end: AwareDatetime
     window_cost_usd: Usd
@@ -204,7 +206,7 @@ class Anomaly(Contract):
     severity: Severity
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]
-    scope_id: Id
+    scope_id: ScopeId
     window_start: AwareDatetime
     window_end: AwareDatetime
     evidence: dict[str, str] = Field(default_factory=dict, max_length=MAX_ATTRIBUTES, description="Numbers as exact strings.")
@@ -226,7 +228,7 @@ class ThrottleDecision(Contract):
     decision_id: UUID
     tenant_id: Id
     scope: Scope
-    scope_id: Id
+    scope_id: ScopeId
     priority: Priority | None = None
     action: Action
     limits: DecisionLimits = Field(default_factory=DecisionLimits)
@@ -274,7 +276,7 @@ class BudgetPolicy(Contract):
     policy_id: Id
     tenant_id: Id
     scope: Scope
-    scope_id: Id
+    scope_id: ScopeId
     unit: Literal["usd", "gpu_hours"] = "usd"
     amount: Annotated[Decimal, Field(gt=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
     period: Literal["day", "week", "month", "custom"] = "month"

@@ -16,10 +16,12 @@ Semantics of one scope's state (and of the SpendUpdate it becomes):
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from meterline.schemas.events import SCOPES, new_id
+from meterline.schemas.events import new_id
+from meterline.schemas.scopes import scope_ids
 
 from .codec import month_start, next_month, usd
 
@@ -57,6 +59,13 @@ class ScopeSpend:
             self.window = to_pico(Decimal(update["window_cost_usd"]))
 
 
+@lru_cache(maxsize=200_000)
+def path_ids(ids: tuple[str, str, str, str, str]) -> tuple[tuple[str, str], ...]:
+    """(scope, path id) of every level an event belongs to: the allocator's ids
+    (`acme/research/chat/bot/s-42`), so a spend update names all of its ancestors."""
+    return tuple(scope_ids(*ids).items())
+
+
 class SpendBook:
     """Spend state of every active scope of the tenants this worker owns."""
 
@@ -78,9 +87,7 @@ class SpendBook:
         """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session)."""
         tenant, states = ids[0], self.states
         minute = ts.replace(second=0, microsecond=0)
-        for scope, scope_id in zip(SCOPES, ids):
-            if not scope_id:
-                continue
+        for scope, scope_id in path_ids(ids):
             state = states.get((tenant, scope, scope_id))
             if state is None or state.window_start != minute:
                 state = self._roll(state, (tenant, scope, scope_id), minute)

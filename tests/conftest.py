@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from meterline.broker import BrokerError, LocalBroker
 from meterline.settings import Settings
@@ -32,8 +33,10 @@ def kafka_bootstrap() -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, kafka_bootstrap: str) -> Settings:
-    """Settings for one test: its own topic prefix (fresh topics) and its own data dir."""
+def settings(tmp_path: Path, kafka_bootstrap: str):
+    """Settings for one test: its own topic prefix (fresh topics) and its own data dir.
+
+    The test's topics are deleted afterwards, so a long suite leaves a lean broker."""
     s = Settings(
         data_dir=tmp_path / "data",
         kafka_bootstrap=kafka_bootstrap,
@@ -41,4 +44,12 @@ def settings(tmp_path: Path, kafka_bootstrap: str) -> Settings:
         clickhouse_dsn=f"chdb://{tmp_path / 'clickhouse'}",
     )
     create_topics(s)
-    return s
+    yield s
+    delete_topics_with_prefix(s)
+
+
+def delete_topics_with_prefix(s: Settings) -> None:
+    admin = AdminClient(s.kafka_config())
+    doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(s.topic_prefix + ".")]
+    for future in (admin.delete_topics(doomed, operation_timeout=30) if doomed else {}).values():
+        future.exception(30)  # best effort: a failed delete only leaves a topic behind

@@ -19,6 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
 from meterline.schemas.events import GpuSample, PricedEvent, SpendUpdate, UsageEvent, build, decode, new_id
+from meterline.schemas.scopes import scope_ids
 from meterline.settings import Settings
 from meterline.streams.worker import StreamWorker
 from meterline.topics import create_topics
@@ -173,14 +174,13 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
         assert priced.cost_usd == Decimal(p["cost_usd"]) and priced.catalog_version.startswith("genai-prices ")
         if priced.kind == "llm_call" and priced.cost_source == "catalog":
             assert priced.cost_usd == priced.input_cost_usd + priced.output_cost_usd + priced.cache_read_cost_usd + priced.cache_write_cost_usd
-        for scope, sid in [("tenant", p["tenant_id"]), ("team", p["team"]), ("project", p["project"]), ("agent", p["agent_id"]), ("session", p["session_id"])]:
-            if sid:
-                expected[(p["tenant_id"], scope, sid)] += Decimal(p["cost_usd"])
-                events_per_scope[(p["tenant_id"], scope, sid)] += 1
+        for scope, sid in scope_ids(p["tenant_id"], p["team"], p["project"], p["agent_id"], p["session_id"]).items():
+            expected[(p["tenant_id"], scope, sid)] += Decimal(p["cost_usd"])
+            events_per_scope[(p["tenant_id"], scope, sid)] += 1
     # H100 $2.49/h, 1/7 slice, 7 s = 1 GPU-second = 0.000691666667 (12 dp, half-even), split between 2 processes
     # by whole pico-USD (the remainder is never charged: spend may err low by < 1 pico per process, never high).
     gpu_share = Decimal("0.000345833333")
-    for key in [("acme", "tenant", "acme"), ("acme", "team", "core"), ("acme", "session", "s1"), ("acme", "session", "s2")]:
+    for key in [("acme", "tenant", "acme"), ("acme", "team", "acme/core"), ("acme", "session", "acme/core///s1"), ("acme", "session", "acme/core///s2")]:
         expected[key] += gpu_share * (2 if key[1] in ("tenant", "team") else 1)
     expected[("unattributed", "tenant", "unattributed")] += Decimal("0.000691666667")
 
@@ -192,7 +192,7 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
     for key, total in expected.items():
         assert latest[key].period_cost_usd == total, key
         assert latest[key].events == events_per_scope[key], key
-    assert latest[("acme", "session", "s1")].gpu_seconds == Decimal("0.5")
+    assert latest[("acme", "session", "acme/core///s1")].gpu_seconds == Decimal("0.5")
     assert latest[("unattributed", "tenant", "unattributed")].gpu_seconds == Decimal("1")
     assert any(decode(SpendUpdate, r).window_end - decode(SpendUpdate, r).window_start == timedelta(minutes=1) for r in read_topic(settings, "spend")[:1])
     anomalies = [json.loads(r) for r in read_topic(settings, "anomalies")]
