@@ -290,7 +290,7 @@ class Guard:
             if plan.lease is not None and plan.lease.limit is not None:
                 if max(self.spent, plan.lease.spent) + cost > plan.lease.limit:
                     return False
-            elif plan.starter is not None and self.spent_unleased + cost > plan.starter:
+            elif not self._fits_starter(plan, cost):
                 return False
             self.spent += cost
             if plan.lease is None:
@@ -339,7 +339,14 @@ class Guard:
     def _would_fit(self, plan: _Plan, cost: int) -> bool:
         if plan.lease is not None and plan.lease.limit is not None:
             return max(self.spent, plan.lease.spent) + cost <= plan.lease.limit
-        return plan.starter is None or self.spent_unleased + cost <= plan.starter
+        return self._fits_starter(plan, cost)
+
+    def _fits_starter(self, plan: _Plan, cost: int) -> bool:
+        """A session without a lease spends from the starter; its first call always passes,
+        because the allocator grants leases to sessions it has seen spend: a first call
+        dearer than the starter would otherwise wait for a lease that never comes. The bound
+        stays one call per new session within one feedback lag."""
+        return plan.starter is None or self.spent_unleased == 0 or self.spent_unleased + cost <= plan.starter
 
 
 class _StillBlocked(Exception):

@@ -221,3 +221,14 @@ def test_heartbeat_keeps_decisions_alive_for_fail_closed_guards(settings, feed):
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_new_sessions_first_call_passes_even_when_dearer_than_the_starter(settings, feed):
+    """The allocator leases to sessions it has seen spend, so the first call must get through."""
+    _publish(settings, _decision("allow", session_lease_usd=Decimal("0.001")))
+    wait_until(lambda: "tenant:acme:*" in feed.decisions, "starter decision arrived")
+    guard = Guard(feed, "acme", session_id="new-session", lease_timeout=0.05)
+    assert guard.check("gpt-4o", cost_usd=Decimal("0.05")) == "gpt-4o"      # first call: through
+    guard.record(Decimal("0.05"), reserved_usd=Decimal("0.05"))
+    with pytest.raises(BudgetExceeded, match="waiting for a spend lease"):
+        guard.check("gpt-4o", cost_usd=Decimal("0.05"), wait=False)         # then it needs a lease
