@@ -77,14 +77,13 @@ class DemoBudget:
 
 STRICT = {"critical": "allow", "high": "downgrade", "normal": "deny", "low": "deny", "batch": "deny"}
 LENIENT = {"critical": "allow", "high": "downgrade", "normal": "queue", "low": "throttle", "batch": "deny"}
-# Hard budgets also hand out per-session spend leases; a new session's first allowance is
-# 1 % of the budget split over 20 slots, so small hard budgets would hold the demo's first
-# calls back. The small budgets here are soft: they throttle, queue and downgrade instead.
+# Hard budgets hand out per-session spend leases and deny once used up; soft ones throttle,
+# queue and downgrade but never deny.
 BUDGETS: dict[str, DemoBudget] = {
     "acme": DemoBudget(Decimal("20"), False, STRICT),        # spends faster than its pace: low/batch (then normal) throttled
     "globex": DemoBudget(Decimal("500"), True, STRICT),      # hard and comfortable: spend leases, no overshoot
     "initech": DemoBudget(Decimal("8"), False, LENIENT),     # the runaway burns it: high downgraded, normal queued
-    "umbrella": DemoBudget(Decimal("0.15"), False, LENIENT), # small: runs out first; critical keeps running
+    "umbrella": DemoBudget(Decimal("0.15"), True, STRICT),   # small and hard: runs out first, then denied; critical keeps running
 }
 
 
