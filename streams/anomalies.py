@@ -29,6 +29,18 @@ from .codec import usd
 
 PICO = 10**12
 MINUTE = timedelta(minutes=1)
+_ORDINAL_EPOCH = datetime(1, 1, 1)
+
+
+def second_of(ts: datetime) -> int:
+    """Whole seconds since 0001-01-01 of ts's wall clock (UTC in the worker): integer time keys
+    for minutes and buckets, ~5x cheaper than ts.replace(second=0, microsecond=0)."""
+    return ts.toordinal() * 86400 + ts.hour * 3600 + ts.minute * 60 + ts.second
+
+
+def minute_datetime(minute: int, tz: Any) -> datetime:
+    """The datetime of an integer minute key (second_of(ts) // 60)."""
+    return (_ORDINAL_EPOCH + timedelta(minutes=minute - 1440)).replace(tzinfo=tz)
 
 
 class Baseline:
@@ -77,21 +89,19 @@ def _severity(observed: int, threshold: int) -> str:
     return "critical" if observed >= 3 * max(threshold, 1) else "warning"
 
 
-def _near(n: int) -> tuple[int, int]:
-    """n rounded to its top 4 bits (within ~6 %): near-identical token counts compare equal."""
-    shift = n.bit_length() - 4
-    return (n >> shift, shift) if shift > 0 else (n, 0)
-
-
 def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> tuple:
-    return (kind, model, tool, _near(input_tokens), _near(output_tokens))
+    """Token counts rounded to their top 4 bits (within ~6 %): near-identical calls compare equal."""
+    si, so = input_tokens.bit_length() - 4, output_tokens.bit_length() - 4
+    si, so = (si if si > 0 else 0), (so if so > 0 else 0)
+    return (kind, model, tool, input_tokens >> si, si, output_tokens >> so, so)
 
 
 class _SessionMinute:
-    __slots__ = ("minute", "cost", "calls", "repeats", "top_repeat", "flagged_cost", "flagged_repeat", "agent")
+    __slots__ = ("minute", "cost", "calls", "repeats", "top_repeat", "flagged_cost", "flagged_repeat", "agent",
+                 "costs", "reps")
 
-    def __init__(self, minute: datetime, agent: tuple[str, str]) -> None:
-        self.minute, self.agent = minute, agent
+    def __init__(self, minute: int, agent: tuple[str, str], costs: Baseline, reps: Baseline) -> None:
+        self.minute, self.agent, self.costs, self.reps = minute, agent, costs, reps  # minute: integer key
         self.cost = self.calls = self.top_repeat = 0
         self.repeats: dict[tuple, int] = {}
         self.flagged_cost = self.flagged_repeat = False
@@ -106,21 +116,25 @@ class RunawaySessions:
         self.cost_baseline: dict[tuple[str, str], Baseline] = {}
         self.repeat_baseline: dict[tuple[str, str], Baseline] = {}
         self.cooldown_until: dict[tuple[str, str, str], datetime] = {}
-        self.tenant_minute: dict[str, datetime] = {}  # stream time per tenant: partitions advance unevenly
-        self._swept = datetime.min
+        self.tenant_minute: dict[str, int] = {}  # stream time per tenant (integer minute): partitions advance unevenly
+        self._swept = -1
 
     def observe(self, tenant: str, agent: str, session: str, ts: datetime, cost: int, kind: str = "llm_call",
-                model: str = "", tool: str = "", input_tokens: int = 0, output_tokens: int = 0) -> list[Anomaly]:
+                model: str = "", tool: str = "", input_tokens: int = 0, output_tokens: int = 0,
+                second: int | None = None) -> list[Anomaly]:
+        """One call of a session; `second` = second_of(ts) when the caller has it already."""
         if not session:
             return []
-        cfg, key, minute = self.config, (tenant, session), ts.replace(second=0, microsecond=0)
-        agent_key = (tenant, agent or "*")
+        key, minute = (tenant, session), (second_of(ts) if second is None else second) // 60
         current = self.sessions.get(key)
         if current is None or minute > current.minute:
             if current is not None:
                 self._close(current)
-            current = self.sessions[key] = _SessionMinute(minute, agent_key)
-            if minute > self.tenant_minute.get(tenant, minute - MINUTE):
+            agent_key = (tenant, agent or "*")
+            current = self.sessions[key] = _SessionMinute(
+                minute, agent_key, self.cost_baseline.setdefault(agent_key, Baseline()),
+                self.repeat_baseline.setdefault(agent_key, Baseline()))
+            if minute > self.tenant_minute.get(tenant, minute - 1):
                 self.tenant_minute[tenant] = minute
         elif minute < current.minute:
             return []  # late event of a closed minute: its spend is in the ledger, not in the detector
@@ -128,10 +142,18 @@ class RunawaySessions:
         current.calls += 1
         fp = _fingerprint(kind, model, tool, input_tokens, output_tokens)
         repeats = current.repeats[fp] = current.repeats.get(fp, 0) + 1
-        current.top_repeat = max(current.top_repeat, repeats)
-        found = []
-        costs = self.cost_baseline.get(agent_key)
-        if costs and costs.n >= cfg.warmup and not current.flagged_cost:
+        if repeats > current.top_repeat:
+            current.top_repeat = repeats
+        cfg, costs, reps = self.config, current.costs, current.reps
+        if (costs.n < cfg.warmup or current.flagged_cost) and (reps.n < cfg.warmup or current.flagged_repeat):
+            return []  # the common case: nothing to check
+        return self._check(current, tenant, agent, session, ts, kind, model, tool, input_tokens, output_tokens)
+
+    def _check(self, current: _SessionMinute, tenant: str, agent: str, session: str, ts: datetime, kind: str,
+               model: str, tool: str, input_tokens: int, output_tokens: int) -> list[Anomaly]:
+        cfg, costs, reps, found = self.config, current.costs, current.reps, []
+        minute = minute_datetime(current.minute, ts.tzinfo)
+        if costs.n >= cfg.warmup and not current.flagged_cost:
             limit = costs.threshold(cfg.k, cfg.session_floor_usd)
             if current.cost > limit and self._cool(("runaway_session", tenant, session), ts):
                 current.flagged_cost = True
@@ -142,8 +164,7 @@ class RunawaySessions:
                      "calls": current.calls, "agent_id": agent, "window_seconds": int((ts - minute).total_seconds()) + 1},
                     f"session {session} of agent {agent or '?'} spent {usd(current.cost)} USD this minute; "
                     f"its agent's sessions usually spend {usd(costs.level)} USD a minute"))
-        reps = self.repeat_baseline.get(agent_key)
-        if reps and reps.n >= cfg.warmup and not current.flagged_repeat:
+        if reps.n >= cfg.warmup and not current.flagged_repeat:
             limit = max(cfg.repeat_floor, reps.threshold(cfg.k, 1))
             if current.top_repeat > limit and self._cool(("repeated_calls", tenant, session), ts):
                 current.flagged_repeat = True
@@ -156,11 +177,10 @@ class RunawaySessions:
         return found
 
     def _close(self, closed: _SessionMinute) -> None:
-        cfg = self.config
-        costs = self.cost_baseline.setdefault(closed.agent, Baseline())
+        cfg, costs = self.config, closed.costs
         value = min(closed.cost, costs.threshold(cfg.k, cfg.session_floor_usd)) if costs.n >= cfg.warmup else closed.cost
         costs.update(value)
-        self.repeat_baseline.setdefault(closed.agent, Baseline()).update(min(closed.top_repeat, 4 * cfg.repeat_floor))
+        closed.reps.update(min(closed.top_repeat, 4 * cfg.repeat_floor))
 
     def _cool(self, key: tuple[str, str, str], ts: datetime) -> bool:
         if ts < self.cooldown_until.get(key, datetime.min.replace(tzinfo=ts.tzinfo)):
@@ -173,12 +193,12 @@ class RunawaySessions:
 
         Per tenant, because partitions advance unevenly: one tenant's clock must not close another's minutes.
         """
-        minute = stream_now.replace(second=0, microsecond=0)
-        if self._swept != datetime.min and minute <= self._swept:
+        minute = second_of(stream_now) // 60
+        if minute <= self._swept:
             return
         self._swept = minute
         now = self.tenant_minute
-        for key in [k for k, s in self.sessions.items() if s.minute < now.get(k[0], s.minute) - MINUTE]:
+        for key in [k for k, s in self.sessions.items() if s.minute < now.get(k[0], s.minute) - 1]:
             self._close(self.sessions.pop(key))
         horizon = stream_now - self.config.cooldown
         self.cooldown_until = {k: v for k, v in self.cooldown_until.items() if v > horizon}
@@ -202,9 +222,9 @@ class SpendSpikes:
         self.tenants: dict[str, _TenantBucket] = {}
         self._bucket_s = int(self.config.spike_bucket.total_seconds())
 
-    def observe(self, tenant: str, ts: datetime, cost: int) -> list[Anomaly]:
+    def observe(self, tenant: str, ts: datetime, cost: int, second: int | None = None) -> list[Anomaly]:
         cfg = self.config
-        bucket = (ts.toordinal() * 86400 + ts.hour * 3600 + ts.minute * 60 + ts.second) // self._bucket_s
+        bucket = (second_of(ts) if second is None else second) // self._bucket_s
         state = self.tenants.get(tenant)
         if state is None:
             state = self.tenants[tenant] = _TenantBucket(self._start_of(ts), bucket)
@@ -317,10 +337,14 @@ class Detectors:
         self.unpriced = UnpricedModels(self.config)
         self.idle = IdleGpus(self.config)
 
-    def usage(self, event: Any, cost: int, unpriced: bool) -> list[Anomaly]:
+    def usage(self, event: Any, cost: int, unpriced: bool, second: int | None = None) -> list[Anomaly]:
+        """Anomalies an event raises (usually none); `second` = second_of(event.ts) when the caller has it."""
+        second = second_of(event.ts) if second is None else second
         found = self.runaway.observe(event.tenant_id, event.agent_id, event.session_id, event.ts, cost, event.kind,
-                                     event.model, event.tool, event.input_tokens, event.output_tokens)
-        found += self.spikes.observe(event.tenant_id, event.ts, cost)
+                                     event.model, event.tool, event.input_tokens, event.output_tokens, second)
+        spikes = self.spikes.observe(event.tenant_id, event.ts, cost, second)
+        if spikes:
+            found = found + spikes
         if unpriced:
             found += self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)
         return found

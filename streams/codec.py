@@ -74,9 +74,9 @@ def _money_ok(value: Decimal) -> bool:
     return True
 
 
-def _fast_ok(e: FastUsage, now: datetime) -> bool:
+def _fast_ok(e: FastUsage, latest: datetime) -> bool:
     ts = e.ts
-    if ts.tzinfo is None or ts - now > ev.MAX_FUTURE_SKEW:
+    if ts.tzinfo is None or ts > latest:  # latest = now + MAX_FUTURE_SKEW
         return False
     if _CONTROL_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False
@@ -95,14 +95,16 @@ def _fast_ok(e: FastUsage, now: datetime) -> bool:
     return True
 
 
-def decode_usage(raw: bytes, now: datetime | None = None) -> FastUsage | ev.UsageEvent:
-    """A valid usage event (FastUsage on the fast path, else UsageEvent); raises ev.InvalidEvent."""
-    now = now or datetime.now(UTC)
+def decode_usage(raw: bytes, now: datetime | None = None, latest: datetime | None = None) -> FastUsage | ev.UsageEvent:
+    """A valid usage event (FastUsage on the fast path, else UsageEvent); raises ev.InvalidEvent.
+    `latest` (= now + MAX_FUTURE_SKEW, the newest acceptable ts) may be passed once per batch."""
+    if latest is None:
+        latest = (now or datetime.now(UTC)) + ev.MAX_FUTURE_SKEW
     try:
         fast = _decoder.decode(raw)
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
         fast = None
-    if fast is not None and _fast_ok(fast, now):
+    if fast is not None and _fast_ok(fast, latest):
         if fast.ts.utcoffset():
             fast.ts = fast.ts.astimezone(UTC)
         elif fast.ts.tzinfo is not UTC:
@@ -111,8 +113,13 @@ def decode_usage(raw: bytes, now: datetime | None = None) -> FastUsage | ev.Usag
     return ev.decode(ev.UsageEvent, raw)
 
 
+ZERO_USD = "0.000000000000"
+
+
 def usd(pico: int) -> str:
     """Integer pico-USD as a fixed 12-decimal string ("0.002145000000")."""
+    if not pico:
+        return ZERO_USD
     if pico < 0:
         return "-" + usd(-pico)
     digits = str(pico).rjust(13, "0")

@@ -150,6 +150,21 @@ def token_components(rates: Rates, input_tokens: int, output_tokens: int, cache_
     )
 
 
+def _pico_tiers(rates: Rates) -> tuple[tuple[int, tuple[int, int, int, int, int]], ...] | None:
+    """Integer rates per cliff tier: ((start, pico rates), ...) ascending; the rates of the last
+    start below the call's input tokens apply (start -1: the base). None when a rate is not a
+    whole number of pico-USD per token in some tier: those events take the Decimal path."""
+    starts = sorted({t.start for r in rates[:4] if isinstance(r, gp.TieredPrices) for t in r.tiers})
+    tiers = []
+    for start in [-1, *starts]:  # each tier's rates are constant above its start (cliff: input > start)
+        flat = Rates(*(_tier_price(r, start + 1) for r in rates[:4]), rates.per_request)
+        ints = _pico_per_token(flat)
+        if ints is None:
+            return None
+        tiers.append((start, ints))
+    return tuple(tiers)
+
+
 def _pico_per_token(rates: Rates) -> tuple[int, int, int, int, int] | None:
     """Whole pico-USD per token for (input, output, cache read, cache write) + pico per request.
 
@@ -291,7 +306,13 @@ class Catalog:
             if per_token is None:
                 return None
             ints, rates = per_token
-            if ints is None:  # tiered or sub-pico rates: the Decimal path, same rounding
+            if type(ints) is list:  # cliff tiers: the rates of the highest start below the input tokens
+                chosen = ints[0][1]
+                for start, tier in ints:
+                    if event.input_tokens > start:
+                        chosen = tier
+                ints = chosen
+            if ints is None:  # sub-pico rates: the Decimal path, same rounding
                 parts = token_components(rates, event.input_tokens, event.output_tokens,
                                          event.cache_read_tokens, event.cache_write_tokens)
                 values = tuple(int(p.scaleb(12)) for p in parts)
@@ -313,7 +334,13 @@ class Catalog:
         if hit is not _MISS:
             return hit
         rates = self.rates_for(provider, model, ts)
-        value = None if rates is None else (_pico_per_token(rates), rates)
+        if rates is None:
+            value = None
+        elif any(isinstance(r, gp.TieredPrices) for r in rates[:4]):
+            tiers = _pico_tiers(rates)
+            value = (None if tiers is None else list(tiers), rates)  # a list marks tiers (a tuple: flat rates)
+        else:
+            value = (_pico_per_token(rates), rates)
         if self._changes_within_a_day(provider.lower(), model.lower()):
             return value  # time-of-day prices or intraday catalog starts: no per-day cache
         if len(self._day_cache) > 200_000:

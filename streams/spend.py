@@ -23,24 +23,40 @@ from typing import Any
 from meterline.schemas.events import new_id
 from meterline.schemas.scopes import scope_ids
 
+from .anomalies import minute_datetime, second_of
 from .codec import month_start, next_month, usd
 
 MINUTE = timedelta(minutes=1)
 ScopeKey = tuple[str, str, str]  # (tenant_id, scope, scope_id)
 
 
+def _minute_key(ts: datetime) -> int:
+    """Integer UTC minute of ts."""
+    return second_of(ts if ts.tzinfo is timezone.utc else ts.astimezone(timezone.utc)) // 60
+
+
 class ScopeSpend:
+    """One scope's state; minutes are integer keys (second_of(ts) // 60) on the hot path."""
+
     __slots__ = ("period_start", "period_end", "period", "window_start", "window", "events", "input_tokens",
-                 "output_tokens", "gpu_ps", "gpu", "unpriced", "dirty", "last_ts")
+                 "output_tokens", "gpu_ps", "gpu", "unpriced", "dirty", "last_ts", "window_key", "period_start_key",
+                 "period_end_key")
 
     def __init__(self, minute: datetime) -> None:
-        self.window_start = minute
-        self.period_start = month_start(minute)
-        self.period_end = next_month(self.period_start)
         self.period = self.window = self.events = self.input_tokens = self.output_tokens = 0
         self.gpu_ps = self.gpu = self.unpriced = 0
         self.dirty = True
-        self.last_ts = minute
+        self._set_window(minute, _minute_key(minute))
+        self._set_period(minute)
+
+    def _set_window(self, minute: datetime, key: int) -> None:
+        self.window_start = self.last_ts = minute
+        self.window_key = key
+
+    def _set_period(self, minute: datetime) -> None:
+        self.period_start = month_start(minute)
+        self.period_end = next_month(self.period_start)
+        self.period_start_key, self.period_end_key = _minute_key(self.period_start), _minute_key(self.period_end)
 
     def restore(self, update: dict[str, Any]) -> None:
         """Continue from the last state this scope published (same period only)."""
@@ -73,6 +89,7 @@ class SpendBook:
         self.states: dict[ScopeKey, ScopeSpend] = {}
         self.baseline = baseline or {}  # last published state per scope (from the changelog)
         self.late = 0
+        self.chains: dict[tuple[str, str, str, str, str], tuple[ScopeSpend, ...]] = {}  # ids -> states of its 5 scopes
 
     def _state(self, key: ScopeKey, minute: datetime) -> ScopeSpend:
         state = ScopeSpend(minute)
@@ -83,18 +100,24 @@ class SpendBook:
         return state
 
     def add(self, ids: tuple[str, str, str, str, str], ts: datetime, cost: int, input_tokens: int = 0,
-            output_tokens: int = 0, unpriced: int = 0, gpu_ps: int = 0, gpu_cost: int = 0, events: int = 1) -> None:
-        """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session)."""
-        tenant, states = ids[0], self.states
-        minute = ts.replace(second=0, microsecond=0)
-        for scope, scope_id in path_ids(ids):
-            state = states.get((tenant, scope, scope_id))
-            if state is None or state.window_start != minute:
-                state = self._roll(state, (tenant, scope, scope_id), minute)
-                if state is None:
-                    continue
-                if state.window_start == minute:
+            output_tokens: int = 0, unpriced: int = 0, gpu_ps: int = 0, gpu_cost: int = 0, events: int = 1,
+            minute: int | None = None) -> None:
+        """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session);
+        `minute` = second_of(ts) // 60 when the caller has it already."""
+        if minute is None:
+            minute = _minute_key(ts)
+        chain = self.chains.get(ids)
+        if chain is None:
+            chain = self._chain(ids, minute)
+        for state in chain:
+            if state.window_key != minute:
+                if minute > state.window_key:
+                    self._roll(state, minute)
                     state.window += cost
+                elif minute < state.period_start_key:
+                    self.late += 1  # an earlier month: left to the ledger
+                    continue
+                # else an earlier minute of this month: counts toward the period, not the current window
             else:
                 state.window += cost
             state.period += cost
@@ -107,22 +130,32 @@ class SpendBook:
                 state.gpu += gpu_cost
             state.dirty = True
 
-    def _roll(self, state: ScopeSpend | None, key: ScopeKey, minute: datetime) -> ScopeSpend | None:
-        """The state an event of `minute` updates: new, next window, next period, or None (older month)."""
-        if state is None:
-            return self._state(key, minute)
-        if minute > state.window_start:
-            if minute >= state.period_end:
-                state.period_start = month_start(minute)
-                state.period_end = next_month(state.period_start)
-                state.period = state.events = state.input_tokens = state.output_tokens = 0
-                state.gpu_ps = state.gpu = state.unpriced = 0
-            state.window_start, state.window, state.last_ts = minute, 0, minute
-            return state
-        if minute < state.period_start:
-            self.late += 1
-            return None
-        return state  # an earlier minute of this month: counts toward the period, not the current window
+    def _chain(self, ids: tuple[str, str, str, str, str], minute_key: int) -> tuple[ScopeSpend, ...]:
+        """The states of every scope of ids (created at that minute when new); cached until a state is dropped."""
+        tenant, states, minute = ids[0], self.states, None
+        chain = []
+        for scope, scope_id in path_ids(ids):
+            key = (tenant, scope, scope_id)
+            state = states.get(key)
+            if state is None:
+                minute = minute or minute_datetime(minute_key, timezone.utc)
+                state = self._state(key, minute)
+            chain.append(state)
+        if len(self.chains) > 500_000:  # bounded; evictions clear it too
+            self.chains.clear()
+        chain = self.chains[ids] = tuple(chain)
+        return chain
+
+    @staticmethod
+    def _roll(state: ScopeSpend, key: int) -> None:
+        """Move a state to a newer minute (and a new month when it crossed one)."""
+        minute = minute_datetime(key, timezone.utc)
+        if key >= state.period_end_key:
+            state._set_period(minute)
+            state.period = state.events = state.input_tokens = state.output_tokens = 0
+            state.gpu_ps = state.gpu = state.unpriced = 0
+        state._set_window(minute, key)
+        state.window = 0
 
     def drain(self, now: datetime | None = None, scopes: frozenset[str] | None = None) -> Iterator[tuple[ScopeKey, dict[str, Any]]]:
         """SpendUpdate records (JSON-ready dicts) of every scope changed since the last drain (of `scopes`)."""
@@ -146,11 +179,13 @@ class SpendBook:
     def evict_idle(self, stream_now: datetime, idle: timedelta, scopes: tuple[str, ...] = ("session", "agent")) -> int:
         """Forget clean session/agent states idle longer than `idle` (bounded memory); returns how many."""
         stale = [k for k, s in self.states.items() if k[1] in scopes and not s.dirty and stream_now - s.last_ts > idle]
-        for key in stale:
-            del self.states[key]
+        dead = {id(self.states.pop(key)) for key in stale}
+        if dead:  # forget the cached chains that reach a dropped state
+            self.chains = {ids: chain for ids, chain in self.chains.items() if not any(id(s) in dead for s in chain)}
         return len(stale)
 
     def drop_tenants(self, tenants: set[str]) -> None:
         """Forget the state of tenants whose partitions moved to another worker."""
         for key in [k for k in self.states if k[0] in tenants]:
             del self.states[key]
+        self.chains.clear()

@@ -44,7 +44,7 @@ from meterline.schemas import events as ev
 from meterline.settings import Settings
 
 from .anomalies import DetectorConfig, Detectors
-from .codec import PICO, FastUsage, decode_usage, encode, to_pico, usd
+from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usd
 from .pricing import Catalog, load_catalog
 from .spend import ScopeKey, SpendBook
 
@@ -229,64 +229,73 @@ class StreamWorker:
         return True
 
     def process(self, msgs: list[Any]) -> None:
+        """One consumed batch: usage events through the hot path (priced records produced at the end
+        of the batch), GPU samples after them. Per-event work stays in locals; counters per batch."""
         usage_topic, now = self.topics["usage"], datetime.now(UTC)
-        gpu_samples = []
+        latest = now + ev.MAX_FUTURE_SKEW  # the newest acceptable event time, once per batch
+        dedupe, tenant_partition, stats = self.dedupe, self.tenant_partition, self.stats
+        price, unpriced_counts = self.catalog.price_pico, self.catalog.unpriced
+        spend_add, detect, priced_json = self.spend.add, self.detectors.usage, self._priced_json
+        gpu_samples, priced, newest = [], [], self.stream_now
+        duplicates = unpriced_events = 0
         for msg in msgs:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", msg.error())
                 continue
-            if msg.topic() == usage_topic:
-                self._usage(msg, now)
-            else:
+            if msg.topic() != usage_topic:
                 sample = self._decode_or_dlq(msg, ev.GpuSample, now)
                 if sample is not None:
                     gpu_samples.append(sample)
+                continue
+            raw = msg.value()
+            try:
+                if raw is None:
+                    raise ev.InvalidEvent("UsageEvent", [("(record)", "empty record (tombstone)")])
+                event = decode_usage(raw, latest=latest)
+            except ev.InvalidEvent as err:
+                self._dead_letter(msg, err.reason, "InvalidEvent", now)
+                continue
+            partition = msg.partition()
+            window = dedupe.get(partition)
+            if window is None:
+                window = dedupe[partition] = DedupeWindow(self.dedupe_per_partition)
+            if window.seen(event.event_id.int):
+                duplicates += 1
+                continue
+            tenant = event.tenant_id
+            tenant_partition[tenant] = partition
+            listed = price(event)
+            unpriced = False
+            if event.cost_usd is not None:
+                cost, source = to_pico(event.cost_usd), "provider"
+            elif listed is not None:
+                cost, source = listed[4], "catalog"
+            else:
+                cost, source, unpriced = 0, "unpriced", True
+                unpriced_counts[(event.provider, event.model or event.tool)] += 1
+                unpriced_events += 1
+            priced.append((priced_json(event, cost, listed or NO_PARTS, source, now), tenant))
+            ts = event.ts
+            second = ts.toordinal() * 86400 + ts.hour * 3600 + ts.minute * 60 + ts.second  # anomalies.second_of, inlined
+            spend_add((tenant, event.team, event.project, event.agent_id, event.session_id), ts, cost,
+                      event.input_tokens, event.output_tokens, unpriced, minute=second // 60)
+            if ts > newest:
+                newest = ts
+            found = detect(event, cost, unpriced, second)
+            if found:
+                for anomaly in found:
+                    self._anomaly(anomaly)
+        self.stream_now = newest
+        if priced:
+            self._produce_all(self.topics["priced"], priced)
+            stats["priced"] += len(priced)
+        if unpriced_events:
+            stats["unpriced"] += unpriced_events
+        if duplicates:
+            stats["duplicates"] += duplicates
         if gpu_samples:
             self._gpu(gpu_samples)
-
-    # ----------------------------------------------------------------- usage
-    def _usage(self, msg: Any, now: datetime) -> None:
-        raw = msg.value()
-        try:
-            if raw is None:
-                raise ev.InvalidEvent("UsageEvent", [("(record)", "empty record (tombstone)")])
-            event = decode_usage(raw, now)
-        except ev.InvalidEvent as err:
-            self._dead_letter(msg, err.reason, "InvalidEvent", now)
-            return
-        partition = msg.partition()
-        window = self.dedupe.get(partition)
-        if window is None:
-            window = self.dedupe[partition] = DedupeWindow(self.dedupe_per_partition)
-        if window.seen(event.event_id.int):
-            self.stats["duplicates"] += 1
-            return
-        self.tenant_partition[event.tenant_id] = partition
-        self._price_and_publish(event, now)
-
-    def _price_and_publish(self, event: Any, now: datetime) -> None:
-        listed = self.catalog.price_pico(event)
-        if event.cost_usd is not None:
-            cost, source = to_pico(event.cost_usd), "provider"
-        elif listed is not None:
-            cost, source = listed[4], "catalog"
-        else:
-            cost, source = 0, "unpriced"
-            self.catalog.unpriced[(event.provider, event.model or event.tool)] += 1
-        parts = listed or NO_PARTS
-        tenant = event.tenant_id
-        self._produce(self.topics["priced"], self._priced_json(event, cost, parts, source, now), tenant)
-        unpriced = source == "unpriced"
-        self.stats["priced"] += 1
-        if unpriced:
-            self.stats["unpriced"] += 1
-        self.spend.add((tenant, event.team, event.project, event.agent_id, event.session_id), event.ts, cost,
-                       event.input_tokens, event.output_tokens, unpriced)
-        if event.ts > self.stream_now:
-            self.stream_now = event.ts
-        for anomaly in self.detectors.usage(event, cost, unpriced):
-            self._anomaly(anomaly)
 
     def _priced_json(self, event: Any, cost: int, parts: tuple[int, ...], source: str, now: datetime) -> bytes:
         """PricedEvent JSON: the usage fields (cost_usd = the charge) + price fields, without building a model."""
@@ -294,15 +303,16 @@ class StreamWorker:
             self._suffix_now = now
             self._suffix = f',"catalog_version":{msgspec.json.encode(self.catalog.version).decode()},"priced_at":"{now.isoformat().replace("+00:00", "Z")}"}}'
         prices = (f',"list_cost_usd":"{usd(parts[4])}","input_cost_usd":"{usd(parts[0])}","output_cost_usd":"{usd(parts[1])}",'
-                  f'"cache_read_cost_usd":"{usd(parts[2])}","cache_write_cost_usd":"{usd(parts[3])}","cost_source":"{source}"')
-        if isinstance(event, FastUsage):
+                  f'"cache_read_cost_usd":"{usd(parts[2])}","cache_write_cost_usd":"{usd(parts[3]) if parts[3] else ZERO_USD}",'
+                  f'"cost_source":"{source}"{self._suffix}')
+        if type(event) is FastUsage:
             event.cost_usd = usd(cost)
             head = encode(event)
         else:
             record = dict(event)
             record["cost_usd"] = usd(cost)
             head = encode(record)
-        return head[:-1] + (prices + self._suffix).encode()
+        return head[:-1] + prices.encode()
 
     # ------------------------------------------------------------------- GPU
     def _gpu(self, samples: list[ev.GpuSample]) -> None:
@@ -350,6 +360,14 @@ class StreamWorker:
         self.stats["anomalies"] += 1
         if self.webhook:
             self.webhook.send(body)
+
+    def _produce_all(self, topic: str, records: list[tuple[bytes, Any]]) -> None:
+        produce = self.producer.produce
+        for value, key in records:
+            try:
+                produce(topic, value, key)
+            except BufferError:
+                self._produce(topic, value, key)
 
     def _produce(self, topic: str, value: bytes, key: Any) -> None:
         while True:
