@@ -2,11 +2,12 @@
 
 The fleet (every number below is simulated, reproducible with --seed):
 
-* four tenants with hourly budgets published through the allocator's budget API:
+* five tenants with hourly budgets published through the allocator's budget API:
   acme (spends faster than its pace allows, so low-priority work is throttled), globex
   (hard and comfortable), initech (its runaway agent burns through the budget), umbrella
-  (small: runs out first). Once a budget is used up, `high` agents are downgraded to a
-  cheaper model, `normal` ones queued, low/batch throttled, `critical` keeps running;
+  (small: runs out first) and hooli (small and hard: denied once spent). Once a soft budget
+  is used up, `high` agents are downgraded to a cheaper model, `normal` ones queued,
+  low/batch throttled, `critical` keeps running;
 * a priority mix (critical … batch) across agents that call real model names, priced by
   the catalog, plus tool calls and one self-hosted model nobody can price;
 * a runaway agent at initech that loops on the same call (after a normal recent history);
@@ -67,6 +68,8 @@ FLEET: tuple[AgentSpec, ...] = (
     AgentSpec("umbrella", "product", "chat", "summarizer", "normal", "openai", "gpt-4o", 4, 6000, 600),
     AgentSpec("umbrella", "ops", "alerts", "pager", "critical", "openai", "gpt-4o-mini", 2, 1500, 200),
     AgentSpec("umbrella", "ops", "backfill", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
+    AgentSpec("hooli", "platform", "etl", "extractor", "normal", "openai", "gpt-4o", 4, 6000, 600),
+    AgentSpec("hooli", "platform", "etl", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
 )
 @dataclass(frozen=True)
 class DemoBudget:
@@ -83,7 +86,8 @@ BUDGETS: dict[str, DemoBudget] = {
     "acme": DemoBudget(Decimal("20"), False, STRICT),        # spends faster than its pace: low/batch (then normal) throttled
     "globex": DemoBudget(Decimal("500"), True, STRICT),      # hard and comfortable: spend leases, no overshoot
     "initech": DemoBudget(Decimal("8"), False, LENIENT),     # the runaway burns it: high downgraded, normal queued
-    "umbrella": DemoBudget(Decimal("0.15"), True, STRICT),   # small and hard: runs out first, then denied; critical keeps running
+    "umbrella": DemoBudget(Decimal("0.15"), False, LENIENT), # small: runs out first; high downgraded, critical keeps running
+    "hooli": DemoBudget(Decimal("0.10"), True, STRICT),      # small and hard: spend leases, then denied
 }
 
 

@@ -41,7 +41,8 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     actions = {r["action"]: int(r["n"]) for r in json.loads(meterline(
         "sql", "SELECT action, count() AS n FROM throttle_decisions GROUP BY action", "-f", "json"))}
     assert len(actions) >= 3, actions
-    assert {"throttle", "downgrade"} <= set(actions), actions  # the agents were told to slow down and to step down
+    assert {"throttle", "downgrade", "deny"} <= set(actions), actions  # told to slow down, to step down, to stop
+    assert summary["agents"]["hooli"].get("denied", 0) > 0, summary["agents"]  # hooli's hard budget stopped its agents
     anomalies = {r["kind"]: int(r["n"]) for r in json.loads(meterline(
         "sql", "SELECT kind, count() AS n FROM anomalies GROUP BY kind", "-f", "json"))}
     assert sum(anomalies.values()) >= 1, anomalies
@@ -51,7 +52,7 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
                                      "FROM priced_events", "-f", "json"))
     assert int(ledger["n"]) == int(ledger["ids"]) == summary["events_sent"]  # every event, exactly once
     chargeback = json.loads(meterline("report", "chargeback", "--by", "tenant", "--since", "1d", "-f", "json"))["rows"]
-    assert {"acme", "globex", "initech", "umbrella"} <= {r["tenant"] for r in chargeback}
+    assert {"acme", "globex", "initech", "umbrella", "hooli"} <= {r["tenant"] for r in chargeback}
     total = sum(Decimal(r["total_cost_usd"]) for r in chargeback)
     assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) > 0  # to the last digit
     assert summary["chargeback_equals_ledger"] is True
