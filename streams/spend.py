@@ -35,6 +35,19 @@ def _minute_key(ts: datetime) -> int:
     return second_of(ts if ts.tzinfo is timezone.utc else ts.astimezone(timezone.utc)) // 60
 
 
+_MINUTES: dict[int, datetime] = {}
+
+
+def _minute(key: int) -> datetime:
+    """The UTC datetime of a minute key (cached: every scope rolls to the same few minutes)."""
+    minute = _MINUTES.get(key)
+    if minute is None:
+        if len(_MINUTES) > 10_000:
+            _MINUTES.clear()
+        minute = _MINUTES[key] = minute_datetime(key, timezone.utc)
+    return minute
+
+
 class ScopeSpend:
     """One scope's state; minutes are integer keys (second_of(ts) // 60) on the hot path."""
 
@@ -138,7 +151,7 @@ class SpendBook:
             key = (tenant, scope, scope_id)
             state = states.get(key)
             if state is None:
-                minute = minute or minute_datetime(minute_key, timezone.utc)
+                minute = minute or _minute(minute_key)
                 state = self._state(key, minute)
             chain.append(state)
         if len(self.chains) > 500_000:  # bounded; evictions clear it too
@@ -149,7 +162,7 @@ class SpendBook:
     @staticmethod
     def _roll(state: ScopeSpend, key: int) -> None:
         """Move a state to a newer minute (and a new month when it crossed one)."""
-        minute = minute_datetime(key, timezone.utc)
+        minute = _minute(key)
         if key >= state.period_end_key:
             state._set_period(minute)
             state.period = state.events = state.input_tokens = state.output_tokens = 0
