@@ -28,6 +28,7 @@ demo: install
 	$(BIN)/meterline demo
 
 bench: install
+	$(BIN)/meterline kafka start
 	$(BIN)/python -m bench
 
 schemas: install
