@@ -116,6 +116,9 @@ class LedgerSink:
         self.flushing = False
         self.revoked_mid_flush = False
         self.stop = threading.Event()
+        self._inflight: threading.Thread | None = None
+        self._inflight_error: BaseException | None = None
+        self._inserted: Batch | None = None
         self.latest_ts = ev.utcnow() + ev.MAX_FUTURE_SKEW  # newest event time the contract accepts
         self.stats = {"rows": 0, "duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
 
@@ -131,6 +134,7 @@ class LedgerSink:
             while not stop.is_set():
                 messages = self.consumer.consume(num_messages=10_000, timeout=0.2)
                 self.latest_ts = ev.utcnow() + ev.MAX_FUTURE_SKEW
+                self._reap_inflight()
                 for msg in messages:
                     self._take(msg)
                 if messages:
@@ -138,11 +142,13 @@ class LedgerSink:
                 if self.batch.rows >= self.batch_rows or (
                     (self.batch.next_offset) and time.monotonic() - self.batch.opened >= self.batch_seconds
                 ):
-                    self.flush()
+                    self.flush(wait=False)
                 if idle_exit_s is not None and not messages and time.monotonic() - last_message > idle_exit_s:
                     break
             self.flush()
         finally:
+            if self._inflight is not None:
+                self._inflight.join()
             self.consumer.close()
             self.producer.flush(10)
 
@@ -176,9 +182,10 @@ class LedgerSink:
         return out
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.flushing:
-            self.revoked_mid_flush = True  # the flush loop drops what it has not inserted
-            return
+        if self._inflight is not None:
+            self.revoked_mid_flush = True  # a retrying insert gives up; one under way completes first
+            self._inflight.join()
+            self._inflight = self._inflight_error = self._inserted = None
         try:
             self.flush(retry=False)
         except Exception as err:  # noqa: BLE001 - safe to drop: the next owner resumes from the ledger
@@ -284,23 +291,72 @@ class LedgerSink:
 
     # ------------------------------------------------------------------ flush
 
-    def flush(self, retry: bool = True) -> None:
-        """Insert the batch (rows with offsets), then commit its offsets. See the module doc."""
+    def flush(self, retry: bool = True, wait: bool = True) -> None:
+        """Insert the batch (rows with offsets), then commit its offsets. See the module doc.
+
+        With wait=False the insert runs in a worker thread (chDB and the HTTP client release the
+        GIL) while the next batch is decoded; batches still land and commit strictly in order,
+        because a flush first waits for the one before it.
+        """
         batch, self.batch = self.batch, Batch()
+        self._join_inflight()
         if not batch.next_offset:
             return
+        if wait or not retry:
+            self._flush_batch(batch, retry)
+            return
+        self._inflight = threading.Thread(target=self._flush_worker, args=(batch,), name="ledger-insert", daemon=True)
+        self._inflight.start()
+
+    def _flush_worker(self, batch: Batch) -> None:
+        try:
+            if self._flush_batch(batch, retry=True, commit=False):
+                self._inserted = batch  # committed by the consuming thread: the Kafka client is not shared
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
+            self._inflight_error = err
+
+    def _reap_inflight(self) -> None:
+        """Commit a finished background insert (called from the consuming thread)."""
+        if self._inflight is not None and not self._inflight.is_alive():
+            self._join_inflight()
+
+    def _join_inflight(self) -> None:
+        """Wait for the insert in flight; while it retries, keep the group membership alive."""
+        worker = self._inflight
+        if worker is None:
+            return
+        worker.join(0.5)
+        if worker.is_alive():
+            self.consumer.pause(self.consumer.assignment())
+            while worker.is_alive():
+                msg = self.consumer.poll(0.2)  # serves rebalance callbacks; paused partitions deliver nothing new
+                if msg is not None:
+                    self._take(msg)  # fetched before the pause: it joins the next batch
+            self.consumer.resume(self.consumer.assignment())
+        self._inflight = None
+        inserted, self._inserted = self._inserted, None
+        if inserted is not None:
+            self._commit(inserted)
+        error, self._inflight_error = self._inflight_error, None
+        if error is not None:
+            raise error
+
+    def _flush_batch(self, batch: Batch, retry: bool, commit: bool = True) -> bool:
+        """Steps 2-5 of the module doc; False when partitions were revoked mid-way."""
         self.flushing, self.revoked_mid_flush = True, False
         try:
             inserts = self._inserts(batch, retry)
             self._send_dead_letters(batch.dead)
             for describe, insert in inserts:
                 self._retry(insert, describe) if retry else insert()
-            self._commit(batch)
+            if commit:
+                self._commit(batch)
             self.stats["flushes"] += 1
             self.stats["rows"] += batch.rows
+            return True
         except Revoked:
             log.warning("partitions revoked mid-flush; the new owner resumes from the ledger")
-            self.batch = Batch()
+            return False
         finally:
             self.flushing = False
 
@@ -395,20 +451,12 @@ class LedgerSink:
                 delay = min(delay * 2, self.max_backoff_s)
 
     def _wait(self, seconds: float) -> None:
-        """Sleep while serving group callbacks: paused partitions deliver nothing."""
-        if not self.flushing:
-            time.sleep(seconds)
-            return
-        assignment = self.consumer.assignment()
-        self.consumer.pause(assignment)
+        """Back off; a flush gives up at once when its partitions are revoked or the sink stops."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            msg = self.consumer.poll(min(0.2, max(0.0, deadline - time.monotonic())))
-            if msg is not None:
-                self._take(msg)  # prefetched before the pause: it joins the next batch
-            if self.revoked_mid_flush:
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if self.flushing and self.revoked_mid_flush:
                 raise Revoked()
-        self.consumer.resume(self.consumer.assignment())
+            time.sleep(min(0.05, seconds))
 
     # ------------------------------------------------------------------ observability
 
