@@ -18,7 +18,7 @@ app = typer.Typer(
         "METERLINE_CLICKHOUSE_DSN, METERLINE_DATA_DIR) or a TOML file named by METERLINE_CONFIG."
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
