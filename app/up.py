@@ -238,7 +238,7 @@ class _ApiRunner:
 class Up:
     """Everything `meterline up` runs. `start()`, then `run_until(stop)` or `stop()`."""
 
-    def __init__(self, settings: Settings, *, port: int | None = None, host: str = "127.0.0.1", streams: bool = True,
+    def __init__(self, settings: Settings, *, port: int | None = None, host: str = "127.0.0.1", streams: int = 1,
                  allocator: bool = True, simulated: bool = False, sink_batch_seconds: float = 0.5):
         from .live import LiveFeed, LiveState
 
@@ -258,10 +258,11 @@ class Up:
         components: list[Component] = [ThreadComponent("sink", self._make_sink)]
         if allocator:
             components.append(ThreadComponent("allocator", self._make_allocator))
-        if streams:
-            components.append(ProcessComponent("streams", meterline_argv("streams", "--group", group_name(settings, "streams")),
-                                               settings_env(settings),
-                                               settings.data_dir / "logs"))
+        group = group_name(settings, "streams")
+        for i in range(int(streams)):  # one worker per core: partitions are the parallelism
+            name, member = ("streams", []) if i == 0 else (f"streams-{i + 1}", ["--instance-id", f"{group}-{i + 1}"])
+            components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, *member),
+                                               settings_env(settings), settings.data_dir / "logs"))
         components.append(ThreadComponent("live", lambda: _LiveRunner(self.feed)))
         self.supervisor = Supervisor(components)
 
@@ -424,6 +425,7 @@ def up_command(
     port: Annotated[Optional[int], typer.Option(help="HTTP port for the API and dashboard (default: METERLINE_API_PORT or 8787).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     no_streams: Annotated[bool, typer.Option("--no-streams", help="Do not run the stream worker here (it runs elsewhere).")] = False,
+    stream_workers: Annotated[int, typer.Option(min=1, help="Stream worker processes (one per spare core; see BENCHMARKS.md).")] = 1,
     no_allocator: Annotated[bool, typer.Option("--no-allocator", help="Do not run the allocator here.")] = False,
 ) -> None:
     """Run the whole pipeline in one supervised command: stream worker, ledger sink, allocator, HTTP API.
@@ -442,7 +444,7 @@ def up_command(
     settings = get_settings()
     if (other := running_up(settings)) is not None:
         fail(f"`meterline up` already runs for {settings.data_dir} (API {other}); stop it first or set METERLINE_DATA_DIR")
-    pipeline = Up(settings, port=port, host=host, streams=not no_streams, allocator=not no_allocator)
+    pipeline = Up(settings, port=port, host=host, streams=0 if no_streams else stream_workers, allocator=not no_allocator)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -141,3 +141,15 @@ def test_up_serves_reports_restarts_the_dead_and_loses_nothing_on_sigterm(up_env
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
+
+
+def test_up_runs_one_stream_worker_per_requested_core(settings):
+    """--stream-workers N: N workers in one consumer group, each with its own static member id."""
+    from meterline.app.up import ProcessComponent, Up
+
+    workers = [c for c in Up(settings, streams=2).supervisor.components if isinstance(c, ProcessComponent)]
+    assert [c.name for c in workers] == ["streams", "streams-2"]
+    groups = {c.argv[c.argv.index("--group") + 1] for c in workers}
+    assert len(groups) == 1                                   # one group: Kafka splits the partitions
+    assert "--instance-id" in workers[1].argv
+    assert not [c for c in Up(settings, streams=0).supervisor.components if isinstance(c, ProcessComponent)]
