@@ -425,7 +425,7 @@ def up_command(
     port: Annotated[Optional[int], typer.Option(help="HTTP port for the API and dashboard (default: METERLINE_API_PORT or 8787).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     no_streams: Annotated[bool, typer.Option("--no-streams", help="Do not run the stream worker here (it runs elsewhere).")] = False,
-    stream_workers: Annotated[int, typer.Option(min=1, help="Stream worker processes (one per spare core; see BENCHMARKS.md).")] = 1,
+    stream_workers: Annotated[int, typer.Option(min=1, help="Stream worker processes, one per spare core (BENCHMARKS.md). With more than one, a tenant's real-time GPU spend may come from another worker than its token spend (gpu is keyed by node); the ledger stays exact.")] = 1,
     no_allocator: Annotated[bool, typer.Option("--no-allocator", help="Do not run the allocator here.")] = False,
 ) -> None:
     """Run the whole pipeline in one supervised command: stream worker, ledger sink, allocator, HTTP API.
