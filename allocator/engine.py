@@ -483,8 +483,12 @@ class Engine:
         call_cost = lease.spent / lease.events if lease.events else ZERO
         min_grant = max(2 * call_cost, min(s.policy.amount for s in hard) / 10**6)
         if lease.last_grant == 0 or lease.outstanding < max(lease.last_grant / 2, min_grant):
-            pools = [(self._pool(s, now), s) for s in hard]
-            grant = usd(min(pool / max(live, self.config.lease_slots) for (pool, _, live), _ in pools))
+            pools = [self._pool(s, now) for s in hard]
+            fair = min(pool / max(live, self.config.lease_slots) for pool, _, live in pools)
+            # A small budget split over all slots may not cover two calls: then grant two calls
+            # while the pool, split over the sessions actually live, still affords them.
+            affordable = min(pool / max(live, 1) for pool, _, live in pools)
+            grant = usd(fair if fair >= min_grant else min(min_grant, affordable))
             if grant >= min_grant:
                 lease.limit += grant
                 lease.last_grant = grant

@@ -297,3 +297,17 @@ def test_idle_gpus_are_reclaimed_when_someone_waits():
 def test_unreadable_budget_records_are_skipped(raw):
     policies: dict = {}
     assert apply_policy_record(policies, b"k", raw) is None or raw.strip().startswith(b"{")
+
+
+def test_a_small_hard_budget_still_leases_calls_while_it_lasts():
+    """$0.60 split over 20 slots does not cover two $0.02 calls: the live sessions still get them."""
+    clock = Clock(START + timedelta(days=1))
+    e = engine(clock, policy("acme", "0.60", actions={p: "deny" for p in PRIORITIES}))
+    sessions = ["acme/t/p/a/s1", "acme/t/p/a/s2"]
+    for sid in sessions:
+        spend(e, clock, sid, "0.02", seconds=1)
+    e.decide()
+    for sid in sessions:
+        lease = latest(e, f"session:{sid}:*")
+        assert lease.action == "allow" and lease.spend_limit_usd - lease.spent_usd >= D("0.02"), lease
+    assert sum(lease.limit for lease in e.leases.values()) <= D("0.60")
