@@ -87,7 +87,7 @@ BUDGETS: dict[str, DemoBudget] = {
     "globex": DemoBudget(Decimal("500"), True, STRICT),      # hard and comfortable: spend leases, no overshoot
     "initech": DemoBudget(Decimal("8"), False, LENIENT),     # the runaway burns it: high downgraded, normal queued
     "umbrella": DemoBudget(Decimal("0.15"), False, LENIENT), # small: runs out first; high downgraded, critical keeps running
-    "hooli": DemoBudget(Decimal("0.10"), True, STRICT),      # small and hard: spend leases, then denied
+    "hooli": DemoBudget(Decimal("0.10"), True, STRICT),      # small and hard: leases, then denied once it cannot cover two more calls
 }
 
 
