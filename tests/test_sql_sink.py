@@ -182,3 +182,46 @@ def test_fast_decoder_agrees_with_the_contract():
     for raw in bad:
         with pytest.raises(InvalidEvent):
             decode_priced(raw)
+
+
+OUTAGE_SCRIPT = """
+import sys, threading
+from meterline.settings import Settings
+from meterline.sql import ledger
+from meterline.sql.sink import LedgerSink
+
+class DownForAWhile:
+    '''A real chDB client whose first `failures` inserts and queries fail, as when the server is down.'''
+    def __init__(self, client, failures):
+        self.client, self.failures = client, failures
+    def __getattr__(self, name):
+        method = getattr(self.client, name)
+        if name not in ("insert", "raw_insert", "query"):
+            return method
+        def call(*args, **kwargs):
+            if self.failures > 0:
+                self.failures -= 1
+                raise ConnectionError("Connection refused (ClickHouse is down)")
+            return method(*args, **kwargs)
+        return call
+
+settings = Settings()
+real = ledger.connect(settings)
+ledger.migrate(real)
+sink = LedgerSink(settings, client=DownForAWhile(real, int(sys.argv[1])), group=sys.argv[2], max_backoff_s=0.4)
+sink.run(threading.Event(), idle_exit_s=3)
+print("retries", sink.stats["retries"])
+"""
+
+
+def test_clickhouse_down_is_retried_with_backoff_and_nothing_is_lost(settings):
+    records, truth = priced_events(3000, seed=5)
+    produce(settings, "priced", records)
+    done = subprocess.run([sys.executable, "-c", OUTAGE_SCRIPT, "6", group(settings)], env=_env(settings),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split("retries")[-1]) >= 6          # every failed call was retried
+    assert "ledger unavailable" in done.stderr                  # and the outage was logged, with the lag
+    got = ledger_sql(settings, "SELECT count() AS n, uniqExact(event_id) AS ids, toString(sum(cost_usd)) AS usd FROM priced_events")[0]
+    assert got["n"] == got["ids"] == 3000
+    assert Decimal(got["usd"]) == _usd(sum(truth.by_tenant.values()))
