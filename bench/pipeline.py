@@ -235,13 +235,68 @@ def run_ledger(settings: Settings, data_dir: Path, expected: int) -> tuple[float
     return elapsed, rows
 
 
+def wait_until_committed(settings: Settings, group: str, topic: str) -> None:
+    """Poll the group's committed offsets until they reach the end of every partition of `topic`."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+    parts = [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=30).topics[topic].partitions]
+    ends = [consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in parts]
+    while [max(tp.offset, 0) for tp in consumer.committed(parts, timeout=30)] != ends:
+        time.sleep(0.05)
+    consumer.close()
+
+
+def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int) -> tuple[float, int, float]:
+    """Fresh topics: produce, then stream worker(s) and the ledger sink run at the same time.
+    Returns (events/s from the start of both until the last row is in ClickHouse, rows, bare consume s)."""
+    settings = Settings(topic_prefix=f"e2e{uuid.uuid4().hex[:8]}")
+    create_topics(settings)
+    produce(settings, settings.topic("usage"), records)
+    bare_s = bare_consume(settings, settings.topic("usage"), len(records))
+    data_dir = Path(f"/tmp/{settings.topic_prefix}")
+    env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
+           "METERLINE_DATA_DIR": str(data_dir), "METERLINE_CLICKHOUSE_DSN": f"chdb://{data_dir / 'ch'}"}
+    cli = [sys.executable, "-c", "from meterline.cli import main; main()"]
+    subprocess.run([*cli, "migrate"], env=env, capture_output=True, check=True)
+    group = f"{settings.topic_prefix}.sink"
+    t0 = time.perf_counter()
+    streams = [subprocess.Popen([*cli, "streams", "--until-caught-up", "--instance-id", f"e2e-{i}"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(workers)]
+    sink = subprocess.Popen([*cli, "sink", "--group", group], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for proc in streams:
+        proc.wait(timeout=900)
+    wait_until_committed(settings, group, settings.topic("priced"))  # the sink commits only after its insert
+    elapsed = time.perf_counter() - t0
+    sink.terminate()
+    sink.wait(timeout=120)
+    count = subprocess.run([*cli, "sql", "SELECT count() FROM priced_events", "--format", "csv"], env=env, capture_output=True)
+    return len(records) / elapsed, int(count.stdout.decode().split()[-1]), bare_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes in one consumer group (partitions = parallelism)")
     parser.add_argument("--ledger", action="store_true", help="also drain priced into embedded ClickHouse with `meterline sink`")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="only: usage -> stream worker(s) -> priced -> sink -> rows in ClickHouse, all running at once")
     args = parser.parse_args()
+    if args.end_to_end:
+        rate, rows, bare_s = run_end_to_end(make_events(args.events, args.sessions), args.workers)
+        bare_rate = args.events / bare_s
+        section = (f"\n## end to end: usage -> {args.workers} stream worker(s) + ledger sink at once -> rows in ClickHouse, "
+                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\nMachine: `{platform.machine()}`, {os.cpu_count()} cores, "
+                   f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}. Command: `METERLINE_KAFKA_BOOTSTRAP="
+                   f"{os.environ.get('METERLINE_KAFKA_BOOTSTRAP', '127.0.0.1:9092')} .venv/bin/python -m bench.pipeline --end-to-end "
+                   f"--events {args.events} --sessions {args.sessions} --workers {args.workers}`\n\n"
+                   f"| measure | value |\n|---|---|\n| rows in ClickHouse | {rows:,} of {args.events:,} |\n"
+                   f"| produce-to-rows-visible rate (all stages at once) | {rate:,.0f} events/s |\n"
+                   f"| bare confluent-kafka consume (baseline, same run) | {bare_rate:,.0f} events/s |\n"
+                   f"| **ratio** | **{rate / bare_rate:.2f}** |\n")
+        print(section)
+        with open(RESULTS, "a") as out:
+            out.write(section)
+        return
 
     settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
     create_topics(settings)
