@@ -39,10 +39,10 @@ from typing import Any
 
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from meterline.schemas import events as ev
 from meterline.settings import Settings
+from meterline.topics import create_topics
 
 from .anomalies import DetectorConfig, Detectors
 from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usd
@@ -104,18 +104,10 @@ class Webhook:
         self.thread.join(timeout=10)
 
 
-def ensure_state_topic(settings: Settings, partitions: int = 6) -> str:
-    """The compacted spend-state changelog (created on first use, like Faust's changelogs)."""
-    name = settings.topic(STATE_TOPIC)
-    admin = AdminClient(settings.kafka_config())
-    if name not in admin.list_topics(timeout=30).topics:
-        future = admin.create_topics([NewTopic(name, partitions, 1, config={"cleanup.policy": "compact", "segment.ms": "600000"})])[name]
-        try:
-            future.result(30)
-        except KafkaException as err:
-            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-    return name
+def ensure_state_topic(settings: Settings) -> str:
+    """The compacted spend-state changelog (in the topic catalog; created with the others if missing)."""
+    create_topics(settings)
+    return settings.topic(STATE_TOPIC)
 
 
 def restore_spend(settings: Settings, now: datetime | None = None) -> dict[ScopeKey, dict[str, Any]]:
