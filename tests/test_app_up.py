@@ -14,8 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from decimal import Decimal
+from functools import partial
 
 import httpx
 import pytest
@@ -24,6 +24,8 @@ from meterline.collectors.sdk import Meter
 from meterline.schemas.events import UsageEvent, new_id, utcnow
 from meterline.settings import Settings
 from meterline.streams.pricing import load_catalog
+
+import collectors_kafka  # the tests' shared Kafka helpers
 
 CLI = [sys.executable, "-c", "from meterline.cli import main; main()"]
 
@@ -42,14 +44,7 @@ def env_for(settings: Settings, port: int) -> dict[str, str]:
     return env
 
 
-def wait_for(condition, what: str, timeout: float = 120.0, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = partial(collectors_kafka.wait_for, step=0.3)  # conditions here query the API or run the CLI
 
 
 def meterline(env: dict[str, str], *args: str) -> str:
