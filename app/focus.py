@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
-from .report import ReportParams, exact, load_query
+from .report import UNATTRIBUTED, ReportParams, exact, load_query
 from .store import Result
 
 FOCUS_VERSION = "1.2"
@@ -148,7 +148,7 @@ def gpu_rows(lines: Iterable[dict[str, Any]], billing_account: str) -> Iterator[
         hours = seconds / 3600
         gpu = line["gpu_name"] + (f" {line['mig_profile']}" if line["mig_profile"] else "")
         sku = f"gpu/{gpu}"
-        row = _base(line["hour"], line["tenant_id"] or "(unattributed)", billing_account) | {
+        row = _base(line["hour"], line["tenant_id"], billing_account) | {  # SQL names a missing tenant
             "ChargeDescription": f"{gpu} GPU time" + ("" if line["attributed"] else " (unattributed process)"),
             "ConsumedUnit": "GPU-Hours", "PricingUnit": "GPU-Hours", "ProviderName": "meterline", "PublisherName": "meterline",
             "ResourceId": line["session_id"] or f"{line['node']}/{line['gpu_uuid']}", "ResourceName": line["agent_id"] or line["node"],
@@ -170,7 +170,7 @@ def focus_rows(ledger: Any, params: ReportParams, billing_account: str = "meterl
     """Every FOCUS row for the period, each with all COLUMNS (missing ones None)."""
     query = {"since": params.since, "until": params.until, "tenant": params.tenant}
     usage: Result = ledger.query(load_query("focus_usage"), query)
-    gpu: Result = ledger.query(load_query("focus_gpu"), query)
+    gpu: Result = ledger.query(load_query("focus_gpu"), query | {"unattributed": UNATTRIBUTED})
     rows = [*usage_rows(usage.dicts(), billing_account), *gpu_rows(gpu.dicts(), billing_account)]
     return [{c: row.get(c) for c in COLUMNS} for row in rows]
 

@@ -3,6 +3,8 @@
 Every filter is a ClickHouse query parameter (`{name:Type}`, bound by the server),
 including the grouping column (`{by:Identifier}`), so nothing a user types is ever
 pasted into SQL. Reports run the same on a direct store and through `up`'s API.
+Tables are written `{{name}}` and rendered by the ledger that runs the query
+(`DirectLedger`: the `_all` Distributed tables on a cluster).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from .store import Result
 QUERIES_DIR = Path(__file__).resolve().parents[1] / "sql" / "queries"
 DIMENSIONS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id",
               "session": "session_id", "model": "model"}
+# The tenant of GPU time no session owns: the stream worker's spend uses this name
+# (streams/worker.py), so reports do too and the two reconcile tenant by tenant.
+UNATTRIBUTED = "unattributed"
 Format = Literal["table", "json", "csv"]
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -94,7 +99,7 @@ class ReportParams:
 
     def query_parameters(self) -> dict[str, Any]:
         return {"since": self.since, "until": self.until, "tenant": self.tenant, "team": self.team,
-                "project": self.project, "by": DIMENSIONS[self.by], "limit": self.limit}
+                "project": self.project, "by": DIMENSIONS[self.by], "limit": self.limit, "unattributed": UNATTRIBUTED}
 
     def as_query(self) -> dict[str, str]:
         """The same parameters as strings, for `up`'s /api/report."""
@@ -123,7 +128,7 @@ FILTERS = ("since", "until", "tenant", "team", "project")
 
 REPORTS: dict[str, tuple[str, Callable[[Querier, ReportParams], Result]]] = {
     "chargeback": ("Spend per tenant / team / project / agent / session / model (--by).",
-                   _sql_report("chargeback", ("by", *FILTERS))),
+                   _sql_report("chargeback", ("by", *FILTERS, "unattributed"))),
     "top-sessions": ("The most expensive agent sessions.", _sql_report("top_sessions", (*FILTERS, "limit"))),
     "cost-per-action": ("Cost per successful action, per agent (failed calls and GPU time included).",
                         _sql_report("cost_per_action", FILTERS)),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meterline.settings import Settings
+from meterline.sql.ledger import render_reads
 
 RUNFILE = "up.json"
 READ_ONLY = {"readonly": 2}  # 2: reads only, but queries may tune settings (never `readonly` itself)
@@ -88,7 +89,12 @@ def _restore(value: Any, ch_type: str) -> Any:
 
 
 class DirectLedger:
-    """Opens the store in this process (chDB path or a ClickHouse server)."""
+    """Opens the store in this process (chDB path or a ClickHouse server).
+
+    Report SQL names its tables `{{name}}`; they are rendered here, by the ledger that runs
+    the query (the `_all` tables on a cluster), so every reader, and `up`'s API for a
+    RemoteLedger, reads the whole cluster.
+    """
 
     mode = "direct"
 
@@ -98,8 +104,10 @@ class DirectLedger:
 
             client = connect(settings)
         self.client = client
+        self.cluster = settings.clickhouse_cluster
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+        sql = render_reads(sql, self.cluster)
         res = self.client.query(sql, parameters=parameters or {}, settings=READ_ONLY)
         if not res.column_names:  # an empty result carries no header on chDB; ask for the shape
             return Result(*self._shape(sql, parameters), [])

@@ -80,6 +80,7 @@ def sql_command(
     Tables: priced_events, gpu_samples, spend_updates, anomalies, throttle_decisions,
     budget_policies, dead_letters; hourly rollups usage_hourly and gpu_hourly
     (always read rollups with sum() ... GROUP BY). Money columns are exact Decimals.
+    On a cluster read <table>_all: a plain name is one shard's local table.
     """
     from meterline.console import console, emit_json, fail, table
 

@@ -196,3 +196,19 @@ def _replicated(match: re.Match[str], table: str) -> str:
 def write_table(name: str, cluster: str | None) -> str:
     """The table a writer or reader addresses: the Distributed `_all` table on a cluster."""
     return f"{name}_all" if cluster else name
+
+
+# Report SQL (sql/queries/*.sql) names tables as `{{priced_events}}`: on a cluster a plain name
+# reads one shard's local table, so every reader renders the names through `read_table`.
+_TABLE_REF = re.compile(r"\{\{(\w+)\}\}")
+
+
+def read_table(name: str, cluster: str | None) -> str:
+    """The table a reader addresses: the Distributed `_all` table on a cluster (raw and rollup
+    tables alike get one, see render_for_cluster), the table itself on one node."""
+    return write_table(name, cluster)
+
+
+def render_reads(sql: str, cluster: str | None) -> str:
+    """`{{table}}` references in report SQL, rendered for this store (see read_table)."""
+    return _TABLE_REF.sub(lambda m: read_table(m.group(1), cluster), sql)

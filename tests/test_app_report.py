@@ -13,11 +13,13 @@ import gc
 import io
 import json
 import random
+import re
 import uuid
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from typer.testing import CliRunner
@@ -29,9 +31,12 @@ from meterline.settings import Settings, get_settings
 from meterline.sql import ledger
 from meterline.sql.rows import budget_policy_row, gpu_sample_row, insert_rows, priced_event_row, with_offsets
 
-from meterline.app.report import ReportParams, period_bounds
+from meterline.app.focus import focus_rows
+from meterline.app.report import REPORTS, ReportParams, burn_down, period_bounds, run_report
+from meterline.app.store import DirectLedger
 
 ZERO = Decimal(0)
+STREAM_UNATTRIBUTED = "unattributed"  # the stream's spend tenant for GPU time without one (test_streams_pipeline.py)
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 SINCE = (NOW - timedelta(hours=2)).isoformat()
 UNTIL = (NOW + timedelta(minutes=1)).isoformat()
@@ -157,6 +162,8 @@ def expected_chargeback(truth, by: str) -> dict[str, dict[str, Decimal]]:
         if sample.level != "process":
             continue
         key = f"gpu:{sample.gpu_name}" if by == "model" else getattr(sample, DIMS[by])
+        if by == "tenant":
+            key = key or STREAM_UNATTRIBUTED
         out[key]["gpu_cost_usd"] += cost
         out[key]["gpu_seconds"] += seconds
     for v in out.values():
@@ -326,3 +333,57 @@ def test_bad_report_parameters_raise_only_value_errors(since, by, limit):
     except ValueError:
         return
     assert params.by in DIMS and params.since < params.until and 0 < params.limit
+
+
+def test_unattributed_gpu_time_has_the_stream_tenant_name_in_every_report(cli, truth, tmp_path):
+    """A user reconciling the stream's spend with chargeback sees one tenant name for it."""
+    unattributed = sum((c for s, _, c in truth["gpu"] if s.level == "process" and not s.tenant_id), ZERO)
+    assert unattributed > 0
+    doc = json.loads(cli("report", "chargeback", "--tenant", STREAM_UNATTRIBUTED, "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    assert [(r["tenant"], Decimal(r["gpu_cost_usd"]), Decimal(r["usage_cost_usd"])) for r in doc["rows"]] \
+        == [(STREAM_UNATTRIBUTED, unattributed, ZERO)]
+    table = cli("report", "chargeback", "--since", SINCE, "--until", UNTIL)
+    assert STREAM_UNATTRIBUTED in table and "(none)" not in table
+    gpu_lines = [r for r in _focus_csv(cli, tmp_path) if r["ConsumedUnit"] == "GPU-Hours" and not r["x_SessionId"]]
+    assert gpu_lines and {(r["SubAccountId"], r["SubAccountName"]) for r in gpu_lines} == {(STREAM_UNATTRIBUTED,) * 2}
+    assert sum(Decimal(r["BilledCost"]) for r in gpu_lines) == unattributed
+
+    from meterline.app.api import ApiServer  # the dashboard's API serves the same report
+
+    api = ApiServer(lambda: DirectLedger(truth["settings"], ledger.connect(truth["settings"])), port=0)
+    api.start()
+    try:
+        rows = httpx.get(f"{api.url}/api/report/chargeback", params={"since": SINCE, "until": UNTIL}).json()["rows"]
+    finally:
+        api.stop()
+        gc.collect()
+    assert STREAM_UNATTRIBUTED in {r[0] for r in rows} and "" not in {r[0] for r in rows}
+
+
+def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
+    """No ClickHouse cluster can run here, so this is not a cluster test: it checks that the
+    cluster rendering of every report runs and reads only `_all` tables. The stand-ins are
+    Merge tables over the local ones (the same structure, as the real Distributed tables
+    have), alone in a database of their own, so a report reading a plain name fails."""
+    s = truth["settings"]
+    local = ledger.connect(s)
+    home = local.query("SELECT currentDatabase()").result_rows[0][0]
+    alone = ledger.connect(s, database="cluster_reads")
+    rendered = "\n".join(ledger.render_for_cluster(m.sql, "prod") for m in ledger.load_migrations())
+    for name in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)_all ON CLUSTER", rendered):
+        alone.command(f"CREATE TABLE IF NOT EXISTS {name}_all AS {home}.{name} ENGINE = Merge({home}, '^{name}$')")
+    single = DirectLedger(s, local)
+    cluster = DirectLedger(Settings(**{**s.model_dump(), "clickhouse_cluster": "prod"}), alone)
+    params = ReportParams.parse(since=SINCE, until=UNTIL, by="model")
+    try:
+        for name in REPORTS:
+            want = run_report(single, name, params).rows
+            assert want and run_report(cluster, name, params).rows == want, name
+        assert burn_down(cluster, params, now=NOW).rows == burn_down(single, params, now=NOW).rows
+        assert focus_rows(cluster, params) == focus_rows(single, params)
+        with pytest.raises(Exception, match="(?i)unknown table|doesn't exist|does not exist"):
+            cluster.query("SELECT count() FROM priced_events")  # plain names are not there: the check can fail
+    finally:
+        alone.close()
+        local.close()
+        gc.collect()

@@ -1,8 +1,9 @@
 -- Chargeback: spend per key (by = tenant_id | team | project | agent_id | session_id | model) in [since, until).
 -- Usage cost comes from priced_events (every priced row, exact Decimal); GPU cost from
--- per-process gpu_samples (the grain that carries attribution; unattributed GPU time keys as '').
+-- per-process gpu_samples (the grain that carries attribution). GPU time without a tenant is
+-- tenant 'unattributed' (a parameter: the stream's spend name for it); --tenant filters on that name.
 -- By model, GPU time appears as its own line ('gpu:<name>').
--- Parameters: by Identifier, since/until DateTime64(3), tenant/team/project String ('' = all).
+-- Parameters: by Identifier, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
 SELECT
     key,
     sum(events) AS events,
@@ -30,7 +31,7 @@ FROM
         sum(cost_usd) AS usage_cost,
         toDecimal128(0, 18) AS gpu_secs,
         toDecimal128(0, 18) AS gpu_cost
-    FROM priced_events
+    FROM {{priced_events}}
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
       AND ({team:String} = '' OR team = {team:String})
@@ -47,14 +48,15 @@ FROM
         sum(cost_usd)
     FROM
     (
-        SELECT tenant_id, team, project, agent_id, session_id, concat('gpu:', gpu_name) AS model, gpu_seconds, cost_usd
-        FROM gpu_samples
+        SELECT if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id, team, project, agent_id, session_id,
+               concat('gpu:', gpu_name) AS model, gpu_seconds, cost_usd
+        FROM {{gpu_samples}}
         WHERE level = 'process'
           AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
-          AND ({tenant:String} = '' OR tenant_id = {tenant:String})
           AND ({team:String} = '' OR team = {team:String})
           AND ({project:String} = '' OR project = {project:String})
     )
+    WHERE {tenant:String} = '' OR tenant_id = {tenant:String}
     GROUP BY key
 )
 GROUP BY key
