@@ -3,8 +3,8 @@
 Every filter is a ClickHouse query parameter (`{name:Type}`, bound by the server),
 including the grouping column (`{by:Identifier}`), so nothing a user types is ever
 pasted into SQL. Reports run the same on a direct store and through `up`'s API.
-Tables are written `{{name}}` and rendered by the ledger that runs the query
-(`DirectLedger`: the `_all` Distributed tables on a cluster).
+On a cluster the ledger that runs a query reads the `_all` Distributed tables
+(`DirectLedger`, `ledger.render_reads`), so the SQL files name plain tables.
 """
 from __future__ import annotations
 

@@ -91,9 +91,9 @@ def _restore(value: Any, ch_type: str) -> Any:
 class DirectLedger:
     """Opens the store in this process (chDB path or a ClickHouse server).
 
-    Report SQL names its tables `{{name}}`; they are rendered here, by the ledger that runs
-    the query (the `_all` tables on a cluster), so every reader, and `up`'s API for a
-    RemoteLedger, reads the whole cluster.
+    On a cluster every query reads the `_all` Distributed tables (`ledger.render_reads`):
+    rendered here, by the ledger that runs it, so reports, FOCUS, `up`'s allocator queries
+    and its API (a RemoteLedger's queries too) read every shard, not one shard's local table.
     """
 
     mode = "direct"

@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -198,17 +199,23 @@ def write_table(name: str, cluster: str | None) -> str:
     return f"{name}_all" if cluster else name
 
 
-# Report SQL (sql/queries/*.sql) names tables as `{{priced_events}}`: on a cluster a plain name
-# reads one shard's local table, so every reader renders the names through `read_table`.
-_TABLE_REF = re.compile(r"\{\{(\w+)\}\}")
-
-
 def read_table(name: str, cluster: str | None) -> str:
     """The table a reader addresses: the Distributed `_all` table on a cluster (raw and rollup
     tables alike get one, see render_for_cluster), the table itself on one node."""
     return write_table(name, cluster)
 
 
+@lru_cache(maxsize=1)
+def distributed_tables() -> frozenset[str]:
+    """The tables that get an `_all` on a cluster: those marked `-- @distributed` in the migrations."""
+    text = "\n".join(m.sql for m in load_migrations())
+    return frozenset(re.findall(r"^-- @distributed .+\nCREATE TABLE IF NOT EXISTS (\w+)", text, re.M))
+
+
 def render_reads(sql: str, cluster: str | None) -> str:
-    """`{{table}}` references in report SQL, rendered for this store (see read_table)."""
-    return _TABLE_REF.sub(lambda m: read_table(m.group(1), cluster), sql)
+    """A query with each ledger table after FROM / JOIN addressed through read_table: on a cluster
+    a plain name reads one shard's local table. The SQL files stay plain, runnable SQL."""
+    if not cluster:
+        return sql
+    names = "|".join(sorted(distributed_tables()))
+    return re.sub(rf"\b((?i:FROM|JOIN)\s+)({names})\b", lambda m: m.group(1) + read_table(m.group(2), cluster), sql)

@@ -382,7 +382,8 @@ def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
         assert burn_down(cluster, params, now=NOW).rows == burn_down(single, params, now=NOW).rows
         assert focus_rows(cluster, params) == focus_rows(single, params)
         with pytest.raises(Exception, match="(?i)unknown table|doesn't exist|does not exist"):
-            cluster.query("SELECT count() FROM priced_events")  # plain names are not there: the check can fail
+            alone.query("SELECT count() FROM priced_events")  # plain names are not there: the check can fail
+        assert cluster.query("SELECT count() FROM priced_events").rows == [(len(truth["events"]),)]  # the API's SQL too
     finally:
         alone.close()
         local.close()

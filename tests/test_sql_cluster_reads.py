@@ -16,7 +16,7 @@ from meterline.app.report import load_query, query_dir
 from meterline.sql import ledger
 
 QUERIES = sorted(p.stem for p in query_dir().glob("*.sql"))
-_SOURCE = re.compile(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*|\{\{\w+\}\})", re.I)
+_SOURCE = re.compile(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*)", re.I)
 _COMMENT = re.compile(r"--[^\n]*")
 
 
@@ -46,7 +46,6 @@ def test_on_a_cluster_every_query_reads_only_distributed_tables(name):
     sql = ledger.render_reads(load_query(name), "prod")
     read = tables_read(sql)
     assert read, f"{name}: no table found after FROM/JOIN"
-    assert "{{" not in sql, f"{name}: a table reference was left unrendered"
     assert set(read) <= cluster_tables("prod"), f"{name} reads {set(read) - cluster_tables('prod')} (one shard only)"
 
 
@@ -59,18 +58,22 @@ def test_on_one_node_every_query_reads_the_plain_tables(name):
 def test_every_table_a_report_reads_has_a_distributed_table_on_a_cluster():
     """Rollups included: a reader may use any ledger table, so each one must have its `_all`."""
     assert {f"{t}_all" for t in local_tables()} == cluster_tables("prod")
+    assert ledger.distributed_tables() == local_tables()
     assert {"usage_hourly_all", "gpu_hourly_all"} <= cluster_tables("prod")
 
 
 def test_read_table_names_the_distributed_table_only_on_a_cluster():
     assert ledger.read_table("usage_hourly", "prod") == "usage_hourly_all"
     assert ledger.read_table("usage_hourly", None) == "usage_hourly"
-    assert ledger.render_reads("SELECT 1 FROM {{a}} JOIN {{b}} USING k", "c") == "SELECT 1 FROM a_all JOIN b_all USING k"
-    assert ledger.render_reads("SELECT {x:String} FROM t", "c") == "SELECT {x:String} FROM t"  # parameters untouched
+    sql = "SELECT {t:String} FROM priced_events p JOIN gpu_hourly g USING k WHERE x IN (SELECT y FROM priced_events_all)"
+    assert ledger.render_reads(sql, "c") == sql.replace("priced_events p", "priced_events_all p").replace("gpu_hourly", "gpu_hourly_all")
+    assert ledger.render_reads(sql, None) == sql
+    user = "select count() from anomalies, system.tables from db.priced_events"  # ledger tables only, any case
+    assert ledger.render_reads(user, "c") == user.replace("from anomalies", "from anomalies_all")
 
 
 def test_the_parser_finds_plain_and_unrendered_names():
     """The checks above are only as good as tables_read: it must see what a query reads."""
     assert tables_read("SELECT * FROM priced_events p LEFT JOIN gpu_samples g ON 1 -- from x\nWHERE a IN (SELECT b FROM c)") \
         == ["priced_events", "gpu_samples", "c"]
-    assert tables_read("SELECT * FROM (SELECT 1 FROM {{t}})") == ["{{t}}"]
+    assert tables_read("SELECT * FROM (SELECT 1 FROM t_all)") == ["t_all"]

@@ -16,7 +16,7 @@ FROM
            argMax(hard, (created_at, _ingested_at)) AS hard,
            argMax(deleted, (created_at, _ingested_at)) AS deleted,
            max(created_at) AS latest_version_at
-    FROM {{budget_policies}}
+    FROM budget_policies
     GROUP BY policy_id
 )
 WHERE NOT deleted AND ({tenant:String} = '' OR tenant_id = {tenant:String})

@@ -31,7 +31,7 @@ FROM
         sum(cost_usd) AS usage_cost,
         toDecimal128(0, 18) AS gpu_secs,
         toDecimal128(0, 18) AS gpu_cost
-    FROM {{priced_events}}
+    FROM priced_events
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
       AND ({team:String} = '' OR team = {team:String})
@@ -50,7 +50,7 @@ FROM
     (
         SELECT if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id, team, project, agent_id, session_id,
                concat('gpu:', gpu_name) AS model, gpu_seconds, cost_usd
-        FROM {{gpu_samples}}
+        FROM gpu_samples
         WHERE level = 'process'
           AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
           AND ({team:String} = '' OR team = {team:String})

@@ -15,7 +15,7 @@ FROM
     SELECT tenant_id, agent_id, count() AS n, countIf(status = 'ok') AS n_ok,
            sum(cost_usd) AS usage_cost, sumIf(cost_usd, status != 'ok') AS failed_cost,
            toDecimal128(0, 18) AS gpu_cost
-    FROM {{priced_events}}
+    FROM priced_events
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
       AND ({team:String} = '' OR team = {team:String})
@@ -25,7 +25,7 @@ FROM
     UNION ALL
 
     SELECT tenant_id, agent_id, 0, 0, toDecimal128(0, 18), toDecimal128(0, 18), sum(cost_usd)
-    FROM {{gpu_samples}}
+    FROM gpu_samples
     WHERE level = 'process' AND attributed
       AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})

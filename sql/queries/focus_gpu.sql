@@ -11,7 +11,7 @@ SELECT
 FROM
 (
     SELECT * REPLACE (if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id)
-    FROM {{gpu_samples}}
+    FROM gpu_samples
     WHERE level = 'process' AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
 )
 WHERE {tenant:String} = '' OR tenant_id = {tenant:String}

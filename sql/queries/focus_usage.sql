@@ -19,7 +19,7 @@ SELECT
     sum(cache_read_cost_usd) AS cache_read_list_usd,
     sum(cache_write_cost_usd) AS cache_write_list_usd,
     sum(output_cost_usd) AS output_list_usd
-FROM {{priced_events}}
+FROM priced_events
 WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
   AND ({tenant:String} = '' OR tenant_id = {tenant:String})
 GROUP BY hour, tenant_id, team, project, agent_id, session_id, kind, provider, model, tool, priority, cost_source, catalog_version

@@ -22,14 +22,14 @@ FROM
                  / nullIf(sumIf(toFloat64(gpu_seconds), utilization_pct IS NOT NULL), 0), 1) AS avg_util,
            sum(cost_usd * (100 - ifNull(utilization_pct, 0)) / 100) AS idle_cost,
            max(simulated) AS sim
-    FROM {{gpu_samples}}
+    FROM gpu_samples
     WHERE level = 'gpu' AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
     GROUP BY node, gpu_uuid
 ) AS d
 LEFT JOIN
 (
     SELECT node, gpu_uuid, sumIf(gpu_seconds, attributed) / 3600 AS attributed_hours, uniqExactIf(session_id, attributed) AS n_sessions
-    FROM {{gpu_samples}}
+    FROM gpu_samples
     WHERE level = 'process' AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
     GROUP BY node, gpu_uuid
 ) AS p ON d.node = p.node AND d.gpu_uuid = p.gpu_uuid

@@ -1,7 +1,7 @@
 -- The model a budget scope spends most on over the last hour (what `downgrade` steps down from).
 -- Parameters: tenant, team, project, agent, session String; depth UInt8 (as in scope_spend.sql); since DateTime64(3).
 SELECT model, sum(cost_usd) AS cost_usd
-FROM {{priced_events}}
+FROM priced_events
 WHERE kind = 'llm_call' AND ts >= {since:DateTime64(3, 'UTC')}
   AND tenant_id = {tenant:String}
   AND ({depth:UInt8} < 1 OR team = {team:String})

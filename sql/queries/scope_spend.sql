@@ -12,11 +12,11 @@ FROM
 (
     SELECT ts, tenant_id, team, project, agent_id, session_id,
            cost_usd AS usage_cost, toDecimal128(0, 18) AS gpu_cost, toDecimal128(0, 18) AS gpu_secs
-    FROM {{priced_events}}
+    FROM priced_events
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
     UNION ALL
     SELECT ts, tenant_id, team, project, agent_id, session_id, toDecimal128(0, 18), cost_usd, gpu_seconds
-    FROM {{gpu_samples}}
+    FROM gpu_samples
     WHERE level = 'process' AND attributed AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
 )
 WHERE tenant_id = {tenant:String}

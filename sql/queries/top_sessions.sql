@@ -16,7 +16,7 @@ FROM
     SELECT tenant_id, agent_id, session_id, min(ts) AS first_ts, max(ts) AS last_ts,
            count() AS events, countIf(status = 'ok') AS ok_events,
            sum(cost_usd) AS usage_cost, toDecimal128(0, 18) AS gpu_cost
-    FROM {{priced_events}}
+    FROM priced_events
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
       AND ({team:String} = '' OR team = {team:String})
@@ -26,7 +26,7 @@ FROM
     UNION ALL
 
     SELECT tenant_id, agent_id, session_id, min(ts), max(ts), 0, 0, toDecimal128(0, 18), sum(cost_usd)
-    FROM {{gpu_samples}}
+    FROM gpu_samples
     WHERE level = 'process' AND attributed
       AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
