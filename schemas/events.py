@@ -68,7 +68,8 @@ Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_control
 Text = Annotated[str, Field(max_length=MAX_TEXT_LEN)]
 Timestamp = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
-Count = Annotated[StrictInt, Field(ge=0)]
+MAX_COUNT = 2**63 - 1  # what the ledger's integer columns hold
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
 # Decimals go to JSON as plain strings ("0.000000123457", never "1.23457E-7" or a float).
 PlainDecimal = PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
 Usd = Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
@@ -310,8 +311,8 @@ class DeadLetter(Contract):
     ts: AwareDatetime
     stage: Name
     source_topic: Name
-    partition: StrictInt
-    offset: StrictInt
+    partition: Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]  # the ledger's Int32
+    offset: Annotated[StrictInt, Field(ge=-(2**63), le=MAX_COUNT)]  # Int64
     reason: Text
     error_type: Name
     payload_b64: str = Field(max_length=16 * 1024 * 1024)

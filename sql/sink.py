@@ -37,13 +37,18 @@ from meterline.schemas import events as ev
 from meterline.settings import Settings
 
 from . import ledger
-from .decode import decode_priced
+from .checks import Staged, canonical_json
 from .rows import budget_policy_row, contract_row, gpu_sample_row, insert_rows
 
 log = logging.getLogger("meterline.sink")
 
-JSON_INSERT_SETTINGS = {"date_time_input_format": "best_effort", "input_format_null_as_default": 1,
-                        "input_format_skip_unknown_fields": 0}
+# Staged tables take the record's JSON as text (sql/checks.py): nothing may be coerced on the way in.
+STAGE_SETTINGS = {"input_format_null_as_default": 0, "input_format_skip_unknown_fields": 0,
+                  "input_format_json_read_numbers_as_strings": 0, "input_format_json_read_bools_as_numbers": 0,
+                  "input_format_json_read_objects_as_strings": 0, "input_format_json_read_arrays_as_strings": 0,
+                  "input_format_json_read_bools_as_strings": 0}
+# High-volume tables whose row is their contract's JSON: validated, de-duplicated and inserted inside ClickHouse.
+STAGED_TABLES = ("priced_events", "spend_updates", "anomalies", "dead_letters")
 DLQ_NAMESPACE = uuid.UUID("5b0d4c2e-8f0e-4f6a-9c57-0d1e5a1f7e11")
 TP = tuple[str, int]
 
@@ -55,14 +60,15 @@ def month_of(ts: datetime) -> int:
 
 @dataclass
 class TableBatch:
-    """Rows of one table waiting for the next insert, grouped by month partition."""
+    """Rows of one table waiting for the next insert."""
 
-    json_rows: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))  # priced: JSONEachRow
+    # staged tables: the record's JSON with its Kafka columns appended (None once dead-lettered), and the originals
+    lines: list[bytes | None] = field(default_factory=list)
+    msgs: list[Message] = field(default_factory=list)
+    already_dead: set[int] = field(default_factory=set)  # line indices dead-lettered before a crash
+    # other tables: rows as dicts by month partition, and their ids (parallel to the rows)
     dict_rows: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-    ids: dict[int, list[tuple[str, datetime]]] = field(default_factory=lambda: defaultdict(list))  # parallel to rows
-
-    def __len__(self) -> int:
-        return sum(map(len, self.json_rows.values())) + sum(map(len, self.dict_rows.values()))
+    ids: dict[int, list[tuple[str, datetime]]] = field(default_factory=lambda: defaultdict(list))
 
 
 @dataclass
@@ -119,7 +125,7 @@ class LedgerSink:
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
         self._inserted: Batch | None = None
-        self.latest_ts = ev.utcnow() + ev.MAX_FUTURE_SKEW  # newest event time the contract accepts
+        self._staged_tables: dict[str, Staged] = {}
         self.stats = {"rows": 0, "duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -133,7 +139,6 @@ class LedgerSink:
         try:
             while not stop.is_set():
                 messages = self.consumer.consume(num_messages=10_000, timeout=0.2)
-                self.latest_ts = ev.utcnow() + ev.MAX_FUTURE_SKEW
                 self._reap_inflight()
                 for msg in messages:
                     self._take(msg)
@@ -222,7 +227,7 @@ class LedgerSink:
         self._advance(key, offset)
         table = self.tables[topic]
         try:
-            self._add_row(batch, table, msg, start)
+            self._add_row(batch, table, msg, start, already_dead)
         except ev.InvalidEvent as err:
             if not already_dead:
                 batch.dead.append(self._dead_letter(msg, err.reason, type(err).__name__))
@@ -231,31 +236,40 @@ class LedgerSink:
         self.batch.next_offset[key] = offset + 1
         self.position[key] = offset + 1
 
-    def _add_row(self, batch: Batch, table: ledger.LedgerTable, msg: Message, start: int) -> None:
+    def _add_row(self, batch: Batch, table: ledger.LedgerTable, msg: Message, start: int, already_dead: bool) -> None:
         raw = msg.value()
         rows = batch.tables[table.name]
-        coords = {"_topic": msg.topic(), "_partition": msg.partition(), "_offset": msg.offset(), "_batch_start": start}
         if raw is None:  # tombstone on a compacted topic
             if table.name == "budget_policies":
                 ts = datetime.fromtimestamp(msg.timestamp()[1] / 1000, timezone.utc)
                 rows.dict_rows[month_of(ts)].append({"policy_id": (msg.key() or b"").decode(errors="replace"),
-                                                      "created_at": ts, "deleted": True, **coords})
+                                                      "created_at": ts, "deleted": True, **self._coords(msg, start)})
                 batch.rows += 1
-            return
-        if table.name == "priced_events":
-            body, event_id, ts = decode_priced(raw, self.latest_ts)
-            month = month_of(ts)
-            rows.json_rows[month].append(body[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
-                msg.topic().encode(), msg.partition(), msg.offset(), start))
-            rows.ids[month].append((event_id, ts))
+                return
+            raise ev.InvalidEvent(table.contract, [("(record)", "empty record (tombstone) on a topic that is not compacted")])
+        if table.name in STAGED_TABLES:  # checked by ClickHouse at flush time (sql/checks.py)
+            if already_dead:
+                rows.already_dead.add(len(rows.lines))
+            rows.lines.append(self._line(raw.rstrip(), msg, start))
+            rows.msgs.append(msg)
         else:
             record = ev.decode(ev.CONTRACTS[table.contract], raw)
             row = self._row(record)
             month = month_of(row[table.ts_column])
-            rows.dict_rows[month].append({**row, **coords})
+            rows.dict_rows[month].append({**row, **self._coords(msg, start)})
             if table.id_column:
                 rows.ids[month].append((str(row[table.id_column]), row[table.ts_column]))
         batch.rows += 1
+
+    @staticmethod
+    def _line(body: bytes, msg: Message, start: int) -> bytes:
+        """A JSON object with the Kafka columns appended (anything else fails to parse, and is then settled)."""
+        return body[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
+            msg.topic().encode(), msg.partition(), msg.offset(), start)
+
+    @staticmethod
+    def _coords(msg: Message, start: int) -> dict[str, Any]:
+        return {"_topic": msg.topic(), "_partition": msg.partition(), "_offset": msg.offset(), "_batch_start": start}
 
     def _row(self, record: ev.Contract) -> dict[str, Any]:
         if isinstance(record, ev.GpuSample):
@@ -361,25 +375,100 @@ class LedgerSink:
             self.flushing = False
 
     def _inserts(self, batch: Batch, retry: bool) -> list[tuple[str, Callable[[], None]]]:
-        """One insert per (table, month), after dropping duplicate ids."""
+        """One insert per staged table and per (table, month) of the others, after dropping duplicate ids."""
         out = []
         for name, rows in batch.tables.items():
             target = ledger.write_table(name, self.cluster)
+            if rows.lines:
+                insert = self._stage(batch, name, rows, retry)
+                if insert is not None:
+                    out.append((f"insert staged rows into {target}", insert))
             fresh = self._fresh_ids(name, rows, retry)
-            for month, items in rows.json_rows.items():
-                keep = [b for b, ok in zip(items, fresh.get(month, [True] * len(items))) if ok]
-                if keep:
-                    out.append((f"insert {len(keep)} rows into {target}", self._json_insert(target, keep)))
             for month, dict_items in rows.dict_rows.items():
                 keep_rows = [r for r, ok in zip(dict_items, fresh.get(month, [True] * len(dict_items))) if ok]
                 if keep_rows:
                     out.append((f"insert {len(keep_rows)} rows into {target}", self._dict_insert(target, keep_rows)))
         return out
 
-    def _json_insert(self, table: str, rows: list[bytes]) -> Callable[[], None]:
-        body = b"\n".join(rows)
-        settings = {**JSON_INSERT_SETTINGS, **self._insert_settings()}
-        return lambda: self.client.raw_insert(table, None, body, settings=settings, fmt="JSONEachRow")
+    # ------------------------------------------------------------------ staged tables (sql/checks.py)
+
+    def _stage(self, batch: Batch, name: str, rows: TableBatch, retry: bool) -> Callable[[], None] | None:
+        """Load the rows into ClickHouse and check them there; the contract settles what ClickHouse rejects.
+        Returns the insert of the accepted rows (None when there are none)."""
+        staged = self._staged(name)
+
+        def run(action: Callable[[], Any], what: str) -> Any:
+            return self._retry(action, f"{what} {name}") if retry else action()
+
+        try:
+            self._load(staged, rows)
+        except Exception as err:  # noqa: BLE001 - a record ClickHouse cannot parse, or ClickHouse is down
+            log.info("staging %s failed (%s); checking each record against the contract", name, str(err).splitlines()[0][:200])
+            self._settle(batch, staged, rows, range(len(rows.lines)))
+            run(lambda: self._load(staged, rows), "stage")
+        rejected = run(lambda: self._rejected(staged, rows), "check")
+        if rejected:  # canonical JSON for what the contract accepts, a dead letter for the rest
+            self._settle(batch, staged, rows, rejected)
+            run(lambda: self._load(staged, rows), "stage")
+            self._settle(batch, staged, rows, run(lambda: self._rejected(staged, rows), "check"), final=True)
+        count, lo, hi = run(lambda: self.client.query(staged.accepted_range()).result_rows[0], "count")
+        if not count:
+            return None
+        dedupe = None
+        if name in ledger.ID_TABLES:
+            bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
+            dedupe = (staged.id_column, ledger.write_table(ledger.ID_TABLES[name], self.cluster), *bounds)
+            self.stats["duplicates"] += run(lambda: self.client.query(staged.duplicates(*dedupe)).result_rows[0][0], "dedupe")
+        query, fresh = staged.insert(ledger.write_table(name, self.cluster), dedupe), [True]
+
+        def insert() -> None:
+            if not fresh.pop():  # a retry: the staging tables went with the session if ClickHouse restarted
+                fresh.append(False)
+                self._load(staged, rows)
+            fresh.append(False)
+            self.client.command(query, settings=self._insert_settings())
+        return insert
+
+    def _staged(self, name: str) -> Staged:
+        if name not in self._staged_tables:
+            table = next(t for t in ledger.TABLES if t.name == name)
+            types = {r[0]: r[1] for r in self.client.query(f"DESCRIBE TABLE {ledger.write_table(name, self.cluster)}").result_rows}
+            self._staged_tables[name] = Staged(ev.CONTRACTS[table.contract], name, types, table.ts_column, table.id_column)
+        return self._staged_tables[name]
+
+    def _load(self, staged: Staged, rows: TableBatch) -> None:
+        """Staging tables (per session, created on first use) <- the batch's JSON; then typed and checked."""
+        for statement in (*staged.create(), *staged.truncate()):
+            self.client.command(statement)
+        body = b"\n".join(line for line in rows.lines if line is not None)
+        if body:
+            self.client.raw_insert(staged.stage, None, body, settings=STAGE_SETTINGS, fmt="JSONEachRow")
+            self.client.command(staged.fill())
+
+    def _rejected(self, staged: Staged, rows: TableBatch) -> list[int]:
+        found = self.client.query(staged.rejected()).result_rows
+        if not found:
+            return []
+        index = {(m.partition(), m.offset()): i for i, m in enumerate(rows.msgs)}
+        return [index[(partition, offset)] for partition, offset in found]
+
+    def _settle(self, batch: Batch, staged: Staged, rows: TableBatch, indices, final: bool = False) -> None:
+        """The contract decides: a dead letter with its reason, or (not final) its canonical JSON staged again."""
+        for i in indices:
+            msg = rows.msgs[i]
+            try:
+                record = ev.decode(staged.model, msg.value())
+            except ev.InvalidEvent as err:
+                reason, error_type = err.reason, type(err).__name__
+            else:
+                if not final:
+                    rows.lines[i] = self._line(canonical_json(record), msg, batch.start[(msg.topic(), msg.partition())])
+                    continue
+                reason, error_type = ("valid by the contract but rejected by the ledger's SQL checks (sql/checks.py): "
+                                      "a bug, please report it with this record"), "LedgerCheck"
+            if rows.lines[i] is not None and i not in rows.already_dead:
+                batch.dead.append(self._dead_letter(msg, reason, error_type))
+            rows.lines[i] = None
 
     def _dict_insert(self, table: str, rows: list[dict[str, Any]]) -> Callable[[], None]:
         def insert() -> None:
