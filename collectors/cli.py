@@ -65,7 +65,7 @@ def collect_gpu(
             rows = collector.sample()
             for row in rows:
                 if sender is not None:
-                    sender.send(node.encode(), row.to_json())
+                    sender.send(row.key.encode(), row.to_json())
                 if as_json:
                     print(row.model_dump_json(), flush=True)
             if not as_json:

@@ -168,13 +168,12 @@ class GpuCollector:
         sm_util = self._sm_utilization(handle, uuid)
         rows, seen = [], set()
         for where, mig_fields in ([(m["handle"], m["fields"]) for m in migs] or [(handle, {})]):
-            for proc in self._running_processes(where):
-                if (proc.pid, mig_fields.get("mig_uuid")) in seen:
-                    continue
-                seen.add((proc.pid, mig_fields.get("mig_uuid")))
+            procs = [p for p in self._running_processes(where) if (p.pid, mig_fields.get("mig_uuid")) not in seen]
+            seen.update((p.pid, mig_fields.get("mig_uuid")) for p in procs)
+            for proc in procs:  # each row carries the split: the processes on one device share its time
                 memory = getattr(proc, "usedGpuMemory", None)
                 owner = self.attributor.resolve(proc.pid)
-                fields = {**common, **mig_fields, "level": "process", "pid": proc.pid,
+                fields = {**common, **mig_fields, "level": "process", "pid": proc.pid, "device_processes": len(procs),
                           "process_memory_bytes": memory if isinstance(memory, int) else None,
                           "sm_util_pct": None if sm_util is None else sm_util.get(proc.pid, 0)}
                 rows.append(self._process_row(fields, owner))

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from .settings import Settings
 
@@ -22,7 +22,8 @@ class TopicSpec:
 
 CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("usage", 12, "usage events from SDKs and the OTel bridge, keyed by tenant_id", {"retention.ms": str(7 * DAY_MS)}),
-    TopicSpec("gpu", 6, "NVML samples, keyed by node", {"retention.ms": str(7 * DAY_MS)}),
+    # As many partitions as usage: process rows are keyed by tenant_id and must land on the usage partition's index.
+    TopicSpec("gpu", 12, "NVML samples: process rows keyed by tenant_id, GPU/MIG rows by node", {"retention.ms": str(7 * DAY_MS)}),
     TopicSpec("priced", 12, "usage events with their exact price, keyed by tenant_id", {"retention.ms": str(7 * DAY_MS)}),
     TopicSpec("spend", 6, "real-time spend per scope, keyed by tenant_id", {"retention.ms": str(3 * DAY_MS)}),
     TopicSpec("anomalies", 3, "cost anomalies, keyed by tenant_id", {"retention.ms": str(30 * DAY_MS)}),
@@ -40,11 +41,16 @@ def catalog_by_name() -> dict[str, TopicSpec]:
 
 
 def create_topics(settings: Settings, replication_factor: int = 1, timeout: float = 30.0) -> dict[str, str]:
-    """Create every catalog topic that is missing. Returns {topic: 'created' | 'exists'}."""
+    """Create every catalog topic that is missing, and add partitions to one that has fewer than the
+    catalog says (never fewer: Kafka cannot). Returns {topic: 'created' | 'exists' | 'grown to N'}."""
     admin = AdminClient(settings.kafka_config())
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
     wanted = {settings.topic(s.name): s for s in CATALOG}
     result = {name: "exists" for name in wanted if name in existing}
+    short = [NewPartitions(name, s.partitions) for name, s in wanted.items() if 0 < existing.get(name, 0) < s.partitions]
+    for name, future in (admin.create_partitions(short, operation_timeout=timeout) if short else {}).items():
+        future.result(timeout)  # e.g. gpu: 6 -> 12, to match usage (its keys move to their new partitions)
+        result[name] = f"grown to {wanted[name].partitions}"
     missing = [NewTopic(name, s.partitions, replication_factor, config=s.config) for name, s in wanted.items() if name not in existing]
     for name, future in (admin.create_topics(missing, operation_timeout=timeout) if missing else {}).items():
         try:

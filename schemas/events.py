@@ -145,7 +145,9 @@ class UsageEvent(Attribution):
 class GpuSample(Contract):
     """One NVML reading: a whole GPU, a MIG instance, or one process on either.
 
-    GPU-seconds of a row = interval_ms / 1000 × (mig_slices / mig_total_slices for MIG).
+    GPU-seconds of a row = interval_ms / 1000 × (mig_slices / mig_total_slices for MIG), and a
+    process row's share of them is 1 / device_processes (the collector sees every process on a
+    device, so the row carries the split and can be keyed by its tenant, not by its node).
     A process row whose owner is unknown has attributed=False and empty attribution.
     """
 
@@ -170,6 +172,14 @@ class GpuSample(Contract):
     pid: Count | None = None
     process_memory_bytes: Count | None = None
     sm_util_pct: Annotated[StrictInt, Field(ge=0, le=100)] | None = None
+    device_processes: Annotated[StrictInt, Field(ge=1, le=100_000)] = Field(
+        1, description="Processes on this GPU or MIG slice in this sample: a process row is charged 1/n of its time.")
+
+    @property
+    def key(self) -> str:
+        """Kafka key: a process row by the tenant it charges (co-partitioned with usage, so one stream
+        worker holds a tenant's token and GPU spend), a GPU or MIG row by its node."""
+        return (self.tenant_id or "unattributed") if self.level == "process" else self.node
     tenant_id: OptionalId = ""
     team: OptionalId = ""
     project: OptionalId = ""

@@ -154,6 +154,7 @@ def migration_status(client) -> list[dict[str, str]]:
 
 REPLICA_PATH = "/clickhouse/tables/{shard}/{database}/"
 _CREATE = re.compile(r"CREATE (TABLE|MATERIALIZED VIEW) IF NOT EXISTS (\w+)")
+_ALTER = re.compile(r"ALTER TABLE (\w+)")
 _ENGINE = re.compile(r"ENGINE = (\w*)MergeTree(?:\(([^)]*)\))?")
 _DISTRIBUTED = re.compile(r"^-- @distributed (.+)$", re.M)
 
@@ -165,7 +166,8 @@ def render_for_cluster(sql: str, cluster: str) -> str:
     * `ENGINE = <X>MergeTree(args)` becomes `Replicated<X>MergeTree('<path>/x', '{replica}', args)`
       (`{shard}`, `{replica}` are the servers' macros);
     * a table preceded by a `-- @distributed <sharding key>` comment also gets `x_all`, a
-      Distributed table over the local ones. Writers and readers use `x_all`.
+      Distributed table over the local ones. Writers and readers use `x_all`;
+    * `ALTER TABLE x` gets `ON CLUSTER`, and is repeated for `x_all` after the same comment.
     """
     quoted = cluster.replace("'", "")
 
@@ -173,7 +175,14 @@ def render_for_cluster(sql: str, cluster: str) -> str:
         marker = _DISTRIBUTED.search(statement)
         create = _CREATE.search(statement)
         if not create:
-            return statement
+            alter = _ALTER.search(statement)
+            if not alter:
+                return statement
+            out = _ALTER.sub(lambda m: f"{m.group(0)} ON CLUSTER '{quoted}'", statement, count=1)
+            if marker:
+                out += ";\n" + _ALTER.sub(lambda m: f"ALTER TABLE {m.group(1)}_all ON CLUSTER '{quoted}'",
+                                           statement[alter.start():], count=1)
+            return out
         name = create.group(2)
         out = _CREATE.sub(lambda m: f"{m.group(0)} ON CLUSTER '{quoted}'", statement, count=1)
         out = _ENGINE.sub(lambda m: _replicated(m, name), out, count=1)

@@ -38,7 +38,7 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal, localcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -398,12 +398,18 @@ class Catalog:
             return q12(numerator / denominator)
 
     def gpu_sample_cost(self, sample: GpuSample) -> tuple[Decimal, Decimal]:
-        """(GPU-seconds, USD) of one sample's interval; MIG rows count their fraction of the GPU."""
+        """(GPU-seconds, USD) of one sample's interval; MIG rows count their fraction of the GPU, and a
+        process row its 1/device_processes share, rounded down (the stream and the ledger charge the same;
+        the remainder, under a pico-dollar per process, is never charged)."""
         seconds = Decimal(sample.interval_ms) / 1000
         slices, total = (sample.mig_slices, sample.mig_total_slices) if sample.mig_slices and sample.mig_total_slices else (0, 0)
         with localcontext(prec=50):
             gpu_seconds = q12(seconds * slices / total) if total else q12(seconds)
-        return gpu_seconds, self.price_gpu(sample.gpu_name, seconds, slices, total)
+        cost = self.price_gpu(sample.gpu_name, seconds, slices, total)
+        n = sample.device_processes if sample.level == "process" else 1
+        if n > 1:
+            gpu_seconds, cost = ((x / n).quantize(QUANTUM, rounding=ROUND_DOWN) for x in (gpu_seconds, cost))
+        return gpu_seconds, cost
 
     # ----------------------------------------------------------------- tiers
     def downgrade_for(self, model: str) -> str | None:

@@ -170,8 +170,20 @@ class StreamWorker:
         static = {"group.instance.id": instance_id} if instance_id else {}  # restart resumes without a session timeout
         self.consumer = Consumer(settings.kafka_config(**static, **{
             "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384, "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384,
+            # range: a member gets the same partition indexes of usage and gpu (equal counts, both keyed by
+            # tenant), so a tenant's token and GPU spend live in one worker. (cooperative-sticky does not.)
+            "partition.assignment.strategy": "range",
         }))
+        self._check_co_partitioned()
+
+    def _check_co_partitioned(self) -> None:
+        counts = {name: len(self.consumer.list_topics(self.topics[name], timeout=10).topics[self.topics[name]].partitions)
+                  for name in ("usage", "gpu")}
+        if counts["usage"] and counts["gpu"] and counts["usage"] != counts["gpu"]:
+            raise RuntimeError(f"{self.topics['usage']} has {counts['usage']} partitions and {self.topics['gpu']} {counts['gpu']}: "
+                               "a tenant's token and GPU spend would be counted by different workers. Give both the same "
+                               "partition count (kafka-topics.sh --alter --partitions N on the smaller one).")
 
     # ------------------------------------------------------------------ loop
     def run(self, stop: threading.Event | None = None, exit_when_idle: float | None = None,
@@ -310,8 +322,7 @@ class StreamWorker:
 
     # ------------------------------------------------------------------- GPU
     def _gpu(self, samples: list[ev.GpuSample]) -> None:
-        """Charge process rows; processes sharing one device in one sample split its time equally."""
-        sharing = Counter((s.node, s.gpu_uuid, s.mig_uuid, s.ts) for s in samples if s.level == "process")
+        """Charge process rows (each row carries its share of a device that processes share)."""
         for sample in samples:
             self.stats["gpu_samples"] += 1
             gpu_ps = cost = 0
@@ -321,8 +332,6 @@ class StreamWorker:
             except LookupError:
                 self.stats["gpu_unpriced"] += 1
             if sample.level == "process":
-                n = sharing[(sample.node, sample.gpu_uuid, sample.mig_uuid, sample.ts)]
-                gpu_ps, cost = gpu_ps // n, cost // n  # the remainder (< n pico) is not charged: never over
                 if sample.attributed and sample.tenant_id:
                     ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
                 else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"

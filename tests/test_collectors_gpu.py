@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from meterline.collectors.gpu import GpuCollector, NvmlUnavailable
 from meterline.collectors.nvml_fake import GIB, FakeGpu, FakeMig, FakeNvml, FakeProcess
 from meterline.schemas import decode
 from meterline.schemas.events import GpuSample
+from meterline.streams.pricing import load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 4_000_000  # above pid_max: no such process
@@ -74,6 +76,22 @@ def test_mig_instances_and_their_processes(tmp_path):
     assert (proc.pid, proc.mig_uuid, proc.mig_slices, proc.process_memory_bytes) == (NOBODY, "MIG-1", 3, 14 * GIB)
     assert proc.sm_util_pct is None  # NVML has no per-process utilization on MIG devices
     assert proc.attributed is False and proc.tenant_id == ""  # unknown owner: reported, not dropped
+
+
+def test_processes_sharing_a_device_each_carry_the_split(tmp_path):
+    """Each process row says how many processes share its device, so a process row can be keyed by its
+    tenant (away from its siblings) and still be charged exactly its share."""
+    gpu = FakeGpu("GPU-s", "NVIDIA A100-SXM4-40GB", 40 * GIB, 20 * GIB,
+                  migs=[FakeMig("MIG-1", "3g.20gb", 1, 3, 20 * GIB, 15 * GIB, [FakeProcess(NOBODY, GIB), FakeProcess(NOBODY + 1, GIB)]),
+                        FakeMig("MIG-2", "1g.5gb", 2, 1, 5 * GIB, GIB, [FakeProcess(NOBODY + 2, GIB)])])
+    procs = {r.pid: r for r in _by_level(_collector([gpu], tmp_path).sample(), "process")}
+    assert {pid: r.device_processes for pid, r in procs.items()} == {NOBODY: 2, NOBODY + 1: 2, NOBODY + 2: 1}
+    catalog = load_catalog()
+    shared, alone = catalog.gpu_sample_cost(procs[NOBODY]), catalog.gpu_sample_cost(procs[NOBODY + 2])
+    whole_slice = catalog.gpu_sample_cost(procs[NOBODY].model_copy(update={"device_processes": 1}))
+    assert shared[1] * 2 <= whole_slice[1] < shared[1] * 2 + Decimal("0.000000000002")  # rounded down, never over
+    # 5 s of 1/7 GPU alone; 5 s of 3/7 GPU (2.142857142857 s) split in two, rounded down
+    assert (alone[0], shared[0]) == (Decimal("0.714285714286"), Decimal("1.071428571428"))
 
 
 def test_process_sm_utilization_with_and_without_samples(tmp_path):
@@ -141,7 +159,10 @@ def test_simulate_publishes_marked_samples_to_kafka(settings):
     printed = [json.loads(line) for line in out.stdout.splitlines()]
     messages = read_topic(settings, settings.topic("gpu"), len(printed))
     rows = [decode(GpuSample, m.value()) for m in messages]
-    assert len(rows) == len(printed) and {m.key() for m in messages} == {b"sim-node"}
+    assert len(rows) == len(printed)
+    # device rows by node; process rows by the tenant they charge (co-partitioned with its usage events)
+    assert all(m.key() == (b"sim-node" if r.level != "process" else (r.tenant_id or "unattributed").encode())
+               for m, r in zip(messages, rows))
     assert all(r.simulated for r in rows)
     assert {r.level for r in rows} == {"gpu", "mig", "process"}
     procs = _by_level(rows, "process")

@@ -5,19 +5,20 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from meterline.schemas import (
     Anomaly, BudgetPolicy, DeadLetter, GpuSample, PricedEvent, SpendUpdate, ThrottleDecision, UsageEvent,
     decode, new_id, utcnow,
 )
 from meterline.settings import Settings
-from meterline.topics import CATALOG
+from meterline.topics import CATALOG, create_topics
 
 NOW = utcnow()
 
@@ -123,3 +124,16 @@ def test_missing_java_is_one_clear_line(tmp_path: Path):
     result = cli(env, "kafka", "start")
     assert result.returncode != 0
     assert "`java` was not found" in result.stderr and "install" in result.stderr
+
+
+def test_a_topic_with_fewer_partitions_than_the_catalog_is_grown(kafka_bootstrap):
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"grow{uuid.uuid4().hex[:8]}")
+    admin = AdminClient(settings.kafka_config())
+    gpu = settings.topic("gpu")
+    admin.create_topics([NewTopic(gpu, 6, 1)])[gpu].result(30)  # a deployment from before gpu matched usage
+    try:
+        assert create_topics(settings)[gpu] == "grown to 12"
+        assert len(admin.list_topics(gpu, timeout=10).topics[gpu].partitions) == 12
+        assert create_topics(settings)[gpu] == "exists"
+    finally:
+        admin.delete_topics([settings.topic(spec.name) for spec in CATALOG])

@@ -161,6 +161,9 @@ def test_cluster_rendering_makes_replicated_and_distributed_tables():
     assert len(statements) == len(ledger.split_statements(sql)) + 2  # two Distributed tables
     rollups = ledger.render_for_cluster(ledger.load_migrations()[3].sql, "prod")
     assert "ReplicatedSummingMergeTree(" in rollups and "usage_hourly_all" in rollups
+    column = ledger.split_statements(ledger.render_for_cluster(ledger.load_migrations()[4].sql, "prod"))
+    assert [s.split(" ADD ")[0] for s in column] == ["ALTER TABLE gpu_samples ON CLUSTER 'prod'",
+                                                       "ALTER TABLE gpu_samples_all ON CLUSTER 'prod'"]
 
 
 @pytest.mark.parametrize("query", ["SELECT 1", " with x as (select 1) select * from x", "SHOW TABLES", "DESCRIBE priced_events",

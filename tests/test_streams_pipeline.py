@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -159,10 +160,11 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
     gpu = [  # two processes share one MIG slice (they split it), an unattributed one has a slice of its own
         build(GpuSample, sample_id=new_id(), ts=ts, node="n1", level="process", gpu_index=0, gpu_uuid="GPU-1", gpu_name="NVIDIA H100 80GB HBM3",
               mig_uuid=f"MIG-{1 if tenant else 2}", mig_slices=1, mig_total_slices=7, interval_ms=7000, pid=pid, process_memory_bytes=2**30, sm_util_pct=50,
-              tenant_id=tenant, team="core" if tenant else "", session_id=session, attributed=bool(tenant))
+              tenant_id=tenant, team="core" if tenant else "", session_id=session, attributed=bool(tenant),
+              device_processes=2 if tenant else 1)
         for pid, tenant, session in [(1, "acme", "s1"), (2, "acme", "s2"), (3, "", "")]
     ]
-    produce(settings, "gpu", [(b"n1", g.to_json()) for g in gpu])
+    produce(settings, "gpu", [(g.key.encode(), g.to_json()) for g in gpu])
 
     run_worker(settings)
 
@@ -200,6 +202,53 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
 
 
 # -------------------------------------------------------------------- crash
+class Member(StreamWorker):
+    """A worker that records what it owns (its consumer is busy in its own thread)."""
+
+    owned: set[tuple[str, int]] = set()
+
+    def _on_assign(self, consumer, partitions):
+        super()._on_assign(consumer, partitions)
+        self.owned = {(tp.topic, tp.partition) for tp in partitions}
+
+
+def test_two_workers_count_each_tenants_token_and_gpu_spend_in_one_place(kafka_bootstrap):
+    """Two workers in one group: a tenant's usage and its GPU process rows (keyed by tenant, same partition
+    count, range assignment) reach the same worker, so the tenant's spend carries both."""
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(8)
+    group = f"streams-{uuid.uuid4().hex[:6]}"
+    workers = [Member(settings, group_id=group, checkpoint_interval=0.5, instance_id=f"w{i}") for i in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    while [len(w.owned) for w in workers] != [12, 12]:  # both own 6 usage + 6 gpu partitions before data flows
+        time.sleep(0.1)
+    assert all({p for t, p in w.owned if "usage" in t} == {p for t, p in w.owned if "gpu" in t} for w in workers)
+
+    tenants = [f"tenant{i}" for i in range(8)]
+    events = [usage_record(rng, tenant=t, cost_usd="0.5", kind="tool_call", tool="search", model="") for t in tenants for _ in range(3)]
+    produce(settings, "usage", [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in events])
+    gpu = [build(GpuSample, sample_id=new_id(), ts=NOW - timedelta(minutes=1), node="n1", level="process", gpu_index=0,
+                 gpu_uuid="GPU-1", gpu_name="NVIDIA H100 80GB HBM3", interval_ms=3_600_000, pid=100 + i, tenant_id=t,
+                 session_id="s1", attributed=True, device_processes=len(tenants)) for i, t in enumerate(tenants)]
+    produce(settings, "gpu", [(g.key.encode(), g.to_json()) for g in gpu])
+    while sum(w.stats["priced"] for w in workers) < len(events) or sum(w.stats["gpu_samples"] for w in workers) < len(gpu):
+        time.sleep(0.1)
+    stop.set()  # each worker publishes its spend at the checkpoint on the way out
+    for thread in threads:
+        thread.join()
+
+    gpu_share = Decimal("2.49") / len(tenants)  # an H100 hour ($2.49) shared by 8 processes
+    latest = {}
+    for raw in read_topic(settings, "spend"):
+        update = decode(SpendUpdate, raw)
+        if update.scope == "tenant":
+            latest[update.tenant_id] = update
+    assert {t: (u.period_cost_usd, u.gpu_cost_usd) for t, u in latest.items()} == {
+        t: (Decimal("1.5") + gpu_share, gpu_share) for t in tenants}
+
+
 def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, str]]:
     ts = (NOW - timedelta(minutes=5)).isoformat()
     out = []
