@@ -26,9 +26,10 @@ def scope_params(scope: str, scope_id: str) -> dict[str, Any]:
 
 
 def clickhouse_ledger_spend(settings, lag: timedelta = timedelta(minutes=2), client: Any = None) -> LedgerSpend:
-    from meterline.sql.ledger import connect
+    from meterline.sql.ledger import connect, render_reads
 
-    sql = resources.files("meterline.sql").joinpath("queries/scope_spend.sql").read_text()
+    sql = render_reads(resources.files("meterline.sql").joinpath("queries/scope_spend.sql").read_text(),
+                       settings.clickhouse_cluster)  # on a cluster: every shard, through the _all tables
     holder = {"client": client}
 
     def ledger_spend(scope: str, scope_id: str, since: datetime) -> Decimal:

@@ -41,3 +41,22 @@ def test_ledger_spend_per_scope_from_clickhouse(tmp_path: Path):
     tenant, team, session, nothing = out.stdout.split()
     assert (Decimal(tenant), Decimal(team), Decimal(session), Decimal(nothing)) == (Decimal("7.75"), Decimal("3.75"), Decimal("1.25"), 0)
 
+
+
+def test_on_a_cluster_reconciliation_reads_every_shard():
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from meterline.allocator.ledger import clickhouse_ledger_spend
+    from meterline.settings import Settings
+
+    sent: list[str] = []
+
+    class Recorder:  # the query text is the behaviour under test; no engine needed
+        def query(self, sql, parameters):
+            sent.append(sql)
+            return SimpleNamespace(result_rows=[])
+
+    spend = clickhouse_ledger_spend(Settings(clickhouse_cluster="prod"), lag=timedelta(0), client=Recorder())
+    assert spend("tenant", "acme", datetime.now(timezone.utc) - timedelta(days=1)) == 0
+    assert "FROM priced_events_all" in sent[0] and "FROM gpu_samples_all" in sent[0]
