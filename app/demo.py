@@ -255,13 +255,12 @@ def view(up: Any, outcomes: Outcomes, started: float, duration: float, url: str,
 def wait_settled(up: Any, settings: Any, timeout: float = 60.0) -> None:
     """Until the stream worker has read all usage and the sink has stored everything."""
     from .metrics import KafkaWatermarks
-    from .up import group_name
 
     kafka = KafkaWatermarks(settings)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            lag = kafka.lag(group_name(settings, "streams"), settings.topic("usage"))
+            lag = kafka.lag(settings.group("streams"), settings.topic("usage"))
             if lag == 0:
                 break
             time.sleep(0.3)

@@ -38,10 +38,6 @@ from meterline.settings import Settings
 
 log = logging.getLogger("meterline.up")
 MAX_BACKOFF_S = 30.0
-def group_name(settings: Settings, role: str) -> str:
-    """Consumer groups per deployment (topic prefix): two pipelines on one cluster never share a group."""
-    return f"{settings.topic_prefix}-{role}"
-
 LEDGER_TOPICS = ("priced", "gpu", "spend", "anomalies", "control", "budgets", "dlq")
 
 
@@ -258,7 +254,7 @@ class Up:
         components: list[Component] = [ThreadComponent("sink", self._make_sink)]
         if allocator:
             components.append(ThreadComponent("allocator", self._make_allocator))
-        group = group_name(settings, "streams")
+        group = settings.group("streams")
         for i in range(int(streams)):  # one worker per core: partitions are the parallelism
             name, member = ("streams", []) if i == 0 else (f"streams-{i + 1}", ["--instance-id", f"{group}-{i + 1}"])
             components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, *member),
@@ -284,7 +280,7 @@ class Up:
 
         client = connect(self.settings)
         self._clients.append(client)
-        return LedgerSink(self.settings, client=client, group=group_name(self.settings, "sink"), batch_seconds=self.sink_batch_seconds)
+        return LedgerSink(self.settings, client=client, group=self.settings.group("sink"), batch_seconds=self.sink_batch_seconds)
 
     def _make_allocator(self) -> Any:
         from meterline.allocator.engine import Engine
@@ -294,7 +290,7 @@ class Up:
         catalog = load_catalog()
         engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for, primary_model=self.primary_model)
         self.ledger_lag = engine.config.ledger_lag
-        service = AllocatorService(self.settings, engine, group_id=group_name(self.settings, "allocator"))
+        service = AllocatorService(self.settings, engine, group_id=self.settings.group("allocator"))
         return service
 
     def ledger_spend(self, scope: str, scope_id: str, since: Any) -> Decimal:
@@ -357,8 +353,8 @@ class Up:
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate(self.client(), cluster=self.settings.clickhouse_cluster)
-        groups = {group_name(self.settings, "sink"): "priced", group_name(self.settings, "streams"): "usage",
-                  group_name(self.settings, "allocator"): "spend"}
+        groups = {self.settings.group("sink"): "priced", self.settings.group("streams"): "usage",
+                  self.settings.group("allocator"): "spend"}
         collector = PipelineCollector(self.settings, groups,
                                       self._unpriced, self.supervisor.health)
         self.registry, self.latency = build_registry(collector)
@@ -386,7 +382,7 @@ class Up:
                 sink = self.supervisor.get("sink")
                 if sink is None or not sink.alive():
                     return False
-                lags = [kafka.lag(group_name(self.settings, "sink"), self.settings.topic(t)) for t in LEDGER_TOPICS]
+                lags = [kafka.lag(self.settings.group("sink"), self.settings.topic(t)) for t in LEDGER_TOPICS]
                 if all(lag in (0, None) for lag in lags) and any(lag == 0 for lag in lags):
                     return True
                 time.sleep(0.2)

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         """Full topic name for a catalog name such as 'usage'."""
         return f"{self.topic_prefix}.{name}.v1"
 
+    def group(self, role: str) -> str:
+        """The consumer group of a role ('streams', 'sink', 'allocator') in this deployment: `meterline up`
+        and the standalone commands agree, so switching between them resumes instead of starting over."""
+        return f"{self.topic_prefix}-{role}"
+
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
         """Base librdkafka config (bootstrap + security) for any confluent-kafka client."""
         sec = self.kafka_security

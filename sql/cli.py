@@ -123,7 +123,7 @@ def _write_csv(columns, rows) -> None:
 def sink_command(
     batch_rows: Annotated[int, typer.Option(help="Flush when this many rows are buffered.")] = 50_000,
     batch_seconds: Annotated[float, typer.Option(help="Flush at least this often (seconds).")] = 1.0,
-    group: Annotated[str, typer.Option(help="Kafka consumer group.")] = "meterline-sink",
+    group: Annotated[str | None, typer.Option(help="Kafka consumer group (default <topic prefix>-sink, as in `meterline up`).")] = None,
     instance_id: Annotated[str | None, typer.Option(help="Static group membership id: a restarted sink takes its "
                                                          "partitions back at once instead of after the session timeout.")] = None,
     until_idle: Annotated[float | None, typer.Option(help="Exit after this many seconds without a new record "
@@ -141,5 +141,6 @@ def sink_command(
     from .sink import run_sink
 
     overrides = {"group.instance.id": instance_id, "session.timeout.ms": 10_000} if instance_id else None
-    run_sink(get_settings(), batch_rows=batch_rows, batch_seconds=batch_seconds, group=group,
+    settings = get_settings()
+    run_sink(settings, batch_rows=batch_rows, batch_seconds=batch_seconds, group=group or settings.group("sink"),
              consumer_overrides=overrides, idle_exit_s=until_idle)

@@ -91,7 +91,7 @@ class LedgerSink:
         settings: Settings,
         *,
         client=None,
-        group: str = "meterline-sink",
+        group: str | None = None,
         batch_rows: int = 50_000,
         batch_seconds: float = 1.0,
         max_backoff_s: float = 30.0,
@@ -105,7 +105,7 @@ class LedgerSink:
         self.batch_rows, self.batch_seconds, self.max_backoff_s = batch_rows, batch_seconds, max_backoff_s
         self._catalog = catalog
         self.consumer = Consumer(settings.kafka_config(**{
-            "group.id": group,
+            "group.id": group or settings.group("sink"),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",

@@ -147,7 +147,7 @@ class StreamWorker:
         self.catalog = catalog or load_catalog()
         self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "priced", "dlq", "spend", "anomalies")}
         self.state_topic = ensure_state_topic(settings)
-        group_id = group_id or f"{settings.topic_prefix}.streams"  # one group per topic prefix
+        group_id = group_id or settings.group("streams")
         self.group_id, self.checkpoint_interval, self.batch_size = group_id, checkpoint_interval, batch_size
         self.publish_interval = min(publish_interval, checkpoint_interval)
         self.dedupe_per_partition, self.session_idle = dedupe_per_partition, session_idle
