@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
     app.command("migrate")(migrate_command)
     app.command("sql")(sql_command)
     app.command("sink")(sink_command)
+    app.command("rebuild-rollups")(rebuild_rollups_command)
 
 
 def _connect():
@@ -69,6 +70,33 @@ def migrate_command(
         emit_json({"applied": sorted(applied), "skipped": [r["migration"] for r in rows if r["state"] == "skipped"]})
     else:
         console.print(table(rows, title=f"ledger at {get_settings().dsn}"))
+
+
+def rebuild_rollups_command(
+    month: Annotated[str, typer.Argument(help="The month to rebuild, e.g. 2026-11.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")] = False,
+) -> None:
+    """Recompute a month of the hourly rollups (usage_hourly, gpu_hourly) from the raw tables.
+
+    The rollups are filled by materialized views when the sink inserts; a crash between a raw insert
+    and its views, or a correction in a raw table, can leave them off. The raw tables are the record:
+    this rebuilds the month from them. Stop the sink first (`meterline up` too), or pick a month
+    nothing is written to any more. Single node only: on a cluster, run it against each shard.
+    """
+    from meterline.console import console, emit_json, fail, table
+    from meterline.settings import get_settings
+
+    from .ledger import rebuild_rollups
+
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        fail(f"{month!r} is not a month; write it as YYYY-MM, e.g. 2026-11")
+    if get_settings().clickhouse_cluster:
+        fail("rebuild-rollups runs on one node: point METERLINE_CLICKHOUSE_DSN at each shard and unset the cluster")
+    written = rebuild_rollups(_connect(), int(month.replace("-", "")))
+    if as_json:
+        emit_json({"month": month, "rows": written})
+    else:
+        console.print(table([{"rollup": k, "rows": v} for k, v in written.items()], title=f"rollups of {month} rebuilt"))
 
 
 def sql_command(

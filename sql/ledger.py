@@ -144,6 +144,27 @@ def migrate(client, cluster: str | None = None) -> list[str]:
     return applied
 
 
+ROLLUPS = {"usage_hourly": "usage_hourly_mv", "gpu_hourly": "gpu_hourly_mv"}  # rollup table -> the view that fills it
+
+
+def rebuild_rollups(client, month: int) -> dict[str, int]:
+    """Recompute one month (YYYYMM) of the hourly rollups from the raw tables, with the views' own SELECT.
+
+    The views fire on insert and are not atomic with it: a crash between a raw insert and its views,
+    or a correction made in a raw table, leaves a rollup off. Raw tables are the record; this puts the
+    rollups back in line with them. Returns the rows written per rollup. Run it with the sink stopped
+    (or for a month nothing is written to any more): rows inserted meanwhile could count twice.
+    """
+    written = {}
+    for rollup, view in ROLLUPS.items():
+        select = client.query("SELECT as_select FROM system.tables WHERE database = currentDatabase() AND name = {v:String}",
+                              parameters={"v": view}).result_rows[0][0]
+        client.command(f"ALTER TABLE {rollup} DROP PARTITION {int(month)}")
+        client.command(f"INSERT INTO {rollup} SELECT * FROM ({select}) WHERE toYYYYMM(hour) = {int(month)}")
+        written[rollup] = client.query(f"SELECT count() FROM {rollup} WHERE toYYYYMM(hour) = {int(month)}").result_rows[0][0]
+    return written
+
+
 def migration_status(client) -> list[dict[str, str]]:
     """Every migration file with 'applied' or 'pending' (for `meterline migrate --json`)."""
     done = applied_migrations(client)
