@@ -235,7 +235,7 @@ class Up:
     """Everything `meterline up` runs. `start()`, then `run_until(stop)` or `stop()`."""
 
     def __init__(self, settings: Settings, *, port: int | None = None, host: str = "127.0.0.1", streams: int = 1,
-                 allocator: bool = True, simulated: bool = False, sink_batch_seconds: float = 0.5):
+                 allocator: bool = True, simulated: bool = False, sink_batch_seconds: float = 0.5, webhook: str | None = None):
         from .live import LiveFeed, LiveState
 
         self.settings = settings
@@ -258,6 +258,9 @@ class Up:
         for i in range(int(streams)):  # one worker per core: partitions are the parallelism
             name, member = ("streams", []) if i == 0 else (f"streams-{i + 1}", ["--instance-id", f"{group}-{i + 1}"])
             components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, *member),
+                                               settings_env(settings), settings.data_dir / "logs"))
+        if webhook:  # anomalies to a webhook, at least once (the Faust job in streams/alerts.py)
+            components.append(ProcessComponent("alerts", meterline_argv("alerts", "--webhook", webhook),
                                                settings_env(settings), settings.data_dir / "logs"))
         components.append(ThreadComponent("live", lambda: _LiveRunner(self.feed)))
         self.supervisor = Supervisor(components)
@@ -421,8 +424,9 @@ def up_command(
     port: Annotated[Optional[int], typer.Option(help="HTTP port for the API and dashboard (default: METERLINE_API_PORT or 8787).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     no_streams: Annotated[bool, typer.Option("--no-streams", help="Do not run the stream worker here (it runs elsewhere).")] = False,
-    stream_workers: Annotated[int, typer.Option(min=1, help="Stream worker processes, one per spare core (BENCHMARKS.md). With more than one, a tenant's real-time GPU spend may come from another worker than its token spend (gpu is keyed by node); the ledger stays exact.")] = 1,
+    stream_workers: Annotated[int, typer.Option(min=1, help="Stream worker processes in one group, one per spare core (BENCHMARKS.md); each owns whole tenants, tokens and GPU alike.")] = 1,
     no_allocator: Annotated[bool, typer.Option("--no-allocator", help="Do not run the allocator here.")] = False,
+    webhook: Annotated[Optional[str], typer.Option(envvar="METERLINE_ANOMALY_WEBHOOK", help="Also run `meterline alerts`: anomalies (warning and above) to this webhook, at least once.")] = None,
 ) -> None:
     """Run the whole pipeline in one supervised command: stream worker, ledger sink, allocator, HTTP API.
 
@@ -440,7 +444,8 @@ def up_command(
     settings = get_settings()
     if (other := running_up(settings)) is not None:
         fail(f"`meterline up` already runs for {settings.data_dir} (API {other}); stop it first or set METERLINE_DATA_DIR")
-    pipeline = Up(settings, port=port, host=host, streams=0 if no_streams else stream_workers, allocator=not no_allocator)
+    pipeline = Up(settings, port=port, host=host, streams=0 if no_streams else stream_workers, allocator=not no_allocator,
+                  webhook=webhook)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -151,7 +151,7 @@ def _write_csv(columns, rows) -> None:
 def sink_command(
     batch_rows: Annotated[int, typer.Option(help="Flush when this many rows are buffered.")] = 50_000,
     batch_seconds: Annotated[float, typer.Option(help="Flush at least this often (seconds).")] = 1.0,
-    group: Annotated[str | None, typer.Option(help="Kafka consumer group (default <topic prefix>-sink, as in `meterline up`).")] = None,
+    group: Annotated[str | None, typer.Option(help="Kafka consumer group (default: the topic prefix followed by -sink, as in `meterline up`).")] = None,
     instance_id: Annotated[str | None, typer.Option(help="Static group membership id: a restarted sink takes its "
                                                          "partitions back at once instead of after the session timeout.")] = None,
     until_idle: Annotated[float | None, typer.Option(help="Exit after this many seconds without a new record "

@@ -1,4 +1,4 @@
-"""The stream worker: one lean confluent-kafka batch consumer (why not Faust: see notes/streams.md).
+"""The stream worker: one lean confluent-kafka batch consumer (why not Faust: ARCHITECTURE.md → Streams).
 
     usage ──▶ validate ─▶ dedupe ─▶ price ─▶ priced        (PricedEvent, key tenant_id)
       │          └──────────────────────────▶ dlq           (DeadLetter: reason + original bytes)
@@ -6,11 +6,11 @@
                                              ▼
                  spend per tenant/team/project/agent/session ─▶ spend (SpendUpdate, key tenant_id)
                                              │                  spend-state (compacted changelog)
-                 anomaly detectors ──────────┴────────────────▶ anomalies (+ optional webhook)
+                 anomaly detectors ──────────┴────────────────▶ anomalies (`meterline alerts` → webhook)
 
-Keys and state: usage is keyed by tenant_id, so one worker owns all of a tenant's events
+Keys and state: usage (and GPU process rows) are keyed by tenant_id, so one worker owns a tenant's events
 and its spend state (co-partitioned, no cross-worker merge). A huge tenant is one
-partition's work; see notes/streams.md for the trade-off and mitigations.
+partition's work; see ARCHITECTURE.md for the trade-off and mitigations.
 
 Spend is published every `publish_interval` (1 s) for tenant/team/project scopes and at
 every checkpoint (5 s) for all scopes. Delivery (at-least-once, errs toward over-counting):
@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import gc
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -75,35 +74,6 @@ class DedupeWindow:
         return False
 
 
-class Webhook:
-    """POSTs anomalies as JSON from a background thread; failures are logged, never fatal."""
-
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
-        import httpx
-
-        self.url, self.client = url, httpx.Client(timeout=timeout)
-        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
-        self.thread = threading.Thread(target=self._run, name="anomaly-webhook", daemon=True)
-        self.thread.start()
-
-    def send(self, body: bytes) -> None:
-        try:
-            self.queue.put_nowait(body)
-        except queue.Full:
-            log.warning("anomaly webhook queue full; dropped one anomaly (it is still on the anomalies topic)")
-
-    def _run(self) -> None:
-        while (body := self.queue.get()) is not None:
-            try:
-                self.client.post(self.url, content=body, headers={"content-type": "application/json"}).raise_for_status()
-            except Exception as err:  # noqa: BLE001 - a webhook never stops the stream
-                log.warning("anomaly webhook %s failed: %s", self.url, err)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=10)
-
-
 def ensure_state_topic(settings: Settings) -> str:
     """The compacted spend-state changelog (in the topic catalog; created with the others if missing)."""
     create_topics(settings)
@@ -140,7 +110,7 @@ def restore_spend(settings: Settings, now: datetime | None = None) -> dict[Scope
 class StreamWorker:
     def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str | None = None,
                  checkpoint_interval: float = 5.0, publish_interval: float = 1.0, dedupe_per_partition: int = 100_000,
-                 detector_config: DetectorConfig | None = None, webhook_url: str | None = None,
+                 detector_config: DetectorConfig | None = None,
                  batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1),
                  instance_id: str | None = None) -> None:
         self.settings = settings
@@ -155,7 +125,6 @@ class StreamWorker:
         self.tenant_partition: dict[str, int] = {}
         self.spend = SpendBook(restore_spend(settings))
         self.detectors = Detectors(detector_config)
-        self.webhook = Webhook(webhook_url) if webhook_url else None
         self.stats: Counter[str] = Counter()
         self.stream_now = datetime.min.replace(tzinfo=UTC)
         self._delivery_error: str | None = None
@@ -215,8 +184,6 @@ class StreamWorker:
             self.checkpoint()
         finally:
             self.consumer.close()
-            if self.webhook:
-                self.webhook.close()
         return self.stats
 
     def caught_up(self) -> bool:
@@ -361,8 +328,6 @@ class StreamWorker:
         body = anomaly.to_json()
         self._produce(self.topics["anomalies"], body, anomaly.tenant_id)
         self.stats["anomalies"] += 1
-        if self.webhook:
-            self.webhook.send(body)
 
     def _produce_all(self, topic: str, records: list[tuple[bytes, Any]]) -> None:
         produce = self.producer.produce

@@ -148,3 +148,14 @@ def test_up_runs_one_stream_worker_per_requested_core(settings):
     assert len(groups) == 1                                   # one group: Kafka splits the partitions
     assert "--instance-id" in workers[1].argv
     assert not [c for c in Up(settings, streams=0).supervisor.components if isinstance(c, ProcessComponent)]
+
+
+def test_up_with_a_webhook_supervises_the_alerts_job(settings):
+    from meterline.app.up import ProcessComponent, Up
+
+    def children(**kw):
+        return {c.name: c.argv for c in Up(settings, **kw).supervisor.components if isinstance(c, ProcessComponent)}
+
+    assert "alerts" not in children()
+    argv = children(webhook="http://hooks.example/x")["alerts"]
+    assert argv[argv.index("alerts"):] == ["alerts", "--webhook", "http://hooks.example/x"]
