@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 import time
 import uuid
 from typing import Any
@@ -67,11 +68,27 @@ def dead_letter(source_topic: str, raw: bytes, reason: str, error_type: str) -> 
                          payload_b64=base64.b64encode(raw).decode()).to_json()
 
 
+def credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """The same Kafka security as every other meterline client (settings.kafka_security), for aiokafka."""
+    sec = settings.kafka_security
+    context = None
+    if sec.security_protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=sec.ssl_ca_location)
+        if sec.ssl_certificate_location:
+            context.load_cert_chain(sec.ssl_certificate_location, sec.ssl_key_location)
+    if sec.security_protocol.startswith("SASL"):
+        password = sec.sasl_password.get_secret_value() if sec.sasl_password else None
+        return faust.SASLCredentials(username=sec.sasl_username, password=password, mechanism=sec.sasl_mechanism or "PLAIN",
+                                     ssl_context=context)
+    return faust.SSLCredentials(context) if context else None
+
+
 def make_app(settings: Settings, webhook: str, min_severity: str = "warning", give_up_after: float = 900.0,
              group: str | None = None, **faust_options: Any) -> faust.App:
     """The Faust app; run it with `faust.Worker(app).execute_from_commandline()` (what `meterline alerts` does)."""
     app = faust.App(group or settings.group("alerts"), broker=[f"kafka://{h}" for h in settings.bootstrap.split(",")],
-                    store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
+                    broker_credentials=credentials(settings), store="memory://", web_enabled=False,
+                    consumer_auto_offset_reset="earliest",
                     **faust_options)
     anomalies = app.topic(settings.topic("anomalies"), value_type=bytes, value_serializer="raw")
     dlq = app.topic(settings.topic("dlq"), value_type=bytes, value_serializer="raw")

@@ -121,3 +121,15 @@ def test_a_restarted_job_delivers_what_came_while_it_was_down_and_not_again_what
         stop(proc)
     assert [d["anomaly"]["anomaly_id"] for d in webhook.delivered] == [str(first.anomaly_id), str(second.anomaly_id)]
 
+
+
+def test_the_job_uses_meterlines_kafka_security_settings():
+    from meterline.settings import KafkaSecurity
+    from meterline.streams.alerts import credentials
+
+    assert credentials(Settings()) is None
+    sasl = Settings(kafka_security=KafkaSecurity(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                                                 sasl_username="meter", sasl_password="s3cret"))
+    got = credentials(sasl)
+    assert (got.username, got.password, got.mechanism.value) == ("meter", "s3cret", "SCRAM-SHA-512")
+    assert got.ssl_context is not None and got.protocol.value == "SASL_SSL"
