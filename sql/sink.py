@@ -419,13 +419,13 @@ class LedgerSink:
             bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
             dedupe = (staged.id_column, ledger.write_table(ledger.ID_TABLES[name], self.cluster), *bounds)
             self.stats["duplicates"] += run(lambda: self.client.query(staged.duplicates(*dedupe)).result_rows[0][0], "dedupe")
-        query, fresh = staged.insert(ledger.write_table(name, self.cluster), dedupe), [True]
+        query, attempts = staged.insert(ledger.write_table(name, self.cluster), dedupe), 0
 
         def insert() -> None:
-            if not fresh.pop():  # a retry: the staging tables went with the session if ClickHouse restarted
-                fresh.append(False)
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # a retry: the staging tables went with the session if ClickHouse restarted
                 self._load(staged, rows)
-            fresh.append(False)
             self.client.command(query, settings=self._insert_settings())
         return insert
 
@@ -455,6 +455,8 @@ class LedgerSink:
     def _settle(self, batch: Batch, staged: Staged, rows: TableBatch, indices, final: bool = False) -> None:
         """The contract decides: a dead letter with its reason, or (not final) its canonical JSON staged again."""
         for i in indices:
+            if rows.lines[i] is None:  # dead-lettered already
+                continue
             msg = rows.msgs[i]
             try:
                 record = ev.decode(staged.model, msg.value())
@@ -466,7 +468,7 @@ class LedgerSink:
                     continue
                 reason, error_type = ("valid by the contract but rejected by the ledger's SQL checks (sql/checks.py): "
                                       "a bug, please report it with this record"), "LedgerCheck"
-            if rows.lines[i] is not None and i not in rows.already_dead:
+            if i not in rows.already_dead:
                 batch.dead.append(self._dead_letter(msg, reason, error_type))
             rows.lines[i] = None
 

@@ -174,36 +174,40 @@ from meterline.sql import ledger
 from meterline.sql.sink import LedgerSink
 
 class DownForAWhile:
-    '''A real chDB client whose first `failures` inserts and queries fail, as when the server is down.'''
-    def __init__(self, client, failures):
-        self.client, self.failures = client, failures
+    '''A real chDB client whose first `failures` calls of the kinds in `calls` fail, as when the server is down.
+    A kind is a method name, or a method name and the start of its SQL ("command:INSERT INTO priced_events").'''
+    def __init__(self, client, failures, calls):
+        self.client, self.failures, self.calls = client, failures, calls.split(",")
     def __getattr__(self, name):
         method = getattr(self.client, name)
-        if name not in ("insert", "raw_insert", "query"):
-            return method
         def call(*args, **kwargs):
-            if self.failures > 0:
+            sql = args[0] if args and isinstance(args[0], str) else ""
+            hit = any(kind == name or (kind.startswith(name + ":") and sql.startswith(kind.split(":", 1)[1])) for kind in self.calls)
+            if hit and self.failures > 0:
                 self.failures -= 1
                 raise ConnectionError("Connection refused (ClickHouse is down)")
             return method(*args, **kwargs)
-        return call
+        return call if callable(method) else method
 
 settings = Settings()
 real = ledger.connect(settings)
 ledger.migrate(real)
-sink = LedgerSink(settings, client=DownForAWhile(real, int(sys.argv[1])), group=sys.argv[2], max_backoff_s=0.4)
+sink = LedgerSink(settings, client=DownForAWhile(real, int(sys.argv[1]), sys.argv[3]), group=sys.argv[2], max_backoff_s=0.4)
 sink.run(threading.Event(), idle_exit_s=3)
 print("retries", sink.stats["retries"])
 """
 
 
-def test_clickhouse_down_is_retried_with_backoff_and_nothing_is_lost(settings):
+@pytest.mark.parametrize("calls", ["insert,raw_insert,query", "command:INSERT INTO priced_events"],
+                         ids=["down from the start", "down during the final insert"])
+def test_clickhouse_down_is_retried_with_backoff_and_nothing_is_lost(settings, calls):
     records, truth = priced_events(3000, seed=5)
     produce(settings, "priced", records)
-    done = subprocess.run([sys.executable, "-c", OUTAGE_SCRIPT, "6", group(settings)], env=_env(settings),
+    failures = "6" if "," in calls else "2"
+    done = subprocess.run([sys.executable, "-c", OUTAGE_SCRIPT, failures, group(settings), calls], env=_env(settings),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.split("retries")[-1]) >= 6          # every failed call was retried
+    assert int(done.stdout.split("retries")[-1]) >= int(failures)  # every failed call was retried
     assert "ledger unavailable" in done.stderr                  # and the outage was logged, with the lag
     got = ledger_sql(settings, "SELECT count() AS n, uniqExact(event_id) AS ids, toString(sum(cost_usd)) AS usd FROM priced_events")[0]
     assert got["n"] == got["ids"] == 3000
