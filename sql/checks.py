@@ -2,11 +2,12 @@
 
 Parsing and checking JSON in Python cost the sink more than everything else it does; ClickHouse
 does both in C++ over a whole batch. The sink loads a batch's JSON into a staging table whose
-scalars are all `Nullable(String)` (`stage_columns`): ClickHouse then never coerces a value
-silently (an overflowing integer, a 19th decimal or a bad date stays text), and a missing field
-stays NULL. `Staged.select` converts every field and checks it with the rules read from the
-pydantic model itself (types, bounds, lengths, enums, no control characters, no future
-timestamps) plus the cross-field rules in `RULES`, into one `_ok` column.
+scalars are text (`Nullable(String)`; integers `Nullable(Int128)`, where ClickHouse rejects a
+fraction, an exponent or a bool): nothing is coerced silently (a 19th decimal or a bad date
+stays text), and a missing field takes the contract's default. `Staged.convert` converts every
+field and checks it with the rules read from the pydantic model itself (types, bounds, lengths,
+enums, no control characters, no future timestamps, canonical UTC times) plus the cross-field
+rules in `RULES`, into one `_ok` column.
 
 pydantic stays the authority: a row the SQL rejects is decided by `schemas.events.decode`
 (a dead letter with pydantic's reason, or its canonical JSON staged again), and
@@ -47,11 +48,14 @@ RULES: dict[type[BaseModel], tuple[str, ...]] = {
 
 
 def canonical_json(record: BaseModel) -> bytes:
-    """The contract's JSON with every timestamp in UTC ('Z'): the one form the checks accept."""
+    """The contract's JSON in the one form the checks accept: timestamps in UTC ('Z'), decimals
+    without exponents or trailing zeros ("1.500000000000000" and "1.5E+2" pass the contract too)."""
     data = record.model_dump(mode="json")
     for name, value in record:
         if isinstance(value, datetime):
             data[name] = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        elif isinstance(value, Decimal):
+            data[name] = format(value.normalize(), "f")
     return msgspec.json.encode(data)
 
 
