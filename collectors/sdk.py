@@ -42,7 +42,8 @@ from pydantic import TypeAdapter
 
 from meterline.schemas import InvalidEvent, build, new_id
 from meterline.schemas.events import (
-    MAX_ATTRIBUTE_VALUE_LEN, MAX_ATTRIBUTES, MAX_ID_LEN, MAX_NAME_LEN, MAX_TOKENS, PRIORITIES, Attribution, UsageEvent, Usd,
+    MAX_ATTRIBUTE_VALUE_LEN, MAX_ATTRIBUTES, MAX_COUNT, MAX_ID_LEN, MAX_NAME_LEN, MAX_TOKENS, PRIORITIES, Attribution,
+    UsageEvent, Usd,
 )
 from meterline.settings import Settings
 
@@ -50,7 +51,6 @@ from .attribution import SessionRegistry, sessions_dir
 from .sender import Sender
 
 STATUSES = frozenset(("ok", "error", "timeout", "rate_limited", "cancelled"))
-MAX_COUNT = 2**63 - 1
 _USD = TypeAdapter(Usd)
 _encode = msgspec.json.Encoder().encode
 _UTC = timezone.utc

@@ -26,7 +26,7 @@ UTC = timezone.utc
 Id = Annotated[str, msgspec.Meta(max_length=ev.MAX_ID_LEN)]
 Name = Annotated[str, msgspec.Meta(max_length=ev.MAX_NAME_LEN)]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_TOKENS)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_COUNT)]
 AttrKey = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_LEN)]
 AttrValue = Annotated[str, msgspec.Meta(max_length=ev.MAX_ATTRIBUTE_VALUE_LEN)]
 _CONTROL_RE = re.compile(r"[\x00-\x1f]")
