@@ -246,7 +246,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def broker_cpu_seconds() -> float:
-    pid_file = Path(os.environ.get("METERLINE_DATA_DIR", ".meterline")) / "kafka" / "broker.pid"
+    """CPU seconds of the local broker that `meterline kafka start` runs (0 when it runs elsewhere)."""
+    pid_file = Settings().data_dir / "kafka" / "broker.pid"
     try:
         return cpu_seconds(int(pid_file.read_text()))
     except (OSError, ValueError):
