@@ -6,6 +6,7 @@ test process never opens a chDB engine of its own.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -131,7 +132,6 @@ def test_malformed_records_go_to_the_dlq_and_their_neighbours_land(settings):
         assert msg is not None, f"only {len(letters)} dead letters arrived"
         letters.append(decode(DeadLetter, msg.value()))
     consumer.close()
-    import base64
 
     assert sorted(base64.b64decode(d.payload_b64) for d in letters) == sorted(bad)
     assert all(d.reason and d.source_topic == settings.topic("priced") for d in letters)
@@ -212,3 +212,39 @@ def test_clickhouse_down_is_retried_with_backoff_and_nothing_is_lost(settings, c
     got = ledger_sql(settings, "SELECT count() AS n, uniqExact(event_id) AS ids, toString(sum(cost_usd)) AS usd FROM priced_events")[0]
     assert got["n"] == got["ids"] == 3000
     assert Decimal(got["usd"]) == _usd(sum(truth.by_tenant.values()))
+
+
+CHECK_BUG_SCRIPT = """
+import sys, threading
+from meterline.schemas import events as ev
+from meterline.settings import Settings
+from meterline.sql import checks, ledger
+from meterline.sql.sink import LedgerSink
+
+checks.RULES[ev.UsageEvent] += ("v_output_tokens != 7",)  # a bug in the SQL checks: rejects a valid record
+settings = Settings()
+client = ledger.connect(settings)
+ledger.migrate(client)
+sink = LedgerSink(settings, client=client, group=sys.argv[1])
+sink.run(threading.Event(), idle_exit_s=3)
+"""
+
+
+def test_a_valid_record_the_sql_checks_wrongly_reject_is_dead_lettered_not_lost(settings):
+    """The safety net under sql/checks.py: if its rules ever disagree with the contract, the record is kept
+    in the dead-letter topic with a reason saying so, and its neighbours still land."""
+    records, _ = priced_events(50, seed=9)
+    odd = json.loads(records[0])
+    odd.update(output_tokens=7, output_cost_usd="0")
+    produce(settings, "priced", [json.dumps(odd).encode(), *records[1:]])
+    done = subprocess.run([sys.executable, "-c", CHECK_BUG_SCRIPT, group(settings)], env=_env(settings),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    consumer = Consumer(settings.kafka_config(**{"group.id": "dlq-reader", "auto.offset.reset": "earliest"}))
+    consumer.subscribe([settings.topic("dlq")])
+    msg = consumer.poll(30)
+    consumer.close()
+    letter = decode(DeadLetter, msg.value())
+    assert letter.error_type == "LedgerCheck" and "sql/checks.py" in letter.reason
+    assert json.loads(base64.b64decode(letter.payload_b64)) == odd
+    assert ledger_sql(settings, "SELECT count() AS n FROM priced_events")[0]["n"] == 49
