@@ -14,7 +14,6 @@ import io
 import json
 import random
 import re
-import uuid
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
