@@ -62,10 +62,11 @@ async def post_until_delivered(client: httpx.AsyncClient, url: str, anomaly: ev.
         delay = min(delay * 2, max_backoff)
 
 
-def dead_letter(source_topic: str, raw: bytes, reason: str, error_type: str) -> bytes:
-    return ev.DeadLetter(dlq_id=uuid.uuid4(), ts=ev.utcnow(), stage="alerts", source_topic=source_topic, partition=-1,
-                         offset=-1, reason=reason[: ev.MAX_TEXT_LEN], error_type=error_type,
-                         payload_b64=base64.b64encode(raw).decode()).to_json()
+def dead_letter(message: Any, reason: str, error_type: str) -> bytes:
+    """The anomaly's record (a Faust message: topic, partition, offset, bytes) with why it was not delivered."""
+    return ev.DeadLetter(dlq_id=uuid.uuid4(), ts=ev.utcnow(), stage="alerts", source_topic=message.topic,
+                         partition=message.partition, offset=message.offset, reason=reason[: ev.MAX_TEXT_LEN],
+                         error_type=error_type, payload_b64=base64.b64encode(message.value).decode()).to_json()
 
 
 def credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
@@ -93,22 +94,17 @@ def make_app(settings: Settings, webhook: str, min_severity: str = "warning", gi
     anomalies = app.topic(settings.topic("anomalies"), value_type=bytes, value_serializer="raw")
     dlq = app.topic(settings.topic("dlq"), value_type=bytes, value_serializer="raw")
     threshold = SEVERITIES.index(min_severity)
-    stats = app.alert_stats = {"delivered": 0, "filtered": 0, "dead_letters": 0}
 
     @app.agent(anomalies)
     async def deliver(stream):
         async with httpx.AsyncClient(timeout=10.0) as client:
-            async for raw in stream:
+            async for event in stream.events():
                 try:
-                    anomaly = ev.decode(ev.Anomaly, raw)
-                    if SEVERITIES.index(anomaly.severity) < threshold:
-                        stats["filtered"] += 1
-                        continue
-                    await post_until_delivered(client, webhook, anomaly, give_up_after)
-                    stats["delivered"] += 1
+                    anomaly = ev.decode(ev.Anomaly, event.value)
+                    if SEVERITIES.index(anomaly.severity) >= threshold:
+                        await post_until_delivered(client, webhook, anomaly, give_up_after)
                 except (ev.InvalidEvent, Undeliverable) as err:
-                    await dlq.send(value=dead_letter(anomalies.get_topic_name(), raw, str(err), type(err).__name__))
-                    stats["dead_letters"] += 1
+                    await dlq.send(value=dead_letter(event.message, str(err), type(err).__name__))
                     log.error("anomaly dead-lettered: %s", err)
 
     return app

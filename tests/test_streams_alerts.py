@@ -100,6 +100,7 @@ def test_anomalies_reach_the_webhook_through_an_outage_and_a_refusal_is_dead_let
     assert webhook.attempts == 3 + 3 + 1  # three 503s retried, three deliveries, one refusal; info was never sent
     [letter] = [decode(DeadLetter, m.value()) for m in read_topic(settings, settings.topic("dlq"), 1)]
     assert letter.stage == "alerts" and "400" in letter.reason
+    assert letter.source_topic == settings.topic("anomalies") and letter.offset >= 0 and letter.partition >= 0
     assert base64.b64decode(letter.payload_b64) == refused.to_json()
 
 
