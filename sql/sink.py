@@ -380,7 +380,7 @@ class LedgerSink:
         for name, rows in batch.tables.items():
             target = ledger.write_table(name, self.cluster)
             if rows.lines:
-                insert = self._stage(batch, name, rows, retry)
+                insert = self._stage(batch, name, target, rows, retry)
                 if insert is not None:
                     out.append((f"insert staged rows into {target}", insert))
             fresh = self._fresh_ids(name, rows, retry)
@@ -392,7 +392,7 @@ class LedgerSink:
 
     # ------------------------------------------------------------------ staged tables (sql/checks.py)
 
-    def _stage(self, batch: Batch, name: str, rows: TableBatch, retry: bool) -> Callable[[], None] | None:
+    def _stage(self, batch: Batch, name: str, target: str, rows: TableBatch, retry: bool) -> Callable[[], None] | None:
         """Load the rows into ClickHouse and check them there; the contract settles what ClickHouse rejects.
         Returns the insert of the accepted rows (None when there are none)."""
         staged = self._staged(name)
@@ -419,7 +419,7 @@ class LedgerSink:
             bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
             dedupe = (staged.id_column, ledger.write_table(ledger.ID_TABLES[name], self.cluster), *bounds)
             self.stats["duplicates"] += run(lambda: self.client.query(staged.duplicates(*dedupe)).result_rows[0][0], "dedupe")
-        query, attempts = staged.insert(ledger.write_table(name, self.cluster), dedupe), 0
+        query, attempts = staged.insert(target, dedupe), 0
 
         def insert() -> None:
             nonlocal attempts
