@@ -111,9 +111,9 @@ class Field:
             return f"if(match({text}, '{UUID_RE}'), toUUIDOrNull({text}), NULL)"
         raise AssertionError(base)
 
-    def checks(self) -> list[str]:
-        """Conditions on `v_<name>` that hold for a valid value."""
-        v, out = f"v_{self.name}", []
+    def checks(self, v: str | None = None) -> list[str]:
+        """Conditions on `v` (default `v_<name>`, the converted value) that hold for a valid value."""
+        v, out = v or f"v_{self.name}", []
         if get_origin(self.base) is dict:
             return self._map_checks(v)
         if get_origin(self.base) is Literal:
@@ -140,7 +140,7 @@ class Field:
         key_t, value_t = (Field.of("k", FieldInfo.from_annotation(a)) for a in get_args(self.base))
         out = [] if (n := self.bound(MaxLen)) is None else [f"length({v}) <= {n}"]
         for part, spec in (("mapKeys", key_t), ("mapValues", value_t)):
-            rules = [c.replace("v_k", "x") for c in spec.checks()[1:]]  # [0] is IS NOT NULL
+            rules = spec.checks("x")[1:]  # [0] is IS NOT NULL
             if rules:
                 out.append(f"arrayAll(x -> {' AND '.join(rules)}, {part}({v}))")
         return out
