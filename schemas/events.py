@@ -328,6 +328,27 @@ class DeadLetter(Contract):
     payload_b64: str = Field(max_length=16 * 1024 * 1024)
 
 
+# A dead letter must fit the dlq topic's max.message.bytes (Kafka's default is ~1 MB): base64 grows
+# the payload by 4/3, so beyond this many original bytes only the head is kept, with length and digest.
+MAX_DEAD_PAYLOAD_BYTES = 256 * 1024
+
+
+def dead_letter_payload(raw: bytes | None, reason: str) -> tuple[str, str]:
+    """(payload_b64, reason) for a dead letter: the whole record, or, when it is larger than
+    MAX_DEAD_PAYLOAD_BYTES, its head, with the reason saying so (original length and SHA-256)."""
+    raw = raw or b""
+    if len(raw) > MAX_DEAD_PAYLOAD_BYTES:
+        import hashlib
+
+        note = (f" [payload truncated: first {MAX_DEAD_PAYLOAD_BYTES} of {len(raw)} bytes kept, "
+                f"sha256 {hashlib.sha256(raw).hexdigest()}]")
+        reason = reason[: MAX_TEXT_LEN - len(note)] + note
+        raw = raw[:MAX_DEAD_PAYLOAD_BYTES]
+    import base64
+
+    return base64.b64encode(raw).decode(), reason[:MAX_TEXT_LEN]
+
+
 M = TypeVar("M", bound=BaseModel)
 
 CONTRACTS: dict[str, type[Contract]] = {
