@@ -6,6 +6,8 @@ future, so a bad producer is caught at the edge with an error naming the field.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
@@ -338,14 +340,10 @@ def dead_letter_payload(raw: bytes | None, reason: str) -> tuple[str, str]:
     MAX_DEAD_PAYLOAD_BYTES, its head, with the reason saying so (original length and SHA-256)."""
     raw = raw or b""
     if len(raw) > MAX_DEAD_PAYLOAD_BYTES:
-        import hashlib
-
         note = (f" [payload truncated: first {MAX_DEAD_PAYLOAD_BYTES} of {len(raw)} bytes kept, "
                 f"sha256 {hashlib.sha256(raw).hexdigest()}]")
         reason = reason[: MAX_TEXT_LEN - len(note)] + note
         raw = raw[:MAX_DEAD_PAYLOAD_BYTES]
-    import base64
-
     return base64.b64encode(raw).decode(), reason[:MAX_TEXT_LEN]
 
 
