@@ -215,7 +215,8 @@ class SpendUpdate(Contract):
 class Anomaly(Contract):
     anomaly_id: UUID
     ts: Timestamp
-    kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu", "budget_threshold"]
+    kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu", "budget_threshold",
+                  "conflicting_duplicate"]
     severity: Severity
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]
