@@ -142,7 +142,7 @@ class StreamWorker:
             "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384,
             # range: a member gets the same partition indexes of usage and gpu (equal counts, both keyed by
             # tenant), so a tenant's token and GPU spend live in one worker. (cooperative-sticky does not.)
-            "partition.assignment.strategy": "range",
+            "partition.assignment.strategy": "range", "on_commit": self._on_commit,
         }))
         self._check_co_partitioned()
 
@@ -161,7 +161,8 @@ class StreamWorker:
         every assigned partition is read to its end; checkpoints on exit."""
         stop = stop or threading.Event()
         gc.freeze()  # the catalog and price snapshot (long-lived) leave the collector's scans: fewer µs per event
-        self.consumer.subscribe([self.topics["usage"], self.topics["gpu"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.consumer.subscribe([self.topics["usage"], self.topics["gpu"]], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=lambda c, p: self._on_revoke(c, p, commit="none"))  # lost: the group moved on
         next_checkpoint, idle_since = time.monotonic() + self.checkpoint_interval, time.monotonic()
         next_publish = time.monotonic() + self.publish_interval
         try:
@@ -359,8 +360,13 @@ class StreamWorker:
             self._produce(self.state_topic, body, KEY_SEP.join(key))
             self.stats["spend_updates"] += 1
 
-    def checkpoint(self) -> None:
-        """Publish all changed spend, wait for every output to be acknowledged, then commit input offsets."""
+    def checkpoint(self, commit: str = "async") -> None:
+        """Publish all changed spend, wait for every output to be acknowledged, then commit input offsets.
+
+        `commit`: "async" on the timer, "sync" in the revoke callback, "none" when the assignment is lost.
+        Never a synchronous commit outside a rebalance callback: after a broker outage it can wait
+        forever for a group that is itself waiting for this thread to serve the revoke (the stall of
+        issue 10). A lost async commit only replays input, which the ledger dedupes."""
         self.publish_spend()
         self.detectors.tick(self.stream_now) if self.stream_now.year > 1 else None
         remaining = self.producer.flush(60)
@@ -368,7 +374,8 @@ class StreamWorker:
             raise RuntimeError(f"could not deliver to Kafka ({self._delivery_error or f'{remaining} records pending'}); "
                                "offsets were not committed, a restart replays from the last checkpoint")
         try:
-            self.consumer.commit(asynchronous=False)
+            if commit != "none":
+                self.consumer.commit(asynchronous=commit == "async")
         except KafkaException as err:
             if err.args[0].code() != KafkaError._NO_OFFSET:
                 raise
@@ -376,12 +383,17 @@ class StreamWorker:
             self._last_evict = time.monotonic()
             self.stats["evicted_scopes"] += self.spend.evict_idle(self.stream_now, self.session_idle)
 
+    def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:  # the next checkpoint commits again
+            self.stats["commit_failures"] += 1
+            log.warning("offset commit failed (%s); the next checkpoint retries", err)
+
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if self.spend.states or self.stats:  # a rebalance: newly owned tenants continue from the changelog
             self.spend.baseline = restore_spend(self.settings)
 
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.checkpoint()
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition], commit: str = "sync") -> None:
+        self.checkpoint(commit)
         lost = {p.partition for p in partitions if p.topic == self.topics["usage"]}
         for p in lost:
             self.dedupe.pop(p, None)
