@@ -170,6 +170,9 @@ class LedgerSink:
                 self.replay[key] = (hi, present)
             self.position[key] = start if start >= 0 else 0
         consumer.assign(partitions)
+        # librdkafka keeps a partition's pause across revoke and re-assignment: one paused by an insert in
+        # flight (_join_inflight) and then revoked would stay paused for good (the freeze of issue 10).
+        consumer.resume(partitions)
         log.info("assigned %d partitions; resuming from the ledger", len(partitions))
 
     def _resume_points(self, partitions: list[TopicPartition]) -> dict[TP, tuple[int, int, set[int]]]:
@@ -342,11 +345,13 @@ class LedgerSink:
         worker.join(0.5)
         if worker.is_alive():
             self.consumer.pause(self.consumer.assignment())
-            while worker.is_alive():
-                msg = self.consumer.poll(0.2)  # serves rebalance callbacks; paused partitions deliver nothing new
-                if msg is not None:
-                    self._take(msg)  # fetched before the pause: it joins the next batch
-            self.consumer.resume(self.consumer.assignment())
+            try:
+                while worker.is_alive():
+                    msg = self.consumer.poll(0.2)  # serves rebalance callbacks; paused partitions deliver nothing new
+                    if msg is not None:
+                        self._take(msg)  # fetched before the pause: it joins the next batch
+            finally:
+                self.consumer.resume(self.consumer.assignment())  # what a rebalance re-assigned, _on_assign resumed
         self._inflight = None
         inserted, self._inserted = self._inserted, None
         if inserted is not None:

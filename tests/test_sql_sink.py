@@ -248,3 +248,81 @@ def test_a_valid_record_the_sql_checks_wrongly_reject_is_dead_lettered_not_lost(
     assert letter.error_type == "LedgerCheck" and "sql/checks.py" in letter.reason
     assert json.loads(base64.b64decode(letter.payload_b64)) == odd
     assert ledger_sql(settings, "SELECT count() AS n FROM priced_events")[0]["n"] == 49
+
+
+REBALANCE_SCRIPT = """
+import sys, threading, time
+from confluent_kafka import Consumer
+from meterline.settings import Settings
+from meterline.sql import ledger
+from meterline.sql.sink import LedgerSink
+from meterline.sql.synth import priced_events
+from tests_produce import produce
+
+settings, group = Settings(), sys.argv[1]
+revoked, blocking, armed = threading.Event(), threading.Event(), threading.Event()
+
+class SlowInsert:
+    '''The ledger's insert, held (once, when armed) until the group rebalances: an insert in flight.'''
+    def __init__(self, client):
+        self.client = client
+    def __getattr__(self, name):
+        method = getattr(self.client, name)
+        def call(*args, **kwargs):
+            if name == "command" and str(args[0]).startswith("INSERT INTO priced_events") and armed.is_set():
+                armed.clear(); blocking.set(); revoked.wait(60)
+            return method(*args, **kwargs)
+        return call if callable(method) else method
+
+real = ledger.connect(settings)
+ledger.migrate(real)
+sink = LedgerSink(settings, client=SlowInsert(real), group=group)
+on_revoke = sink._on_revoke
+sink._on_revoke = lambda consumer, partitions: (revoked.set(), on_revoke(consumer, partitions))
+stop = threading.Event()
+runner = threading.Thread(target=sink.run, args=(stop,))
+runner.start()
+
+reader = ledger.connect(settings)
+
+def wait_rows(n, within):
+    deadline = time.monotonic() + within
+    while (rows := reader.query("SELECT count() FROM priced_events").result_rows[0][0]) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return rows
+
+records, _ = priced_events(300, seed=21)
+produce(settings, "priced", records[:100])
+assert wait_rows(100, 60) == 100
+armed.set()
+produce(settings, "priced", records[100:200])   # their insert is held: the sink pauses and polls
+assert blocking.wait(60)
+produce(settings, "priced", records[200:250])
+time.sleep(1.5)                                   # the next flush waits for the held one, partitions paused
+other = Consumer(settings.kafka_config(**{"group.id": group, "auto.offset.reset": "latest"}))
+other.subscribe(list(sink.tables))               # a second member joins: the sink's partitions are revoked
+deadline = time.monotonic() + 60
+while not other.assignment() and time.monotonic() < deadline:
+    other.poll(0.2)
+other.close()                                     # ... and leaves: every partition goes back to the sink
+produce(settings, "priced", records[250:])
+print("rows", wait_rows(300, 90), "revoked", revoked.is_set())
+stop.set()
+runner.join()
+"""
+
+
+def test_a_rebalance_during_an_insert_in_flight_leaves_no_partition_paused(settings, tmp_path):
+    """The sink froze after a broker outage (issue 10): while an insert was in flight it paused its partitions
+    and polled; a rebalance then revoked and re-assigned them, and librdkafka keeps a partition's pause
+    across assignments, so they stayed paused for good, with the sink alive and its lag growing."""
+    (tmp_path / "tests_produce.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom test_sql_sink import produce\n")
+    env = {**_env(settings), "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", REBALANCE_SCRIPT, group(settings)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "revoked True" in done.stdout, done.stdout            # the rebalance did hit the held insert
+    assert done.stdout.split("rows")[-1].split()[0] == "300", done.stdout + done.stderr[-2000:]
+    got = ledger_sql(settings, "SELECT count() AS n, uniqExact(event_id) AS ids FROM priced_events")[0]
+    assert got["n"] == got["ids"] == 300
