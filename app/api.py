@@ -1,7 +1,7 @@
 """The HTTP API that `meterline up` serves (aiohttp, on its own thread and event loop).
 
     GET  /                      the built-in dashboard (app/web/, no external assets)
-    GET  /health                components and whether they run (503 when one is down)
+    GET  /health                components, whether they run and progress (503 when one is down or stalled)
     GET  /metrics               Prometheus text
     GET  /api/report/<name>     a chargeback report (?since=&until=&by=&tenant=&team=&project=&limit=)
     POST /api/sql               {"sql": "...", "parameters": {...}} read-only, typed results
@@ -135,7 +135,7 @@ class ApiServer:
         from aiohttp import web
 
         components = self.health()
-        ok = all(c.get("running") for c in components.values())
+        ok = all(c.get("running") and not c.get("stalled") for c in components.values())
         return web.json_response({"status": "ok" if ok else "degraded", "components": components}, status=200 if ok else 503)
 
     async def _metrics(self, request):

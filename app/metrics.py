@@ -44,20 +44,24 @@ class KafkaWatermarks:
 
     def lag(self, group: str, topic: str) -> int | None:
         """Records on `topic` not yet committed by `group` (None when the group committed nothing)."""
+        committed, lag = self.progress(group, [topic])
+        return lag if committed is not None else None
+
+    def progress(self, group: str, topics: list[str]) -> tuple[int | None, int]:
+        """(sum of the offsets `group` committed on `topics` or None if none, records not yet committed)."""
         from confluent_kafka import Consumer
 
         with self._lock:
-            tps = self.partitions(topic)
-            ends = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps}
+            tps = [tp for topic in topics for tp in self.partitions(topic)]
+            ends = {(tp.topic, tp.partition): self._consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps}
         reader = Consumer(self.settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
         try:
-            committed = reader.committed(tps, timeout=5)
+            committed = reader.committed(tps, timeout=5) if tps else []
         finally:
             reader.close()
-        done = [tp for tp in committed if tp.offset >= 0]
-        if not done:
-            return None
-        return sum(ends[tp.partition] - tp.offset for tp in done) + sum(ends[tp.partition] for tp in committed if tp.offset < 0)
+        done = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
+        lag = sum(end - done.get(key, 0) for key, end in ends.items())
+        return (sum(done.values()) if done else None), max(0, lag)
 
     def close(self) -> None:
         self._consumer.close()
@@ -112,11 +116,18 @@ class PipelineCollector:
     def _component_metrics(self):
         up = GaugeMetricFamily("meterline_component_up", "1 while a supervised component runs.", labels=["component"])
         restarts = CounterMetricFamily("meterline_component_restarts", "Restarts of a supervised component.", labels=["component"])
+        progress = GaugeMetricFamily("meterline_component_last_progress_seconds",
+                                     "Seconds since a consumer last made progress (0 while it has nothing to read).",
+                                     labels=["component"])
+        stalled = GaugeMetricFamily("meterline_component_stalled", "1 while a consumer has lag and makes no progress.",
+                                    labels=["component"])
         for name, info in self.components().items():
             up.add_metric([name], 1 if info.get("running") else 0)
             restarts.add_metric([name], info.get("restarts", 0))
-        yield up
-        yield restarts
+            if "last_progress_s" in info:
+                progress.add_metric([name], info["last_progress_s"])
+                stalled.add_metric([name], 1 if info.get("stalled") else 0)
+        yield from (up, restarts, progress, stalled)
 
     @staticmethod
     def _safe(fn: Callable[[], Any]) -> Any:

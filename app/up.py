@@ -46,7 +46,11 @@ LEDGER_TOPICS = ("priced", "gpu", "spend", "anomalies", "control", "budgets", "d
 
 @dataclass
 class Component:
-    """One supervised part. Subclasses implement _start, alive and _stop."""
+    """One supervised part. Subclasses implement _start, alive and _stop.
+
+    A consumer names its group and input topics; ProgressWatch then judges its progress from Kafka
+    (committed offsets that move, or nothing left to read), because a live thread or process can
+    still be frozen (issue 10: a deadlocked commit looked "running, 0 restarts" for minutes)."""
 
     name: str
     restarts: int = 0
@@ -54,10 +58,25 @@ class Component:
     started_at: float = 0.0
     failures_in_a_row: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+    topics: tuple[str, ...] = ()
+    lag: int = 0
+    committed: int | None = None
+    last_progress: float = 0.0
 
     def start(self) -> None:
-        self.started_at = time.monotonic()
+        self.started_at = self.last_progress = time.monotonic()
+        self.committed, self.lag = None, 0
         self._start()
+
+    def observe(self, committed: int | None, lag: int, now: float) -> None:
+        """One reading of the group's committed offsets and lag."""
+        if lag == 0 or committed != self.committed:
+            self.last_progress = now
+        self.committed, self.lag = committed, lag
+
+    def stalled(self, stall_after_s: float, now: float | None = None) -> bool:
+        return self.lag > 0 and (now or time.monotonic()) - self.last_progress > stall_after_s
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop(timeout)
@@ -66,15 +85,22 @@ class Component:
     def _stop(self, timeout: float) -> None: ...
     def alive(self) -> bool: ...
 
-    def state(self) -> dict[str, Any]:
-        return {"running": self.alive(), "restarts": self.restarts, "last_error": self.last_error, **self.extra}
+    def abandon(self) -> None:
+        """Forget an instance that would not stop, so a fresh one can start."""
+
+    def state(self, stall_after_s: float = float("inf")) -> dict[str, Any]:
+        out = {"running": self.alive(), "restarts": self.restarts, "last_error": self.last_error, **self.extra}
+        if self.group:
+            out.update(lag=self.lag, last_progress_s=round(time.monotonic() - self.last_progress, 1),
+                       stalled=self.stalled(stall_after_s))
+        return out
 
 
 class ThreadComponent(Component):
     """Runs `make().run(stop_event)` on a thread; a return or an exception counts as a death."""
 
-    def __init__(self, name: str, make: Callable[[], Any]):
-        super().__init__(name)
+    def __init__(self, name: str, make: Callable[[], Any], group: str | None = None, topics: tuple[str, ...] = ()):
+        super().__init__(name, group=group, topics=topics)
         self.make = make
         self.instance: Any = None
         self._thread: threading.Thread | None = None
@@ -101,12 +127,18 @@ class ThreadComponent(Component):
         if self._thread:
             self._thread.join(timeout)
 
+    def abandon(self) -> None:
+        if self.alive():  # a thread cannot be killed; it exits at its next check of the stop event
+            log.warning("%s did not stop; starting a fresh one beside it", self.name)
+            self._thread = None
+
 
 class ProcessComponent(Component):
     """A child process (its own core); output goes to <data_dir>/logs/<name>.log."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
-        super().__init__(name)
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, group: str | None = None,
+                 topics: tuple[str, ...] = ()):
+        super().__init__(name, group=group, topics=topics)
         self.argv, self.env, self.log_dir = argv, env, log_dir
         self.proc: subprocess.Popen | None = None
 
@@ -121,7 +153,7 @@ class ProcessComponent(Component):
         if self.proc is None:
             return False
         code = self.proc.poll()
-        if code is not None and not self.last_error.startswith(f"exit {code}"):
+        if code is not None and not self.last_error.startswith(("exit", "stalled")):
             self.last_error = f"exit {code} (see {self.log_dir / (self.name + '.log')})"
         return code is None
 
@@ -148,8 +180,9 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    def __init__(self, components: list[Component]):
+    def __init__(self, components: list[Component], stall_after_s: float = float("inf")):
         self.components = components
+        self.stall_after_s = stall_after_s
 
     def start(self) -> None:
         for c in self.components:
@@ -157,8 +190,15 @@ class Supervisor:
             c.start()
 
     def check(self, stopping: threading.Event) -> None:
-        """Restart what died, with exponential backoff between attempts."""
+        """Restart what died or stalled, with exponential backoff between attempts."""
         for c in self.components:
+            if not stopping.is_set() and c.alive() and c.stalled(self.stall_after_s):
+                log.warning("%s stalled: lag %d, no progress for %.0f s; restarting it", c.name, c.lag,
+                            time.monotonic() - c.last_progress)
+                c.extra["stalls"] = c.extra.get("stalls", 0) + 1
+                c.stop(timeout=10)
+                c.abandon()
+                c.last_error, c.started_at = f"stalled with lag {c.lag}", 0.0  # restarted now, below
             if stopping.is_set() or c.alive():
                 if c.alive() and time.monotonic() - c.started_at > MAX_BACKOFF_S:
                     c.failures_in_a_row = 0
@@ -180,10 +220,45 @@ class Supervisor:
             self.check(stopping)
 
     def health(self) -> dict[str, dict[str, Any]]:
-        return {c.name: c.state() for c in self.components}
+        return {c.name: c.state(self.stall_after_s) for c in self.components}
 
     def get(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
+
+
+class ProgressWatch:
+    """Reads each consumer's committed offsets and lag from Kafka every `every` seconds.
+
+    While Kafka cannot be read nobody is judged (an outage stalls every consumer alike, and a
+    restart would not help), so after the broker returns each consumer has `stall_after_s` again."""
+
+    def __init__(self, settings: Settings, components: list[Component], every: float = 5.0):
+        self.settings, self.components, self.every = settings, components, every
+
+    def run(self, stop: threading.Event) -> None:
+        from .metrics import KafkaWatermarks
+
+        kafka = None
+        try:
+            while not stop.wait(self.every):
+                try:
+                    kafka = kafka or KafkaWatermarks(self.settings)
+                    self.observe(kafka)
+                except Exception as err:  # noqa: BLE001 - Kafka away: pause every consumer's clock
+                    log.warning("progress watch: Kafka unavailable (%s)", err)
+                    for c in self.components:
+                        c.last_progress = time.monotonic()
+        finally:
+            if kafka is not None:
+                kafka.close()
+
+    def observe(self, kafka: Any) -> None:
+        readings: dict[tuple[str, tuple[str, ...]], tuple[int | None, int]] = {}
+        for c in [c for c in self.components if c.group and c.alive()]:
+            key = (c.group, c.topics)
+            if key not in readings:  # stream workers share a group: one reading for all
+                readings[key] = kafka.progress(c.group, [self.settings.topic(t) for t in c.topics])
+            c.observe(*readings[key], time.monotonic())
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -251,19 +326,22 @@ class Up:
         self.registry = None
         self.latency = None
         self.feed = LiveFeed(settings, self.live, on_decision_latency=self._observe_latency)
-        components: list[Component] = [ThreadComponent("sink", self._make_sink)]
+        components: list[Component] = [ThreadComponent("sink", self._make_sink, settings.group("sink"), LEDGER_TOPICS)]
         if allocator:
-            components.append(ThreadComponent("allocator", self._make_allocator))
+            components.append(ThreadComponent("allocator", self._make_allocator, settings.group("allocator"), ("spend", "gpu")))
         group = settings.group("streams")
         for i in range(int(streams)):  # one worker per core: partitions are the parallelism
             name, member = ("streams", []) if i == 0 else (f"streams-{i + 1}", ["--instance-id", f"{group}-{i + 1}"])
             components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, *member),
-                                               settings_env(settings), settings.data_dir / "logs"))
+                                               settings_env(settings), settings.data_dir / "logs", group, ("usage", "gpu")))
         if webhook:  # anomalies to a webhook, at least once (the Faust job in streams/alerts.py)
             components.append(ProcessComponent("alerts", meterline_argv("alerts", "--webhook", webhook),
-                                               settings_env(settings), settings.data_dir / "logs"))
+                                               settings_env(settings), settings.data_dir / "logs",
+                                               settings.group("alerts"), ("anomalies",)))
         components.append(ThreadComponent("live", lambda: _LiveRunner(self.feed)))
-        self.supervisor = Supervisor(components)
+        self.supervisor = Supervisor(components, stall_after_s=settings.stall_after_s)
+        self.progress = ProgressWatch(settings, components, every=min(5.0, settings.stall_after_s / 2))
+        self._progress_stop = threading.Event()
 
     # ---- parts --------------------------------------------------------------------------------
 
@@ -367,6 +445,7 @@ class Up:
         self.port = self.api.port
         self.supervisor.components.append(ThreadComponent("api", lambda: _ApiRunner(self.api)))
         self.supervisor.start()
+        threading.Thread(target=self.progress.run, args=(self._progress_stop,), name="progress", daemon=True).start()
         write_runfile(self.settings, url)
         log.info("meterline up: API and dashboard at %s", url)
         return url
@@ -397,6 +476,7 @@ class Up:
         """Graceful: stream worker checkpoints, allocator stops, sink drains + flushes + commits."""
         from .store import remove_runfile
 
+        self._progress_stop.set()
         core = ("sink", "live", "api")
         producers = [c for c in self.supervisor.components if c.name not in core]
         for c in sorted(producers, key=lambda c: c.name == "allocator"):  # stream worker and collectors, then allocator

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     clickhouse_dsn: str | None = Field(None, description="chdb:///path (default: <data_dir>/clickhouse) or http(s)://user:pass@host:8123/db.")
     clickhouse_cluster: str | None = Field(None, description="When set, DDL runs ON CLUSTER with Replicated tables.")
     api_port: int = 8787
+    stall_after_s: float = Field(60.0, gt=0, description="`up` restarts a consumer with lag that made no progress this long.")
 
     @classmethod
     def settings_customise_sources(

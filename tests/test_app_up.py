@@ -159,3 +159,68 @@ def test_up_with_a_webhook_supervises_the_alerts_job(settings):
     assert "alerts" not in children()
     argv = children(webhook="http://hooks.example/x")["alerts"]
     assert argv[argv.index("alerts"):] == ["alerts", "--webhook", "http://hooks.example/x"]
+
+
+def test_a_frozen_consumer_is_reported_stalled_and_restarted(up_env):
+    """A live process can still be frozen (issue 10: a deadlocked commit looked 'running, 0 restarts').
+    Here the stream worker is SIGSTOPped while events wait: /health turns it stalled (503), the
+    supervisor restarts it, and every event is priced exactly once."""
+    settings, env, port = up_env
+    env = {**env, "METERLINE_STALL_AFTER_S": "4"}
+    proc = start_up(env, port)
+    health = lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # noqa: E731
+    try:
+        send(settings, 50, "s-1")
+        wait_for(lambda: totals(env)["priced_events"] == 50, "the first events in the ledger")
+        frozen = health().json()["components"]["streams"]
+        assert frozen["stalled"] is False and "last_progress_s" in frozen
+        os.kill(frozen["pid"], signal.SIGSTOP)
+        send(settings, 100, "s-2")
+        stalled = wait_for(lambda: (r := health()).status_code == 503 and r.json()["components"]["streams"]["stalled"] and r,
+                           "/health to report the frozen stream worker stalled")
+        assert stalled.json()["status"] == "degraded" and stalled.json()["components"]["streams"]["lag"] > 0
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert re.search(r'meterline_component_stalled\{component="streams"\} 1\.0', metrics)
+        assert float(re.search(r'meterline_component_last_progress_seconds\{component="streams"\} (\S+)', metrics)[1]) > 4
+        wait_for(lambda: health().status_code == 200 and health().json()["components"]["streams"]["pid"] != frozen["pid"],
+                 "the stalled worker to be replaced")
+        after = health().json()["components"]["streams"]
+        assert after["stalls"] == 1 and after["restarts"] >= 1 and after["last_error"].startswith("stalled")
+        wait_for(lambda: totals(env)["priced_events"] == 150, "every event priced after the restart")
+        assert json.loads(meterline(env, "sql", "SELECT uniqExact(event_id) AS ids FROM priced_events", "-f", "json")) == [{"ids": 150}]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
+
+
+def test_progress_is_judged_only_while_kafka_can_be_read(settings):
+    """Pure supervision logic: lag with committed offsets that do not move is a stall; no lag, or moving
+    offsets, is progress; while Kafka cannot be read nobody is judged, so a broker outage restarts nothing."""
+    import threading
+    import time
+
+    from meterline.app.up import ProgressWatch, ThreadComponent
+
+    c = ThreadComponent("sink", lambda: None, group="g", topics=("priced",))
+    c.alive = lambda: True
+    c.observe(10, 5, now=100.0)
+    c.observe(10, 5, now=200.0)             # same offsets, still lag
+    assert c.stalled(60, now=200.0) and not c.stalled(120, now=200.0)
+    c.observe(12, 5, now=201.0)             # offsets moved
+    assert not c.stalled(60, now=250.0)
+    c.observe(12, 0, now=400.0)             # nothing to read is not a stall
+    assert not c.stalled(60, now=400.0)
+
+    class KafkaAway:
+        def progress(self, group, topics):
+            raise RuntimeError("broker down")
+
+    c.observe(12, 7, now=time.monotonic() - 1000)
+    watch, stop = ProgressWatch(settings, [c], every=0.01), threading.Event()
+    watch.observe = lambda kafka: KafkaAway().progress("g", [])
+    runner = threading.Thread(target=watch.run, args=(stop,))
+    runner.start()
+    time.sleep(0.2)
+    stop.set()
+    runner.join()
+    assert not c.stalled(60)
