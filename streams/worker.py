@@ -20,16 +20,35 @@ consumer offsets. A crash replays at most one checkpoint of input: priced rows m
 (the ledger dedupes by event_id) and restored spend may count replayed events twice,
 never zero times.
 
-Dedupe: event ids are remembered per usage partition in an insertion-ordered dict capped
-at `dedupe_per_partition` ids (FIFO eviction), so memory is bounded (~100 B per id) and a
-producer retry within the last N events of its partition is dropped. The window restarts
-empty after a restart; the ledger's dedupe by event_id catches what it misses.
+Dedupe, first write wins: one window per worker, across its usage partitions, remembers the
+last `dedupe_per_partition` x (assigned usage partitions) event ids (FIFO eviction: bounded memory,
+~200 B per id; a busy partition may push out a quiet one's ids early, the total stays the same) with a
+64-bit digest of each one's decoded usage fields and the tenant, partition and offset of its first
+copy. The first copy in consume order is charged; a later copy with the same digest is a producer
+retry (dropped, counted); one with another digest (another tenant or another cost: a forgery or a
+reused id) is never priced or counted: it is dead-lettered as `conflicting_duplicate`, naming both
+copies, and raised as an anomaly. A revoked partition's ids are forgotten (its new owner builds its
+own window); the window restarts empty after a restart, and the ledger's dedupe by event_id catches
+what it misses.
+
+Faults: no single record stops the worker. Whatever one record raises while being decoded, deduped,
+priced, aggregated or checked for anomalies sends it to the dlq (reason names the stage, error_type the
+exception) and the batch goes on. A record's effects are ordered so that a failure leaves no charge:
+everything that can fail on its own runs before spend (the detectors first: their baselines are advisory,
+an event that fails later may have nudged one, nothing more); SpendBook.add can fail only computing the
+event's minute or month at the calendar's ends, which the first scope needing them computes before any
+scope is charged; a priced record that produce() refuses has its spend taken back before it is
+dead-lettered. A record the broker refuses later (delivery report: too large, invalid) is dead-lettered
+at the checkpoint, bounded (its spend stays counted: errs toward over-counting). Retriable commit errors
+are retried, lost assignments and rebalances skip the commit (the next checkpoint commits; replay is
+at-least-once); only errors that concern every record (configuration, authorization, fatal) stop it.
 """
 from __future__ import annotations
 
 import base64
 import gc
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -37,6 +56,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
+from msgspec.structs import astuple
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from meterline.schemas import events as ev
@@ -44,7 +64,7 @@ from meterline.settings import Settings
 from meterline.topics import create_topics
 
 from .anomalies import DetectorConfig, Detectors
-from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usd
+from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
 from .pricing import Catalog, load_catalog
 from .spend import ScopeKey, SpendBook
 
@@ -53,31 +73,117 @@ UTC = timezone.utc
 STATE_TOPIC = "spend-state"
 KEY_SEP = "\x1f"
 NO_PARTS = (0, 0, 0, 0, 0)
+MAX_DLQ_KEY = 1024  # bytes of a dead letter's key kept (the key only picks the dlq partition)
 TOP_SCOPES = frozenset(("tenant", "team", "project"))
 
 
 class DedupeWindow:
-    """The last `capacity` event ids of one partition (bounded; oldest forgotten first)."""
+    """The last `capacity` event ids of a worker's usage partitions, each with its first copy:
+    (digest, tenant, partition, offset). Bounded; oldest forgotten first. The hot path reads and
+    writes `ids` inline (no method call per event)."""
 
     __slots__ = ("capacity", "ids")
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.ids = capacity, {}
 
-    def seen(self, event_id: int) -> bool:
+    def first(self, event_id: int, copy: tuple[int, str, int, int]) -> tuple[int, str, int, int] | None:
+        """The first copy of event_id, or None when it is new (and now remembered as `copy`)."""
+        known = self.ids.get(event_id)
+        if known is None:
+            self.remember(event_id, copy)
+        return known
+
+    def remember(self, event_id: int, copy: tuple[int, str, int, int]) -> None:
         ids = self.ids
-        if event_id in ids:
-            return True
-        ids[event_id] = None
+        ids[event_id] = copy
         if len(ids) > self.capacity:
             del ids[next(iter(ids))]
-        return False
+
+    def seen(self, event_id: int) -> bool:
+        return self.first(event_id, (0, "", -1, -1)) is not None
+
+    def forget_partitions(self, partitions: set[int]) -> None:
+        self.ids = {k: v for k, v in self.ids.items() if v[2] not in partitions}
+
+
+_FIELDS = tuple(FastUsage.__struct_fields__)
+_ATTRS = _FIELDS.index("attributes")
+assert _ATTRS == len(_FIELDS) - 1
+
+
+def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
+    """64-bit digest of a usage event's decoded fields (not its bytes: key order, spacing and equal
+    spellings of a time or an amount do not matter); FastUsage and UsageEvent agree. Python's hash:
+    in-process only (like the window), and keyed for strings, so a forger cannot aim a collision."""
+    if type(event) is FastUsage:
+        values = astuple(event)
+    else:
+        fields = usage_fields(event)
+        values = tuple(fields[name] for name in _FIELDS)
+    attrs = values[_ATTRS]
+    return hash((values[:_ATTRS], frozenset(attrs.items()))) if attrs else hash(values[:_ATTRS])
+
+
+# a produce() or delivery error that concerns one record (its size or shape), not the connection
+PER_RECORD_ERRORS = frozenset((KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
+                               KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE))
+# commit errors that pass: retried here a few times (the coordinator moves or loads, a request timed out) ...
+COMMIT_RETRIABLE = frozenset((KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR,
+                              KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+                              KafkaError._TIMED_OUT, KafkaError._TRANSPORT))
+# ... or skipped: the partitions were lost or are being reassigned; the next checkpoint (or the new
+# owner) commits, and what was not committed is replayed (at-least-once)
+COMMIT_SKIP = frozenset((KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS,
+                         KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID))
+COMMIT_BACKOFF = (0.1, 0.3, 1.0, 3.0)
+
+
+def commit_offsets(consumer: Any, asynchronous: bool = False, backoff: tuple[float, ...] = COMMIT_BACKOFF) -> bool:
+    """Commit the consumer's positions; True when committed (or requested, asynchronous; or nothing to
+    commit). Retriable errors are retried with backoff, lost assignments and rebalances skipped (logged;
+    False); any other error raises."""
+    for attempt in range(len(backoff) + 1):
+        try:
+            consumer.commit(asynchronous=asynchronous)
+            return True
+        except KafkaException as exc:
+            err = exc.args[0]
+            code = err.code()
+            if code == KafkaError._NO_OFFSET:
+                return True
+            if code in COMMIT_SKIP:
+                log.warning("commit skipped (%s); the next checkpoint commits, uncommitted input is replayed", err)
+                return False
+            if not (code in COMMIT_RETRIABLE or err.retriable()) or err.fatal():
+                raise
+            if attempt == len(backoff):
+                log.warning("commit failed %d times (%s); the next checkpoint tries again", attempt + 1, err)
+                return False
+            time.sleep(backoff[attempt])
+    return False
 
 
 def ensure_state_topic(settings: Settings) -> str:
     """The compacted spend-state changelog (in the topic catalog; created with the others if missing)."""
     create_topics(settings)
     return settings.topic(STATE_TOPIC)
+
+
+LEADER_MOVING = frozenset((KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                           KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT))
+
+
+def _high_watermark(consumer: Any, tp: TopicPartition) -> int:
+    """A partition's end, waiting out a leader that is still being elected (a topic just created)."""
+    for delay in (0.1, 0.3, 1.0, 3.0, None):
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=30)[1]
+        except KafkaException as exc:
+            if delay is None or not (exc.args[0].code() in LEADER_MOVING or exc.args[0].retriable()):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def restore_spend(settings: Settings, now: datetime | None = None) -> dict[ScopeKey, dict[str, Any]]:
@@ -87,7 +193,7 @@ def restore_spend(settings: Settings, now: datetime | None = None) -> dict[Scope
     consumer = Consumer(settings.kafka_config(**{"group.id": "meterline-streams-restore", "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+        ends = {p: _high_watermark(consumer, TopicPartition(topic, p)) for p in parts}
         todo = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
         latest: dict[ScopeKey, dict[str, Any]] = {}
@@ -121,13 +227,15 @@ class StreamWorker:
         self.group_id, self.checkpoint_interval, self.batch_size = group_id, checkpoint_interval, batch_size
         self.publish_interval = min(publish_interval, checkpoint_interval)
         self.dedupe_per_partition, self.session_idle = dedupe_per_partition, session_idle
-        self.dedupe: dict[int, DedupeWindow] = {}
+        self.dedupe = DedupeWindow(dedupe_per_partition)  # one per worker; capacity x usage partitions on assign
         self.tenant_partition: dict[str, int] = {}
         self.spend = SpendBook(restore_spend(settings))
         self.detectors = Detectors(detector_config)
         self.stats: Counter[str] = Counter()
         self.stream_now = datetime.min.replace(tzinfo=UTC)
         self._delivery_error: str | None = None
+        self._refused_later: list[tuple[str, bytes | None, Any, KafkaError]] = []
+        self.last_progress = time.monotonic()  # of the last batch processed or commit made (for a supervisor)
         self._suffix_now: datetime | None = None
         self._suffix = ""
         self._last_evict = time.monotonic()
@@ -170,6 +278,7 @@ class StreamWorker:
                 msgs = self.consumer.consume(self.batch_size, timeout=0.1)
                 if msgs:
                     self.process(msgs)
+                    self.last_progress = time.monotonic()
                     idle_since = time.monotonic()
                 elif exit_when_idle is not None and time.monotonic() - idle_since > exit_when_idle:
                     break
@@ -203,15 +312,18 @@ class StreamWorker:
         return True
 
     def process(self, msgs: list[Any]) -> None:
-        """One consumed batch: usage events through the hot path (priced records produced at the end
-        of the batch), GPU samples after them. Per-event work stays in locals; counters per batch."""
+        """One consumed batch: usage events through the hot path, GPU samples after them. Per-event work
+        stays in locals; counters per batch. A record that fails is dead-lettered and the batch goes on
+        (module docstring, Faults: the order of the stages below is what makes a failure leave no charge)."""
         usage_topic, now = self.topics["usage"], datetime.now(UTC)
         latest = now + ev.MAX_FUTURE_SKEW  # the newest acceptable event time, once per batch
-        dedupe, tenant_partition, stats = self.dedupe, self.tenant_partition, self.stats
+        window, capacity = self.dedupe.ids, self.dedupe.capacity
+        first_copy, tenant_partition = window.get, self.tenant_partition
         price, unpriced_counts = self.catalog.price_pico, self.catalog.unpriced
         spend_add, detect, priced_json = self.spend.add, self.detectors.usage, self._priced_json
-        gpu_samples, priced, newest = [], [], self.stream_now
-        duplicates = unpriced_events = 0
+        produce, priced_topic = self.producer.produce, self.topics["priced"]
+        gpu_samples, newest = [], self.stream_now
+        priced = duplicates = unpriced_events = 0
         for msg in msgs:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
@@ -220,56 +332,107 @@ class StreamWorker:
             if msg.topic() != usage_topic:
                 sample = self._decode_or_dlq(msg, ev.GpuSample, now)
                 if sample is not None:
-                    gpu_samples.append(sample)
+                    gpu_samples.append((msg, sample))
                 continue
-            raw = msg.value()
-            try:
+            stage = "decode"
+            try:  # one try per record (free in 3.11 unless it raises); `stage` names the step for the reason
+                raw = msg.value()
                 if raw is None:
                     raise ev.InvalidEvent("UsageEvent", [("(record)", "empty record (tombstone)")])
                 event = decode_usage(raw, latest=latest)
-            except ev.InvalidEvent as err:
-                self._dead_letter(msg, err.reason, "InvalidEvent", now)
+                stage = "dedupe"
+                event_id, digest, tenant = event.event_id.int, usage_digest(event), event.tenant_id
+                known = first_copy(event_id)
+                if known is not None:  # first write wins: a retry is dropped, another body is refused
+                    if known[0] == digest:
+                        duplicates += 1
+                    else:
+                        self._conflicting_duplicate(msg, event, known, now)
+                    continue
+                stage = "pricing"
+                listed = price(event)
+                if event.cost_usd is not None:
+                    cost, source, unpriced = to_pico(event.cost_usd), "provider", False
+                elif listed is not None:
+                    cost, source, unpriced = listed[4], "catalog", False
+                else:
+                    cost, source, unpriced = 0, "unpriced", True
+                body = priced_json(event, cost, listed or NO_PARTS, source, now)
+                stage = "anomaly detection"  # before spend: detector state is advisory, spend is money
+                ts = event.ts
+                second = ts.toordinal() * 86400 + ts.hour * 3600 + ts.minute * 60 + ts.second  # anomalies.second_of, inlined
+                found = detect(event, cost, unpriced, second)
+                stage = "spend"  # charges every scope or none (module docstring)
+                ids, minute = (tenant, event.team, event.project, event.agent_id, event.session_id), second // 60
+                spend_add(ids, ts, cost, event.input_tokens, event.output_tokens, unpriced, minute=minute)
+                stage = "producing the priced record"
+                try:
+                    produce(priced_topic, body, tenant)
+                except BufferError:
+                    self._produce(priced_topic, body, tenant, refused_to_dlq=False)
+            except Exception as exc:  # noqa: BLE001 - one record's failure, whatever it is, is that record's
+                if stage == "producing the priced record" and self._is_per_record(exc):
+                    spend_add(ids, ts, -cost, -event.input_tokens, -event.output_tokens, -unpriced, events=-1, minute=minute)
+                self._failed(msg, stage, exc, now)
                 continue
-            partition = msg.partition()
-            window = dedupe.get(partition)
-            if window is None:
-                window = dedupe[partition] = DedupeWindow(self.dedupe_per_partition)
-            if window.seen(event.event_id.int):
-                duplicates += 1
-                continue
-            tenant = event.tenant_id
-            tenant_partition[tenant] = partition
-            listed = price(event)
-            unpriced = False
-            if event.cost_usd is not None:
-                cost, source = to_pico(event.cost_usd), "provider"
-            elif listed is not None:
-                cost, source = listed[4], "catalog"
-            else:
-                cost, source, unpriced = 0, "unpriced", True
+            # charged: the rest cannot fail on its own
+            window[event_id] = (digest, sys.intern(tenant), msg.partition(), msg.offset())
+            if len(window) > capacity:
+                del window[next(iter(window))]
+            priced += 1
+            tenant_partition[tenant] = msg.partition()
+            if unpriced:
                 unpriced_counts[(event.provider, event.model or event.tool)] += 1
                 unpriced_events += 1
-            priced.append((priced_json(event, cost, listed or NO_PARTS, source, now), tenant))
-            ts = event.ts
-            second = ts.toordinal() * 86400 + ts.hour * 3600 + ts.minute * 60 + ts.second  # anomalies.second_of, inlined
-            spend_add((tenant, event.team, event.project, event.agent_id, event.session_id), ts, cost,
-                      event.input_tokens, event.output_tokens, unpriced, minute=second // 60)
             if ts > newest:
                 newest = ts
-            found = detect(event, cost, unpriced, second)
             if found:
                 for anomaly in found:
                     self._anomaly(anomaly)
         self.stream_now = newest
+        stats = self.stats
         if priced:
-            self._produce_all(self.topics["priced"], priced)
-            stats["priced"] += len(priced)
+            stats["priced"] += priced
         if unpriced_events:
             stats["unpriced"] += unpriced_events
         if duplicates:
             stats["duplicates"] += duplicates
         if gpu_samples:
-            self._gpu(gpu_samples)
+            self._gpu(gpu_samples, now)
+
+    @staticmethod
+    def _is_per_record(exc: BaseException) -> bool:
+        """Not a Kafka error, or one that concerns only this record (its size or shape)."""
+        return not isinstance(exc, KafkaException) or exc.args[0].code() in PER_RECORD_ERRORS
+
+    def _failed(self, msg: Any, stage: str, exc: Exception, now: datetime) -> None:
+        """Dead-letter the record that `stage` failed on; a Kafka error that concerns every record propagates."""
+        if not self._is_per_record(exc):
+            raise exc
+        if isinstance(exc, ev.InvalidEvent):
+            self._dead_letter(msg, exc.reason, "InvalidEvent", now)
+            return
+        log.warning("%s failed for %s[%s]@%s: %r", stage, msg.topic(), msg.partition(), msg.offset(), exc)
+        error_type = exc.args[0].name() if isinstance(exc, KafkaException) else type(exc).__name__
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+        self._dead_letter(msg, f"{stage} failed: {message}", error_type, now)
+
+    def _conflicting_duplicate(self, msg: Any, event: Any, first: tuple[int, str, int, int], now: datetime) -> None:
+        """An event id seen before with another body: refused (dead letter) and raised (anomaly); never charged."""
+        _, first_tenant, partition, offset = first
+        tenant, topic = event.tenant_id, msg.topic()
+        first_at, copy_at = f"{topic}[{partition}]@{offset}", f"{topic}[{msg.partition()}]@{msg.offset()}"
+        reason = (f"conflicting_duplicate: event_id {event.event_id} first seen for tenant {first_tenant!r} at {first_at}; "
+                  f"this copy is for tenant {tenant!r} at {copy_at}"
+                  + (" with another body" if tenant == first_tenant else "") + "; only the first copy is charged")
+        anomaly = ev.build(ev.Anomaly, anomaly_id=ev.new_id(), ts=now, kind="conflicting_duplicate",
+                           severity="critical" if tenant != first_tenant else "warning", tenant_id=first_tenant,
+                           scope="tenant", scope_id=first_tenant, window_start=now, window_end=now,
+                           evidence={"event_id": str(event.event_id), "first_tenant": first_tenant, "copy_tenant": tenant,
+                                     "first_at": first_at, "copy_at": copy_at}, message=reason)
+        self._dead_letter(msg, reason, "conflicting_duplicate", now)
+        self._anomaly(anomaly)
+        self.stats["conflicting_duplicates"] += 1
 
     def _priced_json(self, event: Any, cost: int, parts: tuple[int, ...], source: str, now: datetime) -> bytes:
         """PricedEvent JSON: the usage fields (cost_usd = the charge) + price fields, without building a model."""
@@ -289,23 +452,35 @@ class StreamWorker:
         return head[:-1] + prices.encode()
 
     # ------------------------------------------------------------------- GPU
-    def _gpu(self, samples: list[ev.GpuSample]) -> None:
-        """Charge process rows (each row carries its share of a device that processes share)."""
-        for sample in samples:
-            self.stats["gpu_samples"] += 1
-            gpu_ps = cost = 0
+    def _gpu(self, samples: list[tuple[Any, ev.GpuSample]], now: datetime) -> None:
+        """Charge process rows (each row carries its share of a device that processes share); same
+        order as usage: what can fail on its own before spend."""
+        for msg, sample in samples:
+            stage = "pricing"
             try:
-                seconds, usd_cost = self.catalog.gpu_sample_cost(sample)
-                gpu_ps, cost = to_pico(seconds), to_pico(usd_cost)
-            except LookupError:
+                gpu_ps = cost = 0
+                unpriced = False
+                try:
+                    seconds, usd_cost = self.catalog.gpu_sample_cost(sample)
+                    gpu_ps, cost = to_pico(seconds), to_pico(usd_cost)
+                except LookupError:
+                    unpriced = True
+                stage = "anomaly detection"
+                found = self.detectors.gpu(sample, gpu_ps, cost)
+                stage = "spend"
+                if sample.level == "process":
+                    if sample.attributed and sample.tenant_id:
+                        ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
+                    else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"
+                        ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                    self.spend.add(ids, sample.ts, cost, gpu_ps=gpu_ps, gpu_cost=cost, events=0)
+            except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
+                self._failed(msg, stage, exc, now)
+                continue
+            self.stats["gpu_samples"] += 1
+            if unpriced:
                 self.stats["gpu_unpriced"] += 1
-            if sample.level == "process":
-                if sample.attributed and sample.tenant_id:
-                    ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
-                else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"
-                    ids = (sample.tenant_id or "unattributed", "", "", "", "")
-                self.spend.add(ids, sample.ts, cost, gpu_ps=gpu_ps, gpu_cost=cost, events=0)
-            for anomaly in self.detectors.gpu(sample, gpu_ps, cost):
+            for anomaly in found:
                 self._anomaly(anomaly)
 
     # ------------------------------------------------------------- outputs
@@ -314,15 +489,21 @@ class StreamWorker:
             if msg.value() is None:
                 raise ev.InvalidEvent(contract.__name__, [("(record)", "empty record (tombstone)")])
             return ev.decode(contract, msg.value())
-        except ev.InvalidEvent as err:
-            self._dead_letter(msg, err.reason, "InvalidEvent", now)
+        except Exception as exc:  # noqa: BLE001 - a record that cannot be decoded, for any reason, is that record's
+            self._failed(msg, "decode", exc, now)
             return None
 
     def _dead_letter(self, msg: Any, reason: str, error_type: str, now: datetime) -> None:
-        letter = {"dlq_id": ev.new_id(), "ts": now, "stage": "streams", "source_topic": msg.topic(),
-                  "partition": msg.partition(), "offset": msg.offset(), "reason": reason[: ev.MAX_TEXT_LEN],
-                  "error_type": error_type, "payload_b64": base64.b64encode(msg.value() or b"").decode()}
-        self._produce(self.topics["dlq"], encode(letter), msg.key())
+        self._letter(msg.topic(), msg.partition(), msg.offset(), msg.value(), msg.key(), reason, error_type, now)
+
+    def _letter(self, topic: str, partition: int, offset: int, raw: bytes | None, key: Any, reason: str,
+                error_type: str, now: datetime) -> None:
+        """A DeadLetter that always fits the dlq topic: a long payload keeps its head (+ length and SHA-256),
+        a long key its head (the key only picks the dlq partition)."""
+        payload, reason = ev.dead_letter_payload(raw, reason)
+        letter = {"dlq_id": ev.new_id(), "ts": now, "stage": "streams", "source_topic": topic, "partition": partition,
+                  "offset": offset, "reason": reason, "error_type": error_type, "payload_b64": payload}
+        self._produce(self.topics["dlq"], encode(letter), key[:MAX_DLQ_KEY] if key else key)
         self.stats["dead_letters"] += 1
 
     def _anomaly(self, anomaly: ev.Anomaly) -> None:
@@ -330,24 +511,37 @@ class StreamWorker:
         self._produce(self.topics["anomalies"], body, anomaly.tenant_id)
         self.stats["anomalies"] += 1
 
-    def _produce_all(self, topic: str, records: list[tuple[bytes, Any]]) -> None:
-        produce = self.producer.produce
-        for value, key in records:
-            try:
-                produce(topic, value, key)
-            except BufferError:
-                self._produce(topic, value, key)
-
-    def _produce(self, topic: str, value: bytes, key: Any) -> None:
+    def _produce(self, topic: str, value: bytes, key: Any, refused_to_dlq: bool = True) -> None:
+        """produce(), waiting for room in the queue. A record Kafka refuses on its own (too large, invalid)
+        becomes a dead letter (refused_to_dlq) instead of stopping the worker; other Kafka errors raise."""
         while True:
             try:
                 self.producer.produce(topic, value, key)
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                if not refused_to_dlq or exc.args[0].code() not in PER_RECORD_ERRORS:
+                    raise
+                self._refused(topic, value, key, exc.args[0])
+                return
+
+    def _refused(self, topic: str, value: bytes | None, key: Any, err: KafkaError) -> None:
+        """An output record Kafka refused on its own: to the dlq (bounded); a refused dead letter is logged
+        and counted (with the bound it cannot be too large; there is nowhere left to send it)."""
+        if topic == self.topics["dlq"]:
+            log.error("a dead letter was refused (%s) and is lost: %r", err, (value or b"")[:2000])
+            self.stats["dead_letters_lost"] += 1
+            return
+        self.stats["refused_outputs"] += 1
+        self._letter(topic, -1, -1, value, key, f"producing to {topic} failed: {err.str()}", err.name(), datetime.now(UTC))
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None and self._delivery_error is None:
+        if err is None:
+            return
+        if err.code() in PER_RECORD_ERRORS:  # this record only: dead-lettered at the checkpoint, not a stall
+            self._refused_later.append((msg.topic(), msg.value(), msg.key(), err))
+        elif self._delivery_error is None:
             self._delivery_error = f"{msg.topic()}: {err}"
 
     # ----------------------------------------------------------- checkpoint
@@ -370,15 +564,16 @@ class StreamWorker:
         self.publish_spend()
         self.detectors.tick(self.stream_now) if self.stream_now.year > 1 else None
         remaining = self.producer.flush(60)
+        while self._refused_later:  # records the broker refused on their own: dead letters, not a stall
+            refused, self._refused_later = self._refused_later, []
+            for topic, value, key, err in refused:
+                self._refused(topic, value, key, err)
+            remaining = self.producer.flush(60)
         if remaining or self._delivery_error:
             raise RuntimeError(f"could not deliver to Kafka ({self._delivery_error or f'{remaining} records pending'}); "
                                "offsets were not committed, a restart replays from the last checkpoint")
-        try:
-            if commit != "none":
-                self.consumer.commit(asynchronous=commit == "async")
-        except KafkaException as err:
-            if err.args[0].code() != KafkaError._NO_OFFSET:
-                raise
+        if commit != "none" and commit_offsets(self.consumer, asynchronous=commit == "async"):
+            self.last_progress = time.monotonic()
         if time.monotonic() - self._last_evict > 60:
             self._last_evict = time.monotonic()
             self.stats["evicted_scopes"] += self.spend.evict_idle(self.stream_now, self.session_idle)
@@ -391,13 +586,13 @@ class StreamWorker:
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if self.spend.states or self.stats:  # a rebalance: newly owned tenants continue from the changelog
             self.spend.baseline = restore_spend(self.settings)
+        owned = sum(1 for p in partitions if p.topic == self.topics["usage"])  # range: the whole assignment
+        self.dedupe.capacity = self.dedupe_per_partition * max(owned, 1)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition], commit: str = "sync") -> None:
         self.checkpoint(commit)
         lost = {p.partition for p in partitions if p.topic == self.topics["usage"]}
-        for p in lost:
-            self.dedupe.pop(p, None)
+        self.dedupe.forget_partitions(lost)  # their new owner builds its own window
         self.spend.drop_tenants({t for t, p in self.tenant_partition.items() if p in lost})
 
-
-__all__ = ["StreamWorker", "DedupeWindow", "restore_spend", "ensure_state_topic", "PICO"]
+__all__ = ["StreamWorker", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]
