@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
@@ -50,9 +52,37 @@ class InvalidEvent(ValueError):
         return str(self)
 
 
-def _no_control_chars(value: str) -> str:
-    if any(ord(c) < 32 for c in value):
-        raise ValueError("must not contain control characters")
+# What no id or name may contain: control characters (Cc: C0, DEL, C1), format characters (Cf: bidi
+# overrides such as U+202E, zero-width U+200B, BOM U+FEFF) and line/paragraph separators (Zl, Zp). They are
+# invisible or reorder text, so two ids that print alike would differ and a name could pose as another.
+HIDDEN_CATEGORIES = {"Cc": "control character", "Cf": "format character", "Zl": "line separator",
+                     "Zp": "paragraph separator"}
+
+
+def hidden_ranges(planes: range | tuple[int, ...] = (0, 1, 14)) -> tuple[tuple[int, int], ...]:
+    """(first, last) code point ranges of HIDDEN_CATEGORIES in this Python's Unicode database. Only planes
+    0, 1 and 14 hold any (2-13 are ideographs or unassigned, 15-16 private use); scanning just those keeps
+    the import ~20 ms instead of ~150, and tests/test_schemas.py checks all 17 planes give the same."""
+    ranges: list[list[int]] = []
+    for cp in (cp for plane in planes for cp in range(plane << 16, (plane + 1) << 16)):
+        if unicodedata.category(chr(cp)) in HIDDEN_CATEGORIES:
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+    return tuple((lo, hi) for lo, hi in ranges)
+
+
+# The one character set: pydantic below, the stream's fast path (streams/codec.py) and the ledger's SQL
+# checks (sql/checks.py, as an re2 class) all use these ranges, so the three agree by construction.
+HIDDEN_RANGES = hidden_ranges()
+HIDDEN_RE = re.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in HIDDEN_RANGES) + "]")
+
+
+def _no_hidden_chars(value: str) -> str:
+    if (found := HIDDEN_RE.search(value)) is not None:
+        char = found.group()
+        raise ValueError(f"must not contain U+{ord(char):04X} ({HIDDEN_CATEGORIES[unicodedata.category(char)]})")
     return value
 
 
@@ -62,11 +92,11 @@ def _not_in_future(ts: datetime) -> datetime:
     return ts.astimezone(timezone.utc)
 
 
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_no_control_chars)]
-OptionalId = Annotated[str, Field(max_length=MAX_ID_LEN), AfterValidator(_no_control_chars)]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_no_hidden_chars)]
+OptionalId = Annotated[str, Field(max_length=MAX_ID_LEN), AfterValidator(_no_hidden_chars)]
 # A scope id is the '/'-joined path from the tenant (schemas/scopes.py): up to five ids.
-ScopeId = Annotated[str, Field(min_length=1, max_length=5 * (MAX_ID_LEN + 1)), AfterValidator(_no_control_chars)]
-Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_control_chars)]
+ScopeId = Annotated[str, Field(min_length=1, max_length=5 * (MAX_ID_LEN + 1)), AfterValidator(_no_hidden_chars)]
+Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_hidden_chars)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_LEN)]
 Timestamp = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]

@@ -6,7 +6,7 @@ scalars are text (`Nullable(String)`; integers `Nullable(Int128)`, where ClickHo
 fraction, an exponent or a bool): nothing is coerced silently (a 19th decimal or a bad date
 stays text), and a missing field takes the contract's default. `Staged.convert` converts every
 field and checks it with the rules read from the pydantic model itself (types, bounds, lengths,
-enums, no control characters, no future timestamps, canonical UTC times) plus the cross-field
+enums, no hidden characters, no future timestamps, canonical UTC times) plus the cross-field
 rules in `RULES`, into one `_ok` column.
 
 pydantic stays the authority: a row the SQL rejects is decided by `schemas.events.decode`
@@ -35,7 +35,9 @@ UUID_RE = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-f
 # Only the canonical UTC form (what every meterline producer and pydantic write): any other form
 # is rejected here and canonicalised by the authority. ClickHouse parses it ~10x faster than best effort.
 TIME_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$"
-CONTROL_CHARS_RE = r"[\x00-\x1f]"
+# The contract's hidden characters (control, format, line/paragraph separators) as an re2 class over the same
+# code point ranges (re2 knows \p{Cf} too, but from its own Unicode version; these are Python's, as pydantic's).
+HIDDEN_CHARS_RE = "[" + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in ev.HIDDEN_RANGES) + "]"
 
 # Rules across fields (the contracts' model validators), over the converted values `v_<field>`.
 RULES: dict[type[BaseModel], tuple[str, ...]] = {
@@ -125,8 +127,8 @@ class Field:
         for kind, op in ((Ge, ">="), (Gt, ">"), (Le, "<=")):
             if (limit := self.bound(kind)) is not None:
                 out.append(f"{v} {op} {limit}")
-        if self.validator("_no_control_chars"):
-            out.append(f"NOT match({v}, '{_escape(CONTROL_CHARS_RE)}')")
+        if self.validator("_no_hidden_chars"):
+            out.append(f"NOT match({v}, '{_escape(HIDDEN_CHARS_RE)}')")
         if self.base is datetime:  # the parse rolls 02-30 over to 03-02: the text must survive the round trip
             out.append(f"formatDateTime({v}, '%Y-%m-%dT%H:%i') = substring(`{self.name}`, 1, 16)")
         if self.validator("_not_in_future"):

@@ -9,7 +9,6 @@ record. Money leaves as fixed 12-decimal strings computed from integer pico-USD.
 """
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -29,7 +28,6 @@ Tokens = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_TOKENS)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_COUNT)]
 AttrKey = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_LEN)]
 AttrValue = Annotated[str, msgspec.Meta(max_length=ev.MAX_ATTRIBUTE_VALUE_LEN)]
-_CONTROL_RE = re.compile(r"[\x00-\x1f]")
 
 
 class FastUsage(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,7 +76,7 @@ def _fast_ok(e: FastUsage, latest: datetime) -> bool:
     ts = e.ts
     if ts.tzinfo is None or ts > latest:  # latest = now + MAX_FUTURE_SKEW
         return False
-    if _CONTROL_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
+    if ev.HIDDEN_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False
     if e.cache_read_tokens + e.cache_write_tokens > e.input_tokens:
         return False

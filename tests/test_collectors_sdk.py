@@ -115,6 +115,9 @@ def test_async_tool_decorator(offline_meter):
     lambda m: m.record_llm("openai", "gpt-4o", 1, 1, status="exploded"),
     lambda m: m.record_llm("openai", "gpt-4o", 1, 1, cost_usd="-0.5"),
     lambda m: m.record_llm("openai", "gpt\x00-4o", 1, 1),
+    lambda m: m.record_llm("openai", "gpt\u202e-4o", 1, 1),  # a bidi override would disguise the name
+    lambda m: m.record_llm("open\u2028ai", "gpt-4o", 1, 1),
+    lambda m: m.record_tool("search\ufeff", latency_ms=1),
     lambda m: m.record_tool("", latency_ms=1),
     lambda m: m.record_tool("search", latency_ms=-3),
     lambda m: m.record_tool("search", note=5),
@@ -130,6 +133,8 @@ def test_missing_tenant_or_bad_priority_is_rejected_when_the_meter_is_made(tmp_p
         Meter(Settings(data_dir=tmp_path), tenant_id="", sender=CapturingSender())
     with pytest.raises(InvalidEvent, match="priority"):
         Meter(Settings(data_dir=tmp_path), tenant_id="acme", priority="urgent", sender=CapturingSender())
+    with pytest.raises(InvalidEvent, match=r"tenant_id: .*U\+202E"):
+        Meter(Settings(data_dir=tmp_path), tenant_id="acme\u202e", sender=CapturingSender())
 
 
 def test_guard_is_consulted_before_a_timed_llm_call_and_may_downgrade_it(tmp_path):
@@ -213,7 +218,8 @@ def _agree_with_contract(meter, fields: dict) -> None:
 
 BOUNDARIES = [-1, 0, 1, 49, 50, 51, 59, 60, 61, 89, 90, 91, 99, 100, 101, 10**12 - 1, 10**12, 10**12 + 1, 2**63 - 1, 2**63,
               True, False, 1.0, "5", None, Decimal(1)]
-WEIRD = ["", "ok", "error", "x" * 256, "x" * 257, "a\x1fb", "\x7f", "naïve", 0, None, ["ok"], "0.5", "-1", "NaN",
+WEIRD = ["", "ok", "error", "x" * 256, "x" * 257, "a\x1fb", "\x7f", "\x85", "a\u202eb", "\u2028", "\ufeff", "naïve", "a\xa0b",
+         0, None, ["ok"], "0.5", "-1", "NaN",
          Decimal("0.000000000001"), Decimal("0.0000000000001"), Decimal("-0"), Decimal("Infinity")]
 
 

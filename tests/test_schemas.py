@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from datetime import timedelta
 from decimal import Decimal
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from meterline.schemas import (
     CONTRACTS, BudgetPolicy, InvalidEvent, ThrottleDecision, UsageEvent, build, decode, new_id, utcnow,
 )
-from meterline.schemas import export
+from meterline.schemas import events as ev, export
 
 
 def usage(**over) -> dict:
@@ -133,3 +134,38 @@ def test_json_schema_files_match_the_models():
     rendered = export.render()
     on_disk = {p.name: p.read_text() for p in export.OUT.glob("*.json")}
     assert on_disk == rendered, "schemas/json drifted from the models: run `make schemas`"
+
+
+# ---- a tighter contract: hidden characters, exact money, times as RFC 3339 strings ----------------------
+
+HIDDEN = {"\u202e": "U+202E (format character)", "\ufeff": "U+FEFF (format character)",
+          "\u200b": "U+200B (format character)", "\u2028": "U+2028 (line separator)",
+          "\u2029": "U+2029 (paragraph separator)", "\x7f": "U+007F (control character)",
+          "\x85": "U+0085 (control character)", "\x00": "U+0000 (control character)"}
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "team", "session_id", "provider", "model"])
+@pytest.mark.parametrize("char", sorted(HIDDEN))
+def test_ids_and_names_reject_control_format_and_separator_characters(field, char):
+    with pytest.raises(InvalidEvent) as info:
+        decode(UsageEvent, json.dumps(usage(**{field: f"a{char}b"})))
+    assert info.value.errors == [(field, f"Value error, must not contain {HIDDEN[char]}")]
+
+
+def test_scope_ids_and_policy_ids_reject_hidden_characters_too():
+    with pytest.raises(InvalidEvent, match=r"scope_id: .*U\+202E"):
+        build(BudgetPolicy, policy_id="p", tenant_id="t", scope="team", scope_id="t/\u202eevil", amount=Decimal(1))
+    with pytest.raises(InvalidEvent, match=r"policy_id: .*U\+2028"):
+        build(BudgetPolicy, policy_id="p\u2028", tenant_id="t", scope="tenant", scope_id="t", amount=Decimal(1))
+
+
+def test_visible_unicode_and_spaces_stay_valid():
+    for name in ("naïve", "ü" * 128, "a b", "a\u00a0b", "日本", "😀"):
+        assert decode(UsageEvent, json.dumps(usage(agent_id=name))).agent_id == name
+
+
+def test_the_hidden_set_is_every_cc_cf_zl_zp_code_point_of_all_planes():
+    assert ev.hidden_ranges(range(17)) == ev.HIDDEN_RANGES  # the planes the import scans hold them all
+    chars = [chr(cp) for lo, hi in ev.HIDDEN_RANGES for cp in range(lo, hi + 1)]
+    assert {unicodedata.category(c) for c in chars} == {"Cc", "Cf", "Zl", "Zp"}
+    assert all(ev.HIDDEN_RE.fullmatch(c) for c in chars) and not ev.HIDDEN_RE.search("az AZ09 \u00a0ü€")

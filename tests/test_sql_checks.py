@@ -24,7 +24,9 @@ MISSING = object()
 POOL = [MISSING, None, True, [], {}, 1.5, -1, 0, 10**12 + 1, 10**19, 10**30, "7", "", "x" * 300, "a\x01b", "ü" * 128,
         "2026-02-30T00:00:00Z", "2026-11-29T10:00:00+02:00", "2026-11-29T10:00:00", "2999-01-01T00:00:00Z", "1e-20",
         "0.1234567890123", "1.500000000000000", "1.5E+2", "-0.5", "12345678901234567", "12.5", "0189a7e2-5b1c-7def-8a00-0123456789ab", "not-a-uuid",
-        {"k": "v"}, {"": "v"}, {"k" * 200: "v"}, {"k": "v" * 2000}, {f"k{i}": "v" for i in range(65)}, "llm_call"]
+        {"k": "v"}, {"": "v"}, {"k" * 200: "v"}, {"k": "v" * 2000}, {f"k{i}": "v" for i in range(65)}, "llm_call",
+        # hidden characters: bidi override, line/paragraph separators, BOM, zero-width space, DEL, C1
+        "a\u202eb", "a\u2028b", "a\u2029b", "\ufeffa", "a\u200bb", "a\x7fb", "a\x85b"]
 
 def lenient(model: type, name: str, value: object) -> bool:
     """The one leniency of ClickHouse's JSON reader: a JSON string that parses as an integer is read as

@@ -24,7 +24,8 @@ def valid_record(**overrides):
 odd_values = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-2, max_value=2), st.sampled_from([10**12, 10**12 + 1, 2**70]),
     st.floats(allow_nan=True), st.text(max_size=3), st.sampled_from(["", "x" * 129, "x" * 257, "a\nb", "\x00", "NaN", "1e3",
-    "0.1234567890123", "-1", "1.5", "2026-01-01T00:00:00", "2999-01-01T00:00:00Z", "tool_call", "api_call", "llm_call"]),
+    "0.1234567890123", "-1", "1.5", "2026-01-01T00:00:00", "2999-01-01T00:00:00Z", "tool_call", "api_call", "llm_call",
+    "a\u202eb", "\u2028", "\u2029", "\ufeff", "a\u200b", "\x7f", "\x85"]),
     st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
 )
 fields = st.sampled_from(list(FastUsage.__struct_fields__) + ["unknown_field"])
@@ -66,3 +67,14 @@ def test_garbage_raises_invalid_event_with_a_reason(raw):
     with pytest.raises(InvalidEvent) as err:
         decode_usage(raw)
     assert err.value.reason
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"tenant_id": "a\u202eb"}, "tenant_id"), ({"team": "a\u2028b"}, "team"), ({"project": "\u2029"}, "project"),
+    ({"session_id": "\ufeffs"}, "session_id"), ({"agent_id": "a\u200bb"}, "agent_id"), ({"provider": "open\x7fai"}, "provider"),
+    ({"model": "gpt\x85"}, "model"), ({"tool": "t\u202e"}, "tool"),
+])
+def test_fast_path_rejects_what_the_contract_rejects_naming_the_field(override, field):
+    with pytest.raises(InvalidEvent) as err:
+        decode_usage(json.dumps(valid_record(**override)).encode())
+    assert field in [name for name, _ in err.value.errors]
