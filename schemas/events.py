@@ -17,7 +17,11 @@ from uuid import UUID
 
 import pydantic
 import uuid_utils
-from pydantic import AfterValidator, PlainSerializer, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import (
+    AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, StrictInt,
+    WithJsonSchema, model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 MAX_ID_LEN = 128
@@ -92,6 +96,45 @@ def _not_in_future(ts: datetime) -> datetime:
     return ts.astimezone(timezone.utc)
 
 
+MONEY_PLACES = 12  # pico-dollars
+MONEY_DIGITS = 28  # so at most 16 whole digits
+
+
+def _exact_decimal(value: Any) -> Any:
+    """Before pydantic's Decimal checks. A float (a JSON number with a fraction or an exponent) is refused:
+    it arrives as binary floating point, its exact value already lost ("1e-400" reads as 0.0, 0.1 is not
+    0.1). Anything else must be exact within 12 places, refused the same way whatever its magnitude
+    (pydantic calls 1e-400 "too many digits" but 1e-13 "too many places"); zeros beyond the 12th place
+    are dropped, so "0e-999999999" cannot serialise to a gigabyte of zeros."""
+    if isinstance(value, float):
+        raise PydanticCustomError("decimal_float", "must be a string such as \"0.25\" (or an integer): a number with a "
+                                  "fraction or an exponent is read as a binary float, which cannot hold an exact amount")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = Decimal(value)
+        except ArithmeticError:
+            return value  # not a number: pydantic says so
+    if not isinstance(number, Decimal) or not number.is_finite():
+        return value
+    sign, digits, exponent = number.as_tuple()
+    cut = -MONEY_PLACES - int(exponent)  # digits beyond the 12th place
+    if cut <= 0:
+        return value
+    if any(digits[-cut:]):  # integer arithmetic: exact at any size, no decimal context rounding
+        raise PydanticCustomError("decimal_max_places", "Decimal input should have no more than {decimal_places} decimal places",
+                                  {"decimal_places": MONEY_PLACES})
+    return Decimal((sign, digits[:-cut] or (0,), -MONEY_PLACES))
+
+
+def _exact(**bound: int) -> Any:
+    """A Decimal with at most 12 places and 16 whole digits, read exactly and written as a plain string."""
+    limits = {{"ge": "minimum", "gt": "exclusiveMinimum"}[k]: v for k, v in bound.items()}
+    return Annotated[Decimal, Field(max_digits=MONEY_DIGITS, decimal_places=MONEY_PLACES, allow_inf_nan=False, **bound),
+                     BeforeValidator(_exact_decimal), PlainDecimal,
+                     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", **limits}]})]
+
+
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_no_hidden_chars)]
 OptionalId = Annotated[str, Field(max_length=MAX_ID_LEN), AfterValidator(_no_hidden_chars)]
 # A scope id is the '/'-joined path from the tenant (schemas/scopes.py): up to five ids.
@@ -104,8 +147,9 @@ MAX_COUNT = 2**63 - 1  # what the ledger's integer columns hold
 Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
 # Decimals go to JSON as plain strings ("0.000000123457", never "1.23457E-7" or a float).
 PlainDecimal = PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
-Usd = Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
-SignedUsd = Annotated[Decimal, Field(max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
+Usd = _exact(ge=0)
+SignedUsd = _exact()
+PositiveDecimal = _exact(gt=0)
 Attributes = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)], Annotated[str, Field(max_length=MAX_ATTRIBUTE_VALUE_LEN)]],
     Field(max_length=MAX_ATTRIBUTES),
@@ -237,7 +281,7 @@ class SpendUpdate(Contract):
     events: Count = 0
     input_tokens: Count = 0
     output_tokens: Count = 0
-    gpu_seconds: Annotated[Decimal, Field(ge=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal] = Decimal(0)
+    gpu_seconds: Usd = Decimal(0)  # not money, but exact to 12 places the same way
     gpu_cost_usd: Usd = Decimal(0)
     unpriced_events: Count = 0
 
@@ -322,7 +366,7 @@ class BudgetPolicy(Contract):
     scope: Scope
     scope_id: ScopeId
     unit: Literal["usd", "gpu_hours"] = "usd"
-    amount: Annotated[Decimal, Field(gt=0, max_digits=28, decimal_places=12, allow_inf_nan=False), PlainDecimal]
+    amount: PositiveDecimal
     period: Literal["day", "week", "month", "custom"] = "month"
     period_anchor: AwareDatetime | None = Field(None, description="Start of a period; periods repeat from it.")
     period_seconds: Annotated[StrictInt, Field(gt=0)] | None = Field(None, description="Length of a custom period.")

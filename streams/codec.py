@@ -62,14 +62,12 @@ _encoder = msgspec.json.Encoder()
 
 
 def _money_ok(value: Decimal) -> bool:
-    """Within Usd's bounds under both the raw and the normalised representation."""
+    """Within Usd's bounds as written (no exponent beyond 12 places or above the units, at most 16 whole
+    digits), so pydantic would accept it unchanged; anything else (trailing zeros, "1e2") goes to pydantic."""
     if not value.is_finite() or value < 0:
         return False
-    for d in (value, value.normalize()):
-        t = d.as_tuple()
-        if not isinstance(t.exponent, int) or t.exponent < -12 or len(t.digits) > 28 or len(t.digits) - min(t.exponent, 0) > 28 or t.exponent > 0:
-            return False
-    return True
+    _, digits, exponent = value.as_tuple()
+    return -ev.MONEY_PLACES <= exponent <= 0 and len(digits) + exponent <= ev.MONEY_DIGITS - ev.MONEY_PLACES
 
 
 def _fast_ok(e: FastUsage, latest: datetime) -> bool:

@@ -117,6 +117,8 @@ def test_async_tool_decorator(offline_meter):
     lambda m: m.record_llm("openai", "gpt\x00-4o", 1, 1),
     lambda m: m.record_llm("openai", "gpt\u202e-4o", 1, 1),  # a bidi override would disguise the name
     lambda m: m.record_llm("open\u2028ai", "gpt-4o", 1, 1),
+    lambda m: m.record_llm("openai", "gpt-4o", 1, 1, cost_usd=0.1),  # a float is never an exact amount
+    lambda m: m.record_llm("openai", "gpt-4o", 1, 1, cost_usd="1e-400"),
     lambda m: m.record_tool("search\ufeff", latency_ms=1),
     lambda m: m.record_tool("", latency_ms=1),
     lambda m: m.record_tool("search", latency_ms=-3),
@@ -219,7 +221,7 @@ def _agree_with_contract(meter, fields: dict) -> None:
 BOUNDARIES = [-1, 0, 1, 49, 50, 51, 59, 60, 61, 89, 90, 91, 99, 100, 101, 10**12 - 1, 10**12, 10**12 + 1, 2**63 - 1, 2**63,
               True, False, 1.0, "5", None, Decimal(1)]
 WEIRD = ["", "ok", "error", "x" * 256, "x" * 257, "a\x1fb", "\x7f", "\x85", "a\u202eb", "\u2028", "\ufeff", "naïve", "a\xa0b",
-         0, None, ["ok"], "0.5", "-1", "NaN",
+         0, None, ["ok"], "0.5", "-1", "NaN", 0.1, 0.5, "1e-400", "1.500000000000000",
          Decimal("0.000000000001"), Decimal("0.0000000000001"), Decimal("-0"), Decimal("Infinity")]
 
 

@@ -169,3 +169,46 @@ def test_the_hidden_set_is_every_cc_cf_zl_zp_code_point_of_all_planes():
     chars = [chr(cp) for lo, hi in ev.HIDDEN_RANGES for cp in range(lo, hi + 1)]
     assert {unicodedata.category(c) for c in chars} == {"Cc", "Cf", "Zl", "Zp"}
     assert all(ev.HIDDEN_RE.fullmatch(c) for c in chars) and not ev.HIDDEN_RE.search("az AZ09 \u00a0ü€")
+
+
+def cost(raw: str):
+    """decode a usage event whose cost_usd is the JSON text `raw`: the cost, or the InvalidEvent."""
+    text = json.dumps(usage())[:-1] + f', "cost_usd": {raw}}}'
+    try:
+        return decode(UsageEvent, text).cost_usd
+    except InvalidEvent as err:
+        return err
+
+
+@pytest.mark.parametrize("raw", ['"1e-400"', '"1E-13"', '"0.0000000000001"', '"1.0000000000000000000000000000001"',
+                                 '"-1e-400"', '"123.4560000000001"'])
+def test_money_beyond_12_places_is_rejected_the_same_way_whatever_its_magnitude(raw):
+    err = cost(raw)
+    assert isinstance(err, InvalidEvent)
+    assert err.errors == [("cost_usd", "Decimal input should have no more than 12 decimal places")], raw
+
+
+@pytest.mark.parametrize("raw", ["1e-400", "1e-13", "1.5", "0.1", "1e2", "1.0000000000000001", "123456789012345.123456789012"])
+def test_money_as_a_json_float_is_rejected_its_exact_value_is_lost(raw):
+    err = cost(raw)  # 1e-400 reads as 0.0, 1.0000000000000001 as 1.0, the last as ...345.13: never the amount sent
+    assert isinstance(err, InvalidEvent) and err.errors[0][0] == "cost_usd" and "string" in err.errors[0][1], raw
+
+
+@pytest.mark.parametrize("raw, value", [('"1.500000000000000"', "1.5"), ('"1e2"', "100"), ('"1.5E+2"', "150"), ("7", "7"),
+                                        ('"0.000000000001"', "1e-12"), ('"0e-999999999"', "0"), ('"-0"', "0")])
+def test_exact_money_is_accepted_in_any_notation(raw, value):
+    got = cost(raw)
+    assert got == Decimal(value), raw
+    assert got.as_tuple().exponent >= -12  # zeros past the 12th place are dropped: the JSON stays short
+    assert len(build(UsageEvent, **{**usage(), "cost_usd": got}).to_json()) < 600
+
+
+def test_every_exact_decimal_field_has_the_same_rule():
+    now = utcnow()
+    with pytest.raises(InvalidEvent, match="budget_remaining_usd: Decimal input should have no more than 12 decimal places"):
+        build(ThrottleDecision, decision_id=new_id(), tenant_id="t", scope="tenant", scope_id="t", action="deny", reason="r",
+              issued_at=now, expires_at=now + timedelta(seconds=30), budget_remaining_usd="-1e-400")
+    with pytest.raises(InvalidEvent, match="amount: Decimal input should have no more than 12 decimal places"):
+        build(BudgetPolicy, policy_id="p", tenant_id="t", scope="tenant", scope_id="t", amount="1e-13")
+    with pytest.raises(InvalidEvent, match="amount: must be a string"):
+        build(BudgetPolicy, policy_id="p", tenant_id="t", scope="tenant", scope_id="t", amount=0.1)

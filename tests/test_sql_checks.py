@@ -26,7 +26,9 @@ POOL = [MISSING, None, True, [], {}, 1.5, -1, 0, 10**12 + 1, 10**19, 10**30, "7"
         "0.1234567890123", "1.500000000000000", "1.5E+2", "-0.5", "12345678901234567", "12.5", "0189a7e2-5b1c-7def-8a00-0123456789ab", "not-a-uuid",
         {"k": "v"}, {"": "v"}, {"k" * 200: "v"}, {"k": "v" * 2000}, {f"k{i}": "v" for i in range(65)}, "llm_call",
         # hidden characters: bidi override, line/paragraph separators, BOM, zero-width space, DEL, C1
-        "a\u202eb", "a\u2028b", "a\u2029b", "\ufeffa", "a\u200bb", "a\x7fb", "a\x85b"]
+        "a\u202eb", "a\u2028b", "a\u2029b", "\ufeffa", "a\u200bb", "a\x7fb", "a\x85b",
+        # money beyond 12 places at any magnitude, and exact money in other notations
+        "1e-400", "1E-13", "0.0000000000001", "0e-400", "1234567890123456.5"]
 
 def lenient(model: type, name: str, value: object) -> bool:
     """The one leniency of ClickHouse's JSON reader: a JSON string that parses as an integer is read as

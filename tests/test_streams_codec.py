@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -25,7 +26,8 @@ odd_values = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-2, max_value=2), st.sampled_from([10**12, 10**12 + 1, 2**70]),
     st.floats(allow_nan=True), st.text(max_size=3), st.sampled_from(["", "x" * 129, "x" * 257, "a\nb", "\x00", "NaN", "1e3",
     "0.1234567890123", "-1", "1.5", "2026-01-01T00:00:00", "2999-01-01T00:00:00Z", "tool_call", "api_call", "llm_call",
-    "a\u202eb", "\u2028", "\u2029", "\ufeff", "a\u200b", "\x7f", "\x85"]),
+    "a\u202eb", "\u2028", "\u2029", "\ufeff", "a\u200b", "\x7f", "\x85", "1e-400", "1E-13", "12345678901234567",
+    "1234567890123456.5", "0e-400"]),
     st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
 )
 fields = st.sampled_from(list(FastUsage.__struct_fields__) + ["unknown_field"])
@@ -73,8 +75,17 @@ def test_garbage_raises_invalid_event_with_a_reason(raw):
     ({"tenant_id": "a\u202eb"}, "tenant_id"), ({"team": "a\u2028b"}, "team"), ({"project": "\u2029"}, "project"),
     ({"session_id": "\ufeffs"}, "session_id"), ({"agent_id": "a\u200bb"}, "agent_id"), ({"provider": "open\x7fai"}, "provider"),
     ({"model": "gpt\x85"}, "model"), ({"tool": "t\u202e"}, "tool"),
+    ({"cost_usd": "1e-400"}, "cost_usd"), ({"cost_usd": "1E-13"}, "cost_usd"), ({"cost_usd": "0.0000000000001"}, "cost_usd"),
+    ({"cost_usd": "12345678901234567"}, "cost_usd"), ({"cost_usd": "9999999999999999999999999999"}, "cost_usd"),
+    ({"cost_usd": 1.5}, "cost_usd"),
 ])
 def test_fast_path_rejects_what_the_contract_rejects_naming_the_field(override, field):
     with pytest.raises(InvalidEvent) as err:
         decode_usage(json.dumps(valid_record(**override)).encode())
     assert field in [name for name, _ in err.value.errors]
+
+
+@pytest.mark.parametrize("cost", ["1234567890123456.5", "0.000000000001", "10", "0"])
+def test_exact_money_within_bounds_stays_on_the_fast_path(cost):
+    event = decode_usage(json.dumps(valid_record(cost_usd=cost)).encode())
+    assert isinstance(event, FastUsage) and event.cost_usd == Decimal(cost)
