@@ -90,6 +90,27 @@ def _no_hidden_chars(value: str) -> str:
     return value
 
 
+_RFC3339_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
+
+
+def _rfc3339_text(value: Any) -> Any:
+    """Before pydantic's parsing, which also reads a number or a digit string as Unix seconds: a time on the
+    wire is an RFC 3339 string (Python callers may pass a datetime)."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339_DATE.match(value)):
+        return value
+    raise PydanticCustomError("datetime_rfc3339", "must be an RFC 3339 string with a zone, such as '2026-01-01T00:00:00Z'")
+
+
+def _in_utc_range(ts: datetime) -> datetime:
+    """0001-01-01T00:30:00+01:00 parses, but as UTC it is before year 1: astimezone would raise OverflowError
+    later (in the stream, in the sink), so it is refused here, as is anything past 9999-12-31T23:59:59Z."""
+    try:
+        ts.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("is out of range: the time cannot be expressed in UTC (years 1 to 9999)") from None
+    return ts
+
+
 def _not_in_future(ts: datetime) -> datetime:
     if ts - datetime.now(timezone.utc) > MAX_FUTURE_SKEW:
         raise ValueError(f"is more than {int(MAX_FUTURE_SKEW.total_seconds())} s in the future (check the producer's clock)")
@@ -141,7 +162,8 @@ OptionalId = Annotated[str, Field(max_length=MAX_ID_LEN), AfterValidator(_no_hid
 ScopeId = Annotated[str, Field(min_length=1, max_length=5 * (MAX_ID_LEN + 1)), AfterValidator(_no_hidden_chars)]
 Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_hidden_chars)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_LEN)]
-Timestamp = Annotated[AwareDatetime, AfterValidator(_not_in_future)]
+Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_in_utc_range)]
+Timestamp = Annotated[Time, AfterValidator(_not_in_future)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
 MAX_COUNT = 2**63 - 1  # what the ledger's integer columns hold
 Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
@@ -273,10 +295,10 @@ class SpendUpdate(Contract):
     tenant_id: Id
     scope: Scope
     scope_id: ScopeId
-    window_start: AwareDatetime
-    window_end: AwareDatetime
+    window_start: Time
+    window_end: Time
     window_cost_usd: Usd
-    period_start: AwareDatetime
+    period_start: Time
     period_cost_usd: Usd
     events: Count = 0
     input_tokens: Count = 0
@@ -295,8 +317,8 @@ class Anomaly(Contract):
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]
     scope_id: ScopeId
-    window_start: AwareDatetime
-    window_end: AwareDatetime
+    window_start: Time
+    window_end: Time
     evidence: dict[str, str] = Field(default_factory=dict, max_length=MAX_ATTRIBUTES, description="Numbers as exact strings.")
     message: Text = ""
 
@@ -324,10 +346,10 @@ class ThrottleDecision(Contract):
     reason: Text
     policy_id: OptionalId = ""
     budget_remaining_usd: SignedUsd | None = None
-    forecast_exhaustion_ts: AwareDatetime | None = None
-    reset_at: AwareDatetime | None = None
-    issued_at: AwareDatetime
-    expires_at: AwareDatetime
+    forecast_exhaustion_ts: Time | None = None
+    reset_at: Time | None = None
+    issued_at: Time
+    expires_at: Time
     # Spend lease (hard budgets): the scope may spend up to `spend_limit_usd` in its lease
     # period (until reset_at), counted by the guard locally from the costs it records, so a
     # late decision cannot let concurrent calls overshoot. `spent_usd` is what the allocator
@@ -368,7 +390,7 @@ class BudgetPolicy(Contract):
     unit: Literal["usd", "gpu_hours"] = "usd"
     amount: PositiveDecimal
     period: Literal["day", "week", "month", "custom"] = "month"
-    period_anchor: AwareDatetime | None = Field(None, description="Start of a period; periods repeat from it.")
+    period_anchor: Time | None = Field(None, description="Start of a period; periods repeat from it.")
     period_seconds: Annotated[StrictInt, Field(gt=0)] | None = Field(None, description="Length of a custom period.")
     timezone: Annotated[str, Field(max_length=64)] = "UTC"
     hard: StrictBool = True
@@ -376,7 +398,7 @@ class BudgetPolicy(Contract):
     actions: dict[Priority, Action] = Field(
         default_factory=lambda: {"critical": "allow", "high": "throttle", "normal": "throttle", "low": "deny", "batch": "deny"}
     )
-    created_at: AwareDatetime = Field(default_factory=utcnow)
+    created_at: Time = Field(default_factory=utcnow)
 
     @model_validator(mode="after")
     def _check_period(self) -> BudgetPolicy:
@@ -395,7 +417,7 @@ class DeadLetter(Contract):
     """A record that could not be processed, with the reason and its original bytes."""
 
     dlq_id: UUID
-    ts: AwareDatetime
+    ts: Time
     stage: Name
     source_topic: Name
     partition: Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]  # the ledger's Int32
@@ -446,7 +468,7 @@ def decode(contract: type[M], raw: bytes | str, /) -> M:
         return contract.model_validate_json(raw)
     except pydantic.ValidationError as err:
         raise _as_invalid(contract, err) from None
-    except (ValueError, TypeError, RecursionError) as err:  # oversized numbers, deep nesting
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as err:  # oversized numbers, deep nesting, overflow
         raise InvalidEvent(contract.__name__, [("(record)", str(err)[:200])]) from None
 
 
@@ -472,7 +494,7 @@ class PricedEvent(UsageEvent):
     cache_write_cost_usd: Usd = Decimal(0)
     cost_source: Literal["provider", "catalog", "unpriced"]
     catalog_version: Name
-    priced_at: AwareDatetime
+    priced_at: Time
 
 
 CONTRACTS["priced_event"] = PricedEvent

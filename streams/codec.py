@@ -71,8 +71,16 @@ def _money_ok(value: Decimal) -> bool:
 
 
 def _fast_ok(e: FastUsage, latest: datetime) -> bool:
+    """Every rule of UsageEvent holds; ts is then in UTC."""
     ts = e.ts
-    if ts.tzinfo is None or ts > latest:  # latest = now + MAX_FUTURE_SKEW
+    if ts.tzinfo is None:
+        return False
+    if ts.tzinfo is not UTC:
+        try:  # 0001-01-01T00:30:00+01:00 is before year 1 in UTC: pydantic names it
+            ts = e.ts = ts.astimezone(UTC) if ts.utcoffset() else ts.replace(tzinfo=UTC)
+        except OverflowError:
+            return False
+    if ts > latest:  # latest = now + MAX_FUTURE_SKEW
         return False
     if ev.HIDDEN_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False
@@ -101,10 +109,6 @@ def decode_usage(raw: bytes, now: datetime | None = None, latest: datetime | Non
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
         fast = None
     if fast is not None and _fast_ok(fast, latest):
-        if fast.ts.utcoffset():
-            fast.ts = fast.ts.astimezone(UTC)
-        elif fast.ts.tzinfo is not UTC:
-            fast.ts = fast.ts.replace(tzinfo=UTC)
         return fast
     return ev.decode(ev.UsageEvent, raw)
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Annotated
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
+from pydantic import AfterValidator
 
 from meterline.schemas import (
     CONTRACTS, BudgetPolicy, InvalidEvent, ThrottleDecision, UsageEvent, build, decode, new_id, utcnow,
@@ -212,3 +214,67 @@ def test_every_exact_decimal_field_has_the_same_rule():
         build(BudgetPolicy, policy_id="p", tenant_id="t", scope="tenant", scope_id="t", amount="1e-13")
     with pytest.raises(InvalidEvent, match="amount: must be a string"):
         build(BudgetPolicy, policy_id="p", tenant_id="t", scope="tenant", scope_id="t", amount=0.1)
+
+
+def examples() -> dict[str, dict]:
+    """One valid record (as JSON values) per contract."""
+    now, ids = utcnow(), dict(tenant_id="acme", scope="tenant", scope_id="acme")
+    window = dict(window_start=now - timedelta(minutes=1), window_end=now)
+    built = {
+        "usage_event": build(UsageEvent, **usage()),
+        "priced_event": build(ev.PricedEvent, **usage(), cost_source="catalog", catalog_version="v1", priced_at=now),
+        "gpu_sample": build(ev.GpuSample, sample_id=new_id(), ts=now, node="n1", level="gpu", gpu_index=0, gpu_uuid="GPU-1",
+                            interval_ms=1000),
+        "spend_update": build(ev.SpendUpdate, update_id=new_id(), ts=now, **ids, **window, window_cost_usd=Decimal(1),
+                              period_start=now - timedelta(days=1), period_cost_usd=Decimal(2)),
+        "anomaly": build(ev.Anomaly, anomaly_id=new_id(), ts=now, kind="spend_spike", severity="info", **ids, **window),
+        "throttle_decision": build(ThrottleDecision, decision_id=new_id(), **ids, action="deny", reason="r", issued_at=now,
+                                   expires_at=now + timedelta(seconds=30), reset_at=now + timedelta(days=1),
+                                   forecast_exhaustion_ts=now + timedelta(hours=1)),
+        "budget_policy": build(BudgetPolicy, policy_id="p", **ids, amount=Decimal(10), period_anchor=now - timedelta(days=1)),
+        "dead_letter": build(ev.DeadLetter, dlq_id=new_id(), ts=now, stage="sink", source_topic="priced", partition=0, offset=1,
+                             reason="bad", error_type="InvalidEvent", payload_b64=""),
+    }
+    assert set(built) == set(CONTRACTS)
+    return {name: json.loads(record.to_json()) for name, record in built.items()}
+
+
+TIME_FIELDS = [(name, field) for name, record in examples().items() for field, info in CONTRACTS[name].model_fields.items()
+               if "datetime" in str(info.annotation).lower()]
+
+
+def test_every_time_field_of_every_contract_is_covered():
+    assert len(TIME_FIELDS) == 18 and {name for name, _ in TIME_FIELDS} == set(CONTRACTS)
+    assert ("budget_policy", "period_anchor") in TIME_FIELDS and ("budget_policy", "created_at") in TIME_FIELDS
+    assert ("throttle_decision", "issued_at") in TIME_FIELDS and ("spend_update", "window_start") in TIME_FIELDS
+
+
+@pytest.mark.parametrize("name, field", TIME_FIELDS)
+@pytest.mark.parametrize("value, message", [
+    (1733000000, "RFC 3339"), (1733000000.5, "RFC 3339"), ("1733000000", "RFC 3339"), (-5, "RFC 3339"),
+    ("0001-01-01T00:30:00+01:00", "out of range"), ("9999-12-31T23:30:00-01:00", "out of range"),
+])
+def test_times_are_rfc3339_strings_that_exist_in_utc(name, field, value, message):
+    record = {**examples()[name], field: value}
+    with pytest.raises(InvalidEvent) as info:  # never an OverflowError: the stream worker and the sink would crash
+        decode(CONTRACTS[name], json.dumps(record))
+    assert [m for f, m in info.value.errors if f == field and message in m], info.value.errors
+
+
+def test_python_callers_may_still_pass_datetimes_but_not_numbers():
+    assert build(UsageEvent, **{**usage(), "ts": utcnow()}).ts.tzinfo is timezone.utc
+    with pytest.raises(InvalidEvent, match="ts: must be an RFC 3339 string"):
+        build(UsageEvent, **{**usage(), "ts": 1733000000})
+    edge = decode(UsageEvent, json.dumps(usage(ts="0001-01-01T01:00:00+01:00")))  # the first UTC instant is fine
+    assert edge.ts == datetime(1, 1, 1, tzinfo=timezone.utc)
+
+
+def test_decode_never_leaks_an_arithmetic_error():
+    def overflow(value):
+        raise OverflowError("date value out of range")
+
+    class Fragile(ev.Contract):
+        x: Annotated[int, AfterValidator(overflow)]
+
+    with pytest.raises(InvalidEvent, match="out of range"):
+        decode(Fragile, b'{"x": 1}')

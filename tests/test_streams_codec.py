@@ -27,7 +27,7 @@ odd_values = st.one_of(
     st.floats(allow_nan=True), st.text(max_size=3), st.sampled_from(["", "x" * 129, "x" * 257, "a\nb", "\x00", "NaN", "1e3",
     "0.1234567890123", "-1", "1.5", "2026-01-01T00:00:00", "2999-01-01T00:00:00Z", "tool_call", "api_call", "llm_call",
     "a\u202eb", "\u2028", "\u2029", "\ufeff", "a\u200b", "\x7f", "\x85", "1e-400", "1E-13", "12345678901234567",
-    "1234567890123456.5", "0e-400"]),
+    "1234567890123456.5", "0e-400", 1733000000, "1733000000", "0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"]),
     st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
 )
 fields = st.sampled_from(list(FastUsage.__struct_fields__) + ["unknown_field"])
@@ -78,9 +78,11 @@ def test_garbage_raises_invalid_event_with_a_reason(raw):
     ({"cost_usd": "1e-400"}, "cost_usd"), ({"cost_usd": "1E-13"}, "cost_usd"), ({"cost_usd": "0.0000000000001"}, "cost_usd"),
     ({"cost_usd": "12345678901234567"}, "cost_usd"), ({"cost_usd": "9999999999999999999999999999"}, "cost_usd"),
     ({"cost_usd": 1.5}, "cost_usd"),
+    ({"ts": 1733000000}, "ts"), ({"ts": "1733000000"}, "ts"),
+    ({"ts": "0001-01-01T00:30:00+01:00"}, "ts"), ({"ts": "9999-12-31T23:30:00-01:00"}, "ts"),
 ])
 def test_fast_path_rejects_what_the_contract_rejects_naming_the_field(override, field):
-    with pytest.raises(InvalidEvent) as err:
+    with pytest.raises(InvalidEvent) as err:  # an OverflowError here would crash the stream worker
         decode_usage(json.dumps(valid_record(**override)).encode())
     assert field in [name for name, _ in err.value.errors]
 
