@@ -109,7 +109,7 @@ class DedupeWindow:
 
 _FIELDS = tuple(FastUsage.__struct_fields__)
 _ATTRS = _FIELDS.index("attributes")
-assert _ATTRS == len(_FIELDS) - 1
+assert _FIELDS[0] == "event_id" and _ATTRS == len(_FIELDS) - 1
 
 
 def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
@@ -121,8 +121,8 @@ def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
     else:
         fields = usage_fields(event)
         values = tuple(fields[name] for name in _FIELDS)
-    attrs = values[_ATTRS]
-    return hash((values[:_ATTRS], frozenset(attrs.items()))) if attrs else hash(values[:_ATTRS])
+    attrs, body = values[_ATTRS], values[1:_ATTRS]  # [0] is event_id: the window's key, equal by construction
+    return hash((body, frozenset(attrs.items()))) if attrs else hash(body)
 
 
 # a produce() or delivery error that concerns one record (its size or shape), not the connection
