@@ -232,13 +232,25 @@ class Staged:
     def truncate(self) -> list[str]:
         return [f"TRUNCATE TABLE {self.stage}", f"TRUNCATE TABLE {self.typed}"]
 
-    def insert(self, target: str, dedupe: tuple[str, str, str, str] | None = None) -> str:
+    def repeated(self, id_column: str, ids_table: str, lo: str, hi: str) -> str:
+        """(id, partition, offset, stored) of the accepted rows whose id repeats in the batch or is stored
+        already: the rows sql/firstwrite.py judges (usually none)."""
+        new = self._new(id_column, ids_table, lo, hi)
+        return (f"SELECT toString(v_{id_column}), _partition, _offset, NOT {new} FROM {self.typed} WHERE _ok AND "
+                f"(v_{id_column} IN (SELECT v_{id_column} FROM {self.typed} WHERE _ok GROUP BY v_{id_column} "
+                f"HAVING count() > 1) OR NOT {new})")
+
+    def insert(self, target: str, dedupe: tuple[str, str, str, str] | None = None,
+               exclude: frozenset[tuple[int, int]] = frozenset()) -> str:
         """INSERT the accepted rows into `target`. With `dedupe` = (id column, ids table, lo, hi):
-        skip ids already stored with a ts in [lo, hi] (SQL expressions) and repeats within the batch."""
+        skip ids already stored with a ts in [lo, hi] (SQL expressions), the (partition, offset) rows in
+        `exclude` (later copies, sql/firstwrite.py) and, as a safety net, repeats within the batch."""
         names = [f.name for f in self.fields] + ["_topic", "_partition", "_offset", "_batch_start"]
         casts = [f"CAST(assumeNotNull(v_{f.name}) AS {self.ledger_types[f.name]})" for f in self.fields]
         casts += ["_topic", "_partition", "_offset", "_batch_start"]
         query = f"INSERT INTO {target} ({', '.join(names)}) SELECT {', '.join(casts)} FROM {self.typed} WHERE _ok"
+        if exclude:
+            query += f" AND (_partition, _offset) NOT IN ({', '.join(f'({p}, {o})' for p, o in sorted(exclude))})"
         if dedupe:
             query += f" AND {self._new(*dedupe)} ORDER BY _partition, _offset LIMIT 1 BY v_{dedupe[0]}"
         return query

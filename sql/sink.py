@@ -36,7 +36,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 from meterline.schemas import events as ev
 from meterline.settings import Settings
 
-from . import ledger
+from . import firstwrite, ledger
 from .checks import Staged, canonical_json
 from .rows import budget_policy_row, contract_row, gpu_sample_row, insert_rows
 
@@ -69,12 +69,15 @@ class TableBatch:
     # other tables: rows as dicts by month partition, and their ids (parallel to the rows)
     dict_rows: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[int, list[tuple[str, datetime]]] = field(default_factory=lambda: defaultdict(list))
+    dict_msgs: dict[int, list[Message]] = field(default_factory=lambda: defaultdict(list))
 
 
 @dataclass
 class Batch:
     tables: dict[str, TableBatch] = field(default_factory=lambda: defaultdict(TableBatch))
     dead: list[ev.DeadLetter] = field(default_factory=list)
+    anomalies: list[ev.Anomaly] = field(default_factory=list)  # conflicting duplicates (sql/firstwrite.py)
+    redelivered: set[tuple[str, int, int]] = field(default_factory=set)  # dead-lettered before a crash
     start: dict[TP, int] = field(default_factory=dict)  # first offset per partition in this batch
     next_offset: dict[TP, int] = field(default_factory=dict)  # what to commit
     rows: int = 0
@@ -126,7 +129,8 @@ class LedgerSink:
         self._inflight_error: BaseException | None = None
         self._inserted: Batch | None = None
         self._staged_tables: dict[str, Staged] = {}
-        self.stats = {"rows": 0, "duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
+        self.anomalies_topic = settings.topic("anomalies")
+        self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,14 +230,17 @@ class LedgerSink:
             else:
                 del self.replay[key]
         batch = self.batch
+        if already_dead:
+            batch.redelivered.add((topic, partition, offset))
         start = batch.start.setdefault(key, offset)
         self._advance(key, offset)
         table = self.tables[topic]
         try:
             self._add_row(batch, table, msg, start, already_dead)
-        except ev.InvalidEvent as err:
+        except Exception as err:  # noqa: BLE001 - one bad record never stops the sink: it is dead-lettered
             if not already_dead:
-                batch.dead.append(self._dead_letter(msg, err.reason, type(err).__name__))
+                reason = err.reason if isinstance(err, ev.InvalidEvent) else f"could not make a ledger row: {err!r}"
+                batch.dead.append(self._dead_letter(msg, reason, type(err).__name__))
 
     def _advance(self, key: TP, offset: int) -> None:
         self.batch.next_offset[key] = offset + 1
@@ -262,6 +269,7 @@ class LedgerSink:
             rows.dict_rows[month].append({**row, **self._coords(msg, start)})
             if table.id_column:
                 rows.ids[month].append((str(row[table.id_column]), row[table.ts_column]))
+                rows.dict_msgs[month].append(msg)
         batch.rows += 1
 
     @staticmethod
@@ -302,9 +310,9 @@ class LedgerSink:
     def _dead_letter(self, msg: Message, reason: str, error_type: str) -> ev.DeadLetter:
         # Deterministic id: the same bad record dead-lettered twice is one row in the ledger's history.
         dlq_id = uuid.uuid5(DLQ_NAMESPACE, f"{msg.topic()}:{msg.partition()}:{msg.offset()}")
+        payload, reason = ev.dead_letter_payload(msg.value(), reason)  # always fits the dlq topic
         return ev.DeadLetter(dlq_id=dlq_id, ts=ev.utcnow(), stage="sink", source_topic=msg.topic(), partition=msg.partition(),
-                             offset=msg.offset(), reason=reason[:2048], error_type=error_type,
-                             payload_b64=base64.b64encode(msg.value() or b"").decode())
+                             offset=msg.offset(), reason=reason, error_type=error_type[:ev.MAX_NAME_LEN], payload_b64=payload)
 
     # ------------------------------------------------------------------ flush
 
@@ -365,7 +373,7 @@ class LedgerSink:
         self.flushing, self.revoked_mid_flush = True, False
         try:
             inserts = self._inserts(batch, retry)
-            self._send_dead_letters(batch.dead)
+            self._send_dead_letters(batch.dead, batch.anomalies)
             for describe, insert in inserts:
                 self._retry(insert, describe) if retry else insert()
             if commit:
@@ -388,7 +396,7 @@ class LedgerSink:
                 insert = self._stage(batch, name, target, rows, retry)
                 if insert is not None:
                     out.append((f"insert staged rows into {target}", insert))
-            fresh = self._fresh_ids(name, rows, retry)
+            fresh = self._fresh_ids(batch, name, rows, retry)
             for month, dict_items in rows.dict_rows.items():
                 keep_rows = [r for r, ok in zip(dict_items, fresh.get(month, [True] * len(dict_items))) if ok]
                 if keep_rows:
@@ -419,12 +427,15 @@ class LedgerSink:
         count, lo, hi = run(lambda: self.client.query(staged.accepted_range()).result_rows[0], "count")
         if not count:
             return None
-        dedupe = None
+        dedupe, exclude = None, frozenset()
         if name in ledger.ID_TABLES:
             bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
             dedupe = (staged.id_column, ledger.write_table(ledger.ID_TABLES[name], self.cluster), *bounds)
             self.stats["duplicates"] += run(lambda: self.client.query(staged.duplicates(*dedupe)).result_rows[0][0], "dedupe")
-        query, attempts = staged.insert(target, dedupe), 0
+            repeated = run(lambda: self.client.query(staged.repeated(*dedupe)).result_rows, "find repeated ids")
+            if repeated:
+                exclude = frozenset(self._staged_first_writes(batch, name, rows, repeated, lo, hi, run))
+        query, attempts = staged.insert(target, dedupe, exclude), 0
 
         def insert() -> None:
             nonlocal attempts
@@ -457,6 +468,56 @@ class LedgerSink:
         index = {(m.partition(), m.offset()): i for i, m in enumerate(rows.msgs)}
         return [index[(partition, offset)] for partition, offset in found]
 
+    def _staged_first_writes(self, batch: Batch, name: str, rows: TableBatch, repeated: list, lo: datetime, hi: datetime,
+                             run: Callable) -> set[tuple[int, int]]:
+        """The (partition, offset) of every staged copy that is not its id's first write."""
+        index = {(m.partition(), m.offset()): i for i, m in enumerate(rows.msgs)}
+        copies = []
+        table = self._table(name)
+        for event_id, partition, offset, _ in repeated:
+            msg = rows.msgs[index[(partition, offset)]]
+            try:
+                values = ev.decode(ev.CONTRACTS[table.contract], msg.value()).model_dump()
+            except ev.InvalidEvent:  # the SQL checks and the contract disagree: LIMIT 1 BY still keeps one copy
+                log.warning("%s[%d]@%d passed the SQL checks but not the contract", msg.topic(), partition, offset)
+                continue
+            copies.append(firstwrite.Copy(event_id, values, msg.topic(), partition, offset, msg))
+        stored_ids = {i for i, _, _, stored in repeated if stored}
+        duplicates, conflicts = self._first_writes(batch, name, copies, stored_ids, lo, hi, run)
+        self.stats["duplicates"] -= len(conflicts)  # counted by staged.duplicates() with the rest
+        return {(m.partition(), m.offset()) for m in duplicates + conflicts}
+
+    def _first_writes(self, batch: Batch, name: str, copies: list[firstwrite.Copy], stored_ids: set[str],
+                      lo: datetime, hi: datetime, run: Callable) -> tuple[list[Message], list[Message]]:
+        """Judge repeated ids (sql/firstwrite.py); a conflicting copy becomes a dead letter and an anomaly.
+        Returns the messages of the batch copies to drop: (duplicates, conflicts)."""
+        if stored_ids:
+            copies = copies + run(lambda: self._stored_copies(name, stored_ids, lo, hi), "read stored copies")
+        verdict = firstwrite.judge(name, copies)
+        id_name = self._table(name).id_column
+        for first, copy, differ in verdict.conflicts:
+            if (copy.topic, copy.partition, copy.offset) in batch.redelivered:
+                continue  # dead-lettered and alerted before a crash: dropped again, not reported again
+            reason = firstwrite.reason(id_name, first, copy, differ)
+            log.warning("%s", reason)
+            batch.dead.append(self._dead_letter(copy.index, reason, "conflicting_duplicate"))
+            batch.anomalies.append(firstwrite.anomaly(id_name, first, copy, differ, stage="sink"))
+        self.stats["conflicting_duplicates"] += len(verdict.conflicts)
+        return [c.index for c in verdict.duplicates], [c.index for _, c, _ in verdict.conflicts]
+
+    def _stored_copies(self, name: str, ids: set[str], lo: datetime, hi: datetime) -> list[firstwrite.Copy]:
+        table, id_column = ledger.write_table(name, self.cluster), self._table(name).id_column
+        fields = firstwrite.BODY_FIELDS[name]
+        lo_s, hi_s = (t.astimezone(timezone.utc).replace(tzinfo=None) for t in (lo, hi))
+        query = (f"SELECT toString({id_column}), {', '.join(fields)}, _topic, _partition, _offset FROM {table} "
+                 f"WHERE ts BETWEEN toDateTime64('{lo_s}', 3, 'UTC') AND toDateTime64('{hi_s}', 3, 'UTC') AND {id_column} IN "
+                 f"(SELECT id FROM format(TSV, 'id UUID', '{chr(10).join(sorted(ids))}'))")
+        return [firstwrite.Copy(r[0], dict(zip(fields, r[1:-3])), r[-3], r[-2], r[-1])
+                for r in self.client.query(query, settings={"max_query_size": len(query) + 4096}).result_rows]
+
+    def _table(self, name: str) -> ledger.LedgerTable:
+        return next(t for t in ledger.TABLES if t.name == name)
+
     def _settle(self, batch: Batch, staged: Staged, rows: TableBatch, indices, final: bool = False) -> None:
         """The contract decides: a dead letter with its reason, or (not final) its canonical JSON staged again."""
         for i in indices:
@@ -486,23 +547,29 @@ class LedgerSink:
     def _insert_settings(self) -> dict[str, Any]:
         return {"distributed_foreground_insert": 1} if self.cluster else {}
 
-    def _fresh_ids(self, name: str, rows: TableBatch, retry: bool) -> dict[int, list[bool]]:
-        """Per month, a keep-flag per row: False for an id seen earlier in the batch or already stored."""
+    def _fresh_ids(self, batch: Batch, name: str, rows: TableBatch, retry: bool) -> dict[int, list[bool]]:
+        """Per month, a keep-flag per row: False for a copy that is not its id's first write."""
         if name not in ledger.ID_TABLES or not rows.ids:
             return {}
+        def run(action: Callable[[], Any], what: str) -> Any:
+            return self._retry(action, what) if retry else action()
+
         all_ids = [(i, ts) for items in rows.ids.values() for i, ts in items]
-        stored = self._retry(lambda: self._stored_ids(name, all_ids), "check duplicate ids") if retry \
-            else self._stored_ids(name, all_ids)
-        seen = set(stored)
-        flags: dict[int, list[bool]] = {}
-        for month, items in rows.ids.items():
-            month_flags = []
-            for event_id, _ in items:
-                month_flags.append(event_id not in seen)
-                seen.add(event_id)
-            flags[month] = month_flags
-        self.stats["duplicates"] += sum(not f for fl in flags.values() for f in fl)
-        return flags
+        stored = run(lambda: self._stored_ids(name, all_ids), "check duplicate ids")
+        counts = defaultdict(int)
+        for event_id, _ in all_ids:
+            counts[event_id] += 1
+        copies = [firstwrite.Copy(event_id, row, row["_topic"], row["_partition"], row["_offset"], msg)
+                  for month, items in rows.ids.items()
+                  for (event_id, _), row, msg in zip(items, rows.dict_rows[month], rows.dict_msgs[month])
+                  if counts[event_id] > 1 or event_id in stored]
+        dropped: set[tuple[int, int]] = set()
+        if copies:
+            lo, hi = min(ts for _, ts in all_ids), max(ts for _, ts in all_ids)
+            duplicates, conflicts = self._first_writes(batch, name, copies, stored, lo, hi, run)
+            dropped = {(m.partition(), m.offset()) for m in duplicates + conflicts}
+            self.stats["duplicates"] += len(duplicates)
+        return {month: [(r["_partition"], r["_offset"]) not in dropped for r in rows.dict_rows[month]] for month in rows.ids}
 
     def _stored_ids(self, name: str, ids: list[tuple[str, datetime]]) -> set[str]:
         table = ledger.write_table(ledger.ID_TABLES[name], self.cluster)
@@ -515,9 +582,11 @@ class LedgerSink:
                  f"(SELECT id FROM format(TSV, 'id UUID', '{data}'))")
         return {r[0] for r in self.client.query(query, settings={"max_query_size": len(query) + 4096}).result_rows}
 
-    def _send_dead_letters(self, dead: list[ev.DeadLetter]) -> None:
+    def _send_dead_letters(self, dead: list[ev.DeadLetter], anomalies: list[ev.Anomaly] = ()) -> None:
         for letter in dead:
             self.producer.produce(self.dlq_topic, key=letter.source_topic.encode(), value=letter.to_json())
+        for anomaly in anomalies:
+            self.producer.produce(self.anomalies_topic, key=anomaly.tenant_id.encode(), value=anomaly.to_json())
         if dead:
             if self.producer.flush(30) != 0:
                 raise RuntimeError("dead letters were not acknowledged by Kafka")

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -326,3 +327,46 @@ def test_a_rebalance_during_an_insert_in_flight_leaves_no_partition_paused(setti
     assert done.stdout.split("rows")[-1].split()[0] == "300", done.stdout + done.stderr[-2000:]
     got = ledger_sql(settings, "SELECT count() AS n, uniqExact(event_id) AS ids FROM priced_events")[0]
     assert got["n"] == got["ids"] == 300
+
+
+def _produce_at(settings: Settings, topic: str, placed: list[tuple[int, bytes]]) -> None:
+    """Each record on the partition given, in this order."""
+    producer = Producer(settings.kafka_config(**{"enable.idempotence": True}))
+    for partition, value in placed:
+        producer.produce(settings.topic(topic), value, partition=partition)
+        producer.flush(30)  # one at a time: the order of the list is the order they are acknowledged
+
+
+def test_first_write_wins_and_a_conflicting_copy_is_dead_lettered_never_stored(settings):
+    """Issue 10: two copies of an event_id in one batch, the forged one (another tenant, $0) on a lower
+    partition, used to be stored instead of the genuine copy acknowledged first. Now the first write is the
+    charge, in a batch and across batches; a same-body copy is a duplicate; a different body is a
+    conflicting_duplicate dead letter naming both copies, and an anomaly (critical for another tenant)."""
+    records, truth = priced_events(20, seed=31)
+    genuine = json.loads(records[0])
+    later = (datetime.fromisoformat(genuine["priced_at"]) + timedelta(seconds=1)).isoformat()
+    forged = {**genuine, "tenant_id": "attacker", "cost_usd": "0", "priced_at": later}
+    repriced = {**genuine, "priced_at": later}  # the same event priced again after a crash: not a conflict
+    _produce_at(settings, "priced", [(7, records[0]), (2, json.dumps(forged).encode()), (7, json.dumps(repriced).encode()),
+                                     *[(i % 12, r) for i, r in enumerate(records[1:])]])
+    sink_until_idle(settings)
+    stored = ledger_sql(settings, f"SELECT tenant_id, toString(cost_usd) AS usd FROM priced_events WHERE event_id = '{genuine['event_id']}'")
+    assert [(r["tenant_id"], Decimal(r["usd"])) for r in stored] == [(genuine["tenant_id"], Decimal(genuine["cost_usd"]))]
+    got = ledger_sql(settings, "SELECT count() AS n, toString(sum(cost_usd)) AS usd FROM priced_events")[0]
+    assert got["n"] == 20 and Decimal(got["usd"]) == _usd(sum(truth.by_tenant.values()))
+
+    # across batches: a copy for the same tenant with another cost, after the original is stored
+    _produce_at(settings, "priced", [(5, json.dumps({**genuine, "cost_usd": "99"}).encode())])
+    sink_until_idle(settings)
+    assert ledger_sql(settings, "SELECT count() AS n FROM priced_events")[0]["n"] == 20
+    letters = ledger_sql(settings, "SELECT reason FROM dead_letters WHERE error_type = 'conflicting_duplicate' ORDER BY reason")
+    assert len(letters) == 2
+    in_batch = next(r["reason"] for r in letters if "'attacker'" in r["reason"])
+    assert f"tenant {genuine['tenant_id']!r}" in in_batch and "priced.v1[7]@0" in in_batch and "priced.v1[2]@0" in in_batch
+    assert "differs in tenant_id, cost_usd" in in_batch
+    across = next(r["reason"] for r in letters if "'attacker'" not in r["reason"])
+    assert "first stored" in across and "priced.v1[7]@0" in across and "priced.v1[5]@" in across and "differs in cost_usd" in across
+    alerts = ledger_sql(settings, "SELECT severity, tenant_id, evidence['copy_tenant'] AS copy FROM anomalies "
+                                  "WHERE kind = 'conflicting_duplicate' ORDER BY severity")
+    assert alerts == [{"severity": "critical", "tenant_id": genuine["tenant_id"], "copy": "attacker"},
+                      {"severity": "warning", "tenant_id": genuine["tenant_id"], "copy": genuine["tenant_id"]}]

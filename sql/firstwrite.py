@@ -1,0 +1,104 @@
+"""First write wins: of the copies of one id, which the ledger keeps and what the others are.
+
+The stored row, if any, is the charge; otherwise the first copy of the batch in
+(priced_at, partition, offset) order, which is the order the stream priced them in. A later copy
+with the same body is a duplicate (dropped, counted); one with another body (another tenant,
+another cost) is a conflicting duplicate: dropped, dead-lettered naming both copies, and raised
+as an anomaly. Bodies are the contract's fields as the ledger stores them (times to the
+millisecond), so a copy re-priced after a crash (new priced_at) is still the same event.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from meterline.schemas import events as ev
+
+# The fields that make two copies the same event: what the producer said, and what it is charged.
+BODY_FIELDS = {
+    "priced_events": tuple(f for f in ev.UsageEvent.model_fields if f != "event_id"),
+    "gpu_samples": tuple(f for f in ev.GpuSample.model_fields if f != "sample_id"),
+}
+CONFLICT_NAMESPACE = uuid.UUID("0f3c9a52-6a57-4d2e-9d8e-2b6f6f1c8a41")
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy of an id: in the ledger already (index None) or in the batch (index: its Kafka message)."""
+
+    id: str
+    values: dict[str, Any]
+    topic: str
+    partition: int
+    offset: int
+    index: Any = None
+
+    @property
+    def tenant(self) -> str:
+        return str(self.values.get("tenant_id") or "")
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def order(self) -> tuple:
+        stored = self.index is None
+        priced_at = self.values.get("priced_at") or datetime.min.replace(tzinfo=timezone.utc)
+        return (not stored, _ms(priced_at), self.partition, self.offset)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    duplicates: list[Copy]                    # same body as the first: dropped
+    conflicts: list[tuple[Copy, Copy, list[str]]]  # (first, this copy, fields that differ)
+
+
+def judge(table: str, copies: Iterable[Copy]) -> Verdict:
+    """Every copy but the first of each id is a duplicate or a conflict."""
+    by_id: dict[str, list[Copy]] = {}
+    for copy in copies:
+        by_id.setdefault(copy.id, []).append(copy)
+    duplicates, conflicts = [], []
+    for group in by_id.values():
+        first, *later = sorted(group, key=Copy.order)
+        for copy in later:
+            if copy.index is None:  # another stored copy (from before this rule): not ours to drop
+                continue
+            differ = [f for f in BODY_FIELDS[table] if _same(first.values.get(f)) != _same(copy.values.get(f))]
+            (conflicts.append((first, copy, differ)) if differ else duplicates.append(copy))
+    return Verdict(duplicates, conflicts)
+
+
+def _ms(value: Any) -> Any:
+    return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000) \
+        if isinstance(value, datetime) else value
+
+
+def _same(value: Any) -> Any:
+    """A value as the ledger keeps it: times to the millisecond in UTC, ids as text, '' for absent text."""
+    if isinstance(value, datetime):
+        return _ms(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def reason(id_name: str, first: Copy, copy: Copy, differ: list[str]) -> str:
+    return (f"conflicting_duplicate: {id_name} {copy.id} was first {'stored' if first.index is None else 'seen'} for "
+            f"tenant {first.tenant!r} at {first.where}; this copy for tenant {copy.tenant!r} at {copy.where} "
+            f"differs in {', '.join(differ)}; the first copy is the charge")
+
+
+def anomaly(id_name: str, first: Copy, copy: Copy, differ: list[str], stage: str) -> ev.Anomaly:
+    """The alert for a conflicting copy: critical when it names another tenant."""
+    now = ev.utcnow()
+    tenant = first.tenant or copy.tenant or "unattributed"
+    return ev.Anomaly(
+        anomaly_id=uuid.uuid5(CONFLICT_NAMESPACE, f"{stage}:{copy.where}"), ts=now, kind="conflicting_duplicate",
+        severity="critical" if first.tenant != copy.tenant else "warning", tenant_id=tenant, scope="tenant",
+        scope_id=tenant, window_start=now, window_end=now,
+        evidence={id_name: copy.id, "first_tenant": first.tenant, "first_at": first.where, "copy_tenant": copy.tenant,
+                  "copy_at": copy.where, "differs": ",".join(differ)[:1024], "stage": stage},
+        message=reason(id_name, first, copy, differ)[: ev.MAX_TEXT_LEN])
