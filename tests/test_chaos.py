@@ -1,0 +1,145 @@
+"""Chaos: `meterline up` with events flowing while its broker is frozen (SIGSTOP) or restarted.
+
+A broker of its own (so freezing it disturbs no other test), the real SDK (which spools what
+the broker cannot take and replays it), the real pipeline, embedded chDB. The ground truth is
+computed without meterline's pricing: explicit provider costs, and genai_prices.calc_price for
+the LLM calls the catalog prices. The ledger must equal it per tenant to the last digit, every
+event once, and no component may be reported stalled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from decimal import Decimal
+
+import genai_prices
+import httpx
+import pytest
+
+from meterline.broker import LocalBroker
+from meterline.collectors.sdk import Meter
+from meterline.schemas.events import UsageEvent, new_id, utcnow
+from meterline.settings import Settings
+from meterline.topics import create_topics
+
+from test_app_up import CLI, env_for, free_port, meterline, wait_for
+
+TENANTS = ("acme", "globex", "initech")
+RATE = 200  # events per second while the fault is on
+
+
+def event(rng: random.Random, i: int) -> tuple[UsageEvent, Decimal]:
+    """A usage event and what it must cost, computed independently of meterline's catalog."""
+    tenant, ts = TENANTS[i % len(TENANTS)], utcnow()
+    common = dict(event_id=new_id(), ts=ts, tenant_id=tenant, team=f"team{i % 2}", session_id=f"s{i % 7}")
+    if i % 3 == 0:  # a provider-reported cost overrides any catalog
+        cost = Decimal(rng.randint(1, 10**9)).scaleb(-12)
+        return UsageEvent(**common, kind="tool_call", tool="web_search", cost_usd=cost), cost
+    inp, out = rng.randint(1, 50) * 1000, rng.randint(0, 20) * 1000
+    truth = genai_prices.calc_price(genai_prices.Usage(input_tokens=inp, output_tokens=out), "gpt-4o",
+                                    provider_id="openai", genai_request_timestamp=ts).total_price
+    return UsageEvent(**common, kind="llm_call", provider="openai", model="gpt-4o", input_tokens=inp, output_tokens=out), truth
+
+
+class Fleet:
+    """Agents sending through the SDK at a steady rate until stopped; keeps the ground truth."""
+
+    def __init__(self, settings: Settings):
+        self.meters = {t: Meter(settings, tenant_id=t, register_pid=False) for t in TENANTS}
+        self.truth: dict[str, Decimal] = defaultdict(Decimal)
+        self.sent, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = random.Random(10)
+        while not self.stop.is_set():
+            for _ in range(RATE // 10):
+                e, cost = event(rng, self.sent)
+                self.meters[e.tenant_id].send(e)
+                self.truth[e.tenant_id] += cost
+                self.sent += 1
+            time.sleep(0.1)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for meter in self.meters.values():  # spooled events are replayed once the broker answers
+            assert meter.flush(120)
+            meter.close()
+
+
+def ledger_by_tenant(env: dict[str, str]) -> dict[str, Decimal]:
+    rows = json.loads(meterline(env, "sql", "SELECT tenant_id, toString(sum(cost_usd)) AS usd, count() AS n, "
+                                            "uniqExact(event_id) AS ids FROM priced_events GROUP BY tenant_id", "-f", "json"))
+    assert all(r["n"] == r["ids"] for r in rows), rows  # every event once
+    return {r["tenant_id"]: Decimal(r["usd"]) for r in rows}
+
+
+def start_up(env: dict[str, str], port: int, log_path) -> subprocess.Popen:
+    """`meterline up` logging to a file: during an outage it logs a lot, and an unread pipe would block it."""
+    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
+
+    def healthy():
+        assert proc.poll() is None, f"up exited: {log_path.read_text()[-3000:]}"
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, "up to become healthy")
+    return proc
+
+
+def freeze(broker: LocalBroker, status) -> None:
+    os.kill(status.pid, signal.SIGSTOP)
+    time.sleep(20)
+    os.kill(status.pid, signal.SIGCONT)
+
+
+def restart(broker: LocalBroker, status) -> None:
+    assert broker.stop()
+    time.sleep(3)
+    broker.start(timeout=120)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [freeze, restart], ids=["broker SIGSTOP 20 s", "broker stop and restart"])
+def test_the_ledger_equals_the_truth_after_a_broker_fault(tmp_path, fault):
+    port = free_port()
+    broker = LocalBroker(Settings(data_dir=tmp_path / "broker", kafka_port=free_port(), kafka_controller_port=free_port()))
+    status = broker.start(timeout=120)
+    try:
+        settings = Settings(data_dir=tmp_path / "data", kafka_bootstrap=status.bootstrap, topic_prefix="chaos",
+                            clickhouse_dsn=f"chdb://{tmp_path / 'clickhouse'}")
+        create_topics(settings)
+        env = {**env_for(settings, port), "METERLINE_STALL_AFTER_S": "45"}
+        log_path = tmp_path / "up.log"
+        proc = start_up(env, port, log_path)
+        try:
+            fleet = Fleet(settings)
+            fleet.thread.start()
+            time.sleep(5)
+            fault(broker, status)
+            time.sleep(5)
+            fleet.finish()
+            try:
+                wait_for(lambda: ledger_by_tenant(env) == dict(fleet.truth), f"the ledger to equal the truth ({fleet.sent} events)",
+                         timeout=240)
+            except AssertionError:
+                print(log_path.read_text()[-6000:])
+                raise
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+            assert health.status_code == 200, health.text
+            assert not [n for n, c in health.json()["components"].items() if c.get("stalls") or c.get("stalled")], health.text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
+    finally:
+        broker.stop()
