@@ -153,7 +153,9 @@ class LocalBroker:
     def _format_storage(self, java: str, classpath: str, config: Path) -> None:
         if (self.home / "data" / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # like Kafka's own Uuid: a leading "-" reads as an option (1 in 64 runs failed)
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         proc = subprocess.run(
             [java, "-cp", classpath, f"-Dlog4j2.configurationFile={self._write_log4j()}",
              "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted"],

@@ -21,7 +21,6 @@ BODY_FIELDS = {
     "priced_events": tuple(f for f in ev.UsageEvent.model_fields if f != "event_id"),
     "gpu_samples": tuple(f for f in ev.GpuSample.model_fields if f != "sample_id"),
 }
-CONFLICT_NAMESPACE = uuid.UUID("0f3c9a52-6a57-4d2e-9d8e-2b6f6f1c8a41")
 
 
 @dataclass(frozen=True)
@@ -83,22 +82,3 @@ def _same(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
-
-
-def reason(id_name: str, first: Copy, copy: Copy, differ: list[str]) -> str:
-    return (f"conflicting_duplicate: {id_name} {copy.id} was first {'stored' if first.index is None else 'seen'} for "
-            f"tenant {first.tenant!r} at {first.where}; this copy for tenant {copy.tenant!r} at {copy.where} "
-            f"differs in {', '.join(differ)}; the first copy is the charge")
-
-
-def anomaly(id_name: str, first: Copy, copy: Copy, differ: list[str], stage: str) -> ev.Anomaly:
-    """The alert for a conflicting copy: critical when it names another tenant."""
-    now = ev.utcnow()
-    tenant = first.tenant or copy.tenant or "unattributed"
-    return ev.Anomaly(
-        anomaly_id=uuid.uuid5(CONFLICT_NAMESPACE, f"{stage}:{copy.where}"), ts=now, kind="conflicting_duplicate",
-        severity="critical" if first.tenant != copy.tenant else "warning", tenant_id=tenant, scope="tenant",
-        scope_id=tenant, window_start=now, window_end=now,
-        evidence={id_name: copy.id, "first_tenant": first.tenant, "first_at": first.where, "copy_tenant": copy.tenant,
-                  "copy_at": copy.where, "differs": ",".join(differ)[:1024], "stage": stage},
-        message=reason(id_name, first, copy, differ)[: ev.MAX_TEXT_LEN])

@@ -19,13 +19,12 @@ the last stored row may be dead-lettered again after a crash.
 """
 from __future__ import annotations
 
-import base64
 import logging
 import signal
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -35,6 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 
 from meterline.schemas import events as ev
 from meterline.settings import Settings
+from meterline.streams.anomalies import conflicting_duplicate
 
 from . import firstwrite, ledger
 from .checks import Staged, canonical_json
@@ -498,10 +498,11 @@ class LedgerSink:
         for first, copy, differ in verdict.conflicts:
             if (copy.topic, copy.partition, copy.offset) in batch.redelivered:
                 continue  # dead-lettered and alerted before a crash: dropped again, not reported again
-            reason = firstwrite.reason(id_name, first, copy, differ)
+            reason, anomaly = conflicting_duplicate(id_name, copy.id, (first.tenant, first.where), (copy.tenant, copy.where),
+                                                    stage="sink", first_stored=first.index is None, differ=tuple(differ))
             log.warning("%s", reason)
             batch.dead.append(self._dead_letter(copy.index, reason, "conflicting_duplicate"))
-            batch.anomalies.append(firstwrite.anomaly(id_name, first, copy, differ, stage="sink"))
+            batch.anomalies.append(anomaly)
         self.stats["conflicting_duplicates"] += len(verdict.conflicts)
         return [c.index for c in verdict.duplicates], [c.index for _, c, _ in verdict.conflicts]
 
@@ -551,14 +552,13 @@ class LedgerSink:
         """Per month, a keep-flag per row: False for a copy that is not its id's first write."""
         if name not in ledger.ID_TABLES or not rows.ids:
             return {}
+
         def run(action: Callable[[], Any], what: str) -> Any:
             return self._retry(action, what) if retry else action()
 
         all_ids = [(i, ts) for items in rows.ids.values() for i, ts in items]
         stored = run(lambda: self._stored_ids(name, all_ids), "check duplicate ids")
-        counts = defaultdict(int)
-        for event_id, _ in all_ids:
-            counts[event_id] += 1
+        counts = Counter(event_id for event_id, _ in all_ids)
         copies = [firstwrite.Copy(event_id, row, row["_topic"], row["_partition"], row["_offset"], msg)
                   for month, items in rows.ids.items()
                   for (event_id, _), row, msg in zip(items, rows.dict_rows[month], rows.dict_msgs[month])

@@ -19,17 +19,19 @@ is integer pico-USD; nothing is float.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from meterline.schemas.events import Anomaly, build, new_id
+from meterline.schemas.events import MAX_TEXT_LEN, Anomaly, build, new_id
 
 from .codec import usd
 
 PICO = 10**12
 MINUTE = timedelta(minutes=1)
 _ORDINAL_EPOCH = datetime(1, 1, 1)
+CONFLICT_NAMESPACE = uuid.UUID("0f3c9a52-6a57-4d2e-9d8e-2b6f6f1c8a41")  # a replayed alert keeps its id
 
 
 def second_of(ts: datetime) -> int:
@@ -83,6 +85,26 @@ def _anomaly(kind: str, severity: str, tenant: str, scope: str, scope_id: str, s
     return build(Anomaly, anomaly_id=new_id(), ts=end, kind=kind, severity=severity, tenant_id=tenant or "unattributed",
                  scope=scope, scope_id=scope_id or "unknown", window_start=start, window_end=end,
                  evidence={k: str(v) for k, v in evidence.items()}, message=message)
+
+
+def conflicting_duplicate(id_name: str, record_id: str, first: tuple[str, str], copy: tuple[str, str], *, stage: str,
+                          first_stored: bool = False, differ: tuple[str, ...] = ()) -> tuple[str, Anomaly]:
+    """A copy of an id whose body differs from the first copy's (first write wins; both stages):
+    the dead letter's reason and the alert, critical when the copy names another tenant.
+    `first` and `copy` are (tenant, "topic[partition]@offset")."""
+    (first_tenant, first_at), (copy_tenant, copy_at) = first, copy
+    reason = (f"conflicting_duplicate: {id_name} {record_id} was first {'stored' if first_stored else 'seen'} for tenant "
+              f"{first_tenant!r} at {first_at}; this copy for tenant {copy_tenant!r} at {copy_at} "
+              f"{'differs in ' + ', '.join(differ) if differ else 'has another body'}; only the first copy is charged")
+    now = datetime.now(timezone.utc)
+    tenant = first_tenant or copy_tenant or "unattributed"
+    anomaly = build(Anomaly, anomaly_id=uuid.uuid5(CONFLICT_NAMESPACE, f"{stage}:{copy_at}"), ts=now,
+                    kind="conflicting_duplicate", severity="critical" if first_tenant != copy_tenant else "warning",
+                    tenant_id=tenant, scope="tenant", scope_id=tenant, window_start=now, window_end=now,
+                    evidence={id_name: record_id, "first_tenant": first_tenant, "first_at": first_at, "copy_tenant": copy_tenant,
+                              "copy_at": copy_at, "stage": stage, **({"differs": ",".join(differ)[:1024]} if differ else {})},
+                    message=reason[:MAX_TEXT_LEN])
+    return reason, anomaly
 
 
 def _severity(observed: int, threshold: int) -> str:

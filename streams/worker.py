@@ -45,7 +45,6 @@ at-least-once); only errors that concern every record (configuration, authorizat
 """
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import sys
@@ -63,7 +62,7 @@ from meterline.schemas import events as ev
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
-from .anomalies import DetectorConfig, Detectors
+from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
 from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
 from .pricing import Catalog, load_catalog
 from .spend import ScopeKey, SpendBook
@@ -218,7 +217,7 @@ class StreamWorker:
                  checkpoint_interval: float = 5.0, publish_interval: float = 1.0, dedupe_per_partition: int = 100_000,
                  detector_config: DetectorConfig | None = None,
                  batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1),
-                 instance_id: str | None = None) -> None:
+                 instance_id: str | None = None, consumer_overrides: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog()
         self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "priced", "dlq", "spend", "anomalies")}
@@ -250,7 +249,7 @@ class StreamWorker:
             "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384,
             # range: a member gets the same partition indexes of usage and gpu (equal counts, both keyed by
             # tenant), so a tenant's token and GPU spend live in one worker. (cooperative-sticky does not.)
-            "partition.assignment.strategy": "range", "on_commit": self._on_commit,
+            "partition.assignment.strategy": "range", "on_commit": self._on_commit, **(consumer_overrides or {}),
         }))
         self._check_co_partitioned()
 
@@ -420,16 +419,9 @@ class StreamWorker:
     def _conflicting_duplicate(self, msg: Any, event: Any, first: tuple[int, str, int, int], now: datetime) -> None:
         """An event id seen before with another body: refused (dead letter) and raised (anomaly); never charged."""
         _, first_tenant, partition, offset = first
-        tenant, topic = event.tenant_id, msg.topic()
-        first_at, copy_at = f"{topic}[{partition}]@{offset}", f"{topic}[{msg.partition()}]@{msg.offset()}"
-        reason = (f"conflicting_duplicate: event_id {event.event_id} first seen for tenant {first_tenant!r} at {first_at}; "
-                  f"this copy is for tenant {tenant!r} at {copy_at}"
-                  + (" with another body" if tenant == first_tenant else "") + "; only the first copy is charged")
-        anomaly = ev.build(ev.Anomaly, anomaly_id=ev.new_id(), ts=now, kind="conflicting_duplicate",
-                           severity="critical" if tenant != first_tenant else "warning", tenant_id=first_tenant,
-                           scope="tenant", scope_id=first_tenant, window_start=now, window_end=now,
-                           evidence={"event_id": str(event.event_id), "first_tenant": first_tenant, "copy_tenant": tenant,
-                                     "first_at": first_at, "copy_at": copy_at}, message=reason)
+        topic = msg.topic()
+        reason, anomaly = conflicting_duplicate("event_id", str(event.event_id), (first_tenant, f"{topic}[{partition}]@{offset}"),
+                                                (event.tenant_id, f"{topic}[{msg.partition()}]@{msg.offset()}"), stage="streams")
         self._dead_letter(msg, reason, "conflicting_duplicate", now)
         self._anomaly(anomaly)
         self.stats["conflicting_duplicates"] += 1

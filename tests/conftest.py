@@ -53,3 +53,36 @@ def delete_topics_with_prefix(s: Settings) -> None:
     doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(s.topic_prefix + ".")]
     for future in (admin.delete_topics(doomed, operation_timeout=30) if doomed else {}).values():
         future.exception(30)  # best effort: a failed delete only leaves a topic behind
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path):
+    """A broker of this test's own, to freeze or restart without disturbing others; yields
+    (broker, its status, Settings for a fresh prefix and store on it)."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    jars = Settings().data_dir / "kafka" / "libs"  # the session broker's, when this run started one: no Maven again
+    if not any(jars.glob("kafka_2.13-*.jar")):
+        jars = REPO / ".meterline-test" / "kafka" / "libs"
+    if any(jars.glob("kafka_2.13-*.jar")):
+        (tmp_path / "broker" / "kafka").mkdir(parents=True)
+        os.symlink(jars, tmp_path / "broker" / "kafka" / "libs")
+    broker = LocalBroker(Settings(data_dir=tmp_path / "broker", kafka_bootstrap=None,  # not make test's broker
+                                  kafka_port=free_port(), kafka_controller_port=free_port()))
+    try:
+        status = broker.start(timeout=120)
+    except BrokerError as err:
+        pytest.fail(f"a second Kafka broker did not come up: {err}", pytrace=False)
+    assert status.pid, status  # ours to freeze and restart
+    settings = Settings(data_dir=tmp_path / "data", kafka_bootstrap=status.bootstrap, topic_prefix="own",
+                        clickhouse_dsn=f"chdb://{tmp_path / 'clickhouse'}")
+    create_topics(settings)
+    try:
+        yield broker, status, settings
+    finally:
+        broker.stop()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from decimal import Decimal
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -53,12 +54,15 @@ def meterline(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def start_up(env: dict[str, str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_up(env: dict[str, str], port: int, log: Path | None = None) -> subprocess.Popen:
+    """`meterline up`, healthy. With `log`, its log goes to that file: an outage makes it log a lot, and a
+    pipe nobody reads would block it."""
+    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "ab") if log else subprocess.PIPE, text=True)
 
     def healthy():
         if proc.poll() is not None:
-            raise AssertionError(f"up exited: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"up exited: {(log.read_text() if log else proc.stderr.read())[-3000:]}")
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
         except httpx.HTTPError:

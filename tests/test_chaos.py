@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -26,9 +25,8 @@ from meterline.broker import LocalBroker
 from meterline.collectors.sdk import Meter
 from meterline.schemas.events import UsageEvent, new_id, utcnow
 from meterline.settings import Settings
-from meterline.topics import create_topics
 
-from test_app_up import CLI, env_for, free_port, meterline, wait_for
+from test_app_up import env_for, free_port, meterline, start_up, wait_for
 
 TENANTS = ("acme", "globex", "initech")
 RATE = 200  # events per second while the fault is on
@@ -81,21 +79,6 @@ def ledger_by_tenant(env: dict[str, str]) -> dict[str, Decimal]:
     return {r["tenant_id"]: Decimal(r["usd"]) for r in rows}
 
 
-def start_up(env: dict[str, str], port: int, log_path) -> subprocess.Popen:
-    """`meterline up` logging to a file: during an outage it logs a lot, and an unread pipe would block it."""
-    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
-
-    def healthy():
-        assert proc.poll() is None, f"up exited: {log_path.read_text()[-3000:]}"
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, "up to become healthy")
-    return proc
-
-
 def freeze(broker: LocalBroker, status) -> None:
     os.kill(status.pid, signal.SIGSTOP)
     time.sleep(20)
@@ -111,35 +94,28 @@ def restart(broker: LocalBroker, status) -> None:
 @pytest.mark.kafka
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", [freeze, restart], ids=["broker SIGSTOP 20 s", "broker stop and restart"])
-def test_the_ledger_equals_the_truth_after_a_broker_fault(tmp_path, fault):
+def test_the_ledger_equals_the_truth_after_a_broker_fault(own_broker, tmp_path, fault):
+    broker, status, settings = own_broker
     port = free_port()
-    broker = LocalBroker(Settings(data_dir=tmp_path / "broker", kafka_port=free_port(), kafka_controller_port=free_port()))
-    status = broker.start(timeout=120)
+    env = {**env_for(settings, port), "METERLINE_STALL_AFTER_S": "45"}
+    log_path = tmp_path / "up.log"
+    proc = start_up(env, port, log=log_path)
     try:
-        settings = Settings(data_dir=tmp_path / "data", kafka_bootstrap=status.bootstrap, topic_prefix="chaos",
-                            clickhouse_dsn=f"chdb://{tmp_path / 'clickhouse'}")
-        create_topics(settings)
-        env = {**env_for(settings, port), "METERLINE_STALL_AFTER_S": "45"}
-        log_path = tmp_path / "up.log"
-        proc = start_up(env, port, log_path)
+        fleet = Fleet(settings)
+        fleet.thread.start()
+        time.sleep(5)
+        fault(broker, status)
+        time.sleep(5)
+        fleet.finish()
         try:
-            fleet = Fleet(settings)
-            fleet.thread.start()
-            time.sleep(5)
-            fault(broker, status)
-            time.sleep(5)
-            fleet.finish()
-            try:
-                wait_for(lambda: ledger_by_tenant(env) == dict(fleet.truth), f"the ledger to equal the truth ({fleet.sent} events)",
-                         timeout=240)
-            except AssertionError:
-                print(log_path.read_text()[-6000:])
-                raise
-            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
-            assert health.status_code == 200, health.text
-            assert not [n for n, c in health.json()["components"].items() if c.get("stalls") or c.get("stalled")], health.text
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
+            wait_for(lambda: ledger_by_tenant(env) == dict(fleet.truth), f"the ledger to equal the truth ({fleet.sent} events)",
+                     timeout=240)
+        except AssertionError:
+            print(log_path.read_text()[-6000:])
+            raise
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        assert not [n for n, c in health.json()["components"].items() if c.get("stalls") or c.get("stalled")], health.text
     finally:
-        broker.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log_path.read_text()[-3000:]

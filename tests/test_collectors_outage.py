@@ -1,49 +1,14 @@
 """Broker outage: a broker of the test's own is stopped and started again; every event arrives exactly once."""
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
-import pytest
-
 from collectors_kafka import read_topic, wait_for
-from meterline.broker import BrokerError, LocalBroker
 from meterline.collectors import Meter
 from meterline.schemas import decode
 from meterline.schemas.events import UsageEvent
-from meterline.settings import Settings
-from meterline.topics import create_topics
-
-PREBUILT_LIBS = Path("/tmp/mlk/kafka/libs")  # a warm jar directory on the dev machines; Maven fetches them otherwise
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    """A second broker on free ports with its own data dir (never the shared one on 9092)."""
-    settings = Settings(data_dir=tmp_path, kafka_bootstrap=None, kafka_port=_free_port(), kafka_controller_port=_free_port(),
-                        topic_prefix="outage")
-    if any(PREBUILT_LIBS.glob("kafka_2.13-*.jar")):
-        (tmp_path / "kafka").mkdir(parents=True)
-        os.symlink(PREBUILT_LIBS, tmp_path / "kafka" / "libs")
-    broker = LocalBroker(settings)
-    try:
-        broker.start(timeout=180)
-    except BrokerError as err:
-        pytest.fail(f"the test's own broker did not start: {err}", pytrace=False)
-    create_topics(settings)
-    yield settings, broker
-    broker.stop()
 
 
 def test_events_recorded_during_an_outage_arrive_exactly_once(own_broker):
-    settings, broker = own_broker
+    broker, _, settings = own_broker
     meter = Meter(settings, tenant_id="acme", agent_id="outage", delivery_timeout_ms=3000)
     expected = []
     for i in range(20):

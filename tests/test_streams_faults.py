@@ -381,7 +381,7 @@ def test_the_first_copy_of_an_event_id_wins_and_a_conflicting_copy_is_refused_an
     critical = by_severity["critical"]
     assert critical["tenant_id"] == critical["scope_id"] == "victim" and critical["scope"] == "tenant"
     assert critical["evidence"] == {"event_id": victim["event_id"], "first_tenant": "victim", "copy_tenant": "attacker",
-                                    "first_at": f"{usage}[3]@0", "copy_at": f"{usage}[7]@0"}
+                                    "first_at": f"{usage}[3]@0", "copy_at": f"{usage}[7]@0", "stage": "streams"}
     assert worker.stats["duplicates"] == 1 and worker.stats["priced"] == 1
 
 
@@ -398,3 +398,36 @@ def wait_for(worker: StreamWorker, thread: threading.Thread, n: int) -> None:
     while sum(worker.stats[c] for c in ("priced", "duplicates", "conflicting_duplicates")) < n:
         assert thread.is_alive(), "the worker stopped"  # run() returns only on stop: it died
         time.sleep(0.05)
+
+
+# ------------------------------------------------------------- broker outage
+@pytest.mark.slow
+def test_a_broker_freeze_longer_than_the_session_does_not_freeze_the_worker(own_broker):
+    """Issue 10: after a broker SIGSTOP longer than the group session, the worker sat in a synchronous
+    commit forever (the group waited for this thread to serve its revoke; the commit waited for the
+    group). Its own broker (frozen here), a 6 s session so the test needs only a 12 s freeze."""
+    import os
+    import signal
+
+    _, status, settings = own_broker
+    worker = StreamWorker(settings, group_id="freeze-streams", checkpoint_interval=1.0,
+                          consumer_overrides={"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    before = [tool_event(f"t{i % 5}", "0.25") for i in range(200)]
+    produce(settings, "usage", [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in before])
+    wait_for(worker, thread, 200)
+    os.kill(status.pid, signal.SIGSTOP)
+    time.sleep(12)
+    os.kill(status.pid, signal.SIGCONT)
+    after = [tool_event(f"t{i % 5}", "0.5") for i in range(200)]
+    produce(settings, "usage", [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in after])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len({json.loads(r)["event_id"] for r in read_topic(settings, "priced")}) < 400:
+        time.sleep(1)
+    stop.set()
+    thread.join(60)
+    assert not thread.is_alive(), "the worker is stuck (it does not even stop)"
+    priced = {json.loads(r)["event_id"]: Decimal(json.loads(r)["cost_usd"]) for r in read_topic(settings, "priced")}
+    assert priced == {e["event_id"]: Decimal(e["cost_usd"]) for e in before + after}

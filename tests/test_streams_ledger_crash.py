@@ -86,8 +86,9 @@ class Pipeline:
                                             stderr=subprocess.PIPE)
 
     def kill(self, role: str) -> None:
-        self.procs[role].send_signal(signal.SIGKILL)
-        self.procs[role].wait()
+        proc = self.procs.pop(role)  # killed on purpose: `wait` no longer expects it alive
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
     def finish(self, role: str) -> None:
         proc = self.procs.pop(role)
