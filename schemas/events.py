@@ -101,13 +101,18 @@ def _rfc3339_text(value: Any) -> Any:
     raise PydanticCustomError("datetime_rfc3339", "must be an RFC 3339 string with a zone, such as '2026-01-01T00:00:00Z'")
 
 
+LEDGER_YEARS = (1900, 2299)  # what the ledger's DateTime64(3, 'UTC') holds: a valid time always fits it
+
+
 def _in_utc_range(ts: datetime) -> datetime:
-    """0001-01-01T00:30:00+01:00 parses, but as UTC it is before year 1: astimezone would raise OverflowError
-    later (in the stream, in the sink), so it is refused here, as is anything past 9999-12-31T23:59:59Z."""
+    """0001-01-01T00:30:00+01:00 parses, but as UTC it is before year 1 (astimezone would raise OverflowError
+    in the stream and the sink), and a time the ledger cannot store would be dead-lettered as a bug there."""
     try:
-        ts.astimezone(timezone.utc)
+        year = ts.astimezone(timezone.utc).year
     except OverflowError:
-        raise ValueError("is out of range: the time cannot be expressed in UTC (years 1 to 9999)") from None
+        year = 0
+    if not LEDGER_YEARS[0] <= year <= LEDGER_YEARS[1]:
+        raise ValueError(f"is out of range: times are {LEDGER_YEARS[0]}-01-01 to {LEDGER_YEARS[1]}-12-31 in UTC")
     return ts
 
 

@@ -108,7 +108,8 @@ class Field:
             return f"if(match({text}, '^{sign}[0-9]{{1,{whole}}}(\\\\.[0-9]{{1,{scale}}})?$'), toDecimal128OrNull({text}, 18), NULL)"
         if base is datetime:
             utc = f"toDateTime64OrNull(replaceOne(substring({text}, 1, length({text}) - 1), 'T', ' '), 3, 'UTC')"
-            return f"if(match({text}, '{_escape(TIME_RE)}'), {utc}, NULL)"
+            lo, hi = ev.LEDGER_YEARS  # DateTime64 would saturate a year outside its range, not reject it
+            return f"if(match({text}, '{_escape(TIME_RE)}') AND toUInt16OrZero(substring({text}, 1, 4)) BETWEEN {lo} AND {hi}, {utc}, NULL)"
         if base is UUID:
             return f"if(match({text}, '{UUID_RE}'), toUUIDOrNull({text}), NULL)"
         raise AssertionError(base)

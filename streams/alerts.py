@@ -12,7 +12,6 @@ with the reason, so one bad endpoint cannot stall alerting forever.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import ssl
 import time
@@ -64,9 +63,10 @@ async def post_until_delivered(client: httpx.AsyncClient, url: str, anomaly: ev.
 
 def dead_letter(message: Any, reason: str, error_type: str) -> bytes:
     """The anomaly's record (a Faust message: topic, partition, offset, bytes) with why it was not delivered."""
+    payload, reason = ev.dead_letter_payload(message.value, reason)  # always fits the dlq topic
     return ev.DeadLetter(dlq_id=uuid.uuid4(), ts=ev.utcnow(), stage="alerts", source_topic=message.topic,
-                         partition=message.partition, offset=message.offset, reason=reason[: ev.MAX_TEXT_LEN],
-                         error_type=error_type, payload_b64=base64.b64encode(message.value).decode()).to_json()
+                         partition=message.partition, offset=message.offset, reason=reason,
+                         error_type=error_type, payload_b64=payload).to_json()
 
 
 def credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:

@@ -80,7 +80,7 @@ def _fast_ok(e: FastUsage, latest: datetime) -> bool:
             ts = e.ts = ts.astimezone(UTC) if ts.utcoffset() else ts.replace(tzinfo=UTC)
         except OverflowError:
             return False
-    if ts > latest:  # latest = now + MAX_FUTURE_SKEW
+    if ts > latest or ts.year < ev.LEDGER_YEARS[0]:  # latest = now + MAX_FUTURE_SKEW (so before LEDGER_YEARS[1])
         return False
     if ev.HIDDEN_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False

@@ -30,7 +30,8 @@ POOL = [MISSING, None, True, [], {}, 1.5, -1, 0, 10**12 + 1, 10**19, 10**30, "7"
         # money beyond 12 places at any magnitude, and exact money in other notations
         "1e-400", "1E-13", "0.0000000000001", "0e-400", "1234567890123456.5",
         # times: Unix seconds as a number or a string, and times that exist only outside UTC's years 1-9999
-        1733000000, "1733000000", "0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"]
+        1733000000, "1733000000", "0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00",
+        "1899-12-31T23:59:59Z", "2300-01-01T00:00:00Z"]
 
 def lenient(model: type, name: str, value: object) -> bool:
     """The one leniency of ClickHouse's JSON reader: a JSON string that parses as an integer is read as

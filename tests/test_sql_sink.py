@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,10 +20,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from meterline.schemas.events import DeadLetter, GpuSample, decode, new_id, utcnow
+from conftest import delete_topics_with_prefix
+from meterline.schemas.events import DeadLetter, GpuSample, InvalidEvent, PricedEvent, decode, new_id, utcnow
 from meterline.settings import Settings
 from meterline.sql.synth import priced_events
-from meterline.topics import catalog_by_name
+from meterline.topics import catalog_by_name, create_topics
 
 METERLINE = [str(Path(sys.executable).with_name("meterline"))]
 CRASH_EVENTS = int(os.environ.get("METERLINE_TEST_CRASH_EVENTS", "100000"))
@@ -370,3 +372,58 @@ def test_first_write_wins_and_a_conflicting_copy_is_dead_lettered_never_stored(s
                                   "WHERE kind = 'conflicting_duplicate' ORDER BY severity")
     assert alerts == [{"severity": "critical", "tenant_id": genuine["tenant_id"], "copy": "attacker"},
                       {"severity": "warning", "tenant_id": genuine["tenant_id"], "copy": genuine["tenant_id"]}]
+
+
+def _fuzzed_priced(records: list[bytes]):
+    """Priced events with arbitrary values in random fields, or arbitrary bytes (hypothesis draws the batch)."""
+    from hypothesis import strategies as st
+    from test_sql_checks import MISSING, POOL
+
+    field = st.sampled_from(sorted(json.loads(records[0])))
+    value = st.one_of(st.sampled_from([v for v in POOL if v is not MISSING]), st.none(), st.booleans(), st.integers(),
+                      st.floats(), st.text(max_size=40), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
+    mutation = st.one_of(st.dictionaries(field, value, min_size=1, max_size=3), st.binary(max_size=200), st.just({}))
+    return st.lists(mutation, min_size=len(records), max_size=len(records))
+
+
+def test_fuzz_every_record_is_stored_once_or_dead_lettered_and_the_sink_never_stops(kafka_bootstrap, tmp_path_factory):
+    """Hypothesis draws batches of priced events with arbitrary JSON values in any field (or arbitrary bytes),
+    through the real sink and chDB. Oracle: the pydantic contract. Valid -> stored once; invalid -> a dead letter
+    naming its offset; never a LedgerCheck (the SQL and the contract disagreeing); the sink exits cleanly."""
+    from hypothesis import HealthCheck, given, settings as hsettings
+
+    records, _ = priced_events(120, seed=41)
+
+    @hsettings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_fuzzed_priced(records))
+    def run(mutations):
+        base = tmp_path_factory.mktemp("fuzz")
+        settings = Settings(data_dir=base / "data", kafka_bootstrap=kafka_bootstrap, topic_prefix=f"fz{uuid.uuid4().hex[:10]}",
+                            clickhouse_dsn=f"chdb://{base / 'clickhouse'}")
+        create_topics(settings)
+        batch = []
+        for raw, mutation in zip(records, mutations):
+            if isinstance(mutation, bytes):
+                batch.append(mutation)
+            else:
+                record = {**json.loads(raw), "event_id": new_id(), **mutation}
+                batch.append(json.dumps(record, default=str).encode())
+        valid = {}
+        for i, raw in enumerate(batch):
+            try:
+                valid[i] = str(decode(PricedEvent, raw).event_id)
+            except InvalidEvent:
+                pass
+        produce(settings, "priced", batch)
+        sink_until_idle(settings)
+        stored = ledger_sql(settings, "SELECT toString(event_id) AS id, count() AS n FROM priced_events GROUP BY id")
+        assert {r["id"] for r in stored} == set(valid.values()) and all(r["n"] == 1 for r in stored)
+        dead = ledger_sql(settings, "SELECT partition, offset, error_type FROM dead_letters WHERE stage = 'sink'")
+        assert not [d for d in dead if d["error_type"] == "LedgerCheck"], dead
+        partitions = catalog_by_name()["priced"].partitions
+        dead_at = {(d["partition"], d["offset"]) for d in dead}
+        invalid_at = {(i % partitions, i // partitions) for i in range(len(batch)) if i not in valid}
+        assert invalid_at <= dead_at
+        delete_topics_with_prefix(settings)
+
+    run()

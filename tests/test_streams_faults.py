@@ -170,13 +170,11 @@ def render(topic: str, spec: tuple) -> bytes:
 
 
 def contract_accepts(topic: str, raw: bytes) -> bool:
-    """The oracle: the pydantic contract accepts the record, and its time is representable in UTC
-    (a +01:00 time on 0001-01-01 is not; the contract is being tightened to say so itself)."""
+    """The oracle: the pydantic contract accepts the record."""
     try:
-        record = ev.decode(UsageEvent if topic == "usage" else GpuSample, raw)
-        record.ts.astimezone(UTC)
+        ev.decode(UsageEvent if topic == "usage" else GpuSample, raw)
         return True
-    except (ev.InvalidEvent, OverflowError):
+    except ev.InvalidEvent:
         return False
 
 
