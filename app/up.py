@@ -39,6 +39,7 @@ from meterline.settings import Settings
 log = logging.getLogger("meterline.up")
 MAX_BACKOFF_S = 30.0
 LEDGER_TOPICS = ("priced", "gpu", "spend", "anomalies", "control", "budgets", "dlq")
+ALERTS_GIVE_UP_S = 900.0  # how long `meterline alerts` retries a webhook that is down before dead-lettering
 
 
 # ---- supervision ------------------------------------------------------------------------------
@@ -63,6 +64,7 @@ class Component:
     lag: int = 0
     committed: int | None = None
     last_progress: float = 0.0
+    patience_s: float | None = None  # its own stall limit, when it may rightly wait longer than the others
 
     def start(self) -> None:
         self.started_at = self.last_progress = time.monotonic()
@@ -192,7 +194,7 @@ class Supervisor:
     def check(self, stopping: threading.Event) -> None:
         """Restart what died or stalled, with exponential backoff between attempts."""
         for c in self.components:
-            if not stopping.is_set() and c.alive() and c.stalled(self.stall_after_s):
+            if not stopping.is_set() and c.alive() and c.stalled(c.patience_s or self.stall_after_s):
                 log.warning("%s stalled: lag %d, no progress for %.0f s; restarting it", c.name, c.lag,
                             time.monotonic() - c.last_progress)
                 c.extra["stalls"] = c.extra.get("stalls", 0) + 1
@@ -220,7 +222,7 @@ class Supervisor:
             self.check(stopping)
 
     def health(self) -> dict[str, dict[str, Any]]:
-        return {c.name: c.state(self.stall_after_s) for c in self.components}
+        return {c.name: c.state(c.patience_s or self.stall_after_s) for c in self.components}
 
     def get(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
@@ -335,9 +337,10 @@ class Up:
             components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, *member),
                                                settings_env(settings), settings.data_dir / "logs", group, ("usage", "gpu")))
         if webhook:  # anomalies to a webhook, at least once (the Faust job in streams/alerts.py)
-            components.append(ProcessComponent("alerts", meterline_argv("alerts", "--webhook", webhook),
-                                               settings_env(settings), settings.data_dir / "logs",
-                                               settings.group("alerts"), ("anomalies",)))
+            alerts = ProcessComponent("alerts", meterline_argv("alerts", "--webhook", webhook, "--give-up-after", str(ALERTS_GIVE_UP_S)),
+                                      settings_env(settings), settings.data_dir / "logs", settings.group("alerts"), ("anomalies",))
+            alerts.patience_s = ALERTS_GIVE_UP_S + 60  # it waits for a webhook that is down; a restart would reset its clock
+            components.append(alerts)
         components.append(ThreadComponent("live", lambda: _LiveRunner(self.feed)))
         self.supervisor = Supervisor(components, stall_after_s=settings.stall_after_s)
         self.progress = ProgressWatch(settings, components, every=min(5.0, settings.stall_after_s / 2))

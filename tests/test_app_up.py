@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -162,7 +163,14 @@ def test_up_with_a_webhook_supervises_the_alerts_job(settings):
 
     assert "alerts" not in children()
     argv = children(webhook="http://hooks.example/x")["alerts"]
-    assert argv[argv.index("alerts"):] == ["alerts", "--webhook", "http://hooks.example/x"]
+    assert argv[argv.index("alerts"):] == ["alerts", "--webhook", "http://hooks.example/x", "--give-up-after", "900.0"]
+    # it waits (lag, no commits) while a webhook is down: judged stalled only after it would have given up,
+    # since a restart would start its give-up clock again and the anomaly would never be dead-lettered
+    supervisor = Up(settings, webhook="http://hooks.example/x").supervisor
+    alerts = supervisor.get("alerts")
+    alerts.alive, alerts.lag, alerts.last_progress = (lambda: True), 3, time.monotonic() - 600
+    assert alerts.stalled(supervisor.stall_after_s)                 # past the others' limit ...
+    assert supervisor.health()["alerts"]["stalled"] is False        # ... but not its own
 
 
 def test_a_frozen_consumer_is_reported_stalled_and_restarted(up_env):
