@@ -31,15 +31,6 @@ STATIC = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "application/j
           "/style.css": ("style.css", "text/css")}
 
 
-def check_read_only(sql: str) -> str:
-    """The ledger's own rule for `meterline sql` (one read-only statement), when present."""
-    try:
-        from meterline.sql.cli import check_read_only as rule
-    except ImportError:  # pragma: no cover - the sql component always ships it
-        return sql
-    return rule(sql)
-
-
 class ApiServer:
     def __init__(self, ledger_factory: Callable[[], Any], live: LiveState | None = None, registry: Any = None,
                  health: Callable[[], dict[str, dict[str, Any]]] | None = None, host: str = "127.0.0.1", port: int = 8787,
@@ -176,12 +167,12 @@ class ApiServer:
                 return _error(400, 'send JSON {"sql": "...", "parameters": {...}}')
         else:
             sql, parameters = request.query.get("q", ""), {}
+        from meterline.sql.sandbox import Refused
+
         try:
-            text = check_read_only(sql)
-        except ValueError as err:
+            result: Result = await self._on_pool(lambda: self._ledger().user_query(sql, parameters))
+        except Refused as err:
             return _error(403, f"{err}; the API only reads the ledger")
-        try:
-            result: Result = await self._on_pool(lambda: self._ledger().query(text, parameters))
         except Exception as err:  # noqa: BLE001
             return _error(400, _first_line(err))
         return web.json_response(result.to_json())

@@ -157,7 +157,7 @@ def focus(
 
 
 def sql_command(
-    query: Annotated[str, typer.Argument(help="One read-only statement (SELECT, SHOW, DESCRIBE, EXPLAIN).")],
+    query: Annotated[str, typer.Argument(help="One SELECT over the ledger (WITH, UNION, subqueries fine), run in a sandbox.")],
     fmt: Fmt = "table",
 ) -> None:
     """Run read-only SQL on the ledger (directly, or through `meterline up` while it runs)."""
@@ -167,7 +167,7 @@ def sql_command(
     fmt = getattr(fmt, "value", fmt)
     ledger = _ledger()
     try:
-        result: Result = ledger.query(query)
+        result: Result = ledger.user_query(query)
     except Exception as err:  # noqa: BLE001
         fail(f"query failed: {str(err).splitlines()[0][:400]}")
     finally:

@@ -105,10 +105,17 @@ class DirectLedger:
             client = connect(settings)
         self.client = client
         self.cluster = settings.clickhouse_cluster
+        self.settings = settings
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+    def user_query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+        """SQL a user wrote: vetted by the sandbox (sql/sandbox.py), run as ClickHouse formatted it, under limits."""
+        from meterline.sql import sandbox
+
+        return self.query(sandbox.vet(self.client, sql, parameters), parameters, settings=sandbox.limits(self.settings))
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Result:
         sql = render_reads(sql, self.cluster)
-        res = self.client.query(sql, parameters=parameters or {}, settings=READ_ONLY)
+        res = self.client.query(sql, parameters=parameters or {}, settings=settings or READ_ONLY)
         if not res.column_names:  # an empty result carries no header on chDB; ask for the shape
             return Result(*self._shape(sql, parameters), [])
         types = [t.name for t in res.column_types]
@@ -142,6 +149,10 @@ class RemoteLedger:
 
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def user_query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+        """Vetted and limited by the `up` that runs it."""
+        return self.query(sql, parameters)
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
         body = {"sql": sql, "parameters": {k: _param_text(v) for k, v in (parameters or {}).items()}}

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     clickhouse_cluster: str | None = Field(None, description="When set, DDL runs ON CLUSTER with Replicated tables.")
     api_port: int = 8787
     stall_after_s: float = Field(60.0, gt=0, description="`up` restarts a consumer with lag that made no progress this long.")
+    # Limits of user SQL (`meterline sql`, /api/sql): the query cannot raise them (sql/sandbox.py).
+    sql_max_seconds: int = Field(30, gt=0)
+    sql_max_memory_bytes: int = Field(2 * 1024**3, gt=0)
+    sql_max_result_rows: int = Field(1_000_000, gt=0)
+    sql_max_result_bytes: int = Field(256 * 1024**2, gt=0)
+    sql_max_rows_to_read: int = Field(2_000_000_000, gt=0)
 
     @classmethod
     def settings_customise_sources(

@@ -7,24 +7,10 @@ from typing import Annotated
 
 import typer
 
-READ_ONLY_KEYWORDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
-
-
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
-
-
-def check_read_only(query: str) -> str:
-    """Return the query without a trailing `;`, or raise ValueError if it could write."""
-    text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", query, flags=re.S).strip().rstrip(";").strip()
-    if ";" in re.sub(r"'(?:[^'\\]|\\.)*'", "''", text):
-        raise ValueError("one statement at a time")
-    first = re.match(r"[(\s]*([A-Za-z]+)", text)
-    if not first or first.group(1).upper() not in READ_ONLY_KEYWORDS:
-        raise ValueError(f"only read-only queries are allowed ({', '.join(READ_ONLY_KEYWORDS)})")
-    return text
 
 
 def register(app: typer.Typer) -> None:
@@ -103,7 +89,7 @@ def sql_command(
     query: Annotated[str, typer.Argument(help='A read-only query, e.g. "SELECT tenant_id, sum(cost_usd) FROM usage_hourly GROUP BY 1".')],
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="table for people, json or csv for tools.")] = OutputFormat.table,
 ) -> None:
-    """Run a read-only query against the ledger (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN).
+    """Run one SELECT against the ledger, in a sandbox (sql/sandbox.py: its tables only, no files, limits).
 
     Tables: priced_events, gpu_samples, spend_updates, anomalies, throttle_decisions,
     budget_policies, dead_letters; hourly rollups usage_hourly and gpu_hourly
@@ -112,13 +98,15 @@ def sql_command(
     """
     from meterline.console import console, emit_json, fail, table
 
-    try:
-        text = check_read_only(query)
-    except ValueError as err:
-        fail(f"{err}; `meterline sql` never changes the ledger")
+    from meterline.settings import get_settings
+
+    from .sandbox import Refused, limits, vet
+
     client = _connect()
     try:
-        result = client.query(text, settings={"readonly": 1})
+        result = client.query(vet(client, query), settings=limits(get_settings()))
+    except Refused as err:
+        fail(f"{err}; `meterline sql` only reads the ledger")
     except Exception as err:  # noqa: BLE001
         fail(f"query failed: {str(err).strip().splitlines()[0]}")
     rows = [dict(zip(result.column_names, r)) for r in result.result_rows]

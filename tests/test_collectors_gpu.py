@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def child():
         proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
                                 env={**os.environ, **(env or {})})
         procs.append(proc)
+        environ = Path(f"/proc/{proc.pid}/environ")
+        deadline = time.monotonic() + 30  # until the child runs with its environment (exec done, not exited)
+        while b"PATH=" not in environ.read_bytes() and time.monotonic() < deadline:
+            assert proc.poll() is None, f"the child exited with {proc.returncode}"
+            time.sleep(0.01)
         return proc.pid
 
     yield spawn

@@ -149,4 +149,11 @@ def test_sigkill_of_the_stream_worker_and_the_sink_neither_loses_nor_doubles_a_c
     assert ledger == truth                                                    # to the last digit, per tenant/team/model
     assert sum(r["n"] for r in rows) == len(records)                          # each event once: no loss, no double
     totals = pipeline.sql("SELECT toString(sum(cost_usd)) AS usd, sum(events) AS n FROM usage_hourly")[0]
+    assert Decimal(totals["usd"]) <= sum(truth.values()) and totals["n"] <= len(records)  # never more than the record
+    # A SIGKILL between a raw insert and its materialized views can leave the rollups short (ARCHITECTURE:
+    # known limits); the documented recovery after an unclean stop rebuilds them from the raw tables.
+    for month in sorted({json.loads(r)["ts"][:7] for r in records}):
+        done = subprocess.run([METERLINE, "rebuild-rollups", month], env=pipeline.env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    totals = pipeline.sql("SELECT toString(sum(cost_usd)) AS usd, sum(events) AS n FROM usage_hourly")[0]
     assert Decimal(totals["usd"]) == sum(truth.values()) and totals["n"] == len(records)  # the rollups agree

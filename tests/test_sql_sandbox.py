@@ -1,0 +1,129 @@
+"""User SQL in the sandbox (sql/sandbox.py), through the real API on the real engine (chDB).
+
+Every attack of issue 11 that worked before: reading a host file, fetching a URL, connecting out,
+writing a file with INTO OUTFILE (by POST, by a plain GET any web page can fire, and through
+`meterline sql`), raising limits with SETTINGS, a second statement; and the limits the query
+cannot lift. What a user may do still works: SELECT with WITH, UNION, subqueries, numbers(),
+system.tables, query parameters.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meterline.app.store import DirectLedger
+from meterline.settings import Settings
+from meterline.sql import ledger
+from meterline.sql.sandbox import Refused, vet
+
+SECRET = "the-host-secret-42"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    from meterline.app.api import ApiServer
+
+    path = tmp_path_factory.mktemp("sandbox")
+    settings = Settings(data_dir=path / "data", clickhouse_dsn=f"chdb://{path / 'ch'}")
+    gc.collect()  # another module's leftover clients must not pin a different chDB path
+    client = ledger.connect(settings)
+    ledger.migrate(client)
+    client.command("INSERT INTO dead_letters (dlq_id, reason) VALUES (generateUUIDv4(), 'one')")
+    server = ApiServer(lambda: DirectLedger(settings, ledger.connect(settings)), port=0)
+    server.start()
+    yield server, settings, client, path
+    server.stop()
+    client.close()
+    gc.collect()
+
+
+def attacks(path: Path) -> list[str]:
+    secret, outfile = path / "secret.txt", path / "owned.txt"
+    return [
+        f"SELECT * FROM file('{secret}', 'LineAsString')",
+        f"SELECT file('{secret}')",
+        f"SELECT * FROM (SELECT * FROM file('{secret}', 'LineAsString'))",
+        f"SELECT count() FROM dead_letters WHERE reason IN (SELECT line FROM file('{secret}', 'LineAsString'))",
+        "SELECT * FROM url('http://127.0.0.1:9/x', 'LineAsString')",
+        "SELECT * FROM s3('http://127.0.0.1:9/b/k', 'CSV')",
+        "SELECT * FROM remote('127.0.0.1:9', system.one)",
+        "SELECT * FROM mysql('127.0.0.1:9', 'db', 't', 'u', 'p')",
+        f"SELECT 'owned' INTO OUTFILE '{outfile}' TRUNCATE",
+        f"SELECT 'owned' INTO OUTFILE '{outfile}' TRUNCATE FORMAT CSV",
+        "SELECT 1 FORMAT TSV",
+        "SELECT 1 SETTINGS max_execution_time = 0, readonly = 0",
+        "SELECT 1; SELECT 2",
+        f"SELECT 1; SELECT 'owned' INTO OUTFILE '{outfile}'",
+        "INSERT INTO dead_letters (dlq_id) VALUES (generateUUIDv4())",
+        "DROP TABLE dead_letters",
+        f"EXPLAIN SELECT file('{secret}')",
+        "SELECT dictGet('d', 'x', toUInt64(1))",
+        "SELECT * FROM system.users",
+        "SELECT * FROM other_db.t",
+        "SHOW TABLES",
+    ]
+
+
+def test_every_attack_is_refused_and_touches_nothing(api):
+    server, _, _, path = api
+    (path / "secret.txt").write_text(SECRET)
+    for query in attacks(path):
+        for reply in (httpx.post(f"{server.url}/api/sql", json={"sql": query}), httpx.get(f"{server.url}/api/sql", params={"q": query})):
+            assert reply.status_code == 403, (query, reply.status_code, reply.text)
+            assert SECRET not in reply.text and "error" in reply.json()
+    assert not (path / "owned.txt").exists()
+
+
+def test_what_users_may_do_still_works(api):
+    server, _, _, _ = api
+
+    def rows(sql: str, **parameters: str) -> list:
+        reply = httpx.post(f"{server.url}/api/sql", json={"sql": sql, "parameters": parameters})
+        assert reply.status_code == 200, (sql, reply.text)
+        return reply.json()["rows"]
+
+    assert rows("SELECT count() AS n FROM dead_letters") == [[1]]
+    assert rows("WITH d AS (SELECT reason FROM dead_letters) SELECT r FROM (SELECT reason AS r FROM d UNION ALL SELECT 'two') "
+                "ORDER BY r") == [["one"], ["two"]]
+    assert rows("SELECT sum(number) FROM numbers(10)") == [[45]]
+    assert rows("SELECT count() > 5 FROM system.tables WHERE database = currentDatabase()") == [[True]]
+    assert rows("SELECT count() FROM dead_letters WHERE reason = {r:String}", r="one") == [[1]]
+    assert rows("-- a comment\nselect 1 as one;") == [[1]]
+
+
+def test_the_limits_hold_and_the_query_cannot_lift_them(api):
+    _, settings, client, _ = api
+    small = DirectLedger(Settings(**{**settings.model_dump(), "sql_max_rows_to_read": 1000, "sql_max_result_rows": 5}), client)
+    with pytest.raises(Exception, match="(?i)limit"):
+        small.user_query("SELECT sum(number) FROM numbers(100000)")
+    with pytest.raises(Exception, match="(?i)limit"):
+        small.user_query("SELECT number FROM numbers(10)")
+    with pytest.raises(Refused, match="SETTINGS"):
+        small.user_query("SELECT sum(number) FROM numbers(100000) SETTINGS max_rows_to_read = 0")
+    assert small.user_query("SELECT number FROM numbers(5)").rows == [(i,) for i in range(5)]
+
+
+def test_the_sandbox_reads_the_tree_clickhouse_parsed(api):
+    """Spelling does not matter: what ClickHouse parses is what is judged (and what runs)."""
+    _, _, client, _ = api
+    assert vet(client, "select   *\nfrom   dead_letters   limit 1") == "SELECT * FROM dead_letters LIMIT 1"
+    for disguised in ("SELECT * FROM FILE('/etc/passwd', 'LineAsString')", "SELECT * FROM `file`('/etc/passwd', 'LineAsString')",
+                      "SELECT /* */ * FROM\tfile('/etc/passwd','LineAsString')"):
+        with pytest.raises(Refused, match="table function"):
+            vet(client, disguised)
+
+
+def test_meterline_sql_refuses_to_write_a_file(tmp_path):
+    outfile = tmp_path / "owned.txt"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")},
+           "METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'ch'}"}
+    done = subprocess.run([sys.executable, "-m", "meterline", "sql", f"SELECT 'owned' INTO OUTFILE '{outfile}'"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "INTO OUTFILE" in done.stderr and "Traceback" not in done.stderr
+    assert not outfile.exists()
