@@ -4,8 +4,7 @@
     GET  /health                components, whether they run and progress (503 when one is down or stalled)
     GET  /metrics               Prometheus text
     GET  /api/report/<name>     a chargeback report (?since=&until=&by=&tenant=&team=&project=&limit=)
-    POST /api/sql               {"sql": "...", "parameters": {...}} read-only, typed results
-    GET  /api/sql?q=...         the same, for a browser
+    POST /api/sql               {"sql": "...", "parameters": {...}} sandboxed (sql/sandbox.py), typed results
     GET  /api/live              recent spend per tenant, decisions, anomalies
 
 Ledger queries run on a small thread pool; each pool thread has its own client (chDB
@@ -20,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .live import LiveState
 from .report import REPORT_NAMES, ReportParams, run_report
@@ -80,10 +80,11 @@ class ApiServer:
 
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
-        app = web.Application()
+        app = web.Application(middlewares=[guard(self.host)])
+        app.on_response_prepare.append(_harden)
         app.add_routes([web.get(path, self._static) for path in STATIC] + [
             web.get("/health", self._health), web.get("/metrics", self._metrics),
-            web.get("/api/report/{name}", self._report), web.post("/api/sql", self._sql), web.get("/api/sql", self._sql),
+            web.get("/api/report/{name}", self._report), web.post("/api/sql", self._sql),
             web.get("/api/live", self._live),
         ])
         self._runner = web.AppRunner(app, access_log=None)
@@ -159,14 +160,11 @@ class ApiServer:
     async def _sql(self, request):
         from aiohttp import web
 
-        if request.method == "POST":
-            try:
-                body = await request.json()
-                sql, parameters = body["sql"], body.get("parameters") or {}
-            except (ValueError, KeyError, TypeError):
-                return _error(400, 'send JSON {"sql": "...", "parameters": {...}}')
-        else:
-            sql, parameters = request.query.get("q", ""), {}
+        try:  # POST only, JSON only: a page on another site cannot send this without a CORS preflight
+            body = await request.json() if request.content_type == "application/json" else None
+            sql, parameters = body["sql"], body.get("parameters") or {}
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'POST JSON {"sql": "...", "parameters": {...}} with Content-Type: application/json')
         from meterline.sql.sandbox import Refused
 
         try:
@@ -183,6 +181,39 @@ class ApiServer:
         snapshot = self.live.snapshot()
         snapshot["components"] = self.health()
         return web.json_response(snapshot)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HARDENING = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+             "Cross-Origin-Resource-Policy": "same-origin",
+             # scripts only from here (an injected inline script does not run); the charts set inline colours
+             "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                                        "frame-ancestors 'none'"}
+
+
+def guard(bind_host: str):
+    """Refuse what a hostile web page could make the operator's browser send: on a loopback bind, a
+    Host that is not a loopback name (DNS rebinding); anywhere, an Origin other than the API's own
+    (cross-site requests)."""
+    from aiohttp import web
+
+    loopback = bind_host in LOOPBACK
+
+    @web.middleware
+    async def middleware(request, handler):
+        origin = request.headers.get("Origin")
+        if loopback and urlsplit(f"//{request.host}").hostname not in LOOPBACK:
+            return _error(421, f"Host {request.host!r} is not this API (it listens on loopback); use http://127.0.0.1")
+        if origin is not None and origin not in (f"http://{request.host}", f"https://{request.host}"):
+            return _error(403, f"cross-site request from {origin!r} refused")
+        return await handler(request)
+
+    return middleware
+
+
+async def _harden(request, response) -> None:
+    """Every response, errors included, carries the usual hardening headers."""
+    response.headers.update(HARDENING)
 
 
 def _error(status: int, message: str):

@@ -74,10 +74,30 @@ def test_every_attack_is_refused_and_touches_nothing(api):
     server, _, _, path = api
     (path / "secret.txt").write_text(SECRET)
     for query in attacks(path):
-        for reply in (httpx.post(f"{server.url}/api/sql", json={"sql": query}), httpx.get(f"{server.url}/api/sql", params={"q": query})):
-            assert reply.status_code == 403, (query, reply.status_code, reply.text)
-            assert SECRET not in reply.text and "error" in reply.json()
+        reply = httpx.post(f"{server.url}/api/sql", json={"sql": query})
+        assert reply.status_code == 403, (query, reply.status_code, reply.text)
+        assert SECRET not in reply.text and "error" in reply.json()
+        assert httpx.get(f"{server.url}/api/sql", params={"q": query}).status_code == 405  # POST only: no GET a page can fire
     assert not (path / "owned.txt").exists()
+
+
+def test_a_hostile_page_cannot_reach_the_api_through_the_browser(api):
+    """DNS rebinding (a Host that is not loopback), a cross-site POST (another Origin), a form post (not JSON)
+    are refused; same-origin calls work; every answer, errors too, carries the hardening headers."""
+    server, _, _, _ = api
+    sql = {"sql": "SELECT 1"}
+    rebound = httpx.post(f"{server.url}/api/sql", json=sql, headers={"Host": "evil.example:8787"})
+    assert rebound.status_code == 421 and "loopback" in rebound.json()["error"]
+    cross = httpx.post(f"{server.url}/api/sql", json=sql, headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403 and "cross-site" in cross.json()["error"]
+    form = httpx.post(f"{server.url}/api/sql", content="sql=SELECT+1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 400
+    own = httpx.post(f"{server.url}/api/sql", json=sql, headers={"Origin": server.url, "Host": server.url.split("//")[1]})
+    assert own.status_code == 200 and own.json()["rows"] == [[1]]
+    assert httpx.get(f"{server.url}/health", headers={"Host": "localhost:1"}).status_code in (200, 503)
+    for reply in (own, rebound, httpx.get(f"{server.url}/no-such-page")):
+        assert reply.headers["X-Content-Type-Options"] == "nosniff" and reply.headers["X-Frame-Options"] == "DENY"
+        assert "default-src 'self'" in reply.headers["Content-Security-Policy"]
 
 
 def test_what_users_may_do_still_works(api):
