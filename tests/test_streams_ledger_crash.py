@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from meterline.schemas.events import UsageEvent, decode, new_id
@@ -114,11 +115,19 @@ class Pipeline:
         return json.loads(done.stdout)
 
 
-def test_sigkill_of_the_stream_worker_and_the_sink_neither_loses_nor_doubles_a_cent(settings, tmp_path):
+@pytest.fixture
+def pipeline(settings, tmp_path):
+    pipeline = Pipeline(settings, tmp_path)
+    yield pipeline
+    for proc in pipeline.procs.values():  # a failed test would leave its processes running
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkill_of_the_stream_worker_and_the_sink_neither_loses_nor_doubles_a_cent(settings, pipeline):
     records = usage_records(EVENTS)
     truth = ground_truth(records)
     retries = records[::100]  # producer retries: the same events again
-    pipeline = Pipeline(settings, tmp_path)
     subprocess.run([METERLINE, "migrate"], env=pipeline.env, check=True, capture_output=True)
     third = len(records) // 3
     produce(settings, records[:third])
