@@ -76,9 +76,5 @@ def _ms(value: Any) -> Any:
 
 
 def _same(value: Any) -> Any:
-    """A value as the ledger keeps it: times to the millisecond in UTC, ids as text, '' for absent text."""
-    if isinstance(value, datetime):
-        return _ms(value)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return value
+    """A value as the ledger keeps it: times to the millisecond in UTC, ids as text."""
+    return str(value) if isinstance(value, uuid.UUID) else _ms(value)

@@ -447,7 +447,7 @@ class LedgerSink:
 
     def _staged(self, name: str) -> Staged:
         if name not in self._staged_tables:
-            table = next(t for t in ledger.TABLES if t.name == name)
+            table = self._table(name)
             types = {r[0]: r[1] for r in self.client.query(f"DESCRIBE TABLE {ledger.write_table(name, self.cluster)}").result_rows}
             self._staged_tables[name] = Staged(ev.CONTRACTS[table.contract], name, types, table.ts_column, table.id_column)
         return self._staged_tables[name]
