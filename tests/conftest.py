@@ -2,7 +2,7 @@
 
 The broker is METERLINE_KAFKA_BOOTSTRAP when set (make test starts one), otherwise the
 project's own broker is started here. A broker that cannot start fails the run; it
-never skips.
+never skips. `--containers` (tests/containers.py) puts both on testcontainers instead.
 """
 from __future__ import annotations
 
@@ -17,11 +17,17 @@ from meterline.broker import BrokerError, LocalBroker
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
+pytest.register_assert_rewrite("containers")  # a plugin (below), imported here first
+import containers  # noqa: E402
+
+pytest_plugins = ["containers"]
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
+def kafka_bootstrap(request) -> str:
+    if containers.enabled(request.config):
+        return containers.kafka_bootstrap(request)
     if os.environ.get("METERLINE_KAFKA_BOOTSTRAP"):
         settings = Settings()
     else:
@@ -33,7 +39,7 @@ def kafka_bootstrap() -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, kafka_bootstrap: str):
+def settings(request, tmp_path: Path, kafka_bootstrap: str):
     """Settings for one test: its own topic prefix (fresh topics) and its own data dir.
 
     The test's topics are deleted afterwards, so a long suite leaves a lean broker."""
@@ -41,7 +47,7 @@ def settings(tmp_path: Path, kafka_bootstrap: str):
         data_dir=tmp_path / "data",
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=f"t{uuid.uuid4().hex[:10]}",
-        clickhouse_dsn=f"chdb://{tmp_path / 'clickhouse'}",
+        clickhouse_dsn=containers.clickhouse_dsn(request) or f"chdb://{tmp_path / 'clickhouse'}",
     )
     create_topics(s)
     yield s
