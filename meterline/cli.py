@@ -46,22 +46,58 @@ def _broker():
 
 
 @kafka_app.command("start")
-def kafka_start(as_json: JsonFlag = False, timeout: float = typer.Option(90.0, help="Seconds to wait for readiness.")) -> None:
+def kafka_start(
+    as_json: JsonFlag = False,
+    timeout: float = typer.Option(90.0, help="Seconds to wait for readiness."),
+    secure: bool = typer.Option(False, "--secure", help="SASL/SCRAM-SHA-512 and ACLs: one user per role (also METERLINE_KAFKA_SECURE=1)."),
+    env: str = typer.Option(None, "--env", metavar="USER", help="With --secure: print shell exports that make clients use USER (eval them)."),
+) -> None:
     """Start the broker (idempotent). Fetches Kafka's jars with Maven on first use.
 
     Skipped when METERLINE_KAFKA_BOOTSTRAP names an existing cluster; uses $KAFKA_HOME/libs when set.
+    With --secure, creates the users and ACLs of meterline/kafka_acl.py for this topic prefix (again on every start).
     """
-    from .broker import BrokerError
+    import shlex
 
+    from . import kafka_acl
+    from .broker import BrokerError, LocalBroker
+
+    settings = get_settings()
+    if secure and not settings.kafka_secure:
+        settings = settings.model_copy(update={"kafka_secure": True})
+    if env is not None and env not in kafka_acl.USERS:
+        fail(f"--env: no user {env!r}; the users are {', '.join(kafka_acl.USERS)}", code=2)
+    if env is not None and not settings.kafka_secure:
+        fail("--env needs --secure (a broker without SASL has no users)", code=2)
+    broker = LocalBroker(settings)
     try:
         with console.status("starting Kafka (first run downloads its jars with Maven)…"):
-            status = _broker().start(timeout=timeout)
+            status = broker.start(timeout=timeout)
     except BrokerError as err:
         fail(str(err))
+    if not settings.kafka_secure or settings.kafka_bootstrap:
+        if as_json:
+            emit_json(status.as_dict())
+        else:
+            console.print(f"[green]Kafka is up[/] on {status.bootstrap}" + (f" (pid {status.pid})" if status.pid else " (external cluster)"))
+        return
+    if env is not None:
+        exports = {**kafka_acl.client_env(env, broker.credentials()["users"][env]), "METERLINE_KAFKA_SECURE": "1"}
+        print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items()), end="")
+        return
+    principals = kafka_acl.table(settings)
     if as_json:
-        emit_json(status.as_dict())
-    else:
-        console.print(f"[green]Kafka is up[/] on {status.bootstrap}" + (f" (pid {status.pid})" if status.pid else " (external cluster)"))
+        emit_json({**status.as_dict(), "secure": True, "mechanism": kafka_acl.MECHANISM, "topic_prefix": settings.topic_prefix,
+                   "credentials_file": str(broker.credentials_file), "principals": principals,
+                   "client_env": kafka_acl.client_env("<user>", "<its password in credentials_file>")})
+        return
+    console.print(f"[green]Kafka is up[/] on {status.bootstrap} (pid {status.pid}): SASL_PLAINTEXT, {kafka_acl.MECHANISM}, "
+                  f"ACLs for the topics <{settings.topic_prefix}>.<name>.v1")
+    console.print(table([{k: row[k] for k in ("user", "reads", "writes", "groups")} for row in principals]))
+    console.print(f"Passwords: {broker.credentials_file} (mode 0600). A client takes a user from METERLINE_KAFKA_SECURITY_PROTOCOL="
+                  "SASL_PLAINTEXT, METERLINE_KAFKA_SASL_MECHANISM=SCRAM-SHA-512, METERLINE_KAFKA_SASL_USERNAME and "
+                  "METERLINE_KAFKA_SASL_PASSWORD; for example:\n"
+                  '  eval "$(meterline kafka start --secure --env pipeline)"; meterline up')
 
 
 @kafka_app.command("stop")

@@ -26,7 +26,8 @@ def _default_data_dir() -> Path:
 class KafkaSecurity(BaseSettings):
     """librdkafka security settings; every Kafka client in meterline takes these."""
 
-    model_config = SettingsConfigDict(env_prefix="METERLINE_KAFKA_", extra="ignore")
+    # METERLINE_KAFKA_SECURITY_PROTOCOL, ..._SASL_PASSWORD: from the environment or .env, as Settings reads them
+    model_config = SettingsConfigDict(env_prefix="METERLINE_KAFKA_", env_file=".env", extra="ignore")
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
@@ -46,6 +47,7 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(None, description="An existing cluster; when unset meterline starts its own broker on 127.0.0.1.")
     kafka_port: int = Field(9092, description="Port of the broker that `meterline kafka start` runs.")
     kafka_controller_port: int = 9093
+    kafka_secure: bool = Field(False, description="`kafka start` runs its broker with SASL/SCRAM and ACLs (meterline/kafka_acl.py).")
     kafka_home: Path | None = Field(default_factory=lambda: Path(os.environ["KAFKA_HOME"]) if os.environ.get("KAFKA_HOME") else None)
     kafka_security: KafkaSecurity = Field(default_factory=KafkaSecurity)
     topic_prefix: str = Field("meterline", description="Topics are named <prefix>.<name>.v1.")
