@@ -67,6 +67,9 @@ def budget_set(
         policy = build(BudgetPolicy, **fields)
     except (InvalidEvent, ValueError) as err:
         fail(f"{err}. See `meterline budget set --help`.")
+    from meterline.errors import require_kafka
+
+    require_kafka(get_settings())
     try:
         publish_policy(get_settings(), policy)
     except Exception as err:  # noqa: BLE001
@@ -84,8 +87,11 @@ def budget_list(as_json: JsonFlag = False, tenant: Annotated[Optional[str], type
     from meterline.console import console, emit_json, fail, table
     from meterline.settings import get_settings
 
+    from meterline.errors import require_kafka
+
     from .budgets import read_policies
 
+    require_kafka(get_settings())
     try:
         policies = [p for p in read_policies(get_settings()).values() if tenant is None or p.tenant_id == tenant]
     except Exception as err:  # noqa: BLE001
@@ -106,8 +112,11 @@ def budget_delete(policy_id: Annotated[str, typer.Argument(help="The policy id, 
     from meterline.console import console, emit_json, fail
     from meterline.settings import get_settings
 
+    from meterline.errors import require_kafka
+
     from .budgets import delete_policy
 
+    require_kafka(get_settings())
     try:
         delete_policy(get_settings(), policy_id)
     except Exception as err:  # noqa: BLE001
@@ -137,7 +146,10 @@ def allocator(
     from .ledger import ledger_spend_or_none
     from .service import AllocatorService
 
+    from meterline.errors import require_kafka
+
     settings = get_settings()
+    require_kafka(settings)
     engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl)), ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
                     downgrade_for=_downgrade_for())
     service = AllocatorService(settings, engine, heartbeat_every=heartbeat, reconcile_every=reconcile or 1e9, group_id=group)

@@ -56,19 +56,38 @@ class ApiServer:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self, timeout: float = 15.0) -> str:
+        """Listen; a RuntimeError (caused by the OSError, e.g. the port in use) when it cannot."""
         self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout) or self._error:
-            raise RuntimeError(f"the HTTP API could not listen on {self.host}:{self.port}: {self._error}")
+            error = self._error
+            if error is not None:  # the serving thread gave up: release what setup made, so stop() has nothing to do
+                self._thread.join(timeout)
+                loop, runner, self._runner = self._loop, self._runner, None
+                if loop is not None and not loop.is_running() and not loop.is_closed():
+                    try:
+                        if runner is not None:
+                            loop.run_until_complete(runner.cleanup())
+                    except Exception:  # noqa: BLE001 - best effort after a failed start
+                        log.debug("cleanup after a failed start", exc_info=True)
+                    finally:
+                        loop.close()
+            reason = error or f"no answer within {timeout:.0f} s"
+            raise RuntimeError(f"the HTTP API could not listen on {self.host}:{self.port}: {reason}") from error
         return self.url
 
     def alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._loop and self._runner:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Stop serving; safe after a failed start() (nothing was served) and when called twice."""
+        loop, runner, self._runner = self._loop, self._runner, None
+        if loop is not None and runner is not None and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout)
+            except Exception:  # noqa: BLE001 - stopping anyway: the loop stops below
+                log.warning("the HTTP API did not shut down cleanly within %.0f s", timeout, exc_info=True)
+            loop.call_soon_threadsafe(loop.stop)
         if self._thread:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True)

@@ -38,13 +38,46 @@ def _params(**kwargs: Any):
 
 
 def _ledger():
+    from meterline.errors import UserError
+
     from .store import open_ledger
 
     settings = get_settings()
+    _refuse_other_ledger(settings)
     try:
         return open_ledger(settings)
+    except UserError:  # already one line that says what to do
+        raise
     except Exception as err:  # noqa: BLE001 - one clear line instead of a driver traceback
         fail(_open_error(settings, err))
+
+
+def _refuse_other_ledger(settings: Any) -> None:
+    """While `up` runs for this data dir, readers with an embedded DSN go through its API, so they read
+    the ledger *up* serves (its up.json says which). Settings that name another one are a mistake."""
+    import json
+
+    from meterline.errors import UserError
+
+    from .store import _answers, runfile, running_up
+
+    if not settings.dsn.startswith("chdb:") or (url := running_up(settings)) is None:
+        return
+    try:
+        served = json.loads(runfile(settings).read_text()).get("dsn")
+    except (OSError, ValueError, AttributeError):
+        return
+    if served and _ledger_path(served) != _ledger_path(settings.dsn) and _answers(url):
+        raise UserError(f"`meterline up` ({url}) serves the ledger {served} for {settings.data_dir}, but your settings "
+                        f"name {settings.dsn}: use up's METERLINE_CLICKHOUSE_DSN, or stop up to read the other one")
+
+
+def _ledger_path(dsn: str) -> str:
+    """chdb:///a/b/ and chdb:///a/b are one store."""
+    import os.path
+
+    scheme, _, rest = dsn.partition("://")
+    return f"{scheme.lower()}://{os.path.normpath(rest) if rest.startswith('/') else rest.rstrip('/')}"
 
 
 def _open_error(settings: Any, err: Exception) -> str:

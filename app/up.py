@@ -345,6 +345,7 @@ class Up:
         self.supervisor = Supervisor(components, stall_after_s=settings.stall_after_s)
         self.progress = ProgressWatch(settings, components, every=min(5.0, settings.stall_after_s / 2))
         self._progress_stop = threading.Event()
+        self._started = False  # components were started: stop() has something to stop and drain
 
     # ---- parts --------------------------------------------------------------------------------
 
@@ -435,7 +436,9 @@ class Up:
         from .metrics import PipelineCollector, build_registry
         from .store import DirectLedger, write_runfile
 
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        from meterline.errors import writable_dir
+
+        writable_dir(self.settings.data_dir, "METERLINE_DATA_DIR")
         migrate(self.client(), cluster=self.settings.clickhouse_cluster)
         groups = {self.settings.group("sink"): "priced", self.settings.group("streams"): "usage",
                   self.settings.group("allocator"): "spend"}
@@ -444,9 +447,19 @@ class Up:
         self.registry, self.latency = build_registry(collector)
         self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
                              health=self.supervisor.health, host=self.host, port=self.port)
-        url = self.api.start()
+        try:
+            url = self.api.start()
+        except RuntimeError as err:
+            if not isinstance(err.__cause__, OSError):
+                raise
+            from meterline.errors import UserError
+
+            why = os.strerror(err.__cause__.errno) if err.__cause__.errno else str(err.__cause__)
+            raise UserError(f"the API cannot listen on {self.host}:{self.port}: {why}; stop what holds port {self.port} "
+                            "or set METERLINE_API_PORT (or --port) to a free one") from None
         self.port = self.api.port
         self.supervisor.components.append(ThreadComponent("api", lambda: _ApiRunner(self.api)))
+        self._started = True
         self.supervisor.start()
         threading.Thread(target=self.progress.run, args=(self._progress_stop,), name="progress", daemon=True).start()
         write_runfile(self.settings, url)
@@ -480,6 +493,9 @@ class Up:
         from .store import remove_runfile
 
         self._progress_stop.set()
+        if not self._started:  # start() failed before any component ran: nothing to stop or drain, and no noise
+            self._release()
+            return
         core = ("sink", "live", "api")
         producers = [c for c in self.supervisor.components if c.name not in core]
         for c in sorted(producers, key=lambda c: c.name == "allocator"):  # stream worker and collectors, then allocator
@@ -491,16 +507,20 @@ class Up:
             if (c := self.supervisor.get(name)) is not None:
                 log.info("stopping %s", name)
                 c.stop(timeout=60)
+        self._release()
+        remove_runfile(self.settings)
+        log.info("meterline up: stopped")
+
+    def _release(self) -> None:
+        """The API and the ledger clients."""
         if self.api is not None:
             self.api.stop()
-        remove_runfile(self.settings)
         for client in self._clients:
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing at exit
                 pass
         self._clients.clear()
-        log.info("meterline up: stopped")
 
 
 def up_command(
@@ -519,6 +539,7 @@ def up_command(
     and `meterline sql` go through its API. Dashboard: http://127.0.0.1:8787/  Metrics: /metrics
     """
     from meterline.console import console, fail
+    from meterline.errors import UserError, require_kafka, writable_dir
     from meterline.settings import get_settings
 
     from .store import running_up
@@ -527,6 +548,8 @@ def up_command(
     settings = get_settings()
     if (other := running_up(settings)) is not None:
         fail(f"`meterline up` already runs for {settings.data_dir} (API {other}); stop it first or set METERLINE_DATA_DIR")
+    writable_dir(settings.data_dir, "METERLINE_DATA_DIR")
+    require_kafka(settings)  # a wrong bootstrap is one line now, not components in a restart loop
     pipeline = Up(settings, port=port, host=host, streams=0 if no_streams else stream_workers, allocator=not no_allocator,
                   webhook=webhook)
     stop = threading.Event()
@@ -534,9 +557,13 @@ def up_command(
         signal.signal(sig, lambda *_: stop.set())
     try:
         url = pipeline.start()
-    except Exception as err:  # noqa: BLE001 - one clear line
+    except UserError:  # one line that says what to do (meterline.cli.main prints it)
         pipeline.stop()
-        fail(f"could not start: {err}. Is Kafka running (`meterline kafka start`) with topics (`meterline topics create`)?")
+        raise
+    except Exception as err:  # noqa: BLE001 - one clear line
+        log.debug("start failed", exc_info=True)
+        pipeline.stop()
+        fail(f"could not start: {err}")
     console.print(f"[green]meterline up[/]: dashboard {url}/  ·  metrics {url}/metrics  ·  Ctrl-C stops")
     try:
         pipeline.run_until(stop)

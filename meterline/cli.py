@@ -122,8 +122,10 @@ def kafka_status(as_json: JsonFlag = False) -> None:
 @topics_app.command("create")
 def topics_create(as_json: JsonFlag = False, replication_factor: int = typer.Option(1, help="3 on a production cluster.")) -> None:
     """Create every topic in the catalog that does not exist yet (safe to re-run)."""
+    from .errors import require_kafka
     from .topics import create_topics
 
+    require_kafka(get_settings())
     try:
         result = create_topics(get_settings(), replication_factor=replication_factor)
     except Exception as err:  # noqa: BLE001 - any client error becomes one line
@@ -160,4 +162,24 @@ _register_components()
 
 
 def main() -> None:
-    app()
+    """The console script. A common mistake (meterline.errors.UserError, a settings ValidationError)
+    is one line on stderr and exit code 2, never a traceback."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from .console import error_line
+    from .errors import EXIT_CODE, UserError, describe_settings_error
+
+    try:
+        app()
+    except UserError as err:
+        error_line(str(err))
+        sys.exit(EXIT_CODE)
+    except ValidationError as err:
+        if err.title not in ("Settings", "KafkaSecurity"):
+            raise
+        import os
+
+        error_line(describe_settings_error(err, os.environ.get("METERLINE_CONFIG")))
+        sys.exit(EXIT_CODE)

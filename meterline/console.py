@@ -43,9 +43,16 @@ def table(rows: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
     return t
 
 
+def error_line(message: str) -> None:
+    """`error: <message>` on stderr as one line: never wrapped, brackets in it printed as they are."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> None:
     """One clear line on stderr, then exit non-zero."""
     import typer
 
-    err_console.print(f"[bold red]error:[/] {message}")
+    error_line(message)
     raise typer.Exit(code)

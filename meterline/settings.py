@@ -6,17 +6,24 @@ METERLINE_CONFIG (TOML), a `.env` file in the working directory, defaults.
 from __future__ import annotations
 
 import os
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as SourceError
+
+from .errors import SettingsError, describe_settings_error
+from .kafkalog import KAFKA_LOG
+
+DSN_SCHEMES = ("chdb", "http", "https")
 
 
 def _default_data_dir() -> Path:
@@ -53,7 +60,7 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("meterline", description="Topics are named <prefix>.<name>.v1.")
     clickhouse_dsn: str | None = Field(None, description="chdb:///path (default: <data_dir>/clickhouse) or http(s)://user:pass@host:8123/db.")
     clickhouse_cluster: str | None = Field(None, description="When set, DDL runs ON CLUSTER with Replicated tables.")
-    api_port: int = 8787
+    api_port: int = Field(8787, ge=0, le=65535)
     stall_after_s: float = Field(60.0, gt=0, description="`up` restarts a consumer with lag that made no progress this long.")
     # Limits of user SQL (`meterline sql`, /api/sql): the query cannot raise them (sql/sandbox.py).
     sql_max_seconds: int = Field(30, gt=0)
@@ -74,8 +81,27 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("METERLINE_CONFIG")
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            if not Path(config_file).is_file():
+                raise SettingsError(f"METERLINE_CONFIG names {config_file}, which is not a file; fix the path or unset it")
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            except tomllib.TOMLDecodeError as err:
+                raise SettingsError(f"{config_file} (METERLINE_CONFIG) is not valid TOML: {err}") from None
         return (*sources, dotenv_settings)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # chdb://reldir/clickhouse would name database "clickhouse" in store "reldir"; ~ is the shell's
+        return path.expanduser().absolute()
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _known_scheme(cls, dsn: str | None) -> str | None:
+        # clickhouse-connect reads any other scheme (a typo such as chdv://) as http://localhost:8123
+        if dsn and dsn.partition("://")[0].lower() not in DSN_SCHEMES:
+            raise ValueError("must start with chdb:// (embedded, e.g. chdb:///var/lib/meterline/ch), http:// or https://")
+        return dsn
 
     @property
     def bootstrap(self) -> str:
@@ -95,9 +121,10 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}-{role}"
 
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
-        """Base librdkafka config (bootstrap + security) for any confluent-kafka client."""
+        """Base librdkafka config (bootstrap + security + KAFKA_LOG as its logger) for any confluent-kafka client."""
         sec = self.kafka_security
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": sec.security_protocol}
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": sec.security_protocol,
+                                "logger": KAFKA_LOG}  # librdkafka's log through logging, repeats collapsed
         optional = {
             "sasl.mechanism": sec.sasl_mechanism,
             "sasl.username": sec.sasl_username,
@@ -113,4 +140,10 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The process-wide settings; a wrong value is a SettingsError with one line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        raise SettingsError(describe_settings_error(err, os.environ.get("METERLINE_CONFIG"))) from None
+    except SourceError as err:  # e.g. a nested setting whose environment value is not JSON
+        raise SettingsError(f"invalid setting: {err}") from None

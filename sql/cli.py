@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def _connect():
     from meterline.console import fail
+    from meterline.errors import UserError
     from meterline.settings import get_settings
 
     from .ledger import connect
@@ -29,6 +30,8 @@ def _connect():
     settings = get_settings()
     try:
         return connect(settings)
+    except UserError:  # already one line that says what to do (meterline.cli.main prints it)
+        raise
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         fail(f"cannot open the ledger at {settings.dsn}: {err}. If `meterline up` or `meterline sink` holds the "
              "embedded store, query through it or stop it; for a server check METERLINE_CLICKHOUSE_DSN.")
@@ -152,10 +155,12 @@ def sink_command(
     the highest offset in the ledger, and commits to Kafka only after the insert, so a
     crash anywhere neither loses nor doubles a row. Ctrl-C flushes and stops.
     """
+    from meterline.errors import require_kafka
     from meterline.settings import get_settings
 
     from .sink import run_sink
 
+    require_kafka(get_settings())
     overrides = {"group.instance.id": instance_id, "session.timeout.ms": 10_000} if instance_id else None
     settings = get_settings()
     run_sink(settings, batch_rows=batch_rows, batch_seconds=batch_seconds, group=group or settings.group("sink"),

@@ -8,12 +8,14 @@ are rendered for a ClickHouse cluster (see `render_for_cluster` and sql/README.m
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from meterline.settings import Settings
 
@@ -60,13 +62,58 @@ def connect(settings: Settings, database: str | None = None, **client_settings: 
     (tests use one database per test on a shared chDB path).
     """
     import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from meterline.errors import StoreUnavailable, writable_dir
 
     dsn = settings.dsn
-    client = clickhouse_connect.get_client(dsn=dsn, settings=client_settings or None)
+    scheme = dsn.partition("://")[0].lower()
+    if scheme == "chdb":
+        location = urlsplit(dsn).path if dsn.lower().startswith("chdb:///") else ""
+        if location and location not in ("memory", ":memory:"):  # chDB would fail with pages of C++ frames
+            writable_dir(Path(location), "METERLINE_CLICKHOUSE_DSN" if settings.clickhouse_dsn else "METERLINE_DATA_DIR")
+        client = clickhouse_connect.get_client(dsn=dsn, settings=client_settings or None)
+    elif scheme in ("http", "https"):
+        _quiet_driver_echo()
+        try:  # the scheme, not only the port, decides TLS
+            client = clickhouse_connect.get_client(dsn=dsn, interface=scheme, settings=client_settings or None)
+        except OperationalError as err:
+            raise StoreUnavailable(f"ClickHouse does not answer at {_public(dsn)}: {_why(err)}; start it or fix "
+                                   "METERLINE_CLICKHOUSE_DSN") from None
+    else:
+        raise StoreUnavailable(f"METERLINE_CLICKHOUSE_DSN {dsn.split('@')[-1]!r} has no known scheme; "
+                               "use chdb:///path, http:// or https://")
     if database:
         client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
         client.database = database
     return client
+
+
+def _drop_echo(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "Unexpected Http Driver Exception"
+
+
+def _quiet_driver_echo() -> None:
+    """clickhouse-connect logs this warning and then raises the same failure as an OperationalError;
+    the exception is what callers report, so the line before it is dropped."""
+    driver_log = logging.getLogger("clickhouse_connect.driver._backend.http_sync")
+    if _drop_echo not in driver_log.filters:
+        driver_log.addFilter(_drop_echo)
+
+
+def _public(dsn: str) -> str:
+    """A server DSN without its user and password."""
+    parts = urlsplit(dsn)
+    return f"{parts.scheme}://{parts.hostname or 'localhost'}" + (f":{parts.port}" if parts.port else "") + parts.path
+
+
+def _why(err: Exception) -> str:
+    """What the HTTP layer said, without the driver's retry story: 'Connection refused', 'Name or service not known'."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip()
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def quote_identifier(name: str) -> str:

@@ -37,7 +37,10 @@ def register(app: typer.Typer) -> None:
         from .pricing import load_catalog
         from .worker import StreamWorker
 
+        from meterline.errors import require_kafka
+
         settings = get_settings()
+        require_kafka(settings)
         try:
             worker = StreamWorker(settings, load_catalog(catalog), group_id=group, checkpoint_interval=checkpoint_interval, publish_interval=publish_interval,
                                   dedupe_per_partition=dedupe_window, instance_id=instance_id)
@@ -76,7 +79,10 @@ def register(app: typer.Typer) -> None:
 
         from .alerts import SEVERITIES, make_app
 
+        from meterline.errors import require_kafka
+
         if min_severity not in SEVERITIES:
             fail(f"--min-severity must be one of {', '.join(SEVERITIES)}, not {min_severity!r}")
+        require_kafka(get_settings())
         app = make_app(get_settings(), webhook, min_severity, give_up_after, group)
         faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()

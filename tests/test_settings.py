@@ -14,6 +14,7 @@ def test_environment_sets_bootstrap_prefix_and_security(monkeypatch):
     s = Settings()
     assert s.topic("usage") == "prod.usage.v1"
     conf = s.kafka_config(**{"group.id": "g"})
+    assert conf.pop("logger").name == "meterline.kafka"  # librdkafka's log through logging (meterline/kafkalog.py)
     assert conf == {"bootstrap.servers": "kafka-1:9094", "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
                     "sasl.username": "meter", "sasl.password": "s3cret", "group.id": "g"}
     assert "s3cret" not in repr(s)  # secrets never show up in logs
