@@ -1,6 +1,7 @@
 """Budget policies on the compacted budgets topic (key = policy_id, tombstone = delete)."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -15,18 +16,34 @@ def _producer(settings):
     return Producer(settings.kafka_config(**{"enable.idempotence": True, "linger.ms": 0}))
 
 
-def publish_policy(settings, policy: BudgetPolicy) -> None:
+CHANGED_BY = "changed_by"  # record header: who set or deleted the policy (the ledger keeps it for audit)
+
+
+def publish_policy(settings, policy: BudgetPolicy, changed_by: str | None = None) -> None:
     producer = _producer(settings)
-    producer.produce(settings.topic("budgets"), key=policy.policy_id.encode(), value=policy.to_json())
+    producer.produce(settings.topic("budgets"), key=policy.policy_id.encode(), value=policy.to_json(),
+                     headers=_author(changed_by))
     if producer.flush(15):
         raise RuntimeError(f"the budget was not acknowledged by {settings.bootstrap} within 15 s")
 
 
-def delete_policy(settings, policy_id: str) -> None:
+def delete_policy(settings, policy_id: str, changed_by: str | None = None) -> None:
     producer = _producer(settings)
-    producer.produce(settings.topic("budgets"), key=policy_id.encode(), value=None)
+    producer.produce(settings.topic("budgets"), key=policy_id.encode(), value=None, headers=_author(changed_by))
     if producer.flush(15):
         raise RuntimeError(f"the delete was not acknowledged by {settings.bootstrap} within 15 s")
+
+
+def _author(changed_by: str | None) -> list[tuple[str, bytes]]:
+    """Who changes a budget: an API token's name, else the local user of the CLI."""
+    if changed_by is None:
+        import getpass
+
+        try:
+            changed_by = f"cli:{getpass.getuser()}"
+        except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+            changed_by = f"cli:uid {os.getuid()}"
+    return [(CHANGED_BY, changed_by.encode())]
 
 
 def read_policies(settings, timeout: float = 15.0) -> dict[str, BudgetPolicy]:

@@ -71,21 +71,27 @@ class LiveState:
         for observer in self.observers:
             observer(kind, record)
 
-    def snapshot(self, recent: int = 50) -> dict[str, Any]:
-        """A JSON-ready picture for /api/live. Money stays a decimal string."""
+    def snapshot(self, recent: int = 50, tenant: str | None = None) -> dict[str, Any]:
+        """A JSON-ready picture for /api/live (only `tenant`'s when given). Money stays a decimal string."""
+        def mine(t: str) -> bool:
+            return tenant is None or t == tenant
+
         with self._lock:
+            decisions = [d for d in self.decisions if mine(d.tenant_id)]
+            anomalies = [a for a in self.anomalies if mine(a.tenant_id)]
             return {
                 "ts": datetime.now(timezone.utc).isoformat(),
                 "simulated": self.simulated,
                 "tenants": [
                     {"tenant_id": t, "cost_usd": str(c), "gpu_cost_usd": str(self.tenant_gpu_cost.get(t, Decimal(0)))}
-                    for t, c in sorted(self.tenant_spend.items(), key=lambda kv: -kv[1])
+                    for t, c in sorted(self.tenant_spend.items(), key=lambda kv: -kv[1]) if mine(t)
                 ],
-                "series": {t: [[ts, str(c)] for ts, c in pts] for t, pts in self.series.items()},
-                "decision_counts": dict(self.decision_counts),
-                "anomaly_counts": dict(self.anomaly_counts),
-                "decisions": [_decision_row(d) for d in list(self.decisions)[-recent:][::-1]],
-                "anomalies": [_anomaly_row(a) for a in list(self.anomalies)[-recent:][::-1]],
+                "series": {t: [[ts, str(c)] for ts, c in pts] for t, pts in self.series.items() if mine(t)},
+                # the counts span every tenant; a tenant sees the counts of its own recent records
+                "decision_counts": dict(self.decision_counts) if tenant is None else dict(Counter(d.action for d in decisions)),
+                "anomaly_counts": dict(self.anomaly_counts) if tenant is None else dict(Counter(a.kind for a in anomalies)),
+                "decisions": [_decision_row(d) for d in decisions[-recent:][::-1]],
+                "anomalies": [_anomaly_row(a) for a in anomalies[-recent:][::-1]],
             }
 
 

@@ -149,6 +149,7 @@ def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
 
 
 REPORT_NAMES = (*REPORTS, "burn-down")
+TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down")  # those that filter by tenant
 
 
 # ---- budget burn-down -----------------------------------------------------------------------

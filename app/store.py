@@ -107,11 +107,20 @@ class DirectLedger:
         self.cluster = settings.clickhouse_cluster
         self.settings = settings
 
-    def user_query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
-        """SQL a user wrote: vetted by the sandbox (sql/sandbox.py), run as ClickHouse formatted it, under limits."""
+    def user_query(self, sql: str, parameters: dict[str, Any] | None = None, tag: str | None = None) -> Result:
+        """SQL a user wrote: vetted by the sandbox (sql/sandbox.py), run as ClickHouse formatted it, under limits.
+        `tag` marks the running query so that `cancel(tag)` can kill it."""
         from meterline.sql import sandbox
 
-        return self.query(sandbox.vet(self.client, sql, parameters), parameters, settings=sandbox.limits(self.settings))
+        canonical = sandbox.vet(self.client, sql, parameters)
+        if tag:
+            canonical += f" /* {_marker(tag)} */"
+        return self.query(canonical, parameters, settings=sandbox.limits(self.settings))
+
+    def cancel(self, tag: str) -> None:
+        """Kill the query that `user_query(..., tag=tag)` runs (from another client than the one running it).
+        A marker in the text, not query_id: the embedded engine does not take a client's query_id."""
+        self.client.command(f"KILL QUERY WHERE position(query, '{_marker(tag)}') > 0 AND query NOT LIKE 'KILL%' ASYNC")
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Result:
         sql = render_reads(sql, self.cluster)
@@ -139,16 +148,23 @@ class DirectLedger:
             close()
 
 
+def _marker(tag: str) -> str:
+    if not tag.isalnum():
+        raise ValueError(f"query tag {tag!r} must be letters and digits")
+    return f"meterline-query:{tag}"
+
+
 class RemoteLedger:
     """Talks to the `up` process that holds the store."""
 
     mode = "remote"
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
         import httpx
 
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def user_query(self, sql: str, parameters: dict[str, Any] | None = None) -> Result:
         """Vetted and limited by the `up` that runs it."""
@@ -190,11 +206,14 @@ def runfile(settings: Settings) -> Path:
     return settings.data_dir / RUNFILE
 
 
-def write_runfile(settings: Settings, url: str) -> Path:
+def write_runfile(settings: Settings, url: str, token: str | None = None) -> Path:
+    """`token` lets local readers (the same user: the file is 0600) through the API while tokens are on."""
     path = runfile(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "url": url, "dsn": settings.dsn}))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"pid": os.getpid(), "url": url, "dsn": settings.dsn, "token": token}, out)
     tmp.replace(path)
     return path
 
@@ -222,8 +241,16 @@ def open_ledger(settings: Settings) -> DirectLedger | RemoteLedger:
     """The ledger for a reader: through `up` when it holds an embedded store, else direct."""
     url = running_up(settings)
     if url and settings.dsn.startswith("chdb:") and _answers(url):
-        return RemoteLedger(url)
+        return RemoteLedger(url, token=_up_token(settings))
     return DirectLedger(settings)
+
+
+def _up_token(settings: Settings) -> str | None:
+    """The reader token a running `up` left in its runfile for local commands."""
+    try:
+        return json.loads(runfile(settings).read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _answers(url: str) -> bool:

@@ -433,6 +433,7 @@ class Up:
         from meterline.sql.ledger import migrate
 
         from .api import ApiServer
+        from .auth import token_store
         from .metrics import PipelineCollector, build_registry
         from .store import DirectLedger, write_runfile
 
@@ -446,7 +447,8 @@ class Up:
                                       self._unpriced, self.supervisor.health)
         self.registry, self.latency = build_registry(collector)
         self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
-                             health=self.supervisor.health, host=self.host, port=self.port)
+                             health=self.supervisor.health, host=self.host, port=self.port,
+                             tokens=token_store(self.settings), settings=self.settings)
         try:
             url = self.api.start()
         except RuntimeError as err:
@@ -457,12 +459,14 @@ class Up:
             why = os.strerror(err.__cause__.errno) if err.__cause__.errno else str(err.__cause__)
             raise UserError(f"the API cannot listen on {self.host}:{self.port}: {why}; stop what holds port {self.port} "
                             "or set METERLINE_API_PORT (or --port) to a free one") from None
+        if self.api.open:
+            log.warning("the API has no token: anyone on this machine may use it (`meterline token create` closes it)")
         self.port = self.api.port
         self.supervisor.components.append(ThreadComponent("api", lambda: _ApiRunner(self.api)))
         self._started = True
         self.supervisor.start()
         threading.Thread(target=self.progress.run, args=(self._progress_stop,), name="progress", daemon=True).start()
-        write_runfile(self.settings, url)
+        write_runfile(self.settings, url, token=self.api.tokens.ephemeral("cli (local up.json)", "reader"))
         log.info("meterline up: API and dashboard at %s", url)
         return url
 

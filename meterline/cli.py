@@ -36,6 +36,7 @@ COMPONENTS = (
     "meterline.streams.cli",
     "meterline.allocator.cli",
     "meterline.app.cli",
+    "meterline.app.auth",
 )
 
 

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     clickhouse_dsn: str | None = Field(None, description="chdb:///path (default: <data_dir>/clickhouse) or http(s)://user:pass@host:8123/db.")
     clickhouse_cluster: str | None = Field(None, description="When set, DDL runs ON CLUSTER with Replicated tables.")
     api_port: int = Field(8787, ge=0, le=65535)
+    api_tokens_file: Path | None = Field(None, description="The API's tokens (default <data_dir>/tokens.json; `meterline token create`).")
     stall_after_s: float = Field(60.0, gt=0, description="`up` restarts a consumer with lag that made no progress this long.")
     # Limits of user SQL (`meterline sql`, /api/sql): the query cannot raise them (sql/sandbox.py).
     sql_max_seconds: int = Field(30, gt=0)

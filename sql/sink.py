@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
+from meterline.allocator.budgets import CHANGED_BY
 from meterline.schemas import events as ev
 from meterline.settings import Settings
 from meterline.streams.anomalies import conflicting_duplicate
@@ -253,7 +254,8 @@ class LedgerSink:
             if table.name == "budget_policies":
                 ts = datetime.fromtimestamp(msg.timestamp()[1] / 1000, timezone.utc)
                 rows.dict_rows[month_of(ts)].append({"policy_id": (msg.key() or b"").decode(errors="replace"),
-                                                      "created_at": ts, "deleted": True, **self._coords(msg, start)})
+                                                      "created_at": ts, "deleted": True, "changed_by": _changed_by(msg),
+                                                      **self._coords(msg, start)})
                 batch.rows += 1
                 return
             raise ev.InvalidEvent(table.contract, [("(record)", "empty record (tombstone) on a topic that is not compacted")])
@@ -265,6 +267,8 @@ class LedgerSink:
         else:
             record = ev.decode(ev.CONTRACTS[table.contract], raw)
             row = self._row(record)
+            if table.name == "budget_policies":
+                row["changed_by"] = _changed_by(msg)
             month = month_of(row[table.ts_column])
             rows.dict_rows[month].append({**row, **self._coords(msg, start)})
             if table.id_column:
@@ -650,3 +654,11 @@ def run_sink(settings: Settings, idle_exit_s: float | None = None, **options: An
     log.info("sink consuming %s into %s", ", ".join(sink.tables), settings.dsn)
     sink.run(stop, idle_exit_s=idle_exit_s)
     log.info("sink stopped: %s", sink.stats)
+
+
+def _changed_by(msg: Message) -> str:
+    """The budgets record's `changed_by` header (allocator/budgets.py): who made the change."""
+    for key, value in msg.headers() or ():
+        if key == CHANGED_BY and value:
+            return value.decode(errors="replace")[:256]
+    return ""

@@ -127,13 +127,18 @@ def test_up_serves_reports_restarts_the_dead_and_loses_nothing_on_sigterm(up_env
         want += sum((catalog.price_usage(e).cost_usd for e in second), Decimal(0))
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
+        code, log = proc.wait(120), proc.stderr.read()
+        assert code == 0, log[-3000:]
+    assert "the API has no token" in log  # an open API says so at start
     assert not (settings.data_dir / "up.json").exists()
     direct = totals(env)  # nothing runs: the CLI opens the store itself
     assert direct["priced_events"] <= 500
 
+    meterline(env, "token", "create", "--name", "ops", "--role", "reader")  # from now on the API wants a token
     proc = start_up(env, port)  # a restart resumes where the last run stopped
     try:
+        assert httpx.get(f"http://127.0.0.1:{port}/api/live").status_code == 401
+        # the CLI still reads through up: it takes the reader token up left in its 0600 runfile
         wait_for(lambda: totals(env)["priced_events"] >= 500, "all 500 events after the restart")
         final = totals(env)
         assert final["priced_events"] == 500  # exactly once

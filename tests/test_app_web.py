@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import Producer
 
 from meterline.app.api import ApiServer
-from meterline.app.live import LiveFeed
+from meterline.app.live import LiveFeed, LiveState
 from meterline.app.report import ReportParams, run_report
 from meterline.app.store import DirectLedger, RemoteLedger, open_ledger, remove_runfile, write_runfile
 from meterline.schemas.events import Anomaly, PricedEvent, SpendUpdate, ThrottleDecision, new_id
@@ -206,3 +206,35 @@ def test_the_page_draws_charts_with_data_in_a_real_browser(served, tmp_path):
     assert len(colours) > 50, "the screenshot is (nearly) blank"
     series_blue = sum(1 for p in pixels if abs(p[0] - 0x4d) < 12 and abs(p[1] - 0xab) < 12 and abs(p[2] - 0xf7) < 12)
     assert series_blue > 200  # the first tenant's line and bar are on screen in their colour
+
+
+def test_user_text_on_the_page_is_text_never_markup(tmp_path):
+    """A tenant may be named like HTML (ids allow it); the page must show it, not run it."""
+    evil = '<img src=x id=pwned onerror="document.title=1">'
+    live = LiveState()
+    live.add_spend(SpendUpdate(update_id=new_id(), ts=NOW, tenant_id=evil, scope="tenant", scope_id=evil,
+                               window_start=NOW - timedelta(seconds=5), window_end=NOW, window_cost_usd=Decimal("1"),
+                               period_start=NOW - timedelta(days=1), period_cost_usd=Decimal("1")))
+    api = ApiServer(lambda: None, live=live, health=lambda: {evil: {"running": True, "restarts": 0}}, port=0)
+    api.start()
+    try:
+        dom = chromium(["--virtual-time-budget=5000", "--dump-dom", api.url], tmp_path).stdout
+    finally:
+        api.stop()
+    assert 'id="pwned"' not in dom and "<img" not in dom
+    assert dom.count("&lt;img src=x id=pwned") >= 2  # in the legend and the components list, as text
+
+
+def test_the_page_asks_for_a_token_once_tokens_exist(tmp_path):
+    from meterline.app.auth import TokenStore
+
+    tokens = TokenStore(tmp_path / "tokens.json")
+    tokens.create("ops", "reader")
+    api = ApiServer(lambda: None, live=LiveState(), port=0, tokens=tokens)
+    api.start()
+    try:
+        dom = chromium(["--virtual-time-budget=5000", "--dump-dom", api.url], tmp_path).stdout
+    finally:
+        api.stop()
+    assert re.search(r'<form id="login" class="login">', dom)  # shown (no hidden attribute)
+    assert "this API needs a token" in dom

@@ -38,7 +38,13 @@ function lineChart(svg, series) {
     svg.appendChild(el("path", { class: "series", "data-series": n, d, fill: "none", stroke: colorOf(names, n), "stroke-width": 2 }));
   }
   const legend = document.getElementById("legend");
-  legend.innerHTML = names.map(n => `<span><i style="background:${colorOf(names, n)}"></i>${n}</span>`).join("");
+  clear(legend);
+  for (const n of names) {  // tenant names are user text: textContent, never innerHTML
+    const item = document.createElement("span"), swatch = document.createElement("i");
+    swatch.style.background = colorOf(names, n);
+    item.append(swatch, n);
+    legend.appendChild(item);
+  }
 }
 
 function barChart(svg, items, colorFor, label) {
@@ -56,7 +62,7 @@ function barChart(svg, items, colorFor, label) {
 }
 
 function rows(tbody, records, cells) {
-  tbody.innerHTML = "";
+  clear(tbody);
   for (const r of records.slice(0, 15)) {
     const tr = document.createElement("tr");
     for (const [text, cls] of cells(r)) {
@@ -87,19 +93,39 @@ function render(live) {
   rows(document.querySelector("#anomalies tbody"), live.anomalies, a => [
     [new Date(a.ts).toLocaleTimeString()], [a.tenant_id], [a.kind], [a.severity], [`${a.scope}:${a.scope_id}`], [a.message]]);
   const comps = document.getElementById("components");
-  comps.innerHTML = "";
+  clear(comps);
   for (const [name, c] of Object.entries(live.components || {})) {
-    const li = document.createElement("li");
-    li.innerHTML = `<span class="${c.running ? "up" : "down"}">●</span> ${name} <span class="status">${c.restarts ? c.restarts + " restarts" : ""}</span>`;
+    const li = document.createElement("li"), dot = document.createElement("span"), status = document.createElement("span");
+    dot.className = c.running && !c.stalled ? "up" : "down";
+    dot.textContent = "●";
+    status.className = "status";
+    status.textContent = c.stalled ? "stalled" : c.restarts ? c.restarts + " restarts" : "";
+    li.append(dot, " " + name + " ", status);
     comps.appendChild(li);
   }
   document.getElementById("badge").hidden = !live.simulated;
   document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
+// Once tokens exist the API wants one: asked for here, kept for this tab only.
+function askToken(message) {
+  const form = document.getElementById("login");
+  form.hidden = false;
+  document.getElementById("status").textContent = message;
+}
+document.getElementById("login").addEventListener("submit", ev => {
+  ev.preventDefault();
+  sessionStorage.setItem("meterline-token", document.getElementById("token").value.trim());
+  document.getElementById("login").hidden = true;
+  tick();
+});
+
 async function tick() {
+  const token = sessionStorage.getItem("meterline-token");
   try {
-    const resp = await fetch("/api/live", { cache: "no-store" });
+    const resp = await fetch("/api/live", { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
+    if (resp.status === 401) return askToken(token ? "that token was refused" : "this API needs a token");
+    if (!resp.ok) return askToken((await resp.json()).error);
     render(await resp.json());
   } catch (err) {
     document.getElementById("status").textContent = "API unreachable: " + err;
