@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -39,7 +40,8 @@ def table(rows: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
     for col in rows[0].keys() if rows else []:
         t.add_column(col, justify="right" if isinstance(rows[0][col], (int, Decimal)) else "left")
     for r in rows:
-        t.add_row(*(_default(v) if not isinstance(v, str) else v for v in r.values()))
+        # cells are user text (tenant names, SQL results): Text, so "[red]" or "[/]" is shown, never markup
+        t.add_row(*(Text(v if isinstance(v, str) else _default(v)) for v in r.values()))
     return t
 
 

@@ -94,6 +94,10 @@ def require_kafka(settings: Settings, timeout: float = KAFKA_PROBE_S) -> int:
     except KafkaException as err:
         admin.poll(0)  # hands over what librdkafka logged meanwhile
         why = reason(heard[0]) if heard else _kafka_text(err)
+        if re.search(r"authenticat|SASL|SSL handshake", why, re.I):  # it answers, but not to these credentials
+            raise KafkaUnavailable(f"Kafka at {settings.bootstrap} refused the credentials: {why}; check "
+                                   "METERLINE_KAFKA_SASL_USERNAME and METERLINE_KAFKA_SASL_PASSWORD (`meterline kafka start --secure "
+                                   "--env <user>` prints them)") from None
         raise KafkaUnavailable(f"Kafka does not answer at {settings.bootstrap}: {why}; start it with "
                                "`meterline kafka start` or fix METERLINE_KAFKA_BOOTSTRAP") from None
 

@@ -323,7 +323,8 @@ def test_a_wrong_password_is_one_clear_line(secured):
     assert done.returncode != 0, out
     assert "Traceback" not in out
     assert len(out.splitlines()) == 1, out
-    assert "authentication" in out.lower(), out
+    assert "authentication" in out.lower() and "refused the credentials" in out, out
+    assert done.returncode == 2 and "METERLINE_KAFKA_SASL_PASSWORD" in out, out
 
 
 def test_the_pipeline_user_is_the_server_side_union_and_never_the_agents():
