@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
-from .report import UNATTRIBUTED, ReportParams, exact, load_query
+from .report import UNATTRIBUTED, ReportParams, csv_text, exact, load_query
 from .store import Result
 
 FOCUS_VERSION = "1.2"
@@ -190,6 +190,8 @@ def _csv_value(value: Any) -> Any:
         return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return csv_text(value)
     return exact(value)
 
 

@@ -266,8 +266,18 @@ def to_csv(result: Result) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(result.columns)
     for row in result.rows:
-        writer.writerow(["" if v is None else exact(v) for v in row])
+        writer.writerow(["" if v is None else csv_text(v) if isinstance(v, str) else exact(v) for v in row])
     return buf.getvalue()
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """User text for a CSV cell: a spreadsheet runs a cell that starts like a formula (a tenant named
+    `=HYPERLINK(...)`), so such text gets a leading apostrophe (OWASP's CSV-injection rule). Numbers
+    are never text here, so a negative amount keeps its sign."""
+    return "'" + value if value.startswith(FORMULA_START) else value
 
 
 def display(value: Any, column: str) -> str:
@@ -305,8 +315,10 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
         # numbers never fold; names keep at least 12 characters, longer ones fold
         table.add_column(_header(result.columns[i]), justify="right" if numeric else "left", overflow="fold",
                          min_width=widest if numeric else min(12, widest))
+    from rich.text import Text
+
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*(Text(c) for c in row))  # user text (tenant names): shown, never read as markup
     totals = _totals_row(result)
     if totals:
         table.add_section()
