@@ -1,127 +1,193 @@
-"""OpenTelemetry bridge: a SpanProcessor that meters spans carrying GenAI semantic conventions.
+"""OpenTelemetry bridge: a SpanProcessor that meters the GenAI spans of any instrumentation.
 
     provider = TracerProvider(resource=Resource.create({"meterline.tenant_id": "acme", "meterline.team": "search"}))
     provider.add_span_processor(MeterSpanProcessor(meter))
 
-A span becomes one `llm_call` usage event when it has `gen_ai.usage.input_tokens` or
-`gen_ai.usage.output_tokens`; every other span is ignored. Mapping:
+The mapping of every dialect (OpenTelemetry GenAI semconv and its older names, OpenLLMetry,
+OpenInference) is one table in `collectors/genai.py`; this module only adapts the SDK's spans
+to it:
 
-| usage event          | span                                                                     |
-|----------------------|--------------------------------------------------------------------------|
-| provider             | `gen_ai.provider.name`, else the legacy `gen_ai.system`                 |
-| model                | `gen_ai.response.model`, else `gen_ai.request.model`                    |
-| input/output tokens  | `gen_ai.usage.input_tokens` / `gen_ai.usage.output_tokens`              |
-| cache read / write   | `gen_ai.usage.cache_read.input_tokens` / `gen_ai.usage.cache_creation.input_tokens` |
-| session_id, agent_id | `gen_ai.conversation.id`, `gen_ai.agent.id` (else `meterline.session_id` / `meterline.agent_id`) |
-| tenant_id, team, project, priority | `meterline.tenant_id`, `meterline.team`, `meterline.project`, `meterline.priority`: span attribute first, then the resource, then the processor's defaults |
-| latency_ms, ts       | span end − start, span end                                               |
-| status               | span status ERROR → `error` (`timeout` / `rate_limited` when `error.type` says so), else `ok` |
-| attributes           | trace_id, span_id, `gen_ai.operation.name`                              |
+- `on_start` remembers each span (bounded, forgotten at its end) with the meterline.* baggage of
+  the context it starts in, so attribution is resolved when the span ends: the span's own
+  `meterline.*` attributes, then its ancestors' in this process (read at the child's end, so a
+  `meterline.tenant_id` set on the caller's span right after `start_as_current_span` still
+  counts), then W3C baggage (`meterline.tenant_id` ..., set by `meter.session(...)` and carried
+  across services by the standard propagators), then the resource, then the processor's defaults.
+- `on_end` makes the event (`genai.to_event`) and lets `genai.Nesting` drop a second layer's
+  record of a call already metered (an instrumentor around the SDK's own spans, langchain around
+  openai).
 
-Input tokens: the semconv counts cached tokens inside `input_tokens` (as meterline does).
-Some instrumentations report them separately; when cache read + write exceed the input
-count, the input is taken to exclude them and they are added, rather than rejecting the span.
-
-A span that still breaks the contract is counted in `invalid` and logged; `on_end`
-never raises into the tracer.
+Every ended span lands in one counter: `metered` (an event with usage, failed calls included),
+`unmetered` (a completed call whose instrumentation reported no usage: sent with
+usage="missing"), `nested` (another layer of a metered call), `ignored` (not a model call),
+`invalid` (broke the contract: logged). `on_end` never raises into the tracer.
 """
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
-from typing import Any, Protocol
+import threading
+from collections import OrderedDict
+from typing import Any, Mapping, Protocol
 
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry import baggage
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
-from meterline.schemas import InvalidEvent, build, new_id
+from meterline.schemas import InvalidEvent
 from meterline.schemas.events import UsageEvent
+
+from .genai import ATTRIBUTION, BAGGAGE_KEYS, PREFIX, Nesting, SpanView, to_event
 
 log = logging.getLogger("meterline.collectors.otel")
 
-PREFIX = "meterline."
-ATTRIBUTION = ("tenant_id", "team", "project", "agent_id", "session_id", "priority")
+MAX_DEPTH = 64  # ancestors looked at for attribution
 
 
 class EventSink(Protocol):
     def send(self, event: UsageEvent) -> None: ...
 
 
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+def span_view(span: ReadableSpan) -> SpanView:
+    """An SDK span as genai's SpanView."""
+    ctx = span.get_span_context()
+    parent = span.parent
+    error = span.status.status_code is StatusCode.ERROR
+    end = span.end_time or span.start_time or 0
+    return SpanView(
+        name=span.name,
+        trace_id=ctx.trace_id if ctx else 0,
+        span_id=ctx.span_id if ctx else 0,
+        parent_span_id=parent.span_id if parent is not None else None,
+        start_ns=span.start_time or end,
+        end_ns=end,
+        attributes=span.attributes or {},
+        resource=span.resource.attributes if span.resource else {},
+        error=error,
+        status_message=(span.status.description or "") if error else "",
+        events=tuple((e.name, e.attributes or {}) for e in span.events) if error else (),
+    )
+
+
+class _Started:
+    """What on_start keeps of a span until it ends: its parent, the live span (whose attributes its
+    children read at their end) and the meterline.* baggage it started under."""
+
+    __slots__ = ("parent", "span", "baggage")
+
+    def __init__(self, parent: tuple[int, int] | None, span: Span, bag: dict[str, Any] | None):
+        self.parent, self.span, self.baggage = parent, span, bag
 
 
 class MeterSpanProcessor(SpanProcessor):
-    def __init__(self, sink: EventSink, **defaults: str):
-        """`sink`: a Meter (anything with `send(UsageEvent)`). `defaults`: attribution used when
-        neither span nor resource carries it, e.g. tenant_id="acme"."""
+    def __init__(self, sink: EventSink, *, max_spans: int = 65_536, **defaults: str):
+        """`sink`: a Meter (anything with `send(UsageEvent)`). `defaults`: attribution used when neither
+        the span, its ancestors, baggage nor the resource carries it, e.g. tenant_id="acme".
+        `max_spans` bounds the spans remembered between start and end (and the nesting cover)."""
         unknown = set(defaults) - set(ATTRIBUTION)
         if unknown:
             raise TypeError(f"unknown attribution defaults: {sorted(unknown)}; use {ATTRIBUTION}")
         self.sink = sink
         self.defaults = defaults
+        self.max_spans = max_spans
+        self.nesting = Nesting(max_spans)
+        self._open: OrderedDict[tuple[int, int], _Started] = OrderedDict()
+        self._lock = threading.Lock()
         self.metered = 0
+        self.unmetered = 0
+        self.nested = 0
         self.ignored = 0
         self.invalid = 0
 
+    # ---- span start: remember the parent, the live span and the baggage ------------------------
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        try:
+            ctx = span.get_span_context()
+            parent = span.parent
+            bag = None
+            entries = baggage.get_all(parent_context)
+            if entries:
+                bag = {k[len(PREFIX):]: v for k, v in entries.items() if k in BAGGAGE_KEYS and v}
+            entry = _Started((ctx.trace_id, parent.span_id) if parent is not None else None, span, bag or None)
+            with self._lock:
+                self._open[(ctx.trace_id, ctx.span_id)] = entry
+                if len(self._open) > self.max_spans:  # spans that never end must not grow memory
+                    self._open.popitem(last=False)
+        except Exception:  # noqa: BLE001 - never break the traced application
+            log.exception("meterline: on_start failed for span %s", getattr(span, "name", "?"))
+
+    def _context(self, key: tuple[int, int]) -> dict[str, str]:
+        """Attribution from the ancestors (nearest first), then the baggage the span started under."""
+        found: dict[str, str] = {}
+        entry = self._open.get(key)
+        bag = entry.baggage if entry is not None else None
+        parent = entry.parent if entry is not None else None
+        for _ in range(MAX_DEPTH):
+            if parent is None:
+                break
+            ancestor = self._open.get(parent)
+            if ancestor is None:
+                break
+            attrs = ancestor.span.attributes or {}
+            for name in ATTRIBUTION:
+                if name not in found:
+                    value = attrs.get(PREFIX + name)
+                    if value:
+                        found[name] = str(value)
+            parent = ancestor.parent
+        if bag:
+            for name, value in bag.items():
+                found.setdefault(name, str(value))
+        return found
+
+    # ---- span end: meter it ------------------------------------------------------------------
+
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            event = self.to_event(span)
-        except InvalidEvent as err:
-            self.invalid += 1
-            log.warning("meterline: span %s not metered: %s", span.name, err)
-            return
-        except Exception:  # noqa: BLE001 - a metering bug must never break the traced application
+            view = span_view(span)
+        except Exception:  # noqa: BLE001
             self.invalid += 1
             log.exception("meterline: span %s not metered", span.name)
             return
+        key = (view.trace_id, view.span_id)
+        try:
+            with self._lock:
+                context = self._context(key)
+            event = to_event(view, context, self.defaults)
+        except InvalidEvent as err:
+            event = None
+            self.invalid += 1
+            log.warning("meterline: span %s not metered: %s", span.name, err)
+        except Exception:  # noqa: BLE001 - a metering bug must never break the traced application
+            event = None
+            self.invalid += 1
+            log.exception("meterline: span %s not metered", span.name)
+        else:
+            if event is None:
+                self.ignored += 1
+        with self._lock:
+            self._open.pop(key, None)
+            send = self.nesting.settle(view.trace_id, view.span_id, view.parent_span_id, event)
         if event is None:
-            self.ignored += 1
             return
-        self.sink.send(event)
-        self.metered += 1
+        if not send:
+            self.nested += 1
+            return
+        try:
+            self.sink.send(event)
+        except Exception:  # noqa: BLE001
+            self.invalid += 1
+            log.exception("meterline: event of span %s not sent", span.name)
+            return
+        if event.usage == "missing":
+            self.unmetered += 1
+        else:
+            self.metered += 1
 
-    def to_event(self, span: ReadableSpan) -> UsageEvent | None:
-        """The usage event of a GenAI span, or None for any other span."""
-        attrs = span.attributes or {}
-        if "gen_ai.usage.input_tokens" not in attrs and "gen_ai.usage.output_tokens" not in attrs:
-            return None
-        inp = _int(attrs.get("gen_ai.usage.input_tokens"))
-        cache_read = _int(attrs.get("gen_ai.usage.cache_read.input_tokens"))
-        cache_write = _int(attrs.get("gen_ai.usage.cache_creation.input_tokens"))
-        if cache_read + cache_write > inp:
-            inp += cache_read + cache_write  # this instrumentation reported input without the cached part
-        ctx = span.get_span_context()
-        extra = {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"} if ctx else {}
-        if attrs.get("gen_ai.operation.name"):
-            extra["operation"] = str(attrs["gen_ai.operation.name"])
-        end = span.end_time or span.start_time or 0
-        return build(
-            UsageEvent,
-            event_id=new_id(),
-            ts=datetime.fromtimestamp(end / 1e9, timezone.utc),
-            kind="llm_call",
-            provider=str(attrs.get("gen_ai.provider.name") or attrs.get("gen_ai.system") or ""),
-            model=str(attrs.get("gen_ai.response.model") or attrs.get("gen_ai.request.model") or ""),
-            input_tokens=inp,
-            output_tokens=_int(attrs.get("gen_ai.usage.output_tokens")),
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
-            latency_ms=max(0, (end - (span.start_time or end)) // 1_000_000),
-            status=_status(span, attrs),
-            attributes=extra,
-            **self._attribution(span, attrs),
-        )
-
-    def _attribution(self, span: ReadableSpan, attrs) -> dict[str, str]:
-        resource = span.resource.attributes if span.resource else {}
-        semconv = {"session_id": attrs.get("gen_ai.conversation.id"), "agent_id": attrs.get("gen_ai.agent.id")}
-        found = {}
-        for name in ATTRIBUTION:
-            value = semconv.get(name) or attrs.get(PREFIX + name) or resource.get(PREFIX + name) or self.defaults.get(name)
-            if value:
-                found[name] = str(value)
-        return found
+    def to_event(self, span: ReadableSpan, context: Mapping[str, str] | None = None) -> UsageEvent | None:
+        """The usage event of one GenAI span (no nesting), or None for any other span."""
+        return to_event(span_view(span), context or {}, self.defaults)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         flush = getattr(self.sink, "flush", None)
@@ -129,14 +195,3 @@ class MeterSpanProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         pass  # the Meter belongs to the application, which closes it
-
-
-def _status(span: ReadableSpan, attrs) -> str:
-    if span.status.status_code is not StatusCode.ERROR:
-        return "ok"
-    error_type = str(attrs.get("error.type", "")).lower()
-    if "timeout" in error_type:
-        return "timeout"
-    if "ratelimit" in error_type.replace("_", "") or error_type == "429":
-        return "rate_limited"
-    return "error"

@@ -55,13 +55,13 @@ def test_legacy_system_attribute_span_attribution_and_error_status():
     tracer, _ = _tracer(sink, {"meterline.tenant_id": "resource-tenant"}, team="default-team")
     with tracer.start_as_current_span("messages claude") as span:
         span.set_attributes({"gen_ai.system": "anthropic", "gen_ai.request.model": "claude-sonnet-4",
-                             "gen_ai.usage.input_tokens": 50, "gen_ai.usage.output_tokens": 0,
+                             "gen_ai.usage.input_tokens": 370, "gen_ai.usage.output_tokens": 0,
                              "gen_ai.usage.cache_read.input_tokens": 300, "gen_ai.usage.cache_creation.input_tokens": 20,
                              "meterline.tenant_id": "span-tenant", "error.type": "timeout"})
         span.set_status(Status(StatusCode.ERROR))
     [event] = sink.events
     assert (event.provider, event.model, event.tenant_id, event.team) == ("anthropic", "claude-sonnet-4", "span-tenant", "default-team")
-    # this instrumentation counted input without its cached part: meterline's input includes it
+    # semconv: input_tokens counts the cached part too
     assert (event.input_tokens, event.cache_read_tokens, event.cache_write_tokens) == (370, 300, 20)
     assert event.status == "timeout"
 

@@ -1,0 +1,367 @@
+"""GenAI spans → usage events: one mapping table for every instrumentation dialect.
+
+Used by the in-process `MeterSpanProcessor` (collectors/otel.py) and by an OTLP endpoint alike:
+both turn a span into a `SpanView`, call `to_event`, and let a `Nesting` decide whether the
+event is the call's own record or a second layer tracing the same call.
+
+Dialects (`DIALECTS`, first matching row wins; adding a dialect is adding a row):
+
+| dialect      | selected by                                   | input / output                                                  | cache read / cache write                                                                                | reasoning                                | input holds cache? | output holds reasoning? |
+|--------------|-----------------------------------------------|-----------------------------------------------------------------|---------------------------------------------------------------------------------------------------------|------------------------------------------|--------------------|-------------------------|
+| openinference| `openinference.span.kind`, `llm.token_count.*` | `llm.token_count.prompt` / `llm.token_count.completion`          | `llm.token_count.prompt_details.cache_read` / `llm.token_count.prompt_details.cache_write`               | `llm.token_count.completion_details.reasoning` | yes          | yes                     |
+| openllmetry  | `llm.request.type`, `llm.usage.total_tokens`, `gen_ai.usage.prompt_tokens`, `gen_ai.usage.cache_*_input_tokens` | `gen_ai.usage.input_tokens` or `gen_ai.usage.prompt_tokens` / `gen_ai.usage.output_tokens` or `gen_ai.usage.completion_tokens` | `gen_ai.usage.cache_read_input_tokens` / `gen_ai.usage.cache_creation_input_tokens` | `gen_ai.usage.reasoning_tokens`, `llm.usage.reasoning_tokens` | yes | yes |
+| semconv      | any other GenAI span                          | `gen_ai.usage.input_tokens` (old: `gen_ai.usage.prompt_tokens`) / `gen_ai.usage.output_tokens` (old: `gen_ai.usage.completion_tokens`) | `gen_ai.usage.cache_read.input_tokens` / `gen_ai.usage.cache_write.input_tokens` (old: `gen_ai.usage.cache_creation.input_tokens`) | `gen_ai.usage.reasoning.output_tokens` | yes | yes |
+
+"Input holds cache? no" (Anthropic's API style: input reported beside the cache) makes the event's
+input = input + cache read + cache write; "output holds reasoning? no" adds reasoning to output.
+meterline's own meaning is the semconv one: cache counts are a subset of `input_tokens`,
+`reasoning_tokens` a subset of `output_tokens`. A span that breaks its dialect's convention
+(cache above input in a dialect whose input holds it) raises `InvalidEvent`: never a guess.
+
+Common to every dialect:
+
+| usage event          | span                                                                                      |
+|----------------------|-------------------------------------------------------------------------------------------|
+| provider             | `gen_ai.provider.name`, `gen_ai.system`, `llm.provider`, `llm.system` (lower-cased)       |
+| model                | `gen_ai.response.model`, `gen_ai.request.model`, `llm.response.model`, `llm.request.model`, `llm.model_name`, `embedding.model_name` |
+| session_id, agent_id | `gen_ai.conversation.id` / `session.id`, `gen_ai.agent.id`, else `meterline.*`              |
+| attribution          | `meterline.tenant_id`, `.team`, `.project`, `.agent_id`, `.session_id`, `.priority`: the span, then `context` (its ancestors, then baggage), then the resource, then `defaults` |
+| status               | error status → `rate_limited` (HTTP 429, `RateLimitError`), `timeout` (`*Timeout*`), `cancelled`, else `error`, from `error.type`, the HTTP status and exception events |
+| usage                | no token count at all: `usage="missing"` with zero tokens (an error without usage is a plain error event) |
+| attributes           | trace_id, span_id, operation, dialect                                                     |
+
+A span is a GenAI *model call* (`is_genai`) when it has `gen_ai.operation.name` (other than agent
+and tool operations), `gen_ai.system` / `gen_ai.provider.name`, `openinference.span.kind` LLM or
+EMBEDDING, `llm.request.type`, or a token count; `to_event` also needs a model to make an event
+of a span without usage.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from meterline.schemas import InvalidEvent, build, new_id
+from meterline.schemas.events import UsageEvent
+
+PREFIX = "meterline."
+ATTRIBUTION = ("tenant_id", "team", "project", "agent_id", "session_id", "priority")
+BAGGAGE_KEYS = tuple(PREFIX + name for name in ATTRIBUTION)
+_EMPTY: Mapping[str, Any] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class SpanView:
+    """What metering needs of a span, from an SDK `ReadableSpan` or an OTLP protobuf alike."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_span_id: int | None
+    start_ns: int
+    end_ns: int
+    attributes: Mapping[str, Any]
+    resource: Mapping[str, Any]
+    error: bool
+    status_message: str = ""
+    events: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+
+Keys = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """One row of the mapping table: where an instrumentation family puts each count."""
+
+    name: str
+    selected_by: Keys  # any of these attributes present selects the row
+    input: Keys
+    output: Keys
+    cache_read: Keys = ()
+    cache_write: Keys = ()
+    reasoning: Keys = ()
+    total: Keys = ()
+    input_holds_cache: bool = True
+    output_holds_reasoning: bool = True
+    providers: frozenset[str] = frozenset()  # the row holds only for these providers (empty: all)
+
+
+SEMCONV_INPUT = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
+SEMCONV_OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
+
+DIALECTS: tuple[Dialect, ...] = (
+    Dialect(
+        "openinference",
+        selected_by=("openinference.span.kind", "llm.token_count.prompt", "llm.token_count.completion"),
+        input=("llm.token_count.prompt",),
+        output=("llm.token_count.completion",),
+        cache_read=("llm.token_count.prompt_details.cache_read",),
+        cache_write=("llm.token_count.prompt_details.cache_write",),
+        reasoning=("llm.token_count.completion_details.reasoning",),
+        total=("llm.token_count.total",),
+    ),
+    Dialect(
+        "openllmetry",
+        selected_by=("llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.prompt_tokens",
+                     "gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_creation_input_tokens"),
+        input=SEMCONV_INPUT,
+        output=SEMCONV_OUTPUT,
+        cache_read=("gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
+        cache_write=("gen_ai.usage.cache_creation_input_tokens", "gen_ai.usage.cache_write.input_tokens",
+                     "gen_ai.usage.cache_creation.input_tokens"),
+        reasoning=("gen_ai.usage.reasoning_tokens", "llm.usage.reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"),
+        total=("llm.usage.total_tokens", "gen_ai.usage.total_tokens"),
+    ),
+    Dialect(
+        "semconv",
+        selected_by=(),  # the fallback
+        input=SEMCONV_INPUT,
+        output=SEMCONV_OUTPUT,
+        cache_read=("gen_ai.usage.cache_read.input_tokens",),
+        cache_write=("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+        reasoning=("gen_ai.usage.reasoning.output_tokens",),
+        total=("gen_ai.usage.total_tokens",),
+    ),
+)
+
+PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
+MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.response.model", "llm.request.model",
+              "llm.model_name", "embedding.model_name")
+OPERATION_KEYS = ("gen_ai.operation.name", "llm.request.type")
+# gen_ai.operation.name values that are not a model call (an agent or a tool span may carry a model)
+NOT_MODEL_CALLS = frozenset(("invoke_agent", "create_agent", "execute_tool", "invoke_workflow"))
+MODEL_CALL_KINDS = frozenset(("LLM", "EMBEDDING"))  # openinference.span.kind
+SPAN_SEMCONV = {"session_id": ("gen_ai.conversation.id", "session.id"), "agent_id": ("gen_ai.agent.id",)}
+
+
+def is_genai(attributes: Mapping[str, Any]) -> bool:
+    """Is this span a GenAI model call? A few key lookups."""
+    get = attributes.get
+    op = get("gen_ai.operation.name")
+    if op is not None:
+        return op not in NOT_MODEL_CALLS
+    kind = get("openinference.span.kind")
+    if kind is not None:
+        return kind in MODEL_CALL_KINDS
+    return (get("gen_ai.system") is not None or get("gen_ai.provider.name") is not None
+            or get("llm.request.type") is not None
+            or get("gen_ai.usage.input_tokens") is not None or get("gen_ai.usage.output_tokens") is not None
+            or get("gen_ai.usage.prompt_tokens") is not None or get("gen_ai.usage.completion_tokens") is not None
+            or get("llm.token_count.prompt") is not None or get("llm.token_count.completion") is not None)
+
+
+def dialect_of(attributes: Mapping[str, Any], provider: str = "") -> Dialect:
+    for row in DIALECTS:
+        if (not row.selected_by or any(k in attributes for k in row.selected_by)) and (
+                not row.providers or provider in row.providers):
+            return row
+    return DIALECTS[-1]
+
+
+def _count(attributes: Mapping[str, Any], keys: Keys, field: str, errors: list) -> int | None:
+    """The first of `keys` present, as a token count (None when none is)."""
+    for key in keys:
+        value = attributes.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            errors.append((field, f"{key} is {value!r}, not a token count"))
+            return 0
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        errors.append((field, f"{key} is {value!r}, not a token count"))
+        return 0
+    return None
+
+
+def _first(attributes: Mapping[str, Any], keys: Keys) -> str:
+    for key in keys:
+        value = attributes.get(key)
+        if value is not None and value != "":
+            return str(value)
+    return ""
+
+
+def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapping[str, str] = _EMPTY) -> UsageEvent | None:
+    """The usage event of a GenAI span; None for any other span (or a GenAI span with neither usage
+    nor a model, which names no call). `context`: attribution (bare names, `tenant_id` ...) resolved
+    from the span's ancestors and baggage. Raises InvalidEvent for a GenAI span that breaks the contract."""
+    attrs = span.attributes
+    if not is_genai(attrs):
+        return None
+    provider = _first(attrs, PROVIDER_KEYS).lower()
+    model = _first(attrs, MODEL_KEYS)
+    dialect = dialect_of(attrs, provider)
+    errors: list[tuple[str, str]] = []
+    inp = _count(attrs, dialect.input, "input_tokens", errors)
+    out = _count(attrs, dialect.output, "output_tokens", errors)
+    total = _count(attrs, dialect.total, "input_tokens", errors)
+    cache_read = _count(attrs, dialect.cache_read, "cache_read_tokens", errors) or 0
+    cache_write = _count(attrs, dialect.cache_write, "cache_write_tokens", errors) or 0
+    reasoning = _count(attrs, dialect.reasoning, "reasoning_tokens", errors) or 0
+    extra: dict[str, str] = {"trace_id": f"{span.trace_id:032x}", "span_id": f"{span.span_id:016x}", "dialect": dialect.name}
+    op = _first(attrs, OPERATION_KEYS)
+    if op:
+        extra["operation"] = op
+    missing = inp is None and out is None
+    if missing:
+        if not model:
+            return None  # a GenAI span that names no model call (a chain, a workflow)
+        if total is not None:
+            extra["total_tokens"] = str(total)  # a total alone cannot be split into input and output
+        inp = out = cache_read = cache_write = reasoning = 0
+    else:
+        if inp is None:
+            inp = max(0, (total or 0) - (out or 0)) if total is not None else 0
+        if out is None:
+            out = max(0, (total or 0) - inp) if total is not None else 0
+        if not dialect.input_holds_cache:
+            inp += cache_read + cache_write
+        if not dialect.output_holds_reasoning:
+            out += reasoning
+    if errors:
+        raise InvalidEvent("UsageEvent", errors)
+    status = status_of(span) if span.error else "ok"
+    fields: dict[str, Any] = {}
+    if missing and status == "ok":
+        fields["usage"] = "missing"
+    end = span.end_ns or span.start_ns
+    return build(
+        UsageEvent,
+        event_id=new_id(),
+        ts=datetime.fromtimestamp(end / 1e9, timezone.utc),
+        kind="llm_call",
+        provider=provider,
+        model=model,
+        input_tokens=inp,
+        output_tokens=out,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
+        latency_ms=max(0, (end - (span.start_ns or end)) // 1_000_000),
+        status=status,
+        attributes=extra,
+        **fields,
+        **attribution(span, context, defaults),
+    )
+
+
+def attribution(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapping[str, str] = _EMPTY) -> dict[str, str]:
+    """meterline.* attribution: span (semconv names first), then context, then resource, then defaults."""
+    attrs, resource = span.attributes, span.resource
+    found = {}
+    for name in ATTRIBUTION:
+        value = None
+        for key in SPAN_SEMCONV.get(name, ()):
+            value = attrs.get(key)
+            if value:
+                break
+        value = (value or attrs.get(PREFIX + name) or context.get(name) or resource.get(PREFIX + name)
+                 or defaults.get(name))
+        if value:
+            found[name] = str(value)
+    return found
+
+
+def ancestors_attribution(chain: list[Mapping[str, Any]]) -> dict[str, str]:
+    """Attribution from a list of attribute maps, nearest first (parent, grandparent, ... then baggage)."""
+    found: dict[str, str] = {}
+    for attrs in chain:
+        for name in ATTRIBUTION:
+            if name not in found:
+                value = attrs.get(PREFIX + name)
+                if value:
+                    found[name] = str(value)
+        if len(found) == len(ATTRIBUTION):
+            break
+    return found
+
+
+def _status_words(span: SpanView) -> list[str]:
+    words = [str(span.attributes.get("error.type", "")), span.status_message]
+    for name, event_attrs in span.events:
+        if name == "exception":
+            words.append(str(event_attrs.get("exception.type", "")))
+            words.append(str(event_attrs.get("exception.message", ""))[:200])
+    return words
+
+
+HTTP_STATUS_KEYS = ("http.response.status_code", "http.status_code")
+
+
+def status_of(span: SpanView) -> str:
+    """The status of a failed call: rate_limited, timeout, cancelled or error."""
+    for key in HTTP_STATUS_KEYS:
+        code = span.attributes.get(key)
+        if code is not None and str(code) == "429":
+            return "rate_limited"
+        if code is not None and str(code) in ("408", "504"):
+            return "timeout"
+    text = " ".join(_status_words(span)).lower().replace("_", "")
+    if "ratelimit" in text or "429" in text or "toomanyrequests" in text:
+        return "rate_limited"
+    if "timeout" in text or "timedout" in text:
+        return "timeout"
+    if "cancelled" in text or "canceled" in text:
+        return "cancelled"
+    return "error"
+
+
+NONE, WEAK, STRONG = 0, 1, 2  # how a span is covered by its descendants' events
+
+
+class Nesting:
+    """One event per model call when several layers trace it (an instrumentor around the SDK's own
+    spans, langchain around openai): the innermost GenAI span with usage wins.
+
+    Children end before their parents, so coverage flows up as spans end: a span whose event was
+    sent covers its parent (STRONG when the event had usage, WEAK when it had none: an error or a
+    missing-usage record); a covered span passes its cover on to its parent when it ends. A GenAI
+    span that ends STRONG-covered is not sent (nested); one that ends WEAK-covered is not sent
+    unless it has usage of its own (tokens are never lost for a call's count). Works in process
+    (the span processor) and for OTLP batches (spans in end-time order; cover waits in a bounded
+    LRU for a parent that comes in a later batch).
+    """
+
+    def __init__(self, max_spans: int = 65_536):
+        self.max_spans = max_spans
+        self._covered: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def covered(self, trace_id: int, span_id: int) -> int:
+        return self._covered.get((trace_id, span_id), NONE)
+
+    def _cover(self, trace_id: int, parent_span_id: int | None, level: int) -> None:
+        if not parent_span_id or level == NONE:
+            return
+        key = (trace_id, parent_span_id)
+        if self._covered.get(key, NONE) < level:
+            self._covered[key] = level
+        self._covered.move_to_end(key)
+        while len(self._covered) > self.max_spans:
+            self._covered.popitem(last=False)
+
+    def settle(self, trace_id: int, span_id: int, parent_span_id: int | None, event: UsageEvent | None) -> bool:
+        """A span ended: should its event (None for a span without one) be sent? Updates the cover of its
+        parent. False for an event means a nested record of a call already metered."""
+        level = self._covered.pop((trace_id, span_id), NONE)
+        if event is None:
+            self._cover(trace_id, parent_span_id, level)
+            return False
+        has_usage = event.usage != "missing" and not _zero_error(event)
+        send = level == NONE or (level == WEAK and has_usage)
+        own = (STRONG if has_usage else WEAK) if send else NONE
+        self._cover(trace_id, parent_span_id, max(level, own))
+        return send
+
+    def __len__(self) -> int:
+        return len(self._covered)
+
+
+def _zero_error(event: UsageEvent) -> bool:
+    return event.status != "ok" and event.input_tokens == 0 and event.output_tokens == 0
