@@ -213,7 +213,11 @@ class UsageEvent(Attribution):
     """One LLM call, tool call or paid API call, as the agent saw it.
 
     `input_tokens` counts every input token, cache reads and writes included
-    (OpenTelemetry's meaning); the cache counts are subsets of it.
+    (OpenTelemetry's meaning); the cache counts are subsets of it. Likewise `output_tokens`
+    counts every output token, `reasoning_tokens` (thinking) included: providers bill them as
+    output, reports show them apart. `usage="missing"` marks a call that completed but whose
+    instrumentation reported no usage (a stream without include_usage): its zero tokens are
+    unknown, not free, and the stream raises `unmetered_calls` for it.
     """
 
     event_id: UUID
@@ -225,6 +229,8 @@ class UsageEvent(Attribution):
     output_tokens: Tokens = 0
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    usage: Literal["reported", "missing"] = "reported"
     tool: Name = ""
     units: Tokens = Field(1, description="Billable units of a tool/API call (pages, searches, ...).")
     latency_ms: Count = 0
@@ -238,6 +244,8 @@ class UsageEvent(Attribution):
     def _check_shape(self) -> UsageEvent:
         if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
             raise ValueError("cache_read_tokens + cache_write_tokens must not exceed input_tokens (input counts all input tokens)")
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError("reasoning_tokens must not exceed output_tokens (output counts reasoning tokens too)")
         if self.kind == "llm_call" and not self.model:
             raise ValueError("model is required for kind=llm_call")
         if self.kind != "llm_call" and not self.tool:
@@ -317,7 +325,7 @@ class Anomaly(Contract):
     anomaly_id: UUID
     ts: Timestamp
     kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu", "budget_threshold",
-                  "conflicting_duplicate"]
+                  "conflicting_duplicate", "unmetered_calls"]
     severity: Severity
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]

@@ -43,6 +43,7 @@ HIDDEN_CHARS_RE = "[" + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in ev.
 RULES: dict[type[BaseModel], tuple[str, ...]] = {
     ev.UsageEvent: (
         "v_cache_read_tokens + v_cache_write_tokens <= v_input_tokens",
+        "v_reasoning_tokens <= v_output_tokens",
         "v_kind != 'llm_call' OR v_model != ''",
         "v_kind = 'llm_call' OR v_tool != ''",
     ),

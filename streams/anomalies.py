@@ -8,6 +8,8 @@ Detectors (each returns schemas.Anomaly records; evidence numbers are exact stri
 - spend_spike: a tenant's spend in a 10-second bucket far above its own EWMA baseline.
 - unpriced_model: a model or tool nobody can price (once per tenant/provider/model/hour).
 - idle_gpu: a GPU, MIG slice or process holding memory at ~0 % utilisation for a window.
+- unmetered_calls: an agent's calls that completed with no usage reported (usage="missing", e.g. a
+  stream without include_usage): once per tenant/agent/hour, with the fix in the message.
 
 Robust baseline: integer EWMA of the level and of the absolute deviation from it (a
 streaming stand-in for median/MAD; alpha = 1/8). "Far above" = level + k x deviation, with
@@ -25,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from meterline.schemas.events import MAX_TEXT_LEN, Anomaly, build, new_id
+from meterline.schemas.scopes import SEP
 
 from .codec import usd
 
@@ -280,24 +283,59 @@ class SpendSpikes:
         state.start, state.bucket, state.cost, state.flagged = new_start, new_bucket, 0, False
 
 
-class UnpricedModels:
+class _OncePerPeriod:
+    """Counts events per key; says when a key is due an alert: its first event, then once per `every`
+    of stream time (with how many came since the last alert)."""
+
+    def __init__(self, every: timedelta) -> None:
+        self.every = every
+        self.seen: dict[tuple, tuple[datetime, int]] = {}
+
+    def due(self, key: tuple, ts: datetime) -> int | None:
+        first, count = self.seen.get(key, (None, 0))
+        if first is not None and ts - first < self.every:
+            self.seen[key] = (first, count + 1)
+            return None
+        self.seen[key] = (ts, 1)
+        return count
+
+
+class UnpricedModels(_OncePerPeriod):
     """unpriced_model: raised once per (tenant, provider, model) per `unpriced_every` of stream time."""
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
-        self.seen: dict[tuple[str, str, str], tuple[datetime, int]] = {}
+        super().__init__(self.config.unpriced_every)
 
     def observe(self, tenant: str, provider: str, model: str, ts: datetime) -> list[Anomaly]:
-        key = (tenant, provider, model)
-        first, count = self.seen.get(key, (None, 0))
-        if first is not None and ts - first < self.config.unpriced_every:
-            self.seen[key] = (first, count + 1)
+        count = self.due((tenant, provider, model), ts)
+        if count is None:
             return []
-        self.seen[key] = (ts, 1)
         return [_anomaly("unpriced_model", "warning", tenant, "model", f"{provider}/{model}"[:128], ts, ts,
                          {"provider": provider, "model": model, "events_last_period": count},
                          f"no price for {provider or '?'}/{model}: events are kept at cost 0 (cost_source=unpriced); "
                          "add the model to streams/catalog.toml [[models]]")]
+
+
+class UnmeteredCalls(_OncePerPeriod):
+    """unmetered_calls: calls of an agent that completed with no usage reported, once per (tenant, agent)
+    per `unpriced_every` of stream time. Their cost is unknown, not zero: the message says how to meter them."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        super().__init__(self.config.unpriced_every)
+
+    def observe(self, event: Any) -> list[Anomaly]:
+        tenant, agent, provider, model, ts = event.tenant_id, event.agent_id, event.provider, event.model, event.ts
+        count = self.due((tenant, event.team, event.project, agent), ts)
+        if count is None:
+            return []
+        scope_id = SEP.join((tenant, event.team, event.project, agent))  # the agent's scope id (schemas/scopes.py)
+        return [_anomaly("unmetered_calls", "warning", tenant, "agent", scope_id, ts, ts,
+                         {"provider": provider, "model": model, "calls_last_period": count},
+                         f"agent {agent or '?'} made {provider or '?'}/{model} calls that reported no usage, so they are "
+                         "not charged: stream with stream_options={\"include_usage\": true} (OpenAI) or use an "
+                         "instrumentation that records usage")]
 
 
 class _Idle:
@@ -357,6 +395,7 @@ class Detectors:
         self.runaway = RunawaySessions(self.config)
         self.spikes = SpendSpikes(self.config)
         self.unpriced = UnpricedModels(self.config)
+        self.unmetered = UnmeteredCalls(self.config)
         self.idle = IdleGpus(self.config)
 
     def usage(self, event: Any, cost: int, unpriced: bool, second: int | None = None) -> list[Anomaly]:
@@ -369,6 +408,8 @@ class Detectors:
             found = found + spikes
         if unpriced:
             found += self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)
+        if event.usage == "missing":
+            found += self.unmetered.observe(event)
         return found
 
     def gpu(self, sample: Any, gpu_ps: int, cost: int) -> list[Anomaly]:

@@ -47,6 +47,8 @@ class FastUsage(msgspec.Struct, forbid_unknown_fields=True):
     output_tokens: Tokens = 0
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    usage: Literal["reported", "missing"] = "reported"
     tool: Name = ""
     units: Tokens = 1
     latency_ms: Count = 0
@@ -84,7 +86,7 @@ def _fast_ok(e: FastUsage, latest: datetime) -> bool:
         return False
     if ev.HIDDEN_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False
-    if e.cache_read_tokens + e.cache_write_tokens > e.input_tokens:
+    if e.cache_read_tokens + e.cache_write_tokens > e.input_tokens or e.reasoning_tokens > e.output_tokens:
         return False
     if (e.kind == "llm_call" and not e.model) or (e.kind != "llm_call" and not e.tool):
         return False

@@ -161,6 +161,20 @@ def test_gpu_samples_are_priced_with_the_catalog_and_rolled_up(settings):
     assert versions == [{"v": catalog.version}]
 
 
+def test_reasoning_tokens_and_missing_usage_reach_the_ledger(settings):
+    first, second = priced_events(2, seed=9)[0]
+    reasoning = json.loads(first)
+    reasoning["reasoning_tokens"] = reasoning["output_tokens"] // 2
+    missing = {**json.loads(second), "input_tokens": 0, "output_tokens": 0, "usage": "missing"}
+    broken = {**json.loads(second), "event_id": str(new_id()), "reasoning_tokens": json.loads(second)["output_tokens"] + 1}
+    produce(settings, "priced", [json.dumps(r).encode() for r in (reasoning, missing, broken)])
+    sink_until_idle(settings)
+    rows = ledger_sql(settings, "SELECT reasoning_tokens, usage FROM priced_events ORDER BY usage DESC")
+    assert [(r["reasoning_tokens"], r["usage"]) for r in rows] == [(reasoning["reasoning_tokens"], "reported"), (0, "missing")]
+    letters = ledger_sql(settings, "SELECT reason FROM dead_letters")
+    assert len(letters) == 1 and "reasoning_tokens" in letters[0]["reason"]  # more reasoning than output: refused
+
+
 def test_budget_tombstones_are_kept_as_deleted_history(settings):
     policy = b'{"policy_id":"b1","tenant_id":"acme","scope":"tenant","scope_id":"acme","amount":"10"}'
     produce(settings, "budgets", [policy, None], keys=[b"b1", b"b1"])

@@ -20,7 +20,7 @@ def steady(rng: random.Random, minutes: int, tenants=("acme",), agents=4, sessio
             for s in range(sessions):
                 if rng.random() < 0.8:
                     cost = rng.randint(CENT // 2, 2 * CENT)
-                    yield SimpleNamespace(tenant_id=tenant, agent_id=f"agent{s % agents}", session_id=f"{tenant}-s{s}",
+                    yield SimpleNamespace(usage="reported", tenant_id=tenant, agent_id=f"agent{s % agents}", session_id=f"{tenant}-s{s}",
                                           ts=T0 + timedelta(seconds=second, milliseconds=rng.randint(0, 1999)),
                                           kind="llm_call", model="gpt-4o", tool="", provider="openai",
                                           input_tokens=rng.randint(500, 5000), output_tokens=rng.randint(50, 900)), cost
@@ -45,7 +45,7 @@ def test_runaway_session_flagged_within_seconds_of_stream_time():
     found = []
     for i in range(200):  # a loop: 5 calls a second, 20 cents each
         ts = start + timedelta(milliseconds=200 * i)
-        event = SimpleNamespace(tenant_id="acme", agent_id="agent1", session_id="acme-s1", ts=ts, kind="llm_call", model="gpt-4o",
+        event = SimpleNamespace(usage="reported", tenant_id="acme", agent_id="agent1", session_id="acme-s1", ts=ts, kind="llm_call", model="gpt-4o",
                                 tool="", provider="openai", input_tokens=1000 + i, output_tokens=500)
         found += detectors.usage(event, 20 * CENT, unpriced=False)
     runaway = [a for a in found if a.kind == "runaway_session"]
@@ -64,7 +64,7 @@ def test_tenant_spike_flagged_within_seconds_and_not_repeated_in_cooldown():
     start = T0 + timedelta(minutes=10, seconds=1)
     found = []
     for i in range(300):  # ten times the usual rate for 30 s, across many new sessions
-        event = SimpleNamespace(tenant_id="acme", agent_id="agent9", session_id=f"burst{i}", ts=start + timedelta(milliseconds=100 * i),
+        event = SimpleNamespace(usage="reported", tenant_id="acme", agent_id="agent9", session_id=f"burst{i}", ts=start + timedelta(milliseconds=100 * i),
                                 kind="llm_call", model="gpt-4o", tool="", provider="openai", input_tokens=800, output_tokens=100)
         found += detectors.usage(event, 10 * CENT, unpriced=False)
     spikes = [a for a in found if a.kind == "spend_spike"]
@@ -122,3 +122,22 @@ def test_busy_or_empty_gpu_is_not_idle():
         found += detector.observe(gpu_row(T0 + timedelta(seconds=10 * i), 0 if i % 20 else 80, 20 * 2**30), 0, 0)
         found += detector.observe(gpu_row(T0 + timedelta(seconds=10 * i), 0, 0, session="s2"), 0, 0)
     assert found == []
+
+
+def test_calls_without_usage_raise_unmetered_calls_per_agent_with_the_fix():
+    from meterline.schemas.events import UsageEvent
+
+    def call(agent: str, minutes: int, usage: str = "missing") -> UsageEvent:
+        return build(UsageEvent, event_id=new_id(), ts=T0 + timedelta(minutes=minutes), tenant_id="acme", team="t",
+                     project="p", agent_id=agent, session_id="s", kind="llm_call", provider="openai", model="gpt-4o",
+                     usage=usage)
+
+    detectors = Detectors()
+    found = [a for m in range(30) for a in detectors.usage(call("bot", m), 0, False)]
+    found += detectors.usage(call("bot", 30, usage="reported"), 0, False)  # metered calls never count
+    found += detectors.usage(call("other", 31), 0, False)
+    assert [(a.kind, a.scope, a.scope_id) for a in found] == [("unmetered_calls", "agent", "acme/t/p/bot"),
+                                                               ("unmetered_calls", "agent", "acme/t/p/other")]
+    assert "include_usage" in found[0].message
+    again = detectors.usage(call("bot", 61), 0, False)  # an hour later, with what came meanwhile
+    assert len(again) == 1 and again[0].evidence["calls_last_period"] == "30"

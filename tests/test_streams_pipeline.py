@@ -45,6 +45,10 @@ def usage_record(rng: random.Random, tenant: str | None = None, **overrides) -> 
               "project": rng.choice(["p1", "p2"]), "agent_id": f"agent{rng.randint(0, 3)}", "session_id": f"s{rng.randint(0, 40)}",
               "kind": "llm_call", "provider": provider, "model": model, "input_tokens": inp, "output_tokens": rng.randint(0, 4000),
               "cache_read_tokens": read, "cache_write_tokens": rng.randint(0, inp - read)}
+    record["reasoning_tokens"] = rng.randint(0, record["output_tokens"])
+    if rng.random() < 0.05:  # a call whose instrumentation reported no usage
+        record.update(input_tokens=0, output_tokens=0, cache_read_tokens=0, cache_write_tokens=0, reasoning_tokens=0,
+                      usage="missing")
     if rng.random() < 0.1:
         record.update(kind="tool_call", tool="web_search", model="", units=rng.randint(1, 5))
     if rng.random() < 0.05:
@@ -99,6 +103,8 @@ def _bad(rng_seed: int, kind: str) -> bytes:
         "negative_tokens": lambda: json.dumps({**good, "output_tokens": -rng.randint(1, 10**6)}).encode(),
         "huge_string": lambda: json.dumps({**good, "model": "m" * rng.randint(300, 200_000)}).encode(),
         "cache_exceeds_input": lambda: json.dumps({**good, "input_tokens": 1, "cache_read_tokens": 5}).encode(),
+        "reasoning_exceeds_output": lambda: json.dumps({**good, "output_tokens": 1, "reasoning_tokens": 2}).encode(),
+        "unknown_usage": lambda: json.dumps({**good, "usage": "estimated"}).encode(),
         "future_ts": lambda: json.dumps({**good, "ts": (NOW + timedelta(days=1)).isoformat()}).encode(),
         "missing_tenant": lambda: json.dumps({k: v for k, v in good.items() if k != "tenant_id"}).encode(),
         "float_money": lambda: json.dumps({**good, "cost_usd": "NaN"}).encode(),
@@ -112,7 +118,8 @@ WRONG_TYPES = [(field, value) for field, values in {
     "input_tokens": ["12", 1.5, True, [1], None], "ts": [True, [1], {"a": 1}, "yesterday", None],
     "tenant_id": [1, True, [1], None, ""], "event_id": ["x", 1, None], "kind": ["chat", 3], "attributes": [[1], {"k": 1}],
 }.items() for value in values]
-BAD_KINDS = ["truncated_json", "binary", "wrong_type", "negative_tokens", "huge_string", "cache_exceeds_input", "future_ts",
+BAD_KINDS = ["truncated_json", "binary", "wrong_type", "negative_tokens", "huge_string", "cache_exceeds_input",
+             "reasoning_exceeds_output", "unknown_usage", "future_ts",
              "missing_tenant", "float_money", "unknown_field", "not_an_object"]
 stream_items = st.lists(
     st.one_of(st.tuples(st.just("valid"), st.integers(0, 10**9)),

@@ -2,7 +2,8 @@
 -- Usage cost comes from priced_events (every priced row, exact Decimal); GPU cost from
 -- per-process gpu_samples (the grain that carries attribution). GPU time without a tenant is
 -- tenant 'unattributed' (a parameter: the stream's spend name for it); --tenant filters on that name.
--- By model, GPU time appears as its own line ('gpu:<name>').
+-- By model, GPU time appears as its own line ('gpu:<name>'). reasoning_tokens are part of output_tokens;
+-- unmetered_events completed with no usage reported (their cost is unknown, see the unmetered_calls anomaly).
 -- Parameters: by Identifier, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
 SELECT
     key,
@@ -10,9 +11,11 @@ SELECT
     sum(ok_events) AS ok_events,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
+    sum(reasoning_tokens) AS reasoning_tokens,
     sum(cache_read_tokens) AS cache_read_tokens,
     sum(cache_write_tokens) AS cache_write_tokens,
     sum(unpriced_events) AS unpriced_events,
+    sum(unmetered_events) AS unmetered_events,
     sum(usage_cost) AS usage_cost_usd,
     sum(gpu_secs) AS gpu_seconds,
     sum(gpu_cost) AS gpu_cost_usd,
@@ -25,9 +28,11 @@ FROM
         countIf(status = 'ok') AS ok_events,
         sum(input_tokens) AS input_tokens,
         sum(output_tokens) AS output_tokens,
+        sum(reasoning_tokens) AS reasoning_tokens,
         sum(cache_read_tokens) AS cache_read_tokens,
         sum(cache_write_tokens) AS cache_write_tokens,
         countIf(cost_source = 'unpriced') AS unpriced_events,
+        countIf(usage = 'missing') AS unmetered_events,
         sum(cost_usd) AS usage_cost,
         toDecimal128(0, 18) AS gpu_secs,
         toDecimal128(0, 18) AS gpu_cost
@@ -42,7 +47,7 @@ FROM
 
     SELECT
         {by:Identifier} AS key,
-        0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0,
         toDecimal128(0, 18),
         sum(gpu_seconds),
         sum(cost_usd)
