@@ -69,27 +69,34 @@ class SpanView:
 
 
 Keys = tuple[str, ...]
+Match = tuple[str | tuple[str, str], ...]  # an attribute's presence, or (attribute, value)
 
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """One row of the mapping table: where an instrumentation family puts each count."""
+    """One row of the mapping table: where an instrumentation family puts each count, and how it counts.
+
+    Each field lists attributes in order; the first one present gives the count."""
 
     name: str
-    selected_by: Keys  # any of these attributes present selects the row
+    selected_by: Match  # any of these selects the row; () selects any span (the last row)
     input: Keys
     output: Keys
     cache_read: Keys = ()
     cache_write: Keys = ()
     reasoning: Keys = ()
     total: Keys = ()
-    input_holds_cache: bool = True
-    output_holds_reasoning: bool = True
-    providers: frozenset[str] = frozenset()  # the row holds only for these providers (empty: all)
+    input_holds_cache: bool = True  # False: input is reported beside cache read and write (Anthropic's API style)
+    output_holds_reasoning: bool = True  # False: output is reported without the reasoning tokens
 
 
 SEMCONV_INPUT = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
 SEMCONV_OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
+CACHE_READ_ALIASES = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens")
+CACHE_WRITE_ALIASES = ("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+                       "gen_ai.usage.cache_creation_input_tokens", "gen_ai.usage.cache_write_input_tokens")
+REASONING_ALIASES = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens", "llm.usage.reasoning_tokens")
+TOTAL_ALIASES = ("gen_ai.usage.total_tokens", "llm.usage.total_tokens")
 
 DIALECTS: tuple[Dialect, ...] = (
     Dialect(
@@ -103,25 +110,36 @@ DIALECTS: tuple[Dialect, ...] = (
         total=("llm.token_count.total",),
     ),
     Dialect(
-        "openllmetry",
-        selected_by=("llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.prompt_tokens",
-                     "gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_creation_input_tokens"),
+        "strands",  # Strands Agents passes Bedrock's / Anthropic's counts through: input beside the cache
+        selected_by=(("gen_ai.system", "strands-agents"), ("gen_ai.provider.name", "strands-agents")),
+        input=SEMCONV_INPUT,
+        output=SEMCONV_OUTPUT,
+        cache_read=CACHE_READ_ALIASES,
+        cache_write=CACHE_WRITE_ALIASES,
+        reasoning=REASONING_ALIASES,
+        total=TOTAL_ALIASES,
+        input_holds_cache=False,
+    ),
+    Dialect(
+        "openllmetry",  # OpenLLMetry before semconv-ai 0.5 (llm.request.type, prompt/completion tokens, *_input_tokens)
+        selected_by=("llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.cache_read_input_tokens",
+                     "gen_ai.usage.cache_creation_input_tokens"),
         input=SEMCONV_INPUT,
         output=SEMCONV_OUTPUT,
         cache_read=("gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
-        cache_write=("gen_ai.usage.cache_creation_input_tokens", "gen_ai.usage.cache_write.input_tokens",
-                     "gen_ai.usage.cache_creation.input_tokens"),
-        reasoning=("gen_ai.usage.reasoning_tokens", "llm.usage.reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"),
+        cache_write=("gen_ai.usage.cache_creation_input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+                     "gen_ai.usage.cache_write.input_tokens"),
+        reasoning=("llm.usage.reasoning_tokens", "gen_ai.usage.reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"),
         total=("llm.usage.total_tokens", "gen_ai.usage.total_tokens"),
     ),
     Dialect(
-        "semconv",
-        selected_by=(),  # the fallback
+        "semconv",  # OpenTelemetry GenAI semconv, current and older names (openai-v2, the Anthropic SDK, OpenLLMetry >= 0.5)
+        selected_by=(),
         input=SEMCONV_INPUT,
         output=SEMCONV_OUTPUT,
         cache_read=("gen_ai.usage.cache_read.input_tokens",),
         cache_write=("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens"),
-        reasoning=("gen_ai.usage.reasoning.output_tokens",),
+        reasoning=("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens"),
         total=("gen_ai.usage.total_tokens",),
     ),
 )
@@ -130,32 +148,53 @@ PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.s
 MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.response.model", "llm.request.model",
               "llm.model_name", "embedding.model_name")
 OPERATION_KEYS = ("gen_ai.operation.name", "llm.request.type")
-# gen_ai.operation.name values that are not a model call (an agent or a tool span may carry a model)
-NOT_MODEL_CALLS = frozenset(("invoke_agent", "create_agent", "execute_tool", "invoke_workflow"))
+# A span without usage is a call that reported none only when it is a model call: an agent, tool, task or
+# workflow span (or the Anthropic SDK's count_tokens, which names a provider and a model) is not one.
+MODEL_CALL_OPERATIONS = frozenset(("chat", "text_completion", "generate_content", "embeddings", "completion",
+                                   "responses", "response", "llm_request"))
+MODEL_CALL_REQUEST_TYPES = frozenset(("chat", "completion", "embedding", "rerank"))  # OpenLLMetry's llm.request.type
 MODEL_CALL_KINDS = frozenset(("LLM", "EMBEDDING"))  # openinference.span.kind
 SPAN_SEMCONV = {"session_id": ("gen_ai.conversation.id", "session.id"), "agent_id": ("gen_ai.agent.id",)}
+GENAI_MARKERS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "llm.request.type",
+                 "openinference.span.kind", "llm.token_count.prompt", "llm.token_count.completion",
+                 "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.prompt_tokens",
+                 "gen_ai.usage.completion_tokens", "llm.model_name", "llm.provider", "llm.system")
 
 
 def is_genai(attributes: Mapping[str, Any]) -> bool:
-    """Is this span a GenAI model call? A few key lookups."""
+    """Is this a GenAI span (of any dialect)? A few key lookups, all under gen_ai., llm. or openinference."""
+    return any(key in attributes for key in GENAI_MARKERS)
+
+
+def is_model_call(attributes: Mapping[str, Any]) -> bool:
+    """A GenAI span that stands for one call of a model (not an agent, tool or workflow span)."""
     get = attributes.get
     op = get("gen_ai.operation.name")
     if op is not None:
-        return op not in NOT_MODEL_CALLS
+        return op in MODEL_CALL_OPERATIONS
     kind = get("openinference.span.kind")
     if kind is not None:
         return kind in MODEL_CALL_KINDS
-    return (get("gen_ai.system") is not None or get("gen_ai.provider.name") is not None
-            or get("llm.request.type") is not None
-            or get("gen_ai.usage.input_tokens") is not None or get("gen_ai.usage.output_tokens") is not None
-            or get("gen_ai.usage.prompt_tokens") is not None or get("gen_ai.usage.completion_tokens") is not None
-            or get("llm.token_count.prompt") is not None or get("llm.token_count.completion") is not None)
+    request_type = get("llm.request.type")
+    return request_type is not None and request_type in MODEL_CALL_REQUEST_TYPES
 
 
-def dialect_of(attributes: Mapping[str, Any], provider: str = "") -> Dialect:
+def _selects(row: Dialect, attributes: Mapping[str, Any]) -> bool:
+    if not row.selected_by:
+        return True
+    for match in row.selected_by:
+        if isinstance(match, tuple):
+            if attributes.get(match[0]) == match[1]:
+                return True
+        elif match in attributes:
+            return True
+    return False
+
+
+def dialect_of(attributes: Mapping[str, Any]) -> Dialect:
+    """The first row of DIALECTS that the span's attributes select."""
     for row in DIALECTS:
-        if (not row.selected_by or any(k in attributes for k in row.selected_by)) and (
-                not row.providers or provider in row.providers):
+        if _selects(row, attributes):
             return row
     return DIALECTS[-1]
 
@@ -197,7 +236,7 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
         return None
     provider = _first(attrs, PROVIDER_KEYS).lower()
     model = _first(attrs, MODEL_KEYS)
-    dialect = dialect_of(attrs, provider)
+    dialect = dialect_of(attrs)
     errors: list[tuple[str, str]] = []
     inp = _count(attrs, dialect.input, "input_tokens", errors)
     out = _count(attrs, dialect.output, "output_tokens", errors)
@@ -211,8 +250,8 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
         extra["operation"] = op
     missing = inp is None and out is None
     if missing:
-        if not model:
-            return None  # a GenAI span that names no model call (a chain, a workflow)
+        if not model or not is_model_call(attrs):
+            return None  # a GenAI span that is no model call (an agent, a tool, a chain), or names no model
         if total is not None:
             extra["total_tokens"] = str(total)  # a total alone cannot be split into input and output
         inp = out = cache_read = cache_write = reasoning = 0

@@ -121,7 +121,7 @@ class MeterSpanProcessor(SpanProcessor):
         """Attribution from the ancestors (nearest first), then the baggage the span started under."""
         found: dict[str, str] = {}
         entry = self._open.get(key)
-        bag = entry.baggage if entry is not None else None
+        bags = [entry.baggage] if entry is not None and entry.baggage else []
         parent = entry.parent if entry is not None else None
         for _ in range(MAX_DEPTH):
             if parent is None:
@@ -135,8 +135,10 @@ class MeterSpanProcessor(SpanProcessor):
                     value = attrs.get(PREFIX + name)
                     if value:
                         found[name] = str(value)
+            if ancestor.baggage:  # a server span started in the extracted context that was never attached
+                bags.append(ancestor.baggage)
             parent = ancestor.parent
-        if bag:
+        for bag in bags:
             for name, value in bag.items():
                 found.setdefault(name, str(value))
         return found

@@ -124,6 +124,28 @@ class Session:
         return Session.make(**current)
 
 
+BAGGAGE_FIELDS = ("tenant_id", "team", "project", "agent_id", "session_id", "priority")
+
+
+def _attach_baggage(session: Session) -> Any:
+    """Make the session's attribution the current OpenTelemetry baggage (meterline.* keys; an empty field
+    removes what an upstream service set). Returns the token for `_detach_baggage`."""
+    from opentelemetry import baggage, context  # imported on first use: the SDK works without tracing
+
+    ctx = context.get_current()
+    for name in BAGGAGE_FIELDS:
+        value = session.fields[name]
+        key = "meterline." + name
+        ctx = baggage.set_baggage(key, value, ctx) if value else baggage.remove_baggage(key, ctx)
+    return context.attach(ctx)
+
+
+def _detach_baggage(token: Any) -> None:
+    from opentelemetry import context
+
+    context.detach(token)
+
+
 def _status_of(exc: BaseException | None) -> str:
     if exc is None:
         return "ok"
@@ -186,14 +208,20 @@ class Meter:
     @contextmanager
     def session(self, session_id: str | None = None, *, agent_id: str | None = None, team: str | None = None,
                 project: str | None = None, tenant_id: str | None = None, priority: str | None = None) -> Iterator[Session]:
-        """Charge events inside the block to another session (a new id when none is given)."""
+        """Charge events inside the block to another session (a new id when none is given).
+
+        The block also puts the session's attribution in OpenTelemetry baggage (`meterline.tenant_id`,
+        `meterline.session_id`, ...), so spans started inside it, here or in a downstream service that the
+        standard W3C propagators carry the context to, are metered for the same session."""
         new = self.current.replace(session_id=session_id or new_id(), agent_id=agent_id, team=team, project=project,
                                    tenant_id=tenant_id, priority=priority)
         token = self._session.set(new)
         self._register(new)
+        baggage_token = _attach_baggage(new)
         try:
             yield new
         finally:
+            _detach_baggage(baggage_token)
             self._session.reset(token)
             self._register(self.current)
 
