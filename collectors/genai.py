@@ -37,13 +37,14 @@ of a span without usage.
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from meterline.schemas import InvalidEvent, build, new_id
-from meterline.schemas.events import UsageEvent
+from meterline.schemas.events import MAX_ATTRIBUTE_VALUE_LEN, UsageEvent
 
 PREFIX = "meterline."
 ATTRIBUTION = ("tenant_id", "team", "project", "agent_id", "session_id", "priority")
@@ -66,6 +67,7 @@ class SpanView:
     error: bool
     status_message: str = ""
     events: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    scope: str = ""  # the instrumentation scope (library) that made the span; tells two layers of one call apart
 
 
 Keys = tuple[str, ...]
@@ -145,8 +147,10 @@ DIALECTS: tuple[Dialect, ...] = (
 )
 
 PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
-MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.response.model", "llm.request.model",
-              "llm.model_name", "embedding.model_name")
+# OpenInference puts the answered model in llm.model_name (llm.response.model_name in newer versions)
+MODEL_KEYS = ("gen_ai.response.model", "llm.response.model_name", "llm.response.model", "llm.model_name",
+              "gen_ai.request.model", "llm.request.model_name", "llm.request.model", "embedding.model_name")
+INVOCATION_PARAMETERS = "llm.invocation_parameters"  # OpenInference: the request as JSON (a failed call has only this)
 OPERATION_KEYS = ("gen_ai.operation.name", "llm.request.type")
 # A span without usage is a call that reported none only when it is a model call: an agent, tool, task or
 # workflow span (or the Anthropic SDK's count_tokens, which names a provider and a model) is not one.
@@ -219,6 +223,20 @@ def _count(attributes: Mapping[str, Any], keys: Keys, field: str, errors: list) 
     return None
 
 
+def _requested_model(attributes: Mapping[str, Any]) -> str:
+    raw = attributes.get(INVOCATION_PARAMETERS)
+    if not isinstance(raw, str) or len(raw) > 65_536:
+        return ""
+    try:
+        params = json.loads(raw)
+    except ValueError:
+        return ""
+    if not isinstance(params, dict):
+        return ""
+    model = params.get("model") or params.get("model_name")
+    return model if isinstance(model, str) else ""
+
+
 def _first(attributes: Mapping[str, Any], keys: Keys) -> str:
     for key in keys:
         value = attributes.get(key)
@@ -235,7 +253,7 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
     if not is_genai(attrs):
         return None
     provider = _first(attrs, PROVIDER_KEYS).lower()
-    model = _first(attrs, MODEL_KEYS)
+    model = _first(attrs, MODEL_KEYS) or _requested_model(attrs)
     dialect = dialect_of(attrs)
     errors: list[tuple[str, str]] = []
     inp = _count(attrs, dialect.input, "input_tokens", errors)
@@ -248,6 +266,8 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
     op = _first(attrs, OPERATION_KEYS)
     if op:
         extra["operation"] = op
+    if span.scope:
+        extra["scope"] = span.scope[:MAX_ATTRIBUTE_VALUE_LEN]
     missing = inp is None and out is None
     if missing:
         if not model or not is_model_call(attrs):
@@ -352,27 +372,66 @@ def status_of(span: SpanView) -> str:
     return "error"
 
 
-NONE, WEAK, STRONG = 0, 1, 2  # how a span is covered by its descendants' events
+NONE, WEAK, STRONG = 0, 1, 2  # how a span is covered by another layer's record of the same call
+SIBLINGS_KEPT = 16  # recent GenAI spans remembered per parent
+ROOT = (-1, -1)  # the "parent" of spans without one: layers that each start a trace of their own
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """A settled GenAI span, as a sibling that ends later may have to recognise it."""
+
+    scope: str
+    provider: str
+    model: str
+    start_us: int
+    end_us: int
+    level: int
+
+    @classmethod
+    def of(cls, event: UsageEvent, level: int) -> _Layer:
+        end_us = round(event.ts.timestamp() * 1_000_000)
+        return cls(event.attributes.get("scope", ""), event.provider, event.model, end_us - event.latency_ms * 1000,
+                   end_us, level)
+
+    def inside(self, outer: _Layer) -> bool:
+        """Is this the same call as `outer`, traced by another library inside it? Another (or an unknown)
+        instrumentation scope, the same provider, the same model (or alias and dated snapshot, one a prefix of
+        the other) and within its time (latency is in whole milliseconds: 1 ms of slack)."""
+        return ((not self.scope or not outer.scope or self.scope != outer.scope)
+                and (not self.provider or not outer.provider or self.provider == outer.provider)
+                and (self.model.startswith(outer.model) or outer.model.startswith(self.model))
+                and self.start_us >= outer.start_us - 1000 and self.end_us <= outer.end_us + 1000)
 
 
 class Nesting:
     """One event per model call when several layers trace it (an instrumentor around the SDK's own
-    spans, langchain around openai): the innermost GenAI span with usage wins.
+    spans, langchain around openai): the innermost GenAI span with usage wins. Spans are settled in
+    end-time order, so the inner layer, which ends first, is settled first.
 
-    Children end before their parents, so coverage flows up as spans end: a span whose event was
-    sent covers its parent (STRONG when the event had usage, WEAK when it had none: an error or a
-    missing-usage record); a covered span passes its cover on to its parent when it ends. A GenAI
-    span that ends STRONG-covered is not sent (nested); one that ends WEAK-covered is not sent
-    unless it has usage of its own (tokens are never lost for a call's count). Works in process
-    (the span processor) and for OTLP batches (spans in end-time order; cover waits in a bounded
-    LRU for a parent that comes in a later batch).
+    - Parent and child: coverage flows up as spans end. A span whose event was sent covers its parent
+      (STRONG when the event had usage, WEAK when it had none: an error or a missing-usage record); a
+      covered span passes its cover on to its parent when it ends, GenAI or not.
+    - Siblings: layers that do not make their span current (OpenLLMetry's anthropic instrumentor and
+      the Anthropic SDK's own span; OpenInference's langchain and openai spans) trace one call as two
+      children of the caller's span, or as two root spans when there is no caller span. A GenAI span
+      covers a later-ending sibling of another instrumentation scope, same provider and model, whose
+      time contains its own (`_Layer.inside`). Two concurrent calls each traced by two layers still make
+      two events: an outer span is only ever dropped for an inner one, never an inner for an inner.
+
+    A GenAI span that ends STRONG-covered is not sent (nested); one that ends WEAK-covered is not sent
+    unless it has usage of its own (tokens are never dropped to keep a call's count). Works in process
+    (the span processor) and for OTLP batches (spans in end-time order; cover waits in a bounded LRU
+    for a parent that comes in a later batch).
     """
 
     def __init__(self, max_spans: int = 65_536):
         self.max_spans = max_spans
         self._covered: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._siblings: OrderedDict[tuple[int, int], list[_Layer]] = OrderedDict()
 
     def covered(self, trace_id: int, span_id: int) -> int:
+        """NONE, WEAK or STRONG: how the span is covered by its descendants so far."""
         return self._covered.get((trace_id, span_id), NONE)
 
     def _cover(self, trace_id: int, parent_span_id: int | None, level: int) -> None:
@@ -385,21 +444,47 @@ class Nesting:
         while len(self._covered) > self.max_spans:
             self._covered.popitem(last=False)
 
+    def _sibling_cover(self, key: tuple[int, int], layer: _Layer) -> int:
+        layers = self._siblings.get(key)
+        level = NONE
+        if layers:
+            for other in layers:
+                if other.level > level and other.inside(layer):
+                    level = other.level
+        return level
+
+    def _remember(self, key: tuple[int, int], layer: _Layer) -> None:
+        layers = self._siblings.get(key)
+        if layers is None:
+            layers = self._siblings[key] = []
+        else:
+            self._siblings.move_to_end(key)
+        layers.append(layer)
+        if len(layers) > SIBLINGS_KEPT:
+            del layers[0]
+        while len(self._siblings) > self.max_spans:
+            self._siblings.popitem(last=False)
+
     def settle(self, trace_id: int, span_id: int, parent_span_id: int | None, event: UsageEvent | None) -> bool:
         """A span ended: should its event (None for a span without one) be sent? Updates the cover of its
-        parent. False for an event means a nested record of a call already metered."""
+        parent. False for an event means another layer's record of a call already metered."""
         level = self._covered.pop((trace_id, span_id), NONE)
+        self._siblings.pop((trace_id, span_id), None)  # its children can have no later sibling
         if event is None:
             self._cover(trace_id, parent_span_id, level)
             return False
         has_usage = event.usage != "missing" and not _zero_error(event)
+        sibling_key = (trace_id, parent_span_id) if parent_span_id else ROOT
+        layer = _Layer.of(event, STRONG if has_usage else WEAK)
+        level = max(level, self._sibling_cover(sibling_key, layer))
+        self._remember(sibling_key, layer)
         send = level == NONE or (level == WEAK and has_usage)
-        own = (STRONG if has_usage else WEAK) if send else NONE
+        own = layer.level if send else NONE
         self._cover(trace_id, parent_span_id, max(level, own))
         return send
 
     def __len__(self) -> int:
-        return len(self._covered)
+        return len(self._covered) + len(self._siblings)
 
 
 def _zero_error(event: UsageEvent) -> bool:

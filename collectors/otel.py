@@ -66,6 +66,7 @@ def span_view(span: ReadableSpan) -> SpanView:
         error=error,
         status_message=(span.status.description or "") if error else "",
         events=tuple((e.name, e.attributes or {}) for e in span.events) if error else (),
+        scope=span.instrumentation_scope.name if span.instrumentation_scope is not None else "",
     )
 
 
