@@ -395,13 +395,14 @@ class _Layer:
                    end_us, level)
 
     def inside(self, outer: _Layer) -> bool:
-        """Is this the same call as `outer`, traced by another library inside it? Another (or an unknown)
-        instrumentation scope, the same provider, the same model (or alias and dated snapshot, one a prefix of
-        the other) and within its time (latency is in whole milliseconds: 1 ms of slack)."""
-        return ((not self.scope or not outer.scope or self.scope != outer.scope)
+        """Is this the same call as `outer`, traced by another library inside it? Another instrumentation
+        scope (both known: spans of unknown scope are never taken for layers), the same provider, the same
+        model (or alias and dated snapshot, one a prefix of the other) and within its time (the end is exact to
+        the microsecond; the start, from a latency in whole milliseconds, has 1 ms of slack)."""
+        return bool(self.scope and outer.scope and self.scope != outer.scope
                 and (not self.provider or not outer.provider or self.provider == outer.provider)
                 and (self.model.startswith(outer.model) or outer.model.startswith(self.model))
-                and self.start_us >= outer.start_us - 1000 and self.end_us <= outer.end_us + 1000)
+                and self.start_us >= outer.start_us - 1000 and self.end_us <= outer.end_us + 2)
 
 
 class Nesting:
@@ -474,17 +475,20 @@ class Nesting:
             self._cover(trace_id, parent_span_id, level)
             return False
         has_usage = event.usage != "missing" and not _zero_error(event)
-        sibling_key = (trace_id, parent_span_id) if parent_span_id else ROOT
         layer = _Layer.of(event, STRONG if has_usage else WEAK)
-        level = max(level, self._sibling_cover(sibling_key, layer))
-        self._remember(sibling_key, layer)
+        if layer.scope:
+            sibling_key = (trace_id, parent_span_id) if parent_span_id else ROOT
+            level = max(level, self._sibling_cover(sibling_key, layer))
+            self._remember(sibling_key, layer)
         send = level == NONE or (level == WEAK and has_usage)
         own = layer.level if send else NONE
         self._cover(trace_id, parent_span_id, max(level, own))
         return send
 
     def __len__(self) -> int:
-        return len(self._covered) + len(self._siblings)
+        """Covers waiting for their parent span (siblings remembered are not counted: they only ever
+        drop a later span, so a caller may skip settling non-GenAI spans while this is 0)."""
+        return len(self._covered)
 
 
 def _zero_error(event: UsageEvent) -> bool:

@@ -487,7 +487,11 @@ def test_nesting_memory_is_bounded():
     event = to_event(SpanView("c", 1, 1, None, 0, 1, {**CHAT, "gen_ai.usage.input_tokens": 1, "meterline.tenant_id": "a"}, {}, False))
     for i in range(1000):  # parents that never arrive
         nesting.settle(i, 1, 2, event)
-    assert len(nesting) <= 2 * 50  # covers waiting for parents, and siblings per parent
+    assert len(nesting) == 50 and len(nesting._siblings) == 0  # covers waiting for parents; no scope, no siblings
+    scoped = event.model_copy(update={"attributes": {**event.attributes, "scope": "lib"}})
+    for i in range(1000):
+        nesting.settle(i, 1, 2, scoped)
+    assert len(nesting) == 50 and len(nesting._siblings) == 50
     sink = Collected()
     provider = TracerProvider()
     processor = MeterSpanProcessor(sink, max_spans=20, tenant_id="acme")
