@@ -1,39 +1,55 @@
 """GenAI spans → usage events: one mapping table for every instrumentation dialect.
 
-Used by the in-process `MeterSpanProcessor` (collectors/otel.py) and by an OTLP endpoint alike:
-both turn a span into a `SpanView`, call `to_event`, and let a `Nesting` decide whether the
-event is the call's own record or a second layer tracing the same call.
+Used by the in-process `MeterSpanProcessor` (collectors/otel.py) and by the OTLP endpoint
+(app/otlp.py) alike: both turn a span into a `SpanView`, call `to_event`, and let one `Nesting`
+decide whether the event is the call's own record or another layer's record of the same call.
 
-Dialects (`DIALECTS`, first matching row wins; adding a dialect is adding a row):
+The table is `DIALECTS`: the first row a span selects wins, the last row takes any span, and adding
+a dialect is adding a row. For each count a row lists attributes in order; the first present gives it.
 
-| dialect      | selected by                                   | input / output                                                  | cache read / cache write                                                                                | reasoning                                | input holds cache? | output holds reasoning? |
-|--------------|-----------------------------------------------|-----------------------------------------------------------------|---------------------------------------------------------------------------------------------------------|------------------------------------------|--------------------|-------------------------|
-| openinference| `openinference.span.kind`, `llm.token_count.*` | `llm.token_count.prompt` / `llm.token_count.completion`          | `llm.token_count.prompt_details.cache_read` / `llm.token_count.prompt_details.cache_write`               | `llm.token_count.completion_details.reasoning` | yes          | yes                     |
-| openllmetry  | `llm.request.type`, `llm.usage.total_tokens`, `gen_ai.usage.prompt_tokens`, `gen_ai.usage.cache_*_input_tokens` | `gen_ai.usage.input_tokens` or `gen_ai.usage.prompt_tokens` / `gen_ai.usage.output_tokens` or `gen_ai.usage.completion_tokens` | `gen_ai.usage.cache_read_input_tokens` / `gen_ai.usage.cache_creation_input_tokens` | `gen_ai.usage.reasoning_tokens`, `llm.usage.reasoning_tokens` | yes | yes |
-| semconv      | any other GenAI span                          | `gen_ai.usage.input_tokens` (old: `gen_ai.usage.prompt_tokens`) / `gen_ai.usage.output_tokens` (old: `gen_ai.usage.completion_tokens`) | `gen_ai.usage.cache_read.input_tokens` / `gen_ai.usage.cache_write.input_tokens` (old: `gen_ai.usage.cache_creation.input_tokens`) | `gen_ai.usage.reasoning.output_tokens` | yes | yes |
+| dialect       | selected by | input / output | cache read / cache write | reasoning | total | input holds cache | output holds reasoning |
+|---------------|-------------|----------------|--------------------------|-----------|-------|-------------------|------------------------|
+| openinference | `openinference.span.kind`, `llm.token_count.prompt` / `.completion` | `llm.token_count.prompt` / `llm.token_count.completion` | `llm.token_count.prompt_details.cache_read` / `.cache_write` | `llm.token_count.completion_details.reasoning` | `llm.token_count.total` | yes | yes |
+| strands       | `gen_ai.system` or `gen_ai.provider.name` = `strands-agents` | semconv names, current and old | `gen_ai.usage.cache_read.input_tokens`, `gen_ai.usage.cache_read_input_tokens` / `gen_ai.usage.cache_write.input_tokens`, `…cache_creation.input_tokens`, `…cache_creation_input_tokens`, `…cache_write_input_tokens` | semconv, OpenLLMetry | `gen_ai.usage.total_tokens`, `llm.usage.total_tokens` | **no** | yes |
+| openllmetry   | `llm.request.type`, `llm.usage.total_tokens`, `gen_ai.usage.cache_read_input_tokens`, `gen_ai.usage.cache_creation_input_tokens` (OpenLLMetry before semconv-ai 0.5) | semconv names, current and old | `gen_ai.usage.cache_read_input_tokens`, then semconv / `gen_ai.usage.cache_creation_input_tokens`, then semconv | `llm.usage.reasoning_tokens`, `gen_ai.usage.reasoning_tokens`, semconv | `llm.usage.total_tokens`, `gen_ai.usage.total_tokens` | yes | yes |
+| semconv       | any other GenAI span: openai-v2, the Anthropic SDK's own spans, OpenLLMetry >= semconv-ai 0.5 | `gen_ai.usage.input_tokens` (old: `gen_ai.usage.prompt_tokens`) / `gen_ai.usage.output_tokens` (old: `gen_ai.usage.completion_tokens`) | `gen_ai.usage.cache_read.input_tokens` / `gen_ai.usage.cache_write.input_tokens` (old: `gen_ai.usage.cache_creation.input_tokens`) | `gen_ai.usage.reasoning.output_tokens`; OpenLLMetry's `gen_ai.usage.reasoning_tokens` | `gen_ai.usage.total_tokens` | yes | yes |
 
-"Input holds cache? no" (Anthropic's API style: input reported beside the cache) makes the event's
-input = input + cache read + cache write; "output holds reasoning? no" adds reasoning to output.
-meterline's own meaning is the semconv one: cache counts are a subset of `input_tokens`,
-`reasoning_tokens` a subset of `output_tokens`. A span that breaks its dialect's convention
-(cache above input in a dialect whose input holds it) raises `InvalidEvent`: never a guess.
+meterline's meaning is the semconv one: the cache counts are a subset of `input_tokens` and
+`reasoning_tokens` a subset of `output_tokens` (providers bill reasoning as output). "Input holds
+cache: no" is Anthropic's API style, input reported beside the cache, so the event's input = input
++ cache read + cache write; "output holds reasoning: no" adds reasoning to output. The convention is
+the row's, never guessed from the numbers: a span that breaks its own (cache above input, reasoning
+above output, a total below a part) raises `InvalidEvent`. With one side missing, the total gives it;
+a total alone is `usage="missing"` (kept as `attributes.total_tokens`).
 
 Common to every dialect:
 
 | usage event          | span                                                                                      |
 |----------------------|-------------------------------------------------------------------------------------------|
 | provider             | `gen_ai.provider.name`, `gen_ai.system`, `llm.provider`, `llm.system` (lower-cased)       |
-| model                | `gen_ai.response.model`, `gen_ai.request.model`, `llm.response.model`, `llm.request.model`, `llm.model_name`, `embedding.model_name` |
-| session_id, agent_id | `gen_ai.conversation.id` / `session.id`, `gen_ai.agent.id`, else `meterline.*`              |
-| attribution          | `meterline.tenant_id`, `.team`, `.project`, `.agent_id`, `.session_id`, `.priority`: the span, then `context` (its ancestors, then baggage), then the resource, then `defaults` |
-| status               | error status → `rate_limited` (HTTP 429, `RateLimitError`), `timeout` (`*Timeout*`), `cancelled`, else `error`, from `error.type`, the HTTP status and exception events |
-| usage                | no token count at all: `usage="missing"` with zero tokens (an error without usage is a plain error event) |
-| attributes           | trace_id, span_id, operation, dialect                                                     |
+| model                | `gen_ai.response.model`, `llm.response.model_name`, `llm.response.model`, `llm.model_name`, `gen_ai.request.model`, `llm.request.model_name`, `llm.request.model`, `embedding.model_name`, then `model` in OpenInference's `llm.invocation_parameters` |
+| session_id, agent_id | `gen_ai.conversation.id` / OpenInference's `session.id`, `gen_ai.agent.id`, else `meterline.*` |
+| attribution          | `meterline.tenant_id`, `.team`, `.project`, `.agent_id`, `.session_id`, `.priority`: the span, then `context` (its ancestors', then baggage), then the resource, then `defaults` |
+| status               | error status → `rate_limited` (HTTP 429, `RateLimitError`, `rate_limit_error`), `timeout` (`APITimeoutError`, `client_timeout_error`, 408/504), `cancelled`, else `error`: from `error.type`, the HTTP status, the status message and exception events; a failed call without usage has zero tokens |
+| usage                | a completed model call with no token count at all (a stream without include_usage): `usage="missing"`, zero tokens |
+| attributes           | trace_id, span_id, dialect, operation (`gen_ai.operation.name` / `llm.request.type`), scope (the instrumentation library) |
 
-A span is a GenAI *model call* (`is_genai`) when it has `gen_ai.operation.name` (other than agent
-and tool operations), `gen_ai.system` / `gen_ai.provider.name`, `openinference.span.kind` LLM or
-EMBEDDING, `llm.request.type`, or a token count; `to_event` also needs a model to make an event
-of a span without usage.
+`is_genai`: a span with any key of a dialect (`gen_ai.operation.name`, `gen_ai.provider.name`,
+`gen_ai.system`, `llm.request.type`, `openinference.span.kind`, a token count, `llm.model_name` ...).
+A GenAI span with usage is an event whatever its operation (an agent span that sums its calls is then
+dropped as nested when its calls are metered); one without usage is an event only when it is a model
+call (`is_model_call`: operation chat, text_completion, generate_content, embeddings, ...; OpenInference
+kind LLM or EMBEDDING; OpenLLMetry request type) naming a model, so agent, tool, task and workflow spans
+and the Anthropic SDK's `count_tokens` are not calls that "reported no usage".
+
+What the libraries put on their spans (tests/test_instrumentations.py checks each against a fake provider):
+
+| library                                      | limitation (nothing to map: meterline does not guess)                    |
+|----------------------------------------------|--------------------------------------------------------------------------|
+| opentelemetry-instrumentation-openai-v2 2.4b0 | chat spans carry no cached and no reasoning tokens (input/output include them: cached input is priced at the full input rate); the Responses API makes no span, so it is not metered |
+| opentelemetry-instrumentation-openai 0.62 (OpenLLMetry) | a streamed chat completion has no reasoning tokens                  |
+| opentelemetry-instrumentation-langchain 0.62 (OpenLLMetry) | a stream names the requested alias as the response model and suppresses the OpenAI span |
+| OpenLLMetry anthropic + the Anthropic SDK >= 2 | two sibling spans per call (the instrumentor's span is not made current): `Nesting` keeps the SDK's |
 """
 from __future__ import annotations
 
@@ -209,18 +225,24 @@ def _count(attributes: Mapping[str, Any], keys: Keys, field: str, errors: list) 
         value = attributes.get(key)
         if value is None:
             continue
-        if isinstance(value, bool):
-            errors.append((field, f"{key} is {value!r}, not a token count"))
-            return 0
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and len(value) <= 20 and value.isascii() and value.isdigit():
             return int(value)
-        errors.append((field, f"{key} is {value!r}, not a token count"))
+        errors.append((field, f"{key} is {repr(value)[:40]}, not a token count"))
         return 0
     return None
+
+
+def _rest(total: int | None, part: int, field: str, errors: list) -> int:
+    if total is None:
+        return 0
+    if total < part:
+        errors.append((field, f"the total {total} is below the other side's {part} tokens"))
+        return 0
+    return total - part
 
 
 def _requested_model(attributes: Mapping[str, Any]) -> str:
@@ -276,14 +298,15 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
             extra["total_tokens"] = str(total)  # a total alone cannot be split into input and output
         inp = out = cache_read = cache_write = reasoning = 0
     else:
+        if inp is not None and not dialect.input_holds_cache:
+            inp += cache_read + cache_write  # the event's input counts every input token
+        if out is not None and not dialect.output_holds_reasoning:
+            out += reasoning  # reasoning is billed as output
+        # one side missing: the total (every input and output token) gives it
         if inp is None:
-            inp = max(0, (total or 0) - (out or 0)) if total is not None else 0
-        if out is None:
-            out = max(0, (total or 0) - inp) if total is not None else 0
-        if not dialect.input_holds_cache:
-            inp += cache_read + cache_write
-        if not dialect.output_holds_reasoning:
-            out += reasoning
+            inp = _rest(total, out, "input_tokens", errors)
+        elif out is None:
+            out = _rest(total, inp, "output_tokens", errors)
     if errors:
         raise InvalidEvent("UsageEvent", errors)
     status = status_of(span) if span.error else "ok"

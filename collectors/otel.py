@@ -149,44 +149,39 @@ class MeterSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         try:
             view = span_view(span)
-        except Exception:  # noqa: BLE001
-            self.invalid += 1
+        except Exception:  # noqa: BLE001 - a metering bug must never break the traced application
+            self._tally("invalid")
             log.exception("meterline: span %s not metered", span.name)
             return
         key = (view.trace_id, view.span_id)
+        outcome = "ignored"
         try:
             with self._lock:
                 context = self._context(key)
             event = to_event(view, context, self.defaults)
         except InvalidEvent as err:
-            event = None
-            self.invalid += 1
+            event, outcome = None, "invalid"
             log.warning("meterline: span %s not metered: %s", span.name, err)
-        except Exception:  # noqa: BLE001 - a metering bug must never break the traced application
-            event = None
-            self.invalid += 1
+        except Exception:  # noqa: BLE001
+            event, outcome = None, "invalid"
             log.exception("meterline: span %s not metered", span.name)
-        else:
-            if event is None:
-                self.ignored += 1
         with self._lock:
             self._open.pop(key, None)
             send = self.nesting.settle(view.trace_id, view.span_id, view.parent_span_id, event)
-        if event is None:
-            return
-        if not send:
-            self.nested += 1
-            return
-        try:
-            self.sink.send(event)
-        except Exception:  # noqa: BLE001
-            self.invalid += 1
-            log.exception("meterline: event of span %s not sent", span.name)
-            return
-        if event.usage == "missing":
-            self.unmetered += 1
-        else:
-            self.metered += 1
+        if event is not None:
+            outcome = "nested"
+            if send:
+                try:
+                    self.sink.send(event)
+                    outcome = "unmetered" if event.usage == "missing" else "metered"
+                except Exception:  # noqa: BLE001
+                    outcome = "invalid"
+                    log.exception("meterline: the event of span %s was not sent", span.name)
+        self._tally(outcome)
+
+    def _tally(self, outcome: str) -> None:
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
 
     def to_event(self, span: ReadableSpan, context: Mapping[str, str] | None = None) -> UsageEvent | None:
         """The usage event of one GenAI span (no nesting), or None for any other span."""

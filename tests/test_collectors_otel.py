@@ -5,6 +5,7 @@ boundary), the resource and the processor's defaults. Other spans are ignored.""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 from opentelemetry import baggage, context
@@ -261,6 +262,16 @@ def test_a_total_completes_the_missing_side():
     assert (event.input_tokens, event.output_tokens) == (300, 40)
 
 
+def test_a_total_gives_the_missing_side_in_an_input_beside_cache_dialect_and_a_short_total_is_invalid():
+    strands = {"gen_ai.operation.name": "chat", "gen_ai.system": "strands-agents", "gen_ai.request.model": "claude-sonnet-4",
+               "gen_ai.usage.input_tokens": 100, "gen_ai.usage.total_tokens": 440,
+               "gen_ai.usage.cache_read_input_tokens": 300, "gen_ai.usage.cache_write_input_tokens": 20}
+    [event], _ = _one(strands)
+    assert _tokens(event) == (420, 20, 300, 20, 0)
+    events, processor = _one({**strands, "gen_ai.usage.total_tokens": 50})
+    assert events == [] and processor.invalid == 1
+
+
 # ---- failed and unmetered calls are visible ------------------------------------------------------
 
 CHAT = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
@@ -502,6 +513,26 @@ def test_nesting_memory_is_bounded():
     for span in spans:
         span.end()
     assert len(processor._open) == 0
+
+
+def test_threads_tracing_at_once_are_each_counted_and_attributed():
+    sink = Collected()
+    tracer, processor = _tracer(sink)
+
+    def work(n: int) -> None:
+        for i in range(200):
+            with tracer.start_as_current_span("caller") as caller:
+                caller.set_attribute("meterline.tenant_id", f"t{n}")
+                with tracer.start_as_current_span("chat") as span:
+                    span.set_attributes({**CHAT, "gen_ai.usage.input_tokens": n, "gen_ai.usage.output_tokens": i})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (processor.metered, processor.ignored, processor.nested, processor.invalid) == (1600, 1600, 0, 0)
+    assert all(e.tenant_id == f"t{e.input_tokens}" for e in sink.events) and len(processor._open) == 0
 
 
 # ---- attribution: span, ancestors, baggage, resource, defaults -----------------------------------
