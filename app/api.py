@@ -9,6 +9,7 @@
     GET  /api/budgets           the live budget policies
     PUT  /api/budgets           create or replace one (admin; audited with the token's name)
     DELETE /api/budgets/<id>    delete one (admin; audited)
+    POST /v1/traces             OTLP/HTTP traces (protobuf or JSON, gzip): GenAI spans metered (app/otlp.py)
 
 Who may do what is app/auth.py's roles; a request carries `Authorization: Bearer <token>`
 (the page, /health and the static files need none). Ledger queries run on a small thread
@@ -32,6 +33,7 @@ from aiohttp import web
 
 from .auth import OPEN, Principal, TokenStore, bearer
 from .live import LiveState
+from .otlp import OtlpEndpoint
 from .report import REPORT_NAMES, TENANT_REPORTS, ReportParams, run_report
 from .store import Result
 
@@ -71,6 +73,9 @@ class ApiServer:
         self._runner: Any = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self.otlp = OtlpEndpoint(settings)  # POST /v1/traces; its Meter is made on the first GenAI span
+        if registry is not None:
+            registry.register(self.otlp.collector())
 
     @property
     def url(self) -> str:
@@ -115,6 +120,7 @@ class ApiServer:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True)  # its queries were killed on shutdown (_cancel_running)
         self._light.shutdown(wait=True)
+        self.otlp.close()  # delivers what the OTLP endpoint queued (or spools it)
         for ledger in self._ledgers:
             ledger.close()
 
@@ -131,6 +137,7 @@ class ApiServer:
             web.get("/api/report/{name}", self._report), web.post("/api/sql", self._sql),
             web.get("/api/live", self._live), web.get("/api/budgets", self._budgets),
             web.put("/api/budgets", self._budget_put), web.delete("/api/budgets/{policy_id}", self._budget_delete),
+            web.post("/v1/traces", self._traces),
         ])
         # a client that goes away cancels its handler, and so its query (_user_query)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -305,6 +312,10 @@ class ApiServer:
         if request.method == "PUT" and request.content_type != "application/json":
             return _error(400, "PUT a BudgetPolicy as JSON with Content-Type: application/json")
         return None
+
+    async def _traces(self, request):
+        """OTLP/HTTP export: a tenant token's tenant is forced onto every event; a reader may not write."""
+        return await self.otlp.handle(request, request[PRINCIPAL])
 
     async def _on_light(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._light, fn, *args)
