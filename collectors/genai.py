@@ -54,6 +54,7 @@ What the libraries put on their spans (tests/test_instrumentations.py checks eac
 from __future__ import annotations
 
 import json
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +62,17 @@ from typing import Any, Mapping
 
 from meterline.schemas import InvalidEvent, build, new_id
 from meterline.schemas.events import MAX_ATTRIBUTE_VALUE_LEN, UsageEvent
+
+SPAN_IDS = uuid.UUID("5b1f0c8e-3d2a-4f7e-9a61-0c4d2e8b7f13")  # namespace of event ids made from span ids
+
+
+def span_event_id(span: SpanView) -> uuid.UUID | str:
+    """One id per span (trace id + span id): an exporter that re-sends a batch after a timeout, or a
+    span seen both in-process and over OTLP, repeats the id, and the stream's first-write rule charges
+    it once. A span without ids (never valid OTel) gets a fresh id."""
+    if not span.trace_id or not span.span_id:
+        return new_id()
+    return uuid.uuid5(SPAN_IDS, f"{span.trace_id:032x}{span.span_id:016x}")
 
 PREFIX = "meterline."
 ATTRIBUTION = ("tenant_id", "team", "project", "agent_id", "session_id", "priority")
@@ -316,7 +328,7 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
     end = span.end_ns or span.start_ns
     return build(
         UsageEvent,
-        event_id=new_id(),
+        event_id=span_event_id(span),
         ts=datetime.fromtimestamp(end / 1e9, timezone.utc),
         kind="llm_call",
         provider=provider,

@@ -40,8 +40,9 @@ _ALLOCATOR = Role("allocator: reads spend, GPU samples and budgets, decides thro
                   groups=("{prefix}-allocator", "meterline-allocator-*"))
 _ALERTS = Role("alerts job (Faust): anomalies to a webhook, undeliverable ones to the dlq",
                read=("anomalies",), write=("dlq",), groups=("{prefix}-alerts",), internal=("{prefix}-alerts-*",))
-_UP_ONLY = Role("the API and web page: live feed, lag metrics, budgets set by an admin token (PUT /api/budgets)",
-                read=("spend", "control", "anomalies"), write=("budgets",), groups=("meterline-live-*", "meterline-metrics"))
+_UP_ONLY = Role("the API and web page: live feed, lag metrics, budgets set by an admin token (PUT /api/budgets), "
+                "usage from the OTLP endpoint (POST /v1/traces)",
+                read=("spend", "control", "anomalies"), write=("budgets", "usage"), groups=("meterline-live-*", "meterline-metrics"))
 
 ROLES: dict[str, Role] = {
     "agent": Role("agents (SDK, OTel bridge): send usage, read throttle decisions",

@@ -661,3 +661,16 @@ def test_to_event_takes_context_and_defaults_and_is_none_for_other_spans():
     assert to_event(dataclasses.replace(view, attributes={"http.method": "GET"})) is None
     with pytest.raises(InvalidEvent):
         to_event(view)  # no tenant anywhere
+
+
+def test_a_span_has_one_event_id_however_often_it_is_seen():
+    """An exporter's retry (or the same span in-process and over OTLP) repeats the event id, so the
+    stream's first-write rule charges the call once."""
+    span = SpanView(name="chat gpt-4o", trace_id=0xABC, span_id=0x1, parent_span_id=None, start_ns=1_700_000_000_000_000_000,
+                    end_ns=1_700_000_000_500_000_000, attributes={"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+                                                                    "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 2},
+                    resource={"meterline.tenant_id": "acme"}, error=False)
+    first, again = to_event(span), to_event(span)
+    other = to_event(dataclasses.replace(span, span_id=0x2))
+    assert first.event_id == again.event_id and first == again
+    assert other.event_id != first.event_id

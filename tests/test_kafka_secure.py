@@ -336,6 +336,6 @@ def test_the_pipeline_user_is_the_server_side_union_and_never_the_agents():
     pipeline = allowed("pipeline")
     for role in ("streams", "sink", "allocator", "alerts"):
         assert allowed(role) <= pipeline, role
-    assert ("topic", s.topic("usage"), False, "WRITE") not in pipeline  # only agents send usage
+    assert ("topic", s.topic("usage"), False, "WRITE") in pipeline  # up's OTLP endpoint sends usage for agents
     assert ("group", "meterline-guard-", True, "READ") not in pipeline
     assert ("topic", s.topic("gpu"), False, "WRITE") not in pipeline  # only collectors send GPU samples
