@@ -87,12 +87,12 @@ def _counts_ok(*values: Any) -> bool:
 def encode_queued(item: tuple) -> tuple[bytes, bytes]:
     """Runs on the sender's thread: a queued call becomes (key, JSON). The event_id is made here, once;
     retries and the spool keep these bytes, so a re-sent event keeps its id."""
-    (session, t_ns, kind, provider, model, tool, input_tokens, output_tokens, cache_read, cache_write, units,
+    (session, t_ns, kind, provider, model, tool, input_tokens, output_tokens, cache_read, cache_write, reasoning, units,
      latency_ms, status, response_bytes, cost_usd, attrs) = item
     record = session.fields.copy()
     record.update(event_id=new_id(), ts=_from_ts(t_ns / 1e9, _UTC), kind=kind, provider=provider, model=model, tool=tool,
                   input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
-                  cache_write_tokens=cache_write, units=units, latency_ms=latency_ms, status=status,
+                  cache_write_tokens=cache_write, reasoning_tokens=reasoning, units=units, latency_ms=latency_ms, status=status,
                   response_bytes=response_bytes, cost_usd=cost_usd, attributes=attrs or {})
     return session.key, _encode(record)
 
@@ -229,42 +229,44 @@ class Meter:
 
     def record_llm(self, provider: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
                    cache_read_tokens: int = 0, cache_write_tokens: int = 0, latency_ms: int = 0, status: str = "ok",
-                   cost_usd: Decimal | str | None = None, **attrs: str) -> None:
-        """Record one LLM call. `input_tokens` includes cached tokens; `cost_usd` is a provider-reported cost."""
+                   cost_usd: Decimal | str | None = None, reasoning_tokens: int = 0, **attrs: str) -> None:
+        """Record one LLM call. `input_tokens` includes cached tokens, `output_tokens` reasoning tokens;
+        `cost_usd` is a provider-reported cost."""
         # The common case in one expression (plain ints, known names, no cost, no attributes): ~1 µs.
         if (type(input_tokens) is int and type(output_tokens) is int and type(cache_read_tokens) is int
                 and type(cache_write_tokens) is int and type(latency_ms) is int
                 and 0 <= cache_read_tokens and 0 <= cache_write_tokens
                 and cache_read_tokens + cache_write_tokens <= input_tokens <= MAX_TOKENS
                 and 0 <= output_tokens <= MAX_TOKENS and 0 <= latency_ms <= MAX_COUNT
+                and type(reasoning_tokens) is int and 0 <= reasoning_tokens <= output_tokens
                 and type(status) is str and status in STATUSES and cost_usd is None and not attrs
                 and type(model) is str and model in _checked_names
                 and type(provider) is str and (not provider or provider in _checked_names)):
             self._submit((self._session.get(), _time_ns(), "llm_call", provider, model, "", input_tokens, output_tokens,
-                          cache_read_tokens, cache_write_tokens, 1, latency_ms, status, 0, None, None))
+                          cache_read_tokens, cache_write_tokens, reasoning_tokens, 1, latency_ms, status, 0, None, None))
             return
         self._record("llm_call", provider, model, "", input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
-                     1, latency_ms, status, 0, cost_usd, attrs)
+                     reasoning_tokens, 1, latency_ms, status, 0, cost_usd, attrs)
 
     def record_tool(self, name: str, latency_ms: int = 0, status: str = "ok", response_bytes: int = 0, units: int = 1,
                     kind: Literal["tool_call", "api_call"] = "tool_call", provider: str = "",
                     cost_usd: Decimal | str | None = None, **attrs: str) -> None:
         """Record one tool call or paid API call (`units`: pages, searches, ... when it is billed per unit)."""
-        self._record(kind, provider, "", name, 0, 0, 0, 0, units, latency_ms, status, response_bytes, cost_usd, attrs)
+        self._record(kind, provider, "", name, 0, 0, 0, 0, 0, units, latency_ms, status, response_bytes, cost_usd, attrs)
 
     def send(self, event: UsageEvent) -> None:
         """Send an already-built event (the OpenTelemetry bridge uses this), keyed by its tenant."""
         self.sender.send(event.tenant_id.encode(), event.to_json())
 
-    def _record(self, kind, provider, model, tool, input_tokens, output_tokens, cache_read, cache_write, units,
+    def _record(self, kind, provider, model, tool, input_tokens, output_tokens, cache_read, cache_write, reasoning, units,
                 latency_ms, status, response_bytes, cost_usd, attrs) -> None:
         """Cheap checks for everything else; whatever they are unsure of goes to the contract (`_checked`)."""
         fields = dict(kind=kind, provider=provider, model=model, tool=tool, input_tokens=input_tokens,
                       output_tokens=output_tokens, cache_read_tokens=cache_read, cache_write_tokens=cache_write,
-                      units=units, latency_ms=latency_ms, status=status, response_bytes=response_bytes,
+                      reasoning_tokens=reasoning, units=units, latency_ms=latency_ms, status=status, response_bytes=response_bytes,
                       cost_usd=cost_usd, attributes=attrs)
-        if not (_counts_ok(input_tokens, output_tokens, cache_read, cache_write, units)
-                and cache_read + cache_write <= input_tokens
+        if not (_counts_ok(input_tokens, output_tokens, cache_read, cache_write, reasoning, units)
+                and cache_read + cache_write <= input_tokens and reasoning <= output_tokens
                 and type(latency_ms) is int and 0 <= latency_ms <= MAX_COUNT
                 and type(response_bytes) is int and 0 <= response_bytes <= MAX_COUNT
                 and type(status) is str and status in STATUSES and (model if kind == "llm_call" else tool and kind in KINDS)
@@ -276,7 +278,7 @@ class Meter:
             except pydantic.ValidationError:
                 return self._checked(**fields)
         self._submit((self._session.get(), _time_ns(), kind, provider, model, tool, input_tokens, output_tokens,
-                      cache_read, cache_write, units, latency_ms, status, response_bytes, cost_usd, attrs or None))
+                      cache_read, cache_write, reasoning, units, latency_ms, status, response_bytes, cost_usd, attrs or None))
 
     def _checked(self, **fields: Any) -> None:
         """The slow path: the pydantic contract decides, and names the bad field."""
@@ -365,7 +367,7 @@ class _TimedCall:
 class LlmCall(_TimedCall):
     def __init__(self, meter: Meter, provider: str, model: str, attrs: dict[str, str]):
         self.meter, self.provider, self.model, self.attrs = meter, provider, model, attrs
-        self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_write_tokens = 0
+        self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_write_tokens = self.reasoning_tokens = 0
         self.cost_usd: Decimal | str | None = None
         # The allocator's guard (allocator/guard.py) is consulted before the call: it may wait, raise
         # (throttled / over budget: nothing is recorded) or name a cheaper model, which `call.model` becomes.
@@ -374,14 +376,16 @@ class LlmCall(_TimedCall):
             self.model = self.decision
 
     def usage(self, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
-              cost_usd: Decimal | str | None = None) -> None:
+              cost_usd: Decimal | str | None = None, reasoning_tokens: int = 0) -> None:
+        """The call's usage as the provider reported it (input with its cache, output with its reasoning)."""
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
         self.cache_read_tokens, self.cache_write_tokens, self.cost_usd = cache_read_tokens, cache_write_tokens, cost_usd
+        self.reasoning_tokens = reasoning_tokens
 
     def _record(self, latency_ms: int, status: str) -> None:
         self.meter.record_llm(
             self.provider, self.model, self.input_tokens, self.output_tokens, self.cache_read_tokens,
-            self.cache_write_tokens, latency_ms, status, self.cost_usd, **self.attrs)
+            self.cache_write_tokens, latency_ms, status, self.cost_usd, self.reasoning_tokens, **self.attrs)
 
 
 class ToolCall(_TimedCall):

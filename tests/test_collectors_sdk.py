@@ -258,3 +258,14 @@ def test_tool_fast_path_accepts_exactly_what_the_contract_accepts(offline_meter,
     assert valid, "the SDK accepted what the contract rejects"
     sent = decode(UsageEvent, offline_meter.sender.records[-1][1])
     assert (sent.tool, sent.kind, sent.latency_ms, sent.units) == (f["name"], f["kind"], f["latency_ms"], f["units"])
+
+
+def test_reasoning_tokens_are_part_of_output_on_every_path(offline_meter):
+    offline_meter.record_llm("openai", "o3", 100, 50, reasoning_tokens=40)  # learns the name (slow path)
+    offline_meter.record_llm("openai", "o3", 100, 50, reasoning_tokens=30)  # the one-expression fast path
+    with offline_meter.llm_call("openai", "o3") as call:
+        call.usage(100, 50, reasoning_tokens=20)
+    events = [decode(UsageEvent, value) for _, value in offline_meter.sender.records]
+    assert [(e.output_tokens, e.reasoning_tokens) for e in events] == [(50, 40), (50, 30), (50, 20)]
+    with pytest.raises(InvalidEvent, match="reasoning_tokens"):  # reasoning is counted inside output
+        offline_meter.record_llm("openai", "o3", 100, 50, reasoning_tokens=51)
