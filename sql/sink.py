@@ -107,6 +107,7 @@ class LedgerSink:
         self.cluster = settings.clickhouse_cluster
         self.tables = {settings.topic(t.topic): t for t in ledger.TABLES}
         self.batch_rows, self.batch_seconds, self.max_backoff_s = batch_rows, batch_seconds, max_backoff_s
+        self._last_activity = time.monotonic()  # a record taken or partitions assigned (for idle_exit_s)
         self._catalog = catalog
         self.consumer = Consumer(settings.kafka_config(**{
             "group.id": group or settings.group("sink"),
@@ -136,11 +137,12 @@ class LedgerSink:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
-        """Consume until `stop` is set (or, with idle_exit_s, until nothing arrived that long)."""
+        """Consume until `stop` is set (or, with idle_exit_s, until nothing arrived that long since the last
+        record or the last assignment: joining the group may take longer than idle_exit_s on a busy machine)."""
         stop = self.stop = stop or threading.Event()
         self.consumer.subscribe(list(self.tables), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
-        last_message = time.monotonic()
+        self._last_activity = time.monotonic()
         try:
             while not stop.is_set():
                 messages = self.consumer.consume(num_messages=10_000, timeout=0.2)
@@ -148,12 +150,12 @@ class LedgerSink:
                 for msg in messages:
                     self._take(msg)
                 if messages:
-                    last_message = time.monotonic()
+                    self._last_activity = time.monotonic()
                 if self.batch.rows >= self.batch_rows or (
                     (self.batch.next_offset) and time.monotonic() - self.batch.opened >= self.batch_seconds
                 ):
                     self.flush(wait=False)
-                if idle_exit_s is not None and not messages and time.monotonic() - last_message > idle_exit_s:
+                if idle_exit_s is not None and not messages and time.monotonic() - self._last_activity > idle_exit_s:
                     break
             self.flush()
         finally:
@@ -178,6 +180,7 @@ class LedgerSink:
         # librdkafka keeps a partition's pause across revoke and re-assignment: one paused by an insert in
         # flight (_join_inflight) and then revoked would stay paused for good (the freeze of issue 10).
         consumer.resume(partitions)
+        self._last_activity = time.monotonic()
         log.info("assigned %d partitions; resuming from the ledger", len(partitions))
 
     def _resume_points(self, partitions: list[TopicPartition]) -> dict[TP, tuple[int, int, set[int]]]:
