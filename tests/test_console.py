@@ -31,7 +31,6 @@ def test_report_csv_defuses_formulas_and_keeps_numbers_exact():
 
 
 def test_report_tables_show_tenant_names_as_written():
-    from datetime import datetime, timezone
     from decimal import Decimal
 
     from meterline.app.report import ReportParams, render

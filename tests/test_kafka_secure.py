@@ -14,15 +14,16 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from collectors_kafka import wait_for
 from meterline import kafka_acl
 from meterline.broker import BrokerError, LocalBroker
 from meterline.settings import KafkaSecurity, Settings
@@ -40,14 +41,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(condition, what: str, attempts: int = 3000):
-    """Poll (10 ms apart) until `condition()` is truthy; fail after `attempts`."""
-    for _ in range(attempts):
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    pytest.fail(f"never happened: {what}")
+wait_until = partial(wait_for, timeout=30.0, step=0.01)
 
 
 class Secured:
