@@ -5,20 +5,17 @@
 What the endpoint accepts, per the OTLP/HTTP specification:
 
 * `Content-Type: application/x-protobuf` (an `ExportTraceServiceRequest`, decoded with the
-  `opentelemetry-proto` classes) or `application/json` (OTLP JSON: the proto3 JSON mapping of the
-  same message, decoded by `google.protobuf.json_format` once its hex trace/span ids are rewritten to
-  the mapping's base64; int64 as a string or a number, enums as names or integers, lowerCamelCase or
-  snake_case field names, unknown fields ignored); anything else is 415. Either way the spans are
-  then read from the one protobuf message.
+  `opentelemetry-proto` classes) or `application/json` (OTLP JSON: hex trace/span ids, int64 as a
+  string or a number, enums as integers, lowerCamelCase or snake_case field names); anything else
+  is 415.
 * `Content-Encoding: gzip` (or deflate, or none; others 415). The body is bounded as sent and again
   after decompression (MAX_BODY_BYTES, MAX_DECODED_BYTES: 413 beyond), so a gzip bomb costs at most
   that: aiohttp inflates request bodies incrementally as they are read, and `read_body` stops reading
   at the limit (`decompress` does the same where the server has not inflated the body).
 * 200 with an `ExportTraceServiceResponse` in the request's encoding; `partial_success` carries the
-  number of GenAI spans that broke the contract and the first reasons (a JSON GenAI span that does
-  not decode is one of them). 400 for a body that does not decode (nesting past json_format's
-  depth limit included), 403 for a reader token, 503 when the endpoint has no Kafka or the Meter's
-  queue cannot take the batch (exporters retry 503). Errors carry a google.rpc.Status (code, message).
+  number of GenAI spans that broke the contract and the first reasons. 400 for a body that does not
+  decode, 403 for a reader token, 503 when the endpoint has no Kafka or the Meter's queue cannot
+  take the batch (exporters retry 503). Errors carry a google.rpc.Status (code, message).
 
 The mapping is collectors/genai.py's, the one the in-process span processor uses: `is_genai`
 says which spans are model calls, `to_event` makes the event, `Nesting` keeps one event per call
@@ -26,8 +23,7 @@ when GenAI spans nest (every span of a batch is settled in end-time order, paren
 payload, so a cover passes through non-GenAI spans too; an LRU keeps it across batches).
 Non-GenAI spans are ignored cheaply: nothing is converted for them; a span whose bytes hold no
 GenAI key prefix (`gen_ai.`, `llm.`, `openinference.`) costs a byte search (and, while a cover waits
-for a parent, a look at whether it is that parent); a body without any such prefix is only counted
-(once decoded: json_format, pure Python, makes JSON the slower encoding).
+for a parent, a look at whether it is that parent); a body without any such prefix is only counted.
 
 Attribution (genai.attribution): the span's `meterline.*` attributes, then its ancestors' in the
 same request (same trace, nearest first, parent ids from the payload), then its resource's. When the
@@ -44,14 +40,13 @@ also keeps the nesting state single-threaded.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 log = logging.getLogger("meterline.app.otlp")
 
@@ -70,6 +65,7 @@ BODY_MARKERS = tuple(prefix.encode() for prefix in GENAI_PREFIXES)
 MARK_PREFIX = "meterline."
 MARK_MARKER = MARK_PREFIX.encode()
 TENANT_KEY = MARK_PREFIX + "tenant_id"
+_INT_RE = re.compile(r"-?[0-9]{1,20}")
 _HEX_RE = re.compile(r"[0-9a-fA-F]*")
 # google.rpc.Code for the Status body of a failed request
 _RPC_CODE = {400: 3, 403: 7, 413: 8, 415: 3, 503: 14}
@@ -159,137 +155,16 @@ def decompress(body: bytes, encoding: str, limit: int = MAX_DECODED_BYTES) -> by
     return b"".join(out)
 
 
-# ---- decoding: one protobuf request whatever the encoding ---------------------------------------------------
+# ---- the two encodings ---------------------------------------------------------------------------------------
 #
-# A JSON body is OTLP JSON: the proto3 JSON mapping of ExportTraceServiceRequest, except that trace and
-# span ids are hex (the mapping's bytes are base64). The ids are rewritten to base64 and json_format
-# decodes the rest (either field naming, int64 as strings or numbers, enums as names or integers,
-# unknown fields ignored), so both encodings reach process() as the same message.
+# Each format gives: parse(body) -> request; resource_spans(request) -> (resource index, raw resource
+# attributes, scope name, spans) per ScopeSpans; flags(span) -> GENAI | MARK bits (keys only, values
+# untouched); raw_attrs / raw_items / value / attrs(raw) -> dict; times(span) -> (start, end);
+# ids(span) -> (key, parent key) in the format's own terms (bytes or hex), int_ids(span) -> ints;
+# view(span, attrs, resource, scope) -> genai.SpanView.
 
 
-def parse(body: bytes, content_type: str, outcome: Outcome) -> Any:
-    """The ExportTraceServiceRequest in `body` (400 when it does not decode). A JSON span that does not
-    decode is left out: rejected into `outcome` when it has a GenAI key, else the whole body is 400."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-    request = ExportTraceServiceRequest()
-    if content_type == JSON:
-        _parse_json(body, request, outcome)
-        return request
-    from google.protobuf.message import DecodeError
-
-    try:
-        request.ParseFromString(body)
-    except (DecodeError, RuntimeError, ValueError) as err:
-        raise OtlpError(400, f"the body is not a protobuf ExportTraceServiceRequest: {err}") from None
-    return request
-
-
-def _parse_json(body: bytes, request: Any, outcome: Outcome) -> None:
-    """OTLP JSON into `request`: the body without its spans first, then each span on its own, so that a
-    broken GenAI span is one rejected span, not a failed batch. json_format bounds message nesting
-    (max_recursion_depth: ParseError beyond), json.loads the JSON's (RecursionError)."""
-    import json
-
-    from google.protobuf.json_format import ParseDict, ParseError
-
-    try:
-        doc = json.loads(body)
-    except RecursionError:
-        raise OtlpError(400, "the body is not OTLP JSON: it nests too deeply") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise OtlpError(400, f"the body is not JSON: {err}") from None
-    groups = []  # each ScopeSpans' spans, in the order json_format adds the ScopeSpans
-    try:
-        for rs in _items(doc, "resourceSpans", "resource_spans"):
-            for ss in _items(rs, "scopeSpans", "scope_spans"):
-                groups.append(_items(ss, "spans"))
-                ss.pop("spans", None)
-        _objects(doc, request.DESCRIPTOR)
-        ParseDict(doc, request, ignore_unknown_fields=True)
-    except ParseError as err:
-        raise OtlpError(400, f"the body is not an OTLP JSON ExportTraceServiceRequest: {err}") from None
-    targets = [ss.spans for rs in request.resource_spans for ss in rs.scope_spans]
-    for spans, target in zip(groups, targets):
-        for span in spans:
-            size = len(target)
-            try:
-                for link in _items(span, "links"):
-                    _base64_ids(link)
-                _base64_ids(span)
-                _objects(span, target.add().DESCRIPTOR)
-                ParseDict(span, target[-1], ignore_unknown_fields=True)
-            except (ParseError, ValueError) as err:
-                if len(target) > size:
-                    del target[-1]
-                if not _has_genai_key(span):  # not a model call's: a malformed body, as a whole
-                    raise OtlpError(400, f"the body is not an OTLP JSON ExportTraceServiceRequest: {err}") from None
-                outcome.reject(str(span.get("name", ""))[:100], err)
-
-
-def _items(obj: Any, camel: str, snake: str | None = None) -> list:
-    """A repeated field of a JSON object: [] when absent, ParseError when the object or the field is not."""
-    from google.protobuf.json_format import ParseError
-
-    if type(obj) is not dict:
-        raise ParseError(f"an object holding {camel} is not an object")
-    value = obj.get(camel)
-    if value is None and snake is not None:
-        value = obj.get(snake)
-    if value is None:
-        return []
-    if type(value) is not list:
-        raise ParseError(f"{camel} is not a list")
-    return value
-
-
-def _objects(value: Any, descriptor: Any, depth: int = 0) -> None:
-    """ParseError where something given for a message is not an object: json_format would read a
-    string's characters as field names (unknown, so ignored), e.g. "status": "ERROR" as no status."""
-    from google.protobuf.json_format import ParseError
-
-    if type(value) is not dict:
-        raise ParseError(f"a {descriptor.name} is not an object: {str(value)[:40]!r}")
-    if depth > 100:  # json_format's own max_recursion_depth
-        raise ParseError("the message nests too deeply")
-    camel, snake = descriptor.fields_by_camelcase_name, descriptor.fields_by_name
-    for key, item in value.items():
-        field = camel.get(key) or snake.get(key)
-        if field is None or field.message_type is None or item is None:
-            continue
-        if not field.is_repeated:
-            _objects(item, field.message_type, depth + 1)
-        elif type(item) is list:  # anything else json_format refuses
-            for element in item:
-                if element is not None:
-                    _objects(element, field.message_type, depth + 1)
-
-
-_ID_FIELDS = (("traceId", "trace_id", 16), ("spanId", "span_id", 8), ("parentSpanId", "parent_span_id", 8))
-
-
-def _base64_ids(obj: dict) -> None:
-    """A span's (or link's) hex ids as base64, in place; ValueError for one that is not hex of its size."""
-    for camel, snake, size in _ID_FIELDS:
-        for key in (camel, snake):
-            value = obj.get(key)
-            if value is None:
-                continue
-            if type(value) is not str or len(value) not in (0, 2 * size) or not _HEX_RE.fullmatch(value):
-                raise ValueError(f"{camel} must be {2 * size} hex digits, not {value!r}"[:200])
-            obj[key] = base64.b64encode(bytes.fromhex(value)).decode()
-
-
-def _has_genai_key(span: Any) -> bool:
-    attributes = span.get("attributes") if type(span) is dict else None
-    return type(attributes) is list and any(
-        type(kv) is dict and type(kv.get("key")) is str and kv["key"].startswith(GENAI_PREFIXES) for kv in attributes)
-
-
-# ---- a span ---------------------------------------------------------------------------------------------------
-
-
-def _value(value: Any, depth: int = 0) -> Any:
+def _pb_value(value: Any, depth: int = 0) -> Any:
     kind = value.WhichOneof("value")
     if kind is None:
         return None
@@ -297,68 +172,282 @@ def _value(value: Any, depth: int = 0) -> Any:
         if depth >= MAX_VALUE_DEPTH:
             raise ValueError(f"an attribute value nests deeper than {MAX_VALUE_DEPTH}")
         if kind == "array_value":
-            return tuple(_value(v, depth + 1) for v in value.array_value.values)
-        return {kv.key: _value(kv.value, depth + 1) for kv in value.kvlist_value.values}
+            return tuple(_pb_value(v, depth + 1) for v in value.array_value.values)
+        return {kv.key: _pb_value(kv.value, depth + 1) for kv in value.kvlist_value.values}
     return getattr(value, kind)
 
 
-_SCALARS = frozenset(("string_value", "int_value", "double_value", "bool_value", "bytes_value"))
+_PB_SCALARS = frozenset(("string_value", "int_value", "double_value", "bool_value", "bytes_value"))
 
 
-def _attrs(raw) -> dict[str, Any]:
-    out = {}
-    for kv in raw:
-        value = kv.value
-        kind = value.WhichOneof("value")
-        out[kv.key] = getattr(value, kind) if kind in _SCALARS else _value(value)
-    return out
+class _Proto:
+    name = "protobuf"
+
+    @staticmethod
+    def parse(body: bytes) -> Any:
+        from google.protobuf.message import DecodeError
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        request = ExportTraceServiceRequest()
+        try:
+            request.ParseFromString(body)
+        except (DecodeError, RuntimeError, ValueError) as err:
+            raise OtlpError(400, f"the body is not a protobuf ExportTraceServiceRequest: {err}") from None
+        return request
+
+    @staticmethod
+    def resource_spans(request) -> Iterable[tuple[int, Any, str, Any]]:
+        for index, rs in enumerate(request.resource_spans):
+            for ss in rs.scope_spans:
+                yield index, rs.resource.attributes, ss.scope.name, ss.spans
+
+    @staticmethod
+    def flags(span) -> int:
+        """GENAI when an attribute key has a GenAI prefix (then MARK means "may have meterline.* keys":
+        the caller looks in the converted attributes), else MARK when one is meterline.*. The span's
+        own bytes are searched first (upb, ~2 µs), so most non-GenAI spans never reach the key loop,
+        which costs about 0.6 µs per attribute; a value that merely contains a prefix only costs the loop."""
+        data = span.SerializeToString()
+        mark = MARK_MARKER in data
+        if not mark and not any(marker in data for marker in BODY_MARKERS):
+            return 0
+        bits = 0
+        for kv in span.attributes:
+            key = kv.key
+            if key.startswith(GENAI_PREFIXES):
+                return GENAI | MARK if mark else GENAI
+            if mark and key.startswith(MARK_PREFIX):
+                bits = MARK
+        return bits
+
+    @staticmethod
+    def raw_attrs(span) -> Any:
+        return span.attributes
+
+    @staticmethod
+    def raw_items(span) -> Iterable[tuple[str, Any]]:
+        return ((kv.key, kv.value) for kv in span.attributes)
+
+    value = staticmethod(_pb_value)
+
+    @staticmethod
+    def attrs(raw) -> dict[str, Any]:
+        out = {}
+        for kv in raw:
+            value = kv.value
+            kind = value.WhichOneof("value")
+            out[kv.key] = getattr(value, kind) if kind in _PB_SCALARS else _pb_value(value)
+        return out
+
+    @staticmethod
+    def times(span) -> tuple[int, int]:
+        return span.start_time_unix_nano, span.end_time_unix_nano
+
+    @staticmethod
+    def int_ids(span) -> tuple[int, int, int | None] | None:
+        parent = int.from_bytes(span.parent_span_id, "big")
+        return int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big"), parent or None
+
+    @staticmethod
+    def ids(span) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes] | None]:
+        parent = span.parent_span_id
+        return (span.trace_id, span.span_id), ((span.trace_id, parent) if parent and any(parent) else None)
+
+    @staticmethod
+    def view(span, attrs: dict, resource: Mapping, scope: str = ""):
+        from meterline.collectors.genai import SpanView
+
+        if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
+            raise ValueError("trace_id must be 16 bytes, span_id and parent_span_id 8")
+        trace_id, span_id, parent = _Proto.int_ids(span)
+        error = span.status.code == 2  # STATUS_CODE_ERROR
+        return SpanView(
+            name=span.name, trace_id=trace_id, span_id=span_id, parent_span_id=parent,
+            start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano, attributes=attrs, resource=resource,
+            error=error, status_message=span.status.message if error else "",
+            # events only tell a failure's kind (exception.type); a successful call's may hold whole prompts
+            events=tuple((event.name, _Proto.attrs(event.attributes)) for event in span.events) if error else (),
+            scope=scope,
+        )
 
 
-def _flags(span) -> int:
-    """GENAI when an attribute key has a GenAI prefix (then MARK means "may have meterline.* keys":
-    the caller looks in the converted attributes), else MARK when one is meterline.*. The span's
-    own bytes are searched first (upb, ~2 µs), so most non-GenAI spans never reach the key loop,
-    which costs about 0.6 µs per attribute; a value that merely contains a prefix only costs the loop."""
-    data = span.SerializeToString()
-    mark = MARK_MARKER in data
-    if not mark and not any(marker in data for marker in BODY_MARKERS):
-        return 0
-    bits = 0
-    for kv in span.attributes:
-        key = kv.key
-        if key.startswith(GENAI_PREFIXES):
-            return GENAI | MARK if mark else GENAI
-        if mark and key.startswith(MARK_PREFIX):
-            bits = MARK
-    return bits
+def _get(obj: Mapping, camel: str, snake: str, default: Any = None) -> Any:
+    value = obj.get(camel)
+    return obj.get(snake, default) if value is None else value
 
 
-def _int_ids(span) -> tuple[int, int, int | None]:
-    parent = int.from_bytes(span.parent_span_id, "big")
-    return int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big"), parent or None
+def _list(obj: Mapping, camel: str, snake: str | None = None) -> list:
+    value = obj.get(camel) if snake is None else _get(obj, camel, snake)
+    if value is None:
+        return []
+    if type(value) is not list:
+        raise TypeError(f"{camel} is not a list")
+    return value
 
 
-def _ids(span) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes] | None]:
-    """(the span's key, its parent's key or None) for ancestry within a request."""
-    parent = span.parent_span_id
-    return (span.trace_id, span.span_id), ((span.trace_id, parent) if parent and any(parent) else None)
+def _json_int(value: Any, what: str) -> int:
+    """An OTLP JSON int64: a number or a decimal string."""
+    if type(value) is int:
+        return value
+    if type(value) is str and _INT_RE.fullmatch(value):
+        return int(value)
+    raise ValueError(f"{what} is not an integer: {value!r}")
 
 
-def _view(span, attrs: dict, resource: Mapping, scope: str = ""):
-    from meterline.collectors.genai import SpanView
+def _hex_id(value: Any, size: int, what: str) -> int | None:
+    if value in (None, ""):
+        return None
+    if type(value) is not str or len(value) != 2 * size or not _HEX_RE.fullmatch(value):
+        raise ValueError(f"{what} must be {2 * size} hex digits, not {value!r}")
+    return int(value, 16)
 
-    if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
-        raise ValueError("trace_id must be 16 bytes, span_id and parent_span_id 8")
-    trace_id, span_id, parent = _int_ids(span)
-    error = span.status.code == 2  # STATUS_CODE_ERROR
-    return SpanView(
-        name=span.name, trace_id=trace_id, span_id=span_id, parent_span_id=parent,
-        start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano, attributes=attrs, resource=resource,
-        error=error, status_message=span.status.message if error else "",
-        # events only tell a failure's kind (exception.type); a successful call's may hold whole prompts
-        events=tuple((event.name, _attrs(event.attributes)) for event in span.events) if error else (),
-        scope=scope,
-    )
+
+def _json_value(value: Any, depth: int = 0) -> Any:
+    if type(value) is not dict:
+        raise TypeError("an AnyValue is not an object")
+    for camel, snake in (("stringValue", "string_value"), ("boolValue", "bool_value"), ("intValue", "int_value"),
+                         ("doubleValue", "double_value"), ("arrayValue", "array_value"), ("kvlistValue", "kvlist_value"),
+                         ("bytesValue", "bytes_value")):
+        v = _get(value, camel, snake)
+        if v is None:
+            continue
+        if camel == "stringValue":
+            if type(v) is not str:
+                raise TypeError("stringValue is not a string")
+            return v
+        if camel == "boolValue":
+            if type(v) is not bool:
+                raise TypeError("boolValue is not a boolean")
+            return v
+        if camel == "intValue":
+            return _json_int(v, "intValue")
+        if camel == "doubleValue":
+            if type(v) in (int, float):
+                return float(v)
+            if v in ("NaN", "Infinity", "-Infinity"):
+                return float(v)
+            raise TypeError("doubleValue is not a number")
+        if camel == "bytesValue":
+            import base64
+
+            return base64.b64decode(v, validate=True)
+        if depth >= MAX_VALUE_DEPTH:
+            raise ValueError(f"an attribute value nests deeper than {MAX_VALUE_DEPTH}")
+        items = _list(v, "values")
+        if camel == "arrayValue":
+            return tuple(_json_value(item, depth + 1) for item in items)
+        return {_json_key(kv): _json_value(kv.get("value") or {}, depth + 1) for kv in items}
+    return None
+
+
+def _json_key(kv: Any) -> str:
+    if type(kv) is not dict or type(kv.get("key")) is not str:
+        raise TypeError("a KeyValue has no string key")
+    return kv["key"]
+
+
+class _Json:
+    name = "JSON"
+
+    @staticmethod
+    def parse(body: bytes) -> Any:
+        import msgspec
+
+        try:
+            request = msgspec.json.decode(body)
+        except msgspec.DecodeError as err:
+            raise OtlpError(400, f"the body is not JSON: {err}") from None
+        if type(request) is not dict:
+            raise OtlpError(400, "the body is not an OTLP JSON ExportTraceServiceRequest (an object)")
+        return request
+
+    @staticmethod
+    def resource_spans(request) -> Iterable[tuple[int, Any, str, list]]:
+        for index, rs in enumerate(_list(request, "resourceSpans", "resource_spans")):
+            attributes = _list(rs.get("resource") or {}, "attributes")
+            for ss in _list(rs, "scopeSpans", "scope_spans"):
+                spans = _list(ss, "spans")
+                for span in spans:
+                    if type(span) is not dict:
+                        raise TypeError("a span is not an object")
+                yield index, attributes, str((ss.get("scope") or {}).get("name") or ""), spans
+
+    @staticmethod
+    def flags(span) -> int:
+        bits = 0
+        for kv in _list(span, "attributes"):
+            key = _json_key(kv)
+            if key.startswith(GENAI_PREFIXES):
+                bits |= GENAI
+            elif key.startswith(MARK_PREFIX):
+                bits |= MARK
+        return bits
+
+    @staticmethod
+    def raw_attrs(span) -> list:
+        return _list(span, "attributes")
+
+    @staticmethod
+    def raw_items(span) -> Iterable[tuple[str, Any]]:
+        return ((_json_key(kv), kv.get("value") or {}) for kv in _list(span, "attributes"))
+
+    value = staticmethod(_json_value)
+
+    @staticmethod
+    def attrs(raw) -> dict[str, Any]:
+        return {_json_key(kv): _json_value(kv.get("value") or {}) for kv in raw}
+
+    @staticmethod
+    def times(span) -> tuple[int, int]:
+        """(start, end) for ordering; a broken value orders as 0 (view() refuses the span if it matters)."""
+        out = []
+        for camel, snake in (("startTimeUnixNano", "start_time_unix_nano"), ("endTimeUnixNano", "end_time_unix_nano")):
+            try:
+                out.append(_json_int(_get(span, camel, snake, 0), camel))
+            except ValueError:
+                out.append(0)
+        return out[0], out[1]
+
+    @staticmethod
+    def int_ids(span) -> tuple[int, int, int | None] | None:
+        try:
+            trace_id = _hex_id(_get(span, "traceId", "trace_id"), 16, "traceId")
+            span_id = _hex_id(_get(span, "spanId", "span_id"), 8, "spanId")
+            parent = _hex_id(_get(span, "parentSpanId", "parent_span_id"), 8, "parentSpanId")
+        except ValueError:
+            return None
+        return (trace_id, span_id, parent or None) if trace_id and span_id else None
+
+    @staticmethod
+    def ids(span) -> tuple[tuple[str, str], tuple[str, str] | None]:
+        trace = str(_get(span, "traceId", "trace_id", "")).lower()
+        parent = _get(span, "parentSpanId", "parent_span_id")
+        key = (trace, str(_get(span, "spanId", "span_id", "")).lower())
+        return key, ((trace, str(parent).lower()) if parent and str(parent).strip("0") else None)
+
+    @staticmethod
+    def view(span, attrs: dict, resource: Mapping, scope: str = ""):
+        from meterline.collectors.genai import SpanView
+
+        status = span.get("status") or {}
+        error = status.get("code", 0) in (2, "STATUS_CODE_ERROR")
+        events = tuple((str(event.get("name", "")), _Json.attrs(_list(event, "attributes")))
+                       for event in _list(span, "events")) if error else ()
+        trace_id = _hex_id(_get(span, "traceId", "trace_id"), 16, "traceId")
+        span_id = _hex_id(_get(span, "spanId", "span_id"), 8, "spanId")
+        if trace_id is None or span_id is None:
+            raise ValueError("a span needs a traceId and a spanId")
+        return SpanView(
+            name=str(span.get("name", "")), trace_id=trace_id, span_id=span_id,
+            parent_span_id=_hex_id(_get(span, "parentSpanId", "parent_span_id"), 8, "parentSpanId") or None,
+            start_ns=_json_int(_get(span, "startTimeUnixNano", "start_time_unix_nano", 0), "startTimeUnixNano"),
+            end_ns=_json_int(_get(span, "endTimeUnixNano", "end_time_unix_nano", 0), "endTimeUnixNano"),
+            attributes=attrs, resource=resource, error=error,
+            status_message=str(status.get("message", "")) if error else "", events=events, scope=scope,
+        )
+
+
+FORMATS = {PROTOBUF: _Proto, JSON: _Json}
 
 
 # ---- one batch ----------------------------------------------------------------------------------------------
@@ -395,9 +484,8 @@ class _Candidate:
         self.attrs, self.resource, self.scope = attrs, resource, scope
 
 
-def process(request, body: bytes, nesting: Any, outcome: Outcome, send: Callable[[Any], None],
-            tenant: str | None = None, reserve: Callable[[int], None] | None = None,
-            content_type: str = PROTOBUF) -> None:
+def process(fmt, request, body: bytes, nesting: Any, outcome: Outcome, send: Callable[[Any], None],
+            tenant: str | None = None, reserve: Callable[[int], None] | None = None) -> None:
     """Meter one decoded request: its GenAI spans become events passed to `send` (the tenant forced
     when given); every span is settled with `nesting` in end-time order so a covered span passes its
     cover on to its parent, GenAI or not. `reserve(n)` is called with the number of GenAI spans before
@@ -411,10 +499,8 @@ def process(request, body: bytes, nesting: Any, outcome: Outcome, send: Callable
     from meterline.collectors import genai
     from meterline.schemas import InvalidEvent
 
-    groups = [(index, rs.resource.attributes, ss.scope.name, ss.spans)  # (resource index, its raw attributes, scope, spans)
-              for index, rs in enumerate(request.resource_spans) for ss in rs.scope_spans]
-    # `body` is what the request was decoded from: a GenAI key shows in it unless a JSON escape hides it
-    quiet = not any(marker in body for marker in BODY_MARKERS) and (content_type == PROTOBUF or b"\\u" not in body)
+    groups = list(fmt.resource_spans(request))  # (resource index, its raw attributes, scope name, spans)
+    quiet = not any(marker in body for marker in BODY_MARKERS) and (fmt is _Proto or b"\\u" not in body)
     if quiet and not len(nesting):  # no GenAI span, and no cover waits for a parent: nothing to settle
         outcome.ignored += sum(len(spans) for *_, spans in groups)
         return
@@ -426,19 +512,19 @@ def process(request, body: bytes, nesting: Any, outcome: Outcome, send: Callable
         for span in group:
             index = len(spans)
             spans.append(span)
-            bits = 0 if quiet else _flags(span)
+            bits = 0 if quiet else fmt.flags(span)
             if not bits & GENAI:
                 if bits & MARK:
-                    _mark(span, marked)
+                    _mark(fmt, span, marked)
                 outcome.ignored += 1
                 continue
             try:
-                attrs = _attrs(span.attributes)
+                attrs = fmt.attrs(fmt.raw_attrs(span))
             except (TypeError, ValueError) as err:
                 outcome.reject(_name(span), err)
                 continue
             if bits & MARK and (own := {k: v for k, v in attrs.items() if k.startswith(MARK_PREFIX)}):
-                marked[_ids(span)[0]] = own
+                marked[fmt.ids(span)[0]] = own
             if tenant:  # the token's tenant: the payload's is not even looked at (nor validated)
                 attrs.pop(TENANT_KEY, None)
             try:
@@ -451,39 +537,39 @@ def process(request, body: bytes, nesting: Any, outcome: Outcome, send: Callable
                 continue
             resource = resources.get(resource_index)
             if resource is None:
-                resource = resources[resource_index] = _attrs(raw_resource)
+                resource = resources[resource_index] = fmt.attrs(raw_resource)
                 if tenant:
                     resource.pop(TENANT_KEY, None)
             candidates[index] = _Candidate(attrs, resource, scope)
     if not candidates and not len(nesting):
         return
-    ids = [_int_ids(span) for span in spans]
-    if not candidates and not any(nesting.covered(i[0], i[1]) for i in ids):
+    ids = [fmt.int_ids(span) for span in spans]  # None for a span whose ids are broken
+    if not candidates and not any(i is not None and nesting.covered(i[0], i[1]) for i in ids):
         return  # no GenAI span, and no cover waits for any of these spans
     if candidates and reserve is not None:
         reserve(len(candidates))
     parents: dict[Any, Any] = {}
     if candidates and marked:
         for span in spans:
-            key, parent = _ids(span)
+            key, parent = fmt.ids(span)
             if parent is not None:
                 parents[key] = parent
     defaults = {"tenant_id": tenant} if tenant else {}
-    times = [(span.start_time_unix_nano, span.end_time_unix_nano) for span in spans]
+    times = [fmt.times(span) for span in spans]
     # children end first; on a tie in end time the later start (the child) first
     for index in sorted(range(len(spans)), key=lambda i: (times[i][1], -times[i][0])):
         span, candidate = spans[index], candidates.get(index)
         if candidate is None:
             span_ids = ids[index]
-            if nesting.covered(span_ids[0], span_ids[1]):
+            if span_ids is not None and nesting.covered(span_ids[0], span_ids[1]):
                 nesting.settle(*span_ids, None)  # passes the cover on to its parent
             continue
         try:
-            view = _view(span, candidate.attrs, candidate.resource, candidate.scope)
+            view = fmt.view(span, candidate.attrs, candidate.resource, candidate.scope)
         except (TypeError, ValueError, AttributeError) as err:
             outcome.reject(_name(span), err)
             continue
-        context = genai.ancestors_attribution(_ancestors(_ids(span)[0], parents, marked)) if parents else {}
+        context = genai.ancestors_attribution(_ancestors(fmt.ids(span)[0], parents, marked)) if parents else {}
         if tenant and "tenant_id" in context:
             context = {k: v for k, v in context.items() if k != "tenant_id"}
         try:
@@ -513,16 +599,16 @@ def process(request, body: bytes, nesting: Any, outcome: Outcome, send: Callable
             outcome.metered += 1
 
 
-def _mark(span, marked: dict) -> None:
+def _mark(fmt, span, marked: dict) -> None:
     """A non-GenAI span's meterline.* attributes, for its descendants; a broken value is left out."""
     found = {}
-    for kv in span.attributes:
-        if kv.key.startswith(MARK_PREFIX):
+    for key, raw in fmt.raw_items(span):
+        if key.startswith(MARK_PREFIX):
             try:
-                found[kv.key] = _value(kv.value)
+                found[key] = fmt.value(raw)
             except (TypeError, ValueError):
                 continue
-    marked[_ids(span)[0]] = found
+    marked[fmt.ids(span)[0]] = found
 
 
 def _ancestors(key: Any, parents: Mapping, marked: Mapping[Any, dict]) -> list[dict]:
@@ -539,7 +625,7 @@ def _ancestors(key: Any, parents: Mapping, marked: Mapping[Any, dict]) -> list[d
 
 
 def _name(span) -> str:
-    return span.name[:100]
+    return str(span.get("name", "") if type(span) is dict else span.name)[:100]
 
 
 # ---- the endpoint -------------------------------------------------------------------------------------------
@@ -595,14 +681,14 @@ class OtlpEndpoint:
 
     def export(self, body: bytes, encoding: str, content_type: str, tenant: str | None) -> Outcome:
         """Decode, map and send one request's spans; `tenant` (a tenant token's) overrides the payload's."""
+        fmt = FORMATS[content_type]
         data = decompress(body, encoding) if undecoded(body, encoding) else body
+        request = fmt.parse(data)
         outcome = Outcome()
-        request = parse(data, content_type, outcome)
         try:
-            process(request, data, self.nesting(), outcome, lambda event: self.meter().send(event), tenant, self._reserve,
-                    content_type)
-        except ValueError as err:  # a resource attribute nested too deep
-            raise OtlpError(400, f"the body is not an OTLP ExportTraceServiceRequest: {err}") from None
+            process(fmt, request, data, self.nesting(), outcome, lambda event: self.meter().send(event), tenant, self._reserve)
+        except (TypeError, ValueError, AttributeError) as err:  # a JSON body of the wrong shape
+            raise OtlpError(400, f"the body is not an OTLP {fmt.name} ExportTraceServiceRequest: {err}") from None
         if outcome.invalid:
             log.warning("OTLP: %d GenAI span(s) not metered: %s", outcome.invalid, outcome.error_message)
         with self._lock:
