@@ -79,7 +79,7 @@ class Field:
 
     @classmethod
     def of(cls, name: str, info: FieldInfo) -> Field:
-        base, nullable, constraints = _unwrap(info.annotation, tuple(info.metadata))
+        base, nullable, constraints = unwrap(info.annotation, tuple(info.metadata))
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         return cls(name, base, nullable, constraints, info.is_required(), default)
 
@@ -159,8 +159,9 @@ class Field:
 _BOUND_ATTR = {Ge: "ge", Gt: "gt", Le: "le", MaxLen: "max_length", MinLen: "min_length"}
 
 
-def _unwrap(annotation: Any, metadata: tuple[Any, ...]) -> tuple[Any, bool, tuple[Any, ...]]:
-    """(base type, None allowed, constraints) of an annotation such as `Annotated[int, Field(ge=0)] | None`."""
+def unwrap(annotation: Any, metadata: tuple[Any, ...]) -> tuple[Any, bool, tuple[Any, ...]]:
+    """(base type, None allowed, constraints) of an annotation such as `Annotated[int, Field(ge=0)] | None`
+    (also what streams/codec.py generates its msgspec mirror from)."""
     nullable = False
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]

@@ -9,54 +9,48 @@ record. Money leaves as fixed 12-decimal strings computed from integer pico-USD.
 """
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, get_args, get_origin
 
 import msgspec
+from annotated_types import Ge, Gt, Le, MaxLen, MinLen
 
 from meterline.schemas import events as ev
+from meterline.sql.checks import unwrap
 
 PICO = 10**12
 UTC = timezone.utc
 
 
-Id = Annotated[str, msgspec.Meta(max_length=ev.MAX_ID_LEN)]
-Name = Annotated[str, msgspec.Meta(max_length=ev.MAX_NAME_LEN)]
-Tokens = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_TOKENS)]
-Count = Annotated[int, msgspec.Meta(ge=0, le=ev.MAX_COUNT)]
-AttrKey = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_LEN)]
-AttrValue = Annotated[str, msgspec.Meta(max_length=ev.MAX_ATTRIBUTE_VALUE_LEN)]
+BOUNDS = ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (MinLen, "min_length"), (MaxLen, "max_length"))
 
 
-class FastUsage(msgspec.Struct, forbid_unknown_fields=True):
-    """Same fields and bounds as schemas.UsageEvent (checked in C by msgspec); the rest in _fast_ok."""
+def _fast_type(annotation: Any, metadata: tuple[Any, ...] = ()) -> Any:
+    """The msgspec type of a contract field, with its bounds (msgspec checks them in C)."""
+    base, nullable, constraints = unwrap(annotation, metadata)
+    if base is Decimal:
+        return Any  # money: a string on the wire (numbers go to pydantic), checked in _fast_ok
+    if get_origin(base) is dict:
+        base = dict[tuple(_fast_type(arg) for arg in get_args(base))]  # type: ignore[misc]
+    bounds = {name: getattr(c, name) for c in constraints for kind, name in BOUNDS if isinstance(c, kind)}
+    typed = Annotated[base, msgspec.Meta(**bounds)] if bounds else base
+    return typed | None if nullable else typed
 
-    event_id: uuid.UUID
-    ts: datetime
-    tenant_id: Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_LEN)]
-    kind: Literal["llm_call", "tool_call", "api_call"]
-    team: Id = ""
-    project: Id = ""
-    agent_id: Id = ""
-    session_id: Id = ""
-    provider: Name = ""
-    model: Name = ""
-    input_tokens: Tokens = 0
-    output_tokens: Tokens = 0
-    cache_read_tokens: Tokens = 0
-    cache_write_tokens: Tokens = 0
-    reasoning_tokens: Tokens = 0
-    usage: Literal["reported", "missing"] = "reported"
-    tool: Name = ""
-    units: Tokens = 1
-    latency_ms: Count = 0
-    status: Literal["ok", "error", "timeout", "rate_limited", "cancelled"] = "ok"
-    response_bytes: Count = 0
-    priority: Literal["critical", "high", "normal", "low", "batch"] = "normal"
-    cost_usd: Any = None  # a string on the wire (numbers go to pydantic); Decimal once checked; the charge once priced
-    attributes: Annotated[dict[AttrKey, AttrValue], msgspec.Meta(max_length=ev.MAX_ATTRIBUTES)] = {}
+
+def _fast_struct(contract: type) -> type[msgspec.Struct]:
+    """A msgspec mirror of a pydantic contract, generated from it, so the two never drift: the same fields,
+    types, bounds and defaults; what msgspec cannot say (hidden characters, cross-field rules, money, time
+    range) is _fast_ok's."""
+    fields = []
+    for name, info in contract.model_fields.items():
+        kind = _fast_type(info.annotation, tuple(info.metadata))
+        fields.append((name, kind) if info.is_required() else (name, kind, info.get_default(call_default_factory=True)))
+    return msgspec.defstruct(f"Fast{contract.__name__}", fields, kw_only=True, forbid_unknown_fields=True,
+                             module=__name__)
+
+
+FastUsage = _fast_struct(ev.UsageEvent)
 
 
 _decoder = msgspec.json.Decoder(FastUsage)
