@@ -108,7 +108,7 @@ class DedupeWindow:
 
 _FIELDS = tuple(FastUsage.__struct_fields__)
 _ATTRS = _FIELDS.index("attributes")
-assert _FIELDS[0] == "event_id" and _ATTRS == len(_FIELDS) - 1
+assert _ATTRS == len(_FIELDS) - 1  # the one unhashable field, last
 
 
 def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
@@ -120,7 +120,7 @@ def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
     else:
         fields = usage_fields(event)
         values = tuple(fields[name] for name in _FIELDS)
-    attrs, body = values[_ATTRS], values[1:_ATTRS]  # [0] is event_id: the window's key, equal by construction
+    attrs, body = values[_ATTRS], values[:_ATTRS]  # event_id included: the window's key, equal by construction
     return hash((body, frozenset(attrs.items()))) if attrs else hash(body)
 
 

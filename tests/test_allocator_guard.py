@@ -192,7 +192,9 @@ def test_priorities_and_team_inside_tenant_through_the_broker(settings, allocato
     reporter = SpendReporter(settings)
     reporter.add("acme/research", Decimal("95"))           # the team is in the headroom kept for critical/high
     reporter.flush()
-    wait_until(lambda: feed.decisions["team:acme/research:batch"].action == "deny", "team under pressure")
+    # one decision per priority, keyed apart (so on different partitions, in no set order): wait for both
+    wait_until(lambda: all(feed.decisions[f"team:acme/research:{p}"].action == "deny" for p in ("low", "batch")),
+               "team under pressure")
     research = {p: Guard(feed, "acme", team="research", session_id=f"r-{p}", priority=p) for p in PRIORITIES}
     assert research["critical"].check("m") == "m" and research["high"].check("m") == "m"
     for p in ("low", "batch"):
