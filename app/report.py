@@ -95,6 +95,9 @@ class ReportParams:
         limit = int(limit) if limit not in (None, "") else 20
         if not 0 < limit <= 100_000:
             raise ValueError("--limit must be between 1 and 100000")
+        for name, value in (("tenant", tenant), ("team", team), ("project", project)):
+            if value is not None and not value.strip():  # '' would read as "all": a typo must not widen the report
+                raise ValueError(f"--{name} is empty; leave it out to report every {name}")
         return cls(start, end, by, tenant or "", team or "", project or "", limit)
 
     def query_parameters(self) -> dict[str, Any]:
@@ -103,8 +106,10 @@ class ReportParams:
 
     def as_query(self) -> dict[str, str]:
         """The same parameters as strings, for `up`'s /api/report."""
-        return {"since": self.since.isoformat(), "until": self.until.isoformat(), "by": self.by, "tenant": self.tenant,
-                "team": self.team, "project": self.project, "limit": str(self.limit)}
+        filters = {name: value for name, value in (("tenant", self.tenant), ("team", self.team), ("project", self.project))
+                   if value}
+        return {"since": self.since.isoformat(), "until": self.until.isoformat(), "by": self.by, **filters,
+                "limit": str(self.limit)}
 
 
 # ---- the reports ----------------------------------------------------------------------------

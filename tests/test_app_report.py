@@ -387,3 +387,10 @@ def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
         alone.close()
         local.close()
         gc.collect()
+
+
+@pytest.mark.parametrize("filters", [{"tenant": ""}, {"team": " "}, {"project": ""}])
+def test_an_empty_filter_is_refused_not_read_as_every_value(filters):
+    with pytest.raises(ValueError, match="is empty; leave it out"):
+        ReportParams.parse(since="1d", **filters)
+    assert ReportParams.parse(since="1d").as_query().keys() == {"since", "until", "by", "limit"}  # unset filters stay unset
