@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -138,12 +137,9 @@ class TokenStore:
         return token
 
     def _write(self, entries: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(entries, out, indent=1)
-        tmp.replace(self.path)
+        from meterline.files import write_private
+
+        write_private(self.path, json.dumps(entries, indent=1))
 
 
 def token_store(settings) -> TokenStore:

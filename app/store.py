@@ -208,13 +208,10 @@ def runfile(settings: Settings) -> Path:
 
 def write_runfile(settings: Settings, url: str, token: str | None = None) -> Path:
     """`token` lets local readers (the same user: the file is 0600) through the API while tokens are on."""
+    from meterline.files import write_private
+
     path = runfile(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"pid": os.getpid(), "url": url, "dsn": settings.dsn, "token": token}, out)
-    tmp.replace(path)
+    write_private(path, json.dumps({"pid": os.getpid(), "url": url, "dsn": settings.dsn, "token": token}))
     return path
 
 

@@ -28,6 +28,7 @@ from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient
 
 from . import kafka_acl
+from .files import write_private
 from .settings import Settings
 
 POM = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "pom.xml"
@@ -124,7 +125,7 @@ class LocalBroker:
         users = kafka_acl.new_passwords(creds.get("users"))
         if users != creds.get("users"):
             creds = {"mechanism": kafka_acl.MECHANISM, "users": users, "admin_ready": bool(creds.get("admin_ready"))}
-            self._write_private(self.credentials_file, json.dumps(creds, indent=2) + "\n")
+            write_private(self.credentials_file, json.dumps(creds, indent=2) + "\n")
         return creds
 
     def admin_config(self, **extra) -> dict:
@@ -241,7 +242,7 @@ class LocalBroker:
                 "allow.everyone.if.no.acl.found": "false",
                 "super.users": f"User:{kafka_acl.ADMIN}",
             })
-        self._write_private(self.config_file, "".join(f"{k}={v}\n" for k, v in props.items()))  # holds a password
+        write_private(self.config_file, "".join(f"{k}={v}\n" for k, v in props.items()))  # holds a password
         return self.config_file
 
     def _formatted(self) -> bool:
@@ -285,7 +286,7 @@ class LocalBroker:
     def _mark_admin_ready(self) -> None:
         creds = self.credentials()
         if not creds.get("admin_ready"):
-            self._write_private(self.credentials_file, json.dumps({**creds, "admin_ready": True}, indent=2) + "\n")
+            write_private(self.credentials_file, json.dumps({**creds, "admin_ready": True}, indent=2) + "\n")
 
     def _grant(self, status: BrokerStatus) -> BrokerStatus:
         """On a secured broker: every role's user and ACLs, for the settings' topic prefix (idempotent)."""
@@ -300,15 +301,6 @@ class LocalBroker:
     def _sasl(user: str, password: str) -> dict:
         return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": kafka_acl.MECHANISM,
                 "sasl.username": user, "sasl.password": password}
-
-    @staticmethod
-    def _write_private(path: Path, text: str) -> None:
-        """Write a file only its owner can read (it holds passwords), whatever the umask or an older copy's mode."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(fd, 0o600)
-            out.write(text)
 
     def _launch(self, java: str, classpath: str, config: Path) -> subprocess.Popen:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
