@@ -145,8 +145,9 @@ def sink_command(
     group: Annotated[str | None, typer.Option(help="Kafka consumer group (default: the topic prefix followed by -sink, as in `meterline up`).")] = None,
     instance_id: Annotated[str | None, typer.Option(help="Static group membership id: a restarted sink takes its "
                                                          "partitions back at once instead of after the session timeout.")] = None,
-    until_idle: Annotated[float | None, typer.Option(help="Exit after this many seconds without a new record "
-                                                          "(backfills, tests).")] = None,
+    until_idle: Annotated[float | None, typer.Option(
+        help="Exit once every assigned partition is read to its end and nothing came for this many seconds "
+             "(backfills, tests).")] = None,
 ) -> None:
     """Write every priced event, GPU sample, spend snapshot, anomaly, decision, budget and
     dead letter from Kafka into the ClickHouse ledger, exactly once.

@@ -138,7 +138,8 @@ class LedgerSink:
 
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
         """Consume until `stop` is set (or, with idle_exit_s, until nothing arrived that long since the last
-        record or the last assignment: joining the group may take longer than idle_exit_s on a busy machine)."""
+        record or the last assignment and every assigned partition is read to its end: joining the group,
+        or a first fetch, may take longer than idle_exit_s on a busy machine)."""
         stop = self.stop = stop or threading.Event()
         self.consumer.subscribe(list(self.tables), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
@@ -155,7 +156,8 @@ class LedgerSink:
                     (self.batch.next_offset) and time.monotonic() - self.batch.opened >= self.batch_seconds
                 ):
                     self.flush(wait=False)
-                if idle_exit_s is not None and not messages and time.monotonic() - self._last_activity > idle_exit_s:
+                if (idle_exit_s is not None and not messages and time.monotonic() - self._last_activity > idle_exit_s
+                        and self._drained()):
                     break
             self.flush()
         finally:
@@ -631,6 +633,17 @@ class LedgerSink:
             time.sleep(min(0.05, seconds))
 
     # ------------------------------------------------------------------ observability
+
+    def _drained(self) -> bool:
+        """Partitions assigned, and each read to the high watermark its last fetch reported. A partition whose
+        first fetch has not come back has no watermark yet (-1001): not drained. (Asking the broker instead
+        queues behind the fetch it is holding, fetch.wait.max.ms per partition.)"""
+        assigned = self.consumer.assignment()
+        for tp in assigned:
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0 or self.position.get((tp.topic, tp.partition), 0) < high:
+                return False
+        return bool(assigned)
 
     def lag(self) -> dict[TP, int]:
         """Messages not yet in the ledger, per assigned partition (high watermark - next offset)."""
