@@ -238,7 +238,8 @@ class ApiServer:
         try:
             params = ReportParams.parse(since=q.get("since"), until=q.get("until"), by=q.get("by"),
                                         tenant=q.get("tenant") if tenant is None else tenant,
-                                        team=q.get("team"), project=q.get("project"), limit=q.get("limit"))
+                                        team=q.get("team"), project=q.get("project"), limit=q.get("limit"),
+                                        gpu_idle=q.get("gpu_idle"))
         except ValueError as err:
             return _error(400, str(err))
         try:

@@ -25,6 +25,9 @@ Until = Annotated[Optional[str], typer.Option("--until", help="End (exclusive); 
 Tenant = Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant.")]
 Team = Annotated[Optional[str], typer.Option("--team", help="Only this team.")]
 Project = Annotated[Optional[str], typer.Option("--project", help="Only this project.")]
+GpuIdle = Annotated[Optional[str], typer.Option(
+    "--gpu-idle", help="Who is charged GPU time no process used: owner (its holder, `meterline gpu assign`), proportional "
+                       "(that hour's users by share) or separate (an `idle` line). Default: METERLINE_GPU_IDLE_POLICY.")]
 Fmt = Annotated[str, typer.Option("--format", "-f", help="table (people), json or csv (machines; money as exact decimal strings).")]
 
 
@@ -127,9 +130,13 @@ def _emit(name: str, params: Any, fmt: str) -> None:
 def chargeback(
     by: Annotated[str, typer.Option("--by", help="tenant | team | project | agent | session | model")] = "tenant",
     since: Since = None, until: Until = None, tenant: Tenant = None, team: Team = None, project: Project = None, fmt: Fmt = "table",
+    gpu_idle: GpuIdle = None,
 ) -> None:
-    """Spend per tenant / team / project / agent / session / model: tokens, usage cost, GPU cost, total."""
-    _emit("chargeback", _params(by=by, since=since, until=until, tenant=tenant, team=team, project=project), fmt)
+    """Spend per tenant / team / project / agent / session / model: tokens, usage cost, GPU cost (process and
+    idle time), total. Keys below the tenant are scope ids (acme/research), so equal team names of two
+    tenants stay apart."""
+    _emit("chargeback", _params(by=by, since=since, until=until, tenant=tenant, team=team, project=project,
+                                gpu_idle=gpu_idle), fmt)
 
 
 @report_app.command("top-sessions")
@@ -149,9 +156,10 @@ def cost_per_action(since: Since = None, until: Until = None, tenant: Tenant = N
 
 
 @report_app.command("gpu")
-def gpu(since: Since = None, until: Until = None, fmt: Fmt = "table") -> None:
-    """GPU-hours and their cost against utilisation per device; idle cost is money paid for idle cycles."""
-    _emit("gpu", _params(since=since, until=until), fmt)
+def gpu(since: Since = None, until: Until = None, fmt: Fmt = "table", gpu_idle: GpuIdle = None) -> None:
+    """GPU-hours and their cost against utilisation per device: idle_cost is money paid for idle cycles,
+    unused_cost the time no process ran (charged by the idle policy to unused_charged_to)."""
+    _emit("gpu", _params(since=since, until=until, gpu_idle=gpu_idle), fmt)
 
 
 @report_app.command("burn-down")
@@ -161,9 +169,9 @@ def burn_down(tenant: Tenant = None, fmt: Fmt = "table") -> None:
 
 
 @report_app.command("totals")
-def totals(since: Since = None, until: Until = None, fmt: Fmt = "table") -> None:
-    """Ledger grand totals (priced events, usage and GPU cost, decisions, anomalies) for a period."""
-    _emit("totals", _params(since=since, until=until), fmt)
+def totals(since: Since = None, until: Until = None, fmt: Fmt = "table", gpu_idle: GpuIdle = None) -> None:
+    """Ledger grand totals (priced events, usage, process and idle GPU cost, decisions, anomalies) for a period."""
+    _emit("totals", _params(since=since, until=until, gpu_idle=gpu_idle), fmt)
 
 
 @report_app.command("focus")

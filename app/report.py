@@ -1,8 +1,7 @@
 """Chargeback reports over the ledger: the SQL lives in sql/queries/*.sql.
 
 Every filter is a ClickHouse query parameter (`{name:Type}`, bound by the server),
-including the grouping column (`{by:Identifier}`), so nothing a user types is ever
-pasted into SQL. Reports run the same on a direct store and through `up`'s API.
+including the grouping level, so nothing a user types is ever pasted into SQL. Reports run the same on a direct store and through `up`'s API.
 On a cluster the ledger that runs a query reads the `_all` Distributed tables
 (`DirectLedger`, `ledger.render_reads`), so the SQL files name plain tables.
 """
@@ -12,6 +11,7 @@ import csv
 import io
 import json
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 from zoneinfo import ZoneInfo
 
+from .gpu_idle import POLICIES, idle_lines, matching
 from .store import Result
 
 QUERIES_DIR = Path(__file__).resolve().parents[1] / "sql" / "queries"
-DIMENSIONS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id",
-              "session": "session_id", "model": "model"}
+# --by levels: the tenant path's depth (keys below the tenant are qualified scope ids: 'acme/research'), or model
+DIMENSIONS = {"tenant": 1, "team": 2, "project": 3, "agent": 4, "session": 5, "model": 0}
 # The tenant of GPU time no session owns: the stream worker's spend uses this name
 # (streams/worker.py), so reports do too and the two reconcile tenant by tenant.
 UNATTRIBUTED = "unattributed"
@@ -79,11 +80,12 @@ class ReportParams:
     team: str = ""
     project: str = ""
     limit: int = 20
+    gpu_idle: str = "proportional"  # how GPU time no process used is charged (app/gpu_idle.py)
 
     @classmethod
     def parse(cls, since: Any = None, until: Any = None, by: str | None = None, tenant: str | None = None,
               team: str | None = None, project: str | None = None, limit: Any = None,
-              now: datetime | None = None) -> ReportParams:
+              now: datetime | None = None, gpu_idle: str | None = None) -> ReportParams:
         now = now or datetime.now(timezone.utc)
         end = parse_when(until, now) or now + timedelta(seconds=1)  # `now` included
         start = parse_when(since, now) or end.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
@@ -98,18 +100,25 @@ class ReportParams:
         for name, value in (("tenant", tenant), ("team", team), ("project", project)):
             if value is not None and not value.strip():  # '' would read as "all": a typo must not widen the report
                 raise ValueError(f"--{name} is empty; leave it out to report every {name}")
-        return cls(start, end, by, tenant or "", team or "", project or "", limit)
+        if gpu_idle in (None, ""):
+            from meterline.settings import get_settings
+
+            gpu_idle = get_settings().gpu_idle_policy
+        if gpu_idle not in POLICIES:
+            raise ValueError(f"--gpu-idle must be one of {', '.join(POLICIES)}, not {gpu_idle!r}")
+        return cls(start, end, by, tenant or "", team or "", project or "", limit, gpu_idle)
 
     def query_parameters(self) -> dict[str, Any]:
         return {"since": self.since, "until": self.until, "tenant": self.tenant, "team": self.team,
-                "project": self.project, "by": DIMENSIONS[self.by], "limit": self.limit, "unattributed": UNATTRIBUTED}
+                "project": self.project, "by": self.by, "depth": DIMENSIONS[self.by], "limit": self.limit,
+                "unattributed": UNATTRIBUTED}
 
     def as_query(self) -> dict[str, str]:
         """The same parameters as strings, for `up`'s /api/report."""
         filters = {name: value for name, value in (("tenant", self.tenant), ("team", self.team), ("project", self.project))
                    if value}
         return {"since": self.since.isoformat(), "until": self.until.isoformat(), "by": self.by, **filters,
-                "limit": str(self.limit)}
+                "limit": str(self.limit), "gpu_idle": self.gpu_idle}
 
 
 # ---- the reports ----------------------------------------------------------------------------
@@ -132,8 +141,8 @@ def _sql_report(name: str, keys: tuple[str, ...]) -> Callable[[Querier, ReportPa
 FILTERS = ("since", "until", "tenant", "team", "project")
 
 REPORTS: dict[str, tuple[str, Callable[[Querier, ReportParams], Result]]] = {
-    "chargeback": ("Spend per tenant / team / project / agent / session / model (--by).",
-                   _sql_report("chargeback", ("by", *FILTERS, "unattributed"))),
+    "chargeback": ("Spend per tenant / team / project / agent / session / model (--by), idle GPU time in.",
+                   _sql_report("chargeback", ("by", "depth", *FILTERS, "unattributed"))),
     "top-sessions": ("The most expensive agent sessions.", _sql_report("top_sessions", (*FILTERS, "limit"))),
     "cost-per-action": ("Cost per successful action, per agent (failed calls and GPU time included).",
                         _sql_report("cost_per_action", FILTERS)),
@@ -148,9 +157,70 @@ def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
     if name not in REPORTS:
         raise KeyError(f"no report {name!r}; reports: {', '.join(REPORT_NAMES)}")
     result = REPORTS[name][1](ledger, params)
+    if name in IDLE_MERGES:
+        lines = idle_lines(ledger, params.since, params.until, params.gpu_idle)
+        result = IDLE_MERGES[name](result, params, lines)
+        result.meta["gpu_idle"] = params.gpu_idle
     if name == "chargeback":
         result.columns[0] = params.by  # the grouping column is named after the dimension
     return result
+
+
+# ---- idle GPU time in the reports (app/gpu_idle.py) ------------------------------------------
+
+MONEY = "Decimal(38, 18)"
+
+
+def _chargeback_with_idle(result: Result, params: ReportParams, lines: list[dict[str, Any]]) -> Result:
+    """Each idle line added to the chargeback line of its key (a new line if none), as gpu_idle_* columns."""
+    at = result.columns.index("total_cost_usd")
+    columns = result.columns[:at] + ["gpu_idle_seconds", "gpu_idle_cost_usd"] + result.columns[at:]
+    types = result.types[:at] + [MONEY, MONEY] + result.types[at:]
+    rows = {row[0]: [*row[:at], Decimal(0), Decimal(0), *row[at:]] for row in result.rows}
+    for line in matching(lines, params.tenant, params.team, params.project):
+        key = idle_key(line, params.by)
+        row = rows.setdefault(key, [key] + [0 if t.startswith(("UInt", "Int")) else Decimal(0) for t in types[1:]])
+        row[at] += line["gpu_seconds"]
+        row[at + 1] += line["cost_usd"]
+        row[at + 2] += line["cost_usd"]
+    ordered = sorted(rows.values(), key=lambda r: (-r[at + 2], r[0]))
+    return Result(columns, types, [tuple(r) for r in ordered])
+
+
+def idle_key(line: dict[str, Any], by: str) -> str:
+    """An idle line's chargeback key: its GPU's model line, or its scope id at the --by level."""
+    if by == "model":
+        return f"gpu:{line['gpu_name']}"
+    return "/".join([line["tenant_id"], line["team"], line["project"], "", ""][: DIMENSIONS[by]])
+
+
+def _totals_with_idle(result: Result, params: ReportParams, lines: list[dict[str, Any]]) -> Result:
+    """gpu_idle_cost_usd and total_cost_usd (usage + process GPU + idle GPU): what every chargeback adds up to."""
+    idle = sum((line["cost_usd"] for line in lines), Decimal(0))
+    row = dict(zip(result.columns, result.rows[0]))
+    total = (row["usage_cost_usd"] or Decimal(0)) + (row["gpu_cost_usd"] or Decimal(0)) + idle
+    return Result(result.columns + ["gpu_idle_cost_usd", "total_cost_usd"], result.types + [MONEY, MONEY],
+                  [(*result.rows[0], idle, total)])
+
+
+def _gpu_with_idle(result: Result, params: ReportParams, lines: list[dict[str, Any]]) -> Result:
+    """Per device: what processes were charged, and the idle rest with whom it was charged to."""
+    idle: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    charged_to: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for line in lines:
+        idle[(line["node"], line["gpu_uuid"])] += line["cost_usd"]
+        charged_to[(line["node"], line["gpu_uuid"])].add(line["tenant_id"])
+    at = result.columns.index("cost_usd") + 1
+    rows = []
+    for row in result.rows:
+        device = (row[0], row[1])
+        rows.append((*row[:at], row[at - 1] - idle[device], idle[device], ", ".join(sorted(charged_to[device])), *row[at:]))
+    return Result(result.columns[:at] + ["process_cost_usd", "unused_cost_usd", "unused_charged_to"] + result.columns[at:],
+                  result.types[:at] + [MONEY, MONEY, "String"] + result.types[at:], rows)
+
+
+IDLE_MERGES: dict[str, Callable[[Result, ReportParams, list[dict[str, Any]]], Result]] = {
+    "chargeback": _chargeback_with_idle, "totals": _totals_with_idle, "gpu": _gpu_with_idle}
 
 
 REPORT_NAMES = (*REPORTS, "burn-down")
@@ -262,7 +332,7 @@ def exact(value: Any) -> Any:
 
 
 def to_json_doc(name: str, params: ReportParams, result: Result) -> dict[str, Any]:
-    return {"report": name, "since": params.since.isoformat(), "until": params.until.isoformat(),
+    return {"report": name, "since": params.since.isoformat(), "until": params.until.isoformat(), **result.meta,
             "rows": [{k: exact(v) for k, v in row.items()} for row in result.dicts()]}
 
 
@@ -309,6 +379,8 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
     from rich.table import Table
 
     title = f"{name} · {params.since:%Y-%m-%d %H:%M} → {params.until:%Y-%m-%d %H:%M} UTC"
+    if "gpu_idle" in result.meta:
+        title += f" · idle GPU time: {result.meta['gpu_idle']}"
     table = Table(title=title, header_style="bold")
     compact = TABLE_COLUMNS.get(name)
     shown = [i for i, col in enumerate(result.columns)
@@ -333,10 +405,11 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
 
 # People get the columns that matter on an 80-column terminal; json/csv carry every column.
 TABLE_COLUMNS = {
-    "chargeback": ("events", "input_tokens", "output_tokens", "usage_cost_usd", "gpu_cost_usd", "total_cost_usd"),
+    "chargeback": ("events", "input_tokens", "output_tokens", "usage_cost_usd", "gpu_cost_usd", "gpu_idle_cost_usd",
+                   "total_cost_usd"),
     "top-sessions": ("tenant_id", "agent_id", "session_id", "events", "total_cost_usd"),
     "cost-per-action": ("tenant_id", "agent_id", "actions", "successful_actions", "total_cost_usd", "cost_per_success_usd"),
-    "gpu": ("node", "gpu_name", "gpu_hours", "cost_usd", "avg_utilization_pct", "idle_cost_usd"),
+    "gpu": ("node", "gpu_name", "gpu_hours", "cost_usd", "avg_utilization_pct", "unused_cost_usd", "unused_charged_to"),
     "burn-down": ("scope_id", "amount", "spent", "used_pct", "elapsed_pct", "burn"),
 }
 

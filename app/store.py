@@ -32,18 +32,20 @@ class Result:
     columns: list[str]
     types: list[str]
     rows: list[tuple] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)  # what a reader must know, e.g. {"gpu_idle": "owner"}
 
     def dicts(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row)) for row in self.rows]
 
     def to_json(self) -> dict[str, Any]:
-        return {"columns": self.columns, "types": self.types, "rows": [[_jsonable(v) for v in r] for r in self.rows]}
+        return {"columns": self.columns, "types": self.types, "rows": [[_jsonable(v) for v in r] for r in self.rows],
+                "meta": self.meta}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Result:
         types = doc["types"]
         rows = [tuple(_restore(v, t) for v, t in zip(row, types)) for row in doc["rows"]]
-        return cls(doc["columns"], types, rows)
+        return cls(doc["columns"], types, rows, dict(doc.get("meta") or {}))
 
 
 def _jsonable(value: Any) -> Any:

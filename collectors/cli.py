@@ -1,6 +1,8 @@
-"""`meterline collect gpu`: the NVML collector as a command (imports stay inside the command)."""
+"""`meterline collect gpu` (the NVML collector) and `meterline gpu assign` (who holds a GPU) as commands;
+imports stay inside the commands."""
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Optional
 
 import typer
@@ -11,6 +13,65 @@ def register(app: typer.Typer) -> None:
                               no_args_is_help=True)
     app.add_typer(collect_app, name="collect")
     collect_app.command("gpu")(collect_gpu)
+    gpu_app = typer.Typer(help="GPU capacity: who holds each device or MIG slice (charged its idle time under the "
+                               "`owner` policy, METERLINE_GPU_IDLE_POLICY).", no_args_is_help=True)
+    app.add_typer(gpu_app, name="gpu")
+    gpu_app.command("assign")(gpu_assign)
+
+
+def publish_allocations(settings, allocations) -> None:
+    """GpuAllocation records to the compacted gpu-allocations topic, keyed by allocation_id."""
+    from confluent_kafka import Producer
+
+    producer = Producer(settings.kafka_config(**{"enable.idempotence": True, "linger.ms": 0}))
+    for allocation in allocations:
+        producer.produce(settings.topic("gpu-allocations"), key=allocation.allocation_id.encode(), value=allocation.to_json())
+    if producer.flush(15):
+        raise RuntimeError(f"the allocation was not acknowledged by {settings.bootstrap} within 15 s")
+
+
+def gpu_assign(
+    node: Annotated[str, typer.Option(help="Node name, as the collector publishes it (`collect gpu --node`).")],
+    gpu: Annotated[str, typer.Option(help="GPU UUID (nvidia-smi -L; `meterline report gpu` lists them).")],
+    tenant: Annotated[str, typer.Option(help="The tenant that holds the device from --since.")],
+    mig: Annotated[str, typer.Option(help="A MIG slice's UUID, to assign one slice (default: the whole device).")] = "",
+    team: Annotated[str, typer.Option(help="Team within the tenant that holds it.")] = "",
+    project: Annotated[str, typer.Option(help="Project within the team.")] = "",
+    since: Annotated[Optional[datetime], typer.Option(help="Start (ISO time, UTC if no zone; default now).")] = None,
+    until: Annotated[Optional[datetime], typer.Option(help="End (default: until a newer assignment).")] = None,
+    allocation_id: Annotated[Optional[str], typer.Option("--id", help="Record id (default: a new one).")] = None,
+) -> None:
+    """Record that a tenant holds a GPU (or one MIG slice) from --since until --until.
+
+    With METERLINE_GPU_IDLE_POLICY=owner the holder is charged the device's idle time; with
+    `proportional` it is charged when nobody used the device in an hour. The newest assignment
+    covering a moment wins, so reassigning never rewrites history.
+
+    Example:  meterline gpu assign --node gpu-node-1 --gpu GPU-8f3a... --tenant acme --team research
+    """
+    from meterline.console import console, fail
+    from meterline.errors import require_kafka
+    from meterline.schemas.events import GpuAllocation, InvalidEvent, build, new_id, utcnow
+    from meterline.settings import get_settings
+
+    def aware(value: datetime | None) -> datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
+
+    try:
+        allocation = build(GpuAllocation, allocation_id=allocation_id or str(new_id()), node=node, gpu_uuid=gpu,
+                           mig_uuid=mig, tenant_id=tenant, team=team, project=project,
+                           valid_from=aware(since) or utcnow(), valid_until=aware(until))
+    except (InvalidEvent, ValueError) as err:
+        fail(f"{err}. See `meterline gpu assign --help`.")
+    settings = get_settings()
+    require_kafka(settings)
+    try:
+        publish_allocations(settings, [allocation])
+    except Exception as err:  # noqa: BLE001
+        fail(f"could not publish the assignment to {settings.bootstrap}: {err}. Is Kafka running (`meterline kafka start`)?")
+    console.print(f"{allocation.node}/{allocation.mig_uuid or allocation.gpu_uuid} held by "
+                  f"{'/'.join(p for p in (tenant, team, project) if p)} from {allocation.valid_from:%Y-%m-%d %H:%M:%S} UTC",
+                  markup=False, highlight=False)
 
 
 def collect_gpu(
@@ -21,6 +82,9 @@ def collect_gpu(
     as_json: Annotated[bool, typer.Option("--json", help="Print every record as a JSON line instead of a table.")] = False,
     node: Annotated[Optional[str], typer.Option(help="Node name (the Kafka key); default: the host name.")] = None,
     publish: Annotated[bool, typer.Option(help="Publish to the gpu topic (--no-publish only prints).")] = True,
+    tenant: Annotated[Optional[str], typer.Option(help="The tenant that holds this node's GPUs (a dedicated node): "
+                                                       "published as GpuAllocation records from now on, see `meterline gpu assign`.")] = None,
+    team: Annotated[str, typer.Option(help="With --tenant: the team that holds them.")] = "",
 ) -> None:
     """Sample every GPU through NVML and publish GpuSample records to <prefix>.gpu.v1, keyed by node.
 
@@ -63,6 +127,9 @@ def collect_gpu(
             if simulate:
                 nvml.tick(interval)
             rows = collector.sample()
+            if tenant is not None and publish:
+                publish_allocations(settings, _node_held_by(rows, tenant, team))
+                tenant = None  # once per start: the newest assignment covers what follows
             for row in rows:
                 if sender is not None:
                     sender.send(row.key.encode(), row.to_json())
@@ -84,6 +151,17 @@ def collect_gpu(
                 err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; "
                                   f"{sender.stats.spooled} spooled under {sender.spool_dir} for the next run, "
                                   f"{sender.stats.dropped} dropped[/]")
+
+
+def _node_held_by(rows, tenant: str, team: str):
+    from meterline.console import fail
+    from meterline.schemas.events import GpuAllocation, InvalidEvent, build, new_id
+
+    try:
+        return [build(GpuAllocation, allocation_id=str(new_id()), node=r.node, gpu_uuid=r.gpu_uuid, tenant_id=tenant,
+                      team=team, valid_from=r.ts) for r in rows if r.level == "gpu"]
+    except InvalidEvent as err:
+        fail(f"{err}. See `meterline collect gpu --help`.")
 
 
 def _table(rows):

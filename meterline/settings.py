@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     clickhouse_cluster: str | None = Field(None, description="When set, DDL runs ON CLUSTER with Replicated tables.")
     api_port: int = Field(8787, ge=0, le=65535)
     api_tokens_file: Path | None = Field(None, description="The API's tokens (default <data_dir>/tokens.json; `meterline token create`).")
+    gpu_idle_policy: Literal["owner", "proportional", "separate"] = Field(
+        "proportional", description="Who is charged GPU time no process used: the device's holder (`meterline gpu assign`), "
+                                    "its users that hour by share, or a separate `idle` line (app/gpu_idle.py).")
     stall_after_s: float = Field(60.0, gt=0, description="`up` restarts a consumer with lag that made no progress this long.")
     # Limits of user SQL (`meterline sql`, /api/sql): the query cannot raise them (sql/sandbox.py).
     sql_max_seconds: int = Field(30, gt=0)

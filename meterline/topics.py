@@ -30,6 +30,8 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("control", 6, "throttle decisions, latest per scope (compacted)",
               {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)}),
     TopicSpec("budgets", 1, "budget policies, latest per policy_id (compacted)", {"cleanup.policy": "compact"}),
+    TopicSpec("gpu-allocations", 1, "who holds each GPU or MIG slice, and when (app/gpu_idle.py charges them its idle time)",
+              {"cleanup.policy": "compact"}),
     TopicSpec("spend-state", 6, "the stream worker's spend per scope, latest per scope (compacted changelog)",
               {"cleanup.policy": "compact", "segment.ms": "600000"}),
     TopicSpec("dlq", 3, "records that failed validation, with the reason and original bytes", {"retention.ms": str(30 * DAY_MS)}),

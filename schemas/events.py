@@ -426,6 +426,29 @@ class BudgetPolicy(Contract):
         return self
 
 
+class GpuAllocation(Contract):
+    """Who holds a GPU, or one MIG slice of it, from valid_from until valid_until (None: until further
+    notice). Under the `owner` idle policy the holder is charged the device's idle time (app/gpu_idle.py);
+    where records overlap, the newest (created_at) wins, so a new assignment never rewrites an old one."""
+
+    allocation_id: Id
+    node: Id
+    gpu_uuid: Id
+    mig_uuid: OptionalId = Field("", description="'' = the whole device")
+    tenant_id: Id
+    team: OptionalId = ""
+    project: OptionalId = ""
+    valid_from: Time
+    valid_until: Time | None = None
+    created_at: Time = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> GpuAllocation:
+        if self.valid_until is not None and self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        return self
+
+
 class DeadLetter(Contract):
     """A record that could not be processed, with the reason and its original bytes."""
 
@@ -466,6 +489,7 @@ CONTRACTS: dict[str, type[Contract]] = {
     "anomaly": Anomaly,
     "throttle_decision": ThrottleDecision,
     "budget_policy": BudgetPolicy,
+    "gpu_allocation": GpuAllocation,
     "dead_letter": DeadLetter,
 }
 

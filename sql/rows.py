@@ -14,6 +14,7 @@ from meterline.schemas.events import (
     BudgetPolicy,
     Contract,
     DeadLetter,
+    GpuAllocation,
     GpuSample,
     PricedEvent,
     SpendUpdate,
@@ -55,6 +56,7 @@ ROW_BUILDERS = {
     Anomaly: plain_row,
     ThrottleDecision: throttle_decision_row,
     BudgetPolicy: budget_policy_row,
+    GpuAllocation: plain_row,
     DeadLetter: plain_row,
 }
 

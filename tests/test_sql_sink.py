@@ -467,3 +467,19 @@ def test_fuzz_every_record_is_stored_once_or_dead_lettered_and_the_sink_never_st
         delete_topics_with_prefix(settings)
 
     run()
+
+
+def test_gpu_assign_reaches_the_ledger_and_a_bad_range_is_refused(settings):
+    """`meterline gpu assign` -> the compacted gpu-allocations topic -> the sink -> gpu_allocations."""
+    create_topics(settings)
+    assign = [*METERLINE, "gpu", "assign", "--node", "n1", "--gpu", "GPU-1", "--tenant", "acme", "--team", "ops"]
+    done = subprocess.run([*assign, "--since", "2026-01-01T00:00:00"], env=_env(settings), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    bad = subprocess.run([*assign, "--since", "2026-02-01", "--until", "2026-01-01"], env=_env(settings),
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "valid_until must be after valid_from" in bad.stderr and "Traceback" not in bad.stderr
+    sink_until_idle(settings)
+    rows = ledger_sql(settings, "SELECT node, gpu_uuid, mig_uuid, tenant_id, team, toString(valid_from) AS since, "
+                                "valid_until FROM gpu_allocations")
+    assert rows == [{"node": "n1", "gpu_uuid": "GPU-1", "mig_uuid": "", "tenant_id": "acme", "team": "ops",
+                     "since": "2026-01-01 00:00:00.000", "valid_until": None}]

@@ -1,10 +1,12 @@
--- Chargeback: spend per key (by = tenant_id | team | project | agent_id | session_id | model) in [since, until).
+-- Chargeback: spend per key in [since, until). by = model, or a level of the tenant path at `depth` (1 tenant,
+-- 2 team ... 5 session): keys below the tenant are scope ids ('acme/research', schemas/scopes.py), so teams of
+-- different tenants never add up. Idle GPU time is added to these lines by app/gpu_idle.py.
 -- Usage cost comes from priced_events (every priced row, exact Decimal); GPU cost from
 -- per-process gpu_samples (the grain that carries attribution). GPU time without a tenant is
 -- tenant 'unattributed' (a parameter: the stream's spend name for it); --tenant filters on that name.
 -- By model, GPU time appears as its own line ('gpu:<name>'). reasoning_tokens are part of output_tokens;
 -- unmetered_events completed with no usage reported (their cost is unknown, see the unmetered_calls anomaly).
--- Parameters: by Identifier, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
+-- Parameters: by String, depth UInt8, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
 SELECT
     key,
     sum(events) AS events,
@@ -23,7 +25,7 @@ SELECT
 FROM
 (
     SELECT
-        {by:Identifier} AS key,
+        if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
         count() AS events,
         countIf(status = 'ok') AS ok_events,
         sum(input_tokens) AS input_tokens,
@@ -46,7 +48,7 @@ FROM
     UNION ALL
 
     SELECT
-        {by:Identifier} AS key,
+        if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
         0, 0, 0, 0, 0, 0, 0, 0, 0,
         toDecimal128(0, 18),
         sum(gpu_seconds),
