@@ -180,21 +180,24 @@ def focus(
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv or parquet.")] = "csv",
     since: Since = None, until: Until = None, tenant: Tenant = None,
     billing_account: Annotated[str, typer.Option(help="FOCUS BillingAccountId / InvoiceIssuerName.")] = "meterline",
+    focus_version: Annotated[str, typer.Option("--focus-version", help="FOCUS version: 1.3, or 1.2 for older tools.")] = "1.3",
 ) -> None:
-    """FinOps FOCUS 1.2 export: cached and uncached tokens as separate rows, GPU-hours, x_ columns for sessions and agents."""
-    from .focus import export
+    """FinOps FOCUS 1.3 (or 1.2) export: cached and uncached tokens as separate rows, GPU-hours, x_ columns for sessions and agents."""
+    from .focus import VERSIONS, export
 
     if fmt not in ("csv", "parquet"):
         fail(f"--format must be csv or parquet, not {fmt!r}")
+    if focus_version not in VERSIONS:
+        fail(f"--focus-version must be one of {', '.join(VERSIONS)}, not {focus_version!r}")
     params = _params(since=since, until=until, tenant=tenant)
     ledger = _ledger()
     try:
-        rows = export(ledger, params, out, fmt, billing_account)
+        rows = export(ledger, params, out, fmt, billing_account, focus_version)
     except Exception as err:  # noqa: BLE001
         fail(f"FOCUS export failed: {str(err).splitlines()[0][:300]}")
     finally:
         ledger.close()
-    console.print(f"wrote {rows} FOCUS {fmt} rows to {out}")
+    console.print(f"wrote {rows} FOCUS {focus_version} {fmt} rows to {out}")
 
 
 def sql_command(

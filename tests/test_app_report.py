@@ -30,7 +30,8 @@ from meterline.settings import Settings, get_settings
 from meterline.sql import ledger
 from meterline.sql.rows import budget_policy_row, gpu_sample_row, insert_rows, priced_event_row, with_offsets
 
-from meterline.app.focus import focus_rows
+from meterline.app.focus import focus_rows, idle_rows
+from meterline.streams.pricing import NO_COMPONENTS, load_catalog, token_components
 from meterline.app.report import REPORTS, ReportParams, burn_down, period_bounds, run_report
 from meterline.app.store import DirectLedger
 
@@ -42,6 +43,8 @@ UNTIL = (NOW + timedelta(minutes=1)).isoformat()
 TENANTS = ("acme", "globex", "initech")
 TEAMS = ("search", "support", "research")
 MODELS = (("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4"), ("openai", "gpt-4o-mini"))
+UNPRICED_MODEL = ("acme-labs", "in-house-7b")
+CATALOG = load_catalog()  # the export reads list rates from the same catalog
 FOCUS_12 = (  # the FOCUS 1.2 column list, written out independently of meterline.app.focus
     "AvailabilityZone BilledCost BillingAccountId BillingAccountName BillingAccountType BillingCurrency BillingPeriodEnd "
     "BillingPeriodStart CapacityReservationId CapacityReservationStatus ChargeCategory ChargeClass ChargeDescription "
@@ -69,27 +72,26 @@ def make_events(rng: random.Random, n: int = 240) -> list[PricedEvent]:
                       status=rng.choice(("ok", "ok", "ok", "error")), priority=rng.choice(("high", "normal", "batch")),
                       catalog_version="test-1", priced_at=NOW)
         if i % 10 == 9:  # a tool call: one unit price, no token components
-            cost = usd(rng)
-            events.append(PricedEvent(**common, kind="tool_call", tool="web_search", units=rng.randrange(1, 4),
+            units = rng.randrange(1, 4)
+            cost = CATALOG.tool_unit_price("web_search", "", common["ts"]) * units
+            events.append(PricedEvent(**common, kind="tool_call", tool="web_search", units=units,
                                       cost_usd=cost, list_cost_usd=cost, cost_source="catalog"))
             continue
         provider, model = rng.choice(MODELS)
-        cache_read, cache_write = rng.randrange(0, 500), rng.randrange(0, 50)
-        parts = {k: usd(rng) for k in ("input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd")}
-        if not cache_read:
-            parts["cache_read_cost_usd"] = ZERO
-        if not cache_write:
-            parts["cache_write_cost_usd"] = ZERO
-        listed = sum(parts.values(), ZERO)
-        source, cost = "catalog", listed
-        if i % 13 == 0:
-            source, cost = "provider", usd(rng)  # provider-reported: overrides the catalog
         if i % 37 == 0:
-            source, cost, listed = "unpriced", ZERO, ZERO
-            parts = dict.fromkeys(parts, ZERO)
-        events.append(PricedEvent(**common, kind="llm_call", provider=provider, model=model,
-                                  input_tokens=1000 + cache_read + cache_write, output_tokens=rng.randrange(1, 900),
-                                  cache_read_tokens=cache_read, cache_write_tokens=cache_write, cost_usd=cost,
+            provider, model = UNPRICED_MODEL  # nobody prices it: cost 0, cost_source unpriced
+        cache_read, cache_write = rng.randrange(0, 500), rng.randrange(0, 50)
+        tokens = dict(input_tokens=1000 + cache_read + cache_write, output_tokens=rng.randrange(1, 900),
+                      cache_read_tokens=cache_read, cache_write_tokens=cache_write)
+        rates = CATALOG.rates_for(provider, model, common["ts"])  # list prices the pricer would give
+        comp = token_components(rates, *tokens.values()) if rates else NO_COMPONENTS
+        parts = dict(input_cost_usd=comp.input, output_cost_usd=comp.output, cache_read_cost_usd=comp.cache_read,
+                     cache_write_cost_usd=comp.cache_write)
+        listed = comp.total
+        source, cost = ("catalog", listed) if rates else ("unpriced", ZERO)
+        if i % 13 == 0 and rates:
+            source, cost = "provider", usd(rng)  # provider-reported: overrides the catalog
+        events.append(PricedEvent(**common, kind="llm_call", provider=provider, model=model, **tokens, cost_usd=cost,
                                   list_cost_usd=listed, cost_source=source, **parts))
     return events
 
@@ -267,55 +269,280 @@ def test_totals_equal_the_chargeback_sum(cli, truth):
     assert tot["unpriced_events"] == sum(1 for e in truth["events"] if e.cost_source == "unpriced")
 
 
-def _focus_csv(cli, tmp_path) -> list[dict[str, str]]:
-    out = tmp_path / "focus.csv"
-    cli("report", "focus", "--out", str(out), "--since", SINCE, "--until", UNTIL)
+FOCUS_13 = sorted(FOCUS_12 + [  # FOCUS 1.3's additions (ProviderName / PublisherName deprecated, still there)
+    "AllocatedMethodDetails", "AllocatedMethodId", "AllocatedResourceId", "AllocatedResourceName", "AllocatedTags",
+    "ContractApplied", "HostProviderName", "ServiceProviderName"])
+DECIMAL_RE = re.compile(r"^-?\d+(\.\d+)?$")  # FOCUS NumericFormat: no exponent, no thousands separator
+DATETIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")  # FOCUS DateTimeFormat, UTC
+SERVICE_SUBCATEGORIES = {  # the part of FOCUS's ServiceCategory / ServiceSubcategory table meterline uses
+    "AI and Machine Learning": {"AI Platforms", "Bots", "Generative AI", "Machine Learning", "Natural Language Processing",
+                                "Other (AI and Machine Learning)"},
+    "Compute": {"Containers", "End User Computing", "Quantum Compute", "Serverless Compute", "Virtual Machines",
+                "Other (Compute)"},
+}
+D = Decimal
+# The spec's mandatory and conditional rules that apply to meterline's rows, as data: (rule, applies to
+# version, condition, requirement). Cells are CSV text; "" is null. Written from the FOCUS 1.2/1.3 column
+# text and focus-validator's rule ids, independently of meterline.app.focus.
+NOT_NULL_ALWAYS = ("BilledCost", "BillingAccountId", "BillingAccountName", "BillingAccountType", "BillingCurrency",
+                   "BillingPeriodEnd", "BillingPeriodStart", "ChargeCategory", "ChargeDescription", "ChargeFrequency",
+                   "ChargePeriodEnd", "ChargePeriodStart", "ContractedCost", "EffectiveCost", "InvoiceId",
+                   "InvoiceIssuerName", "ListCost", "PricingCurrency", "ProviderName", "PublisherName", "ServiceCategory",
+                   "ServiceName", "ServiceSubcategory", "SubAccountId", "SubAccountName", "SubAccountType")
+NOT_NULL_FOR_USAGE = ("ConsumedQuantity", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCategory",
+                      "PricingQuantity", "PricingUnit", "SkuId", "SkuMeter", "SkuPriceId")
+NULL_UNSUPPORTED = ("AvailabilityZone", "CapacityReservationId", "CapacityReservationStatus", "CommitmentDiscountCategory",
+                    "CommitmentDiscountId", "CommitmentDiscountName", "CommitmentDiscountQuantity",
+                    "CommitmentDiscountStatus", "CommitmentDiscountType", "CommitmentDiscountUnit", "RegionId", "RegionName")
+DECIMALS = ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost", "ListUnitPrice", "ContractedUnitPrice",
+            "PricingQuantity", "ConsumedQuantity", "PricingCurrencyEffectiveCost", "PricingCurrencyListUnitPrice",
+            "PricingCurrencyContractedUnitPrice")
+ALLOWED = {"ChargeCategory": {"Usage", "Purchase", "Tax", "Credit", "Adjustment"}, "ChargeClass": {"", "Correction"},
+           "ChargeFrequency": {"One-Time", "Recurring", "Usage-Based"},
+           "PricingCategory": {"", "Standard", "Dynamic", "Committed", "Other"}, "BillingCurrency": {"USD"},
+           "PricingCurrency": {"USD"}}
+ALLOCATION = ("AllocatedMethodId", "AllocatedMethodDetails", "AllocatedResourceId", "AllocatedResourceName", "AllocatedTags")
+
+
+def _json_object(text: str) -> bool:
+    return isinstance(json.loads(text, parse_float=D), dict)
+
+
+def _product(r, unit: str, cost: str) -> bool:
+    return D(r[unit]) * D(r["PricingQuantity"]) == D(r[cost])
+
+
+RULES = [
+    *[(f"{c} not null", "all", lambda r: True, lambda r, c=c: r[c] != "") for c in NOT_NULL_ALWAYS],
+    *[(f"{c} not null for Usage", "all", lambda r: r["ChargeCategory"] in ("Usage", "Purchase") and r["ChargeClass"] != "Correction",
+       lambda r, c=c: r[c] != "") for c in NOT_NULL_FOR_USAGE],
+    *[(f"{c} null (not supported)", "all", lambda r: True, lambda r, c=c: r[c] == "") for c in NULL_UNSUPPORTED],
+    *[(f"{c} allowed value", "all", lambda r: True, lambda r, c=c, ok=ok: r[c] in ok) for c, ok in ALLOWED.items()],
+    *[(f"{c} NumericFormat", "all", lambda r, c=c: r[c] != "", lambda r, c=c: bool(DECIMAL_RE.match(r[c]))) for c in DECIMALS],
+    *[(f"{c} DateTimeFormat", "all", lambda r: True, lambda r, c=c: bool(DATETIME_RE.match(r[c])))
+      for c in ("BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd")],
+    ("ChargePeriodStart < ChargePeriodEnd", "all", lambda r: True, lambda r: r["ChargePeriodStart"] < r["ChargePeriodEnd"]),
+    ("charge period within the billing period", "all", lambda r: True,
+     lambda r: r["BillingPeriodStart"] <= r["ChargePeriodStart"] and r["ChargePeriodEnd"] <= r["BillingPeriodEnd"]),
+    ("BillingPeriodStart < BillingPeriodEnd", "all", lambda r: True, lambda r: r["BillingPeriodStart"] < r["BillingPeriodEnd"]),
+    ("BilledCost-C-005-C: 0 when a third party is paid", "all", lambda r: r["ProviderName"] != r["InvoiceIssuerName"],
+     lambda r: D(r["BilledCost"]) == 0),
+    ("BilledCost 0 unless ServiceProviderName is the issuer", "1.3",
+     lambda r: r["ServiceProviderName"] != r["InvoiceIssuerName"], lambda r: D(r["BilledCost"]) == 0),
+    ("ListCost = ListUnitPrice x PricingQuantity", "all", lambda r: r["ListUnitPrice"] != "" and r["PricingQuantity"] != "",
+     lambda r: _product(r, "ListUnitPrice", "ListCost")),
+    ("ContractedCost = ContractedUnitPrice x PricingQuantity", "all",
+     lambda r: r["ContractedUnitPrice"] != "" and r["PricingQuantity"] != "", lambda r: _product(r, "ContractedUnitPrice", "ContractedCost")),
+    ("unit prices non-negative", "all", lambda r: r["ListUnitPrice"] != "",
+     lambda r: D(r["ListUnitPrice"]) >= 0 and D(r["ContractedUnitPrice"]) >= 0),
+    ("PricingCurrency* equal the billing-currency columns (one currency)", "all", lambda r: True,
+     lambda r: (r["PricingCurrencyEffectiveCost"], r["PricingCurrencyListUnitPrice"], r["PricingCurrencyContractedUnitPrice"])
+     == (r["EffectiveCost"], r["ListUnitPrice"], r["ContractedUnitPrice"])),
+    ("ConsumedUnit null iff ConsumedQuantity null", "all", lambda r: True,
+     lambda r: (r["ConsumedUnit"] == "") == (r["ConsumedQuantity"] == "")),
+    ("PricingUnit null iff PricingQuantity null", "all", lambda r: True,
+     lambda r: (r["PricingUnit"] == "") == (r["PricingQuantity"] == "")),
+    ("ServiceSubcategory belongs to ServiceCategory", "all", lambda r: True,
+     lambda r: r["ServiceSubcategory"] in SERVICE_SUBCATEGORIES.get(r["ServiceCategory"], ())),
+    ("Tags is a JSON object", "all", lambda r: r["Tags"] != "", lambda r: _json_object(r["Tags"])),
+    ("SkuPriceDetails: JSON object, custom keys x_", "all", lambda r: r["SkuPriceDetails"] != "",
+     lambda r: _json_object(r["SkuPriceDetails"]) and all(k.startswith("x_") for k in json.loads(r["SkuPriceDetails"]))),
+    *[(f"{c} not null", "1.3", lambda r: True, lambda r, c=c: r[c] != "") for c in ("ServiceProviderName", "HostProviderName")],
+    ("ProviderName is ServiceProviderName (deprecated alias)", "1.3", lambda r: True,
+     lambda r: r["ProviderName"] == r["ServiceProviderName"]),
+    ("ContractApplied null without contract commitments", "1.3", lambda r: True, lambda r: r["ContractApplied"] == ""),
+    *[(f"{c} null unless split cost allocation", "1.3", lambda r: r["AllocatedMethodId"] == "", lambda r, c=c: r[c] == "")
+      for c in ALLOCATION],
+    ("AllocatedMethodDetails has Elements with AllocatedRatio", "1.3", lambda r: r["AllocatedMethodId"] != "",
+     lambda r: all("AllocatedRatio" in e for e in json.loads(r["AllocatedMethodDetails"], parse_float=D)["Elements"])),
+    ("AllocatedTags: no key already in Tags", "1.3", lambda r: r["AllocatedTags"] != "",
+     lambda r: not set(json.loads(r["AllocatedTags"])) & set(json.loads(r["Tags"] or "{}"))),
+]
+
+
+def check_rules(rows: list[dict[str, str]], version: str) -> dict[str, int]:
+    """Every rule on every row; returns how many rows each rule applied to (so a test sees it ran)."""
+    applied: dict[str, int] = defaultdict(int)
+    for r in rows:
+        for name, versions, condition, requirement in RULES:
+            if versions in ("all", version) and condition(r):
+                applied[name] += 1
+                assert requirement(r), (name, {k: v for k, v in r.items() if v})
+    return applied
+
+
+def _focus_csv(cli, tmp_path, *args: str, since: str = SINCE, until: str = UNTIL, version: str = "1.3") -> list[dict[str, str]]:
+    out = tmp_path / f"focus-{since}-{until}-{version}.csv"
+    cli("report", "focus", "--out", str(out), "--since", since, "--until", until, *args)
     with open(out, newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
         header = reader.fieldnames
     focus_cols = [c for c in header if not c.startswith("x_")]
-    assert focus_cols == FOCUS_12  # every FOCUS 1.2 column, in spec order, nothing else unprefixed
+    assert focus_cols == (FOCUS_13 if version == "1.3" else FOCUS_12)  # every column, spec order, nothing else unprefixed
+    assert header[:len(focus_cols)] == focus_cols  # x_ columns come after FOCUS's
     assert {"x_SessionId", "x_AgentId", "x_GpuSeconds", "x_TokenType"} <= set(header)
     return rows
 
 
-def test_focus_csv_validates_and_adds_up_exactly(cli, truth, tmp_path):
-    rows = _focus_csv(cli, tmp_path)
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_focus_export_meets_every_applicable_rule_and_adds_up_exactly(cli, truth, tmp_path, version):
+    args = ("--focus-version", "1.2") if version == "1.2" else ()
+    rows = _focus_csv(cli, tmp_path, *args, version=version)
+    applied = check_rules(rows, version)
+    assert applied["BilledCost-C-005-C: 0 when a third party is paid"] > 0 and applied["ListCost = ListUnitPrice x PricingQuantity"] == len(rows)
     events = truth["events"]
     gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
-    assert sum(Decimal(r["BilledCost"]) for r in rows) == sum((e.cost_usd for e in events), ZERO) + gpu_cost
-    assert sum(Decimal(r["ListCost"]) for r in rows) == sum((e.list_cost_usd for e in events), ZERO) + gpu_cost
-    for r in rows:
-        assert r["BillingCurrency"] == "USD" and r["ChargeCategory"] == "Usage" and r["ChargeClass"] == ""
-        assert r["ChargePeriodStart"] < r["ChargePeriodEnd"] and r["SubAccountId"]
-        assert Decimal(r["EffectiveCost"]) == Decimal(r["BilledCost"]) >= 0
-        json.loads(r["Tags"])
+    # EffectiveCost is the showback: it adds up to the ledger exactly; BilledCost is only what the issuer invoices (GPU time)
+    assert sum(D(r["EffectiveCost"]) for r in rows) == sum((e.cost_usd for e in events), ZERO) + gpu_cost
+    internal = sum((e.cost_usd for e in events if not e.provider), ZERO)  # calls with no seller named: the account's own
+    assert sum(D(r["BilledCost"]) for r in rows) == gpu_cost + internal and internal > 0
+    third_party = [r for r in rows if r["ProviderName"] in ("openai", "anthropic")]
+    assert third_party and all(r["InvoiceIssuerName"] == "meterline" and D(r["BilledCost"]) == 0 for r in third_party)
+    assert {r["InvoiceId"] for r in rows} == {f"meterline/{NOW:%Y-%m}"} or NOW.day == 1  # one provisional invoice a month
+    # list cost: catalog rate x quantity, which for catalog-priced tokens is the pricer's list cost to the pico-dollar
+    assert sum(D(r["ListCost"]) for r in rows if r["x_Kind"] != "gpu") == sum((e.list_cost_usd for e in events), ZERO)
     # cached and uncached tokens are separate rows, with their own quantities
     by_type = defaultdict(Decimal)
     for r in rows:
-        by_type[r["x_TokenType"]] += Decimal(r["ConsumedQuantity"])
+        by_type[r["x_TokenType"]] += D(r["ConsumedQuantity"])
     llm = [e for e in events if e.kind == "llm_call"]
     assert by_type["cache_read"] == sum(e.cache_read_tokens for e in llm)
     assert by_type["cache_write"] == sum(e.cache_write_tokens for e in llm)
     assert by_type["input"] == sum(e.input_tokens - e.cache_read_tokens - e.cache_write_tokens for e in llm)
     gpu_rows = [r for r in rows if r["ConsumedUnit"] == "GPU-Hours"]
-    assert sum(Decimal(r["x_GpuSeconds"]) for r in gpu_rows) == sum((sec for s, sec, _ in truth["gpu"] if s.level == "process"), ZERO)
+    assert sum(D(r["x_GpuSeconds"]) for r in gpu_rows) == sum((sec for s, sec, _ in truth["gpu"] if s.level == "process"), ZERO)
+
+
+def test_focus_list_unit_price_is_the_catalog_rate(cli, truth, tmp_path):
+    rows = _focus_csv(cli, tmp_path)
+    gpu = [r for r in rows if r["x_Kind"] == "gpu"]
+    assert gpu and {r["ListUnitPrice"] for r in gpu} == {"2.49"}  # the catalog's H100 $/hour, not cost / hours
+    for r in gpu:  # list = 2.49 x hours exactly; the ledger's per-sample rounding stays under a nano-dollar
+        assert abs(D(r["ListCost"]) - D(r["EffectiveCost"])) < D("1e-9") and D(r["BilledCost"]) == D(r["EffectiveCost"])
+    rates = {(r["x_Model"], r["x_TokenType"]): r["ListUnitPrice"] for r in rows if r["x_Model"] == "gpt-4o"}
+    assert rates[("gpt-4o", "input")] == "0.0000025" and rates[("gpt-4o", "output")] == "0.00001"  # $2.50 / $10 per Mtok
+    assert {r["ListUnitPrice"] for r in rows if r["x_Tool"] == "web_search"} == {
+        exact_str(CATALOG.tool_unit_price("web_search", "", NOW))}
+
+
+def exact_str(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def test_unpriced_usage_says_why(cli, truth, tmp_path):
+    rows = [r for r in _focus_csv(cli, tmp_path) if r["x_CostSource"] == "unpriced"]
+    assert rows and sum(1 for e in truth["events"] if e.cost_source == "unpriced") > 0
+    for r in rows:
+        assert r["ChargeDescription"].startswith("unpriced: no catalog price for model in-house-7b"), r["ChargeDescription"]
+        assert D(r["EffectiveCost"]) == D(r["ListCost"]) == 0
+    priced = [r for r in _focus_csv(cli, tmp_path) if r["x_CostSource"] != "unpriced"]
+    assert not any("unpriced" in r["ChargeDescription"] for r in priced)
+
+
+def test_adjacent_exports_never_share_a_charge_period(cli, truth, tmp_path):
+    cut = NOW - timedelta(minutes=29, seconds=17)
+    if cut.minute == cut.second == 0:
+        cut -= timedelta(minutes=1)  # the cut must fall mid-hour
+    cut_s = cut.isoformat()
+    before = _focus_csv(cli, tmp_path, since=SINCE, until=cut_s)
+    after = _focus_csv(cli, tmp_path, since=cut_s, until=UNTIL)
+    whole = _focus_csv(cli, tmp_path)
+    stamp = cut.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert before and after
+    assert max(r["ChargePeriodEnd"] for r in before) == stamp == min(r["ChargePeriodStart"] for r in after)
+    assert {r["ChargePeriodStart"] for r in before}.isdisjoint({r["ChargePeriodStart"] for r in after})
+    assert all(r["ChargePeriodStart"] >= datetime.fromisoformat(SINCE).strftime("%Y-%m-%dT%H:%M:%SZ") for r in whole)
+    assert sum(D(r["EffectiveCost"]) for r in before + after) == sum(D(r["EffectiveCost"]) for r in whole)
+    check_rules(before + after, "1.3")
+
+
+def _idle(**kw):
+    line = dict(hour=datetime(2026, 3, 4, 10, tzinfo=timezone.utc), period_end=datetime(2026, 3, 4, 11, tzinfo=timezone.utc),
+                node="node-1", gpu_uuid="GPU-aaaa", mig_uuid="", gpu_name="NVIDIA H100 80GB HBM3", tenant_id="acme",
+                team="search", project="p0", gpu_seconds=D("1200"), cost_usd=D("0.83"), policy="proportional",
+                catalog_version="test-1", list_rate_per_hour=D("2.49"))
+    return line | kw
+
+
+def _as_csv_cells(rows):  # the builder's rows as the CSV writer renders them
+    from meterline.app.focus import _csv_value
+
+    return [{c: ("" if v is None else str(_csv_value(v))) for c, v in {col: r.get(col) for col in FOCUS_13}.items()} for r in rows]
+
+
+def test_idle_allocation_rows_carry_focus_13_allocation_columns():
+    lines = [_idle(tenant_id="acme", gpu_seconds=D("1200"), cost_usd=D("0.83")),
+             _idle(tenant_id="globex", team="support", gpu_seconds=D("600"), cost_usd=D("0.415")),
+             _idle(tenant_id="initech", gpu_seconds=D("1"), cost_usd=D("0.000691666667")),
+             _idle(policy="owner", gpu_uuid="GPU-bbbb", mig_uuid="MIG-1", gpu_seconds=D("3600"), cost_usd=D("0.355714285714")),
+             _idle(policy="separate", gpu_uuid="GPU-cccc", tenant_id="", team="", project="", cost_usd=D("2.49"),
+                   gpu_seconds=D("3600"))]
+    rows = list(idle_rows(lines, "meterline"))
+    cells = _as_csv_cells(rows)
+    check_rules(cells, "1.3")
+    assert [r["AllocatedMethodId"] for r in rows] == ["proportional"] * 3 + ["owner", "separate"]
+    details = [json.loads(r["AllocatedMethodDetails"], parse_float=D) for r in rows]
+    ratios = [d["Elements"][0]["AllocatedRatio"] for d in details]
+    assert sum(ratios[:3]) == 1 and ratios[3] == ratios[4] == 1  # one origin charge per device-hour, shares add to 1
+    assert abs(ratios[0] - 2 * ratios[1]) <= D("1e-17")  # shares of the cost; the rounding remainder on the largest
+    assert not any(isinstance(x, float) for x in ratios)  # exact numbers in the JSON (parse_float=Decimal), never floats
+    assert details[0]["Elements"][0]["UsageUnit"] == "GPU-Seconds" and details[0]["Elements"][0]["UsageQuantity"] == 1200
+    assert details[0]["x_Policy"] == "proportional" and "proportion" in details[0]["x_Rule"]
+    assert rows[0]["AllocatedResourceId"] == "node-1/GPU-aaaa" and rows[3]["AllocatedResourceId"] == "node-1/GPU-bbbb/MIG-1"
+    assert rows[4]["AllocatedResourceId"] is None and rows[4]["AllocatedResourceName"] is None  # the unallocated portion
+    assert rows[4]["SubAccountId"] == STREAM_UNATTRIBUTED
+    assert json.loads(rows[1]["AllocatedTags"]) == {"team": "support", "project": "p0"}
+    for r, line in zip(rows, lines):
+        assert r["EffectiveCost"] == r["BilledCost"] == line["cost_usd"]  # the account's own GPUs: it bills them
+        assert r["ListUnitPrice"] == D("2.49") and r["ListCost"] == r["ListUnitPrice"] * r["PricingQuantity"]
+        assert (r["ChargePeriodStart"], r["ChargePeriodEnd"]) == (line["hour"], line["period_end"])
+    with pytest.raises(ValueError, match="unknown GPU idle policy"):
+        list(idle_rows([_idle(policy="evenly")], "meterline"))
+
+
+def test_idle_lines_reach_the_export_clipped_to_its_window(truth):
+    params = ReportParams.parse(since=SINCE, until=UNTIL)
+    line = _idle(hour=NOW.replace(minute=0, second=0) - timedelta(hours=2), period_end=NOW.replace(minute=0, second=0) - timedelta(hours=1))
+    client = ledger.connect(truth["settings"])
+    try:
+        store = DirectLedger(truth["settings"], client)
+        plain, with_idle = focus_rows(store, params), focus_rows(store, params, idle_lines=[line])
+        old = focus_rows(store, params, version="1.2", idle_lines=[line])
+    finally:
+        client.close()
+        gc.collect()
+    (extra,) = [r for r in with_idle if r["AllocatedMethodId"]]
+    assert len(with_idle) == len(plain) + 1 and not any(r["AllocatedMethodId"] for r in plain)
+    assert extra["ChargePeriodStart"] == max(line["hour"], params.since)
+    assert "AllocatedMethodId" not in old[0] and len(old) == len(with_idle)  # 1.2 has no allocation columns
 
 
 def test_focus_parquet_has_decimal_money_and_the_same_total(cli, truth, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = tmp_path / "focus.parquet"
-    cli("report", "focus", "--format", "parquet", "--out", str(out), "--since", SINCE, "--until", UNTIL)
-    table = pq.read_table(out)
-    assert [n for n in table.schema.names if not n.startswith("x_")] == FOCUS_12
-    for col in ("BilledCost", "EffectiveCost", "ListCost", "ConsumedQuantity"):
-        assert table.schema.field(col).type == pa.decimal128(38, 18)
-    assert table.schema.field("ChargePeriodStart").type == pa.timestamp("ms", tz="UTC")
-    gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
-    assert sum(table.column("BilledCost").to_pylist(), ZERO) == sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost
+    for version, want_cols in (("1.3", FOCUS_13), ("1.2", FOCUS_12)):
+        out = tmp_path / f"focus-{version}.parquet"
+        cli("report", "focus", "--format", "parquet", "--out", str(out), "--since", SINCE, "--until", UNTIL, "--focus-version", version)
+        table = pq.read_table(out)
+        assert [n for n in table.schema.names if not n.startswith("x_")] == want_cols
+        assert table.schema.metadata[b"focus_version"] == version.encode()
+        for col in ("BilledCost", "EffectiveCost", "ListCost", "ConsumedQuantity", "ListUnitPrice"):
+            assert table.schema.field(col).type == pa.decimal128(38, 18)
+        assert table.schema.field("ChargePeriodStart").type == pa.timestamp("ms", tz="UTC")
+        gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
+        total = sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost
+        assert sum(table.column("EffectiveCost").to_pylist(), ZERO) == total
+
+
+def test_focus_version_flag_refuses_unknown_versions(truth, monkeypatch, tmp_path):
+    monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", truth["settings"].dsn)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["report", "focus", "--out", str(tmp_path / "x.csv"), "--focus-version", "1.1"])
+    get_settings.cache_clear()
+    assert result.exit_code == 1 and "--focus-version must be one of 1.3, 1.2" in result.output  # as --format's check
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_split_of_a_provider_cost_adds_up_exactly():
