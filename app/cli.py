@@ -181,15 +181,17 @@ def focus(
     since: Since = None, until: Until = None, tenant: Tenant = None,
     billing_account: Annotated[str, typer.Option(help="FOCUS BillingAccountId / InvoiceIssuerName.")] = "meterline",
     focus_version: Annotated[str, typer.Option("--focus-version", help="FOCUS version: 1.3, or 1.2 for older tools.")] = "1.3",
+    gpu_idle: GpuIdle = None,
 ) -> None:
-    """FinOps FOCUS 1.3 (or 1.2) export: cached and uncached tokens as separate rows, GPU-hours, x_ columns for sessions and agents."""
+    """FinOps FOCUS 1.3 (or 1.2) export: cached and uncached tokens as separate rows, GPU-hours (process time
+    per session, idle time as allocated rows), x_ columns for sessions and agents."""
     from .focus import VERSIONS, export
 
     if fmt not in ("csv", "parquet"):
         fail(f"--format must be csv or parquet, not {fmt!r}")
     if focus_version not in VERSIONS:
         fail(f"--focus-version must be one of {', '.join(VERSIONS)}, not {focus_version!r}")
-    params = _params(since=since, until=until, tenant=tenant)
+    params = _params(since=since, until=until, tenant=tenant, gpu_idle=gpu_idle)
     ledger = _ledger()
     try:
         rows = export(ledger, params, out, fmt, billing_account, focus_version)

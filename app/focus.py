@@ -92,9 +92,10 @@ TOKEN_COMPONENTS = (
     ("output", "output_qty", "output_list_usd", "Output Tokens", "output"),
 )
 IDLE_RULES = {  # AllocatedMethodId -> what the rule does (AllocatedMethodDetails.x_Rule)
-    "owner": "the device's idle time is charged to the tenant that owns the device",
-    "proportional": "the device's idle time is split over its tenants in proportion to their busy GPU-seconds in the hour",
-    "separate": "the device's idle time is kept as its own unallocated line, charged to no tenant",
+    "owner": "idle time of a device or MIG slice is charged to its holder (gpu_allocations), else to the idle line",
+    "proportional": "a device's idle time is split over the tenants that used it in the hour, by the cost of their "
+                    "process time; an hour nobody used goes to the holder, else to the idle line",
+    "separate": "the device's idle time is kept as its own unallocated line (tenant idle), charged to no tenant",
 }
 
 
@@ -302,7 +303,10 @@ def _idle_row(line: dict[str, Any], ratio: Decimal, account: str) -> dict[str, A
         "x_GpuNode": line["node"], "x_GpuName": line["gpu_name"], "x_CostSource": "catalog",
         "x_CatalogVersion": line["catalog_version"], "x_Simulated": False,
     }
-    _money(row, cost, Decimal(line["list_rate_per_hour"]), seconds / 3600)
+    rate = line.get("list_rate_per_hour")
+    hours = seconds / 3600
+    _money(row, cost, Decimal(rate) if rate is not None else (cost / hours).quantize(SCALE, ROUND_HALF_EVEN) if hours else ZERO,
+           hours)
     return row
 
 
@@ -314,8 +318,13 @@ def clip(row: dict[str, Any], since: datetime, until: datetime) -> dict[str, Any
 
 
 def focus_rows(ledger: Any, params: ReportParams, billing_account: str = "meterline", version: str = FOCUS_VERSION,
-               idle_lines: Iterable[dict[str, Any]] = (), catalog: Any = None) -> list[dict[str, Any]]:
-    """Every FOCUS row for the period, each with all columns of `version` (missing ones None)."""
+               idle_lines: Iterable[dict[str, Any]] | None = None, catalog: Any = None) -> list[dict[str, Any]]:
+    """Every FOCUS row for the period, each with all columns of `version` (missing ones None). Idle GPU time
+    comes from app/gpu_idle.py by params.gpu_idle unless `idle_lines` are given."""
+    if idle_lines is None:
+        from .gpu_idle import idle_lines as allocated, matching
+
+        idle_lines = matching(allocated(ledger, params.since, params.until, params.gpu_idle), params.tenant)
     if catalog is None:
         from meterline.streams.pricing import load_catalog
 
@@ -384,7 +393,7 @@ def _arrow_value(col: str, value: Any) -> Any:
 
 
 def export(ledger: Any, params: ReportParams, out: Path, fmt: str, billing_account: str = "meterline",
-           version: str = FOCUS_VERSION, idle_lines: Iterable[dict[str, Any]] = ()) -> int:
+           version: str = FOCUS_VERSION, idle_lines: Iterable[dict[str, Any]] | None = None) -> int:
     rows = focus_rows(ledger, params, billing_account, version, idle_lines)
     (write_parquet if fmt == "parquet" else write_csv)(rows, out, version)
     return len(rows)

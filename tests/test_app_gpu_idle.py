@@ -190,3 +190,21 @@ def test_split_is_exact_and_favours_the_largest_share():
     parts = split(Decimal("0.000000000010"), {"b": Decimal(1), "a": Decimal(1), "c": Decimal(1)})
     assert sum(parts.values()) == Decimal("0.000000000010") and parts["a"] == Decimal("0.000000000004")
     assert split(Decimal("1"), {"x": Decimal(3), "y": Decimal(1)}) == {"x": Decimal("0.75"), "y": Decimal("0.25")}
+
+
+@pytest.mark.parametrize("policy", ["owner", "proportional", "separate"])
+def test_focus_carries_the_idle_time_as_allocated_rows_and_adds_up_to_the_devices(cli, filled, tmp_path, policy):
+    import csv
+
+    out = tmp_path / "focus.csv"
+    cli("report", "focus", "--out", str(out), "--since", SINCE, "--until", UNTIL, "--gpu-idle", policy)
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    devices = sum((Decimal(r["cost_usd"]) for r in report(cli, "gpu")), ZERO)
+    assert sum((Decimal(r["EffectiveCost"]) for r in rows), ZERO) == devices
+    idle = [r for r in rows if r["x_Kind"] == "gpu_idle"]
+    assert idle and {r["AllocatedMethodId"] for r in idle} == {policy}
+    per_tenant = defaultdict(Decimal)
+    for r in rows:
+        per_tenant[r["SubAccountId"]] += Decimal(r["EffectiveCost"])
+    assert dict(per_tenant) == expected(filled["samples"], filled["cost"], policy)

@@ -488,7 +488,7 @@ def test_idle_allocation_rows_carry_focus_13_allocation_columns():
     assert abs(ratios[0] - 2 * ratios[1]) <= D("1e-17")  # shares of the cost; the rounding remainder on the largest
     assert not any(isinstance(x, float) for x in ratios)  # exact numbers in the JSON (parse_float=Decimal), never floats
     assert details[0]["Elements"][0]["UsageUnit"] == "GPU-Seconds" and details[0]["Elements"][0]["UsageQuantity"] == 1200
-    assert details[0]["x_Policy"] == "proportional" and "proportion" in details[0]["x_Rule"]
+    assert details[0]["x_Policy"] == "proportional" and "split over the tenants" in details[0]["x_Rule"]
     assert rows[0]["AllocatedResourceId"] == "node-1/GPU-aaaa" and rows[3]["AllocatedResourceId"] == "node-1/GPU-bbbb/MIG-1"
     assert rows[4]["AllocatedResourceId"] is None and rows[4]["AllocatedResourceName"] is None  # the unallocated portion
     assert rows[4]["SubAccountId"] == STREAM_UNATTRIBUTED
