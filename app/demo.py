@@ -334,7 +334,8 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
             console.print(render("chargeback", params, chargeback, "table"))
             console.print(f"[bold black on yellow] {BANNER} [/]")
             console.print(f"ledger: {totals['priced_events']} priced events (agents sent {outcomes.sent}), "
-                          f"usage ${summary['ledger_usage_cost_usd']} + GPU ${summary['ledger_gpu_cost_usd']} = "
+                          f"usage ${summary['ledger_usage_cost_usd']} + GPU ${summary['ledger_gpu_cost_usd']} "
+                          f"(${summary['ledger_gpu_idle_cost_usd']} of it idle, charged {params.gpu_idle}) = "
                           f"chargeback ${summary['chargeback_total_usd']} "
                           f"({'[green]equal[/]' if summary['chargeback_equals_ledger'] else '[red]MISMATCH[/]'})")
             console.print(f"decisions {summary['decisions']} · anomalies {summary['anomalies']}")
@@ -361,12 +362,13 @@ def summarise(chargeback: Any, totals: dict, up: Any, outcomes: Outcomes, url: s
     total_col = chargeback.columns.index("total_cost_usd")
     charged = sum((row[total_col] for row in chargeback.rows), Decimal(0))
     usage = totals["usage_cost_usd"] or Decimal(0)
-    gpu = totals["gpu_cost_usd"] or Decimal(0)
+    gpu = (totals["gpu_cost_usd"] or Decimal(0)) + totals["gpu_idle_cost_usd"]  # what the devices cost
     snap = up.live.snapshot()
     return {
         "simulated": True, "seed": seed, "duration_s": duration, "dashboard": url + "/",
         "events_sent": outcomes.sent, "priced_events": totals["priced_events"],
         "ledger_usage_cost_usd": exact(usage), "ledger_gpu_cost_usd": exact(gpu),
+        "ledger_gpu_idle_cost_usd": exact(totals["gpu_idle_cost_usd"]),
         "chargeback_total_usd": exact(charged), "chargeback_equals_ledger": charged == usage + gpu,
         "decisions": snap["decision_counts"], "anomalies": snap["anomaly_counts"],
         "ledger_decisions": totals["decisions"], "ledger_anomalies": totals["anomalies"],
