@@ -125,6 +125,12 @@ SEMCONV_OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens"
 CACHE_READ_ALIASES = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens")
 CACHE_WRITE_ALIASES = ("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
                        "gen_ai.usage.cache_creation_input_tokens", "gen_ai.usage.cache_write_input_tokens")
+# The tier that served the call (semconv's OpenAI registry; the gen_ai.openai.* names are the deprecated ones),
+# else the one requested. Values genai-prices prices pass; "standard" is Anthropic's word for the default;
+# others ("auto", "scale") are kept in attributes and priced as default.
+SERVICE_TIER_KEYS = ("openai.response.service_tier", "gen_ai.openai.response.service_tier",
+                     "openai.request.service_tier", "gen_ai.openai.request.service_tier")
+SERVICE_TIER_NAMES = {"default": "default", "standard": "default", "flex": "flex", "priority": "priority"}
 REASONING_ALIASES = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens", "llm.usage.reasoning_tokens")
 TOTAL_ALIASES = ("gen_ai.usage.total_tokens", "llm.usage.total_tokens")
 
@@ -279,6 +285,17 @@ def _first(attributes: Mapping[str, Any], keys: Keys) -> str:
     return ""
 
 
+def _service_tier(attrs: Mapping[str, Any], extra: dict[str, str]) -> dict[str, Any]:
+    """service_tier for the event; an unpriced tier goes to attributes (the call is priced as default)."""
+    tier = next((str(attrs[k]).lower() for k in SERVICE_TIER_KEYS if attrs.get(k) not in (None, "", "auto")), "")
+    if not tier:
+        return {}
+    if tier not in SERVICE_TIER_NAMES:
+        extra["service_tier"] = tier[:MAX_ATTRIBUTE_VALUE_LEN]
+        return {}
+    return {"service_tier": SERVICE_TIER_NAMES[tier]}
+
+
 def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapping[str, str] = _EMPTY) -> UsageEvent | None:
     """The usage event of a GenAI span; None for any other span (or a GenAI span with neither usage
     nor a model, which names no call). `context`: attribution (bare names, `tenant_id` ...) resolved
@@ -322,7 +339,7 @@ def to_event(span: SpanView, context: Mapping[str, str] = _EMPTY, defaults: Mapp
     if errors:
         raise InvalidEvent("UsageEvent", errors)
     status = status_of(span) if span.error else "ok"
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = _service_tier(attrs, extra)
     if missing and status == "ok":
         fields["usage"] = "missing"
     end = span.end_ns or span.start_ns

@@ -229,9 +229,17 @@ class Meter:
 
     def record_llm(self, provider: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
                    cache_read_tokens: int = 0, cache_write_tokens: int = 0, latency_ms: int = 0, status: str = "ok",
-                   cost_usd: Decimal | str | None = None, reasoning_tokens: int = 0, **attrs: str) -> None:
+                   cost_usd: Decimal | str | None = None, reasoning_tokens: int = 0, *, sheet: dict[str, Any] | None = None,
+                   **attrs: str) -> None:
         """Record one LLM call. `input_tokens` includes cached tokens, `output_tokens` reasoning tokens;
-        `cost_usd` is a provider-reported cost."""
+        `cost_usd` is a provider-reported cost. `sheet` carries the rest of the price sheet, by UsageEvent field
+        name (cache_write_1h_tokens, input_audio_tokens, input_image_tokens, output_audio_tokens,
+        output_image_tokens, web_searches, service_tier, batch); such calls are checked by the contract."""
+        if sheet:  # rare: the contract checks the subset rules and names a bad field
+            return self._checked(kind="llm_call", provider=provider, model=model, input_tokens=input_tokens,
+                                 output_tokens=output_tokens, cache_read_tokens=cache_read_tokens,
+                                 cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
+                                 latency_ms=latency_ms, status=status, cost_usd=cost_usd, attributes=attrs, **sheet)
         # The common case in one expression (plain ints, known names, no cost, no attributes): ~1 µs.
         if (type(input_tokens) is int and type(output_tokens) is int and type(cache_read_tokens) is int
                 and type(cache_write_tokens) is int and type(latency_ms) is int
@@ -369,6 +377,7 @@ class LlmCall(_TimedCall):
         self.meter, self.provider, self.model, self.attrs = meter, provider, model, attrs
         self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_write_tokens = self.reasoning_tokens = 0
         self.cost_usd: Decimal | str | None = None
+        self.sheet: dict[str, Any] = {}
         # The allocator's guard (allocator/guard.py) is consulted before the call: it may wait, raise
         # (throttled / over budget: nothing is recorded) or name a cheaper model, which `call.model` becomes.
         self.decision = meter.guard.check(model, priority=meter.current.priority) if meter.guard is not None else None
@@ -376,8 +385,10 @@ class LlmCall(_TimedCall):
             self.model = self.decision
 
     def usage(self, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
-              cost_usd: Decimal | str | None = None, reasoning_tokens: int = 0) -> None:
-        """The call's usage as the provider reported it (input with its cache, output with its reasoning)."""
+              cost_usd: Decimal | str | None = None, reasoning_tokens: int = 0, **sheet: Any) -> None:
+        """The call's usage as the provider reported it (input with its cache, output with its reasoning);
+        `sheet`: the rest of the price sheet by UsageEvent field name (see Meter.record_llm)."""
+        self.sheet = sheet
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
         self.cache_read_tokens, self.cache_write_tokens, self.cost_usd = cache_read_tokens, cache_write_tokens, cost_usd
         self.reasoning_tokens = reasoning_tokens
@@ -385,7 +396,7 @@ class LlmCall(_TimedCall):
     def _record(self, latency_ms: int, status: str) -> None:
         self.meter.record_llm(
             self.provider, self.model, self.input_tokens, self.output_tokens, self.cache_read_tokens,
-            self.cache_write_tokens, latency_ms, status, self.cost_usd, self.reasoning_tokens, **self.attrs)
+            self.cache_write_tokens, latency_ms, status, self.cost_usd, self.reasoning_tokens, sheet=self.sheet, **self.attrs)
 
 
 class ToolCall(_TimedCall):

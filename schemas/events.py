@@ -33,6 +33,9 @@ MAX_TOKENS = 10**12  # far above any real call; stops overflow in Int64/UInt64 c
 
 Kind = Literal["llm_call", "tool_call", "api_call"]
 Status = Literal["ok", "error", "timeout", "rate_limited", "cancelled"]
+# The tiers genai-prices prices (OpenAI and Gemini: flex, priority); "" = not reported, "default" = standard.
+ServiceTier = Literal["", "default", "flex", "priority"]
+SERVICE_TIERS: tuple[str, ...] = ("", "default", "flex", "priority")
 Priority = Literal["critical", "high", "normal", "low", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low", "batch")
 Scope = Literal["tenant", "team", "project", "agent", "session"]
@@ -215,7 +218,20 @@ class UsageEvent(Attribution):
     `input_tokens` counts every input token, cache reads and writes included
     (OpenTelemetry's meaning); the cache counts are subsets of it. Likewise `output_tokens`
     counts every output token, `reasoning_tokens` (thinking) included: providers bill them as
-    output, reports show them apart. `usage="missing"` marks a call that completed but whose
+    output, reports show them apart.
+
+    The rest of the price sheet (docs: ARCHITECTURE.md, "The whole price sheet"):
+    - `cache_write_1h_tokens` are the cache writes at the 1-hour TTL, a subset of
+      `cache_write_tokens` (all TTLs); the rest are written at the default 5-minute TTL.
+    - `input_audio_tokens` / `input_image_tokens` are the uncached audio / image input tokens,
+      subsets of `input_tokens` disjoint from the cache counts (cached tokens of any modality are in
+      `cache_read_tokens`), so cache_read + cache_write + input audio + input image <= input.
+    - `output_audio_tokens` / `output_image_tokens` are subsets of `output_tokens`, disjoint from
+      `reasoning_tokens` (text): reasoning + output audio + output image <= output.
+    - `web_searches` counts the provider's server-side web searches of an LLM call (priced per 1000).
+    - `service_tier` is what the provider says served the call ("" = not reported, priced as default);
+      `batch` marks a call made through a batch API. Both select genai-prices' price variants.
+    `usage="missing"` marks a call that completed but whose
     instrumentation reported no usage (a stream without include_usage): its zero tokens are
     unknown, not free, and the stream raises `unmetered_calls` for it.
     """
@@ -230,6 +246,14 @@ class UsageEvent(Attribution):
     cache_read_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
     reasoning_tokens: Tokens = 0
+    cache_write_1h_tokens: Tokens = 0
+    input_audio_tokens: Tokens = 0
+    input_image_tokens: Tokens = 0
+    output_audio_tokens: Tokens = 0
+    output_image_tokens: Tokens = 0
+    web_searches: Tokens = 0
+    service_tier: ServiceTier = ""
+    batch: StrictBool = False
     usage: Literal["reported", "missing"] = "reported"
     tool: Name = ""
     units: Tokens = Field(1, description="Billable units of a tool/API call (pages, searches, ...).")
@@ -246,6 +270,14 @@ class UsageEvent(Attribution):
             raise ValueError("cache_read_tokens + cache_write_tokens must not exceed input_tokens (input counts all input tokens)")
         if self.reasoning_tokens > self.output_tokens:
             raise ValueError("reasoning_tokens must not exceed output_tokens (output counts reasoning tokens too)")
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            raise ValueError("cache_write_1h_tokens must not exceed cache_write_tokens (which counts writes of every TTL)")
+        if (self.cache_read_tokens + self.cache_write_tokens + self.input_audio_tokens + self.input_image_tokens
+                > self.input_tokens):
+            raise ValueError("cache_read_tokens + cache_write_tokens + input_audio_tokens + input_image_tokens must not "
+                             "exceed input_tokens (audio and image count uncached input)")
+        if self.reasoning_tokens + self.output_audio_tokens + self.output_image_tokens > self.output_tokens:
+            raise ValueError("reasoning_tokens + output_audio_tokens + output_image_tokens must not exceed output_tokens")
         if self.kind == "llm_call" and not self.model:
             raise ValueError("model is required for kind=llm_call")
         if self.kind != "llm_call" and not self.tool:
@@ -520,6 +552,10 @@ def build(contract: type[M], /, **fields: Any) -> M:
 class PricedEvent(UsageEvent):
     """A usage event with its exact price. `cost_usd` is the amount charged.
 
+    The *_cost_usd components are disjoint (input = uncached text input + any per-request fee, output =
+    text output with reasoning) and add up exactly to list_cost_usd, which is cost_usd unless the
+    provider reported the cost.
+
     cost_source says where the price came from; `unpriced` rows are kept with cost 0
     and raised as anomalies, never silently treated as free.
     """
@@ -528,7 +564,13 @@ class PricedEvent(UsageEvent):
     input_cost_usd: Usd = Decimal(0)
     output_cost_usd: Usd = Decimal(0)
     cache_read_cost_usd: Usd = Decimal(0)
-    cache_write_cost_usd: Usd = Decimal(0)
+    cache_write_cost_usd: Usd = Decimal(0)  # 5-minute (default TTL) writes
+    cache_write_1h_cost_usd: Usd = Decimal(0)
+    input_audio_cost_usd: Usd = Decimal(0)
+    input_image_cost_usd: Usd = Decimal(0)
+    output_audio_cost_usd: Usd = Decimal(0)
+    output_image_cost_usd: Usd = Decimal(0)
+    web_search_cost_usd: Usd = Decimal(0)
     cost_source: Literal["provider", "catalog", "unpriced"]
     catalog_version: Name
     priced_at: Time

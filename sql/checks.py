@@ -44,6 +44,9 @@ RULES: dict[type[BaseModel], tuple[str, ...]] = {
     ev.UsageEvent: (
         "v_cache_read_tokens + v_cache_write_tokens <= v_input_tokens",
         "v_reasoning_tokens <= v_output_tokens",
+        "v_cache_write_1h_tokens <= v_cache_write_tokens",
+        "v_cache_read_tokens + v_cache_write_tokens + v_input_audio_tokens + v_input_image_tokens <= v_input_tokens",
+        "v_reasoning_tokens + v_output_audio_tokens + v_output_image_tokens <= v_output_tokens",
         "v_kind != 'llm_call' OR v_model != ''",
         "v_kind = 'llm_call' OR v_tool != ''",
     ),
@@ -91,6 +94,8 @@ class Field:
         there). A missing field takes its default; NULL is an explicit null or a missing required field."""
         if get_origin(self.base) is dict:
             return "Map(String, String)"
+        if self.base is bool:  # JSON true/false; ClickHouse also reads 1/0 here, which pydantic's StrictBool refuses
+            return "Nullable(Bool)" + ("" if self.required or self.nullable else f" DEFAULT {str(self.default).lower()}")
         column = "Nullable(Int128)" if self.base is int else "Nullable(String)"
         if self.required or self.nullable:
             return column
@@ -100,7 +105,7 @@ class Field:
         """The typed value; NULL when missing (required fields) or when the text does not convert."""
         text = f"`{self.name}`"
         base = self.base
-        if get_origin(base) is dict or base is int or base is str or get_origin(base) is Literal:
+        if get_origin(base) is dict or base in (int, str, bool) or get_origin(base) is Literal:
             return text
         if base is Decimal:
             scale = self.general("decimal_places")
@@ -174,7 +179,7 @@ def unwrap(annotation: Any, metadata: tuple[Any, ...]) -> tuple[Any, bool, tuple
     flat: list[Any] = []
     for item in metadata:
         flat.extend(item.metadata if isinstance(item, FieldInfo) else [item])
-    if annotation not in (str, int, Decimal, datetime, UUID) and get_origin(annotation) not in (Literal, dict):
+    if annotation not in (str, int, bool, Decimal, datetime, UUID) and get_origin(annotation) not in (Literal, dict):
         raise TypeError(f"no SQL check for a field of type {annotation!r}; extend sql/checks.py")
     return annotation, nullable, tuple(flat)
 

@@ -22,10 +22,12 @@ SCALE = 10**12
 TEMPLATE = (
     '{"tenant_id":"%s","team":"%s","project":"p%d","agent_id":"agent-%d","session_id":"s-%d",'
     '"event_id":"%s","ts":"%s","kind":"llm_call","provider":"openai","model":"%s",'
-    '"input_tokens":%d,"output_tokens":%d,"cache_read_tokens":0,"cache_write_tokens":0,"reasoning_tokens":0,"usage":"reported","tool":"","units":1,'
+    '"input_tokens":%d,"output_tokens":%d,"cache_read_tokens":0,"cache_write_tokens":0,"reasoning_tokens":0,"cache_write_1h_tokens":0,"input_audio_tokens":0,"input_image_tokens":0,'
+    '"output_audio_tokens":0,"output_image_tokens":0,"web_searches":0,"service_tier":"","batch":false,"usage":"reported","tool":"","units":1,'
     '"latency_ms":%d,"status":"ok","response_bytes":0,"priority":"normal","cost_usd":"%s","attributes":{},'
     '"list_cost_usd":"%s","input_cost_usd":"%s","output_cost_usd":"%s","cache_read_cost_usd":"0",'
-    '"cache_write_cost_usd":"0","cost_source":"catalog","catalog_version":"synth-1","priced_at":"%s"}'
+    '"cache_write_cost_usd":"0","cache_write_1h_cost_usd":"0","input_audio_cost_usd":"0","input_image_cost_usd":"0",'
+    '"output_audio_cost_usd":"0","output_image_cost_usd":"0","web_search_cost_usd":"0","cost_source":"catalog","catalog_version":"synth-1","priced_at":"%s"}'
 )
 
 

@@ -80,7 +80,9 @@ def _fast_ok(e: FastUsage, latest: datetime) -> bool:
         return False
     if ev.HIDDEN_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
         return False
-    if e.cache_read_tokens + e.cache_write_tokens > e.input_tokens or e.reasoning_tokens > e.output_tokens:
+    if (e.cache_read_tokens + e.cache_write_tokens + e.input_audio_tokens + e.input_image_tokens > e.input_tokens
+            or e.reasoning_tokens + e.output_audio_tokens + e.output_image_tokens > e.output_tokens
+            or e.cache_write_1h_tokens > e.cache_write_tokens):
         return False
     if (e.kind == "llm_call" and not e.model) or (e.kind != "llm_call" and not e.tool):
         return False

@@ -66,27 +66,80 @@ def q12(value: Decimal) -> Decimal:
 
 
 class Rates(NamedTuple):
-    """USD per million tokens (Decimal or genai-prices tiered prices) + USD per request."""
+    """USD per million tokens (Decimal or genai-prices tiered prices) + USD per request; the rest of the
+    sheet after per_request (None = not priced apart: those tokens pay their parent's rate, as in
+    genai-prices: 1-hour writes the cache write rate, audio/image/reasoning the input/output rate)."""
 
     input: Price | None
     output: Price | None
     cache_read: Price | None
     cache_write: Price | None
     per_request: Decimal = ZERO
+    cache_write_1h: Price | None = None
+    input_audio: Price | None = None
+    input_image: Price | None = None
+    output_audio: Price | None = None
+    output_image: Price | None = None
+    reasoning: Price | None = None
+    web_search: Decimal | None = None  # USD per search (genai-prices: web_searches_kcount / 1000)
+
+
+TOKEN_RATES = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "input_audio", "input_image",
+               "output_audio", "output_image", "reasoning")
+# genai-prices price keys of the Rates fields after per_request
+SHEET_KEYS = {"cache_write_1h": "cache_write_1h_mtok", "input_audio": "input_audio_mtok", "input_image": "input_image_mtok",
+              "output_audio": "output_audio_mtok", "output_image": "output_image_mtok", "reasoning": "output_reasoning_mtok"}
 
 
 class Components(NamedTuple):
+    """Disjoint cost components; the PricedEvent field of each is `<name>_cost_usd`."""
+
     input: Decimal
     output: Decimal
     cache_read: Decimal
     cache_write: Decimal
+    cache_write_1h: Decimal = ZERO
+    input_audio: Decimal = ZERO
+    input_image: Decimal = ZERO
+    output_audio: Decimal = ZERO
+    output_image: Decimal = ZERO
+    web_search: Decimal = ZERO
 
     @property
     def total(self) -> Decimal:
-        return self.input + self.output + self.cache_read + self.cache_write
+        return sum(self, ZERO)
 
 
 NO_COMPONENTS = Components(ZERO, ZERO, ZERO, ZERO)
+# Usage fields beyond the first four components: an event with any of them set is priced on the Decimal path.
+SHEET_FIELDS = ("cache_write_1h_tokens", "input_audio_tokens", "input_image_tokens", "output_audio_tokens",
+                "output_image_tokens", "web_searches", "service_tier", "batch")
+
+
+def uses_sheet(event: Any) -> bool:
+    """Whether the event needs more of the price sheet than input, output and cache read/write."""
+    return bool(event.cache_write_1h_tokens or event.input_audio_tokens or event.input_image_tokens
+                or event.output_audio_tokens or event.output_image_tokens or event.web_searches
+                or event.batch or event.service_tier not in ("", "default"))
+
+
+def price_context(event: Any) -> tuple[tuple[str, str], ...]:
+    """genai-prices' price context (the keys its price variants are selected by); "default" is the standard price."""
+    context = (("processing", "batch"),) if event.batch else ()
+    if event.service_tier not in ("", "default"):
+        context += (("service_tier", event.service_tier),)
+    return context
+
+
+def _scaled(price: Price | None, factor: Decimal) -> Price | None:
+    if price is None or isinstance(price, Decimal):
+        return None if price is None else price * factor
+    return gp.TieredPrices(price.base * factor, [gp.Tier(t.start, t.price * factor) for t in price.tiers])
+
+
+def scale_tokens(rates: Rates, factor: Decimal) -> Rates:
+    """Every token rate times factor; per-request and per-search fees unchanged (batch discounts are on tokens)."""
+    return rates._replace(**{name: _scaled(getattr(rates, name), factor) for name in TOKEN_RATES})
 
 
 def _start_of(value: Any) -> datetime:
@@ -137,16 +190,44 @@ def _cost(tokens: int, per_mtok: Decimal | None) -> Decimal:
     return q12(tokens * per_mtok / MTOK)
 
 
-def token_components(rates: Rates, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> Components:
-    """Exact cost components for one call; input_tokens includes the cache tokens."""
+def token_components(rates: Rates, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int,
+                     event: Any = None) -> Components:
+    """Exact cost components for one call; input_tokens includes the cache tokens. `event`, when given,
+    supplies the rest of the sheet (1-hour writes, audio, image, reasoning, web searches). The tier is chosen
+    by the call's total input tokens (genai-prices' long-context cliff) for every token rate."""
+    def rate(price: Price | None, parent: Decimal | None) -> Decimal | None:
+        found = _tier_price(price, input_tokens)
+        return parent if found is None else found
+
     input_rate = _tier_price(rates.input, input_tokens)
-    read_rate = _tier_price(rates.cache_read, input_tokens)
-    write_rate = _tier_price(rates.cache_write, input_tokens)
+    output_rate = _tier_price(rates.output, input_tokens)
+    write_rate = rate(rates.cache_write, input_rate)
+    if event is None:
+        return Components(
+            input=_cost(input_tokens - cache_read - cache_write, input_rate) + q12(rates.per_request),
+            output=_cost(output_tokens, output_rate),
+            cache_read=_cost(cache_read, rate(rates.cache_read, input_rate)),
+            cache_write=_cost(cache_write, write_rate))
+    write_1h, audio_in, image_in = event.cache_write_1h_tokens, event.input_audio_tokens, event.input_image_tokens
+    audio_out, image_out, reasoning = event.output_audio_tokens, event.output_image_tokens, event.reasoning_tokens
+    reasoning_rate = _tier_price(rates.reasoning, input_tokens)
+    text_out = output_tokens - audio_out - image_out
+    if reasoning_rate is not None:  # reasoning priced apart (a few models): still part of the output component
+        output = _cost(text_out - reasoning, output_rate) + _cost(reasoning, reasoning_rate)
+    else:
+        output = _cost(text_out, output_rate)
+    web = event.web_searches * rates.web_search if rates.web_search is not None else ZERO
     return Components(
-        input=_cost(input_tokens - cache_read - cache_write, input_rate) + q12(rates.per_request),
-        output=_cost(output_tokens, _tier_price(rates.output, input_tokens)),
-        cache_read=_cost(cache_read, read_rate if read_rate is not None else input_rate),
-        cache_write=_cost(cache_write, write_rate if write_rate is not None else input_rate),
+        input=_cost(input_tokens - cache_read - cache_write - audio_in - image_in, input_rate) + q12(rates.per_request),
+        output=output,
+        cache_read=_cost(cache_read, rate(rates.cache_read, input_rate)),
+        cache_write=_cost(cache_write - write_1h, write_rate),
+        cache_write_1h=_cost(write_1h, rate(rates.cache_write_1h, write_rate)),
+        input_audio=_cost(audio_in, rate(rates.input_audio, input_rate)),
+        input_image=_cost(image_in, rate(rates.input_image, input_rate)),
+        output_audio=_cost(audio_out, rate(rates.output_audio, output_rate)),
+        output_image=_cost(image_out, rate(rates.output_image, output_rate)),
+        web_search=q12(web),
     )
 
 
@@ -192,6 +273,19 @@ def _period_key(model: gp.ModelInfo, ts: datetime) -> Any:
     return ts.date()
 
 
+def _pico_parts(parts: Components) -> tuple[int, ...]:
+    """price_pico's shape: the first four components, the total, then the rest."""
+    values = tuple(int(p.scaleb(12)) for p in parts)
+    return (*values[:4], sum(values), *values[4:])
+
+
+def _has_variant(info: gp.ModelInfo, entry: tuple[str, str], ts: datetime) -> bool:
+    """Whether genai-prices has a price variant for this context entry, active at ts."""
+    key, value = entry
+    return any(v.when.get(key) == value and (v.constraint is None or v.constraint.active(ts))
+               for v in info.price_variants or ())
+
+
 @dataclass(frozen=True)
 class CustomModel:
     start: datetime
@@ -211,11 +305,12 @@ class Catalog:
         )
         self.tools = self._load_tools(data.get("tools", []))
         self.models = self._load_models(data.get("models", []))
+        self.modifiers = self._load_modifiers(data.get("modifiers", []))
         self.tiers: list[list[str]] = [[m.lower() for m in models] for models in data.get("tiers", {}).values()]
         self.unpriced: Counter[tuple[str, str]] = Counter()
         self._snapshot = data_snapshot.get_snapshot()
         self._model_cache: dict[tuple[str, str], gp.ModelInfo | None] = {}
-        self._rates_cache: dict[tuple[str, str, Any], Rates | None] = {}
+        self._rates_cache: dict[tuple[Any, ...], Rates | None] = {}
         self._day_cache: dict[tuple[str, str, int], tuple[Any, Rates] | None] = {}
 
     # ----------------------------------------------------------------- loading
@@ -235,29 +330,59 @@ class Catalog:
                 return _money(row[name], f"models[{i}].{name}") if name in row else None
 
             rates = Rates(rate("input_mtok"), rate("output_mtok"), rate("cache_read_mtok"), rate("cache_write_mtok"),
-                          rate("request_usd") or ZERO)
+                          rate("request_usd") or ZERO, web_search=rate("web_search_usd"),
+                          **{name: rate(key) for name, key in SHEET_KEYS.items()})
             key = (row.get("provider", "*").lower(), row["model"].lower())
             models.setdefault(key, []).append((_start_of(row.get("start")), rates))
         return {k: sorted(v, key=lambda e: e[0]) for k, v in models.items()}
 
+    @staticmethod
+    def _load_modifiers(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[tuple[datetime, Decimal]]]:
+        """(provider, context key, value) -> [(start, factor on token rates)]; see catalog.toml [[modifiers]]."""
+        modifiers: dict[tuple[str, str, str], list[tuple[datetime, Decimal]]] = {}
+        for i, row in enumerate(rows):
+            keys = [k for k in ("processing", "service_tier") if k in row]
+            if len(keys) != 1:
+                raise ValueError(f"modifiers[{i}]: give exactly one of processing, service_tier")
+            key = (row["provider"].lower(), keys[0], row[keys[0]])
+            modifiers.setdefault(key, []).append((_start_of(row.get("start")), _money(row["factor"], f"modifiers[{i}].factor")))
+        return {k: sorted(v, key=lambda e: e[0]) for k, v in modifiers.items()}
+
+    def _modified(self, rates: Rates, provider: str, context: tuple[tuple[str, str], ...], ts: datetime) -> Rates:
+        """Rates times the catalog's factor for each context entry (those genai-prices does not price)."""
+        for key, value in context:
+            entries = self.modifiers.get((provider, key, value))
+            factor = _latest(entries, ts) if entries else None
+            if factor is not None:
+                rates = scale_tokens(rates, factor)
+        return rates
+
     # ------------------------------------------------------------------ tokens
-    def rates_for(self, provider: str, model: str, ts: datetime) -> Rates | None:
-        """The rates that applied to (provider, model) at ts, or None when nobody prices it."""
+    def rates_for(self, provider: str, model: str, ts: datetime, context: tuple[tuple[str, str], ...] = ()) -> Rates | None:
+        """The rates that applied to (provider, model) at ts in a price context (batch, service tier), or None
+        when nobody prices it. genai-prices' price variants answer the context where it has one active at ts;
+        the catalog's [[modifiers]] where it has none (and always for the catalog's own models)."""
         provider, model = provider.lower(), model.lower()
         custom = self.models.get((provider, model)) or self.models.get(("*", model))
         if custom:
-            return _latest(custom, ts)
+            rates = _latest(custom, ts)
+            return None if rates is None else self._modified(rates, provider, context, ts)
         info = self._model_info(provider, model)
         if info is None:
             return None
-        key = (provider, model, _period_key(info, ts))
+        # variants start on dates, so a context's rates are cached per day
+        key = (provider, model, _period_key(info, ts)) if not context else (provider, model, ts.date(), context)
         try:
             return self._rates_cache[key]
         except KeyError:
             pass
-        mp = info.get_prices(ts)
+        mp = info.get_prices(ts, dict(context) or None)
         rates = Rates(mp.input_mtok, mp.output_mtok, mp.cache_read_mtok, mp.cache_write_mtok,
-                      (mp.requests_kcount or ZERO) / 1000)
+                      (mp.requests_kcount or ZERO) / 1000,
+                      web_search=None if mp.web_searches_kcount is None else mp.web_searches_kcount / 1000,
+                      **{name: getattr(mp, price_key) for name, price_key in SHEET_KEYS.items()})
+        unpriced = tuple(entry for entry in context if not _has_variant(info, entry, ts))
+        rates = self._modified(rates, self.provider_aliases.get(provider, provider), unpriced, ts)
         if len(self._rates_cache) > 100_000:  # bounded: periods are days, so this only grows over years
             self._rates_cache.clear()
         self._rates_cache[key] = rates
@@ -284,28 +409,39 @@ class Catalog:
     def list_price(self, event: UsageEvent) -> tuple[Components, Decimal] | None:
         """(components, total) from the catalogs, or None when nobody can price the event."""
         if event.kind == "llm_call":
-            rates = self.rates_for(event.provider, event.model, event.ts)
+            rates = self.rates_for(event.provider, event.model, event.ts, price_context(event))
             if rates is None:
                 return None
+            sheet = uses_sheet(event) or bool(event.reasoning_tokens and rates.reasoning is not None)
+            if event.web_searches and rates.web_search is None:  # genai-prices has no per-search price: the catalog's
+                rates = rates._replace(web_search=self.tool_unit_price("web_search", event.provider, event.ts))
             parts = token_components(rates, event.input_tokens, event.output_tokens,
-                                     event.cache_read_tokens, event.cache_write_tokens)
+                                     event.cache_read_tokens, event.cache_write_tokens, event if sheet else None)
             return parts, parts.total
         unit = self.tool_unit_price(event.tool, event.provider, event.ts)
         if unit is None:
             return None
         return NO_COMPONENTS, q12(unit * event.units)
 
-    def price_pico(self, event: Any) -> tuple[int, int, int, int, int] | None:
-        """(input, output, cache_read, cache_write, total) list price in integer pico-USD, or None.
+    def price_pico(self, event: Any) -> tuple[int, ...] | None:
+        """(input, output, cache_read, cache_write, total) list price in integer pico-USD, or None; an event
+        that uses more of the sheet (uses_sheet) gets the other Components after total, in their order.
 
         The streams' hot path: same rules as list_price, with integer arithmetic whenever every
         rate is a whole number of pico-USD per token (true for nearly all public prices).
         """
+        if event.kind == "llm_call" and uses_sheet(event):  # rare: the Decimal path, same rounding
+            listed = self.list_price(event)
+            if listed is None:
+                return None
+            return _pico_parts(listed[0])
         if event.kind == "llm_call":
             per_token = self._day_rates(event.provider, event.model, event.ts)
             if per_token is None:
                 return None
             ints, rates = per_token
+            if event.reasoning_tokens and rates.reasoning is not None:  # reasoning priced apart: the Decimal path
+                return _pico_parts(self.list_price(event)[0])  # type: ignore[index]
             if type(ints) is list:  # cliff tiers: the rates of the highest start below the input tokens
                 chosen = ints[0][1]
                 for start, tier in ints:
@@ -376,6 +512,12 @@ class Catalog:
             output_cost_usd=parts.output,
             cache_read_cost_usd=parts.cache_read,
             cache_write_cost_usd=parts.cache_write,
+            cache_write_1h_cost_usd=parts.cache_write_1h,
+            input_audio_cost_usd=parts.input_audio,
+            input_image_cost_usd=parts.input_image,
+            output_audio_cost_usd=parts.output_audio,
+            output_image_cost_usd=parts.output_image,
+            web_search_cost_usd=parts.web_search,
             cost_source=source,
             catalog_version=self.version,
             priced_at=utcnow(),

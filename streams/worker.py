@@ -64,7 +64,7 @@ from meterline.topics import create_topics
 
 from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
 from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
-from .pricing import Catalog, load_catalog
+from .pricing import Catalog, Components, load_catalog
 from .spend import ScopeKey, SpendBook
 
 log = logging.getLogger("meterline.streams")
@@ -72,6 +72,13 @@ UTC = timezone.utc
 STATE_TOPIC = "spend-state"
 KEY_SEP = "\x1f"
 NO_PARTS = (0, 0, 0, 0, 0)
+# PricedEvent fields of the components price_pico gives after the total (events that use more of the sheet)
+SHEET_COST_FIELDS = tuple(f"{name}_cost_usd" for name in Components._fields[4:])
+
+
+def _sheet_json(parts: tuple[int, ...]) -> str:
+    """The components after the total as JSON members ('' for most events: the fields default to 0)."""
+    return "".join(f'"{name}":"{usd(value)}",' for name, value in zip(SHEET_COST_FIELDS, parts[5:]))
 MAX_DLQ_KEY = 1024  # bytes of a dead letter's key kept (the key only picks the dlq partition)
 TOP_SCOPES = frozenset(("tenant", "team", "project"))
 
@@ -433,7 +440,7 @@ class StreamWorker:
             self._suffix = f',"catalog_version":{msgspec.json.encode(self.catalog.version).decode()},"priced_at":"{now.isoformat().replace("+00:00", "Z")}"}}'
         prices = (f',"list_cost_usd":"{usd(parts[4])}","input_cost_usd":"{usd(parts[0])}","output_cost_usd":"{usd(parts[1])}",'
                   f'"cache_read_cost_usd":"{usd(parts[2])}","cache_write_cost_usd":"{usd(parts[3]) if parts[3] else ZERO_USD}",'
-                  f'"cost_source":"{source}"{self._suffix}')
+                  f'{_sheet_json(parts)}"cost_source":"{source}"{self._suffix}')
         if type(event) is FastUsage:
             event.cost_usd = usd(cost)
             head = encode(event)

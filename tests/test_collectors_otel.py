@@ -674,3 +674,13 @@ def test_a_span_has_one_event_id_however_often_it_is_seen():
     other = to_event(dataclasses.replace(span, span_id=0x2))
     assert first.event_id == again.event_id and first == again
     assert other.event_id != first.event_id
+
+
+def test_service_tier_comes_from_the_openai_semconv_attributes():
+    base = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-5",
+            "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5}
+    served = _one({**base, "openai.request.service_tier": "auto", "openai.response.service_tier": "flex"})[0]
+    old_names = _one({**base, "gen_ai.openai.response.service_tier": "priority"})[0]
+    unpriced = _one({**base, "openai.response.service_tier": "scale"})[0]
+    assert [e.service_tier for e in served + old_names + unpriced] == ["flex", "priority", ""]
+    assert unpriced[0].attributes["service_tier"] == "scale"  # kept, priced as default

@@ -269,3 +269,16 @@ def test_reasoning_tokens_are_part_of_output_on_every_path(offline_meter):
     assert [(e.output_tokens, e.reasoning_tokens) for e in events] == [(50, 40), (50, 30), (50, 20)]
     with pytest.raises(InvalidEvent, match="reasoning_tokens"):  # reasoning is counted inside output
         offline_meter.record_llm("openai", "o3", 100, 50, reasoning_tokens=51)
+
+
+def test_the_rest_of_the_price_sheet_reaches_the_event(offline_meter):
+    sheet = dict(cache_write_1h_tokens=30, input_audio_tokens=20, output_audio_tokens=10, input_image_tokens=5,
+                 output_image_tokens=4, web_searches=2, service_tier="flex", batch=True)
+    offline_meter.record_llm("openai", "gpt-realtime", 100, 50, cache_write_tokens=40, sheet=sheet)
+    with offline_meter.llm_call("anthropic", "claude-sonnet-4-5") as call:
+        call.usage(100, 50, cache_write_tokens=40, cache_write_1h_tokens=40, web_searches=1)
+    first, second = (decode(UsageEvent, value) for _, value in offline_meter.sender.records)
+    assert {name: getattr(first, name) for name in sheet} == sheet
+    assert (second.cache_write_1h_tokens, second.web_searches, second.batch) == (40, 1, False)
+    with pytest.raises(InvalidEvent, match="cache_write_1h_tokens"):  # a subset of all cache writes
+        offline_meter.record_llm("anthropic", "claude-sonnet-4-5", 100, 50, cache_write_tokens=10, sheet={"cache_write_1h_tokens": 11})

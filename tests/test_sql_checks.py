@@ -34,8 +34,11 @@ POOL = [MISSING, None, True, [], {}, 1.5, -1, 0, 10**12 + 1, 10**19, 10**30, "7"
         "1899-12-31T23:59:59Z", "2300-01-01T00:00:00Z"]
 
 def lenient(model: type, name: str, value: object) -> bool:
-    """The one leniency of ClickHouse's JSON reader: a JSON string that parses as an integer is read as
-    that integer ("7" as 7, "" as 0) where the contract wants a JSON number."""
+    """The two leniencies of ClickHouse's JSON reader: a JSON string that parses as an integer is read as
+    that integer ("7" as 7, "" as 0) where the contract wants a JSON number, and a JSON 0 or 1 is read as
+    false or true where it wants a bool (the same value; the stream writes true/false)."""
+    if name in model.model_fields and model.model_fields[name].annotation is bool and value in (0, 1):
+        return type(value) is int
     return isinstance(value, str) and name in model.model_fields and kind_of(model, name) == "int"
 
 
