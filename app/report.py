@@ -145,6 +145,10 @@ REPORTS: dict[str, tuple[str, Callable[[Querier, ReportParams], Result]]] = {
 def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
     if name == "burn-down":
         return burn_down(ledger, params)
+    if name == "drivers":  # why spend moved vs the previous period (app/drivers.py)
+        from .drivers import drivers_report
+
+        return drivers_report(ledger, params)
     if name not in REPORTS:
         raise KeyError(f"no report {name!r}; reports: {', '.join(REPORT_NAMES)}")
     result = REPORTS[name][1](ledger, params)
@@ -153,8 +157,8 @@ def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
     return result
 
 
-REPORT_NAMES = (*REPORTS, "burn-down")
-TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down")  # those that filter by tenant
+REPORT_NAMES = (*REPORTS, "burn-down", "drivers")
+TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down", "drivers")  # those that filter by tenant
 
 
 # ---- budget burn-down -----------------------------------------------------------------------
