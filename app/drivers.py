@@ -162,21 +162,28 @@ def factors(prev: Side, cur: Side) -> list[dict[str, Any]]:
     return out
 
 
-def llm_cost(f: list[dict[str, Any]], pick: dict[str, int]) -> Fraction:
-    """The identity with each factor taken from the period `pick` names (PREVIOUS or CURRENT)."""
-    vol, mix, tok, cache, price = (f[pick[k]] for k in LLM_FACTORS)
-    total = Fraction(0)
-    for j in range(len(vol["models"])):
-        c, t, h, r = mix["models"][j], tok["models"][j], cache["models"][j], price["models"][j]
+def per_call(f: list[dict[str, Any]], tok: int, cache: int, price: int) -> list[Fraction]:
+    """USD per call of each model, with tokens per call, cache shares and prices from the periods named."""
+    out = []
+    for t, h, r in zip(f[tok]["models"], f[cache]["models"], f[price]["models"]):
         per_input = (1 - h["h"] - h["w"]) * r["rU"] + h["w"] * r["rW"] + h["h"] * r["rR"]
-        total += c["c"] * (t["i"] * per_input + t["o"] * r["rO"] + r["a"])
-    return vol["N"] * total
+        out.append(t["i"] * per_input + t["o"] * r["rO"] + r["a"])
+    return out
+
+
+def llm_cost(f: list[dict[str, Any]], pick: dict[str, int], terms: dict | None = None) -> Fraction:
+    """The identity with each factor taken from the period `pick` names (PREVIOUS or CURRENT)."""
+    key = (pick["tokens_per_call"], pick["cache_hit_rate"], pick["unit_price"])
+    calls = terms[key] if terms is not None else per_call(f, *key)
+    mix = f[pick["model_mix"]]["models"]
+    return f[pick["call_volume"]]["N"] * sum((m["c"] * x for m, x in zip(mix, calls)), Fraction(0))
 
 
 def shapley(f: list[dict[str, Any]]) -> dict[str, Fraction]:
     """Each LLM factor's exact Shapley value: its marginal effect averaged over all orders."""
     n = len(LLM_FACTORS)
-    cost = {s: llm_cost(f, {k: CURRENT if k in s else PREVIOUS for k in LLM_FACTORS})
+    terms = {(t, h, r): per_call(f, t, h, r) for t in (0, 1) for h in (0, 1) for r in (0, 1)}  # reused by 32 subsets
+    cost = {s: llm_cost(f, {k: CURRENT if k in s else PREVIOUS for k in LLM_FACTORS}, terms)
             for size in range(n + 1) for s in map(frozenset, combinations(LLM_FACTORS, size))}
     out = {}
     for k in LLM_FACTORS:

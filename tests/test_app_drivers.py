@@ -62,6 +62,10 @@ def only(parts: dict[str, Decimal], driver: str, change: Decimal) -> None:
 BASE = dict(calls=100, inp=1000, out=100, cr=200, cw=50)
 
 
+def test_the_drivers_are_the_ones_the_report_promises():
+    assert DRIVERS == ("call_volume", "model_mix", "tokens_per_call", "cache_hit_rate", "unit_price", "tool_calls", "gpu_time")
+
+
 @pytest.mark.parametrize("driver, prev, cur", [
     ("call_volume", side(a=llm(**BASE)), side(a=llm(**{**BASE, "calls": 200}))),
     ("tokens_per_call", side(a=llm(**BASE)), side(a=llm(calls=100, inp=2000, out=200, cr=400, cw=100))),  # shares kept
