@@ -315,3 +315,25 @@ def test_the_api_serves_the_same_report(filled):
         gc.collect()
     assert remote.rows == direct.rows and remote.columns == direct.columns == ["team", *direct.columns[1:]]
     assert bad.status_code == 400 and "tenant, team, agent" in bad.json()["error"]
+
+
+def test_on_a_cluster_the_drivers_query_reads_only_the_all_tables():
+    import re
+
+    from meterline.app.report import load_query
+
+    rendered = ledger.render_reads(load_query("drivers"), "prod")
+    tables = re.findall(r"\bFROM\s+(\w+)", rendered)
+    assert sorted(tables) == ["gpu_samples_all", "priced_events_all"], tables
+
+
+@pytest.mark.parametrize("args, message", [(("--vs", "last-year"), "--vs must be previous"),
+                                           (("--by", "session"), "--by must be one of tenant, team, agent"),
+                                           (("--period", "7d", "--since", "1d"), "not both"),
+                                           (("--period", "fortnight"), "--period must look like")])
+def test_mistakes_are_one_line(filled, monkeypatch, args, message):
+    monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", filled[0].dsn)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["report", "drivers", *args])
+    get_settings.cache_clear()
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output  # as every report
