@@ -210,10 +210,11 @@ def round_to_ledger(values: dict[str, Fraction], total: Decimal) -> dict[str, De
 
 def decompose(prev: Side, cur: Side) -> dict[str, Decimal]:
     """One group's drivers in USD; they sum to cur.total() - prev.total() exactly."""
-    llm_change = cur.llm() - prev.llm()
-    parts = round_to_ledger(shapley(factors(prev, cur)), llm_change) if prev.models or cur.models else \
-        dict.fromkeys(LLM_FACTORS, Decimal(0))
-    return {**parts, "tool_calls": cur.tool - prev.tool, "gpu_time": cur.gpu - prev.gpu}
+    with localcontext(prec=80):  # Decimal(38, 18) differences exceed the default 28 digits
+        llm_change = cur.llm() - prev.llm()
+        parts = round_to_ledger(shapley(factors(prev, cur)), llm_change) if prev.models or cur.models else \
+            dict.fromkeys(LLM_FACTORS, Decimal(0))
+        return {**parts, "tool_calls": cur.tool - prev.tool, "gpu_time": cur.gpu - prev.gpu}
 
 
 def drivers_report(ledger: Querier, params: ReportParams) -> Result:
