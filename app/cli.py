@@ -168,6 +168,36 @@ def burn_down(tenant: Tenant = None, fmt: Fmt = "table") -> None:
     _emit("burn-down", _params(tenant=tenant), fmt)
 
 
+@report_app.command("drivers")
+def drivers(
+    by: Annotated[str, typer.Option("--by", help="tenant | team | agent (teams and agents as tenant/name)")] = "tenant",
+    period: Annotated[Optional[str], typer.Option("--period", help="Length of the current period, ending at --until or now: 7d, 24h, 2w (default 7d).")] = None,
+    vs: Annotated[str, typer.Option("--vs", help="What to compare with: previous (the period of equal length before).")] = "previous",
+    since: Since = None, until: Until = None, tenant: Tenant = None, team: Team = None, project: Project = None, fmt: Fmt = "table",
+) -> None:
+    """Why spend changed vs the previous period: call volume, model mix, tokens per call, cache hit rate,
+    unit price, tool/API calls and GPU time, in USD, summing exactly to the change (Shapley, see app/drivers.py)."""
+    from .drivers import period_params, render
+
+    if vs != "previous":
+        fail(f"--vs must be previous, not {vs!r}")
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format must be table, json or csv, not {fmt!r}")
+    try:
+        params = period_params(period, since=since, until=until, by=by, tenant=tenant, team=team, project=project)
+    except ValueError as err:
+        fail(str(err))
+    result = run_named_report("drivers", params)
+    if fmt == "table" and not result.rows:
+        console.print("drivers: no spend in either period (widen --period, or check that the sink runs: `meterline up`)")
+        return
+    out = render(params, result, fmt)
+    if fmt == "table":
+        console.print(out)
+    else:
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+
+
 @report_app.command("totals")
 def totals(since: Since = None, until: Until = None, fmt: Fmt = "table", gpu_idle: GpuIdle = None) -> None:
     """Ledger grand totals (priced events, usage, process and idle GPU cost, decisions, anomalies) for a period."""

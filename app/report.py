@@ -154,6 +154,10 @@ REPORTS: dict[str, tuple[str, Callable[[Querier, ReportParams], Result]]] = {
 def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
     if name == "burn-down":
         return burn_down(ledger, params)
+    if name == "drivers":  # why spend moved vs the previous period (app/drivers.py)
+        from .drivers import drivers_report
+
+        return drivers_report(ledger, params)
     if name not in REPORTS:
         raise KeyError(f"no report {name!r}; reports: {', '.join(REPORT_NAMES)}")
     result = REPORTS[name][1](ledger, params)
@@ -223,8 +227,8 @@ IDLE_MERGES: dict[str, Callable[[Result, ReportParams, list[dict[str, Any]]], Re
     "chargeback": _chargeback_with_idle, "totals": _totals_with_idle, "gpu": _gpu_with_idle}
 
 
-REPORT_NAMES = (*REPORTS, "burn-down")
-TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down")  # those that filter by tenant
+REPORT_NAMES = (*REPORTS, "burn-down", "drivers")
+TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down", "drivers")  # those that filter by tenant
 
 
 # ---- budget burn-down -----------------------------------------------------------------------

@@ -238,3 +238,55 @@ def test_the_page_asks_for_a_token_once_tokens_exist(tmp_path):
         api.stop()
     assert re.search(r'<form id="login" class="login">', dom)  # shown (no hidden attribute)
     assert "this API needs a token" in dom
+
+
+def test_the_drivers_waterfall_draws_the_report_exactly_and_escapes_names(tmp_path):
+    """Previous spend -> each driver's +/- -> current spend, from /api/report/drivers; no Kafka needed."""
+    from decimal import ROUND_HALF_UP
+
+    from meterline.app.drivers import DRIVERS
+    from meterline.sql.rows import gpu_sample_row
+    from meterline.schemas.events import GpuSample
+    from test_app_drivers import event
+
+    evil = '<img src=x id=pwned onerror="document.title=1">'
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    before, recent = now - timedelta(days=10), now - timedelta(hours=1)
+    events = [event(before, "acme", "t", "a") for _ in range(5)] + [event(recent, "acme", "t", "a") for _ in range(10)]
+    events += [event(recent, evil, "t", "a", (1000, 100, 600)) for _ in range(3)]
+    events.append(event(before, evil, "t", "a", kind="tool_call", cost=Decimal("0.002")))
+    gpu = GpuSample(sample_id=new_id(), ts=recent, node="n", level="process", gpu_index=0, gpu_uuid="GPU-1", gpu_name="H100",
+                    interval_ms=10_000, pid=1, attributed=True, tenant_id="acme")
+    gc.collect()
+    store = Settings(data_dir=tmp_path / "data", clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
+    client = ledger.connect(store)
+    ledger.migrate(client)
+    insert_rows(client, "priced_events", [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)])
+    insert_rows(client, "gpu_samples", [with_offsets(gpu_sample_row(gpu, Decimal(10), Decimal("0.5"), "t"), "gpu", 0, 0)])
+    client.close()
+    api = ApiServer(lambda: DirectLedger(store, ledger.connect(store)), live=LiveState(), port=0)
+    api.start()
+    try:
+        doc = httpx.get(f"{api.url}/api/report/drivers", params={"since": "7d", "by": "tenant"}).json()
+        dom = chromium(["--virtual-time-budget=5000", "--dump-dom", api.url], tmp_path).stdout
+    finally:
+        api.stop()
+        gc.collect()
+    rows = [dict(zip(doc["columns"], r)) for r in doc["rows"]]
+    assert {r["tenant"] for r in rows} == {"acme", evil}
+    bars = re.findall(r'<rect[^>]*class="wf-bar"[^>]*data-step="([^"]+)"[^>]*data-value="([^"]+)"', dom)
+    assert [step for step, _ in bars] == ["previous", *DRIVERS, "current"]  # every driver has its bar, in order
+    want = {step: sum((Decimal(r[f"{step}_usd"]) for r in rows), Decimal(0)) for step, _ in bars}
+    assert {step: Decimal(v) for step, v in bars} == want  # exact: BigInt sums on the page, not floats
+    assert want["previous"] == Decimal("0.0195") and want["gpu_time"] == Decimal("0.5") and want["tool_calls"] == Decimal("-0.002")
+    assert want["previous"] + sum(want[d] for d in DRIVERS) == want["current"]
+
+    def label(step: str, v: Decimal) -> str:
+        q = abs(v).quantize(Decimal("0.0001"), ROUND_HALF_UP)
+        sign = "" if not q else "−" if v < 0 else "" if step in ("previous", "current") else "+"
+        return f"{sign}${q}"
+
+    labels = re.findall(r'<text[^>]*class="wf-value"[^>]*>([^<]*)</text>', dom)
+    assert labels == [label(step, want[step]) for step, _ in bars]
+    assert 'id="pwned"' not in dom and "<img" not in dom
+    assert "&lt;img src=x id=pwned" in dom  # the group picker shows the tenant's name as text

@@ -107,6 +107,95 @@ function render(live) {
   document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
+// ---- cost drivers: a waterfall from the previous period's spend to the current one ----
+// Money arrives as exact decimal strings; sums are BigInt in units of 1e-18 USD (the ledger's
+// scale), so the labels and data-value are exact; Number() is used only for bar geometry.
+const DRIVERS = [["call_volume", "calls"], ["model_mix", "model mix"], ["tokens_per_call", "tokens/call"],
+  ["cache_hit_rate", "cache hit rate"], ["unit_price", "unit price"], ["tool_calls", "tools/API"], ["gpu_time", "GPU time"]];
+const SCALE = 10n ** 18n;
+let driverRows = [], driverKey = "tenant";
+
+function units(text) {  // "1.5", "-0.25", and Python's "1.00E-7" / "0E-18" forms
+  const m = /^(-?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$/.exec(String(text).trim());
+  if (!m) return 0n;
+  const frac = m[3] || "", shift = Number(m[4] || 0) - frac.length + 18;
+  const digits = BigInt((m[2] || "0") + frac);
+  const v = shift >= 0 ? digits * 10n ** BigInt(shift) : digits / 10n ** BigInt(-shift);
+  return m[1] ? -v : v;
+}
+function decimalText(v) {
+  const abs = v < 0n ? -v : v, frac = (abs % SCALE).toString().padStart(18, "0").replace(/0+$/, "");
+  return (v < 0n ? "-" : "") + (abs / SCALE).toString() + (frac ? "." + frac : "");
+}
+function usd(v, signed) {  // 4 places, half away from zero, from the exact value
+  const q = 10n ** 14n, abs = v < 0n ? -v : v, r = (abs + q / 2n) / q;
+  const text = "$" + (r / 10000n).toString() + "." + (r % 10000n).toString().padStart(4, "0");
+  return (v < 0n && r ? "−" : signed && r ? "+" : "") + text;
+}
+
+function driverSteps(rows) {  // the selected group's (or every group's) exact totals
+  const sum = col => rows.reduce((acc, r) => acc + units(r[col + "_usd"]), 0n);
+  return [["previous", "previous", sum("previous"), true], ...DRIVERS.map(([k, label]) => [k, label, sum(k), false]),
+          ["current", "current", sum("current"), true]];
+}
+
+function waterfall(svg, steps) {
+  clear(svg);
+  const [W, H, L, T, B] = [900, 240, 56, 22, 36];
+  let run = 0n;
+  const bars = steps.map(([key, label, v, total]) => {
+    const from = total ? 0n : run, to = total ? v : run + v;
+    run = to;
+    return { key, label, v, total, lo: from < to ? from : to, hi: from < to ? to : from };
+  });
+  const top = Math.max(...bars.map(b => Number(b.hi) / 1e18), 1e-9), bottom = Math.min(...bars.map(b => Number(b.lo) / 1e18), 0);
+  const y = v => T + (top - v) / (top - bottom) * (H - T - B), step = (W - L - 10) / bars.length;
+  svg.appendChild(el("line", { class: "grid", x1: L, x2: W - 10, y1: y(0), y2: y(0) }));
+  bars.forEach((b, i) => {
+    const x = L + i * step + step * 0.15, w = step * 0.7, y1 = y(Number(b.hi) / 1e18), y0 = y(Number(b.lo) / 1e18);
+    const fill = b.total ? "#4dabf7" : b.v > 0n ? "#ff6b6b" : b.v < 0n ? "#69db7c" : "#adb5bd";
+    svg.appendChild(el("rect", { class: "wf-bar", "data-step": b.key, "data-value": decimalText(b.v), x, y: y1,
+                                 width: w, height: Math.max(1, y0 - y1), fill, rx: 2 }));
+    svg.appendChild(el("text", { x: x + w / 2, y: y1 - 6, "text-anchor": "middle", class: "wf-value" }, usd(b.v, !b.total)));
+    svg.appendChild(el("text", { x: x + w / 2, y: H - B + 16, "text-anchor": "middle" }, b.label));
+  });
+}
+
+function renderDrivers(doc) {
+  const cols = doc.columns, key = driverKey = cols[0];
+  driverRows = doc.rows.map(r => Object.fromEntries(cols.map((c, i) => [c, r[i]])));
+  const select = document.getElementById("drivers-group"), chosen = select.value;
+  clear(select);
+  for (const name of ["", ...driverRows.map(r => r[key])]) {  // group names are user text: textContent only
+    const opt = document.createElement("option");
+    opt.value = name;
+    opt.textContent = name || "all " + key + "s";
+    select.appendChild(opt);
+  }
+  select.value = driverRows.some(r => r[key] === chosen) ? chosen : "";
+  drawDrivers();
+}
+function drawDrivers() {
+  const chosen = document.getElementById("drivers-group").value, svg = document.getElementById("drivers-waterfall");
+  const rows = driverRows.filter(r => !chosen || r[driverKey] === chosen);
+  if (!driverRows.length) { clear(svg); svg.appendChild(el("text", { x: 450, y: 120, "text-anchor": "middle" }, "no spend in either period")); return; }
+  waterfall(svg, driverSteps(rows));
+}
+document.getElementById("drivers-group").addEventListener("change", drawDrivers);
+
+async function tickDrivers() {
+  const token = sessionStorage.getItem("meterline-token"), svg = document.getElementById("drivers-waterfall");
+  try {
+    const resp = await fetch("/api/report/drivers?since=7d&by=tenant", { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
+    const doc = await resp.json();
+    if (!resp.ok) { clear(svg); svg.appendChild(el("text", { x: 450, y: 120, "text-anchor": "middle" }, "drivers: " + doc.error)); return; }
+    renderDrivers(doc);
+  } catch (err) {
+    clear(svg);
+    svg.appendChild(el("text", { x: 450, y: 120, "text-anchor": "middle" }, "drivers unavailable: " + err));
+  }
+}
+
 // Once tokens exist the API wants one: asked for here, kept for this tab only.
 function askToken(message) {
   const form = document.getElementById("login");
@@ -118,6 +207,7 @@ document.getElementById("login").addEventListener("submit", ev => {
   sessionStorage.setItem("meterline-token", document.getElementById("token").value.trim());
   document.getElementById("login").hidden = true;
   tick();
+  tickDrivers();
 });
 
 async function tick() {
@@ -133,3 +223,5 @@ async function tick() {
 }
 tick();
 setInterval(tick, 2000);
+tickDrivers();
+setInterval(tickDrivers, 60000);  // a 14-day report: once a minute is plenty
