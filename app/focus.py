@@ -84,13 +84,24 @@ TIMESTAMP_COLUMNS = frozenset({"BillingPeriodStart", "BillingPeriodEnd", "Charge
 INTEGER_COLUMNS = frozenset({"x_Events"})
 BOOL_COLUMNS = frozenset({"x_Simulated"})
 
-# (token type, quantity column, list-cost column, SkuMeter, Rates field)
+# (token type, quantity column, list-cost column, SkuMeter, Rates field, unit): the disjoint components of
+# streams/pricing.py's Components; a search is priced per unit, tokens per million.
 TOKEN_COMPONENTS = (
-    ("input", "uncached_input_qty", "input_list_usd", "Input Tokens", "input"),
-    ("cache_read", "cache_read_qty", "cache_read_list_usd", "Cached Input Tokens (read)", "cache_read"),
-    ("cache_write", "cache_write_qty", "cache_write_list_usd", "Cached Input Tokens (write)", "cache_write"),
-    ("output", "output_qty", "output_list_usd", "Output Tokens", "output"),
+    ("input", "uncached_input_qty", "input_list_usd", "Input Tokens", "input", "Tokens"),
+    ("cache_read", "cache_read_qty", "cache_read_list_usd", "Cached Input Tokens (read)", "cache_read", "Tokens"),
+    ("cache_write", "cache_write_qty", "cache_write_list_usd", "Cached Input Tokens (write, 5m)", "cache_write", "Tokens"),
+    ("cache_write_1h", "cache_write_1h_qty", "cache_write_1h_list_usd", "Cached Input Tokens (write, 1h)", "cache_write_1h",
+     "Tokens"),
+    ("input_audio", "input_audio_qty", "input_audio_list_usd", "Audio Input Tokens", "input_audio", "Tokens"),
+    ("input_image", "input_image_qty", "input_image_list_usd", "Image Input Tokens", "input_image", "Tokens"),
+    ("output", "output_qty", "output_list_usd", "Output Tokens", "output", "Tokens"),
+    ("output_audio", "output_audio_qty", "output_audio_list_usd", "Audio Output Tokens", "output_audio", "Tokens"),
+    ("output_image", "output_image_qty", "output_image_list_usd", "Image Output Tokens", "output_image", "Tokens"),
+    ("web_search", "web_search_qty", "web_search_list_usd", "Web Searches", "web_search", "Searches"),
 )
+# A part of the sheet a model does not price apart pays its parent's rate (as the pricer does).
+PARENT_RATE = {"cache_read": "input", "cache_write": "input", "cache_write_1h": "cache_write", "input_audio": "input",
+               "input_image": "input", "output_audio": "output", "output_image": "output"}
 IDLE_RULES = {  # AllocatedMethodId -> what the rule does (AllocatedMethodDetails.x_Rule)
     "owner": "idle time of a device or MIG slice is charged to its holder (gpu_allocations), else to the idle line",
     "proportional": "a device's idle time is split over the tenants that used it in the hour, by the cost of their "
@@ -163,10 +174,13 @@ def _token_rate(catalog: Any, line: dict[str, Any], field: str, qty: Decimal, li
     rates = catalog.rates_for(line["provider"], line["model"], line["hour"]) if line["cost_source"] != "unpriced" else None
     if rates is None:
         return ZERO if line["cost_source"] == "unpriced" or not qty else (listed / qty).quantize(SCALE, ROUND_HALF_EVEN)
-    per_mtok = getattr(rates, field)
-    per_mtok = rates.input if per_mtok is None and field.startswith("cache") else per_mtok
-    per_mtok = getattr(per_mtok, "base", per_mtok)  # a tiered price lists at its base tier
-    return (per_mtok or ZERO) / MTOK
+    per_unit = field == "web_search"
+    price = getattr(rates, field)
+    while price is None and field in PARENT_RATE:
+        field = PARENT_RATE[field]
+        price = getattr(rates, field)
+    price = getattr(price, "base", price)  # a tiered price lists at its base tier
+    return (price or ZERO) if per_unit else (price or ZERO) / MTOK
 
 
 def _unpriced(what: str, line: dict[str, Any]) -> str:
@@ -180,7 +194,9 @@ def usage_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> I
         common = _base(line["hour"], line["hour"] + timedelta(hours=1), line["tenant_id"], account, seller) | {
             "ResourceId": resource, "ResourceName": line["agent_id"] or resource, "ResourceType": "Agent Session",
             "ServiceCategory": "AI and Machine Learning",
-            "Tags": json.dumps({"team": line["team"], "project": line["project"], "priority": line["priority"]}, sort_keys=True),
+            "Tags": json.dumps({"team": line["team"], "project": line["project"], "priority": line["priority"],
+                                **({"service_tier": line["service_tier"]} if line["service_tier"] else {}),
+                                **({"batch": "true"} if line["batch"] else {})}, sort_keys=True),
             "SkuPriceDetails": json.dumps({"x_CatalogVersion": line["catalog_version"], "x_CostSource": line["cost_source"]}),
             "x_SessionId": line["session_id"], "x_AgentId": line["agent_id"], "x_Team": line["team"],
             "x_Project": line["project"], "x_Priority": line["priority"], "x_Kind": line["kind"], "x_Model": line["model"],
@@ -193,12 +209,12 @@ def usage_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> I
             present = [c for c in TOKEN_COMPONENTS if line[c[1]] or Decimal(line[c[2]])] or [TOKEN_COMPONENTS[0]]
             lists = [Decimal(line[c[2]]) for c in present]
             parts = lists if sum(lists, ZERO) == cost else split_billed(cost, lists)
-            for (token_type, qty_col, _, meter, field), listed, part in zip(present, lists, parts):
+            for (token_type, qty_col, _, meter, field, unit), listed, part in zip(present, lists, parts):
                 sku = f"{line['provider']}/{line['model']}/{token_type}"
                 qty = Decimal(line[qty_col])
                 row = dict(common, ChargeDescription=_unpriced(f"model {line['model']}", line) if unpriced
-                           else f"{line['model']} {meter.lower()}", ConsumedUnit="Tokens",
-                           PricingUnit="Tokens", ServiceName=f"{line['provider']} {line['model']}".strip(),
+                           else f"{line['model']} {meter.lower()}", ConsumedUnit=unit,
+                           PricingUnit=unit, ServiceName=f"{line['provider']} {line['model']}".strip(),
                            ServiceSubcategory="Generative AI", SkuId=sku, SkuMeter=meter,
                            SkuPriceId=f"{sku}@{line['catalog_version']}", x_TokenType=token_type)
                 _money(row, part, _token_rate(catalog, line, field, qty, listed), qty)

@@ -133,3 +133,27 @@ def test_contract_subset_rules():
         build(UsageEvent, **{**usage(**base).model_dump(), "batch": 1})  # StrictBool
     old = usage(**base).model_dump(exclude={"cache_write_1h_tokens", "web_searches", "service_tier", "batch"})
     assert build(UsageEvent, **old).batch is False  # old records decode
+
+
+def test_focus_gives_each_part_of_the_sheet_its_own_row_at_its_list_rate(catalog):
+    """A FOCUS line (as focus_usage.sql sums it) of one call with 5-minute and 1-hour writes and web searches."""
+    from meterline.app.focus import usage_rows
+
+    p = catalog.price_usage(usage(provider="anthropic", model="claude-sonnet-4-5", input_tokens=100_000, output_tokens=1_000,
+                                  cache_write_tokens=30_000, cache_write_1h_tokens=10_000, web_searches=3))
+    line = {"hour": NOW.replace(minute=0), "tenant_id": "acme", "team": "", "project": "", "agent_id": "", "session_id": "s",
+            "kind": "llm_call", "provider": "anthropic", "model": "claude-sonnet-4-5", "tool": "", "priority": "normal",
+            "service_tier": "", "batch": False, "cost_source": p.cost_source, "catalog_version": p.catalog_version, "events": 1,
+            "uncached_input_qty": 70_000, "cache_read_qty": 0, "cache_write_qty": 20_000, "cache_write_1h_qty": 10_000,
+            "input_audio_qty": 0, "input_image_qty": 0, "output_qty": 1_000, "output_audio_qty": 0, "output_image_qty": 0,
+            "web_search_qty": 3, "units_qty": 0, "billed_cost_usd": p.cost_usd, "list_cost_usd": p.list_cost_usd,
+            **{f"{c}_list_usd": getattr(p, f"{c}_cost_usd") for c in ("input", "cache_read", "cache_write", "cache_write_1h",
+               "input_audio", "input_image", "output", "output_audio", "output_image", "web_search")}}
+    rows = {r["SkuMeter"]: r for r in usage_rows([line], "meterline", catalog)}
+    assert set(rows) == {"Input Tokens", "Cached Input Tokens (write, 5m)", "Cached Input Tokens (write, 1h)",
+                         "Output Tokens", "Web Searches"}
+    # anthropic.com/pricing, Sonnet 4.5: 5-min write $3.75/MTok, 1-hour write $6/MTok, web search $10 per 1,000
+    assert rows["Cached Input Tokens (write, 5m)"]["ListUnitPrice"] == Decimal("0.00000375")
+    assert rows["Cached Input Tokens (write, 1h)"]["ListUnitPrice"] == Decimal("0.000006")
+    assert rows["Web Searches"]["ListUnitPrice"] == Decimal("0.01") and rows["Web Searches"]["PricingUnit"] == "Searches"
+    assert sum((r["EffectiveCost"] for r in rows.values()), Decimal(0)) == p.cost_usd

@@ -4,7 +4,8 @@
 -- Usage cost comes from priced_events (every priced row, exact Decimal); GPU cost from
 -- per-process gpu_samples (the grain that carries attribution). GPU time without a tenant is
 -- tenant 'unattributed' (a parameter: the stream's spend name for it); --tenant filters on that name.
--- By model, GPU time appears as its own line ('gpu:<name>'). reasoning_tokens are part of output_tokens;
+-- By model, GPU time appears as its own line ('gpu:<name>'). reasoning, audio and image output tokens are part of
+-- output_tokens, audio/image input and cache tokens of input_tokens, 1-hour cache writes of cache_write_tokens;
 -- unmetered_events completed with no usage reported (their cost is unknown, see the unmetered_calls anomaly).
 -- Parameters: by String, depth UInt8, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
 SELECT
@@ -16,6 +17,13 @@ SELECT
     sum(reasoning_tokens) AS reasoning_tokens,
     sum(cache_read_tokens) AS cache_read_tokens,
     sum(cache_write_tokens) AS cache_write_tokens,
+    sum(cache_write_1h_tokens) AS cache_write_1h_tokens,
+    sum(input_audio_tokens) AS input_audio_tokens,
+    sum(input_image_tokens) AS input_image_tokens,
+    sum(output_audio_tokens) AS output_audio_tokens,
+    sum(output_image_tokens) AS output_image_tokens,
+    sum(web_searches) AS web_searches,
+    sum(batch_events) AS batch_events,
     sum(unpriced_events) AS unpriced_events,
     sum(unmetered_events) AS unmetered_events,
     sum(usage_cost) AS usage_cost_usd,
@@ -33,6 +41,13 @@ FROM
         sum(reasoning_tokens) AS reasoning_tokens,
         sum(cache_read_tokens) AS cache_read_tokens,
         sum(cache_write_tokens) AS cache_write_tokens,
+        sum(cache_write_1h_tokens) AS cache_write_1h_tokens,
+        sum(input_audio_tokens) AS input_audio_tokens,
+        sum(input_image_tokens) AS input_image_tokens,
+        sum(output_audio_tokens) AS output_audio_tokens,
+        sum(output_image_tokens) AS output_image_tokens,
+        sum(web_searches) AS web_searches,
+        countIf(batch) AS batch_events,
         countIf(cost_source = 'unpriced') AS unpriced_events,
         countIf(usage = 'missing') AS unmetered_events,
         sum(cost_usd) AS usage_cost,
@@ -49,7 +64,7 @@ FROM
 
     SELECT
         if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
-        0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         toDecimal128(0, 18),
         sum(gpu_seconds),
         sum(cost_usd)
