@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from meterline.app.drivers import (DRIVERS, LLM_FACTORS, PREVIOUS, CURRENT, Side, decompose, factors, llm_cost,
                                    period_params, previous_since)
+from inprocess import cli_on, filled_ledger
 from meterline.cli import app
-from meterline.console import console
 from meterline.schemas.events import GpuSample, PricedEvent, new_id
-from meterline.settings import Settings, get_settings
+from meterline.settings import get_settings
 from meterline.sql import ledger
-from meterline.sql.rows import gpu_sample_row, insert_rows, priced_event_row, with_offsets
+from meterline.sql.rows import gpu_sample_row, priced_event_row, with_offsets
 
 ZERO = Decimal(0)
 # USD per token: uncached input, cache write, cache read, output
@@ -199,36 +199,17 @@ def scenario() -> tuple[list[PricedEvent], list[tuple[GpuSample, Decimal, Decima
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("drivers")
-    settings = Settings(data_dir=path / "data", clickhouse_dsn=f"chdb://{path / 'ch'}")
-    gc.collect()
-    client = ledger.connect(settings)
-    ledger.migrate(client)
     events, gpu = scenario()
-    insert_rows(client, "priced_events", [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)])
-    insert_rows(client, "gpu_samples", [with_offsets(gpu_sample_row(s, sec, c, "t"), "gpu", 0, i)
-                                        for i, (s, sec, c) in enumerate(gpu)])
-    client.close()
-    yield settings, events, gpu
-    gc.collect()
+    tables = {"priced_events": [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)],
+              "gpu_samples": [with_offsets(gpu_sample_row(s, sec, c, "t"), "gpu", 0, i) for i, (s, sec, c) in enumerate(gpu)]}
+    with filled_ledger(tmp_path_factory.mktemp("drivers"), tables) as settings:
+        yield settings, events, gpu
 
 
 @pytest.fixture
 def cli(filled, monkeypatch):
-    s = filled[0]
-    monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", s.dsn)
-    monkeypatch.setenv("METERLINE_DATA_DIR", str(s.data_dir))
-    monkeypatch.setattr(console, "width", 250)
-    get_settings.cache_clear()
-    runner = CliRunner()
-
-    def invoke(*args: str) -> str:
-        result = runner.invoke(app, ["report", "drivers", *args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.stdout
-
-    yield invoke
-    get_settings.cache_clear()
+    with cli_on(filled[0], monkeypatch, "report", "drivers") as invoke:
+        yield invoke
 
 
 def truth(filled, key_of) -> dict[str, tuple[Decimal, Decimal]]:

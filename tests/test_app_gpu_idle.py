@@ -7,21 +7,17 @@ computed here tick by tick from the rows that went in, independently of app/gpu_
 """
 from __future__ import annotations
 
-import gc
 import json
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_DOWN, Decimal
 
 import pytest
-from typer.testing import CliRunner
 
-from meterline.cli import app
-from meterline.console import console
+from inprocess import cli_on, filled_ledger
 from meterline.schemas.events import GpuAllocation, GpuSample, new_id
-from meterline.settings import Settings, get_settings
-from meterline.sql import ledger
-from meterline.sql.rows import gpu_sample_row, insert_rows, plain_row, with_offsets
+from meterline.settings import get_settings
+from meterline.sql.rows import gpu_sample_row, plain_row, with_offsets
 from meterline.streams.pricing import load_catalog
 
 ZERO = Decimal(0)
@@ -112,36 +108,19 @@ def expected(samples, priced, policy: str) -> dict[str, Decimal]:
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpu-idle")
-    settings = Settings(data_dir=path / "data", clickhouse_dsn=f"chdb://{path / 'ch'}")
-    gc.collect()
-    client = ledger.connect(settings)
-    ledger.migrate(client)
     catalog, samples = load_catalog(), make_samples()
     priced = {s.sample_id: catalog.gpu_sample_cost(s) for s in samples}
-    insert_rows(client, "gpu_samples", [with_offsets(gpu_sample_row(s, *priced[s.sample_id], catalog.version), "gpu", 0, i)
-                                        for i, s in enumerate(samples)])
-    insert_rows(client, "gpu_allocations", [with_offsets(plain_row(a), "gpu-allocations", 0, i) for i, a in enumerate(ALLOCATIONS)])
-    client.close()
-    yield {"settings": settings, "samples": samples, "cost": {k: v[1] for k, v in priced.items()}}
-    gc.collect()
+    tables = {"gpu_samples": [with_offsets(gpu_sample_row(s, *priced[s.sample_id], catalog.version), "gpu", 0, i)
+                              for i, s in enumerate(samples)],
+              "gpu_allocations": [with_offsets(plain_row(a), "gpu-allocations", 0, i) for i, a in enumerate(ALLOCATIONS)]}
+    with filled_ledger(tmp_path_factory.mktemp("gpu-idle"), tables) as settings:
+        yield {"settings": settings, "samples": samples, "cost": {k: v[1] for k, v in priced.items()}}
 
 
 @pytest.fixture
 def cli(filled, monkeypatch):
-    s = filled["settings"]
-    monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", s.dsn)
-    monkeypatch.setenv("METERLINE_DATA_DIR", str(s.data_dir))
-    monkeypatch.setattr(console, "width", 250)
-    get_settings.cache_clear()
-
-    def invoke(*args: str) -> str:
-        result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.stdout
-
-    yield invoke
-    get_settings.cache_clear()
+    with cli_on(filled["settings"], monkeypatch) as invoke:
+        yield invoke
 
 
 def report(cli, name: str, *args: str) -> list[dict]:

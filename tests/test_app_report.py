@@ -23,12 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from typer.testing import CliRunner
 
+from inprocess import cli_on, filled_ledger
 from meterline.cli import app
-from meterline.console import console
 from meterline.schemas.events import BudgetPolicy, GpuSample, PricedEvent, new_id
 from meterline.settings import Settings, get_settings
 from meterline.sql import ledger
-from meterline.sql.rows import budget_policy_row, gpu_sample_row, insert_rows, priced_event_row, with_offsets
+from meterline.sql.rows import budget_policy_row, gpu_sample_row, priced_event_row, with_offsets
 
 from meterline.app.focus import focus_rows, idle_rows
 from meterline.streams.pricing import NO_COMPONENTS, load_catalog, token_components
@@ -113,40 +113,22 @@ def make_gpu(rng: random.Random) -> list[tuple[GpuSample, Decimal, Decimal]]:
 @pytest.fixture(scope="module")
 def truth(tmp_path_factory):
     """Fill a fresh ledger; return the events and GPU rows that went in."""
-    path = tmp_path_factory.mktemp("app-report")
-    settings = Settings(data_dir=path / "data", clickhouse_dsn=f"chdb://{path / 'ch'}")
-    gc.collect()  # another module's leftover clients must not pin a different chDB path
-    client = ledger.connect(settings)
-    ledger.migrate(client)
     rng = random.Random(20250601)
     events, gpu = make_events(rng), make_gpu(rng)
-    insert_rows(client, "priced_events", [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)])
-    insert_rows(client, "gpu_samples", [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
-                                        for i, (s, sec, cost) in enumerate(gpu)])
     policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("0.5"),
                           period="custom", period_anchor=NOW - timedelta(days=1), period_seconds=2 * 86400)
-    insert_rows(client, "budget_policies", [with_offsets(budget_policy_row(policy), "budgets", 0, 0)])
-    client.close()
-    yield {"events": events, "gpu": gpu, "settings": settings}
-    gc.collect()
+    tables = {"priced_events": [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)],
+              "gpu_samples": [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
+                              for i, (s, sec, cost) in enumerate(gpu)],
+              "budget_policies": [with_offsets(budget_policy_row(policy), "budgets", 0, 0)]}
+    with filled_ledger(tmp_path_factory.mktemp("app-report"), tables) as settings:
+        yield {"events": events, "gpu": gpu, "settings": settings}
 
 
 @pytest.fixture
 def cli(truth, monkeypatch):
-    s = truth["settings"]
-    monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", s.dsn)
-    monkeypatch.setenv("METERLINE_DATA_DIR", str(s.data_dir))
-    monkeypatch.setattr(console, "width", 250)  # a wide terminal, so table cells are not folded
-    get_settings.cache_clear()
-    runner = CliRunner()
-
-    def invoke(*args: str) -> str:
-        result = runner.invoke(app, list(args), catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.stdout
-
-    yield invoke
-    get_settings.cache_clear()
+    with cli_on(truth["settings"], monkeypatch) as invoke:
+        yield invoke
 
 
 DIMS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id", "model": "model"}
