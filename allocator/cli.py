@@ -17,10 +17,56 @@ budget_app = typer.Typer(
     no_args_is_help=True,
 )
 
+simulate_app = typer.Typer(
+    help=("Deterministic simulations of the real allocator engine, spend leases and guards with a simulated "
+          "fleet (no Kafka, seconds). Reports overshoot, utilisation, pacing error and priorities served."),
+    no_args_is_help=True,
+)
+
 
 def register(app: typer.Typer) -> None:
     app.add_typer(budget_app, name="budget")
+    app.add_typer(simulate_app, name="simulate")
     app.command("allocator")(allocator)
+
+
+@simulate_app.command("run")
+def simulate_run(scenario: Annotated[str, typer.Argument(help="A scenario TOML file (format: allocator/simulator.py).")],
+                 seed: Annotated[Optional[int], typer.Option(help="Override the scenario's seed.")] = None,
+                 as_json: JsonFlag = False) -> None:
+    """Run one scenario file and print its figures."""
+    from meterline.console import fail
+
+    from .simulator import load_scenario, simulate
+
+    try:
+        sc = load_scenario(scenario)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        fail(f"could not read scenario {scenario}: {err}")
+    if seed is not None:
+        sc.seed = seed
+    _print_reports([simulate(sc)], as_json)
+
+
+@simulate_app.command("suite")
+def simulate_suite(as_json: JsonFlag = False) -> None:
+    """Run the built-in scenarios (allocator/scenarios/) and print a table of their figures."""
+    from .simulator import builtin_scenarios, simulate
+
+    _print_reports([simulate(sc) for sc in builtin_scenarios()], as_json)
+
+
+def _print_reports(reports: list[dict], as_json: bool) -> None:
+    from meterline.console import console, emit_json, table
+
+    if as_json:
+        emit_json(reports if len(reports) > 1 else reports[0])
+        return
+    rows = [{"scenario": r["scenario"], "budget $": r["budget_usd"], "demand/budget": r["demand_ratio"],
+             "used %": r["utilisation_pct"], "overshoot %": r["overshoot_pct"], "pacing RMSE %": r["pacing_rmse_pct"],
+             "critical served %": r["served_pct"].get("critical", "-"), "high served %": r["served_pct"].get("high", "-"),
+             "exhaustion→last call s": r["exhaustion_to_last_call_s"]} for r in reports]
+    console.print(table(rows))
 
 
 @budget_app.command("set")

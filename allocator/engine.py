@@ -460,9 +460,15 @@ class Engine:
         if lease is None:
             return
         if self._idle(lease, now):
-            if lease.live_until is None or now >= lease.live_until:
+            # An idle session's lease is not renewed: it lives until the copy guards hold expires
+            # (re-rendering must not extend it, or its commitment would never be released).
+            published = self._published.get(decision_key("session", session_id, None))
+            if published is None or now >= published[1].expires_at:
                 lease.limit, lease.live_until = lease.spent, None   # lapsed: release what it did not spend
                 return
+            lease.live_until = published[1].expires_at
+            yield published[1]
+            return
         decision = self._grant(lease, now)
         lease.live_until = decision.expires_at
         yield decision

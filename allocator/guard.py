@@ -203,6 +203,7 @@ class Guard:
         self.spent = 0            # nano-USD recorded (and reserved) in the current lease period
         self.spent_unleased = 0   # nano-USD spent while holding no lease of its own
         self._lease_reset: float | None = None
+        self._leased = False      # has held a lease: its first-call pass is used up
 
     # ---- the check path -----------------------------------------------------------------
     def check(self, model: str | None = None, *, cost_usd: Decimal | None = None, cost_nanos: int = 0,
@@ -261,6 +262,7 @@ class Guard:
             if self._lease_reset is not None and reset_at is not None and reset_at > self._lease_reset:
                 self.spent = 0          # a new lease period: the old spend no longer counts
             self._lease_reset = reset_at
+            self._leased = True
             self.spent_unleased = 0     # the allocator charged our starter draw into this lease
 
     def _enforce(self, plan: _Plan, priority: str, model: str | None, cost: int, wait: bool) -> str | None:
@@ -345,8 +347,10 @@ class Guard:
         """A session without a lease spends from the starter; its first call always passes,
         because the allocator grants leases to sessions it has seen spend: a first call
         dearer than the starter would otherwise wait for a lease that never comes. The bound
-        stays one call per new session within one feedback lag."""
-        return plan.starter is None or self.spent_unleased == 0 or self.spent_unleased + cost <= plan.starter
+        stays one call per new session within one feedback lag; a session whose lease lapsed
+        is known to the allocator and gets no second free call."""
+        first = self.spent_unleased == 0 and not self._leased   # a lapsed lease does not make a new session
+        return plan.starter is None or first or self.spent_unleased + cost <= plan.starter
 
 
 class _StillBlocked(Exception):

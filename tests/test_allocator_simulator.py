@@ -1,0 +1,147 @@
+"""`meterline simulate`: the real engine, leases and guards under a simulated fleet (no Kafka)."""
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from meterline.allocator.engine import Engine, EngineConfig
+from meterline.allocator.guard import BudgetExceeded, Guard
+from meterline.allocator.simulator import (START, AgentSpec, Scenario, SimFeed, builtin_scenarios, parse_scenario,
+                                           simulate)
+from meterline.allocator.simulate import spend_update
+from meterline.schemas.events import PRIORITIES, BudgetPolicy
+
+D = Decimal
+SUITE = {sc.name: sc for sc in builtin_scenarios()}
+# Targets of issue 14 item 2 not met yet (see BENCHMARKS.md "Allocation quality"): strict, so meeting one fails loudly.
+NOT_YET = {("tiny-5-calls", "overshoot_pct"), ("hooli-demo", "utilisation_pct"),
+           ("steady-1000", "utilisation_pct"), ("steady-1000", "pacing_rmse_pct"), ("steady-1000", "critical_served_pct"),
+           ("steady-1000", "high_served_pct"), ("diurnal-10000", "utilisation_pct"), ("diurnal-10000", "pacing_rmse_pct"),
+           ("bursty-100", "utilisation_pct"), ("bursty-100", "pacing_rmse_pct"), ("bursty-100", "critical_served_pct"),
+           ("runaway-500", "utilisation_pct"), ("runaway-500", "critical_served_pct"), ("runaway-500", "high_served_pct"),
+           ("within-budget", "critical_served_pct"), ("within-budget", "normal_served_pct")}
+
+
+def small(seed: int = 3, minutes: int = 10) -> Scenario:
+    """Ten minutes, 20 agents, a hard budget about a third of the demand."""
+    return parse_scenario({
+        "name": "small", "seed": seed, "duration_s": minutes * 60, "budget": {"amount": "5", "period_s": minutes * 60},
+        "agents": [{"name": "pager", "sessions": 2, "priority": "critical", "rate_per_min": 1, "cost_min": "0.01", "cost_max": "0.10"},
+                   {"name": "chat", "sessions": 18, "priority": "normal", "rate_per_min": 4, "cost_min": "0.01",
+                    "cost_max": "0.10", "session_s": 120}]})
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    first, again, other = simulate(small(seed=3)), simulate(small(seed=3)), simulate(small(seed=4))
+    assert first == again
+    assert first["spent_usd"] != other["spent_usd"] and first["requests"] != other["requests"]
+
+
+def test_the_real_leases_hold_a_hard_budget_under_pressure():
+    report = simulate(small())
+    assert D(report["demand_usd"]) > 2 * D(report["budget_usd"]), "the scenario is under budget pressure"
+    assert D(report["spent_usd"]) <= D(report["budget_usd"]), report
+    assert report["overshoot_pct"] == 0 and report["utilisation_pct"] > 50
+
+
+def test_without_leases_the_same_fleet_overshoots():
+    """A soft budget grants no leases: the simulator sees the overshoot the leases prevent."""
+    sc = small()
+    sc.budget["hard"] = False
+    assert simulate(sc)["overshoot_pct"] > 10
+
+
+def test_scenario_files_reject_unknown_keys():
+    with pytest.raises(ValueError, match="unknown AgentSpec keys: colour"):
+        parse_scenario({"name": "x", "duration_s": 60, "budget": {"amount": "1"}, "agents": [{"name": "a", "colour": "red"}]})
+
+
+def test_arrival_processes_shape_the_rate():
+    diurnal = AgentSpec("a", rate_per_min=60, arrival="diurnal", amplitude=0.5)
+    assert diurnal.rate(900, 3600) == pytest.approx(1.5) and diurnal.rate(2700, 3600) == pytest.approx(0.5)
+    runaway = AgentSpec("a", rate_per_min=60, arrival="runaway", runaway_at_s=600, runaway_factor=20)
+    assert (runaway.rate(599, 3600), runaway.rate(600, 3600)) == (1.0, 20.0)
+    bursty = AgentSpec("a", rate_per_min=60, arrival="bursty", burst_every_s=300, burst_s=30, burst_factor=8)
+    assert (bursty.rate(10, 3600), bursty.rate(100, 3600)) == (8.0, 1 / 8)
+
+
+# ---- bugs the simulator found --------------------------------------------------------------
+
+def test_an_idle_sessions_lease_lapses_and_its_commitment_is_released():
+    """Re-rendering an idle session's lease used to extend its life in the engine while guards'
+    copies expired: the money stayed committed to a session that could not use it."""
+    clock = [START + timedelta(minutes=1)]
+    e = Engine(EngineConfig(), clock=lambda: clock[0])
+    e.apply_policy(BudgetPolicy(policy_id="b", tenant_id="sim", scope="tenant", scope_id="sim", amount=D(10),
+                                period="custom", period_anchor=START, period_seconds=3600, created_at=START))
+    sid = "sim/t/p/a/s1"
+    e.apply_spend(spend_update(sid, clock[0] - timedelta(seconds=1), clock[0], D("0.05"), 1))
+    e.decide()
+    assert e.leases[sid].limit > D("0.05")
+    for _ in range(200):                                   # silent for 200 s: idle after 60, lapsed after the TTL
+        clock[0] += timedelta(seconds=1)
+        out = e.decide()
+        e.heartbeat()
+        if f"session:{sid}:*" in out.retired:
+            break
+    else:
+        pytest.fail("the idle session's lease never lapsed")
+    assert e.leases[sid].limit == e.leases[sid].spent == D("0.05"), "what it did not spend is uncommitted again"
+
+
+def _decision(feed: SimFeed, engine: Engine) -> None:
+    feed.deliver(engine.decide())
+
+
+def test_a_session_whose_lease_lapsed_gets_no_second_free_call():
+    clock = [START + timedelta(minutes=1)]
+    e = Engine(EngineConfig(), clock=lambda: clock[0])
+    e.apply_policy(BudgetPolicy(policy_id="b", tenant_id="sim", scope="tenant", scope_id="sim", amount=D("1"),
+                                actions={p: "deny" for p in PRIORITIES}, period="custom", period_anchor=START,
+                                period_seconds=3600, created_at=START))
+    feed = SimFeed()
+    guard = Guard(feed, "sim", "t", "p", "a", "s1", clock=lambda: clock[0].timestamp())
+    _decision(feed, e)
+    assert guard.check("m", cost_usd=D("0.04"), wait=False) == "m"      # a new session's first call passes
+    guard.record(D("0.04"), reserved_usd=D("0.04"))
+    e.apply_spend(spend_update(guard.scopes["session"], clock[0] - timedelta(seconds=1), clock[0], D("0.04"), 1))
+    _decision(feed, e)
+    assert feed.decisions[f"session:{guard.scopes['session']}:*"].limit is not None   # it holds a lease now
+    guard.check("m", cost_usd=D("0.001"), wait=False)
+    clock[0] += timedelta(minutes=5)                                     # silent: the lease lapses
+    _decision(feed, e)
+    assert f"session:{guard.scopes['session']}:*" not in feed.decisions
+    with pytest.raises(BudgetExceeded, match="waiting for a spend lease"):   # it must fit the starter now
+        guard.check("m", cost_usd=D("0.04"), wait=False)
+
+
+# ---- the built-in suite: issue 14's targets per scenario ----------------------------------
+
+def _targets():
+    for name, sc in SUITE.items():
+        for key, bound in sc.expect.items():
+            mark = [pytest.mark.xfail(strict=True, reason="issue 14 item 2: not met yet")] if (name, key) in NOT_YET else []
+            yield pytest.param(name, key, bound, id=f"{name}-{key}", marks=mark)
+
+
+_reports: dict[str, dict] = {}
+
+
+def _report(name: str) -> dict:
+    if name not in _reports:
+        _reports[name] = simulate(copy.deepcopy(SUITE[name]))
+    return _reports[name]
+
+
+@pytest.mark.parametrize("name,key,bound", list(_targets()))
+def test_builtin_suite_meets_its_targets(name, key, bound):
+    r = _report(name)
+    if key.endswith("_served_pct"):
+        value = r["served_pct"][key.removesuffix("_served_pct")]
+    else:
+        value = r[key]
+    upper = key in ("overshoot_pct", "pacing_rmse_pct")
+    assert (value <= bound) if upper else (value >= bound), f"{name}: {key} = {value}, target {'≤' if upper else '≥'} {bound}"
