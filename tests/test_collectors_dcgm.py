@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
