@@ -29,6 +29,9 @@ ENV_KEYS = {
     "session_id": "METERLINE_SESSION_ID",
 }
 FIELDS = tuple(ENV_KEYS)
+# In a Kubernetes pod (set through the downward API): the registration names its pod, so `collect dcgm`,
+# which sees pods and not pids, can attribute the pod's GPU time to the session (a shared run directory).
+POD_ENV = {"pod": "METERLINE_POD_NAME", "namespace": "METERLINE_POD_NAMESPACE"}
 MAX_ANCESTORS = 8
 
 
@@ -62,13 +65,26 @@ class SessionRegistry:
 
     def register(self, pid: int, attribution: dict[str, str]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        record = {"pid": pid, "start_time": process_start_time(pid, self.proc), **{k: attribution.get(k, "") for k in FIELDS}}
+        record = {"pid": pid, "start_time": process_start_time(pid, self.proc), **{k: attribution.get(k, "") for k in FIELDS},
+                  **{k: os.environ[var] for k, var in POD_ENV.items() if os.environ.get(var)}}
         tmp = self.directory / f".{pid}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.directory / f"{pid}.json")
 
     def unregister(self, pid: int) -> None:
         (self.directory / f"{pid}.json").unlink(missing_ok=True)
+
+    def pods(self) -> dict[tuple[str, str], dict[str, str]]:
+        """(namespace, pod) -> attribution, from registrations that name their pod (newest written wins).
+        The pid is not checked: it lives in the pod's own pid namespace; a pod's name is not reused."""
+        found: list[tuple[float, dict]] = []
+        for path in self.directory.glob("*.json") if self.directory.is_dir() else ():
+            try:
+                found.append((path.stat().st_mtime, json.loads(path.read_text())))
+            except (OSError, ValueError):
+                continue  # removed or being replaced while listed
+        return {(str(r.get("namespace", "")), str(r["pod"])): {k: str(r.get(k, "")) for k in FIELDS}
+                for _, r in sorted(found, key=lambda item: item[0]) if isinstance(r, dict) and r.get("pod")}
 
     def lookup(self, pid: int) -> dict[str, str] | None:
         try:

@@ -1,8 +1,9 @@
-"""`meterline collect gpu` (the NVML collector) and `meterline gpu assign` (who holds a GPU) as commands;
+"""`meterline collect gpu` (the NVML collector), `meterline collect dcgm` (the DCGM exporter as a source) and `meterline gpu assign` (who holds a GPU) as commands;
 imports stay inside the commands."""
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,6 +14,7 @@ def register(app: typer.Typer) -> None:
                               no_args_is_help=True)
     app.add_typer(collect_app, name="collect")
     collect_app.command("gpu")(collect_gpu)
+    collect_app.command("dcgm")(collect_dcgm)
     gpu_app = typer.Typer(help="GPU capacity: who holds each device or MIG slice (charged its idle time under the "
                                "`owner` policy, METERLINE_GPU_IDLE_POLICY).", no_args_is_help=True)
     app.add_typer(gpu_app, name="gpu")
@@ -86,7 +88,7 @@ def collect_gpu(
                                                        "published as GpuAllocation records from now on, see `meterline gpu assign`.")] = None,
     team: Annotated[str, typer.Option(help="With --tenant: the team that holds them.")] = "",
 ) -> None:
-    """Sample every GPU through NVML and publish GpuSample records to <prefix>.gpu.v1, keyed by node.
+    """Sample every GPU through NVML and publish GpuSample records to the gpu topic. keyed by node.
 
     Per GPU: utilization, memory, power, energy, temperature; per MIG instance; per process with the agent session that owns it (the SDK's run directory, else METERLINE_SESSION_ID in the process environment). Processes with no known owner are published with attributed=false.
 
@@ -153,6 +155,91 @@ def collect_gpu(
                                   f"{sender.stats.dropped} dropped[/]")
 
 
+def collect_dcgm(
+    url: Annotated[str, typer.Option(help="The exporter's page, e.g. http://NODE:9400/metrics.")],
+    interval: Annotated[float, typer.Option(help="Seconds between scrapes (the exporter refreshes every 30 s by default).",
+                                            min=0.1)] = 30.0,
+    pods_file: Annotated[Optional[Path], typer.Option("--pods-file", envvar="METERLINE_DCGM_PODS_FILE",
+                                                      help='Who owns each pod: TOML or JSON, [pods."NAMESPACE/POD"] (POD may be a glob) '
+                                                           "with tenant_id, team, project, agent_id, session_id.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Scrape once, publish, exit (1 when the scrape failed).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every record as a JSON line instead of a table.")] = False,
+    node: Annotated[Optional[str], typer.Option(help="Node name (the Kafka key); default: the exporter's Hostname label.")] = None,
+    publish: Annotated[bool, typer.Option(help="Publish to the gpu topic (--no-publish only prints).")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the page.", min=0.1)] = 5.0,
+) -> None:
+    """Scrape NVIDIA's DCGM exporter and publish its GPUs, MIG instances and pods as GpuSample records to the gpu topic.
+
+    For clusters that already run dcgm-exporter: no second GPU daemon. Each pod on a GPU or MIG instance is a process
+    row charged 1/n of it (time-slicing: --kubernetes-virtual-gpus on the exporter), attributed by --pods-file or by an
+    SDK session that names its pod (METERLINE_POD_NAME / METERLINE_POD_NAMESPACE); unknown pods are published with
+    attributed=false. A failed scrape is a warning and a retry.
+
+    Example:  meterline collect dcgm --url http://gpu-node-1:9400/metrics --pods-file pods.toml
+    """
+    import signal
+    import threading
+    import urllib.parse
+
+    from meterline.console import console, err_console, fail
+    from meterline.settings import get_settings
+
+    from .attribution import SessionRegistry, sessions_dir
+    from rich.markup import escape
+
+    from .dcgm import DcgmSource, PodOwners, ScrapeError
+
+    settings = get_settings()
+    registry = SessionRegistry(sessions_dir(settings.data_dir))
+    try:
+        owners = PodOwners.from_file(pods_file, registry) if pods_file else PodOwners(registry=registry)
+    except ValueError as err:
+        fail(str(err))
+    source = DcgmSource(url, owners, node=node, interval_s=interval, timeout_s=timeout)
+    sender = None
+    if publish:
+        from .sender import Sender
+
+        where = node or urllib.parse.urlsplit(url).hostname or "exporter"
+        sender = Sender(settings, settings.topic("gpu"), settings.data_dir / "spool" / f"dcgm-{''.join(c if c.isalnum() or c in '.-' else '_' for c in where)}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    failed = False
+    try:
+        while True:
+            try:
+                scrape = source.sample()
+                failed = False
+            except ScrapeError as err:
+                err_console.print(f"[yellow]DCGM scrape failed: {escape(str(err))}; "
+                                  f"{'giving up (--once)' if once else f'retrying in {interval:g} s'}[/]", highlight=False, soft_wrap=True)
+                failed = True
+            else:
+                if scrape.skipped:
+                    err_console.print(f"[yellow]skipped {scrape.skipped} of {scrape.series} DCGM series (malformed)[/]")
+                for row in scrape.rows:
+                    if sender is not None:
+                        sender.send(row.key.encode(), row.to_json())
+                    if as_json:
+                        print(row.model_dump_json(), flush=True)
+                if not as_json:
+                    console.print(_table(scrape.rows))
+            if once or stop.wait(interval):
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if sender is not None:
+            delivered = sender.flush(10.0)
+            sender.close()
+            if not delivered:
+                err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; "
+                                  f"{sender.stats.spooled} spooled under {sender.spool_dir} for the next run, "
+                                  f"{sender.stats.dropped} dropped[/]")
+    if once and failed:
+        raise typer.Exit(1)
+
+
 def _node_held_by(rows, tenant: str, team: str):
     from meterline.console import fail
     from meterline.schemas.events import GpuAllocation, InvalidEvent, build, new_id
@@ -171,7 +258,7 @@ def _table(rows):
         return "" if value is None else f"{value / (1 << 30):.1f}"
 
     view = [{
-        "gpu": r.gpu_index, "level": r.level, "what": r.mig_profile if r.level == "mig" else (str(r.pid) if r.pid else r.gpu_name),
+        "gpu": r.gpu_index, "level": r.level, "what": r.mig_profile if r.level == "mig" else (str(r.pid) if r.pid else (f"{r.namespace}/{r.pod}" if r.pod else r.gpu_name)),
         "util %": "" if r.utilization_pct is None and r.sm_util_pct is None else str(r.sm_util_pct if r.level == "process" else r.utilization_pct),
         "mem GiB": gib(r.process_memory_bytes if r.level == "process" else r.memory_used_bytes),
         "power W": "" if r.power_mw is None else f"{r.power_mw / 1000:.0f}",

@@ -291,7 +291,8 @@ class GpuSample(Contract):
     GPU-seconds of a row = interval_ms / 1000 × (mig_slices / mig_total_slices for MIG), and a
     process row's share of them is 1 / device_processes (the collector sees every process on a
     device, so the row carries the split and can be keyed by its tenant, not by its node).
-    A process row whose owner is unknown has attributed=False and empty attribution.
+    A process row whose owner is unknown has attributed=False and empty attribution. A row from the DCGM
+    exporter (`collect dcgm`) stands for a Kubernetes pod: namespace/pod/container set, pid None.
     """
 
     sample_id: UUID
@@ -330,6 +331,10 @@ class GpuSample(Contract):
     session_id: OptionalId = ""
     attributed: StrictBool = False
     simulated: StrictBool = False
+    # Kubernetes (`collect dcgm`): the pod a process row stands for (the DCGM exporter reports pods, not pids)
+    namespace: OptionalId = ""
+    pod: Name = ""
+    container: OptionalId = ""
 
 
 class SpendUpdate(Contract):

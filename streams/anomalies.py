@@ -360,7 +360,7 @@ class IdleGpus:
             util, memory = sample.sm_util_pct, sample.process_memory_bytes
         else:
             util, memory = sample.utilization_pct, sample.memory_used_bytes
-        key = (sample.node, sample.gpu_uuid, sample.mig_uuid, sample.pid)
+        key = (sample.node, sample.gpu_uuid, sample.mig_uuid, sample.pid, sample.namespace, sample.pod, sample.container)
         if util is None or memory is None or util > cfg.idle_util_pct or memory < cfg.idle_min_memory_bytes:
             self.devices.pop(key, None)
             return []

@@ -141,3 +141,15 @@ def test_calls_without_usage_raise_unmetered_calls_per_agent_with_the_fix():
     assert "include_usage" in found[0].message
     again = detectors.usage(call("bot", 61), 0, False)  # an hour later, with what came meanwhile
     assert len(again) == 1 and again[0].evidence["calls_last_period"] == "30"
+
+
+def test_idle_pods_sharing_a_gpu_are_told_apart():
+    """DCGM rows have no pid: two pods on one GPU are two devices' worth of state, one busy, one idle."""
+    detector = IdleGpus()
+    found = []
+    for i in range(40):
+        ts = T0 + timedelta(seconds=10 * i)
+        for pod, util in (("idle-pod", 0), ("busy-pod", 0 if i % 5 else 90)):
+            row = gpu_row(ts, util, 20 * 2**30, session=pod).model_copy(update={"pid": None, "namespace": "ns", "pod": pod})
+            found += detector.observe(row, 10 * PICO, PICO // 360)
+    assert [a.scope_id for a in found] == ["idle-pod"]
