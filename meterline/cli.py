@@ -35,6 +35,7 @@ COMPONENTS = (
     "meterline.collectors.cli",
     "meterline.streams.cli",
     "meterline.allocator.cli",
+    "meterline.allocator.strategies_cli",  # `simulate strategies`; on merge: into allocator/cli.py's simulate_app
     "meterline.app.cli",
     "meterline.app.auth",
 )
