@@ -25,6 +25,9 @@ simulate_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
+    from .strategies_cli import strategies
+
+    simulate_app.command("strategies")(strategies)
     app.add_typer(budget_app, name="budget")
     app.add_typer(simulate_app, name="simulate")
     app.command("allocator")(allocator)

@@ -162,6 +162,12 @@ def gpu(since: Since = None, until: Until = None, fmt: Fmt = "table", gpu_idle: 
     _emit("gpu", _params(since=since, until=until, gpu_idle=gpu_idle), fmt)
 
 
+@report_app.command("strategies")
+def strategies(since: Since = None, until: Until = None, fmt: Fmt = "table") -> None:
+    """The latest stored `meterline simulate strategies --store` run in the period: the seed's strategy table."""
+    _emit("strategies", _params(since=since, until=until), fmt)
+
+
 @report_app.command("burn-down")
 def burn_down(tenant: Tenant = None, fmt: Fmt = "table") -> None:
     """Every budget this period: spent, remaining, % used vs % of period elapsed, forecast exhaustion."""

@@ -148,6 +148,8 @@ REPORTS: dict[str, tuple[str, Callable[[Querier, ReportParams], Result]]] = {
                         _sql_report("cost_per_action", FILTERS)),
     "gpu": ("GPU-hours and their cost against utilisation, per device.", _sql_report("gpu_utilisation", ("since", "until"))),
     "totals": ("Ledger grand totals: what every chargeback adds up to.", _sql_report("ledger_totals", ("since", "until"))),
+    "strategies": ("The latest stored `simulate strategies --store` run: the strategy table.",
+                   _sql_report("strategy_results", ("since", "until"))),
 }
 
 

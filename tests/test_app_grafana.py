@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meterline.allocator import strategies
 from meterline.schemas.events import Anomaly, BudgetPolicy, DeadLetter, GpuSample, PricedEvent, ThrottleDecision, new_id
 from meterline.settings import Settings
 from meterline.sql import ledger
@@ -44,6 +45,15 @@ def panels(dashboard: dict) -> list[dict]:
     for p in dashboard["panels"]:
         out.extend(panels(p) if p.get("type") == "row" else [p])
     return out
+
+
+def strategy_run():
+    """A small `simulate strategies` run: one hour of requests and a batch job."""
+    trace = strategies.Trace("test", 3_600_000, [strategies.Request(i * 1000, "a", "critical", 500) for i in range(3600)],
+                             [strategies.Job("j", 0, 600_000, 3_600_000, 60_000)])
+    inst = strategies.load_instance("h100", on_demand=Decimal("2.49"))
+    knobs = strategies.Knobs()
+    return strategies.simulate(trace, inst, knobs), trace, inst, knobs
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +88,7 @@ def client(tmp_path_factory):
     dead = DeadLetter(dlq_id=new_id(), ts=NOW, stage="validate", source_topic="usage", partition=0, offset=1, reason="bad",
                       error_type="InvalidEvent", payload_b64="")
     insert_rows(c, "dead_letters", [with_offsets(contract_row(dead), "dlq", 0, 0)])
+    strategies.store(c, *strategy_run(), run_id="r1", ts=NOW)
     yield c
     c.close()
     gc.collect()
@@ -120,3 +131,6 @@ def test_panel_numbers_match_the_ledger(client):
     assert teams == [("t", Decimal("0.4"))]
     (unpriced,) = client.query(expand(by_title["Unpriced events (kept at 0, flagged)"])).result_rows
     assert unpriced[0] == 8
+    table = client.query(expand(by_title["Compute strategies, latest `simulate strategies --store` run"])).result_rows
+    rows = strategy_run()[0]
+    assert [(r[0], r[1]) for r in table] == [(r["strategy"], r["cost_usd"]) for r in rows]  # exact, in the seed's order

@@ -290,3 +290,31 @@ def test_the_drivers_waterfall_draws_the_report_exactly_and_escapes_names(tmp_pa
     assert labels == [label(step, want[step]) for step, _ in bars]
     assert 'id="pwned"' not in dom and "<img" not in dom
     assert "&lt;img src=x id=pwned" in dom  # the group picker shows the tenant's name as text
+
+
+def test_the_strategies_card_shows_the_stored_run_and_escapes_its_source(tmp_path):
+    """`simulate strategies --store` -> strategy_results -> /api/report/strategies -> the table card."""
+    from meterline.allocator import strategies as st
+
+    evil = '<img src=x id=pwned onerror="document.title=1">'
+    trace = st.Trace(evil, 3_600_000, [st.Request(i * 1000, "a", "critical", 400) for i in range(3600)],
+                     [st.Job("j", 0, 600_000, 3_600_000, 60_000)])
+    inst = st.load_instance("h100", on_demand=Decimal("2.49"))
+    rows = st.simulate(trace, inst)
+    gc.collect()
+    store = Settings(data_dir=tmp_path / "data", clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
+    client = ledger.connect(store)
+    ledger.migrate(client)
+    st.store(client, rows, trace, inst, st.Knobs(), "run-1", NOW)
+    client.close()
+    api = ApiServer(lambda: DirectLedger(store, ledger.connect(store)), live=LiveState(), port=0)
+    api.start()
+    try:
+        dom = chromium(["--virtual-time-budget=5000", "--dump-dom", api.url], tmp_path).stdout
+    finally:
+        api.stop()
+        gc.collect()
+    cells = re.findall(r'<td data-metric="cost_usd" data-strategy="([^"]+)" data-value="([^"]+)">', dom)
+    assert [(s, Decimal(v)) for s, v in cells] == [(r["strategy"], r["cost_usd"]) for r in rows]  # exact, seed's order
+    assert len(re.findall(r'<td data-metric="', dom)) == 8 * len(rows)  # every row of the table, every strategy
+    assert 'id="pwned"' not in dom and "&lt;img src=x id=pwned" in dom

@@ -196,6 +196,36 @@ async function tickDrivers() {
   }
 }
 
+// ---- compute strategies: the seed's table, one column per strategy, every cell a number ----
+const STRATEGY_ROWS = [["cost_usd", "cost (USD)", 2], ["daily_cost_cv", "cost predictability (CV of daily cost)", 3],
+  ["critical_p99_wait_s", "latency guarantee (critical p99 wait, s)", 1], ["slo_met_pct", "critical within SLO (%)", 1],
+  ["utilisation_pct", "utilisation efficiency (%)", 1], ["batch_lost_pct", "risk of interruption (batch work lost, %)", 1],
+  ["savings_vs_static_pct", "cost savings vs static (%)", 1], ["deadline_misses", "batch deadline misses", 0]];
+
+function renderStrategies(doc) {
+  const table = document.getElementById("strategies"), head = table.tHead, body = table.tBodies[0];
+  clear(head); clear(body);
+  const rows = doc.rows.map(r => Object.fromEntries(doc.columns.map((c, i) => [c, r[i]])));
+  const cell = (tag, text, attrs) => { const c = document.createElement(tag); c.textContent = text; Object.assign(c.dataset, attrs || {}); return c; };
+  if (!rows.length) { body.appendChild(document.createElement("tr")).appendChild(cell("td", "no stored run yet: meterline simulate strategies --store")); return; }
+  const top = head.appendChild(document.createElement("tr"));
+  top.appendChild(cell("th", rows[0].source));  // user text (the trace's name): textContent only
+  for (const r of rows) top.appendChild(cell("th", r.strategy));
+  for (const [key, label, places] of STRATEGY_ROWS) {
+    const tr = body.appendChild(document.createElement("tr"));
+    tr.appendChild(cell("td", label));
+    for (const r of rows) tr.appendChild(cell("td", Number(r[key]).toFixed(places), { metric: key, strategy: r.strategy, value: String(r[key]) }));
+  }
+}
+
+async function tickStrategies() {
+  const token = sessionStorage.getItem("meterline-token");
+  try {
+    const resp = await fetch("/api/report/strategies?since=365d", { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
+    if (resp.ok) renderStrategies(await resp.json());
+  } catch (err) { /* the live status line already says when the API is unreachable */ }
+}
+
 // Once tokens exist the API wants one: asked for here, kept for this tab only.
 function askToken(message) {
   const form = document.getElementById("login");
@@ -208,6 +238,7 @@ document.getElementById("login").addEventListener("submit", ev => {
   document.getElementById("login").hidden = true;
   tick();
   tickDrivers();
+  tickStrategies();
 });
 
 async function tick() {
@@ -224,4 +255,6 @@ async function tick() {
 tick();
 setInterval(tick, 2000);
 tickDrivers();
-setInterval(tickDrivers, 60000);  // a 14-day report: once a minute is plenty
+setInterval(tickDrivers, 60000);
+tickStrategies();
+setInterval(tickStrategies, 60000);  // a 14-day report: once a minute is plenty
