@@ -140,8 +140,11 @@ def render_backtest(rows: list[dict[str, Any]], fmt: str) -> Any:
 
     table = Table(title=f"forecast backtest · {rows[0]['origins']} origins · next {rows[0]['horizon_hours']}h's spend",
                   header_style="bold")
+    headers = {"method": "method", "mape_pct": "MAPE %", "coverage80_pct": "cov 80 %", "coverage95_pct": "cov 95 %",
+               "width80_pct": "width 80 %", "seconds": "s", "mape_ratio": "MAPE ratio"}
+    columns = list(headers)  # origins and horizon are in the title; json/csv carry every field
     for c in columns:
-        table.add_column(c.replace("_pct", " %").replace("_", " "), justify="left" if c == "method" else "right")
+        table.add_column(headers.get(c, c), justify="left" if c == "method" else "right", no_wrap=True)
     for r in rows:
         table.add_row(*(("—" if r[c] is None else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])) for c in columns))
     return table
