@@ -286,6 +286,9 @@ def _through_up(original):
 
 def register(app: typer.Typer) -> None:
     app.add_typer(report_app, name="report")
+    from .forecast_cli import register as register_forecast
+
+    register_forecast(app)  # `meterline forecast` (app/forecast.py)
     sql = next((c for c in app.registered_commands if c.name == "sql"), None)
     if sql is None:
         app.command("sql")(sql_command)

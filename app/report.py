@@ -261,16 +261,18 @@ def period_bounds(period: str, tz: str, now: datetime, anchor: datetime | None =
 
 BURN_DOWN_TYPES = ["String", "String", "String", "String", "String", "Decimal(38, 18)", "DateTime64(3, 'UTC')",
                    "DateTime64(3, 'UTC')", "Decimal(38, 18)", "Decimal(38, 18)", "Decimal(38, 2)", "Decimal(38, 2)",
-                   "Nullable(DateTime64(3, 'UTC'))", "String"]
+                   "Nullable(DateTime64(3, 'UTC'))", "String"] + ["Nullable(Decimal(38, 6))"] * 3
 BURN_DOWN_COLUMNS = ["policy_id", "tenant_id", "scope", "scope_id", "unit", "amount", "period_start", "period_end",
-                     "spent", "remaining", "used_pct", "elapsed_pct", "forecast_exhaustion", "burn"]
+                     "spent", "remaining", "used_pct", "elapsed_pct", "forecast_exhaustion", "burn",
+                     "forecast_spend", "forecast_lo80", "forecast_hi80"]
 
 
 def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None) -> Result:
     """Per budget: spent and remaining this period, against the straight pacing line.
 
     `burn` is a sparkline of remaining budget over the period so far (for people);
-    forecast_exhaustion extrapolates the period's average spend rate.
+    forecast_exhaustion extrapolates the period's average spend rate; forecast_spend and its 80 %
+    interval (forecast_lo80/hi80) are the period-end spend forecast from the hourly rollups (app/forecast.py).
     """
     now = now or datetime.now(timezone.utc)
     policies = ledger.query(load_query("budget_policies"), {"tenant": params.tenant}).dicts()
@@ -294,8 +296,23 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
             forecast = eta if eta < end else None
         rows.append((p["policy_id"], p["tenant_id"], p["scope"], p["scope_id"], p["unit"], amount, start, end, spent,
                      amount - spent, _pct(spent, amount), _pct(Decimal(elapsed), Decimal((end - start).total_seconds())),
-                     forecast, _sparkline(spend, field, amount)))
+                     forecast, _sparkline(spend, field, amount), *_forecast_band(ledger, p, spent, now, end, field)))
     return Result(BURN_DOWN_COLUMNS, BURN_DOWN_TYPES, rows)
+
+
+def _forecast_band(ledger: Querier, policy: dict[str, Any], spent: Decimal, now: datetime, end: datetime,
+                   field: int) -> tuple[Decimal | None, Decimal | None, Decimal | None]:
+    """Period-end spend and its 80 % interval for one budget (None for session budgets: no rollup has sessions)."""
+    from .forecast import HISTORY_HOURS, hour_of, period_end_forecast
+
+    if policy["scope"] == "session":
+        return None, None, None
+    scope = scope_filter(policy["scope"], policy["scope_id"], policy["tenant_id"])
+    hourly = ledger.query(load_query("scope_hourly"), {
+        **{k: v for k, v in scope.items() if k != "session"},
+        "since": hour_of(now) - timedelta(hours=HISTORY_HOURS), "until": now + timedelta(seconds=1)}).rows
+    values, _, _ = period_end_forecast({r[0]: r[field] for r in hourly}, spent, now, end)
+    return values["mean"], values["lo80"], values["hi80"]
 
 
 SCOPE_DEPTH = {"tenant": 0, "team": 1, "project": 2, "agent": 3, "session": 4}
@@ -366,7 +383,7 @@ def display(value: Any, column: str) -> str:
     if value is None:
         return "—"
     if isinstance(value, Decimal):
-        if column.endswith("_usd") or column in ("amount", "spent", "remaining"):
+        if column.endswith("_usd") or column in ("amount", "spent", "remaining") or column.startswith("forecast_"):
             return f"{value.quantize(Decimal('0.0001'), ROUND_HALF_EVEN):,}"
         return exact(value) if column.endswith("pct") else f"{value.quantize(Decimal('0.0001'), ROUND_HALF_EVEN):,}"
     if isinstance(value, datetime):
@@ -416,7 +433,9 @@ TABLE_COLUMNS = {
     "top-sessions": ("tenant_id", "agent_id", "session_id", "events", "total_cost_usd"),
     "cost-per-action": ("tenant_id", "agent_id", "actions", "successful_actions", "total_cost_usd", "cost_per_success_usd"),
     "gpu": ("node", "gpu_name", "gpu_hours", "cost_usd", "avg_utilization_pct", "unused_cost_usd", "unused_charged_to"),
-    "burn-down": ("scope_id", "amount", "spent", "used_pct", "elapsed_pct", "burn"),
+    "burn-down": ("scope_id", "amount", "spent", "used_pct", "elapsed_pct", "burn", "forecast_spend", "forecast_lo80",
+                  "forecast_hi80"),
+    "forecast": ("spent_usd", "forecast_usd", "lo80_usd", "hi80_usd", "lo95_usd", "hi95_usd", "method"),
 }
 
 

@@ -601,6 +601,10 @@ def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
             want = run_report(single, name, params).rows
             assert want and run_report(cluster, name, params).rows == want, name
         assert burn_down(cluster, params, now=NOW).rows == burn_down(single, params, now=NOW).rows
+        from meterline.app.forecast import forecast_report
+
+        want = forecast_report(single, "team", now=NOW).rows
+        assert want and forecast_report(cluster, "team", now=NOW).rows == want  # the rollups' _all tables
         assert focus_rows(cluster, params) == focus_rows(single, params)
         with pytest.raises(Exception, match="(?i)unknown table|doesn't exist|does not exist"):
             alone.query("SELECT count() FROM priced_events")  # plain names are not there: the check can fail

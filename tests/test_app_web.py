@@ -318,3 +318,51 @@ def test_the_strategies_card_shows_the_stored_run_and_escapes_its_source(tmp_pat
     assert [(s, Decimal(v)) for s, v in cells] == [(r["strategy"], r["cost_usd"]) for r in rows]  # exact, seed's order
     assert len(re.findall(r'<td data-metric="', dom)) == 8 * len(rows)  # every row of the table, every strategy
     assert 'id="pwned"' not in dom and "&lt;img src=x id=pwned" in dom
+
+
+def test_the_budget_card_draws_the_forecast_band_of_the_burn_down(tmp_path):
+    """/api/report/burn-down's period-end forecast and 80 % interval, drawn as a shaded band; no Kafka needed."""
+    from meterline.app.forecast import hour_of
+    from meterline.schemas.events import BudgetPolicy
+    from meterline.sql.rows import budget_policy_row
+
+    import random
+
+    rng, now = random.Random(7), datetime.now(timezone.utc).replace(microsecond=0)
+    events = []
+    for k in range(96, -1, -1):  # four days of hourly spend with a daily cycle and noise
+        ts = min(hour_of(now) - timedelta(hours=k) + timedelta(minutes=1), now)
+        cost = Decimal(200 + (ts.hour >= 9) * 300 + rng.randrange(-50, 50)) / 10_000
+        events.append(PricedEvent(event_id=new_id(), ts=ts, tenant_id="acme", team="t", kind="llm_call", provider="openai",
+                                  model="gpt-4o", input_tokens=10, output_tokens=1, cost_usd=cost, list_cost_usd=cost,
+                                  cost_source="catalog", catalog_version="v", priced_at=ts))
+    policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("40"),
+                          period="month")
+    gc.collect()
+    store = Settings(data_dir=tmp_path / "data", clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
+    client = ledger.connect(store)
+    ledger.migrate(client)
+    insert_rows(client, "priced_events", [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)])
+    insert_rows(client, "budget_policies", [with_offsets(budget_policy_row(policy), "budgets", 0, 0)])
+    client.close()
+    api = ApiServer(lambda: DirectLedger(store, ledger.connect(store)), live=LiveState(), port=0)
+    api.start()
+    try:
+        doc = httpx.get(f"{api.url}/api/report/burn-down", timeout=60).json()  # the first call imports statsmodels
+        dom = chromium(["--virtual-time-budget=5000", "--dump-dom", api.url], tmp_path).stdout
+    finally:
+        api.stop()
+        gc.collect()
+    (row,) = [dict(zip(doc["columns"], r)) for r in doc["rows"]]
+    assert Decimal(row["spent"]) <= Decimal(row["forecast_lo80"]) <= Decimal(row["forecast_spend"]) <= Decimal(row["forecast_hi80"])
+    band = re.search(r'<rect[^>]*class="fc-band"[^>]*data-policy="acme-month"[^>]*data-lo="([^"]+)"[^>]*data-hi="([^"]+)"'
+                     r'[^>]*x="([^"]+)"[^>]*width="([^"]+)"', dom)
+    assert band, dom[-3000:]
+    point = re.search(r'<line[^>]*class="fc-point"[^>]*data-value="([^"]+)"', dom)
+    lo, hi, mean = Decimal(band[1]), Decimal(band[2]), Decimal(point[1])
+    assert lo < mean < hi and float(band[4]) >= 2  # a band with width on screen, the forecast inside it
+    # the page asked a moment after the test did: the same forecast, up to the few seconds between the two
+    for got, want in ((lo, row["forecast_lo80"]), (hi, row["forecast_hi80"]), (mean, row["forecast_spend"])):
+        assert abs(got - Decimal(want)) <= Decimal("0.001") * Decimal(want), (got, want)
+    spent = Decimal(re.search(r'<rect[^>]*class="fc-spent"[^>]*data-value="([^"]+)"', dom)[1])
+    assert spent == Decimal(row["spent"]) and spent < lo

@@ -226,6 +226,46 @@ async function tickStrategies() {
   } catch (err) { /* the live status line already says when the API is unreachable */ }
 }
 
+// ---- budgets: spent, and the forecast's period-end spend with its 80 % interval (a shaded band) ----
+// /api/report/burn-down's forecast_spend / forecast_lo80 / forecast_hi80 (app/forecast.py); the exact
+// decimal strings go into data-* attributes, Number() only places the shapes.
+function forecastBands(svg, rows) {
+  clear(svg);
+  const W = 900, L = 170, R = 110, rowH = 30;
+  svg.setAttribute("viewBox", `0 0 ${W} ${Math.max(60, rows.length * rowH + 10)}`);
+  if (!rows.length) { svg.appendChild(el("text", { x: W / 2, y: 34, "text-anchor": "middle" }, "no budgets (meterline budget set)")); return; }
+  rows.forEach((r, i) => {
+    const amount = Number(r.amount), hi = Number(r.forecast_hi80 ?? r.spent);
+    const max = Math.max(amount, hi, Number(r.spent), 1e-12) * 1.05, x = v => L + Number(v) / max * (W - L - R);
+    const y = 8 + i * rowH, h = rowH - 12, unit = r.unit === "usd" ? "$" : "";
+    svg.appendChild(el("text", { x: L - 8, y: y + h / 2 + 4, "text-anchor": "end" }, r.scope_id));
+    svg.appendChild(el("rect", { class: "fc-spent", "data-policy": r.policy_id, "data-value": r.spent, x: L, y: y + h / 4,
+                                 width: Math.max(1, x(r.spent) - L), height: h / 2, rx: 2 }));
+    if (r.forecast_spend != null) {
+      svg.appendChild(el("rect", { class: "fc-band", "data-policy": r.policy_id, "data-lo": r.forecast_lo80, "data-hi": r.forecast_hi80,
+                                   x: x(r.forecast_lo80), y, width: Math.max(1, x(r.forecast_hi80) - x(r.forecast_lo80)), height: h }));
+      svg.appendChild(el("line", { class: "fc-point", "data-policy": r.policy_id, "data-value": r.forecast_spend,
+                                   x1: x(r.forecast_spend), x2: x(r.forecast_spend), y1: y, y2: y + h }));
+    }
+    svg.appendChild(el("line", { class: "fc-budget", x1: x(amount), x2: x(amount), y1: y - 3, y2: y + h + 3 }));
+    const label = r.forecast_spend != null ? `→ ${unit}${money(Number(r.forecast_spend))} of ${unit}${money(amount)}` : `${unit}${money(amount)}`;
+    svg.appendChild(el("text", { x: W - R + 6, y: y + h / 2 + 4, class: "fc-label" }, label));
+  });
+}
+
+async function tickBudgets() {
+  const token = sessionStorage.getItem("meterline-token"), svg = document.getElementById("forecast-bands");
+  try {
+    const resp = await fetch("/api/report/burn-down", { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
+    const doc = await resp.json();
+    if (!resp.ok) { clear(svg); svg.appendChild(el("text", { x: 450, y: 34, "text-anchor": "middle" }, "budgets: " + doc.error)); return; }
+    forecastBands(svg, doc.rows.map(r => Object.fromEntries(doc.columns.map((c, i) => [c, r[i]]))).slice(0, 12));
+  } catch (err) {
+    clear(svg);
+    svg.appendChild(el("text", { x: 450, y: 34, "text-anchor": "middle" }, "budgets unavailable: " + err));
+  }
+}
+
 // Once tokens exist the API wants one: asked for here, kept for this tab only.
 function askToken(message) {
   const form = document.getElementById("login");
@@ -239,6 +279,7 @@ document.getElementById("login").addEventListener("submit", ev => {
   tick();
   tickDrivers();
   tickStrategies();
+  tickBudgets();
 });
 
 async function tick() {
@@ -257,4 +298,6 @@ setInterval(tick, 2000);
 tickDrivers();
 setInterval(tickDrivers, 60000);
 tickStrategies();
-setInterval(tickStrategies, 60000);  // a 14-day report: once a minute is plenty
+setInterval(tickStrategies, 60000);  // a stored run changes rarely
+tickBudgets();
+setInterval(tickBudgets, 60000);  // forecasts move with the hourly rollups
