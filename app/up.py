@@ -194,7 +194,7 @@ class Supervisor:
     def check(self, stopping: threading.Event) -> None:
         """Restart what died or stalled, with exponential backoff between attempts."""
         for c in self.components:
-            if not stopping.is_set() and c.alive() and c.stalled(c.patience_s or self.stall_after_s):
+            if not stopping.is_set() and c.alive() and c.stalled(self.patience(c)):
                 log.warning("%s stalled: lag %d, no progress for %.0f s; restarting it", c.name, c.lag,
                             time.monotonic() - c.last_progress)
                 c.extra["stalls"] = c.extra.get("stalls", 0) + 1
@@ -221,8 +221,13 @@ class Supervisor:
         while not stopping.wait(every):
             self.check(stopping)
 
+    def patience(self, c: Component) -> float:
+        """How long `c` may hold lag without progress: doubled for each restart in a row, so an instance that
+        only starts slowly (a busy machine, a long changelog restore) is not killed in a loop."""
+        return (c.patience_s or self.stall_after_s) * 2 ** min(c.failures_in_a_row, 4)
+
     def health(self) -> dict[str, dict[str, Any]]:
-        return {c.name: c.state(c.patience_s or self.stall_after_s) for c in self.components}
+        return {c.name: c.state(self.patience(c)) for c in self.components}
 
     def get(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)

@@ -241,3 +241,19 @@ def test_progress_is_judged_only_while_kafka_can_be_read(settings):
     stop.set()
     runner.join()
     assert not c.stalled(60)
+
+
+def test_an_instance_restarted_for_stalling_gets_more_time_before_the_next_judgement():
+    """A replacement that starts slowly (a busy machine, a long restore) must not be killed in a loop:
+    the stall limit doubles with each restart in a row."""
+    import time
+
+    from meterline.app.up import Supervisor, ThreadComponent
+
+    c = ThreadComponent("streams", lambda: None, group="g", topics=("usage",))
+    c.observe(10, 5, now=time.monotonic() - 10)  # 10 s with lag and no progress
+    supervisor = Supervisor([c], stall_after_s=4)
+    assert c.stalled(supervisor.patience(c))
+    c.failures_in_a_row = 2  # restarted twice in a row: 16 s of patience
+    assert supervisor.patience(c) == 16 and not c.stalled(supervisor.patience(c))
+    assert supervisor.health()["streams"]["stalled"] is False
