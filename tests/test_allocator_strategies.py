@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -77,6 +78,40 @@ def test_priority_queuing_preempts_batch_to_its_checkpoint_and_serves_critical_f
     assert fifo.top_waits == [5 * MIN] and fifo.batch_lost_ms == 0
 
 
+def test_a_restarted_batch_job_is_not_preempted_again_before_its_next_checkpoint():
+    # one GPU; a 30-minute job checkpoints every 10; a critical minute arrives 9 minutes into each run
+    trace = Trace("thrash", HOUR, [Request(m * MIN, "bot", "critical", MIN) for m in (9, 19, 29)],
+                  [Job("eval", 0, 30 * MIN, HOUR, 10 * MIN)])
+    out = run(Plan("priority", 1, by_priority=True, preempt_batch=True), trace)
+    # taken at its checkpoints, never in between: 0-10 job, 10-11 critical, 11-21 job, 21-22 critical,
+    # 22-32 job (done), 32-33 critical. Preempting at 9, 19 and 29 would lose 9 minutes three times over.
+    assert out.batch_lost_ms == 0
+    assert out.top_waits == [1 * MIN, 2 * MIN, 3 * MIN]  # the price: critical waits for the checkpoint
+    assert out.busy_ms == 33 * MIN and out.deadline_misses == 0
+
+
+def test_lost_work_stays_under_the_jobs_own_work_however_often_critical_arrives():
+    # a critical request every 2 minutes, 1 minute each, for the whole hour: each preemption keeps a checkpoint
+    trace = Trace("storm", 2 * HOUR, [Request(m * MIN, "bot", "critical", MIN) for m in range(1, 60, 2)],
+                  [Job("eval", 0, 20 * MIN, 2 * HOUR, 10 * MIN)])
+    out = run(Plan("priority", 1, by_priority=True, preempt_batch=True), trace)
+    assert out.batch_lost_ms < 20 * MIN and out.deadline_misses == 0  # without the rule: 30 preemptions, a minute lost each
+    assert out.busy_ms == 20 * MIN + out.batch_lost_ms + 30 * MIN
+
+
+def test_meterline_keeps_an_idle_gpu_for_critical_and_does_not_scale_for_the_queue():
+    # low work queues behind a 2-GPU floor; the critical request takes the held-back GPU at once
+    low = [Request(10 * MIN, "coder", "low", 10 * MIN) for _ in range(3)]
+    trace = Trace("headroom", HOUR, low + [Request(11 * MIN, "bot", "critical", MIN)], [])
+    (plan,) = [p for p in st.plans(trace, Knobs()) if p.name == "meterline"]
+    assert (plan.gpus, plan.reserve, plan.count_waiting) == (2, 1, False)
+    out = run(plan, trace)
+    assert out.top_waits == [0]
+    # the queued 10 minutes of low work do not buy GPUs: the minute's busy GPU-ms do (1 GPU -> 2 + headroom)
+    dyn = run(replace(plan, count_waiting=True), trace)
+    assert sum(b - a for a, b, _ in out.paid) < sum(b - a for a, b, _ in dyn.paid)
+
+
 def test_dynamic_scaling_pays_for_a_spike_and_its_cooldown_but_not_for_the_quiet_hours():
     quiet = [Request(t, "a", "normal", 500) for t in range(0, 6 * HOUR, 10_000)]
     spike = [Request(2 * HOUR + i * 200, "a", "normal", 2_000) for i in range(9000)]  # 10 GPUs' worth for 30 minutes
@@ -99,6 +134,13 @@ def test_the_builtin_table_is_all_numbers_and_the_same_for_the_same_seed():
             float(st.cell(metric, r[metric]).replace(",", ""))  # every cell a number
     static = rows[0]
     assert static["daily_cost_cv"] == 0.0 and static["savings_vs_static_pct"] == 0.0
+    by = {r["strategy"]: r for r in rows}
+    mix = by["meterline"]  # what a user wants: critical served like static, cost well below it, batch safe
+    assert mix["slo_met_pct"] >= static["slo_met_pct"] - 1 and mix["slo_met_pct"] > by["dynamic"]["slo_met_pct"]
+    assert mix["critical_p99_wait_s"] <= mix["slo_s"]
+    assert mix["cost_usd"] < by["dynamic"]["cost_usd"] and mix["savings_vs_static_pct"] > 30
+    assert mix["deadline_misses"] == 0 and by["priority"]["batch_lost_pct"] < 100
+    assert {r["latency_class"] for r in rows} == {"critical"}
     assert all(r["cost_usd"] == sum(st.daily_costs(*_outcome(r, trace, inst), trace.horizon), Decimal(0)) for r in rows[:1])
     again = st.simulate(st.builtin_trace(seed=5, days=2), inst, Knobs(seed=5))
     assert again == rows
