@@ -172,13 +172,14 @@ def plans(trace: Trace, knobs: Knobs) -> list[Plan]:
     peak = max(1, ceil_div(max(prof["all"]), cap))
     inter = max(1, ceil_div(max(prof["interactive"]), cap))
     critical = max(1, ceil_div(max(prof["critical"]), cap))
+    headroom = ceil_div(max(prof["critical"]), cap)  # 0 without requests: then the mix has no pool
     mean = max(1, ceil_div(sum(prof["all"]) * knobs.sizing_ms, trace.horizon * cap))
     return [
         Plan("static", peak),
         Plan("dynamic", 1, autoscale=True, max_gpus=2 * peak),
         Plan("priority", max(mean, critical), by_priority=True, preempt_batch=True),
         Plan("spot", inter, batch_on_spot=True),
-        Plan("meterline", critical + 1, autoscale=True, max_gpus=2 * peak, by_priority=True, batch_on_spot=True, reserve=critical,
+        Plan("meterline", headroom, autoscale=True, max_gpus=2 * peak, by_priority=True, batch_on_spot=True, reserve=headroom,
              count_waiting=False),
     ]
 
@@ -250,10 +251,10 @@ class Sim:
             self.at(r.t, ARRIVE, Work(r.priority, r.service, r.t, request=r))
         for j in self.trace.jobs:
             self.at(j.t, ARRIVE, Work("batch", j.work, j.t, job=j))
-        first = demand_profile(self.trace, self.k.control_ms)["all"][0]
+        first = demand_profile(self.trace, self.k.control_ms)["interactive" if self.plan.batch_on_spot else "all"][0]
         size = self.plan.gpus
         if self.plan.autoscale:  # a running autoscaler has already sized for the first minute
-            size = min(max(size, ceil_div(first, self._cap())), self.plan.max_gpus)
+            size = min(max(size, ceil_div(first, self._cap()) + self.plan.reserve), self.plan.max_gpus)
         for _ in range(size):
             self.pool.append(Gpu(0, ready=True, pooled=True))
         self.idle = list(self.pool)
@@ -409,7 +410,10 @@ class Sim:
         demand = (busy - self.seen_busy) + (wait - self.seen_wait if self.plan.count_waiting else 0)
         self.seen_busy, self.seen_wait = busy, wait
         live = self.pool
-        want = min(max(ceil_div(demand, self._cap()) + self.plan.reserve, self.plan.gpus), self.plan.max_gpus)
+        want = ceil_div(demand, self._cap()) + self.plan.reserve
+        if self.queued:  # nothing waits for ever behind the headroom
+            want = max(want, self.plan.reserve + 1)
+        want = min(max(want, self.plan.gpus), self.plan.max_gpus)
         if want > len(live):
             for _ in range(want - len(live)):
                 g = Gpu(self.now, pooled=True)

@@ -100,16 +100,25 @@ def test_lost_work_stays_under_the_jobs_own_work_however_often_critical_arrives(
 
 
 def test_meterline_keeps_an_idle_gpu_for_critical_and_does_not_scale_for_the_queue():
-    # low work queues behind a 2-GPU floor; the critical request takes the held-back GPU at once
+    # the quiet pool is the one headroom GPU; low work arriving at 10 minutes may not take it, so it
+    # waits for the GPU the 10-minute tick launches (ready at 12); the critical request at 11 gets the headroom
     low = [Request(10 * MIN, "coder", "low", 10 * MIN) for _ in range(3)]
     trace = Trace("headroom", HOUR, low + [Request(11 * MIN, "bot", "critical", MIN)], [])
     (plan,) = [p for p in st.plans(trace, Knobs()) if p.name == "meterline"]
-    assert (plan.gpus, plan.reserve, plan.count_waiting) == (2, 1, False)
+    assert (plan.gpus, plan.reserve, plan.count_waiting, plan.batch_on_spot) == (1, 1, False, True)
     out = run(plan, trace)
     assert out.top_waits == [0]
-    # the queued 10 minutes of low work do not buy GPUs: the minute's busy GPU-ms do (1 GPU -> 2 + headroom)
+    assert sorted(a for a, _, _ in out.paid)[:2] == [0, 10 * MIN]
+    # queued GPU-ms do not buy GPUs, busy ones do: counting the 20 queued minutes would pay for more
     dyn = run(replace(plan, count_waiting=True), trace)
     assert sum(b - a for a, b, _ in out.paid) < sum(b - a for a, b, _ in dyn.paid)
+
+
+def test_without_requests_the_mix_has_no_pool_and_batch_pays_spot_only():
+    trace = Trace("batch only", 2 * HOUR, [], [Job("train", 0, HOUR, 12 * HOUR, 15 * MIN)])
+    (mix,) = st.simulate(trace, H100, only=("meterline",))
+    assert mix["cost_usd"] == (Decimal(BOOT + HOUR) / HOUR * Decimal("0.996")).quantize(st.QUANTUM)
+    assert mix["latency_class"] == "critical" and mix["slo_met_pct"] == 100.0
 
 
 def test_dynamic_scaling_pays_for_a_spike_and_its_cooldown_but_not_for_the_quiet_hours():
