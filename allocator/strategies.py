@@ -535,8 +535,9 @@ def _load(t: int) -> float:
 def ledger_trace(ledger: Any, since: datetime, until: datetime, seed: int = 7, batch_deadline_ms: int = 8 * MS_PER_HOUR,
                  checkpoint_ms: int = 15 * 60_000, max_requests: int = 200_000) -> Trace:
     """The user's own workload: requests per agent, priority and minute (priced_events), each costing
-    its (agent, priority)'s GPU-seconds per request (gpu_samples level='process', by session); sessions
-    of priority batch, or with GPU time but no events, are batch jobs (their GPU-seconds, from their
+    its (agent, priority)'s GPU-seconds per request (gpu_samples level='process', by session; a session id
+    without events takes its agent's most common priority); sessions of priority batch, or with GPU time
+    but no events and no agent that has any, are batch jobs (their GPU-seconds, from their
     first sample, with `batch_deadline_ms` to finish). Agents without GPU time use no GPU and are left out.
     Over `max_requests`, k requests in a row become one of k times the GPU time (load kept, count bounded)."""
     from meterline.app.report import load_query

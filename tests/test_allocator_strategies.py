@@ -217,16 +217,19 @@ def test_the_ledger_workload_is_replayed_per_agent_priority_and_batch_session(st
                           list_cost_usd=Decimal(0), cost_source="catalog", catalog_version="v", priced_at=since) for i in range(10)]
     insert_rows(client, "priced_events", [with_offsets(contract_row(e), "priced", 0, i) for i, e in enumerate(events)])
 
-    def sample(session: str, minute: int) -> dict:
+    def sample(session: str, minute: int, agent: str = "") -> dict:
         s = GpuSample(sample_id=new_id(), ts=since + timedelta(minutes=minute), node="n", level="process", gpu_index=0,
-                      gpu_uuid="G", gpu_name="H100", interval_ms=10_000, pid=1, attributed=True, tenant_id="acme", session_id=session)
+                      gpu_uuid="G", gpu_name="H100", interval_ms=10_000, pid=1, attributed=True, tenant_id="acme",
+                      agent_id=agent, session_id=session)
         return gpu_sample_row(s, Decimal(10), Decimal("0.01"), "v")
 
-    gpu = [sample("s1", 1), sample("s1", 2), sample("train", 30), sample("train", 31), sample("train", 32)]
+    # "gpu-7" is the GPU collector's own id for a session of agent bot: it counts as bot's (critical) GPU time
+    gpu = [sample("s1", 1), sample("s1", 2), sample("gpu-7", 3, agent="bot"), sample("train", 30), sample("train", 31),
+           sample("train", 32)]
     insert_rows(client, "gpu_samples", [with_offsets(r, "gpu", 0, i) for i, r in enumerate(gpu)])
     trace = st.ledger_trace(direct, since, since + timedelta(hours=1))
     assert trace.horizon == HOUR and len(trace.requests) == 10
-    assert {(r.agent, r.priority, r.service) for r in trace.requests} == {("acme/bot", "critical", 2000)}  # 20 GPU-s / 10 calls
+    assert {(r.agent, r.priority, r.service) for r in trace.requests} == {("acme/bot", "critical", 3000)}  # 30 GPU-s / 10 calls
     assert [(j.name, j.t, j.work) for j in trace.jobs] == [("acme/train", 30 * MIN, 30_000)]  # no events: a batch job
     assert sorted(r.t // MIN for r in trace.requests) == list(range(10))  # each in its own minute
     assert st.simulate(trace, H100)[0]["deadline_misses"] == 0
