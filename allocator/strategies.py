@@ -15,8 +15,8 @@ of one workload through five ways of buying GPU capacity:
     costs spot prices and misses no deadline (interruptions only re-run work since a checkpoint);
   * interactive work shares an autoscaled on-demand pool, taken in priority order, whose size each
     minute is what the last minute's busy GPU-ms needed at the target utilisation, plus a headroom
-    of R idle GPUs that only the top class may take (R = GPUs the top class's peak needs), never
-    below R + 1 (one GPU for everyone else);
+    of R idle GPUs that only the top class may take (R = GPUs the top class's peak needs); a quiet pool
+    idles down to R, and to R + 1 while anything waits (none at all without requests);
   * queued work does not add to the autoscaler's demand (dynamic's does): the headroom, not more
     GPUs for the queue, is what keeps critical within its SLO, and lower classes queue a little.
   On the built-in week this keeps critical within the SLO about as often as static, at a bit more
