@@ -5,11 +5,22 @@ of one workload through five ways of buying GPU capacity:
 
 - static: a fixed on-demand pool sized for the peak minute (at the target utilisation), FIFO;
 - dynamic: an autoscaled pool (target utilisation, scale-up delay, cooldown), FIFO;
-- priority: a fixed pool sized for the mean, critical first, batch preempted to its last checkpoint;
+- priority: a fixed pool sized for the mean, critical first, batch preempted to its last checkpoint,
+  but only once it has run a checkpoint interval since it (re)started (so lost work stays under the
+  job's own work; critical may wait up to one interval when fresh batch holds every GPU);
 - spot: interactive on a pool sized for the interactive peak, batch on spot instances with
   checkpoint/restart, falling back to on-demand when one more interruption could miss the deadline;
-- meterline: what meterline recommends: an autoscaled pool with a floor for the critical peak and
-  priority order, batch on spot with the same fallback.
+- meterline: what meterline recommends, one rule per kind of work:
+  * batch never shares the pool: it runs on spot with the spot strategy's on-demand fallback, so it
+    costs spot prices and misses no deadline (interruptions only re-run work since a checkpoint);
+  * interactive work shares an autoscaled on-demand pool, taken in priority order, whose size each
+    minute is what the last minute's busy GPU-ms needed at the target utilisation, plus a headroom
+    of R idle GPUs that only the top class may take (R = GPUs the top class's peak needs); a quiet pool
+    idles down to R, and to R + 1 while anything waits (none at all without requests);
+  * queued work does not add to the autoscaler's demand (dynamic's does): the headroom, not more
+    GPUs for the queue, is what keeps critical within its SLO, and lower classes queue a little.
+  On the built-in week this keeps critical within the SLO about as often as static, at a bit more
+  than half static's cost (BENCHMARKS.md).
 
 The workload is interactive requests (agent, priority, GPU-milliseconds) and batch jobs (work,
 deadline, checkpoint interval), built in (`builtin_trace`) or from the ledger (`ledger_trace`).
@@ -37,7 +48,7 @@ QUANTUM = Decimal("1e-12")
 RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3, "batch": 4}
 STRATEGIES = ("static", "dynamic", "priority", "spot", "meterline")
 # Event order at one instant: work ends and GPUs come up before new work looks for them.
-FINISH, READY, INTERRUPT, ARRIVE, TICK = range(5)
+FINISH, READY, INTERRUPT, PREEMPTIBLE, ARRIVE, TICK = range(6)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -103,7 +114,7 @@ class Knobs:
     sizing_ms: int = 900_000  # fixed pools are sized for the peak of demand averaged over this long
     scale_up_delay_ms: int = 120_000  # launch to ready, for every new instance
     cooldown_ms: int = 300_000  # no scale-down within this long of the last change
-    slo_ms: int = 2_000  # critical requests' wait objective
+    slo_ms: int = 2_000  # the top class's wait objective (top_class: critical where there is any)
     seed: int = 7
     interruptions_per_hour: float | None = None  # overrides the instance's rate
 
@@ -120,21 +131,30 @@ class Plan:
     preempt_batch: bool = False
     batch_on_spot: bool = False
     reserve: int = 0  # idle GPUs only the top class may take (the allocator's critical headroom)
+    count_waiting: bool = True  # the autoscaler's demand adds queued GPU-ms to busy GPU-ms
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def top_class(trace: Trace) -> str:
+    """The highest priority class among the requests: the one whose waits are the latency rows (and the
+    reserve's owner). `critical` unless the workload has none, e.g. a ledger whose critical agents use no GPU."""
+    return min((r.priority for r in trace.requests), key=RANK.__getitem__, default="critical")
+
+
 def demand_profile(trace: Trace, bucket: int) -> dict[str, list[int]]:
-    """GPU-ms wanted per bucket: every request in its arrival bucket, every job spread from its arrival."""
+    """GPU-ms wanted per bucket: every request in its arrival bucket, every job spread from its arrival;
+    "critical" is the top class's (top_class)."""
     n = ceil_div(trace.horizon, bucket) + 1
     out = {"all": [0] * n, "interactive": [0] * n, "critical": [0] * n}
+    top = top_class(trace)
     for r in trace.requests:
         i = min(r.t // bucket, n - 1)
         out["all"][i] += r.service
         out["interactive"][i] += r.service
-        if r.priority == "critical":
+        if r.priority == top:
             out["critical"][i] += r.service
     for j in trace.jobs:
         t, left = j.t, j.work
@@ -152,13 +172,15 @@ def plans(trace: Trace, knobs: Knobs) -> list[Plan]:
     peak = max(1, ceil_div(max(prof["all"]), cap))
     inter = max(1, ceil_div(max(prof["interactive"]), cap))
     critical = max(1, ceil_div(max(prof["critical"]), cap))
+    headroom = ceil_div(max(prof["critical"]), cap)  # 0 without requests: then the mix has no pool
     mean = max(1, ceil_div(sum(prof["all"]) * knobs.sizing_ms, trace.horizon * cap))
     return [
         Plan("static", peak),
         Plan("dynamic", 1, autoscale=True, max_gpus=2 * peak),
         Plan("priority", max(mean, critical), by_priority=True, preempt_batch=True),
         Plan("spot", inter, batch_on_spot=True),
-        Plan("meterline", critical, autoscale=True, max_gpus=2 * peak, by_priority=True, batch_on_spot=True, reserve=critical),
+        Plan("meterline", headroom, autoscale=True, max_gpus=2 * peak, by_priority=True, batch_on_spot=True, reserve=headroom,
+             count_waiting=False),
     ]
 
 
@@ -214,7 +236,7 @@ class Sim:
         self.idle: list[Gpu] = []  # ready pool GPUs with nothing to do
         self.gone: list[Gpu] = []  # released by the autoscaler
         self.open = len(trace.requests) + len(trace.jobs)
-        self.top = min((RANK[r.priority] for r in trace.requests), default=0)
+        self.top = RANK[top_class(trace)]
         self.out = Outcome(plan, batch_work_ms=sum(j.work for j in trace.jobs))
         # the autoscaler's view of the pool: busy and waiting GPU-ms so far
         self.pool_busy = self.wait_total = self.queued = self.queued_enq = 0
@@ -229,10 +251,10 @@ class Sim:
             self.at(r.t, ARRIVE, Work(r.priority, r.service, r.t, request=r))
         for j in self.trace.jobs:
             self.at(j.t, ARRIVE, Work("batch", j.work, j.t, job=j))
-        first = demand_profile(self.trace, self.k.control_ms)["all"][0]
+        first = demand_profile(self.trace, self.k.control_ms)["interactive" if self.plan.batch_on_spot else "all"][0]
         size = self.plan.gpus
         if self.plan.autoscale:  # a running autoscaler has already sized for the first minute
-            size = min(max(size, ceil_div(first, self._cap())), self.plan.max_gpus)
+            size = min(max(size, ceil_div(first, self._cap()) + self.plan.reserve), self.plan.max_gpus)
         for _ in range(size):
             self.pool.append(Gpu(0, ready=True, pooled=True))
         self.idle = list(self.pool)
@@ -243,8 +265,8 @@ class Sim:
             if kind == TICK and self.open == 0 and t >= self.trace.horizon:
                 break
             self.now = t
-            {FINISH: self._finish, READY: self._ready, INTERRUPT: self._interrupt, ARRIVE: self._arrive,
-             TICK: self._tick}[kind](*payload)
+            {FINISH: self._finish, READY: self._ready, INTERRUPT: self._interrupt, PREEMPTIBLE: self._dispatch,
+             ARRIVE: self._arrive, TICK: self._tick}[kind](*payload)
         self.out.end = end = max(self.trace.horizon, self.now)
         for g in self.pool + self.gone:
             self.out.paid.append((g.launched, g.released if g.released is not None else end, False))
@@ -293,10 +315,16 @@ class Sim:
         w.waited = True
         g.work, g.started = w, self.now
         self.at(self.now + w.remaining, FINISH, g, g.epoch)
+        if w.job and g.pooled and self.plan.preempt_batch and w.job.checkpoint < w.remaining:
+            self.at(self.now + w.job.checkpoint, PREEMPTIBLE)  # waiting work may take it from then on
 
     def _preempt(self) -> Gpu | None:
-        """The running batch job that loses least since its last checkpoint gives up its GPU."""
-        running = [g for g in self.pool if g.work is not None and g.work.job is not None]
+        """A running batch job gives up its GPU, the one that loses least since its last checkpoint, but only
+        once it has run one checkpoint interval since it (re)started: each preemption keeps at least a
+        checkpoint of progress, so a job is preempted at most work ÷ checkpoint times and loses less than
+        its own work in all. (Without it a restarted job, having lost nothing yet, was the first taken again.)"""
+        running = [g for g in self.pool if g.work is not None and g.work.job is not None
+                   and self.now - g.started >= g.work.job.checkpoint]
         if not running:
             return None
         g = min(running, key=lambda g: (self._lost(g.work, self.now - g.started), g.started))
@@ -379,10 +407,13 @@ class Sim:
         running = sum(self.now - g.started for g in self.pool if g.work is not None)
         busy = self.pool_busy + running
         wait = self.wait_total + self.queued * self.now - self.queued_enq
-        demand = (busy - self.seen_busy) + (wait - self.seen_wait)
+        demand = (busy - self.seen_busy) + (wait - self.seen_wait if self.plan.count_waiting else 0)
         self.seen_busy, self.seen_wait = busy, wait
         live = self.pool
-        want = min(max(ceil_div(demand, self._cap()), self.plan.gpus), self.plan.max_gpus)
+        want = ceil_div(demand, self._cap()) + self.plan.reserve
+        if self.queued:  # nothing waits for ever behind the headroom
+            want = max(want, self.plan.reserve + 1)
+        want = min(max(want, self.plan.gpus), self.plan.max_gpus)
         if want > len(live):
             for _ in range(want - len(live)):
                 g = Gpu(self.now, pooled=True)
@@ -440,6 +471,7 @@ def metrics(out: Outcome, inst: Instance, trace: Trace, knobs: Knobs) -> dict[st
         "cost_usd": sum(days, Decimal(0)),
         "gpu_hours_paid": (Decimal(paid) / MS_PER_HOUR).quantize(QUANTUM, ROUND_HALF_EVEN),
         "daily_cost_cv": statistics.pstdev(rates) / mean if mean else 0.0,
+        "latency_class": top_class(trace),  # the class the two latency rows measure
         "critical_p99_wait_s": p99(waits) / 1000,
         "slo_s": knobs.slo_ms / 1000,
         "slo_met_pct": 100.0 * sum(w <= knobs.slo_ms for w in waits) / len(waits) if waits else 100.0,
@@ -503,8 +535,9 @@ def _load(t: int) -> float:
 def ledger_trace(ledger: Any, since: datetime, until: datetime, seed: int = 7, batch_deadline_ms: int = 8 * MS_PER_HOUR,
                  checkpoint_ms: int = 15 * 60_000, max_requests: int = 200_000) -> Trace:
     """The user's own workload: requests per agent, priority and minute (priced_events), each costing
-    its (agent, priority)'s GPU-seconds per request (gpu_samples level='process', by session); sessions
-    of priority batch, or with GPU time but no events, are batch jobs (their GPU-seconds, from their
+    its (agent, priority)'s GPU-seconds per request (gpu_samples level='process', by session; a session id
+    without events takes its agent's most common priority); sessions of priority batch, or with GPU time
+    but no events and no agent that has any, are batch jobs (their GPU-seconds, from their
     first sample, with `batch_deadline_ms` to finish). Agents without GPU time use no GPU and are left out.
     Over `max_requests`, k requests in a row become one of k times the GPU time (load kept, count bounded)."""
     from meterline.app.report import load_query
@@ -551,8 +584,8 @@ def _ms(delta) -> int:
 ROWS = (  # (metric, label): the seed's rows, each a number
     ("cost_usd", "cost (USD)"),
     ("daily_cost_cv", "cost predictability (CV of daily cost; 0 = flat)"),
-    ("critical_p99_wait_s", "latency guarantee (critical p99 wait, s)"),
-    ("slo_met_pct", "critical requests within SLO (%)"),
+    ("critical_p99_wait_s", "latency guarantee ({cls} p99 wait, s)"),
+    ("slo_met_pct", "{cls} requests within SLO (%)"),
     ("utilisation_pct", "utilisation efficiency (busy ÷ paid GPU-s, %)"),
     ("batch_lost_pct", "risk of interruption (batch work lost and re-run, %)"),
     ("savings_vs_static_pct", "typical cost savings vs static (%)"),
@@ -573,19 +606,19 @@ def cell(metric: str, value: Any) -> str:
     return str(value)
 
 
-def render_table(rows: list[dict[str, Any]], source: str, inst: Instance, knobs: Knobs):
+def render_table(rows: list[dict[str, Any]], source: str, inst: Instance, knobs: Knobs, cls: str = "critical"):
     """The seed's table: one column per strategy, every cell a number. All text goes in as rich Text."""
     from rich.table import Table
     from rich.text import Text
 
     title = (f"compute strategies · {source} · {inst.gpu}: ${inst.on_demand_usd_hour}/h on-demand, "
-             f"${inst.spot_usd_hour.normalize():f}/h spot · critical SLO {knobs.slo_ms / 1000:g} s")
+             f"${inst.spot_usd_hour.normalize():f}/h spot · {cls} SLO {knobs.slo_ms / 1000:g} s")
     table = Table(title=Text(title), header_style="bold")
     table.add_column(Text("metric"))
     for r in rows:
         table.add_column(Text(r["strategy"]), justify="right")
     for metric, label in ROWS:
-        table.add_row(Text(label), *(Text(cell(metric, r[metric])) for r in rows))
+        table.add_row(Text(label.format(cls=cls)), *(Text(cell(metric, r[metric])) for r in rows))
     return table
 
 
@@ -594,7 +627,7 @@ def to_json(rows: list[dict[str, Any]], trace: Trace, inst: Instance, knobs: Kno
         return format(v.normalize(), "f") if isinstance(v, Decimal) else v
 
     return {"source": trace.source, "run_id": run_id, "seed": knobs.seed, "requests": len(trace.requests),
-            "batch_jobs": len(trace.jobs), "instance": {k: plain(v) for k, v in vars(inst).items()},
+            "batch_jobs": len(trace.jobs), "latency_class": top_class(trace), "instance": {k: plain(v) for k, v in vars(inst).items()},
             "knobs": vars(knobs), "strategies": [{k: plain(v) for k, v in r.items()} for r in rows]}
 
 

@@ -46,7 +46,7 @@ def strategies(
     if as_json:
         emit_json(st.to_json(rows, trace, inst, knobs, run_id))
         return
-    console.print(st.render_table(rows, trace.source, inst, knobs))
+    console.print(st.render_table(rows, trace.source, inst, knobs, st.top_class(trace)))
     if store:
         console.print(f"stored as run {run_id} in strategy_results")
 

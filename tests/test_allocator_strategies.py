@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -77,6 +78,49 @@ def test_priority_queuing_preempts_batch_to_its_checkpoint_and_serves_critical_f
     assert fifo.top_waits == [5 * MIN] and fifo.batch_lost_ms == 0
 
 
+def test_a_restarted_batch_job_is_not_preempted_again_before_its_next_checkpoint():
+    # one GPU; a 30-minute job checkpoints every 10; a critical minute arrives 9 minutes into each run
+    trace = Trace("thrash", HOUR, [Request(m * MIN, "bot", "critical", MIN) for m in (9, 19, 29)],
+                  [Job("eval", 0, 30 * MIN, HOUR, 10 * MIN)])
+    out = run(Plan("priority", 1, by_priority=True, preempt_batch=True), trace)
+    # taken at its checkpoints, never in between: 0-10 job, 10-11 critical, 11-21 job, 21-22 critical,
+    # 22-32 job (done), 32-33 critical. Preempting at 9, 19 and 29 would lose 9 minutes three times over.
+    assert out.batch_lost_ms == 0
+    assert out.top_waits == [1 * MIN, 2 * MIN, 3 * MIN]  # the price: critical waits for the checkpoint
+    assert out.busy_ms == 33 * MIN and out.deadline_misses == 0
+
+
+def test_lost_work_stays_under_the_jobs_own_work_however_often_critical_arrives():
+    # a critical request every 2 minutes, 1 minute each, for the whole hour: each preemption keeps a checkpoint
+    trace = Trace("storm", 2 * HOUR, [Request(m * MIN, "bot", "critical", MIN) for m in range(1, 60, 2)],
+                  [Job("eval", 0, 20 * MIN, 2 * HOUR, 10 * MIN)])
+    out = run(Plan("priority", 1, by_priority=True, preempt_batch=True), trace)
+    assert out.batch_lost_ms < 20 * MIN and out.deadline_misses == 0  # without the rule: 30 preemptions, a minute lost each
+    assert out.busy_ms == 20 * MIN + out.batch_lost_ms + 30 * MIN
+
+
+def test_meterline_keeps_an_idle_gpu_for_critical_and_does_not_scale_for_the_queue():
+    # the quiet pool is the one headroom GPU; low work arriving at 10 minutes may not take it, so it
+    # waits for the GPU the 10-minute tick launches (ready at 12); the critical request at 11 gets the headroom
+    low = [Request(10 * MIN, "coder", "low", 10 * MIN) for _ in range(3)]
+    trace = Trace("headroom", HOUR, low + [Request(11 * MIN, "bot", "critical", MIN)], [])
+    (plan,) = [p for p in st.plans(trace, Knobs()) if p.name == "meterline"]
+    assert (plan.gpus, plan.reserve, plan.count_waiting, plan.batch_on_spot) == (1, 1, False, True)
+    out = run(plan, trace)
+    assert out.top_waits == [0]
+    assert sorted(a for a, _, _ in out.paid)[:2] == [0, 10 * MIN]
+    # queued GPU-ms do not buy GPUs, busy ones do: counting the 20 queued minutes would pay for more
+    dyn = run(replace(plan, count_waiting=True), trace)
+    assert sum(b - a for a, b, _ in out.paid) < sum(b - a for a, b, _ in dyn.paid)
+
+
+def test_without_requests_the_mix_has_no_pool_and_batch_pays_spot_only():
+    trace = Trace("batch only", 2 * HOUR, [], [Job("train", 0, HOUR, 12 * HOUR, 15 * MIN)])
+    (mix,) = st.simulate(trace, H100, only=("meterline",))
+    assert mix["cost_usd"] == (Decimal(BOOT + HOUR) / HOUR * Decimal("0.996")).quantize(st.QUANTUM)
+    assert mix["latency_class"] == "critical" and mix["slo_met_pct"] == 100.0
+
+
 def test_dynamic_scaling_pays_for_a_spike_and_its_cooldown_but_not_for_the_quiet_hours():
     quiet = [Request(t, "a", "normal", 500) for t in range(0, 6 * HOUR, 10_000)]
     spike = [Request(2 * HOUR + i * 200, "a", "normal", 2_000) for i in range(9000)]  # 10 GPUs' worth for 30 minutes
@@ -99,6 +143,13 @@ def test_the_builtin_table_is_all_numbers_and_the_same_for_the_same_seed():
             float(st.cell(metric, r[metric]).replace(",", ""))  # every cell a number
     static = rows[0]
     assert static["daily_cost_cv"] == 0.0 and static["savings_vs_static_pct"] == 0.0
+    by = {r["strategy"]: r for r in rows}
+    mix = by["meterline"]  # what a user wants: critical served like static, cost well below it, batch safe
+    assert mix["slo_met_pct"] >= static["slo_met_pct"] - 1 and mix["slo_met_pct"] > by["dynamic"]["slo_met_pct"]
+    assert mix["critical_p99_wait_s"] <= mix["slo_s"]
+    assert mix["cost_usd"] < by["dynamic"]["cost_usd"] and mix["savings_vs_static_pct"] > 30
+    assert mix["deadline_misses"] == 0 and by["priority"]["batch_lost_pct"] < 100
+    assert {r["latency_class"] for r in rows} == {"critical"}
     assert all(r["cost_usd"] == sum(st.daily_costs(*_outcome(r, trace, inst), trace.horizon), Decimal(0)) for r in rows[:1])
     again = st.simulate(st.builtin_trace(seed=5, days=2), inst, Knobs(seed=5))
     assert again == rows
@@ -166,16 +217,19 @@ def test_the_ledger_workload_is_replayed_per_agent_priority_and_batch_session(st
                           list_cost_usd=Decimal(0), cost_source="catalog", catalog_version="v", priced_at=since) for i in range(10)]
     insert_rows(client, "priced_events", [with_offsets(contract_row(e), "priced", 0, i) for i, e in enumerate(events)])
 
-    def sample(session: str, minute: int) -> dict:
+    def sample(session: str, minute: int, agent: str = "") -> dict:
         s = GpuSample(sample_id=new_id(), ts=since + timedelta(minutes=minute), node="n", level="process", gpu_index=0,
-                      gpu_uuid="G", gpu_name="H100", interval_ms=10_000, pid=1, attributed=True, tenant_id="acme", session_id=session)
+                      gpu_uuid="G", gpu_name="H100", interval_ms=10_000, pid=1, attributed=True, tenant_id="acme",
+                      agent_id=agent, session_id=session)
         return gpu_sample_row(s, Decimal(10), Decimal("0.01"), "v")
 
-    gpu = [sample("s1", 1), sample("s1", 2), sample("train", 30), sample("train", 31), sample("train", 32)]
+    # "gpu-7" is the GPU collector's own id for a session of agent bot: it counts as bot's (critical) GPU time
+    gpu = [sample("s1", 1), sample("s1", 2), sample("gpu-7", 3, agent="bot"), sample("train", 30), sample("train", 31),
+           sample("train", 32)]
     insert_rows(client, "gpu_samples", [with_offsets(r, "gpu", 0, i) for i, r in enumerate(gpu)])
     trace = st.ledger_trace(direct, since, since + timedelta(hours=1))
     assert trace.horizon == HOUR and len(trace.requests) == 10
-    assert {(r.agent, r.priority, r.service) for r in trace.requests} == {("acme/bot", "critical", 2000)}  # 20 GPU-s / 10 calls
+    assert {(r.agent, r.priority, r.service) for r in trace.requests} == {("acme/bot", "critical", 3000)}  # 30 GPU-s / 10 calls
     assert [(j.name, j.t, j.work) for j in trace.jobs] == [("acme/train", 30 * MIN, 30_000)]  # no events: a batch job
     assert sorted(r.t // MIN for r in trace.requests) == list(range(10))  # each in its own minute
     assert st.simulate(trace, H100)[0]["deadline_misses"] == 0
