@@ -656,6 +656,109 @@ def jain(xs: list[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * squares) if squares else 1.0
 
 
+# ---- closed loop: the same scenario for real ------------------------------------------------
+
+def run_live(scenario: Scenario, settings) -> dict[str, Any]:
+    """Run a scenario's agents for real, in wall-clock time: the allocator service on Kafka, one Guard
+    per session on a real DecisionFeed, spend through SpendReporter (the streams job's stand-in, which
+    publishes every scope every `lag.session_publish_s`). Sessions draw the same costs and think times
+    as in `simulate` (same seeds); what differs is real time, threads and the broker. Returns the
+    figures both report: spent, utilisation and overshoot of the hard budget. No [gpu], no session_s."""
+    import time
+
+    from .budgets import publish_policy
+    from .guard import DecisionFeed
+    from .service import run_in_thread
+    from .simulate import SpendReporter
+
+    sc, lag = scenario, scenario.lag
+    service, stop, thread = run_in_thread(settings, Engine(_engine_config(sc.engine)), tick=lag["tick_s"],
+                                          heartbeat_every=lag["heartbeat_s"])
+    feed = DecisionFeed(settings, tenants={TENANT}).start()
+    if not (service.ready.wait(30) and feed.wait_ready(30)):
+        raise RuntimeError("the allocator or the decision feed did not start")
+    t0 = time.time()
+    start = datetime.fromtimestamp(t0, timezone.utc)
+    policy = _policy(sc).model_copy(update={"period_anchor": start, "created_at": start})
+    publish_policy(settings, policy)
+    while not any(d.decision.policy_id == policy.policy_id for d in list(feed.decisions.values())):
+        if time.time() - t0 > 30:
+            raise RuntimeError("no decision for the budget reached the guards")
+        time.sleep(0.01)
+    t0 = time.time()   # the scenario's t = 0: the budget is known to the guards
+    reporter = SpendReporter(settings, interval=lag["session_publish_s"]).start()
+    lock, totals = threading.Lock(), Counter()
+    spent = [ZERO]
+
+    def session(spec: AgentSpec, slot: int) -> None:
+        rng = random.Random(f"{sc.seed}:{spec.name}:{slot}")
+        guard = Guard(feed, TENANT, spec.team, "p", spec.name, f"{spec.name}-{slot}", priority=spec.priority,
+                      queue_timeout=spec.patience_s, lease_timeout=spec.patience_s)
+        stop_s = spec.stop_s if spec.stop_s is not None else sc.duration_s
+        t, peak = spec.start_s + rng.uniform(0, 1), spec.peak()
+        while t < stop_s:
+            time.sleep(max(0.0, t0 + t - time.time()))
+            estimate = Decimal(_log_uniform(rng, spec.cost_min, spec.cost_max)) / 10**9
+            actual = (estimate * spec.actual_factor).quantize(PICO)
+            why = _live_try(guard, estimate, time.time() + spec.patience_s)
+            served = not why
+            if served:
+                guard.record(actual, reserved_usd=estimate)
+                reporter.add(guard.scopes["session"], actual)
+            with lock:
+                totals["asked"] += 1
+                totals["served"] += served
+                totals[f"refused: {why}"] += bool(why)
+                spent[0] += actual if served else ZERO
+            t = time.time() - t0
+            while True:   # the simulator's thinned Poisson process, from when this call ended
+                t += rng.expovariate(peak)
+                if rng.random() * peak <= spec.rate(t, sc.duration_s):
+                    break
+
+    threads = [threading.Thread(target=session, args=(spec, slot), daemon=True)
+               for spec in sc.agents for slot in range(spec.sessions)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        reporter.stop()
+        stop.set()
+        thread.join()
+        feed.close()
+    amount = policy.amount
+    return {"scenario": sc.name, "budget_usd": str(amount), "spent_usd": str(spent[0]),
+            "utilisation_pct": round(float(spent[0] / amount * 100), 3),
+            "overshoot_pct": round(float(max(ZERO, spent[0] - amount) / amount * 100), 3),
+            "requests": totals["asked"], "served": totals["served"], "wall_s": round(time.time() - t0, 3),
+            "refused_by": {k.removeprefix("refused: "): v for k, v in totals.items() if k.startswith("refused: ") and v}}
+
+
+def _live_try(guard: Guard, estimate: Decimal, deadline: float) -> str:
+    """One call as the simulator's agents make it: throttled calls retry after the guard's wait, calls
+    waiting for a lease or a queue retry as decisions arrive, until the agent's patience runs out.
+    Returns why it was refused ('' when it went ahead)."""
+    import time
+
+    while True:
+        try:
+            guard.check("m", cost_usd=estimate, wait=False)
+            return ""
+        except Throttled as err:
+            why, pause = ("queued", 0.01) if str(err).startswith("queued") else ("throttled", max(err.retry_after, 0.001))
+        except BudgetExceeded as err:
+            if str(err).startswith(("deny", "preempt")):
+                return "denied"
+            why, pause = "lease", 0.01
+        except GuardError:
+            return "unavailable"
+        if time.time() + pause > deadline:
+            return why
+        time.sleep(pause)
+
+
 def _share(n: int, d: int) -> float:
     return round(n / d * 100, 3) if d else 100.0
 
