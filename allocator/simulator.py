@@ -7,6 +7,7 @@ that delivers decisions after the configured lag. What is simulated is only what
 them: agents (arrival processes, priorities, call costs, session lifetimes), the streams job's
 spend updates (1-minute windows, published on the streams job's own intervals) and Kafka's
 delays. No Kafka, no threads, no wall clock: the same scenario and seed give the same numbers.
+`run_live` is the exception: the same scenario for real, to confirm the simulator (issue 14).
 
 A scenario is a TOML file (see allocator/scenarios/*.toml):
 
