@@ -68,8 +68,15 @@ def _print_reports(reports: list[dict], as_json: bool) -> None:
     rows = [{"scenario": r["scenario"], "budget $": r["budget_usd"], "demand/budget": r["demand_ratio"],
              "used %": r["utilisation_pct"], "overshoot %": r["overshoot_pct"], "pacing RMSE %": r["pacing_rmse_pct"],
              "critical served %": r["served_pct"].get("critical", "-"), "high served %": r["served_pct"].get("high", "-"),
-             "exhaustion→last call s": r["exhaustion_to_last_call_s"]} for r in reports]
-    console.print(table(rows))
+             "exhaustion→last call s": r["exhaustion_to_last_call_s"]} for r in reports if r["requests"]]
+    if rows:
+        console.print(table(rows))
+    gpu = [{"scenario": r["scenario"], "GPUs": r["gpu"]["gpus"], "GPU used %": r["gpu"]["utilisation_pct"],
+            "Jain (GPU-h ÷ entitlement)": r["gpu"]["jain"], "preemptions": r["gpu"]["preemptions"],
+            "in-quota preemptions": r["gpu"]["in_quota_preemptions"], "GPU-s lost": r["gpu"]["lost_gpu_s"]}
+           for r in reports if r.get("gpu")]
+    if gpu:
+        console.print(table(gpu))
 
 
 @budget_app.command("set")

@@ -529,6 +529,12 @@ class Engine:
                           f"quota {quota:.2f}" + (f", {idle[tenant]:.2f} idle" if idle.get(tenant) else "") + "); batch first")
                 yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="preempt",
                                      limits=DecisionLimits(max_concurrent=int(share)), reason=reason)
+            elif contended and used >= share and pending[tenant] > 0:
+                # at its share while others wait: lifting the preempt here would hand it the next free GPU
+                # again and preempt it a sample later (found by the simulator's gpu-backlogged scenario)
+                yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="queue",
+                                     limits=DecisionLimits(max_concurrent=int(share)),
+                                     reason=f"tenant {tenant}: at its fair share {share:.2f} GPUs while others wait; new batch work waits")
             elif used > quota:
                 yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="allow",
                                      reason=f"tenant {tenant}: borrowing {used - quota:.2f} idle GPUs above quota {quota:.2f}")

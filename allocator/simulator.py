@@ -7,6 +7,7 @@ that delivers decisions after the configured lag. What is simulated is only what
 them: agents (arrival processes, priorities, call costs, session lifetimes), the streams job's
 spend updates (1-minute windows, published on the streams job's own intervals) and Kafka's
 delays. No Kafka, no threads, no wall clock: the same scenario and seed give the same numbers.
+`run_live` is the exception: the same scenario for real, to confirm the simulator (issue 14).
 
 A scenario is a TOML file (see allocator/scenarios/*.toml):
 
@@ -18,7 +19,9 @@ A scenario is a TOML file (see allocator/scenarios/*.toml):
                arrival = "steady" | "diurnal" | "bursty" | "runaway"
                cost_min = "0.01"  cost_max = "0.10"  actual_factor = "1"
                session_s = 600  patience_s = 30  start_s = 0  stop_s = duration_s
-    [gpu]     a GPU pool: parsed (`GpuSpec`) but not simulated yet
+    [gpu]     gpus = 8  slices = 1 (MIG slices per GPU)  sample_s = 2  checkpoint_s = 0  pending_visible = true
+    [gpu.tenants.a]  gpu_hours = "4"  weight = "1"      (quota = gpu_hours / period hours; see GpuCluster)
+    [[gpu.tenants.a.jobs]]  priority = "batch"  backlog = 20  per_min = 0  job_s = 600  job_s_max = 900  slots = 1
 """
 from __future__ import annotations
 
@@ -29,17 +32,18 @@ import random
 import threading
 import tomllib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from meterline.schemas.events import PRIORITIES, BudgetPolicy, SpendUpdate, new_id
+from meterline.schemas.events import PRIORITIES, BudgetPolicy, GpuSample, SpendUpdate, new_id
 from meterline.schemas.scopes import lineage, scope_of
 
 from .engine import Engine, EngineConfig, Outputs
+from .gpu import fair_shares
 from .guard import BudgetExceeded, Compiled, Guard, GuardError, Throttled
 
 START = datetime(2026, 6, 1, tzinfo=timezone.utc)   # a month start: the streams job's period starts here too
@@ -105,10 +109,40 @@ class AgentSpec:
 
 
 @dataclass
+class GpuJobSpec:
+    priority: str = "batch"
+    backlog: int = 0                  # jobs already waiting at start_s
+    per_min: float = 0.0              # then Poisson arrivals at this rate
+    job_s: float = 600.0              # GPU time a job needs, uniform in [job_s, job_s_max]
+    job_s_max: float | None = None
+    slots: int = 1                    # GPUs (or MIG slices) a job holds
+    start_s: float = 0.0
+    stop_s: float | None = None
+
+
+@dataclass
+class GpuTenantSpec:
+    gpu_hours: Decimal = ZERO         # its tenant GPU-hour budget over the period: quota = gpu_hours / period hours
+    weight: Decimal = ZERO            # for spare capacity (0: the engine weighs by quota)
+    jobs: list[GpuJobSpec] = field(default_factory=list)
+
+
+@dataclass
 class GpuSpec:
     gpus: int = 8
-    sample_s: float = 2.0
-    tenants: dict[str, dict] = field(default_factory=dict)   # name -> {quota_gpus, jobs_per_min, job_s, priority}
+    slices: int = 1                   # MIG slices per GPU (1: whole GPUs)
+    sample_s: float = 2.0             # the collector's NVML interval
+    checkpoint_s: float = 0.0         # a preempted job keeps its progress up to its last checkpoint (0: none)
+    pending_visible: bool = True      # the engine is told each tenant's waiting GPUs (gpu_pending)
+    tenants: dict[str, GpuTenantSpec] = field(default_factory=dict)
+
+
+def _gpu_spec(raw: dict) -> GpuSpec:
+    raw = dict(raw)
+    tenants = {name: GpuTenantSpec(**_coerce(GpuTenantSpec, {**t, "jobs": [GpuJobSpec(**_coerce(GpuJobSpec, j))
+                                                                            for j in t.get("jobs", [])]}))
+               for name, t in raw.pop("tenants", {}).items()}
+    return GpuSpec(tenants=tenants, **_coerce(GpuSpec, raw))
 
 
 @dataclass
@@ -137,7 +171,7 @@ def parse_scenario(data: dict) -> Scenario:
     data = dict(data)
     agents = [AgentSpec(**_coerce(AgentSpec, a)) for a in data.pop("agents", [])]
     lag = {**production_lag(), **data.pop("lag", {})}
-    gpu = GpuSpec(**data.pop("gpu")) if "gpu" in data else None
+    gpu = _gpu_spec(data.pop("gpu")) if "gpu" in data else None
     return Scenario(agents=agents, lag=lag, gpu=gpu, **data)
 
 
@@ -268,8 +302,9 @@ class Simulation:
         self._every(self.engine.config.full_render_every.total_seconds(), self._allocate)
         self._every(self.lag["heartbeat_s"], self._heartbeat)
         self._every(d / 200, self._sample)
-        if self.sc.gpu:   # parsed, not simulated yet: say so rather than report figures it did not measure
-            raise NotImplementedError("GPU pools are not simulated yet ([gpu] in a scenario)")
+        if self.sc.gpu:
+            self.gpu = GpuCluster(self, self.sc.gpu)
+            self.gpu.start()
         while self._queue and self._queue[0][0] <= d:
             self.t, _, fn, args = heapq.heappop(self._queue)
             fn(*args)
@@ -388,6 +423,8 @@ class Simulation:
 
     def _deliver_decisions(self, out: Outputs) -> None:
         self.feed.deliver(out)
+        if self.gpu:
+            self.gpu.on_decisions()
         parked, self.parked = self.parked, []
         for req in parked:
             self._try(req)
@@ -415,6 +452,312 @@ class Simulation:
         if self.gpu:
             out["gpu"] = self.gpu.report()
         return out
+
+
+# ---- GPU pools ------------------------------------------------------------------------------
+
+@dataclass
+class GpuJob:
+    tenant: str
+    priority: str
+    slots: int
+    work_s: float                     # GPU time still to do
+    seq: int                          # arrival order (the scheduler is FIFO, with backfill)
+    started: float | None = None
+    run: int = 0                      # bumped on every start, so a preempted run's finish event is ignored
+    placed: list[str] = field(default_factory=list)
+
+
+class GpuCluster:
+    """A pool of GPUs (or MIG slices) and a FIFO scheduler around the real engine's GPU decisions.
+
+    What is simulated: jobs, the scheduler and the NVML collector. Every `sample_s` each device and
+    each running job's slot becomes a GpuSample row, applied to the engine one Kafka hop later
+    (`apply_gpu`), and the engine is told each tenant's waiting GPUs (its `gpu_pending` seam, when
+    `pending_visible`). A waiting job starts when slots are free and its tenant's Guard at the job's
+    priority lets it (a `preempt` on `tenant:X:batch` refuses new batch jobs); when such a decision
+    arrives the scheduler preempts X's newest batch jobs until X holds at most `max_concurrent` GPUs.
+    """
+
+    def __init__(self, sim: Simulation, spec: GpuSpec):
+        self.sim, self.spec = sim, spec
+        self.gpu_per_slot = Decimal(1) / spec.slices
+        self.slots = [f"GPU-{g}" if spec.slices == 1 else f"MIG-{g}-{i}" for g in range(spec.gpus) for i in range(spec.slices)]
+        self.free = list(self.slots)
+        self.holder: dict[str, GpuJob] = {}
+        self.waiting: list[GpuJob] = []
+        self.running: list[GpuJob] = []
+        self.guards: dict[tuple[str, str], Guard] = {}
+        self.quota: dict[str, Decimal] = {}
+        self.weight = {t: ts.weight for t, ts in spec.tenants.items() if ts.weight}
+        self.received: dict[str, float] = defaultdict(float)   # GPU-seconds held
+        self.entitled: dict[str, float] = defaultdict(float)   # GPU-seconds of fair share (quota first, spare by weight)
+        self.share: dict[str, Decimal] = {}
+        self.last = 0.0
+        self.preemptions = self.in_quota_preemptions = 0
+        self.lost_s = 0.0
+        self.done = 0
+        self._seq = 0
+
+    def start(self) -> None:
+        sim, period = self.sim, int(self.sim.sc.budget.get("period_s", self.sim.sc.duration_s))
+        for tenant, ts in sorted(self.spec.tenants.items()):
+            policy = BudgetPolicy(policy_id=f"{tenant}-gpu-hours", tenant_id=tenant, scope="tenant", scope_id=tenant,
+                                  unit="gpu_hours", amount=ts.gpu_hours, period="custom", period_anchor=START,
+                                  period_seconds=period, created_at=START)
+            sim.engine.apply_policy(policy)
+            self.quota[tenant] = ts.gpu_hours * 3600 / period
+            for n, job in enumerate(ts.jobs):
+                rng = random.Random(f"{sim.sc.seed}:gpu:{tenant}:{n}")
+                for _ in range(job.backlog):
+                    sim.at(job.start_s, self._arrive, tenant, job, rng)
+                if job.per_min:
+                    sim.at(job.start_s + rng.expovariate(job.per_min / 60), self._arrive_poisson, tenant, job, rng)
+        if self.weight:   # the engine's GPU weights are configuration (EngineConfig.gpu_weights)
+            sim.engine.config = replace(sim.engine.config, gpu_weights=self.weight)
+        if self.spec.pending_visible:
+            sim.engine.gpu_pending = self.pending
+        sim._every(self.spec.sample_s, self._sample)
+
+    # ---- jobs and the scheduler ----
+    def pending(self, tenant: str) -> Decimal:
+        return sum((j.slots * self.gpu_per_slot for j in self.waiting if j.tenant == tenant), ZERO)
+
+    def _held(self, tenant: str) -> Decimal:
+        return sum((j.slots * self.gpu_per_slot for j in self.running if j.tenant == tenant), ZERO)
+
+    def _arrive_poisson(self, tenant: str, spec: GpuJobSpec, rng: random.Random) -> None:
+        if self.sim.t < (spec.stop_s if spec.stop_s is not None else self.sim.sc.duration_s):
+            self._arrive(tenant, spec, rng)
+            self.sim.at(self.sim.t + rng.expovariate(spec.per_min / 60), self._arrive_poisson, tenant, spec, rng)
+
+    def _arrive(self, tenant: str, spec: GpuJobSpec, rng: random.Random) -> None:
+        self._advance()
+        self._seq += 1
+        work = rng.uniform(spec.job_s, spec.job_s_max) if spec.job_s_max else spec.job_s
+        self.waiting.append(GpuJob(tenant, spec.priority, spec.slots, work, self._seq))
+        self._schedule()
+
+    def _guard(self, job: GpuJob) -> Guard:
+        key = (job.tenant, job.priority)
+        if key not in self.guards:
+            self.guards[key] = Guard(self.sim.feed, job.tenant, "gpu", "p", "jobs", f"{job.tenant}-{job.priority}",
+                                     priority=job.priority, clock=lambda: self.sim.now().timestamp())
+        return self.guards[key]
+
+    def _admits(self, job: GpuJob) -> bool:
+        try:
+            self._guard(job).check(None, wait=False)
+            return True
+        except GuardError:   # preempt/deny, a queue or a throttle: it waits for the next decision
+            return False
+
+    def _schedule(self) -> None:
+        for job in sorted(self.waiting, key=lambda j: j.seq):
+            if len(self.free) >= job.slots and self._admits(job):
+                self.waiting.remove(job)
+                job.placed, self.free = self.free[:job.slots], self.free[job.slots:]
+                job.started, job.run = self.sim.t, job.run + 1
+                self.running.append(job)
+                for slot in job.placed:
+                    self.holder[slot] = job
+                self.sim.at(self.sim.t + job.work_s, self._finish, job, job.run)
+        self._reshare()
+
+    def _finish(self, job: GpuJob, run: int) -> None:
+        if job.run != run or job.started is None:
+            return   # this run was preempted
+        self._advance()
+        self._release(job)
+        self.done += 1
+        self._schedule()
+
+    def _release(self, job: GpuJob) -> None:
+        self.running.remove(job)
+        for slot in job.placed:
+            del self.holder[slot]
+        self.free = sorted(self.free + job.placed, key=self.slots.index)
+        job.placed, job.started = [], None
+
+    def on_decisions(self) -> None:
+        """Decisions arrived: preempt down to any `max_concurrent` in force, then start what may start."""
+        self._advance()
+        now = self.sim.now().timestamp()
+        for tenant in sorted(self.quota):
+            d = self.sim.feed.decisions.get(f"tenant:{tenant}:batch")
+            if d is None or d.action != "preempt" or d.expires <= now or d.decision.limits.max_concurrent is None:
+                continue
+            limit = Decimal(d.decision.limits.max_concurrent)
+            for job in sorted((j for j in self.running if j.tenant == tenant and j.priority == "batch"),
+                              key=lambda j: (-j.started, -j.seq)):
+                if self._held(tenant) <= limit:
+                    break
+                self._preempt(job)
+        self._schedule()
+
+    def _preempt(self, job: GpuJob) -> None:
+        ran = self.sim.t - job.started
+        kept = ran // self.spec.checkpoint_s * self.spec.checkpoint_s if self.spec.checkpoint_s else 0.0
+        self.lost_s += (ran - kept) * float(job.slots * self.gpu_per_slot)
+        job.work_s -= kept
+        self._release(job)
+        self.waiting.append(job)
+        self.preemptions += 1
+        if self._held(job.tenant) < self.quota[job.tenant]:
+            self.in_quota_preemptions += 1   # this took the tenant below its guaranteed quota
+
+    # ---- the collector ----
+    def _sample(self) -> None:
+        now, ms = self.sim.now(), int(self.spec.sample_s * 1000)
+        rows = []
+        for g in range(self.spec.gpus):
+            rows.append(GpuSample(sample_id=new_id(), ts=now, node="sim", level="gpu", gpu_index=g, gpu_uuid=f"GPU-{g}",
+                                  interval_ms=ms))
+        for slot, job in sorted(self.holder.items()):
+            g = int(slot.split("-")[1])
+            mig = {"mig_uuid": slot, "mig_slices": 1, "mig_total_slices": self.spec.slices} if self.spec.slices > 1 else {}
+            rows.append(GpuSample(sample_id=new_id(), ts=now, node="sim", level="process", gpu_index=g, gpu_uuid=f"GPU-{g}",
+                                  interval_ms=ms, utilization_pct=90, tenant_id=job.tenant, attributed=True, **mig))
+        self.sim.at(self.sim.t + self.sim.lag["kafka_s"], self._apply, rows)
+
+    def _apply(self, rows: list[GpuSample]) -> None:
+        for row in rows:
+            self.sim.engine.apply_gpu(row)
+        self.sim._allocate()
+
+    # ---- figures ----
+    def _advance(self) -> None:
+        dt, self.last = self.sim.t - self.last, self.sim.t
+        for tenant in self.quota:
+            self.received[tenant] += dt * float(self._held(tenant))
+            self.entitled[tenant] += dt * float(self.share.get(tenant, ZERO))
+
+    def _reshare(self) -> None:
+        """Each tenant's entitlement now, from its true demand (what it runs and what waits)."""
+        demand = {t: self._held(t) + self.pending(t) for t in self.quota}
+        self.share = fair_shares(Decimal(self.spec.gpus), self.quota, self.weight or self.quota, demand)
+
+    def report(self) -> dict[str, Any]:
+        self._advance()
+        ratios = {t: self.received[t] / self.entitled[t] for t in sorted(self.quota) if self.entitled[t] > 0}
+        capacity_s = self.spec.gpus * self.sim.sc.duration_s
+        return {"gpus": self.spec.gpus, "jain": round(jain(list(ratios.values())), 4) if ratios else None,
+                "utilisation_pct": round(sum(self.received.values()) / capacity_s * 100, 3),
+                "preemptions": self.preemptions, "in_quota_preemptions": self.in_quota_preemptions,
+                "lost_gpu_s": round(self.lost_s, 3), "jobs_done": self.done, "jobs_waiting": len(self.waiting),
+                "tenants": {t: {"quota_gpus": str(self.quota[t]), "gpu_hours": round(self.received[t] / 3600, 4),
+                                "entitled_gpu_hours": round(self.entitled[t] / 3600, 4),
+                                "received_to_entitled": round(ratios[t], 4) if t in ratios else None}
+                            for t in sorted(self.quota)}}
+
+
+def jain(xs: list[float]) -> float:
+    """Jain's fairness index: 1 when all equal, 1/n when one gets everything."""
+    squares = sum(x * x for x in xs)
+    return sum(xs) ** 2 / (len(xs) * squares) if squares else 1.0
+
+
+# ---- closed loop: the same scenario for real ------------------------------------------------
+
+def run_live(scenario: Scenario, settings) -> dict[str, Any]:
+    """Run a scenario's agents for real, in wall-clock time: the allocator service on Kafka, one Guard
+    per session on a real DecisionFeed, spend through SpendReporter (the streams job's stand-in, which
+    publishes every scope every `lag.session_publish_s`). Sessions draw the same costs and think times
+    as in `simulate` (same seeds); what differs is real time, threads and the broker. Returns the
+    figures both report: spent, utilisation and overshoot of the hard budget. No [gpu], no session_s."""
+    import time
+
+    from .budgets import publish_policy
+    from .guard import DecisionFeed
+    from .service import run_in_thread
+    from .simulate import SpendReporter
+
+    sc, lag = scenario, scenario.lag
+    service, stop, thread = run_in_thread(settings, Engine(_engine_config(sc.engine)), tick=lag["tick_s"],
+                                          heartbeat_every=lag["heartbeat_s"])
+    feed = DecisionFeed(settings, tenants={TENANT}).start()
+    if not (service.ready.wait(30) and feed.wait_ready(30)):
+        raise RuntimeError("the allocator or the decision feed did not start")
+    t0 = time.time()
+    start = datetime.fromtimestamp(t0, timezone.utc)
+    policy = _policy(sc).model_copy(update={"period_anchor": start, "created_at": start})
+    publish_policy(settings, policy)
+    while not any(d.decision.policy_id == policy.policy_id for d in list(feed.decisions.values())):
+        if time.time() - t0 > 30:
+            raise RuntimeError("no decision for the budget reached the guards")
+        time.sleep(0.01)
+    t0 = time.time()   # the scenario's t = 0: the budget is known to the guards
+    reporter = SpendReporter(settings, interval=lag["session_publish_s"]).start()
+    lock, totals = threading.Lock(), Counter()
+    spent = [ZERO]
+
+    def session(spec: AgentSpec, slot: int) -> None:
+        rng = random.Random(f"{sc.seed}:{spec.name}:{slot}")
+        guard = Guard(feed, TENANT, spec.team, "p", spec.name, f"{spec.name}-{slot}", priority=spec.priority,
+                      queue_timeout=spec.patience_s, lease_timeout=spec.patience_s)
+        stop_s = spec.stop_s if spec.stop_s is not None else sc.duration_s
+        t, peak = spec.start_s + rng.uniform(0, 1), spec.peak()
+        while t < stop_s:
+            time.sleep(max(0.0, t0 + t - time.time()))
+            estimate = Decimal(_log_uniform(rng, spec.cost_min, spec.cost_max)) / 10**9
+            actual = (estimate * spec.actual_factor).quantize(PICO)
+            why = _live_try(guard, estimate, time.time() + spec.patience_s)
+            served = not why
+            if served:
+                guard.record(actual, reserved_usd=estimate)
+                reporter.add(guard.scopes["session"], actual)
+            with lock:
+                totals["asked"] += 1
+                totals["served"] += served
+                totals[f"refused: {why}"] += bool(why)
+                spent[0] += actual if served else ZERO
+            t = time.time() - t0
+            while True:   # the simulator's thinned Poisson process, from when this call ended
+                t += rng.expovariate(peak)
+                if rng.random() * peak <= spec.rate(t, sc.duration_s):
+                    break
+
+    threads = [threading.Thread(target=session, args=(spec, slot), daemon=True)
+               for spec in sc.agents for slot in range(spec.sessions)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        reporter.stop()
+        stop.set()
+        thread.join()
+        feed.close()
+    amount = policy.amount
+    return {"scenario": sc.name, "budget_usd": str(amount), "spent_usd": str(spent[0]),
+            "utilisation_pct": round(float(spent[0] / amount * 100), 3),
+            "overshoot_pct": round(float(max(ZERO, spent[0] - amount) / amount * 100), 3),
+            "requests": totals["asked"], "served": totals["served"], "wall_s": round(time.time() - t0, 3),
+            "refused_by": {k.removeprefix("refused: "): v for k, v in totals.items() if k.startswith("refused: ") and v}}
+
+
+def _live_try(guard: Guard, estimate: Decimal, deadline: float) -> str:
+    """One call as the simulator's agents make it: throttled calls retry after the guard's wait, calls
+    waiting for a lease or a queue retry as decisions arrive, until the agent's patience runs out.
+    Returns why it was refused ('' when it went ahead)."""
+    import time
+
+    while True:
+        try:
+            guard.check("m", cost_usd=estimate, wait=False)
+            return ""
+        except Throttled as err:
+            why, pause = ("queued", 0.01) if str(err).startswith("queued") else ("throttled", max(err.retry_after, 0.001))
+        except BudgetExceeded as err:
+            if str(err).startswith(("deny", "preempt")):
+                return "denied"
+            why, pause = "lease", 0.01
+        except GuardError:
+            return "unavailable"
+        if time.time() + pause > deadline:
+            return why
+        time.sleep(pause)
 
 
 def _share(n: int, d: int) -> float:
