@@ -198,6 +198,17 @@ def send_history(settings: Any, seed: int, outcomes: Outcomes) -> None:
     outcomes.add(spec.tenant, "history", n)
 
 
+def publish_gpu_holders(settings: Any, start: datetime) -> None:
+    """The simulated node's idle H100 is umbrella's (a reserved GPU nobody uses): its idle time lands on
+    umbrella's bill under the `owner` and `proportional` policies, on the `idle` line under `separate`."""
+    from meterline.collectors.cli import publish_allocations
+    from meterline.schemas.events import GpuAllocation
+
+    publish_allocations(settings, [GpuAllocation(allocation_id="demo-sim-node-1-idle-h100", node="sim-node-1",
+                                                 gpu_uuid="GPU-5im1-0000-h100-idle", tenant_id="umbrella",
+                                                 team="research", valid_from=start - timedelta(hours=1))])
+
+
 def publish_budgets(settings: Any, start: datetime) -> None:
     from meterline.allocator.budgets import publish_policy
     from meterline.schemas.events import BudgetPolicy
@@ -296,6 +307,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         url = up.start()
         allocator = up.supervisor.get("allocator")
         publish_budgets(settings, start)
+        publish_gpu_holders(settings, start)
         if allocator is not None:
             allocator.instance.ready.wait(30)
     outcomes = Outcomes()

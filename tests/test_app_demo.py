@@ -57,6 +57,8 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) > 0  # to the last digit, idle GPUs in
     assert Decimal(summary["ledger_gpu_idle_cost_usd"]) > 0  # the simulated node has an idle H100 and an empty MIG slice
     assert summary["chargeback_equals_ledger"] is True
+    umbrella = next(r for r in chargeback if r["tenant"] == "umbrella")
+    assert Decimal(umbrella["gpu_idle_cost_usd"]) > 0  # the idle H100 it holds (`gpu assign`) is on its bill
     by_model = json.loads(meterline("report", "chargeback", "--by", "model", "--since", "1d", "-f", "json"))["rows"]
     assert sum(Decimal(r["total_cost_usd"]) for r in by_model) == total
     (obeyed,) = json.loads(meterline("sql", "SELECT countIf(model != 'gpt-4o') AS downgraded FROM priced_events "
