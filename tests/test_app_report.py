@@ -599,7 +599,7 @@ def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
     try:
         for name in REPORTS:
             want = run_report(single, name, params).rows
-            assert want and run_report(cluster, name, params).rows == want, name
+            assert (want or name == "strategies") and run_report(cluster, name, params).rows == want, name  # no stored run here
         assert burn_down(cluster, params, now=NOW).rows == burn_down(single, params, now=NOW).rows
         from meterline.app.forecast import forecast_report
 
