@@ -82,3 +82,79 @@ def plan_gpu(
         console.print("no GPU process samples in the window: nothing to plan")
     else:
         console.print(pl.render_table(doc))
+
+
+def _overrides(items: list[str], field: str, cast) -> dict[str, object]:
+    """MODEL=VALUE options as {model: value}."""
+    from meterline.console import fail
+
+    out = {}
+    for item in items:
+        model, sep, value = item.rpartition("=")
+        try:
+            out[model] = cast(value)
+        except ValueError:
+            model = ""
+        if not sep or not model:
+            fail(f"--{field} takes MODEL=VALUE, e.g. llama-3-70b=1500, not {item!r}")
+    return out
+
+
+@plan_app.command("endpoints")
+def plan_endpoints(
+    since: Since = "15m",
+    until: Until = None,
+    slo_ms: Annotated[int, typer.Option(help="p95 response objective of every endpoint, ms.")] = 2_000,
+    slo: Annotated[Optional[list[str]], typer.Option(help="One model's SLO: MODEL=MS (repeatable).")] = None,
+    target_util: TargetUtil = 0.7,
+    min_replicas: Annotated[int, typer.Option(help="Fewest replicas of an endpoint.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Most replicas of an endpoint.")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Requests one replica serves at once (its batch size).")] = 1,
+    publish: Annotated[bool, typer.Option("--publish", help="Publish the records to the compacted scale topic "
+                                          "(the ledger keeps them; /metrics serves the latest).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replicas per self-hosted inference endpoint (provider selfhosted / self-hosted) from its request rate,
+    latency and GPU utilisation against its SLO: ceil(rate x service time / (concurrency x utilisation)), raised
+    until the M/M/c p95 response meets the SLO, within min..max (allocator/endpoints.py)."""
+    from dataclasses import replace
+    from datetime import datetime, timezone
+
+    from meterline.console import console, emit_json, fail
+
+    from . import endpoints as ep
+
+    if not 0 < target_util <= 1 or concurrency < 1 or slo_ms < 1 or not 0 <= min_replicas <= max_replicas or max_replicas < 1:
+        fail("need 0 < --target-util <= 1, --concurrency >= 1, --slo-ms >= 1 and 0 <= --min-replicas <= --max-replicas (>= 1)")
+    default = ep.Bounds(slo_ms, target_util, min_replicas, max_replicas, concurrency)
+    bounds = {m: replace(default, slo_ms=v) for m, v in _overrides(slo or [], "slo", int).items()}
+    start, end = _window(since, until)
+    records = _read(ep.recommendations, start, end, bounds, default, datetime.now(timezone.utc))
+    if publish and records:
+        from meterline.errors import require_kafka
+        from meterline.settings import get_settings
+
+        settings = get_settings()
+        require_kafka(settings)
+        ep.publish(settings, records)
+    if as_json:
+        emit_json({"since": start.isoformat(), "until": end.isoformat(), "published": publish,
+                   "endpoints": [r.model_dump(mode="json") for r in records]})
+        return
+    if not records:
+        console.print("no self-hosted LLM calls in the window: nothing to recommend")
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"endpoint replicas · {start:%Y-%m-%d %H:%M} → {end:%H:%M} UTC"), header_style="bold")
+    for name in ("endpoint", "req/s", "service ms", "p95 ms", "SLO ms", "GPUs", "GPU %", "replicas", "predicted p95 ms", "why"):
+        table.add_column(Text(name), justify="left" if name in ("endpoint", "why") else "right")
+    for r in records:
+        cells = (r.endpoint, r.rate_rps, r.service_ms, r.p95_latency_ms, r.slo_ms, r.observed_replicas or "-",
+                 "-" if r.gpu_utilization_pct is None else r.gpu_utilization_pct, r.recommended_replicas,
+                 r.predicted_p95_ms if r.predicted_p95_ms is not None else "-", r.reason)
+        table.add_row(*(Text(str(c)) for c in cells))
+    console.print(table)
+    if publish:
+        console.print(f"published {len(records)} to {get_settings().topic('scale')}")
