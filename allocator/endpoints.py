@@ -20,7 +20,6 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-SELF_HOSTED = ("selfhosted", "self-hosted")
 P95_TAIL = 0.05
 
 

@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+
+METERLINE = str(Path(sys.executable).with_name("meterline"))
+
+
+def meterline(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([METERLINE, *args], capture_output=True, text=True, timeout=300)
 
 from meterline.allocator import endpoints as ep
 
@@ -72,10 +81,6 @@ def seed(client) -> None:
 
 
 def test_the_ledger_gives_one_record_per_self_hosted_endpoint_and_the_command_prints_it(store, monkeypatch):
-    from typer.testing import CliRunner
-
-    from meterline.cli import app
-
     client, direct, settings = store
     seed(client)
     until = SINCE + timedelta(minutes=1)
@@ -86,16 +91,16 @@ def test_the_ledger_gives_one_record_per_self_hosted_endpoint_and_the_command_pr
     assert (rec.observed_replicas, rec.gpu_utilization_pct, rec.recommended_replicas) == (2, 90, 8)  # by latency, as above
     [lax] = ep.recommendations(direct, SINCE, until, {"llama": ep.Bounds(slo_ms=10_000, target_util=0.8)}, default, until)
     assert lax.recommended_replicas == 7
-    client.close()
+    client.close()  # the command opens the store itself, in its own process (chDB keeps one path per process)
     monkeypatch.setenv("METERLINE_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", settings.dsn)
-    result = CliRunner().invoke(app, ["plan", "endpoints", "--since", "2026-01-05T00:00", "--until", "2026-01-05T00:01",
+    result = meterline(["plan", "endpoints", "--since", "2026-01-05T00:00", "--until", "2026-01-05T00:01",
                                       "--target-util", "0.8", "--slo", "llama=800", "--json"])
-    assert result.exit_code == 0, result.output
-    [doc] = json.loads(result.output)["endpoints"]
+    assert result.returncode == 0, result.stderr
+    [doc] = json.loads(result.stdout)["endpoints"]
     assert (doc["recommended_replicas"], doc["rate_rps"], doc["predicted_p95_ms"]) == (8, "10.000000", 702)
-    bad = CliRunner().invoke(app, ["plan", "endpoints", "--slo", "llama"])
-    assert bad.exit_code == 1 and "MODEL=VALUE" in bad.output
+    bad = meterline(["plan", "endpoints", "--slo", "llama"])
+    assert bad.returncode == 1 and "MODEL=VALUE" in bad.stderr
 
 
 def test_the_gauge_serves_the_latest_recommendation_per_endpoint(store):

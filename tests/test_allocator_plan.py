@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from fractions import Fraction
 
 import pytest
+
+METERLINE = str(Path(sys.executable).with_name("meterline"))
+
+
+def meterline(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([METERLINE, *args], capture_output=True, text=True, timeout=300)
 
 from meterline.allocator import plan as pl
 from meterline.allocator import strategies as st
@@ -102,25 +111,21 @@ def seed_ledger(client) -> None:
 
 
 def test_the_ledger_trace_gives_the_known_plan_and_the_command_prints_it(store, monkeypatch):
-    from typer.testing import CliRunner
-
-    from meterline.cli import app
-
     client, direct, settings = store
     seed_ledger(client)
     demand = pl.ledger_demand(direct, SINCE, SINCE + timedelta(hours=1))
     assert {d.pool for d in demand} == {"h100-node/NVIDIA H100 80GB HBM3"} and len(demand) == len(KNOWN)
     [(p, inst)] = pl.plan_all(demand, HOUR, st.Knobs(target_util=1.0), 2_000)
     assert (p.gpus, p.spot_gpus, inst.gpu, inst.on_demand_usd_hour) == (4, 1, "h100", Decimal("2.49"))
-    client.close()
+    client.close()  # the command opens the store itself, in its own process (chDB keeps one path per process)
     monkeypatch.setenv("METERLINE_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", settings.dsn)
     args = ["plan", "gpu", "--since", "2026-01-05T00:00", "--until", "2026-01-05T01:00", "--target-util", "1", "--json"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    [pool] = json.loads(result.output)["pools"]
+    result = meterline(args)
+    assert result.returncode == 0, result.stderr
+    [pool] = json.loads(result.stdout)["pools"]
     assert (pool["gpus"], pool["spot_gpus"], pool["cost_window_on_demand_usd"], pool["cost_window_with_spot_usd"]) == (
         4, 1, "9.96", "8.466")
     assert pool["cost_30d_on_demand_usd"] == "7171.2"  # 4 x 720 h x 2.49
-    grown = json.loads(CliRunner().invoke(app, [*args, "--what-if", "2"]).output)["pools"][0]
+    grown = json.loads(meterline([*args, "--what-if", "2"]).stdout)["pools"][0]
     assert (grown["gpus"], grown["spot_gpus"]) == (8, 2)
