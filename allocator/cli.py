@@ -25,9 +25,11 @@ simulate_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
+    from .plan_cli import plan_app
     from .strategies_cli import strategies
 
     simulate_app.command("strategies")(strategies)
+    app.add_typer(plan_app, name="plan")
     app.add_typer(budget_app, name="budget")
     app.add_typer(simulate_app, name="simulate")
     app.command("allocator")(allocator)

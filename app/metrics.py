@@ -71,8 +71,10 @@ class PipelineCollector:
     """A prometheus_client collector; each scrape reads Kafka (and the ledger) once."""
 
     def __init__(self, settings: Settings, groups: dict[str, str], unpriced: Callable[[], int | None],
-                 components: Callable[[], dict[str, dict[str, Any]]]):
+                 components: Callable[[], dict[str, dict[str, Any]]],
+                 scale: Callable[[], list[tuple[str, str, int]]] | None = None):
         self.settings = settings
+        self.scale = scale  # latest (provider, model, replicas) per endpoint, from the ledger
         self.groups = groups  # consumer group -> topic it reads
         self.unpriced = unpriced
         self.components = components
@@ -93,6 +95,19 @@ class PipelineCollector:
         unpriced = self._safe(self.unpriced)
         if unpriced is not None:
             yield CounterMetricFamily("meterline_unpriced_events", "Usage events no catalog could price (kept, flagged).", value=unpriced)
+        recommended = self._safe(self.scale) if self.scale else None
+        if recommended is not None:
+            yield self._replicas(recommended)
+
+    @staticmethod
+    def _replicas(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
+        """What an autoscaler reads (KEDA's prometheus trigger, deploy/k8s/README.md): one series per endpoint."""
+        gauge = GaugeMetricFamily("meterline_endpoint_recommended_replicas",
+                                  "Replicas recommended for a self-hosted inference endpoint (latest `plan endpoints --publish`).",
+                                  labels=["provider", "model"])
+        for provider, model, replicas in rows:
+            gauge.add_metric([provider, model], replicas)
+        return gauge
 
     def _kafka_metrics(self):
         kafka = self._watermarks()

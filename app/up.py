@@ -431,6 +431,13 @@ class Up:
         rows = DirectLedger(self.settings, self.client()).query("SELECT sum(unpriced_events) FROM usage_hourly").rows
         return int(rows[0][0] or 0) if rows else 0
 
+    def _scale(self) -> list[tuple[str, str, int]]:
+        from .report import load_query
+        from .store import DirectLedger
+
+        rows = DirectLedger(self.settings, self.client()).query(load_query("scale_latest")).rows
+        return [(provider, model, int(replicas)) for provider, model, replicas in rows]
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> str:
@@ -449,7 +456,7 @@ class Up:
         groups = {self.settings.group("sink"): "priced", self.settings.group("streams"): "usage",
                   self.settings.group("allocator"): "spend"}
         collector = PipelineCollector(self.settings, groups,
-                                      self._unpriced, self.supervisor.health)
+                                      self._unpriced, self.supervisor.health, self._scale)
         self.registry, self.latency = build_registry(collector)
         self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
                              health=self.supervisor.health, host=self.host, port=self.port,

@@ -33,11 +33,12 @@ _STREAMS = Role("streams worker: prices usage and GPU samples, keeps spend (its 
                 read=("usage", "gpu", "spend-state"), write=("priced", "spend", "anomalies", "dlq", "spend-state"),
                 describe=ALL_TOPICS, groups=("{prefix}-streams", "meterline-streams-restore"))
 _SINK = Role("ledger sink: writes every topic it reads into ClickHouse",
-             read=("priced", "gpu", "spend", "anomalies", "control", "budgets", "gpu-allocations", "dlq"),
+             read=("priced", "gpu", "spend", "anomalies", "control", "budgets", "gpu-allocations", "scale", "dlq"),
              write=("dlq", "anomalies"),
              groups=("{prefix}-sink",))
-_ALLOCATOR = Role("allocator: reads spend, GPU samples and budgets, decides throttles",
-                  read=("spend", "gpu", "budgets"), write=("control", "anomalies"),
+_ALLOCATOR = Role("allocator: reads spend, GPU samples and budgets, decides throttles; `plan endpoints --publish` "
+                  "writes scale recommendations",
+                  read=("spend", "gpu", "budgets"), write=("control", "anomalies", "scale"),
                   groups=("{prefix}-allocator", "meterline-allocator-*"))
 _ALERTS = Role("alerts job (Faust): anomalies to a webhook, undeliverable ones to the dlq",
                read=("anomalies",), write=("dlq",), groups=("{prefix}-alerts",), internal=("{prefix}-alerts-*",))

@@ -32,6 +32,8 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("budgets", 1, "budget policies, latest per policy_id (compacted)", {"cleanup.policy": "compact"}),
     TopicSpec("gpu-allocations", 1, "who holds each GPU or MIG slice, and when (app/gpu_idle.py charges them its idle time)",
               {"cleanup.policy": "compact"}),
+    TopicSpec("scale", 3, "replicas recommended per inference endpoint, latest per endpoint (compacted; allocator/endpoints.py)",
+              {"cleanup.policy": "compact"}),
     TopicSpec("spend-state", 6, "the stream worker's spend per scope, latest per scope (compacted changelog)",
               {"cleanup.policy": "compact", "segment.ms": "600000"}),
     TopicSpec("dlq", 3, "records that failed validation, with the reason and original bytes", {"retention.ms": str(30 * DAY_MS)}),

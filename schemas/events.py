@@ -486,6 +486,45 @@ class GpuAllocation(Contract):
         return self
 
 
+class ScaleRecommendation(Contract):
+    """Replicas an inference endpoint (a self-hosted model) should run, from its request rate, latency and GPU
+    utilisation against its SLO (allocator/endpoints.py states the formula). Latest per endpoint on the compacted
+    `scale` topic; `/metrics` serves it as meterline_endpoint_recommended_replicas for an autoscaler."""
+
+    recommendation_id: UUID
+    ts: Timestamp
+    endpoint: Id  # "<provider>/<model>": the compaction key
+    provider: Name
+    model: Name
+    window_start: Time
+    window_end: Time
+    requests: Count
+    rate_rps: Usd = Field(description="Requests per second over the window (exact, not money).")
+    service_ms: Count = Field(description="Mean latency of successful calls: the service time of one request.")
+    p95_latency_ms: Count
+    slo_ms: Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
+    target_utilization_pct: Annotated[StrictInt, Field(gt=0, le=100)]
+    concurrency: Annotated[StrictInt, Field(gt=0, le=1_000_000)] = 1
+    gpu_utilization_pct: Annotated[StrictInt, Field(ge=0, le=100)] | None = None
+    observed_replicas: Count | None = Field(None, description="GPUs seen serving the endpoint's sessions.")
+    min_replicas: Count = 1
+    max_replicas: Count
+    recommended_replicas: Count
+    predicted_p95_ms: Count | None = Field(None, description="M/M/c p95 response at the recommendation; None: unreachable.")
+    reason: Text = ""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ScaleRecommendation:
+        if self.window_end <= self.window_start:
+            raise ValueError("window_end must be after window_start")
+        if not self.min_replicas <= self.recommended_replicas <= self.max_replicas:
+            raise ValueError("recommended_replicas must be within min_replicas..max_replicas")
+        return self
+
+    def key(self) -> str:
+        return self.endpoint
+
+
 class DeadLetter(Contract):
     """A record that could not be processed, with the reason and its original bytes."""
 
@@ -527,6 +566,7 @@ CONTRACTS: dict[str, type[Contract]] = {
     "throttle_decision": ThrottleDecision,
     "budget_policy": BudgetPolicy,
     "gpu_allocation": GpuAllocation,
+    "scale_recommendation": ScaleRecommendation,
     "dead_letter": DeadLetter,
 }
 

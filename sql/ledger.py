@@ -43,6 +43,7 @@ TABLES: tuple[LedgerTable, ...] = (
     LedgerTable("throttle_decisions", "control", "throttle_decision", None, "issued_at"),
     LedgerTable("budget_policies", "budgets", "budget_policy", None, "created_at"),
     LedgerTable("gpu_allocations", "gpu-allocations", "gpu_allocation", None, "created_at"),
+    LedgerTable("scale_recommendations", "scale", "scale_recommendation", None, "ts"),
     LedgerTable("dead_letters", "dlq", "dead_letter", None, "ts"),
 )
 ID_TABLES = {"priced_events": "priced_event_ids", "gpu_samples": "gpu_sample_ids"}

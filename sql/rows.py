@@ -17,6 +17,7 @@ from meterline.schemas.events import (
     GpuAllocation,
     GpuSample,
     PricedEvent,
+    ScaleRecommendation,
     SpendUpdate,
     ThrottleDecision,
 )
@@ -57,6 +58,7 @@ ROW_BUILDERS = {
     ThrottleDecision: throttle_decision_row,
     BudgetPolicy: budget_policy_row,
     GpuAllocation: plain_row,
+    ScaleRecommendation: plain_row,
     DeadLetter: plain_row,
 }
 

@@ -235,6 +235,10 @@ def examples() -> dict[str, dict]:
         "budget_policy": build(BudgetPolicy, policy_id="p", **ids, amount=Decimal(10), period_anchor=now - timedelta(days=1)),
         "gpu_allocation": build(ev.GpuAllocation, allocation_id="a1", node="n1", gpu_uuid="GPU-1", tenant_id="acme",
                                 valid_from=now - timedelta(days=1), valid_until=now),
+        "scale_recommendation": build(ev.ScaleRecommendation, recommendation_id=new_id(), ts=now, endpoint="selfhosted/m",
+                                      provider="selfhosted", model="m", window_start=now - timedelta(minutes=15), window_end=now,
+                                      requests=9, rate_rps=Decimal("0.01"), service_ms=500, p95_latency_ms=900, slo_ms=2000,
+                                      target_utilization_pct=70, max_replicas=10, recommended_replicas=2),
         "dead_letter": build(ev.DeadLetter, dlq_id=new_id(), ts=now, stage="sink", source_topic="priced", partition=0, offset=1,
                              reason="bad", error_type="InvalidEvent", payload_b64=""),
     }
@@ -247,7 +251,7 @@ TIME_FIELDS = [(name, field) for name, record in examples().items() for field, i
 
 
 def test_every_time_field_of_every_contract_is_covered():
-    assert len(TIME_FIELDS) == 21 and {name for name, _ in TIME_FIELDS} == set(CONTRACTS)
+    assert len(TIME_FIELDS) == 24 and {name for name, _ in TIME_FIELDS} == set(CONTRACTS)
     assert ("budget_policy", "period_anchor") in TIME_FIELDS and ("budget_policy", "created_at") in TIME_FIELDS
     assert ("throttle_decision", "issued_at") in TIME_FIELDS and ("spend_update", "window_start") in TIME_FIELDS
 

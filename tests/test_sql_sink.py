@@ -483,3 +483,26 @@ def test_gpu_assign_reaches_the_ledger_and_a_bad_range_is_refused(settings):
                                 "valid_until FROM gpu_allocations")
     assert rows == [{"node": "n1", "gpu_uuid": "GPU-1", "mig_uuid": "", "tenant_id": "acme", "team": "ops",
                      "since": "2026-01-01 00:00:00.000", "valid_until": None}]
+
+
+def test_published_scale_recommendations_reach_the_ledger_latest_per_endpoint(settings):
+    """`plan endpoints --publish` -> the compacted scale topic -> the sink -> scale_recommendations, read by /metrics."""
+    now = utcnow().replace(microsecond=0)
+    events = [PricedEvent(event_id=new_id(), ts=now - timedelta(seconds=30) + timedelta(milliseconds=50 * i), tenant_id="acme",
+                          kind="llm_call", provider="selfhosted", model="llama", latency_ms=500, cost_usd=Decimal(0),
+                          list_cost_usd=Decimal(0), cost_source="catalog", catalog_version="v", priced_at=now)
+              for i in range(300)]  # 10/s over the last 30 s (+ the command's own clock)
+    produce(settings, "priced", [e.to_json() for e in events])
+    sink_until_idle(settings)
+    window = ["--since", (now - timedelta(seconds=30)).isoformat(), "--until", now.isoformat()]
+    for slo in ("10000", "800"):  # 7 replicas, then 8 (tests/test_allocator_endpoints.py)
+        done = subprocess.run([*METERLINE, "plan", "endpoints", *window, "--target-util", "0.8", "--slo-ms", slo, "--publish"],
+                              env=_env(settings), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "published 1" in done.stdout
+    sink_until_idle(settings)
+    rows = ledger_sql(settings, "SELECT endpoint, recommended_replicas AS r FROM scale_recommendations ORDER BY ts")
+    assert [(r["endpoint"], int(r["r"])) for r in rows] == [("selfhosted/llama", 7), ("selfhosted/llama", 8)]
+    query = (Path(__file__).parents[1] / "sql/queries/scale_latest.sql").read_text()
+    latest = ledger_sql(settings, query.split("\n", 1)[1])  # without its comment line (not a CLI option)
+    assert [(r["model"], int(r["replicas"])) for r in latest] == [("llama", 8)]
