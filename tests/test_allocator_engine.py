@@ -182,7 +182,8 @@ def test_a_team_budget_inside_a_tenant_budget_binds_its_sessions():
         clock.advance(seconds=1)
     research = [e.leases[s].limit for s in sessions[:5]]
     assert sum(research) <= D("10"), "leases under the team never add up past the team budget"
-    assert e.leases["acme/ops/x/bot/s9"].limit > D("10") / 5, "a session outside the team leases from the tenant"
+    # outside the team it leases from the tenant's pool (paced: a day into the month, not all of it)
+    assert e.leases["acme/ops/x/bot/s9"].limit > max(research), "a session outside the team leases from the tenant"
     spend(e, clock, "acme/research", "10.5")
     got = actions(e, "acme/research")
     assert got["low"] == "deny" and got["critical"] == "allow"
@@ -300,8 +301,9 @@ def test_unreadable_budget_records_are_skipped(raw):
 
 
 def test_a_small_hard_budget_still_leases_calls_while_it_lasts():
-    """$0.60 split over 20 slots does not cover two $0.02 calls: the live sessions still get them."""
-    clock = Clock(START + timedelta(days=1))
+    """$0.60 split over 20 slots does not cover two $0.02 calls: the live sessions still get them
+    (late in the month, when the pacing plan allows nearly all of it)."""
+    clock = Clock(START + timedelta(days=29))
     e = engine(clock, policy("acme", "0.60", actions={p: "deny" for p in PRIORITIES}))
     sessions = ["acme/t/p/a/s1", "acme/t/p/a/s2"]
     for sid in sessions:
