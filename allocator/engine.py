@@ -11,26 +11,29 @@ Rules, per budget (a BudgetPolicy on one scope), evaluated for each priority cla
   hot (pacing)     recent rate > allowed rate  -> throttle batch/low (normal too when the
                    (= remaining / time left)     forecast exhaustion is near); critical/high run
   otherwise        allow
-A soft budget never denies (deny becomes throttle) and grants no leases.
+A soft budget never denies (deny becomes throttle) and grants no leases. Under a hard USD
+budget whose sessions the engine knows, the leases pace spend, so "hot" does not apply and the
+headroom is the protected reserve below (at most headroom_pct).
 
 Hard USD budgets also grant spend leases to the sessions below them (see `_grant`):
 each live session gets a cumulative spend ceiling that its guard enforces locally, and
 the sum of ceilings never exceeds the budget, so Kafka's delay cannot cause overshoot.
 
-Leases follow the pacing plan and priority (see `_compute_pool`):
+Leases follow the pacing plan and priority (see `_compute_pool`, `_grant`):
   announce         a guard holding no lease (or one used up) sends a zero-cost session
-                   announcement with its class (`announce`); the engine then knows the
-                   session before it spends, so no call needs to pass unleased. Unseen
-                   sessions spend only a starter: 1 % of the uncommitted budget split
-                   over max(slots, live sessions), however little that is.
-  critical/high    may be granted anything uncommitted, critical first.
-  normal/low/batch are granted up to the plan (budget x elapsed share of the period) one
-                   look-ahead from now, less the protected reserve: what critical/high
-                   sessions spent per second so far times the time left, plus two of
-                   their calls each. That reserve replaces the static headroom once the
-                   engine knows sessions under the budget.
-A session that cannot be granted now waits (its decision stays `allow` at its ceiling);
-it is denied only when nothing is left for its class for the rest of the period.
+                   announcement: its class, the waiting call's cost and its own spend
+                   count (`announce`). The engine knows the session before it spends, so
+                   no call passes unleased; until the lease arrives a session may spend
+                   only a starter (1 % of the uncommitted budget over max(slots, live)).
+  critical/high    may be granted anything uncommitted, critical first; ahead of need
+                   only from beyond the protected reserve (it stays free for a waiting call).
+  normal/low/batch up to the plan (the budget spread evenly over the period) one look-ahead
+                   from now plus about a call per live session, never into the protected
+                   reserve: critical/high calls expected in the time left at their rate so
+                   far, + 2.33 sigma, + two calls.
+A session that cannot be granted now waits at its ceiling (`allow`); it is denied only
+when nothing is left for its class this period. Near the end a lower-class call that would
+strand an unusable rest waits for a dearer one (`_hold_out`).
 """
 from __future__ import annotations
 
