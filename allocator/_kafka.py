@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import time
 
+ANNOUNCE_HEADER = "meterline-announce"   # on a zero-cost SpendUpdate: a guard's session wants a lease; value = its class
+NEED_HEADER = "meterline-need"           # ... the USD its waiting call needs
+SPENT_HEADER = "meterline-spent"         # ... and what it has spent this lease period, as its guard counts
+
 
 def partition_ends(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:
     """High watermark per partition; retries while a fresh topic is still electing leaders."""

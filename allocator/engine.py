@@ -11,11 +11,29 @@ Rules, per budget (a BudgetPolicy on one scope), evaluated for each priority cla
   hot (pacing)     recent rate > allowed rate  -> throttle batch/low (normal too when the
                    (= remaining / time left)     forecast exhaustion is near); critical/high run
   otherwise        allow
-A soft budget never denies (deny becomes throttle) and grants no leases.
+A soft budget never denies (deny becomes throttle) and grants no leases. Under a hard USD
+budget whose sessions the engine knows, the leases pace spend, so "hot" does not apply and the
+headroom is the protected reserve below (at most headroom_pct).
 
 Hard USD budgets also grant spend leases to the sessions below them (see `_grant`):
 each live session gets a cumulative spend ceiling that its guard enforces locally, and
 the sum of ceilings never exceeds the budget, so Kafka's delay cannot cause overshoot.
+
+Leases follow the pacing plan and priority (see `_compute_pool`, `_grant`):
+  announce         a guard holding no lease (or one used up) sends a zero-cost session
+                   announcement: its class, the waiting call's cost and its own spend
+                   count (`announce`). The engine knows the session before it spends, so
+                   no call passes unleased; until the lease arrives a session may spend
+                   only a starter (1 % of the uncommitted budget over max(slots, live)).
+  critical/high    may be granted anything uncommitted, critical first; ahead of need
+                   only from beyond the protected reserve (it stays free for a waiting call).
+  normal/low/batch up to the plan (the budget spread evenly over the period) one look-ahead
+                   from now plus about a call per live session, never into the protected
+                   reserve: critical/high calls expected in the time left at their rate so
+                   far, + 2.33 sigma, + two calls.
+A session that cannot be granted now waits at its ceiling (`allow`); it is denied only
+when nothing is left for its class this period. Near the end a lower-class call that would
+strand an unusable rest waits for a dearer one (`_hold_out`).
 """
 from __future__ import annotations
 
@@ -65,6 +83,8 @@ class EngineConfig:
     lease_idle: timedelta = timedelta(seconds=60)     # a session silent this long stops being renewed
     lease_slots: int = 20                             # a grant is at most pool / max(live sessions, slots)
     starter_pct: Decimal = Decimal(1)                 # of the uncommitted budget kept for unseen sessions
+    pacing_lookahead: timedelta = timedelta(seconds=60)  # lower classes' grants run at most this far ahead of plan
+    lease_refill: timedelta = timedelta(seconds=10)   # a grant covers at least this long at the session's rate
     window_memory: timedelta = timedelta(hours=2)     # re-sent windows are recognised this long
     ledger_lag: timedelta = timedelta(minutes=2)      # stream windows this recent may not be in the ledger yet
     gpu_idle_for: timedelta = timedelta(minutes=10)
@@ -81,11 +101,12 @@ class BudgetState:
     fired: set[int] = field(default_factory=set)
     recent: deque = field(default_factory=deque)  # (window_end, cost in unit, events)
     starters: deque = field(default_factory=deque)   # (live until, starter) as published recently
+    smallest_need: Decimal | None = None          # the cheapest call a guard announced waiting for, this period
 
     def roll(self, now: datetime) -> None:
         if now >= self.end or now < self.start:
             self.start, self.end = period_bounds(self.policy, now)
-            self.spent, self.fired = ZERO, set()
+            self.spent, self.fired, self.smallest_need = ZERO, set(), None
             self.recent.clear()
 
     @property
@@ -111,10 +132,26 @@ class Lease:
     events: int = 0
     last_seen: datetime | None = None
     live_until: datetime | None = None   # expiry of the last published lease decision
+    priority: Priority = "normal"        # as announced by its guard (sessions that never announce: normal)
+    need: Decimal = ZERO                 # the call its guard waits to fit (announced), until it spends again
+    first_seen: datetime | None = None
 
     @property
     def outstanding(self) -> Decimal:
         return max(ZERO, self.limit - self.spent)
+
+
+@dataclass
+class Pool:
+    """What one hard budget may still grant in this render, by class (grants are taken off)."""
+    any: Decimal         # critical/high: everything uncommitted but the starter reserve
+    paced: Decimal       # normal/low/batch now: up to plan(now + look-ahead), less the protected reserve
+    period: Decimal      # normal/low/batch for the rest of the period
+    reserve: Decimal     # kept for unseen sessions' starters
+    protected: Decimal   # kept for critical/high
+    call: Decimal        # the budget's recent mean call cost
+    live: int
+    held: Decimal = ZERO  # granted to normal/low/batch sessions, not spent yet
 
 
 @dataclass
@@ -147,7 +184,8 @@ class Engine:
         self._sources: dict[tuple, list[ThrottleDecision]] = {}   # rendered decisions per rule source
         self._dirty: set[tuple] = set()
         self._last_full: datetime | None = None
-        self._pools: dict[str, list] = {}   # per render: policy_id -> [grantable, reserve, live]
+        self._pools: dict[str, Pool] = {}   # per render: policy_id -> what may still be granted
+        self._lease_ids: dict[tuple, str] = {}   # level_key -> the id a session's lease is kept under
 
     # ---- inputs -------------------------------------------------------------------------
     def apply_policy(self, policy: BudgetPolicy) -> None:
@@ -194,11 +232,25 @@ class Engine:
             self._tenants_seen.add(update.tenant_id)
             self._dirty.add(("live", update.tenant_id))
         if lease:
-            self._dirty.add(("lease", scope_id))
+            self._dirty.add(("lease", lease.session_id))
         if lease and update.window_end > lease.epoch:
             lease.spent += d_usd
             lease.events += d_events
             lease.last_seen = now
+
+    def announce(self, tenant_id: str, session_id: str, priority: Priority, need: Decimal = ZERO,
+                 spent: Decimal = ZERO) -> None:
+        """A guard without a usable lease says it is live, what its next call needs and what it has
+        spent by its own count (ahead of the stream's): lease it before it spends."""
+        now = self.clock()
+        scope_id = canonical(tenant_id, "session", session_id)
+        lease = self._lease_for(scope_id, now)
+        if lease is not None:
+            lease.priority, lease.last_seen, lease.need = priority, now, max(lease.spent, spent) + max(ZERO, need)
+            self._dirty.add(("lease", lease.session_id))
+            for state in self._hard_ancestors(lease.session_id):
+                if need > 0 and (state.smallest_need is None or need < state.smallest_need):
+                    state.smallest_need = need
 
     def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Decimal]:
         """New events and GPU-seconds since the last update (the contract carries them period-to-date)."""
@@ -280,7 +332,8 @@ class Engine:
                 self._sources[("budget", pid)] = list(self._budget_decisions(state, now))
         known = {k[1] for k in self._sources if k[0] == "lease"} | set(self.leases)
         touched = {k[1] for k in dirty if k[0] == "lease"}
-        for session_id in touched | {sid for sid in known if self._lease_due(sid, now)} if full else touched:
+        due = touched | {sid for sid in known if self._lease_due(sid, now)} if full else touched
+        for session_id in sorted(due, key=self._grant_order):   # critical first; top up the fullest first
             self._sources[("lease", session_id)] = list(self._lease_decisions(now, session_id))
         if full or ("gpu",) in dirty:
             self._sources[("gpu",)] = list(self._gpu_decisions(now))
@@ -314,8 +367,11 @@ class Engine:
         forecast = _forecast(now, remaining, rate)
         pace = rate / allowed_rate if allowed_rate > 0 else (Decimal("Infinity") if rate > 0 else ZERO)
         headroom = p.amount * cfg.headroom_pct / 100
+        leased = p.hard and p.unit == "usd" and bool(self._under(state))
+        if leased:   # its leases pace it and keep what critical/high need: no static headroom, no rate throttle
+            headroom = min(headroom, self._pool(state, now).protected)
         near = forecast is not None and forecast - now <= cfg.forecast_horizon
-        hot = forecast is not None and forecast < state.end
+        hot = forecast is not None and forecast < state.end and not leased
         starter = self._starter(state, now) if p.hard and p.unit == "usd" else None
         used_pct = state.spent * 100 / p.amount
         for priority in PRIORITIES:
@@ -389,6 +445,8 @@ class Engine:
                 if s.policy.hard and s.policy.unit == "usd"]
 
     def _lease_for(self, session_id: str, now: datetime) -> Lease | None:
+        # one lease per session, whether its guard's announcement (a path id) or a spend job's bare id came first
+        session_id = self._lease_ids.setdefault(level_key(session_id), session_id)
         hard = self._hard_ancestors(session_id)
         if not hard:
             self.leases.pop(session_id, None)
@@ -398,7 +456,7 @@ class Engine:
         epoch, epoch_end = max(s.start for s in hard), min(s.end for s in hard)
         lease = self.leases.get(session_id)
         if lease is None or lease.epoch != epoch:
-            lease = Lease(session_id, epoch, epoch_end, spent=self._windows_sum(session_id, epoch))
+            lease = Lease(session_id, epoch, epoch_end, spent=self._windows_sum(session_id, epoch), first_seen=now)
             self.leases[session_id] = lease
         return lease
 
@@ -408,40 +466,91 @@ class Engine:
     def _under(self, state: BudgetState) -> list[Lease]:
         return [lease for lease in self.leases.values() if is_within(lease.session_id, state.policy.scope_id)]
 
-    def _pool(self, state: BudgetState, now: datetime) -> tuple[Decimal, Decimal, int]:
-        """(grantable, kept for unseen sessions, live sessions) under one hard budget.
+    def _pool(self, state: BudgetState, now: datetime) -> Pool:
+        """What one hard budget may still grant, computed once per render (O(sessions)).
 
-        Computed once per render (O(sessions)); grants made during the render are taken off
-        the cached value, which stays conservative (the reserve is not shrunk with them).
+        Grants made during the render are taken off the cached value, which stays
+        conservative (the starter reserve is not shrunk with them).
         """
-        cached = self._pools.get(state.policy.policy_id)
-        if cached is None:
-            cached = self._pools[state.policy.policy_id] = list(self._compute_pool(state, now))
-        return cached[0], cached[1], cached[2]
+        pool = self._pools.get(state.policy.policy_id)
+        if pool is None:
+            pool = self._pools[state.policy.policy_id] = self._compute_pool(state, now)
+        return pool
 
     def _commit(self, hard: list[BudgetState], amount: Decimal) -> None:
         for s in hard:
-            if s.policy.policy_id in self._pools:
-                self._pools[s.policy.policy_id][0] -= amount
+            if (pool := self._pools.get(s.policy.policy_id)) is not None:
+                pool.any -= amount
+                pool.paced -= amount
+                pool.period -= amount
 
-    def _compute_pool(self, state: BudgetState, now: datetime) -> tuple[Decimal, Decimal, int]:
-        leases = self._under(state)
+    def _compute_pool(self, state: BudgetState, now: datetime) -> Pool:
+        amount, leases = state.policy.amount, self._under(state)
         spent = max(state.spent, sum((lease.spent for lease in leases), ZERO))
-        uncommitted = max(ZERO, state.policy.amount - spent - sum((lease.outstanding for lease in leases), ZERO))
+        committed = spent + sum((lease.outstanding for lease in leases), ZERO)
+        uncommitted = max(ZERO, amount - committed)
         reserve = uncommitted * self.config.starter_pct / 100
-        live = sum(1 for lease in leases if not self._idle(lease, now))
-        return uncommitted - reserve, reserve, live
+        cost, events = sum((c for _, c, _ in state.recent), ZERO), sum(e for _, _, e in state.recent)
+        call = cost / events if events else ZERO
+        # critical/high keep free the calls they are expected to make in the time left (at their rate
+        # so far, plus 2.33 sigma: 99 %), and two calls more for a dear one
+        prot = [lease for lease in leases if lease.priority in PROTECTED]
+        prot_spent, prot_events = sum((lease.spent for lease in prot), ZERO), sum(lease.events for lease in prot)
+        prot_call = prot_spent / prot_events if prot_events else call
+        elapsed = Decimal(max(60.0, (now - state.start).total_seconds()))
+        left = Decimal(max(0.0, (state.end - now).total_seconds()))
+        expected = prot_events / elapsed * left
+        protected = (expected + Decimal("2.33") * expected.sqrt() + 2) * prot_call if prot else ZERO
+        lower_cap = amount - protected
+        # the plan: the budget spread evenly over the period, one look-ahead from now
+        period = Decimal((state.end - state.start).total_seconds())
+        ahead = Decimal(min(period, (now - state.start + self.config.pacing_lookahead).total_seconds()))
+        plan = amount * ahead / period if period > 0 else amount
+        live = [lease for lease in leases if not self._idle(lease, now)]
+        # commitments run ahead of spend by about a call per live session (at most one more look-ahead)
+        working = min(sum((self._call_cost(lease, call) for lease in live if lease.priority not in PROTECTED), ZERO),
+                      amount * Decimal(self.config.pacing_lookahead.total_seconds()) / period if period > 0 else amount)
+        return Pool(any=uncommitted - reserve, paced=min(plan + working, lower_cap) - committed - reserve,
+                    period=lower_cap - committed - reserve, reserve=reserve, protected=protected, call=call,
+                    live=len(live), held=sum((lease.outstanding for lease in leases if lease.priority not in PROTECTED), ZERO))
 
     def _starter(self, state: BudgetState, now: datetime) -> Decimal:
-        """What an unseen session may spend: the reserve split over max(slots, live sessions), ≥ 2 calls."""
-        _, reserve, live = self._pool(state, now)
+        """What an unseen session may spend: the reserve split over max(slots, live sessions).
+
+        No floor: when that covers no call, the guard announces itself and waits for a lease.
+        """
+        pool = self._pool(state, now)
         self._max_starter(state, now)   # prune
-        cost = sum((c for _, c, _ in state.recent), ZERO)
-        events = sum(e for _, _, e in state.recent)
-        call = cost / events if events else ZERO
-        starter = usd(min(reserve, max(reserve / max(self.config.lease_slots, live), 2 * call)))
+        starter = usd(pool.reserve / max(self.config.lease_slots, pool.live))
         state.starters.append((now + 2 * self.config.decision_ttl, starter))
         return starter
+
+    def _hold_out(self, lease: Lease, hard: list[BudgetState], pools: list[Pool], now: datetime) -> bool:
+        """The last of a budget: a lower-class call that would leave the period an unusably small
+        rest (below the cheapest call seen, above an eighth of it) waits for a dearer one while
+        there is time, so the budget ends used rather than stranded."""
+        shortfall = lease.need - lease.limit
+        for s, p in zip(hard, pools):
+            rest = p.period + p.held - shortfall - lease.outstanding   # what lower classes could spend after this call
+            if (s.smallest_need is not None and s.smallest_need / 8 < rest < s.smallest_need
+                    and s.end - now > self.config.pacing_lookahead):
+                return True
+        return False
+
+    @staticmethod
+    def _call_cost(lease: Lease, default: Decimal) -> Decimal:
+        """Its mean call so far, else the call it waits to fit, else the budget's mean call."""
+        if lease.events:
+            return lease.spent / lease.events
+        return lease.need - lease.spent if lease.need > lease.spent else default
+
+    def _grant_order(self, session_id: str) -> tuple[int, Decimal, Decimal]:
+        lease = self.leases.get(session_id)
+        if lease is None:
+            return len(PRIORITIES), ZERO, ZERO
+        # the largest waiting call that fits first (little waste at the end), then the fullest lease
+        # (scraps go to one session, not spread thin)
+        return PRIORITIES.index(lease.priority), -max(ZERO, lease.need - lease.limit), -lease.outstanding
 
     def _max_starter(self, state: BudgetState, now: datetime) -> Decimal:
         """The largest starter a guard may still be drawing on (published within two TTLs)."""
@@ -452,7 +561,7 @@ class Engine:
     def _lease_due(self, session_id: str, now: datetime) -> bool:
         """Worth re-evaluating on a full pass: gone, idle, past its period, or running low."""
         lease = self.leases.get(session_id)
-        return (lease is None or self._idle(lease, now) or now >= lease.epoch_end or lease.last_grant == 0
+        return (lease is None or self._idle(lease, now) or now >= lease.epoch_end or lease.last_grant == 0 or lease.limit < lease.need
                 or lease.outstanding < lease.last_grant / 2 or self._published.get(decision_key("session", session_id, None)) is None)
 
     def _lease_decisions(self, now: datetime, session_id: str) -> Iterable[ThrottleDecision]:
@@ -474,38 +583,48 @@ class Engine:
         yield decision
 
     def _grant(self, lease: Lease, now: datetime) -> ThrottleDecision:
-        """Top the session's ceiling up from the tightest ancestor's pool, or deny when nothing is left.
+        """Top the session's ceiling up from the tightest ancestor's pool for its class.
 
         A ceiling is never lowered (a guard may already spend against it); a session that
-        had no live lease is first charged the largest starter it could have drawn.
+        had no live lease is first charged the largest starter it could have drawn. A
+        session the plan cannot top up now keeps its ceiling and waits; it is denied only
+        when nothing is left for its class for the rest of the period.
         """
         hard = self._hard_ancestors(lease.session_id)
+        pools = [self._pool(s, now) for s in hard]
         if lease.live_until is None:
-            uncommitted = min(sum(self._pool(s, now)[:2], ZERO) for s in hard)   # never book past the budget
+            uncommitted = min(p.any + p.reserve for p in pools)   # never book past the budget
             starter = max(ZERO, min(max(self._max_starter(s, now) for s in hard), uncommitted))
             charged = max(lease.limit, lease.spent + starter)
             self._commit(hard, charged - lease.limit)
             lease.limit = charged
-        call_cost = lease.spent / lease.events if lease.events else ZERO
-        min_grant = max(2 * call_cost, min(s.policy.amount for s in hard) / 10**6)
-        if lease.last_grant == 0 or lease.outstanding < max(lease.last_grant / 2, min_grant):
-            pools = [self._pool(s, now) for s in hard]
-            fair = min(pool / max(live, self.config.lease_slots) for pool, _, live in pools)
-            # A small budget split over all slots may not cover two calls: then grant two calls
-            # while the pool, split over the sessions actually live, still affords them.
-            affordable = min(pool / max(live, 1) for pool, _, live in pools)
-            grant = usd(fair if fair >= min_grant else min(min_grant, affordable))
-            if grant >= min_grant:
+        protected = lease.priority in PROTECTED
+        call_cost = self._call_cost(lease, max(p.call for p in pools))
+        # two calls ahead; critical/high one (they may draw on the reserve any time)
+        min_grant = max((1 if protected else 2) * call_cost, min(s.policy.amount for s in hard) / 10**6)
+        if lease.last_grant == 0 or lease.outstanding < max(lease.last_grant / 2, min_grant) or lease.limit < lease.need:
+            waiting = lease.need > lease.limit
+            # critical/high top up ahead of need only from beyond their reserve: it stays free for the call that waits
+            now_left = min((p.any if waiting else p.any - p.protected) if protected else p.paced for p in pools)
+            # sized from the paced pool for every class, so critical/high do not take the pace from the rest
+            fair = max(ZERO, min(p.paced for p in pools)) / max(max(p.live for p in pools), self.config.lease_slots)
+            age = max(self.config.lease_refill, now - (lease.first_seen or now))
+            refill = lease.spent * Decimal(self.config.lease_refill / age)   # its rate x the refill time
+            grant = usd(min(max(fair, min_grant, lease.need - lease.limit, refill), now_left))
+            if lease.need - lease.limit > now_left or (not protected and self._hold_out(lease, hard, pools, now)):
+                grant = ZERO   # its waiting call cannot fit (or fits badly): leave what is there to one that does
+            if grant > 0:
                 lease.limit += grant
                 lease.last_grant = grant
                 self._commit(hard, grant)
-        binding = min(hard, key=lambda s: self._pool(s, now)[0])
-        exhausted = lease.outstanding < max(call_cost, min_grant / 2)
+        binding = min(hard, key=lambda s: self._pool(s, now).any)
+        period_left = min(p.any if protected else p.period for p in pools)
+        exhausted = lease.outstanding < max(call_cost, min_grant / 2) and period_left <= 0
         return self._decision(
             now, tenant_id=tenant_of(lease.session_id), scope="session", scope_id=lease.session_id,
             action="deny" if exhausted else "allow", policy_id=binding.policy.policy_id,
-            reason=(f"hard budget {binding.policy.policy_id} is fully committed" if exhausted
-                    else f"spend lease under hard budget {binding.policy.policy_id}"),
+            reason=(f"hard budget {binding.policy.policy_id} is fully committed" + ("" if protected else " or kept for critical/high")
+                    if exhausted else f"spend lease under hard budget {binding.policy.policy_id}"),
             spend_limit_usd=usd(lease.limit), spent_usd=usd(lease.spent), budget_remaining_usd=usd(lease.outstanding),
             reset_at=lease.epoch_end)
 

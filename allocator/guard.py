@@ -12,7 +12,11 @@ partition assigned) on a background thread and keeps the latest decision per key
 deny/preempt raise `BudgetExceeded`; queue waits for a new decision up to a timeout;
 throttle takes a token from a local token bucket (waits, or raises `Throttled` when the
 caller asked not to wait); downgrade hands back `max_model`; a spend lease caps what
-the session may spend, debited locally from the costs the guard records.
+the session may spend, debited locally from the costs the guard records. Under a hard
+budget a guard without a lease (or with one used up) announces its session and class to
+the allocator (`DecisionFeed.announce`: a zero-cost SpendUpdate on the spend topic, the
+class in the `meterline-announce` header) and waits for a lease; until one arrives it may
+spend only the starter the budget's decision names.
 Expired decisions are ignored (fail_open) or make every call fail (fail_closed).
 """
 from __future__ import annotations
@@ -26,9 +30,10 @@ from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 
-from meterline.schemas.events import InvalidEvent, Priority, ThrottleDecision, decision_key, decode
+from meterline.schemas.events import (InvalidEvent, Priority, SpendUpdate, ThrottleDecision, decision_key, decode,
+                                      new_id, utcnow)
 
-from ._kafka import assign_from_beginning, caught_up
+from ._kafka import ANNOUNCE_HEADER, NEED_HEADER, SPENT_HEADER, assign_from_beginning, caught_up
 from meterline.schemas.scopes import bare, scope_ids, tenant_of
 
 NANO = Decimal(10**9)
@@ -96,6 +101,7 @@ class DecisionFeed:
         self.received: dict[str, float] = {}      # key -> time.time() it arrived (for latency benchmarks)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._producer = None
 
     def start(self) -> DecisionFeed:
         from confluent_kafka import Consumer
@@ -108,6 +114,21 @@ class DecisionFeed:
         self._thread.start()
         return self
 
+    def announce(self, session_id: str, priority: str, need_usd: Decimal = Decimal(0), spent_usd: Decimal = Decimal(0)) -> None:
+        """Tell the allocator a session wants a lease: a zero-cost SpendUpdate; its class, the cost of
+        the call it waits to fit and what it has spent this lease period in headers."""
+        from confluent_kafka import Producer
+
+        if self._producer is None:
+            self._producer = Producer(self.settings.kafka_config(**{"linger.ms": 0}))
+        now, tenant = utcnow(), tenant_of(session_id)
+        update = SpendUpdate(update_id=new_id(), ts=now, tenant_id=tenant, scope="session", scope_id=session_id,
+                             window_start=now, window_end=now, window_cost_usd=0, period_start=now, period_cost_usd=0)
+        self._producer.produce(self.settings.topic("spend"), key=tenant.encode(), value=update.to_json(),
+                               headers=[(ANNOUNCE_HEADER, priority.encode()), (NEED_HEADER, str(need_usd).encode()),
+                                        (SPENT_HEADER, str(spent_usd).encode())])
+        self._producer.poll(0)   # enqueued locally: the check path still waits on no network I/O
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once everything on the topic at start-up has been read."""
         return self.ready.wait(timeout)
@@ -117,6 +138,8 @@ class DecisionFeed:
         if self._thread:
             self._thread.join()
         self._consumer.close()
+        if self._producer is not None:
+            self._producer.flush(5)
 
     def _run(self) -> None:
         positions: dict[int, int] = {}
@@ -187,11 +210,12 @@ class _Plan:
 class Guard:
     def __init__(self, feed: DecisionFeed, tenant_id: str, team: str = "", project: str = "", agent_id: str = "",
                  session_id: str = "", *, priority: Priority = "normal", fail_mode: FailMode = "open",
-                 queue_timeout: float = 30.0, lease_timeout: float = 30.0, clock: Callable[[], float] = time.time):
+                 queue_timeout: float = 30.0, lease_timeout: float = 30.0, announce_every: float = 1.0,
+                 clock: Callable[[], float] = time.time):
         self.feed = feed
         self.priority = priority
         self.fail_mode = fail_mode
-        self.queue_timeout, self.lease_timeout = queue_timeout, lease_timeout
+        self.queue_timeout, self.lease_timeout, self.announce_every = queue_timeout, lease_timeout, announce_every
         self.clock = clock
         self.scopes = scope_ids(tenant_id, team, project, agent_id, session_id)
         # each scope under its path id and its bare id (what a tenant-qualified spend job's ids become)
@@ -203,7 +227,7 @@ class Guard:
         self.spent = 0            # nano-USD recorded (and reserved) in the current lease period
         self.spent_unleased = 0   # nano-USD spent while holding no lease of its own
         self._lease_reset: float | None = None
-        self._leased = False      # has held a lease: its first-call pass is used up
+        self._announced: tuple[float, int | None] | None = None   # when this guard last announced, at which ceiling
 
     # ---- the check path -----------------------------------------------------------------
     def check(self, model: str | None = None, *, cost_usd: Decimal | None = None, cost_nanos: int = 0,
@@ -262,7 +286,6 @@ class Guard:
             if self._lease_reset is not None and reset_at is not None and reset_at > self._lease_reset:
                 self.spent = 0          # a new lease period: the old spend no longer counts
             self._lease_reset = reset_at
-            self._leased = True
             self.spent_unleased = 0     # the allocator charged our starter draw into this lease
 
     def _enforce(self, plan: _Plan, priority: str, model: str | None, cost: int, wait: bool) -> str | None:
@@ -280,7 +303,11 @@ class Guard:
                 self._take_token(key, d, wait)
             if d.action == "downgrade" and d.max_model:
                 model = d.max_model
+        if plan.lease is None and plan.starter is not None:
+            self._announce(priority, cost, None)  # under a hard budget without a lease: ask for one
         if not self._reserve(plan, cost):
+            if plan.lease is not None:
+                self._announce(priority, cost, plan.lease.limit)   # used up: stay live while waiting for a top-up
             lease = plan.lease.decision if plan.lease else None
             why = f"spend lease used up under budget {lease.policy_id}" if lease else "waiting for a spend lease"
             return self._wait_for_change(plan, priority, model, cost, wait, lambda left: BudgetExceeded(
@@ -298,6 +325,18 @@ class Guard:
             if plan.lease is None:
                 self.spent_unleased += cost
             return True
+
+    def _announce(self, priority: str, cost: int, ceiling: int | None) -> None:
+        """At most once per `announce_every`, unless the allocator answered (a new ceiling) since."""
+        announce, session = getattr(self.feed, "announce", None), self.scopes.get("session")
+        now = self.clock()
+        if announce is None or session is None or (self._announced is not None and self._announced[1] == ceiling
+                                                    and now - self._announced[0] < self.announce_every):
+            return
+        self._announced = (now, ceiling)
+        with self._lock:
+            spent = self.spent   # ahead of what the allocator has heard: it sizes the grant from this
+        announce(session, priority, Decimal(cost) / NANO, Decimal(spent) / NANO)
 
     def _take_token(self, key: str, d: Compiled, wait: bool) -> None:
         now = self.clock()
@@ -321,7 +360,7 @@ class Guard:
                 raise on_timeout(max(0.0, left))
             with self.feed.changed:
                 if self.feed.version == plan.version:
-                    self.feed.changed.wait(min(left, max(0.001, plan.valid_until - self.clock())))
+                    self.feed.changed.wait(min(left, self.announce_every, max(0.001, plan.valid_until - self.clock())))
             plan = self._plan(priority)
             if plan.simple:
                 return model
@@ -335,6 +374,8 @@ class Guard:
         if plan.unavailable or (worst is not None and worst.action in ("deny", "preempt")):
             return self._enforce(plan, priority, model, cost, False)
         if (worst is not None and worst.action == "queue") or not self._would_fit(plan, cost):
+            if plan.lease is not None or plan.starter is not None:   # still waiting for a lease: keep asking
+                self._announce(priority, cost, plan.lease.limit if plan.lease else None)
             raise _StillBlocked
         return self._enforce(plan, priority, model, cost, True)
 
@@ -344,13 +385,9 @@ class Guard:
         return self._fits_starter(plan, cost)
 
     def _fits_starter(self, plan: _Plan, cost: int) -> bool:
-        """A session without a lease spends from the starter; its first call always passes,
-        because the allocator grants leases to sessions it has seen spend: a first call
-        dearer than the starter would otherwise wait for a lease that never comes. The bound
-        stays one call per new session within one feedback lag; a session whose lease lapsed
-        is known to the allocator and gets no second free call."""
-        first = self.spent_unleased == 0 and not self._leased   # a lapsed lease does not make a new session
-        return plan.starter is None or first or self.spent_unleased + cost <= plan.starter
+        """A session without a lease spends only from the starter (no free first call: it has
+        announced itself, so a lease is on its way)."""
+        return plan.starter is None or self.spent_unleased + cost <= plan.starter
 
 
 class _StillBlocked(Exception):

@@ -14,10 +14,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from decimal import Decimal
 
-from meterline.schemas.events import GpuSample, InvalidEvent, SpendUpdate, decode
+from meterline.schemas.events import PRIORITIES, GpuSample, InvalidEvent, SpendUpdate, decode
 
-from ._kafka import assign_from_beginning, assign_from_time, caught_up
+from ._kafka import ANNOUNCE_HEADER, NEED_HEADER, SPENT_HEADER, assign_from_beginning, assign_from_time, caught_up
 from .budgets import apply_policy_record
 from .engine import Engine, Outputs
 
@@ -88,6 +89,14 @@ class AllocatorService:
             log.warning("skipping an invalid record from %s: %s", msg.topic(), err)
             return
         if isinstance(record, SpendUpdate):
+            headers = dict(msg.headers() or ())
+            announced = headers.get(ANNOUNCE_HEADER)
+            if announced is not None:   # a guard asks for a lease (zero cost: nothing to add)
+                if record.scope == "session" and announced.decode() in PRIORITIES:
+                    self.engine.announce(record.tenant_id, record.scope_id, announced.decode(),
+                                         _usd(headers.get(NEED_HEADER)), _usd(headers.get(SPENT_HEADER)))
+                    self.counts["announcements"] += 1
+                return
             self.engine.apply_spend(record)
             self.counts["spend"] += 1
         else:
@@ -141,6 +150,14 @@ class AllocatorService:
                 return
             except BufferError:  # local queue full: let the client drain, then retry
                 producer.poll(0.05)
+
+
+def _usd(raw: bytes | None) -> Decimal:
+    try:
+        value = Decimal(raw.decode()) if raw else Decimal(0)
+    except (ArithmeticError, UnicodeDecodeError):
+        return Decimal(0)
+    return value if value.is_finite() and value >= 0 else Decimal(0)
 
 
 def run_in_thread(settings, engine: Engine | None = None, **kwargs) -> tuple[AllocatorService, threading.Event, threading.Thread]:

@@ -268,6 +268,7 @@ class Simulation:
         self.policy = _policy(scenario)
         self.engine.apply_policy(self.policy)
         self.feed = SimFeed()
+        self.feed.announce = lambda *a: self.at(self.t + self.lag["kafka_s"], self._announce, *a)
         self.stream = SpendStream()
         self.rng = random.Random(scenario.seed)
         self.parked: list[Request] = []
@@ -409,6 +410,10 @@ class Simulation:
     def _apply_spend(self, updates: list[SpendUpdate]) -> None:
         for u in updates:
             self.engine.apply_spend(u)
+        self._allocate()
+
+    def _announce(self, session_id: str, priority: str, need: Decimal, spent: Decimal) -> None:   # as the service does
+        self.engine.announce(TENANT, session_id, priority, need, spent)
         self._allocate()
 
     def _allocate(self) -> None:

@@ -47,8 +47,8 @@ _UP_ONLY = Role("the API and web page: live feed, lag metrics, budgets set by an
                 read=("spend", "control", "anomalies"), write=("budgets", "usage"), groups=("meterline-live-*", "meterline-metrics"))
 
 ROLES: dict[str, Role] = {
-    "agent": Role("agents (SDK, OTel bridge): send usage, read throttle decisions",
-                  read=("control",), write=("usage",), groups=("meterline-guard-*",)),
+    "agent": Role("agents (SDK, OTel bridge): send usage and session announcements (spend), read throttle decisions",
+                  read=("control",), write=("usage", "spend"), groups=("meterline-guard-*",)),
     "collector": Role("GPU collector on a node: sends NVML samples and, with --tenant, who holds its GPUs",
                       write=("gpu", "gpu-allocations")),
     "streams": _STREAMS,

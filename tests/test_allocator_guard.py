@@ -225,12 +225,15 @@ def test_heartbeat_keeps_decisions_alive_for_fail_closed_guards(settings, feed):
         thread.join()
 
 
-def test_a_new_sessions_first_call_passes_even_when_dearer_than_the_starter(settings, feed):
-    """The allocator leases to sessions it has seen spend, so the first call must get through."""
-    _publish(settings, _decision("allow", session_lease_usd=Decimal("0.001")))
-    wait_until(lambda: "tenant:acme:*" in feed.decisions, "starter decision arrived")
-    guard = Guard(feed, "acme", session_id="new-session", lease_timeout=0.05)
-    assert guard.check("gpt-4o", cost_usd=Decimal("0.05")) == "gpt-4o"      # first call: through
-    guard.record(Decimal("0.05"), reserved_usd=Decimal("0.05"))
-    with pytest.raises(BudgetExceeded, match="waiting for a spend lease"):
-        guard.check("gpt-4o", cost_usd=Decimal("0.05"), wait=False)         # then it needs a lease
+def test_a_new_session_announces_itself_through_the_broker_and_is_leased_before_it_spends(settings, allocator, feed):
+    """No free first call: the guard announces its session and class on the spend topic (a zero-cost
+    SpendUpdate), the allocator leases it, and only then does the call go ahead."""
+    publish_policy(settings, hard_budget("10"))
+    wait_until(lambda: (d := feed.decisions.get("tenant:acme:critical")) and d.starter is not None, "starter decision arrived")
+    guard = Guard(feed, "acme", session_id="new-session", priority="critical")
+    key = f"session:{guard.scopes['session']}:*"
+    assert key not in feed.decisions
+    assert guard.check("gpt-4o", cost_usd=Decimal("0.05")) == "gpt-4o"      # waited for its lease, then through
+    lease = feed.decisions[key]
+    assert lease.decision.action == "allow" and lease.limit >= 5 * 10**7 and lease.spent == 0
+    assert allocator.counts["announcements"] >= 1 and allocator.counts["spend"] == 0

@@ -156,6 +156,7 @@ def test_storage_formatted_without_secure_gets_its_admin_and_keeps_its_topics(tm
         assert json.loads(secure.credentials_file.read_text())["admin_ready"] is True
         agent = Secured(secure, bootstrap, tmp_path).as_user("agent")
         assert write_error(agent, "usage") is None and write_error(agent, "control") == KafkaError.TOPIC_AUTHORIZATION_FAILED
+        assert write_error(agent, "spend") is None   # a guard's session announcement
     finally:
         secure.stop()
 
