@@ -338,8 +338,10 @@ class Up:
             components.append(ThreadComponent("allocator", self._make_allocator, settings.group("allocator"), ("spend", "gpu")))
         group = settings.group("streams")
         for i in range(int(streams)):  # one worker per core: partitions are the parallelism
-            name, member = ("streams", []) if i == 0 else (f"streams-{i + 1}", ["--instance-id", f"{group}-{i + 1}"])
-            components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, *member),
+            # a static member id each: a worker restarted after a stall or a crash takes its partitions back at
+            # once, instead of waiting out the dead member's session (45 s with no progress: judged stalled again)
+            name = "streams" if i == 0 else f"streams-{i + 1}"
+            components.append(ProcessComponent(name, meterline_argv("streams", "--group", group, "--instance-id", f"{group}-{i + 1}"),
                                                settings_env(settings), settings.data_dir / "logs", group, ("usage", "gpu")))
         if webhook:  # anomalies to a webhook, at least once (the Faust job in streams/alerts.py)
             alerts = ProcessComponent("alerts", meterline_argv("alerts", "--webhook", webhook, "--give-up-after", str(ALERTS_GIVE_UP_S)),
