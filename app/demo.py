@@ -70,12 +70,14 @@ FLEET: tuple[AgentSpec, ...] = (
     AgentSpec("umbrella", "ops", "backfill", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
     AgentSpec("hooli", "platform", "etl", "extractor", "normal", "openai", "gpt-4o", 4, 6000, 600),
     AgentSpec("hooli", "platform", "etl", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
+    AgentSpec("hooli", "platform", "etl", "tagger", "low", "openai", "gpt-4o-mini", 3, 2000, 200),  # ~20x cheaper calls
 )
 @dataclass(frozen=True)
 class DemoBudget:
     amount: Decimal
     hard: bool
     actions: dict[str, str]  # what each priority class gets once the budget is used up
+    per_run: bool = False  # its period is the demo's run (paced over it) instead of an hour
 
 
 STRICT = {"critical": "allow", "high": "downgrade", "normal": "deny", "low": "deny", "batch": "deny"}
@@ -87,7 +89,7 @@ BUDGETS: dict[str, DemoBudget] = {
     "globex": DemoBudget(Decimal("500"), True, STRICT),      # hard and comfortable: spend leases, no overshoot
     "initech": DemoBudget(Decimal("8"), False, LENIENT),     # the runaway burns it: high downgraded, normal queued
     "umbrella": DemoBudget(Decimal("0.15"), False, LENIENT), # small: runs out first; high downgraded, critical keeps running
-    "hooli": DemoBudget(Decimal("0.10"), True, STRICT),      # small and hard: leases, then denied once it cannot cover two more calls
+    "hooli": DemoBudget(Decimal("0.10"), True, STRICT, per_run=True),  # small and hard, for this run: leases use it up, then deny
 }
 
 
@@ -209,14 +211,17 @@ def publish_gpu_holders(settings: Any, start: datetime) -> None:
                                                  team="research", valid_from=start - timedelta(hours=1))])
 
 
-def publish_budgets(settings: Any, start: datetime) -> None:
+def publish_budgets(settings: Any, start: datetime, duration: float = 3600) -> None:
+    """Hourly budgets from `start` (the minute the demo began); a per-run one lasts until the run's end."""
     from meterline.allocator.budgets import publish_policy
     from meterline.schemas.events import BudgetPolicy
 
+    run_seconds = int((datetime.now(timezone.utc) - start).total_seconds() + duration) + 10  # the run, and a margin
     for tenant, budget in BUDGETS.items():
         publish_policy(settings, BudgetPolicy(
             policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=budget.amount,
-            period="custom", period_anchor=start, period_seconds=3600, hard=budget.hard, actions=budget.actions))
+            period="custom", period_anchor=start, period_seconds=run_seconds if budget.per_run else 3600,
+            hard=budget.hard, actions=budget.actions))
 
 
 # ---- the terminal view --------------------------------------------------------------------------
@@ -306,7 +311,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     with console.status("starting the pipeline (streams, sink, allocator, API)…"):
         url = up.start()
         allocator = up.supervisor.get("allocator")
-        publish_budgets(settings, start)
+        publish_budgets(settings, start, duration)
         publish_gpu_holders(settings, start)
         if allocator is not None:
             allocator.instance.ready.wait(30)
