@@ -98,7 +98,7 @@ def collect_gpu(
     import socket
     import threading
 
-    from meterline.console import console, err_console, fail
+    from meterline.console import console, fail
     from meterline.settings import get_settings
 
     from .attribution import Attributor, SessionRegistry, sessions_dir
@@ -147,12 +147,7 @@ def collect_gpu(
         if not simulate:
             nvml.nvmlShutdown()
         if sender is not None:
-            delivered = sender.flush(10.0)
-            sender.close()
-            if not delivered:
-                err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; "
-                                  f"{sender.stats.spooled} spooled under {sender.spool_dir} for the next run, "
-                                  f"{sender.stats.dropped} dropped[/]")
+            _close_sender(sender, settings)
 
 
 def collect_dcgm(
@@ -230,14 +225,20 @@ def collect_dcgm(
         pass
     finally:
         if sender is not None:
-            delivered = sender.flush(10.0)
-            sender.close()
-            if not delivered:
-                err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; "
-                                  f"{sender.stats.spooled} spooled under {sender.spool_dir} for the next run, "
-                                  f"{sender.stats.dropped} dropped[/]")
+            _close_sender(sender, settings)
     if once and failed:
         raise typer.Exit(1)
+
+
+def _close_sender(sender, settings) -> None:
+    """Flush what is queued; say what was spooled for the next run (or dropped) when Kafka did not take it all."""
+    from meterline.console import err_console
+
+    delivered = sender.flush(10.0)
+    sender.close()
+    if not delivered:
+        err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; {sender.stats.spooled} "
+                          f"spooled under {sender.spool_dir} for the next run, {sender.stats.dropped} dropped[/]")
 
 
 def _node_held_by(rows, tenant: str, team: str):
