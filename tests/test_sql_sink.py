@@ -161,6 +161,28 @@ def test_gpu_samples_are_priced_with_the_catalog_and_rolled_up(settings):
     assert versions == [{"v": catalog.version}]
 
 
+def test_compute_samples_are_priced_at_ingest_and_an_unknown_node_class_is_kept_unpriced(settings):
+    from meterline.schemas.events import ComputeSample
+    from meterline.streams.pricing import load_catalog
+
+    samples = [ComputeSample(sample_id=new_id(), ts=utcnow(), node="n1", node_class="n2", level="process", pid=100 + i,
+                             interval_ms=10_000, cpu_user_seconds=Decimal("1.5"), cpu_system_seconds=Decimal("0.25"),
+                             memory_bytes=1 << 30, memory_peak_bytes=1 << 30, memory_byte_seconds=Decimal(10 << 30),
+                             tenant_id="acme", session_id=f"s{i % 2}", attributed=True) for i in range(10)]
+    stray = ComputeSample(**{**samples[0].model_dump(), "sample_id": new_id(), "node_class": "no-such-class",
+                             "tenant_id": "", "session_id": "", "attributed": False})
+    produce(settings, "compute", [s.to_json() for s in (*samples, stray, samples[0])])  # one duplicate
+    sink_until_idle(settings)
+    cpu, memory = load_catalog().compute_sample_cost(samples[0])
+    got = ledger_sql(settings, "SELECT count() AS n, toString(sum(cpu_cost_usd)) AS cpu, toString(sum(memory_cost_usd)) AS mem, "
+                               "toString(sum(cost_usd)) AS usd FROM compute_samples WHERE tenant_id = 'acme'")[0]
+    assert got["n"] == 10 and Decimal(got["cpu"]) == 10 * cpu and Decimal(got["mem"]) == 10 * memory
+    assert Decimal(got["usd"]) == 10 * (cpu + memory) and cpu > 0 and memory > 0
+    kept = ledger_sql(settings, "SELECT catalog_version AS v, toString(cost_usd) AS usd, attributed FROM compute_samples "
+                                "WHERE node_class = 'no-such-class'")
+    assert kept == [{"v": "unpriced", "usd": "0", "attributed": False}]  # kept with its usage, never a made-up price
+
+
 def test_reasoning_tokens_and_missing_usage_reach_the_ledger(settings):
     first, second = priced_events(2, seed=9)[0]
     reasoning = json.loads(first)
