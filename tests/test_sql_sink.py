@@ -183,6 +183,23 @@ def test_compute_samples_are_priced_at_ingest_and_an_unknown_node_class_is_kept_
     assert kept == [{"v": "unpriced", "usd": "0", "attributed": False}]  # kept with its usage, never a made-up price
 
 
+def test_collect_node_publishes_attributed_samples_that_reach_the_ledger_priced(settings):
+    """`meterline collect node` end to end: its own process runs in a session (METERLINE_* in its environment),
+    so at least its own row is attributed; every other process on this machine is there too, unattributed."""
+    env = {**_env(settings), "METERLINE_TENANT_ID": "acme", "METERLINE_SESSION_ID": "s-collector", "METERLINE_TEAM": "ops"}
+    done = subprocess.run([*METERLINE, "collect", "node", "--once", "--interval", "0.5", "--node", "n-test", "--node-class", "n2"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sink_until_idle(settings)
+    rows = ledger_sql(settings, "SELECT attributed, tenant_id, team, session_id, count() AS n, toString(sum(cost_usd)) AS usd, "
+                                "toString(sum(memory_cost_usd)) AS mem, any(catalog_version) AS v FROM compute_samples "
+                                "WHERE node = 'n-test' GROUP BY attributed, tenant_id, team, session_id ORDER BY attributed")
+    mine = [r for r in rows if r["attributed"]]
+    assert [(r["tenant_id"], r["team"], r["session_id"]) for r in mine] == [("acme", "ops", "s-collector")]
+    assert Decimal(mine[0]["mem"]) > 0 and mine[0]["v"] != "unpriced"  # it holds memory, priced as n2
+    assert rows[0]["attributed"] is False and rows[0]["n"] >= 1  # the rest of the machine: kept, unattributed
+
+
 def test_reasoning_tokens_and_missing_usage_reach_the_ledger(settings):
     first, second = priced_events(2, seed=9)[0]
     reasoning = json.loads(first)
