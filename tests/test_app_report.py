@@ -402,6 +402,7 @@ def test_focus_export_meets_every_applicable_rule_and_adds_up_exactly(cli, truth
     assert applied["BilledCost-C-005-C: 0 when a third party is paid"] > 0 and applied["ListCost = ListUnitPrice x PricingQuantity"] == len(rows)
     events = truth["events"]
     gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
+    gpu_cost += sum((cpu + mem for _, cpu, mem in truth["compute"]), ZERO)  # node CPU and memory: billed like GPU time
     # EffectiveCost is the showback: it adds up to the ledger exactly; BilledCost is only what the issuer invoices (GPU time)
     assert sum(D(r["EffectiveCost"]) for r in rows) == sum((e.cost_usd for e in events), ZERO) + gpu_cost
     internal = sum((e.cost_usd for e in events if not e.provider), ZERO)  # calls with no seller named: the account's own
@@ -410,7 +411,7 @@ def test_focus_export_meets_every_applicable_rule_and_adds_up_exactly(cli, truth
     assert third_party and all(r["InvoiceIssuerName"] == "meterline" and D(r["BilledCost"]) == 0 for r in third_party)
     assert {r["InvoiceId"] for r in rows} == {f"meterline/{NOW:%Y-%m}"} or NOW.day == 1  # one provisional invoice a month
     # list cost: catalog rate x quantity, which for catalog-priced tokens is the pricer's list cost to the pico-dollar
-    assert sum(D(r["ListCost"]) for r in rows if r["x_Kind"] != "gpu") == sum((e.list_cost_usd for e in events), ZERO)
+    assert sum(D(r["ListCost"]) for r in rows if r["x_Kind"] not in ("gpu", "cpu", "memory")) == sum((e.list_cost_usd for e in events), ZERO)
     # cached and uncached tokens are separate rows, with their own quantities
     by_type = defaultdict(Decimal)
     for r in rows:
@@ -433,6 +434,24 @@ def test_focus_list_unit_price_is_the_catalog_rate(cli, truth, tmp_path):
     assert rates[("gpt-4o", "input")] == "0.0000025" and rates[("gpt-4o", "output")] == "0.00001"  # $2.50 / $10 per Mtok
     assert {r["ListUnitPrice"] for r in rows if r["x_Tool"] == "web_search"} == {
         exact_str(CATALOG.tool_unit_price("web_search", "", NOW))}
+
+
+def test_focus_prices_node_cpu_and_memory_as_their_own_skus_and_units(cli, truth, tmp_path):
+    rows = _focus_csv(cli, tmp_path)
+    cpu = [r for r in rows if r["x_Kind"] == "cpu"]
+    memory = [r for r in rows if r["x_Kind"] == "memory"]
+    assert {(r["SkuMeter"], r["ConsumedUnit"], r["PricingUnit"], r["ListUnitPrice"], r["SkuId"]) for r in cpu} == {
+        ("vCPU-Hours", "vCPU-Hours", "vCPU-Hours", "0.031611", "compute/n2/cpu")}  # the catalog's n2 rates
+    assert {(r["SkuMeter"], r["ListUnitPrice"], r["SkuId"]) for r in memory} == {("GiB-Hours", "0.004237", "compute/n2/memory")}
+    compute = truth["compute"]
+    # quantities are rounded so that rate x quantity is exact in 18 places (priced_quantity): within 1e-11 per row
+    cpu_hours = sum((s.cpu_seconds for s, _, _ in compute), ZERO) / 3600
+    gib_hours = sum((s.memory_byte_seconds for s, _, _ in compute), ZERO) / (3600 << 30)
+    assert abs(sum(D(r["ConsumedQuantity"]) for r in cpu) - cpu_hours) < D("1e-11") * len(cpu) and cpu_hours > 0
+    assert abs(sum(D(r["ConsumedQuantity"]) for r in memory) - gib_hours) < D("1e-11") * len(memory) and gib_hours > 0
+    assert sum(D(r["EffectiveCost"]) for r in cpu) == sum((c for _, c, _ in compute), ZERO)
+    assert sum(D(r["EffectiveCost"]) for r in memory) == sum((m for _, _, m in compute), ZERO)
+    assert {r["SubAccountId"] for r in cpu} == {"acme", STREAM_UNATTRIBUTED}  # nobody's process: kept, on its own line
 
 
 def exact_str(value: Decimal) -> str:
@@ -541,7 +560,7 @@ def test_focus_parquet_has_decimal_money_and_the_same_total(cli, truth, tmp_path
             assert table.schema.field(col).type == pa.decimal128(38, 18)
         assert table.schema.field("ChargePeriodStart").type == pa.timestamp("ms", tz="UTC")
         gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
-        total = sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost
+        total = sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost + sum((c + m for _, c, m in truth["compute"]), ZERO)
         assert sum(table.column("EffectiveCost").to_pylist(), ZERO) == total
 
 
