@@ -228,7 +228,15 @@ def test_top_sessions_are_ordered_and_limited(cli, truth):
     for s, _, cost in truth["gpu"]:
         if s.level == "process" and s.session_id:
             sessions[(s.tenant_id, s.session_id)] += cost
+    for s, cpu, memory in truth["compute"]:
+        if s.attributed:
+            sessions[(s.tenant_id, s.session_id)] += cpu + memory
     assert totals[0] == max(sessions.values())
+    every = json.loads(cli("report", "top-sessions", "--limit", "1000", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    got = {(r["tenant_id"], r["session_id"]): r for r in every["rows"]}
+    assert {k: Decimal(r["total_cost_usd"]) for k, r in got.items()} == dict(sessions)
+    s0 = ("acme", "acme-agent-0-s0")
+    assert Decimal(got[s0]["compute_cost_usd"]) == sum((c + m for s, c, m in truth["compute"] if s.attributed), ZERO) > 0
 
 
 def test_cost_per_successful_action(cli, truth):
@@ -236,6 +244,7 @@ def test_cost_per_successful_action(cli, truth):
     row = next(r for r in doc["rows"] if r["agent_id"] == "acme-agent-0")
     mine = [e for e in truth["events"] if e.agent_id == "acme-agent-0"]
     gpu = sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.agent_id == "acme-agent-0"), ZERO)
+    gpu += sum((c + m for s, c, m in truth["compute"] if s.agent_id == "acme-agent-0"), ZERO)  # its CPU and memory
     ok = sum(1 for e in mine if e.status == "ok")
     total = sum((e.cost_usd for e in mine), ZERO) + gpu
     assert row["successful_actions"] == ok and row["actions"] == len(mine)
