@@ -29,8 +29,8 @@ class Role:
     internal: tuple[str, ...] = ()   # topics of its own that it creates (Faust's leader topic)
 
 
-_STREAMS = Role("streams worker: prices usage and GPU samples, keeps spend (its changelog is spend-state)",
-                read=("usage", "gpu", "spend-state"), write=("priced", "spend", "anomalies", "dlq", "spend-state"),
+_STREAMS = Role("streams worker: prices usage, GPU and CPU/memory samples, keeps spend (its changelog is spend-state)",
+                read=("usage", "gpu", "compute", "spend-state"), write=("priced", "spend", "anomalies", "dlq", "spend-state"),
                 describe=ALL_TOPICS, groups=("{prefix}-streams", "meterline-streams-restore"))
 _SINK = Role("ledger sink: writes every topic it reads into ClickHouse",
              read=("priced", "gpu", "compute", "spend", "anomalies", "control", "budgets", "gpu-allocations", "dlq"),
