@@ -254,9 +254,10 @@ def test_two_workers_count_each_tenants_token_and_gpu_spend_in_one_place(kafka_b
     threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
     for thread in threads:
         thread.start()
-    while [len(w.owned) for w in workers] != [12, 12]:  # both own 6 usage + 6 gpu partitions before data flows
+    while [len(w.owned) for w in workers] != [18, 18]:  # both own 6 usage + 6 gpu + 6 compute partitions before data flows
         time.sleep(0.1)
-    assert all({p for t, p in w.owned if "usage" in t} == {p for t, p in w.owned if "gpu" in t} for w in workers)
+    assert all({p for t, p in w.owned if "usage" in t} == {p for t, p in w.owned if "gpu" in t}
+               == {p for t, p in w.owned if "compute" in t} for w in workers)
 
     tenants = [f"tenant{i}" for i in range(8)]
     events = [usage_record(rng, tenant=t, cost_usd="0.5", kind="tool_call", tool="search", model="") for t in tenants for _ in range(3)]
