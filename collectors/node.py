@@ -5,7 +5,8 @@
 * level="process": every user process (kernel threads, which have no VmRSS, are left out) with its
   user + system CPU time used since the previous sample (/proc/<pid>/stat utime, stime in clock
   ticks), resident memory (VmRSS) and its high-water mark (VmHWM) from /proc/<pid>/status.
-* level="cgroup": every cgroup v2 leaf group that holds processes, from cpu.stat (user_usec,
+* level="cgroup": every cgroup v2 leaf group that holds processes (the root and inner groups count
+  their descendants, so they are left out; processes of the root group itself are not seen), from cpu.stat (user_usec,
   system_usec: exited children included, which /proc cannot give), memory.current and memory.peak.
 
 The first call is the baseline and returns nothing (there is no interval before it); a process or
@@ -197,8 +198,8 @@ class NodeCollector:
 
     def _groups(self) -> Iterator[dict]:
         for directory, subdirs, files in os.walk(self.cgroup_root):
-            if "cgroup.procs" not in files or "cpu.stat" not in files:
-                continue
+            if "cgroup.procs" not in files or "cpu.stat" not in files or subdirs:
+                continue  # a group's cpu.stat counts its descendants too: only leaves, so nothing counts twice
             group = Path(directory)
             try:
                 pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]

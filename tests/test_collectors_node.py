@@ -79,7 +79,8 @@ def test_cgroup_mode_charges_cpu_deltas_memory_and_attributes_a_pod_by_its_regis
     proc.mkdir()
     (pods / f"agents_planner_{UID}").mkdir(parents=True)
     container = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope"
-    _group(root, "kubepods.slice", [], 9_000_000, 9_000_000, 1, None)  # an inner node without processes: not a row
+    _group(root, "", [1], 90_000_000, 9_000_000, 1, None)  # the root counts the whole machine: not a row
+    _group(root, "kubepods.slice", [], 9_000_000, 9_000_000, 1, None)  # an inner node: not a row
     _group(root, container, [9001], 1_000_000, 200_000, 512 << 20, 600 << 20)
     _group(root, "system.slice/cron.service", [9002], 10, 10, 4 << 20, None)  # nobody's: kept, attributed=false
     runs.mkdir()
