@@ -37,7 +37,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,48 @@ def gpu_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> Ite
         yield row
 
 
+# (x_Kind, SkuMeter, quantity column, cost column, ComputeRate field, quantity per unit): CPU and memory SKUs.
+COMPUTE_SKUS = (
+    ("cpu", "vCPU-Hours", "cpu_seconds", "cpu_cost_usd", "vcpu_hour", Decimal(3600)),
+    ("memory", "GiB-Hours", "memory_byte_seconds", "memory_cost_usd", "gib_hour", Decimal(3600 * 2**30)),
+)
+
+
+def compute_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> Iterator[dict[str, Any]]:
+    """CPU and memory of `collect node` (compute_samples): a vCPU-Hours and a GiB-Hours row per hour, session and node."""
+    for line in lines:
+        try:
+            rate = catalog.compute_rate(line["node_class"])
+        except LookupError:
+            rate = None  # a class the catalog lacks: the sink stored it unpriced (cost 0)
+        for kind, meter, qty_col, cost_col, field, per_unit in COMPUTE_SKUS:
+            with localcontext(prec=50):
+                quantity = Decimal(line[qty_col]) / per_unit
+            if not quantity:
+                continue
+            sku = f"compute/{line['node_class']}/{kind}"
+            row = _base(line["hour"], line["hour"] + timedelta(hours=1), line["tenant_id"], account, account) | {
+                "ChargeDescription": f"{'CPU' if kind == 'cpu' else 'Memory'} on {line['node']} ({line['node_class']})"
+                                     + ("" if line["attributed"] else " (unattributed process)"),
+                "ConsumedUnit": meter, "PricingUnit": meter,
+                "ResourceId": line["session_id"] or line["node"], "ResourceName": line["agent_id"] or line["node"],
+                "ResourceType": "Agent Session" if line["attributed"] else "Node", "ServiceCategory": "Compute",
+                "ServiceName": "Node compute", "ServiceSubcategory": "Other (Compute)", "SkuId": sku, "SkuMeter": meter,
+                "SkuPriceId": f"{sku}@{line['catalog_version']}",
+                "SkuPriceDetails": json.dumps({"x_CatalogVersion": line["catalog_version"]}),
+                "Tags": json.dumps({"team": line["team"], "project": line["project"]}, sort_keys=True),
+                "x_SessionId": line["session_id"], "x_AgentId": line["agent_id"], "x_Team": line["team"],
+                "x_Project": line["project"], "x_Priority": None, "x_Kind": kind, "x_Model": None, "x_Tool": None,
+                "x_TokenType": None, "x_Events": line["samples"], "x_GpuSeconds": None, "x_GpuNode": line["node"],
+                "x_GpuName": None, "x_CostSource": "unpriced" if line["catalog_version"] == "unpriced" else "catalog",
+                "x_CatalogVersion": line["catalog_version"], "x_Simulated": bool(line["simulated"]),
+            }
+            cost = Decimal(line[cost_col])
+            unit = getattr(rate, field) if rate is not None and line["catalog_version"] != "unpriced" else ZERO
+            _money(row, cost, unit, quantity)
+            yield row
+
+
 def _json_number(value: Decimal) -> str:
     return exact(Decimal(value))
 
@@ -349,7 +391,9 @@ def focus_rows(ledger: Any, params: ReportParams, billing_account: str = "meterl
     query = {"since": params.since, "until": params.until, "tenant": params.tenant}
     usage: Result = ledger.query(load_query("focus_usage"), query)
     gpu: Result = ledger.query(load_query("focus_gpu"), query | {"unattributed": UNATTRIBUTED})
+    compute: Result = ledger.query(load_query("focus_compute"), query | {"unattributed": UNATTRIBUTED})
     rows = [*usage_rows(usage.dicts(), billing_account, catalog), *gpu_rows(gpu.dicts(), billing_account, catalog),
+            *compute_rows(compute.dicts(), billing_account, catalog),
             *idle_rows(idle_lines, billing_account)]
     return [{c: row.get(c) for c in cols} for row in (clip(r, params.since, params.until) for r in rows)]
 

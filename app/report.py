@@ -201,10 +201,11 @@ def idle_key(line: dict[str, Any], by: str) -> str:
 
 
 def _totals_with_idle(result: Result, params: ReportParams, lines: list[dict[str, Any]]) -> Result:
-    """gpu_idle_cost_usd and total_cost_usd (usage + process GPU + idle GPU): what every chargeback adds up to."""
+    """gpu_idle_cost_usd and total_cost_usd (usage + process GPU + idle GPU + CPU + memory): what every chargeback
+    adds up to."""
     idle = sum((line["cost_usd"] for line in lines), Decimal(0))
     row = dict(zip(result.columns, result.rows[0]))
-    total = (row["usage_cost_usd"] or Decimal(0)) + (row["gpu_cost_usd"] or Decimal(0)) + idle
+    total = sum((row[c] or Decimal(0) for c in ("usage_cost_usd", "gpu_cost_usd", "cpu_cost_usd", "memory_cost_usd")), idle)
     return Result(result.columns + ["gpu_idle_cost_usd", "total_cost_usd"], result.types + [MONEY, MONEY],
                   [(*result.rows[0], idle, total)])
 
@@ -429,7 +430,7 @@ def render(name: str, params: ReportParams, result: Result, fmt: Format) -> str 
 # People get the columns that matter on an 80-column terminal; json/csv carry every column.
 TABLE_COLUMNS = {
     "chargeback": ("events", "input_tokens", "output_tokens", "usage_cost_usd", "gpu_cost_usd", "gpu_idle_cost_usd",
-                   "total_cost_usd"),
+                   "cpu_cost_usd", "memory_cost_usd", "total_cost_usd"),
     "top-sessions": ("tenant_id", "agent_id", "session_id", "events", "total_cost_usd"),
     "cost-per-action": ("tenant_id", "agent_id", "actions", "successful_actions", "total_cost_usd", "cost_per_success_usd"),
     "gpu": ("node", "gpu_name", "gpu_hours", "cost_usd", "avg_utilization_pct", "unused_cost_usd", "unused_charged_to"),
@@ -441,7 +442,7 @@ TABLE_COLUMNS = {
 
 def _header(column: str) -> str:
     """Short headers for narrow terminals (json/csv keep the real column names)."""
-    return (column.replace("_cost_usd", " $").replace("_usd", " $").replace("_tokens", " tok")
+    return (column.replace("memory_", "mem_").replace("_cost_usd", " $").replace("_usd", " $").replace("_tokens", " tok")
             .replace("cache_read", "cache rd").replace("cache_write", "cache wr").replace("_", " "))
 
 

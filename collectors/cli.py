@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(collect_app, name="collect")
     collect_app.command("gpu")(collect_gpu)
     collect_app.command("dcgm")(collect_dcgm)
+    collect_app.command("node")(collect_node)
     gpu_app = typer.Typer(help="GPU capacity: who holds each device or MIG slice (charged its idle time under the "
                                "`owner` policy, METERLINE_GPU_IDLE_POLICY).", no_args_is_help=True)
     app.add_typer(gpu_app, name="gpu")
@@ -148,6 +149,89 @@ def collect_gpu(
             nvml.nvmlShutdown()
         if sender is not None:
             _close_sender(sender, settings)
+
+
+def collect_node(
+    interval: Annotated[float, typer.Option(help="Seconds between samples.", min=0.1)] = 10.0,
+    level: Annotated[str, typer.Option(help="`process` (/proc/<pid>/stat and status) or `cgroup` (cgroup v2 groups: "
+                                            "containers, pods, services; exited children counted).")] = "process",
+    node_class: Annotated[str, typer.Option("--node-class", envvar="METERLINE_NODE_CLASS",
+                                            help="The catalog's [compute.<class>] that prices this node ($/vCPU-hour, $/GiB-hour).")] = "default",
+    once: Annotated[bool, typer.Option("--once", help="Take a baseline and one sample one interval later, publish, exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every record as a JSON line instead of a table.")] = False,
+    node: Annotated[Optional[str], typer.Option(help="Node name; default: the host name.")] = None,
+    publish: Annotated[bool, typer.Option(help="Publish to the compute topic (--no-publish only prints).")] = True,
+    cgroup_root: Annotated[Path, typer.Option(help="Where the cgroup v2 hierarchy is mounted.")] = Path("/sys/fs/cgroup"),
+) -> None:
+    """Sample CPU-seconds and memory of every process (or cgroup v2 group) and publish ComputeSample records to the compute topic.
+
+    Per process or group: user + system CPU time in the interval, resident memory (as byte-seconds) and its peak, the
+    container and Kubernetes pod its cgroup names, and the agent session that owns it (as `collect gpu`: the SDK's run
+    directory, else METERLINE_SESSION_ID in the process environment). Unknown owners are published with attributed=false.
+    The first sample is a baseline (nothing is published for it). Priced by the sink per --node-class.
+
+    Examples:  meterline collect node --once --json --no-publish    ·    meterline collect node --level cgroup --node-class n2
+    """
+    import signal
+    import socket
+    import threading
+
+    from meterline.console import console, err_console, fail
+    from meterline.settings import get_settings
+
+    from .attribution import Attributor, SessionRegistry, sessions_dir
+    from .node import NodeCollector
+
+    settings = get_settings()
+    node = node or socket.gethostname()
+    try:
+        collector = NodeCollector(Attributor(SessionRegistry(sessions_dir(settings.data_dir))), node=node, node_class=node_class,
+                                  level=level, cgroup_root=cgroup_root, interval_s=interval)
+    except ValueError as err:
+        fail(f"{err}. See `meterline collect node --help`.")
+    if level == "cgroup" and not (cgroup_root / "cgroup.controllers").exists():
+        fail(f"{cgroup_root} is not a cgroup v2 hierarchy (no cgroup.controllers); use --level process or --cgroup-root")
+    sender = None
+    if publish:
+        from .sender import Sender
+
+        sender = Sender(settings, settings.topic("compute"), settings.data_dir / "spool" / f"node-{node}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    collector.sample()  # the baseline
+    try:
+        while not stop.wait(interval):
+            rows = collector.sample()
+            for row in rows:
+                if sender is not None:
+                    sender.send(row.key.encode(), row.to_json())
+                if as_json:
+                    print(row.model_dump_json(), flush=True)
+            if not as_json:
+                console.print(_node_table(rows, node))
+            if once:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if sender is not None:
+            delivered = sender.flush(10.0)
+            sender.close()
+            if not delivered:
+                err_console.print(f"[yellow]Kafka at {settings.bootstrap} did not take every sample; "
+                                  f"{sender.stats.spooled} spooled under {sender.spool_dir} for the next run, "
+                                  f"{sender.stats.dropped} dropped[/]")
+
+
+def _node_table(rows, node: str):
+    from meterline.console import table
+
+    top = sorted(rows, key=lambda r: (-r.cpu_seconds, -r.memory_bytes))[:20]
+    view = [{"what": str(r.pid) if r.pid is not None else r.cgroup, "container": r.container_id[:12],
+             "pod": f"{r.namespace}/{r.pod}" if r.pod else r.pod_uid, "cpu s": f"{r.cpu_seconds:.2f}",
+             "mem MiB": f"{r.memory_bytes / (1 << 20):.0f}", "peak MiB": f"{r.memory_peak_bytes / (1 << 20):.0f}",
+             "session": f"{r.tenant_id}/{r.session_id}" if r.attributed else "unattributed"} for r in top]
+    return table(view, title=f"CPU and memory on {node}: top {len(top)} of {len(rows)}" if rows else "no processes")
 
 
 def collect_dcgm(

@@ -29,11 +29,12 @@ class Role:
     internal: tuple[str, ...] = ()   # topics of its own that it creates (Faust's leader topic)
 
 
-_STREAMS = Role("streams worker: prices usage and GPU samples, keeps spend (its changelog is spend-state)",
-                read=("usage", "gpu", "spend-state"), write=("priced", "spend", "anomalies", "dlq", "spend-state"),
+_STREAMS = Role("streams worker: prices usage, GPU and CPU/memory samples, keeps spend (its changelog is spend-state)",
+                read=("usage", "gpu", "compute", "spend-state"), write=("priced", "spend", "anomalies", "dlq", "spend-state"),
                 describe=ALL_TOPICS, groups=("{prefix}-streams", "meterline-streams-restore"))
 _SINK = Role("ledger sink: writes every topic it reads into ClickHouse",
-             read=("priced", "gpu", "spend", "anomalies", "control", "budgets", "gpu-allocations", "scale", "dlq"),
+             read=("priced", "gpu", "compute", "spend", "anomalies", "control", "budgets", "gpu-allocations", "scale",
+                   "dlq"),
              write=("dlq", "anomalies"),
              groups=("{prefix}-sink",))
 _ALLOCATOR = Role("allocator: reads spend, GPU samples and budgets, decides throttles; `plan endpoints --publish` "
@@ -49,8 +50,8 @@ _UP_ONLY = Role("the API and web page: live feed, lag metrics, budgets set by an
 ROLES: dict[str, Role] = {
     "agent": Role("agents (SDK, OTel bridge): send usage and session announcements (spend), read throttle decisions",
                   read=("control",), write=("usage", "spend"), groups=("meterline-guard-*",)),
-    "collector": Role("GPU collector on a node: sends NVML samples and, with --tenant, who holds its GPUs",
-                      write=("gpu", "gpu-allocations")),
+    "collector": Role("node collectors: NVML samples, CPU and memory samples and, with --tenant, who holds its GPUs",
+                      write=("gpu", "compute", "gpu-allocations")),
     "streams": _STREAMS,
     "sink": _SINK,
     "allocator": _ALLOCATOR,

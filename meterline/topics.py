@@ -24,6 +24,9 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("usage", 12, "usage events from SDKs and the OTel bridge, keyed by tenant_id", {"retention.ms": str(7 * DAY_MS)}),
     # As many partitions as usage: process rows are keyed by tenant_id and must land on the usage partition's index.
     TopicSpec("gpu", 12, "NVML samples: process rows keyed by tenant_id, GPU/MIG rows by node", {"retention.ms": str(7 * DAY_MS)}),
+    # Keyed by tenant_id like gpu process rows, with as many partitions as usage.
+    TopicSpec("compute", 12, "CPU and memory samples of processes and cgroups (collect node), keyed by tenant_id",
+              {"retention.ms": str(7 * DAY_MS)}),
     TopicSpec("priced", 12, "usage events with their exact price, keyed by tenant_id", {"retention.ms": str(7 * DAY_MS)}),
     TopicSpec("spend", 6, "real-time spend per scope, keyed by tenant_id", {"retention.ms": str(3 * DAY_MS)}),
     TopicSpec("anomalies", 3, "cost anomalies, keyed by tenant_id", {"retention.ms": str(30 * DAY_MS)}),

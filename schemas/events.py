@@ -337,6 +337,57 @@ class GpuSample(Contract):
     container: OptionalId = ""
 
 
+class ComputeSample(Contract):
+    """CPU and memory of one process or one cgroup v2 group over one interval (`meterline collect node`).
+
+    A contract of its own rather than a `kind` on GpuSample: its quantities (CPU-seconds, byte-seconds) and
+    its price (per vCPU-hour and GiB-hour of a node class) share nothing with a GPU row's device, MIG and
+    power fields, and GpuSample's required gpu_index/gpu_uuid would be meaningless here.
+
+    cpu_seconds = user + system CPU time used in the interval (exact: clock ticks or microseconds);
+    memory_byte_seconds = resident bytes at the sample × interval seconds; memory_peak_bytes is the
+    kernel's high-water mark (VmHWM, or memory.peak of the group). The owner is found as for a GPU process
+    (collectors/attribution.py); an unknown owner gives attributed=False and empty attribution, never a
+    dropped row. A container's cgroup names it (container_id, runtime) and, on Kubernetes, its pod_uid;
+    namespace/pod where the pod could be resolved.
+    """
+
+    sample_id: UUID
+    ts: Timestamp
+    node: Id
+    node_class: Id = Field("default", description="The catalog's [compute] class that prices this node.")
+    level: Literal["process", "cgroup"]
+    pid: Count | None = None
+    cgroup: Text = ""
+    container_id: OptionalId = ""
+    runtime: Literal["", "containerd", "cri-o", "docker", "podman"] = ""
+    pod_uid: OptionalId = ""
+    namespace: OptionalId = ""
+    pod: Name = ""
+    interval_ms: Annotated[StrictInt, Field(gt=0, le=3_600_000)]
+    cpu_user_seconds: Usd = Decimal(0)  # not money, but exact to 12 places the same way
+    cpu_system_seconds: Usd = Decimal(0)
+    memory_bytes: Count = 0
+    memory_peak_bytes: Count = 0
+    memory_byte_seconds: Usd = Decimal(0)
+    tenant_id: OptionalId = ""
+    team: OptionalId = ""
+    project: OptionalId = ""
+    agent_id: OptionalId = ""
+    session_id: OptionalId = ""
+    attributed: StrictBool = False
+    simulated: StrictBool = False
+
+    @property
+    def cpu_seconds(self) -> Decimal:
+        return self.cpu_user_seconds + self.cpu_system_seconds
+
+    @property
+    def key(self) -> str:
+        """Kafka key: the tenant it charges (co-partitioned with usage and GPU process rows)."""
+        return self.tenant_id or "unattributed"
+
+
 class SpendUpdate(Contract):
     """Real-time spend of one scope: the last window and the period-to-date total."""
 
@@ -561,6 +612,7 @@ M = TypeVar("M", bound=BaseModel)
 CONTRACTS: dict[str, type[Contract]] = {
     "usage_event": UsageEvent,
     "gpu_sample": GpuSample,
+    "compute_sample": ComputeSample,
     "spend_update": SpendUpdate,
     "anomaly": Anomaly,
     "throttle_decision": ThrottleDecision,

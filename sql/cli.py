@@ -94,7 +94,7 @@ def sql_command(
 ) -> None:
     """Run one SELECT against the ledger, in a sandbox (sql/sandbox.py: its tables only, no files, limits).
 
-    Tables: priced_events, gpu_samples, spend_updates, anomalies, throttle_decisions,
+    Tables: priced_events, gpu_samples, compute_samples, spend_updates, anomalies, throttle_decisions,
     budget_policies, dead_letters; hourly rollups usage_hourly and gpu_hourly
     (always read rollups with sum() ... GROUP BY). Money columns are exact Decimals.
     On a cluster read <table>_all: a plain name is one shard's local table.

@@ -38,6 +38,7 @@ class LedgerTable:
 TABLES: tuple[LedgerTable, ...] = (
     LedgerTable("priced_events", "priced", "priced_event", "event_id", "ts"),
     LedgerTable("gpu_samples", "gpu", "gpu_sample", "sample_id", "ts"),
+    LedgerTable("compute_samples", "compute", "compute_sample", "sample_id", "ts"),
     LedgerTable("spend_updates", "spend", "spend_update", None, "ts"),
     LedgerTable("anomalies", "anomalies", "anomaly", None, "ts"),
     LedgerTable("throttle_decisions", "control", "throttle_decision", None, "issued_at"),
@@ -46,7 +47,7 @@ TABLES: tuple[LedgerTable, ...] = (
     LedgerTable("scale_recommendations", "scale", "scale_recommendation", None, "ts"),
     LedgerTable("dead_letters", "dlq", "dead_letter", None, "ts"),
 )
-ID_TABLES = {"priced_events": "priced_event_ids", "gpu_samples": "gpu_sample_ids"}
+ID_TABLES = {"priced_events": "priced_event_ids", "gpu_samples": "gpu_sample_ids", "compute_samples": "compute_sample_ids"}
 KAFKA_COLUMNS = ("_topic", "_partition", "_offset", "_batch_start")
 
 

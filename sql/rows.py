@@ -12,6 +12,7 @@ from typing import Any
 from meterline.schemas.events import (
     Anomaly,
     BudgetPolicy,
+    ComputeSample,
     Contract,
     DeadLetter,
     GpuAllocation,
@@ -33,6 +34,12 @@ def priced_event_row(event: PricedEvent) -> dict[str, Any]:
 
 def gpu_sample_row(sample: GpuSample, gpu_seconds: Decimal, cost_usd: Decimal, catalog_version: str) -> dict[str, Any]:
     return {**sample.model_dump(), "gpu_seconds": gpu_seconds, "cost_usd": cost_usd, "catalog_version": catalog_version}
+
+
+def compute_sample_row(sample: ComputeSample, cpu_cost_usd: Decimal, memory_cost_usd: Decimal,
+                       catalog_version: str) -> dict[str, Any]:
+    return {**sample.model_dump(), "cpu_cost_usd": cpu_cost_usd, "memory_cost_usd": memory_cost_usd,
+            "cost_usd": cpu_cost_usd + memory_cost_usd, "catalog_version": catalog_version}
 
 
 def throttle_decision_row(decision: ThrottleDecision) -> dict[str, Any]:
@@ -64,7 +71,8 @@ ROW_BUILDERS = {
 
 
 def contract_row(record: Contract) -> dict[str, Any]:
-    """The ledger row of any contract except GpuSample (which needs its price: gpu_sample_row)."""
+    """The ledger row of any contract except GpuSample and ComputeSample (which need their price: gpu_sample_row,
+    compute_sample_row)."""
     return ROW_BUILDERS[type(record)](record)
 
 

@@ -39,7 +39,7 @@ from meterline.streams.anomalies import conflicting_duplicate
 
 from . import firstwrite, ledger
 from .checks import Staged, canonical_json
-from .rows import budget_policy_row, contract_row, gpu_sample_row, insert_rows
+from .rows import budget_policy_row, compute_sample_row, contract_row, gpu_sample_row, insert_rows
 
 log = logging.getLogger("meterline.sink")
 
@@ -294,6 +294,8 @@ class LedgerSink:
     def _row(self, record: ev.Contract) -> dict[str, Any]:
         if isinstance(record, ev.GpuSample):
             return self._gpu_row(record)
+        if isinstance(record, ev.ComputeSample):
+            return self._compute_row(record)
         if isinstance(record, ev.BudgetPolicy):
             return budget_policy_row(record)
         return contract_row(record)
@@ -307,6 +309,16 @@ class LedgerSink:
             log.warning("%s", err)
             seconds, cost, version = Decimal(sample.interval_ms) / 1000, Decimal(0), "unpriced"
         return gpu_sample_row(sample, seconds, cost, version)
+
+    def _compute_row(self, sample: ev.ComputeSample) -> dict[str, Any]:
+        catalog = self.catalog
+        try:
+            cpu, memory = catalog.compute_sample_cost(sample)
+            version = catalog.version
+        except LookupError as err:  # a node class without rates: keep the usage, flag the row, never invent a price
+            log.warning("%s", err)
+            cpu, memory, version = Decimal(0), Decimal(0), "unpriced"
+        return compute_sample_row(sample, cpu, memory, version)
 
     @property
     def catalog(self):

@@ -8,6 +8,7 @@ Interface (other components call only these names):
     catalog.price_gpu(gpu_name: str, seconds: Decimal, mig_slices: int = 0, mig_total_slices: int = 0)
         -> Decimal                              # exact USD for that GPU time (LookupError: GPU not in catalog)
     catalog.gpu_sample_cost(sample: GpuSample) -> tuple[Decimal, Decimal]   # (gpu_seconds, usd)
+    catalog.compute_sample_cost(sample: ComputeSample) -> tuple[Decimal, Decimal]   # (cpu usd, memory usd)
     catalog.downgrade_for(model: str) -> str | None   # a cheaper model of the same task tier
 
 Rules
@@ -47,13 +48,14 @@ import genai_prices
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
-from meterline.schemas.events import GpuSample, PricedEvent, UsageEvent, utcnow
+from meterline.schemas.events import ComputeSample, GpuSample, PricedEvent, UsageEvent, utcnow
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
 QUANTUM = Decimal("1e-12")
 ZERO = Decimal(0)
 MTOK = Decimal(1_000_000)
 SECONDS_PER_HOUR = Decimal(3600)
+GIB = Decimal(2**30)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Price = Decimal | gp.TieredPrices
@@ -287,6 +289,12 @@ def _has_variant(info: gp.ModelInfo, entry: tuple[str, str], ts: datetime) -> bo
 
 
 @dataclass(frozen=True)
+class ComputeRate:
+    vcpu_hour: Decimal  # USD per vCPU-hour of CPU time
+    gib_hour: Decimal  # USD per GiB-hour of resident memory
+
+
+@dataclass(frozen=True)
 class CustomModel:
     start: datetime
     rates: Rates
@@ -303,6 +311,9 @@ class Catalog:
             ((name.lower(), _money(rate, f"gpus.{name}")) for name, rate in data.get("gpus", {}).items()),
             key=lambda item: -len(item[0]),
         )
+        self.compute = {name.lower(): ComputeRate(_money(row["vcpu_hour_usd"], f"compute.{name}.vcpu_hour_usd"),
+                                                  _money(row["gib_hour_usd"], f"compute.{name}.gib_hour_usd"))
+                        for name, row in data.get("compute", {}).items()}
         self.tools = self._load_tools(data.get("tools", []))
         self.models = self._load_models(data.get("models", []))
         self.modifiers = self._load_modifiers(data.get("modifiers", []))
@@ -552,6 +563,22 @@ class Catalog:
         if n > 1:
             gpu_seconds, cost = ((x / n).quantize(QUANTUM, rounding=ROUND_DOWN) for x in (gpu_seconds, cost))
         return gpu_seconds, cost
+
+    # ----------------------------------------------------------------- CPU and memory
+    def compute_rate(self, node_class: str) -> ComputeRate:
+        rate = self.compute.get(node_class.lower())
+        if rate is None:
+            raise LookupError(f"no $/vCPU-hour for node class {node_class!r}; add [compute.{node_class}] to "
+                              f"{self.source or 'the catalog'}")
+        return rate
+
+    def compute_sample_cost(self, sample: ComputeSample) -> tuple[Decimal, Decimal]:
+        """(CPU USD, memory USD) of one sample: CPU-seconds x $/vCPU-hour / 3600 and byte-seconds x
+        $/GiB-hour / (3600 x 2^30), each rounded to 12 places once (LookupError: class not in the catalog)."""
+        rate = self.compute_rate(sample.node_class)
+        with localcontext(prec=60):
+            return (q12(sample.cpu_seconds * rate.vcpu_hour / SECONDS_PER_HOUR),
+                    q12(sample.memory_byte_seconds * rate.gib_hour / (SECONDS_PER_HOUR * GIB)))
 
     # ----------------------------------------------------------------- tiers
     def downgrade_for(self, model: str) -> str | None:

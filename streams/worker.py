@@ -227,7 +227,7 @@ class StreamWorker:
                  instance_id: str | None = None, consumer_overrides: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog()
-        self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "priced", "dlq", "spend", "anomalies")}
+        self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "compute", "priced", "dlq", "spend", "anomalies")}
         self.state_topic = ensure_state_topic(settings)
         group_id = group_id or settings.group("streams")
         self.group_id, self.checkpoint_interval, self.batch_size = group_id, checkpoint_interval, batch_size
@@ -262,11 +262,12 @@ class StreamWorker:
 
     def _check_co_partitioned(self) -> None:
         counts = {name: len(self.consumer.list_topics(self.topics[name], timeout=10).topics[self.topics[name]].partitions)
-                  for name in ("usage", "gpu")}
-        if counts["usage"] and counts["gpu"] and counts["usage"] != counts["gpu"]:
-            raise RuntimeError(f"{self.topics['usage']} has {counts['usage']} partitions and {self.topics['gpu']} {counts['gpu']}: "
-                               "a tenant's token and GPU spend would be counted by different workers. Give both the same "
-                               "partition count (kafka-topics.sh --alter --partitions N on the smaller one).")
+                  for name in ("usage", "gpu", "compute")}
+        for name in ("gpu", "compute"):
+            if counts["usage"] and counts[name] and counts["usage"] != counts[name]:
+                raise RuntimeError(f"{self.topics['usage']} has {counts['usage']} partitions and {self.topics[name]} {counts[name]}: "
+                                   f"a tenant's token and {name} spend would be counted by different workers. Give both the "
+                                   "same partition count (kafka-topics.sh --alter --partitions N on the smaller one).")
 
     # ------------------------------------------------------------------ loop
     def run(self, stop: threading.Event | None = None, exit_when_idle: float | None = None,
@@ -275,7 +276,7 @@ class StreamWorker:
         every assigned partition is read to its end; checkpoints on exit."""
         stop = stop or threading.Event()
         gc.freeze()  # the catalog and price snapshot (long-lived) leave the collector's scans: fewer µs per event
-        self.consumer.subscribe([self.topics["usage"], self.topics["gpu"]], on_assign=self._on_assign, on_revoke=self._on_revoke,
+        self.consumer.subscribe([self.topics["usage"], self.topics["gpu"], self.topics["compute"]], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=lambda c, p: self._on_revoke(c, p, commit="none"))  # lost: the group moved on
         next_checkpoint, idle_since = time.monotonic() + self.checkpoint_interval, time.monotonic()
         next_publish = time.monotonic() + self.publish_interval
@@ -328,12 +329,18 @@ class StreamWorker:
         price, unpriced_counts = self.catalog.price_pico, self.catalog.unpriced
         spend_add, detect, priced_json = self.spend.add, self.detectors.usage, self._priced_json
         produce, priced_topic = self.producer.produce, self.topics["priced"]
-        gpu_samples, newest = [], self.stream_now
+        gpu_samples, compute_samples, newest = [], [], self.stream_now
+        compute_topic = self.topics["compute"]
         priced = duplicates = unpriced_events = 0
         for msg in msgs:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", msg.error())
+                continue
+            if msg.topic() == compute_topic:
+                sample = self._decode_or_dlq(msg, ev.ComputeSample, now)
+                if sample is not None:
+                    compute_samples.append((msg, sample))
                 continue
             if msg.topic() != usage_topic:
                 sample = self._decode_or_dlq(msg, ev.GpuSample, now)
@@ -405,6 +412,8 @@ class StreamWorker:
             stats["duplicates"] += duplicates
         if gpu_samples:
             self._gpu(gpu_samples, now)
+        if compute_samples:
+            self._compute(compute_samples, now)
 
     @staticmethod
     def _is_per_record(exc: BaseException) -> bool:
@@ -481,6 +490,31 @@ class StreamWorker:
                 self.stats["gpu_unpriced"] += 1
             for anomaly in found:
                 self._anomaly(anomaly)
+
+    # ------------------------------------------------------------ CPU, memory
+    def _compute(self, samples: list[tuple[Any, ev.ComputeSample]], now: datetime) -> None:
+        """CPU and memory cost (`collect node`) into spend, like GPU process rows: unattributed rows accrue to
+        tenant "unattributed"; a node class the catalog lacks is counted (compute_unpriced), charged 0."""
+        for msg, sample in samples:
+            stage = "pricing"
+            try:
+                try:
+                    cost = sum(to_pico(part) for part in self.catalog.compute_sample_cost(sample))
+                    unpriced = False
+                except LookupError:
+                    cost, unpriced = 0, True
+                stage = "spend"
+                if sample.attributed and sample.tenant_id:
+                    ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
+                else:
+                    ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                self.spend.add(ids, sample.ts, cost, events=0)
+            except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
+                self._failed(msg, stage, exc, now)
+                continue
+            self.stats["compute_samples"] += 1
+            if unpriced:
+                self.stats["compute_unpriced"] += 1
 
     # ------------------------------------------------------------- outputs
     def _decode_or_dlq(self, msg: Any, contract: type, now: datetime) -> Any | None:

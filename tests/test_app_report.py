@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 from inprocess import cli_on, filled_ledger
 from meterline.cli import app
-from meterline.schemas.events import BudgetPolicy, GpuSample, PricedEvent, new_id
+from meterline.schemas.events import BudgetPolicy, ComputeSample, GpuSample, PricedEvent, new_id
 from meterline.settings import Settings, get_settings
 from meterline.sql import ledger
-from meterline.sql.rows import budget_policy_row, gpu_sample_row, priced_event_row, with_offsets
+from meterline.sql.rows import budget_policy_row, compute_sample_row, gpu_sample_row, priced_event_row, with_offsets
 
 from meterline.app.focus import focus_rows, idle_rows
 from meterline.streams.pricing import NO_COMPONENTS, load_catalog, token_components
@@ -110,19 +110,35 @@ def make_gpu(rng: random.Random) -> list[tuple[GpuSample, Decimal, Decimal]]:
     return rows
 
 
+def make_compute() -> list[tuple[ComputeSample, Decimal, Decimal]]:
+    """CPU and memory of one attributed process (acme's agent 0, session 0) and one nobody owns, priced by the catalog."""
+    rows = []
+    for k in range(12):
+        owner = ("acme", "search", "p0", "acme-agent-0", "acme-agent-0-s0") if k % 2 else ("", "", "", "", "")
+        sample = ComputeSample(sample_id=new_id(), ts=NOW - timedelta(seconds=10 * (k + 1)), node="node-1", node_class="n2",
+                               level="process", pid=5000 + k % 2, interval_ms=10_000, cpu_user_seconds=Decimal("7.5"),
+                               cpu_system_seconds=Decimal("0.5"), memory_bytes=2 << 30, memory_peak_bytes=3 << 30,
+                               memory_byte_seconds=Decimal(20 << 30), attributed=bool(owner[0]), tenant_id=owner[0],
+                               team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4])
+        rows.append((sample, *CATALOG.compute_sample_cost(sample)))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def truth(tmp_path_factory):
     """Fill a fresh ledger; return the events and GPU rows that went in."""
     rng = random.Random(20250601)
-    events, gpu = make_events(rng), make_gpu(rng)
+    events, gpu, compute = make_events(rng), make_gpu(rng), make_compute()
     policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("0.5"),
                           period="custom", period_anchor=NOW - timedelta(days=1), period_seconds=2 * 86400)
     tables = {"priced_events": [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)],
               "gpu_samples": [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
                               for i, (s, sec, cost) in enumerate(gpu)],
+              "compute_samples": [with_offsets(compute_sample_row(s, cpu, mem, "test-1"), "compute", 0, i)
+                                  for i, (s, cpu, mem) in enumerate(compute)],
               "budget_policies": [with_offsets(budget_policy_row(policy), "budgets", 0, 0)]}
     with filled_ledger(tmp_path_factory.mktemp("app-report"), tables) as settings:
-        yield {"events": events, "gpu": gpu, "settings": settings}
+        yield {"events": events, "gpu": gpu, "compute": compute, "settings": settings}
 
 
 @pytest.fixture
@@ -156,8 +172,13 @@ def expected_chargeback(truth, by: str) -> dict[str, dict[str, Decimal]]:
         key = f"gpu:{sample.gpu_name}" if by == "model" else chargeback_key(sample, by, sample.tenant_id or STREAM_UNATTRIBUTED)
         out[key]["gpu_cost_usd"] += cost
         out[key]["gpu_seconds"] += seconds
+    for sample, cpu, memory in truth["compute"]:
+        key = "compute:n2" if by == "model" else chargeback_key(sample, by, sample.tenant_id or STREAM_UNATTRIBUTED)
+        out[key]["cpu_cost_usd"] += cpu
+        out[key]["memory_cost_usd"] += memory
+        out[key]["cpu_seconds"] += sample.cpu_seconds
     for v in out.values():
-        v["total_cost_usd"] = v["usage_cost_usd"] + v["gpu_cost_usd"]
+        v["total_cost_usd"] = v["usage_cost_usd"] + v["gpu_cost_usd"] + v["cpu_cost_usd"] + v["memory_cost_usd"]
     return out
 
 
@@ -168,7 +189,8 @@ def test_chargeback_json_matches_ground_truth_for_every_dimension(cli, truth, by
     got = {r[by]: r for r in doc["rows"]}
     assert set(got) == set(want)
     for key, w in want.items():
-        for col in ("usage_cost_usd", "gpu_cost_usd", "total_cost_usd", "gpu_seconds"):
+        for col in ("usage_cost_usd", "gpu_cost_usd", "cpu_cost_usd", "memory_cost_usd", "total_cost_usd", "gpu_seconds",
+                    "cpu_seconds"):
             assert Decimal(got[key][col]) == w[col], (key, col)  # exact, from decimal strings
         assert got[key]["events"] == w["events"]
         assert got[key]["cache_read_tokens"] == w["cache_read_tokens"]
@@ -190,6 +212,7 @@ def test_filters_are_parameters_not_sql(cli, truth):
     acme = json.loads(cli("report", "chargeback", "--by", "team", "--tenant", "acme", "--since", SINCE, "--until", UNTIL, "-f", "json"))
     want = sum((e.cost_usd for e in truth["events"] if e.tenant_id == "acme"), ZERO)
     want += sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.tenant_id == "acme"), ZERO)
+    want += sum((cpu + mem for s, cpu, mem in truth["compute"] if s.tenant_id == "acme"), ZERO)
     assert sum(Decimal(r["total_cost_usd"]) for r in acme["rows"]) == want
     injected = json.loads(cli("report", "chargeback", "--tenant", "x' OR 1=1 --", "--since", SINCE, "--until", UNTIL, "-f", "json"))
     assert injected["rows"] == []
@@ -205,7 +228,15 @@ def test_top_sessions_are_ordered_and_limited(cli, truth):
     for s, _, cost in truth["gpu"]:
         if s.level == "process" and s.session_id:
             sessions[(s.tenant_id, s.session_id)] += cost
+    for s, cpu, memory in truth["compute"]:
+        if s.attributed:
+            sessions[(s.tenant_id, s.session_id)] += cpu + memory
     assert totals[0] == max(sessions.values())
+    every = json.loads(cli("report", "top-sessions", "--limit", "1000", "--since", SINCE, "--until", UNTIL, "-f", "json"))
+    got = {(r["tenant_id"], r["session_id"]): r for r in every["rows"]}
+    assert {k: Decimal(r["total_cost_usd"]) for k, r in got.items()} == dict(sessions)
+    s0 = ("acme", "acme-agent-0-s0")
+    assert Decimal(got[s0]["compute_cost_usd"]) == sum((c + m for s, c, m in truth["compute"] if s.attributed), ZERO) > 0
 
 
 def test_cost_per_successful_action(cli, truth):
@@ -213,6 +244,7 @@ def test_cost_per_successful_action(cli, truth):
     row = next(r for r in doc["rows"] if r["agent_id"] == "acme-agent-0")
     mine = [e for e in truth["events"] if e.agent_id == "acme-agent-0"]
     gpu = sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.agent_id == "acme-agent-0"), ZERO)
+    gpu += sum((c + m for s, c, m in truth["compute"] if s.agent_id == "acme-agent-0"), ZERO)  # its CPU and memory
     ok = sum(1 for e in mine if e.status == "ok")
     total = sum((e.cost_usd for e in mine), ZERO) + gpu
     assert row["successful_actions"] == ok and row["actions"] == len(mine)
@@ -249,6 +281,10 @@ def test_totals_equal_the_chargeback_sum(cli, truth):
     assert Decimal(tot["usage_cost_usd"]) == sum((e.cost_usd for e in truth["events"]), ZERO)
     assert tot["priced_events"] == len(truth["events"])
     assert tot["unpriced_events"] == sum(1 for e in truth["events"] if e.cost_source == "unpriced")
+    assert Decimal(tot["cpu_cost_usd"]) == sum((cpu for _, cpu, _ in truth["compute"]), ZERO) > 0
+    assert Decimal(tot["memory_cost_usd"]) == sum((mem for _, _, mem in truth["compute"]), ZERO) > 0
+    chargeback = json.loads(cli("report", "chargeback", "--since", SINCE, "--until", UNTIL, "-f", "json"))["rows"]
+    assert Decimal(tot["total_cost_usd"]) == sum((Decimal(r["total_cost_usd"]) for r in chargeback), ZERO)
 
 
 FOCUS_13 = sorted(FOCUS_12 + [  # FOCUS 1.3's additions (ProviderName / PublisherName deprecated, still there)
@@ -375,6 +411,7 @@ def test_focus_export_meets_every_applicable_rule_and_adds_up_exactly(cli, truth
     assert applied["BilledCost-C-005-C: 0 when a third party is paid"] > 0 and applied["ListCost = ListUnitPrice x PricingQuantity"] == len(rows)
     events = truth["events"]
     gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
+    gpu_cost += sum((cpu + mem for _, cpu, mem in truth["compute"]), ZERO)  # node CPU and memory: billed like GPU time
     # EffectiveCost is the showback: it adds up to the ledger exactly; BilledCost is only what the issuer invoices (GPU time)
     assert sum(D(r["EffectiveCost"]) for r in rows) == sum((e.cost_usd for e in events), ZERO) + gpu_cost
     internal = sum((e.cost_usd for e in events if not e.provider), ZERO)  # calls with no seller named: the account's own
@@ -383,7 +420,7 @@ def test_focus_export_meets_every_applicable_rule_and_adds_up_exactly(cli, truth
     assert third_party and all(r["InvoiceIssuerName"] == "meterline" and D(r["BilledCost"]) == 0 for r in third_party)
     assert {r["InvoiceId"] for r in rows} == {f"meterline/{NOW:%Y-%m}"} or NOW.day == 1  # one provisional invoice a month
     # list cost: catalog rate x quantity, which for catalog-priced tokens is the pricer's list cost to the pico-dollar
-    assert sum(D(r["ListCost"]) for r in rows if r["x_Kind"] != "gpu") == sum((e.list_cost_usd for e in events), ZERO)
+    assert sum(D(r["ListCost"]) for r in rows if r["x_Kind"] not in ("gpu", "cpu", "memory")) == sum((e.list_cost_usd for e in events), ZERO)
     # cached and uncached tokens are separate rows, with their own quantities
     by_type = defaultdict(Decimal)
     for r in rows:
@@ -406,6 +443,24 @@ def test_focus_list_unit_price_is_the_catalog_rate(cli, truth, tmp_path):
     assert rates[("gpt-4o", "input")] == "0.0000025" and rates[("gpt-4o", "output")] == "0.00001"  # $2.50 / $10 per Mtok
     assert {r["ListUnitPrice"] for r in rows if r["x_Tool"] == "web_search"} == {
         exact_str(CATALOG.tool_unit_price("web_search", "", NOW))}
+
+
+def test_focus_prices_node_cpu_and_memory_as_their_own_skus_and_units(cli, truth, tmp_path):
+    rows = _focus_csv(cli, tmp_path)
+    cpu = [r for r in rows if r["x_Kind"] == "cpu"]
+    memory = [r for r in rows if r["x_Kind"] == "memory"]
+    assert {(r["SkuMeter"], r["ConsumedUnit"], r["PricingUnit"], r["ListUnitPrice"], r["SkuId"]) for r in cpu} == {
+        ("vCPU-Hours", "vCPU-Hours", "vCPU-Hours", "0.031611", "compute/n2/cpu")}  # the catalog's n2 rates
+    assert {(r["SkuMeter"], r["ListUnitPrice"], r["SkuId"]) for r in memory} == {("GiB-Hours", "0.004237", "compute/n2/memory")}
+    compute = truth["compute"]
+    # quantities are rounded so that rate x quantity is exact in 18 places (priced_quantity): within 1e-11 per row
+    cpu_hours = sum((s.cpu_seconds for s, _, _ in compute), ZERO) / 3600
+    gib_hours = sum((s.memory_byte_seconds for s, _, _ in compute), ZERO) / (3600 << 30)
+    assert abs(sum(D(r["ConsumedQuantity"]) for r in cpu) - cpu_hours) < D("1e-11") * len(cpu) and cpu_hours > 0
+    assert abs(sum(D(r["ConsumedQuantity"]) for r in memory) - gib_hours) < D("1e-11") * len(memory) and gib_hours > 0
+    assert sum(D(r["EffectiveCost"]) for r in cpu) == sum((c for _, c, _ in compute), ZERO)
+    assert sum(D(r["EffectiveCost"]) for r in memory) == sum((m for _, _, m in compute), ZERO)
+    assert {r["SubAccountId"] for r in cpu} == {"acme", STREAM_UNATTRIBUTED}  # nobody's process: kept, on its own line
 
 
 def exact_str(value: Decimal) -> str:
@@ -514,7 +569,7 @@ def test_focus_parquet_has_decimal_money_and_the_same_total(cli, truth, tmp_path
             assert table.schema.field(col).type == pa.decimal128(38, 18)
         assert table.schema.field("ChargePeriodStart").type == pa.timestamp("ms", tz="UTC")
         gpu_cost = sum((c for s, _, c in truth["gpu"] if s.level == "process"), ZERO)
-        total = sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost
+        total = sum((e.cost_usd for e in truth["events"]), ZERO) + gpu_cost + sum((c + m for _, c, m in truth["compute"]), ZERO)
         assert sum(table.column("EffectiveCost").to_pylist(), ZERO) == total
 
 

@@ -199,6 +199,10 @@ def test_every_role_does_its_job_with_only_its_own_grants(secured):
         assert gpu.returncode == 0, gpu.stderr
         samples = len(gpu.stdout.splitlines())
         assert samples > 0
+        node = meterline(secured.cli_env("collector"), "collect", "node", "--once", "--json", "--interval", "0.3", "--node", "n1")
+        assert node.returncode == 0, node.stderr
+        compute_samples = len(node.stdout.splitlines())
+        assert compute_samples > 0
 
         # streams: usage and GPU samples in (its group), priced, spend and its changelog out
         worker = StreamWorker(secured.as_user("streams"), checkpoint_interval=0.5, publish_interval=0.2)
@@ -218,6 +222,8 @@ def test_every_role_does_its_job_with_only_its_own_grants(secured):
     rows = meterline(secured.cli_env("sink"), "sql", "SELECT count() AS n FROM priced_events", "--format", "json")
     assert rows.returncode == 0, rows.stderr
     assert json.loads(rows.stdout) == [{"n": 5}]
+    rows = meterline(secured.cli_env("sink"), "sql", "SELECT count() AS n FROM compute_samples", "--format", "json")
+    assert json.loads(rows.stdout) == [{"n": compute_samples}]  # the sink may read what the collector may write
     committed = committed_offsets(secured.as_user("admin"), allocator_settings.group("sink"), f"{PREFIX}.priced.v1")
     assert committed == 5
 
@@ -334,3 +340,4 @@ def test_the_pipeline_user_is_the_server_side_union_and_never_the_agents():
     assert ("topic", s.topic("usage"), False, "WRITE") in pipeline  # up's OTLP endpoint sends usage for agents
     assert ("group", "meterline-guard-", True, "READ") not in pipeline
     assert ("topic", s.topic("gpu"), False, "WRITE") not in pipeline  # only collectors send GPU samples
+    assert ("topic", s.topic("compute"), False, "WRITE") not in pipeline  # and CPU and memory samples

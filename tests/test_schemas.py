@@ -226,6 +226,8 @@ def examples() -> dict[str, dict]:
         "priced_event": build(ev.PricedEvent, **usage(), cost_source="catalog", catalog_version="v1", priced_at=now),
         "gpu_sample": build(ev.GpuSample, sample_id=new_id(), ts=now, node="n1", level="gpu", gpu_index=0, gpu_uuid="GPU-1",
                             interval_ms=1000),
+        "compute_sample": build(ev.ComputeSample, sample_id=new_id(), ts=now, node="n1", level="process", pid=7,
+                                interval_ms=1000, cpu_user_seconds=Decimal("0.25"), memory_byte_seconds=Decimal("1.5")),
         "spend_update": build(ev.SpendUpdate, update_id=new_id(), ts=now, **ids, **window, window_cost_usd=Decimal(1),
                               period_start=now - timedelta(days=1), period_cost_usd=Decimal(2)),
         "anomaly": build(ev.Anomaly, anomaly_id=new_id(), ts=now, kind="spend_spike", severity="info", **ids, **window),
@@ -251,7 +253,7 @@ TIME_FIELDS = [(name, field) for name, record in examples().items() for field, i
 
 
 def test_every_time_field_of_every_contract_is_covered():
-    assert len(TIME_FIELDS) == 24 and {name for name, _ in TIME_FIELDS} == set(CONTRACTS)
+    assert len(TIME_FIELDS) == 25 and {name for name, _ in TIME_FIELDS} == set(CONTRACTS)
     assert ("budget_policy", "period_anchor") in TIME_FIELDS and ("budget_policy", "created_at") in TIME_FIELDS
     assert ("throttle_decision", "issued_at") in TIME_FIELDS and ("spend_update", "window_start") in TIME_FIELDS
 

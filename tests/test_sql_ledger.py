@@ -191,3 +191,23 @@ def test_rebuild_rollups_puts_one_month_back_in_line_with_the_raw_tables(client)
     usage, gpu = (client.query(q).result_rows for q in totals)
     assert usage[-1] == (month, 5, "1.5") and usage[:-1] == before[0][:-1]  # last month untouched
     assert gpu == [(month, 1, "0.5")]
+
+
+def test_compute_samples_keep_exact_quantities_and_costs_and_are_deduplicated_by_their_id_table(client):
+    from meterline.schemas.events import ComputeSample
+    from meterline.sql.rows import compute_sample_row
+
+    sample = ComputeSample(sample_id=new_id(), ts=utcnow(), node="n1", node_class="n2", level="cgroup",
+                           cgroup="/kubepods/pod1/abc", pod_uid="pod1", interval_ms=10_000,
+                           cpu_user_seconds=Decimal("1.234567"), cpu_system_seconds=Decimal("0.000001"),
+                           memory_bytes=3 << 30, memory_peak_bytes=4 << 30, memory_byte_seconds=Decimal(3 << 30) * 10,
+                           tenant_id="acme", session_id="s1", attributed=True)
+    row = compute_sample_row(sample, Decimal("0.000010840734"), Decimal("0.000035308333"), "v1")
+    assert row["cost_usd"] == Decimal("0.000046149067")
+    insert_rows(client, "compute_samples", [with_offsets(row, "compute", 0, 1)])
+    got = client.query("SELECT cpu_user_seconds + cpu_system_seconds, memory_byte_seconds, cpu_cost_usd, memory_cost_usd, "
+                       "cost_usd, memory_peak_bytes FROM compute_samples").result_rows[0]
+    assert got == (Decimal("1.234568"), Decimal(3 << 30) * 10, Decimal("0.000010840734"), Decimal("0.000035308333"),
+                   Decimal("0.000046149067"), 4 << 30)
+    ids = client.query("SELECT count() FROM compute_sample_ids WHERE sample_id = {s:UUID}", parameters={"s": sample.sample_id})
+    assert ids.result_rows[0][0] == 1

@@ -161,6 +161,45 @@ def test_gpu_samples_are_priced_with_the_catalog_and_rolled_up(settings):
     assert versions == [{"v": catalog.version}]
 
 
+def test_compute_samples_are_priced_at_ingest_and_an_unknown_node_class_is_kept_unpriced(settings):
+    from meterline.schemas.events import ComputeSample
+    from meterline.streams.pricing import load_catalog
+
+    samples = [ComputeSample(sample_id=new_id(), ts=utcnow(), node="n1", node_class="n2", level="process", pid=100 + i,
+                             interval_ms=10_000, cpu_user_seconds=Decimal("1.5"), cpu_system_seconds=Decimal("0.25"),
+                             memory_bytes=1 << 30, memory_peak_bytes=1 << 30, memory_byte_seconds=Decimal(10 << 30),
+                             tenant_id="acme", session_id=f"s{i % 2}", attributed=True) for i in range(10)]
+    stray = ComputeSample(**{**samples[0].model_dump(), "sample_id": new_id(), "node_class": "no-such-class",
+                             "tenant_id": "", "session_id": "", "attributed": False})
+    produce(settings, "compute", [s.to_json() for s in (*samples, stray, samples[0])])  # one duplicate
+    sink_until_idle(settings)
+    cpu, memory = load_catalog().compute_sample_cost(samples[0])
+    got = ledger_sql(settings, "SELECT count() AS n, toString(sum(cpu_cost_usd)) AS cpu, toString(sum(memory_cost_usd)) AS mem, "
+                               "toString(sum(cost_usd)) AS usd FROM compute_samples WHERE tenant_id = 'acme'")[0]
+    assert got["n"] == 10 and Decimal(got["cpu"]) == 10 * cpu and Decimal(got["mem"]) == 10 * memory
+    assert Decimal(got["usd"]) == 10 * (cpu + memory) and cpu > 0 and memory > 0
+    kept = ledger_sql(settings, "SELECT catalog_version AS v, toString(cost_usd) AS usd, attributed FROM compute_samples "
+                                "WHERE node_class = 'no-such-class'")
+    assert kept == [{"v": "unpriced", "usd": "0", "attributed": False}]  # kept with its usage, never a made-up price
+
+
+def test_collect_node_publishes_attributed_samples_that_reach_the_ledger_priced(settings):
+    """`meterline collect node` end to end: its own process runs in a session (METERLINE_* in its environment),
+    so at least its own row is attributed; every other process on this machine is there too, unattributed."""
+    env = {**_env(settings), "METERLINE_TENANT_ID": "acme", "METERLINE_SESSION_ID": "s-collector", "METERLINE_TEAM": "ops"}
+    done = subprocess.run([*METERLINE, "collect", "node", "--once", "--interval", "0.5", "--node", "n-test", "--node-class", "n2"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sink_until_idle(settings)
+    rows = ledger_sql(settings, "SELECT attributed, tenant_id, team, session_id, count() AS n, toString(sum(cost_usd)) AS usd, "
+                                "toString(sum(memory_cost_usd)) AS mem, any(catalog_version) AS v FROM compute_samples "
+                                "WHERE node = 'n-test' GROUP BY attributed, tenant_id, team, session_id ORDER BY attributed")
+    mine = [r for r in rows if r["attributed"]]
+    assert [(r["tenant_id"], r["team"], r["session_id"]) for r in mine] == [("acme", "ops", "s-collector")]
+    assert Decimal(mine[0]["mem"]) > 0 and mine[0]["v"] != "unpriced"  # it holds memory, priced as n2
+    assert rows[0]["attributed"] is False and rows[0]["n"] >= 1  # the rest of the machine: kept, unattributed
+
+
 def test_reasoning_tokens_and_missing_usage_reach_the_ledger(settings):
     first, second = priced_events(2, seed=9)[0]
     reasoning = json.loads(first)

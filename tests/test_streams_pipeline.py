@@ -208,6 +208,31 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
     assert {a["kind"] for a in anomalies} >= {"unpriced_model"}
 
 
+def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_by_the_unattributed_tenant(kafka_bootstrap):
+    from meterline.schemas.events import ComputeSample
+
+    settings, ts = fresh_settings(kafka_bootstrap), NOW - timedelta(minutes=2)
+    samples = [build(ComputeSample, sample_id=new_id(), ts=ts, node="n1", node_class="n2", level="process", pid=pid,
+                     interval_ms=10_000, cpu_user_seconds=Decimal(cpu), memory_bytes=1 << 30,
+                     memory_byte_seconds=Decimal(10 << 30), tenant_id=tenant, team="core" if tenant else "",
+                     session_id=session, attributed=bool(tenant))
+               for pid, cpu, tenant, session in [(1, "36", "acme", "s1"), (2, "3.6", "acme", "s2"), (3, "360", "", "")]]
+    unknown = build(ComputeSample, **{**samples[0].model_dump(), "sample_id": new_id(), "node_class": "nope"})
+    produce(settings, "compute", [(c.key.encode(), c.to_json()) for c in (*samples, unknown)])
+    stats = run_worker(settings)
+    assert stats["compute_samples"] == 4 and stats["compute_unpriced"] == 1 and not stats["dead_letters"], stats
+    latest = {(u.tenant_id, u.scope, u.scope_id): u for u in (decode(SpendUpdate, r) for r in read_topic(settings, "spend"))}
+    memory = Decimal(10) * Decimal("0.004237") / 3600  # 10 GiB-seconds at n2's $/GiB-hour
+    # 36 CPU-seconds = 0.01 vCPU-hour at $0.031611; each part rounded to 12 places, then summed
+    s1 = Decimal("0.000316110000") + memory.quantize(Decimal("1e-12"))
+    s2 = Decimal("0.000031611000") + memory.quantize(Decimal("1e-12"))
+    assert latest[("acme", "session", "acme/core///s1")].period_cost_usd == s1
+    assert latest[("acme", "session", "acme/core///s2")].period_cost_usd == s2
+    assert latest[("acme", "tenant", "acme")].period_cost_usd == s1 + s2  # the unknown node class is charged 0
+    assert latest[("unattributed", "tenant", "unattributed")].period_cost_usd == Decimal("0.003161100000") + memory.quantize(Decimal("1e-12"))
+    assert latest[("acme", "tenant", "acme")].events == 0  # samples are not usage events
+
+
 # -------------------------------------------------------------------- crash
 class Member(StreamWorker):
     """A worker that records what it owns (its consumer is busy in its own thread)."""
@@ -229,9 +254,10 @@ def test_two_workers_count_each_tenants_token_and_gpu_spend_in_one_place(kafka_b
     threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
     for thread in threads:
         thread.start()
-    while [len(w.owned) for w in workers] != [12, 12]:  # both own 6 usage + 6 gpu partitions before data flows
+    while [len(w.owned) for w in workers] != [18, 18]:  # both own 6 usage + 6 gpu + 6 compute partitions before data flows
         time.sleep(0.1)
-    assert all({p for t, p in w.owned if "usage" in t} == {p for t, p in w.owned if "gpu" in t} for w in workers)
+    assert all({p for t, p in w.owned if "usage" in t} == {p for t, p in w.owned if "gpu" in t}
+               == {p for t, p in w.owned if "compute" in t} for w in workers)
 
     tenants = [f"tenant{i}" for i in range(8)]
     events = [usage_record(rng, tenant=t, cost_usd="0.5", kind="tool_call", tool="search", model="") for t in tenants for _ in range(3)]

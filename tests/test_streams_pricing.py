@@ -131,3 +131,19 @@ def test_integer_fast_path_equals_decimal_path(catalog, model):
         pico = catalog.price_pico(event)
         expected = (priced.input_cost_usd, priced.output_cost_usd, priced.cache_read_cost_usd, priced.cache_write_cost_usd, priced.list_cost_usd)
         assert tuple(Decimal(p).scaleb(-12) for p in pico) == expected
+
+
+def test_compute_samples_are_priced_per_vcpu_hour_and_gib_hour_of_their_node_class_exactly(catalog):
+    from meterline.schemas.events import ComputeSample
+
+    sample = build(ComputeSample, sample_id=new_id(), ts=datetime.now(timezone.utc), node="n1", node_class="N2",
+                   level="process", pid=1, interval_ms=10_000, cpu_user_seconds=Decimal("7.25"),
+                   cpu_system_seconds=Decimal("0.75"), memory_byte_seconds=Decimal(3 << 30) * 10)
+    cpu, memory = catalog.compute_sample_cost(sample)
+    assert cpu == (Decimal(8) * Decimal("0.031611") / Decimal(3600)).quantize(Decimal("1e-12"))  # 0.000070246667
+    assert str(cpu) == "0.000070246667" and str(memory) == "0.000035308333"  # 30 GiB-s x 0.004237 / 3600
+    hour = build(ComputeSample, **{**sample.model_dump(), "interval_ms": 3_600_000, "cpu_user_seconds": Decimal(3600),
+                                   "cpu_system_seconds": Decimal(0), "memory_byte_seconds": Decimal(1 << 30) * 3600})
+    assert catalog.compute_sample_cost(hour) == (Decimal("0.031611"), Decimal("0.004237"))  # one vCPU-hour, one GiB-hour
+    with pytest.raises(LookupError, match=r"\[compute.tiny\]"):
+        catalog.compute_sample_cost(build(ComputeSample, **{**sample.model_dump(), "node_class": "tiny"}))

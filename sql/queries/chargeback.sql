@@ -4,7 +4,9 @@
 -- Usage cost comes from priced_events (every priced row, exact Decimal); GPU cost from
 -- per-process gpu_samples (the grain that carries attribution). GPU time without a tenant is
 -- tenant 'unattributed' (a parameter: the stream's spend name for it); --tenant filters on that name.
--- By model, GPU time appears as its own line ('gpu:<name>'). reasoning, audio and image output tokens are part of
+-- CPU and memory come from compute_samples (`collect node`, priced at ingest per node class), without a tenant
+-- likewise 'unattributed'. By model, GPU time appears as its own line ('gpu:<name>'), CPU and memory as
+-- 'compute:<node class>'. reasoning, audio and image output tokens are part of
 -- output_tokens, audio/image input and cache tokens of input_tokens, 1-hour cache writes of cache_write_tokens;
 -- unmetered_events completed with no usage reported (their cost is unknown, see the unmetered_calls anomaly).
 -- Parameters: by String, depth UInt8, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
@@ -29,7 +31,10 @@ SELECT
     sum(usage_cost) AS usage_cost_usd,
     sum(gpu_secs) AS gpu_seconds,
     sum(gpu_cost) AS gpu_cost_usd,
-    sum(usage_cost + gpu_cost) AS total_cost_usd
+    sum(cpu_secs) AS cpu_seconds,
+    sum(cpu_cost) AS cpu_cost_usd,
+    sum(memory_cost) AS memory_cost_usd,
+    sum(usage_cost + gpu_cost + cpu_cost + memory_cost) AS total_cost_usd
 FROM
 (
     SELECT
@@ -52,7 +57,10 @@ FROM
         countIf(usage = 'missing') AS unmetered_events,
         sum(cost_usd) AS usage_cost,
         toDecimal128(0, 18) AS gpu_secs,
-        toDecimal128(0, 18) AS gpu_cost
+        toDecimal128(0, 18) AS gpu_cost,
+        toDecimal128(0, 18) AS cpu_secs,
+        toDecimal128(0, 18) AS cpu_cost,
+        toDecimal128(0, 18) AS memory_cost
     FROM priced_events
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
@@ -67,7 +75,8 @@ FROM
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         toDecimal128(0, 18),
         sum(gpu_seconds),
-        sum(cost_usd)
+        sum(cost_usd),
+        toDecimal128(0, 18), toDecimal128(0, 18), toDecimal128(0, 18)
     FROM
     (
         SELECT if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id, team, project, agent_id, session_id,
@@ -75,6 +84,27 @@ FROM
         FROM gpu_samples
         WHERE level = 'process'
           AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+          AND ({team:String} = '' OR team = {team:String})
+          AND ({project:String} = '' OR project = {project:String})
+    )
+    WHERE {tenant:String} = '' OR tenant_id = {tenant:String}
+    GROUP BY key
+
+    UNION ALL
+
+    SELECT
+        if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        toDecimal128(0, 18), toDecimal128(0, 18), toDecimal128(0, 18),
+        sum(cpu_user_seconds + cpu_system_seconds),
+        sum(cpu_cost_usd),
+        sum(memory_cost_usd)
+    FROM
+    (
+        SELECT if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id, team, project, agent_id, session_id,
+               concat('compute:', node_class) AS model, cpu_user_seconds, cpu_system_seconds, cpu_cost_usd, memory_cost_usd
+        FROM compute_samples
+        WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
           AND ({team:String} = '' OR team = {team:String})
           AND ({project:String} = '' OR project = {project:String})
     )

@@ -1,5 +1,5 @@
 -- Cost per successful action, per agent, in [since, until): everything the agent spent
--- (failed calls and its GPU time included) divided by the calls that succeeded.
+-- (failed calls, its GPU time and its CPU and memory included) divided by the calls that succeeded.
 -- Parameters: since/until DateTime64(3), tenant/team/project String ('' = all).
 SELECT
     tenant_id,
@@ -27,6 +27,17 @@ FROM
     SELECT tenant_id, agent_id, 0, 0, toDecimal128(0, 18), toDecimal128(0, 18), sum(cost_usd)
     FROM gpu_samples
     WHERE level = 'process' AND attributed
+      AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+      AND ({tenant:String} = '' OR tenant_id = {tenant:String})
+      AND ({team:String} = '' OR team = {team:String})
+      AND ({project:String} = '' OR project = {project:String})
+    GROUP BY tenant_id, agent_id
+
+    UNION ALL
+
+    SELECT tenant_id, agent_id, 0, 0, toDecimal128(0, 18), toDecimal128(0, 18), sum(cost_usd)
+    FROM compute_samples
+    WHERE attributed
       AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
       AND ({tenant:String} = '' OR tenant_id = {tenant:String})
       AND ({team:String} = '' OR team = {team:String})
