@@ -90,6 +90,7 @@ def make_app(settings: Settings, webhook: str, min_severity: str = "warning", gi
     app = faust.App(group or settings.group("alerts"), broker=[f"kafka://{h}" for h in settings.bootstrap.split(",")],
                     broker_credentials=credentials(settings), store="memory://", web_enabled=False,
                     consumer_auto_offset_reset="earliest",
+                    datadir=faust_options.pop("datadir", str(settings.data_dir / "alerts")),  # not the cwd
                     **faust_options)
     anomalies = app.topic(settings.topic("anomalies"), value_type=bytes, value_serializer="raw")
     dlq = app.topic(settings.topic("dlq"), value_type=bytes, value_serializer="raw")

@@ -134,3 +134,10 @@ def test_the_job_uses_meterlines_kafka_security_settings():
     got = credentials(sasl)
     assert (got.username, got.password, got.mechanism.value) == ("meter", "s3cret", "SCRAM-SHA-512")
     assert got.ssl_context is not None and got.protocol.value == "SASL_SSL"
+
+
+def test_the_job_keeps_its_faust_state_under_the_data_dir_not_the_working_directory(tmp_path):
+    from meterline.streams.alerts import make_app
+
+    app = make_app(Settings(data_dir=tmp_path / "data"), "http://127.0.0.1:9/hook")
+    assert str(app.conf.datadir).startswith(str(tmp_path / "data"))  # faust's default: <app id>-data in the cwd
