@@ -35,6 +35,20 @@ def filled_ledger(path: Path, tables: dict[str, list[dict[str, Any]]]) -> Iterat
 
 
 @contextmanager
+def open_ledger(path: Path) -> Iterator[tuple[Any, Any, Settings]]:
+    """A migrated, empty ledger under `path`, kept open: (client, DirectLedger on it, settings)."""
+    from meterline.app.store import DirectLedger
+
+    settings = Settings(data_dir=path / "data", clickhouse_dsn=f"chdb://{path / 'ch'}")
+    gc.collect()
+    client = ledger.connect(settings)
+    ledger.migrate(client)
+    yield client, DirectLedger(settings, client), settings
+    client.close()
+    gc.collect()
+
+
+@contextmanager
 def cli_on(settings: Settings, monkeypatch, *prefix: str) -> Iterator[Callable[..., str]]:
     """invoke(*args) -> stdout of `meterline <prefix> <args>` on that ledger, on a wide terminal (no folded cells)."""
     monkeypatch.setenv("METERLINE_CLICKHOUSE_DSN", settings.dsn)

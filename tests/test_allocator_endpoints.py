@@ -1,7 +1,6 @@
 """`meterline plan endpoints` (allocator/endpoints.py): replicas per self-hosted endpoint, on known answers."""
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
+from inprocess import open_ledger
 
 METERLINE = str(Path(sys.executable).with_name("meterline"))
 
@@ -42,17 +43,8 @@ def test_replicas_by_rate_latency_gpu_and_bounds():
 
 @pytest.fixture
 def store(tmp_path):
-    from meterline.app.store import DirectLedger
-    from meterline.settings import Settings
-    from meterline.sql import ledger
-
-    gc.collect()
-    settings = Settings(data_dir=tmp_path / "data", clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
-    client = ledger.connect(settings)
-    ledger.migrate(client)
-    yield client, DirectLedger(settings, client), settings
-    client.close()
-    gc.collect()
+    with open_ledger(tmp_path) as opened:
+        yield opened
 
 
 SINCE = datetime(2026, 1, 5, tzinfo=timezone.utc)

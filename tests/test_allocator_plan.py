@@ -1,7 +1,6 @@
 """`meterline plan gpu` (allocator/plan.py) on traces with a known answer."""
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from fractions import Fraction
 
 import pytest
+
+from inprocess import open_ledger
 
 METERLINE = str(Path(sys.executable).with_name("meterline"))
 
@@ -72,17 +73,8 @@ def test_mig_work_is_sized_per_profile_in_slices():
 
 @pytest.fixture
 def store(tmp_path):
-    from meterline.app.store import DirectLedger
-    from meterline.settings import Settings
-    from meterline.sql import ledger
-
-    gc.collect()
-    settings = Settings(data_dir=tmp_path / "data", clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
-    client = ledger.connect(settings)
-    ledger.migrate(client)
-    yield client, DirectLedger(settings, client), settings
-    client.close()
-    gc.collect()
+    with open_ledger(tmp_path) as opened:
+        yield opened
 
 
 SINCE = datetime(2026, 1, 5, tzinfo=timezone.utc)
