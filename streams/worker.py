@@ -146,12 +146,19 @@ COMMIT_BACKOFF = (0.1, 0.3, 1.0, 3.0)
 
 
 def commit_offsets(consumer: Any, asynchronous: bool = False, backoff: tuple[float, ...] = COMMIT_BACKOFF) -> bool:
-    """Commit the consumer's positions; True when committed (or requested, asynchronous; or nothing to
-    commit). Retriable errors are retried with backoff, lost assignments and rebalances skipped (logged;
-    False); any other error raises."""
+    """Commit the consumer's positions of this moment; True when committed (or requested, asynchronous; or
+    nothing to commit). Retriable errors are retried with backoff, lost assignments and rebalances skipped
+    (logged; False); any other error raises.
+
+    The offsets are taken here, not left to librdkafka: an offset-less async commit reads the stored offsets
+    when its thread sends the request, after the next consume() may have stored records nobody processed yet
+    (librdkafka #4534), and a crash then loses them."""
+    offsets = [tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
+    if not offsets:
+        return True
     for attempt in range(len(backoff) + 1):
         try:
-            consumer.commit(asynchronous=asynchronous)
+            consumer.commit(offsets=offsets, asynchronous=asynchronous)
             return True
         except KafkaException as exc:
             err = exc.args[0]

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 from meterline.schemas import events as ev
@@ -61,7 +61,14 @@ class CommitOnce:
     def __init__(self, *codes: int) -> None:
         self.codes, self.calls = list(codes), 0
 
-    def commit(self, asynchronous: bool = True) -> None:
+    def assignment(self) -> list:
+        return [TopicPartition("usage", 0)]
+
+    def position(self, partitions: list) -> list:
+        return [TopicPartition(tp.topic, tp.partition, 7) for tp in partitions]
+
+    def commit(self, offsets: list, asynchronous: bool = True) -> None:
+        assert [(tp.partition, tp.offset) for tp in offsets] == [(0, 7)]
         self.calls += 1
         if self.codes:
             raise KafkaException(KafkaError(self.codes.pop(0)))
@@ -71,6 +78,31 @@ RETRIED = [KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR, 
            KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError.COORDINATOR_NOT_AVAILABLE]
 SKIPPED = [KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
            KafkaError.UNKNOWN_MEMBER_ID]
+
+
+def test_an_async_commit_covers_what_was_processed_not_what_was_consumed_after_it(settings):
+    """librdkafka's offset-less async commit takes the stored offsets when its thread sends it, by which time
+    the next consume() may have stored more (librdkafka #4534, confluent-kafka-python #933): a crash then
+    loses records nobody processed. commit_offsets commits the positions of the moment it is called."""
+    from confluent_kafka import Consumer
+
+    produce(settings, "usage", [(b"acme", b"x")] * 3_000)
+    name = settings.topic("usage")
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"race-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                                                 "auto.offset.reset": "earliest"}))
+    try:
+        consumer.assign([TopicPartition(name, p) for p in range(12)])
+        processed = []
+        while not processed:
+            processed = consumer.consume(200, timeout=1.0)
+        expected = {tp.partition: tp.offset for tp in consumer.position(consumer.assignment()) if tp.offset >= 0}
+        assert commit_offsets(consumer, asynchronous=True)
+        while consumer.consume(1_000, timeout=0.2):  # the next batches, never processed (a crash follows)
+            pass
+        committed = {tp.partition: tp.offset for tp in consumer.committed(consumer.assignment(), timeout=30) if tp.offset >= 0}
+        assert committed == expected
+    finally:
+        consumer.close()
 
 
 @pytest.mark.parametrize("code", RETRIED)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings as hsettings, strateg
 from meterline.schemas.events import GpuSample, PricedEvent, SpendUpdate, UsageEvent, build, decode, new_id
 from meterline.schemas.scopes import scope_ids
 from meterline.settings import Settings
-from meterline.streams.worker import StreamWorker
+from meterline.streams.worker import StreamWorker, _high_watermark
 from meterline.topics import create_topics
 
 pytestmark = pytest.mark.kafka
@@ -72,7 +72,7 @@ def read_topic(settings: Settings, topic: str) -> list[bytes]:
     consumer = Consumer(settings.kafka_config(**{"group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(name, timeout=30).topics[name].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=30)[1] for p in parts}
+        ends = {p: _high_watermark(consumer, TopicPartition(name, p)) for p in parts}  # retried while a leader moves
         todo = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in todo])
         out = []
