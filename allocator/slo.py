@@ -102,7 +102,8 @@ def pick_downgrade(slo: Slo, model: str, cheaper: Iterable[str],
         return None, f"no cheaper model of {model}'s tier meets the SLO (" + ("; ".join(misses) or "none in the tier") + ")"
     chosen = stats(best[2])
     return best[2], (f"{best[2]} meets the SLO for this scope: {chosen.success_pct:.2f}% ok, p95 "
-                     f"{chosen.p95_latency_ms if chosen.p95_latency_ms is not None else '?'} ms over {chosen.calls} calls")
+                     f"{chosen.p95_latency_ms if chosen.p95_latency_ms is not None else '?'} ms over {chosen.calls} calls"
+                     + (f" (not {'; '.join(misses)})" if misses else ""))
 
 
 def plan_share(curve: Curve | None, start: datetime, end: datetime, t: datetime) -> Decimal | None:
