@@ -20,6 +20,7 @@ cost-per-success target is what `meterline report slo` measures against; it does
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -115,15 +116,16 @@ def plan_share(curve: Curve | None, start: datetime, end: datetime, t: datetime)
         return ZERO
     if t >= end:
         return Decimal(1)
-    before = ZERO
-    for hour, share in curve[2]:
-        hour_end = min(end, hour + timedelta(hours=1))
-        if t < hour_end:
-            lo = max(start, hour)
-            part = Decimal((t - lo).total_seconds()) / Decimal((hour_end - lo).total_seconds())
-            return before + (share - before) * part
-        before = share
-    return Decimal(1)
+    points = curve[2]
+    i = bisect_right(points, t, key=lambda point: point[0]) - 1   # the hour holding t (O(log n): a month is 744)
+    if i < 0:
+        return ZERO
+    hour, share = points[i]
+    before = points[i - 1][1] if i else ZERO
+    lo, hour_end = max(start, hour), min(end, hour + timedelta(hours=1))
+    if t >= hour_end:   # past the curve's last hour
+        return share
+    return before + (share - before) * Decimal((t - lo).total_seconds()) / Decimal((hour_end - lo).total_seconds())
 
 
 # ---- the ledger feeds (service.py calls these on its own thread) ----------------------------------

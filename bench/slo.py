@@ -30,7 +30,7 @@ from meterline.allocator.slo import ledger_feeds  # noqa: E402
 from meterline.app.report import ReportParams, exact  # noqa: E402
 from meterline.app.slo_report import slo_report  # noqa: E402
 from meterline.app.store import DirectLedger  # noqa: E402
-from meterline.schemas.events import BudgetPolicy, PricedEvent, ThrottleDecision, UsageEvent, build, new_id  # noqa: E402
+from meterline.schemas.events import BudgetPolicy, PricedEvent, UsageEvent, build, new_id  # noqa: E402
 from meterline.sql import ledger as sql_ledger  # noqa: E402
 from meterline.sql.rows import budget_policy_row, contract_row, insert_rows, with_offsets  # noqa: E402
 from meterline.streams.pricing import load_catalog  # noqa: E402

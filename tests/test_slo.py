@@ -330,3 +330,25 @@ def test_budget_set_slo_reaches_the_allocator_and_the_ledger(settings):
     (row,) = json.loads(report.stdout)["rows"]
     assert (row["scope_id"], row["slo_p95_latency_ms"], row["slo_success_pct"], row["slo_cost_per_success_usd"],
             row["calls"], row["success_met"]) == ("acme/research/chat/bot", 1500, "99.5", "0.002", 0, "n/a")
+
+
+def test_the_lease_plan_follows_the_curve_too():
+    """Under a hard budget whose sessions hold leases, lower classes are granted up to the plan one look-ahead ahead:
+    along the curve at the busy hour that plan is the curve's share, not the elapsed share of the day."""
+    from meterline.allocator.slo import Curve
+
+    now = DAY + timedelta(hours=14, minutes=30)
+    p = build(BudgetPolicy, policy_id="day", tenant_id="seasonal", scope="tenant", scope_id="seasonal", amount=D(100),
+              period="day", created_at=DAY)
+    shares = [D(3 * (h + 1) + (28 if h >= 14 else 0)) / 100 for h in range(24)]   # $3 an hour, $31 at 14:00
+    curve: Curve = (DAY, DAY + timedelta(days=1), tuple((DAY + timedelta(hours=h), s) for h, s in enumerate(shares)))
+    paced = {}
+    for name, c in (("straight", None), ("curve", curve)):
+        e = Engine(clock=Clock(now))
+        e.apply_policy(p)
+        e.set_pacing("day", c)
+        paced[name] = e._compute_pool(e.budgets["day"], now).paced
+    ahead = now + timedelta(seconds=60)                                   # the look-ahead
+    by_curve = D("0.42") + D("0.31") * D((ahead - (DAY + timedelta(hours=14))).total_seconds()) / 3600
+    by_line = D((ahead - DAY).total_seconds()) / 86400
+    assert paced["curve"] - paced["straight"] == 100 * (by_curve - by_line)
