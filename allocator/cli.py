@@ -98,9 +98,19 @@ def budget_set(
     alert: Annotated[Optional[list[int]], typer.Option(help="Alert threshold in % (repeat). Each fires once per period.")] = None,
     action: Annotated[Optional[list[str]], typer.Option(help="class=action when exceeded, e.g. low=deny (repeat). Classes: critical high normal low batch; actions: allow throttle queue downgrade deny preempt.")] = None,
     policy_id: Annotated[Optional[str], typer.Option("--id", help="Policy id (default: scope:path:unit:period).")] = None,
+    slo_p95_ms: Annotated[Optional[int], typer.Option("--slo-p95-ms", help="SLO: p95 latency of the scope's LLM calls, at most this many ms. A `downgrade` then only picks a cheaper model whose measured p95 for this scope meets it (else throttles).")] = None,
+    slo_success_pct: Annotated[Optional[str], typer.Option("--slo-success-pct", help="SLO: calls with status ok, at least this many %, exact decimal (e.g. 99.5). Checked like --slo-p95-ms.")] = None,
+    slo_cost_per_success: Annotated[Optional[str], typer.Option("--slo-cost-per-success", help="SLO: target USD per successful call, exact decimal; `meterline report slo` measures it.")] = None,
+    slo_min_calls: Annotated[Optional[int], typer.Option("--slo-min-calls", help="SLO: calls of a model this scope must have made before its measured figures count (default 20).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create or replace a budget (same id replaces). Prints the stored policy."""
+    """Create or replace a budget (same id replaces). Prints the stored policy.
+
+    With an SLO (any --slo-* option) a downgrade is SLO-aware: among the cheaper models of the tier, one whose
+    measured success rate and p95 latency for this scope (from the ledger, at least --slo-min-calls calls) meet
+    the SLO, else a throttle. Example:  meterline budget set --tenant acme --agent bot --amount 50 --period day
+    --action high=downgrade --slo-p95-ms 2000 --slo-success-pct 99 --slo-cost-per-success 0.01
+    """
     from meterline.console import console, emit_json, fail
     from meterline.schemas.events import BudgetPolicy, InvalidEvent, build
     from meterline.settings import get_settings
@@ -122,6 +132,9 @@ def budget_set(
                       period_seconds=period_seconds, timezone=timezone, hard=not soft, actions=actions)
         if alert:
             fields["alert_thresholds_pct"] = alert
+        slo = _slo_fields(slo_p95_ms, slo_success_pct, slo_cost_per_success, slo_min_calls)
+        if slo is not None:
+            fields["slo"] = slo
         policy = build(BudgetPolicy, **fields)
     except (InvalidEvent, ValueError) as err:
         fail(f"{err}. See `meterline budget set --help`.")
@@ -160,7 +173,7 @@ def budget_list(as_json: JsonFlag = False, tenant: Annotated[Optional[str], type
     rows = [{"id": p.policy_id, "scope": p.scope, "scope_id": p.scope_id, "amount": p.amount, "unit": p.unit,
              "period": p.period, "tz": p.timezone, "hard": "hard" if p.hard else "soft",
              "alerts %": ",".join(map(str, p.alert_thresholds_pct)),
-             "on exceed": " ".join(f"{k}={v}" for k, v in p.actions.items())} for p in policies]
+             "on exceed": " ".join(f"{k}={v}" for k, v in p.actions.items()), "slo": _slo_text(p.slo)} for p in policies]
     console.print(table(rows) if rows else "no budgets yet: `meterline budget set --help`")
 
 
@@ -210,7 +223,11 @@ def allocator(
     require_kafka(settings)
     engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl)), ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
                     downgrade_for=_downgrade_for())
-    service = AllocatorService(settings, engine, heartbeat_every=heartbeat, reconcile_every=reconcile or 1e9, group_id=group)
+    from .slo import ledger_feeds_or_none
+
+    model_stats, pacing = ledger_feeds_or_none(settings) if reconcile else (None, None)
+    service = AllocatorService(settings, engine, heartbeat_every=heartbeat, reconcile_every=reconcile or 1e9, group_id=group,
+                               model_stats=model_stats, pacing=pacing, refresh_every=reconcile or 1e9)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -226,6 +243,32 @@ def _downgrade_for():
         return load_catalog().downgrade_for
     except Exception:  # noqa: BLE001 - no catalog: downgrade decisions fall back to throttle
         return None
+
+
+def _slo_fields(p95_ms: int | None, success_pct: str | None, cost: str | None, min_calls: int | None) -> dict | None:
+    """The --slo-* options as the contract's `slo` object (None: no SLO); the contract checks the values."""
+    if p95_ms is None and success_pct is None and cost is None and min_calls is None:
+        return None
+    out: dict = {"p95_latency_ms": p95_ms}
+    for name, text, flag in (("success_rate_pct", success_pct, "--slo-success-pct"),
+                             ("cost_per_success_usd", cost, "--slo-cost-per-success")):
+        if text is not None:
+            try:
+                out[name] = Decimal(text)
+            except InvalidOperation:
+                raise ValueError(f"{flag} {text!r} is not a decimal number; write it like 99.5 or 0.01") from None
+    if min_calls is not None:
+        out["min_calls"] = min_calls
+    return out
+
+
+def _slo_text(slo) -> str:
+    if slo is None:
+        return ""
+    parts = [f"p95≤{slo.p95_latency_ms}ms" if slo.p95_latency_ms is not None else "",
+             f"ok≥{slo.success_rate_pct}%" if slo.success_rate_pct is not None else "",
+             f"≤${slo.cost_per_success_usd}/ok" if slo.cost_per_success_usd is not None else ""]
+    return " ".join(x for x in parts if x) + f" (n≥{slo.min_calls})"
 
 
 def _pairs(items: list[str]) -> dict[str, str]:

@@ -59,6 +59,7 @@ from meterline.schemas.events import (
 )
 
 from .gpu import GpuPool, fair_shares
+from .slo import Curve, ModelStats, StatsTable, pick_downgrade, plan_share, tier_below
 from .periods import period_bounds
 from meterline.schemas.scopes import canonical, is_within, level_key, lineage, tenant_of
 
@@ -186,6 +187,8 @@ class Engine:
         self._last_full: datetime | None = None
         self._pools: dict[str, Pool] = {}   # per render: policy_id -> what may still be granted
         self._lease_ids: dict[tuple, str] = {}   # level_key -> the id a session's lease is kept under
+        self.model_stats: StatsTable = {}        # SLO downgrades: (scope id, model) -> measured (load_model_stats)
+        self.pacing: dict[str, Curve] = {}       # policy id -> its period's pacing curve (set_pacing)
 
     # ---- inputs -------------------------------------------------------------------------
     def apply_policy(self, policy: BudgetPolicy) -> None:
@@ -362,7 +365,7 @@ class Engine:
         p, cfg = state.policy, self.config
         remaining = state.remaining
         left = max(Decimal("1"), Decimal((state.end - now).total_seconds()))
-        allowed_rate = max(ZERO, remaining) / left
+        allowed_rate = self._allowed_rate(state, now, remaining, left)
         rate, events_rate = state.rate(now, cfg.rate_window)
         forecast = _forecast(now, remaining, rate)
         pace = rate / allowed_rate if allowed_rate > 0 else (Decimal("Infinity") if rate > 0 else ZERO)
@@ -371,7 +374,10 @@ class Engine:
         if leased:   # its leases pace it and keep what critical/high need: no static headroom, no rate throttle
             headroom = min(headroom, self._pool(state, now).protected)
         near = forecast is not None and forecast - now <= cfg.forecast_horizon
-        hot = forecast is not None and forecast < state.end and not leased
+        # along a pacing curve "hot" is spending faster than the curve allows now; on the straight line it is the
+        # same thing: exhaustion forecast before the period ends
+        curved = plan_share(self.pacing.get(p.policy_id), state.start, state.end, now) is not None
+        hot = (pace > 1 if curved else forecast is not None and forecast < state.end) and not leased
         starter = self._starter(state, now) if p.hard and p.unit == "usd" else None
         used_pct = state.spent * 100 / p.amount
         for priority in PRIORITIES:
@@ -381,16 +387,18 @@ class Engine:
             limits, model = DecisionLimits(), None
             if action == "throttle":
                 limits = self._throttle_limits(state, priority, events_rate, pace)
+            source = None
             if action == "downgrade":
-                model = self._downgrade_model(p.scope, p.scope_id)
+                model, source, note = self._downgrade_model(p)
                 action = "downgrade" if model else "throttle"
+                why += f"; {note}" if note else ""
                 if action == "throttle":
                     limits = self._throttle_limits(state, priority, events_rate, pace)
             reason = (f"{p.scope} {p.scope_id}: {why}; {used_pct:.1f}% of {p.amount} {p.unit} used, "
                       f"pace {_ratio(pace)} of allowed") + (f", exhaustion forecast {forecast:%Y-%m-%dT%H:%M:%SZ}" if forecast else "")
             yield self._decision(
                 now, tenant_id=p.tenant_id, scope=p.scope, scope_id=p.scope_id, priority=priority, action=action,
-                limits=limits, max_model=model, reason=reason, policy_id=p.policy_id,
+                limits=limits, max_model=model, downgraded_from=source, reason=reason[:2048], policy_id=p.policy_id,
                 budget_remaining_usd=usd(remaining) if p.unit == "usd" else None,
                 forecast_exhaustion_ts=forecast, reset_at=state.end, session_lease_usd=starter)
 
@@ -417,11 +425,56 @@ class Engine:
                               and not self._idle(lease, self.clock())))
         return DecisionLimits(requests_per_min=max(1, int(per_min / sessions)))
 
-    def _downgrade_model(self, scope: str, scope_id: str) -> str | None:
-        if not (self.downgrade_for and self.primary_model):
-            return None
-        model = self.primary_model(scope, scope_id)
-        return self.downgrade_for(model) if model else None
+    # ---- SLO-aware downgrade and pacing curves (allocator/slo.py) --------------------------------
+    def load_model_stats(self, table: StatsTable) -> None:
+        """The measured (scope, model) figures SLO downgrades check; the service refreshes them from the ledger."""
+        self.model_stats = dict(table)
+        self._last_full = None
+
+    def set_pacing(self, policy_id: str, curve: Curve | None) -> None:
+        """A budget's pacing curve for its current period (None: the straight line)."""
+        if curve is None:
+            self.pacing.pop(policy_id, None)
+        else:
+            self.pacing[policy_id] = curve
+        self._last_full = None
+
+    def _downgrade_model(self, p: BudgetPolicy) -> tuple[str | None, str | None, str]:
+        """(cheaper model, the model it replaces, why). Without an SLO: the tier's next model down; with
+        one: a cheaper model whose measured figures for this scope meet it (pick_downgrade), else none."""
+        if not self.downgrade_for:
+            return None, None, ""
+        model = self.primary_model(p.scope, p.scope_id) if self.primary_model else self._measured_primary(p.scope_id)
+        if not model:
+            return None, None, ""
+        if p.slo is None:
+            target = self.downgrade_for(model)
+            return target, model if target else None, ""
+        stats: Callable[[str], ModelStats | None] = lambda m: self.model_stats.get((p.scope_id, m))  # noqa: E731
+        target, note = pick_downgrade(p.slo, model, tier_below(model, self.downgrade_for), stats)
+        return target, model if target else None, note
+
+    def _measured_primary(self, scope_id: str) -> str | None:
+        """The model the scope spent most on in the measured stats (when no primary-model lookup is injected)."""
+        mine = [(st.cost_usd, m) for (sid, m), st in self.model_stats.items() if sid == scope_id]
+        return max(mine)[1] if mine else None
+
+    def _allowed_rate(self, state: BudgetState, now: datetime, remaining: Decimal, left: Decimal) -> Decimal:
+        """The spend rate the plan allows now: what is left spread over the rest of the period, along the budget's
+        pacing curve over the recent rate window (the straight line without one: remaining / time left). A quiet
+        hour of the curve still allows a quarter of the straight line: the curve says when spend is usual, it
+        does not forbid it elsewhere."""
+        straight = max(ZERO, remaining) / left
+        curve = self.pacing.get(state.policy.policy_id)
+        lo, hi = max(state.start, now - self.config.rate_window), now
+        if hi <= lo:
+            hi = min(state.end, now + self.config.rate_window)
+        s_lo, s_hi = plan_share(curve, state.start, state.end, lo), plan_share(curve, state.start, state.end, hi)
+        s_now = plan_share(curve, state.start, state.end, now)
+        if s_lo is None or s_hi is None or s_now is None or s_now >= 1 or hi <= lo:
+            return straight
+        along = max(ZERO, remaining) * (s_hi - s_lo) / (1 - s_now) / Decimal((hi - lo).total_seconds())
+        return max(along, straight / 4)
 
     # ---- alerts -------------------------------------------------------------------------
     def _check_alerts(self, state: BudgetState, now: datetime) -> None:
@@ -506,6 +559,9 @@ class Engine:
         period = Decimal((state.end - state.start).total_seconds())
         ahead = Decimal(min(period, (now - state.start + self.config.pacing_lookahead).total_seconds()))
         plan = amount * ahead / period if period > 0 else amount
+        curved = plan_share(self.pacing.get(state.policy.policy_id), state.start, state.end, now + self.config.pacing_lookahead)
+        if curved is not None:   # the plan follows the budget's pacing curve (allocator/slo.py)
+            plan = amount * curved
         live = [lease for lease in leases if not self._idle(lease, now)]
         # commitments run ahead of spend by about a call per live session (at most one more look-ahead)
         working = min(sum((self._call_cost(lease, call) for lease in live if lease.priority not in PROTECTED), ZERO),

@@ -27,13 +27,16 @@ log = logging.getLogger("meterline.allocator")
 
 class AllocatorService:
     def __init__(self, settings, engine: Engine | None = None, *, tick: float = 0.1, heartbeat_every: float = 2.0,
-                 reconcile_every: float = 60.0, group_id: str | None = None):
+                 reconcile_every: float = 60.0, group_id: str | None = None, model_stats=None, pacing=None,
+                 refresh_every: float = 60.0):
         self.settings = settings
         self.engine = engine or Engine()
         self.tick, self.heartbeat_every, self.reconcile_every = tick, heartbeat_every, reconcile_every
         self.group_id = group_id
         self.counts: Counter[str] = Counter()
         self.ready = threading.Event()   # set once the budgets topic has been read to its end
+        # ledger feeds (allocator/slo.py ledger_feeds): measured model stats for SLO downgrades, pacing curves
+        self.model_stats, self.pacing, self.refresh_every = model_stats, pacing, refresh_every
 
     def run(self, stop: threading.Event) -> None:
         from confluent_kafka import Consumer, Producer
@@ -51,6 +54,7 @@ class AllocatorService:
         producer = Producer(s.kafka_config(**{"enable.idempotence": True, "linger.ms": 2}))
         topics = {s.topic("spend"): SpendUpdate, s.topic("gpu"): GpuSample}
         last_heartbeat = last_reconcile = time.monotonic()
+        last_refresh = None
         try:
             self._read_budgets(budgets, until_end=True)
             self.ready.set()
@@ -62,6 +66,9 @@ class AllocatorService:
                 if now - last_reconcile >= self.reconcile_every:
                     self.engine.reconcile()
                     last_reconcile = now
+                if last_refresh is None or now - last_refresh >= self.refresh_every:
+                    self.refresh_from_ledger()
+                    last_refresh = now
                 self._publish(producer, self.engine.decide())
                 if now - last_heartbeat >= self.heartbeat_every:
                     self._publish(producer, Outputs(decisions=self.engine.heartbeat()))
@@ -71,6 +78,20 @@ class AllocatorService:
             producer.flush(10)
             data.close()
             budgets.close()
+
+    def refresh_from_ledger(self) -> None:
+        """Hand the engine fresh measured model stats (budgets with an SLO) and pacing curves (each budget's
+        current period). A ledger that fails keeps the previous tables: a warning, never a stopped allocator."""
+        states = list(self.engine.budgets.values())
+        try:
+            if self.model_stats is not None:
+                self.engine.load_model_stats(self.model_stats([s.policy for s in states if s.policy.slo is not None]))
+            if self.pacing is not None:
+                for s in states:
+                    self.engine.set_pacing(s.policy.policy_id, self.pacing(s.policy, s.start, s.end))
+        except Exception as err:  # noqa: BLE001 - the ledger is advice here; decisions go on without it
+            self.counts["refresh_errors"] += 1
+            log.warning("ledger refresh (SLO stats, pacing curves) failed: %s", err)
 
     def _batch(self, consumer) -> list:
         """Wait up to one tick for the first record, then take whatever else is already there."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -172,6 +173,42 @@ def strategies(since: Since = None, until: Until = None, fmt: Fmt = "table") -> 
 def burn_down(tenant: Tenant = None, fmt: Fmt = "table") -> None:
     """Every budget this period: spent, remaining, % used vs % of period elapsed, forecast exhaustion."""
     _emit("burn-down", _params(tenant=tenant), fmt)
+
+
+@report_app.command("slo")
+def slo(since: Since = None, until: Until = None, tenant: Tenant = None, fmt: Fmt = "table",
+        as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False) -> None:
+    """Per budget with an SLO (`meterline budget set --slo-p95-ms/--slo-success-pct/--slo-cost-per-success`):
+    its LLM calls' success rate and nearest-rank p95 latency against the targets, cost per successful call,
+    and what its downgrades saved: each call made on the cheaper model priced again at the model it stood in
+    for, minus what it cost (exact). JSON adds the saving per downgrade decision (`downgrades`)."""
+    from .report import render
+
+    fmt = "json" if as_json else fmt
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format must be table, json or csv, not {fmt!r}")
+    params = _params(since=since, until=until, tenant=tenant)
+    result = run_named_report("slo", params)
+    if fmt == "table" and not result.rows:
+        console.print("slo: no budget has an SLO (add one: `meterline budget set ... --slo-p95-ms 2000 --slo-success-pct 99`)")
+        return
+    out = render("slo", params, result, fmt)  # type: ignore[arg-type]
+    if fmt != "table":
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+        return
+    console.print(out)
+    if result.meta.get("downgrades"):
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="what each downgrade saved (calls priced again at the model they stood in for)", header_style="bold")
+        for col in ("scope", "decision", "from → to", "calls", "cost $", "at original $", "saved $"):
+            table.add_column(col, justify="left" if col in ("scope", "decision", "from → to") else "right")
+        for d in result.meta["downgrades"]:
+            money = [f"{Decimal(d[k]).quantize(Decimal('0.0001')):,}" for k in ("cost_usd", "at_original_usd", "saved_usd")]
+            table.add_row(Text(d["scope_id"]), d["decision_id"][:8], Text(f"{d['from_model']} → {d['to_model']}"),
+                          str(d["calls"]), *money)
+        console.print(table)
 
 
 @report_app.command("drivers")

@@ -160,6 +160,10 @@ def run_report(ledger: Querier, name: str, params: ReportParams) -> Result:
         from .drivers import drivers_report
 
         return drivers_report(ledger, params)
+    if name == "slo":  # SLO attainment and what downgrades saved (app/slo_report.py)
+        from .slo_report import slo_report
+
+        return slo_report(ledger, params)
     if name not in REPORTS:
         raise KeyError(f"no report {name!r}; reports: {', '.join(REPORT_NAMES)}")
     result = REPORTS[name][1](ledger, params)
@@ -230,8 +234,8 @@ IDLE_MERGES: dict[str, Callable[[Result, ReportParams, list[dict[str, Any]]], Re
     "chargeback": _chargeback_with_idle, "totals": _totals_with_idle, "gpu": _gpu_with_idle}
 
 
-REPORT_NAMES = (*REPORTS, "burn-down", "drivers")
-TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down", "drivers")  # those that filter by tenant
+REPORT_NAMES = (*REPORTS, "burn-down", "drivers", "slo")
+TENANT_REPORTS = ("chargeback", "top-sessions", "cost-per-action", "burn-down", "drivers", "slo")  # those that filter by tenant
 
 
 # ---- budget burn-down -----------------------------------------------------------------------
@@ -436,6 +440,8 @@ TABLE_COLUMNS = {
     "gpu": ("node", "gpu_name", "gpu_hours", "cost_usd", "avg_utilization_pct", "unused_cost_usd", "unused_charged_to"),
     "burn-down": ("scope_id", "amount", "spent", "used_pct", "elapsed_pct", "burn", "forecast_spend", "forecast_lo80",
                   "forecast_hi80"),
+    "slo": ("scope_id", "calls", "success_pct", "slo_success_pct", "success_met", "p95_latency_ms", "slo_p95_latency_ms",
+            "latency_met", "cost_per_success_usd", "slo_cost_per_success_usd", "cost_met", "downgraded_calls", "saved_usd"),
     "forecast": ("spent_usd", "forecast_usd", "lo80_usd", "hi80_usd", "lo95_usd", "hi95_usd", "method"),
 }
 

@@ -382,7 +382,11 @@ class Up:
         catalog = load_catalog()
         engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for, primary_model=self.primary_model)
         self.ledger_lag = engine.config.ledger_lag
-        service = AllocatorService(self.settings, engine, group_id=self.settings.group("allocator"))
+        from meterline.allocator.slo import ledger_feeds_or_none
+
+        model_stats, pacing = ledger_feeds_or_none(self.settings, connect=self.client)  # SLO downgrades, pacing curves
+        service = AllocatorService(self.settings, engine, group_id=self.settings.group("allocator"),
+                                   model_stats=model_stats, pacing=pacing)
         return service
 
     def ledger_spend(self, scope: str, scope_id: str, since: Any) -> Decimal:

@@ -444,6 +444,8 @@ class ThrottleDecision(Contract):
     action: Action
     limits: DecisionLimits = Field(default_factory=DecisionLimits)
     max_model: Name | None = None
+    downgraded_from: Name | None = Field(None, description="action=downgrade: the model max_model stands in for "
+                                         "(what `report slo` prices the downgraded calls at).")
     reason: Text
     policy_id: OptionalId = ""
     budget_remaining_usd: SignedUsd | None = None
@@ -478,6 +480,31 @@ def decision_key(scope: str, scope_id: str, priority: str | None) -> str:
     return f"{scope}:{scope_id}:{priority or '*'}"
 
 
+class Slo(Contract):
+    """Service-level objectives of a budget's scope (issue 15 item 4). Each objective is optional, at least one
+    is set. A `downgrade` for the scope picks only a cheaper model whose measured success rate and p95 latency
+    for that scope (over at least `min_calls` calls) meet them, else throttles (allocator/slo.py);
+    `meterline report slo` measures attainment and cost per successful action against them."""
+
+    p95_latency_ms: Annotated[StrictInt, Field(gt=0, le=86_400_000)] | None = Field(
+        None, description="95th percentile latency of the scope's LLM calls, at most this many ms.")
+    success_rate_pct: Annotated[Decimal, Field(gt=0, le=100, max_digits=9, decimal_places=6, allow_inf_nan=False),
+                                BeforeValidator(_exact_decimal), PlainDecimal,
+                                WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "exclusiveMinimum": 0,
+                                                                               "maximum": 100}]})] | None = Field(
+        None, description="Share of calls with status ok, at least this many percent (exact decimal, e.g. \"99.5\").")
+    cost_per_success_usd: PositiveDecimal | None = Field(
+        None, description="Target cost per successful action (all the scope spent / its ok calls), USD.")
+    min_calls: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = Field(
+        20, description="Calls of a model the scope must have made before its measured figures count.")
+
+    @model_validator(mode="after")
+    def _check_some(self) -> Slo:
+        if self.p95_latency_ms is None and self.success_rate_pct is None and self.cost_per_success_usd is None:
+            raise ValueError("an SLO needs at least one of p95_latency_ms, success_rate_pct, cost_per_success_usd")
+        return self
+
+
 class BudgetPolicy(Contract):
     """A budget on one scope. Scope ids of child scopes are qualified by their tenant.
 
@@ -499,6 +526,11 @@ class BudgetPolicy(Contract):
     actions: dict[Priority, Action] = Field(
         default_factory=lambda: {"critical": "allow", "high": "throttle", "normal": "throttle", "low": "deny", "batch": "deny"}
     )
+    # The SLO rides on the budget rather than on a compacted record of its own: the engine already reads every
+    # policy per scope, the downgrade it constrains is the policy's own exceed action, and the ledger keeps its
+    # versions (and who changed them) with the budget's for free. A scope with an SLO but no spending limit is not
+    # a case meterline has: the SLO constrains how a budget is enforced.
+    slo: Slo | None = None
     created_at: Time = Field(default_factory=utcnow)
 
     @model_validator(mode="after")

@@ -51,7 +51,11 @@ def throttle_decision_row(decision: ThrottleDecision) -> dict[str, Any]:
 
 
 def budget_policy_row(policy: BudgetPolicy) -> dict[str, Any]:
-    return {**policy.model_dump(), "deleted": False}
+    row = policy.model_dump()
+    slo = row.pop("slo") or {}  # one nullable column per objective (migration 0014)
+    for name in ("p95_latency_ms", "success_rate_pct", "cost_per_success_usd", "min_calls"):
+        row[f"slo_{name}"] = slo.get(name)
+    return {**row, "deleted": False}
 
 
 def plain_row(record: Contract) -> dict[str, Any]:

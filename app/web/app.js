@@ -266,6 +266,37 @@ async function tickBudgets() {
   }
 }
 
+// ---- SLOs: attainment, cost per success and what downgrades saved (/api/report/slo, app/slo_report.py) ----
+const SLO_COLUMNS = [["scope_id", "scope"], ["success_pct", "ok %"], ["slo_success_pct", "target"], ["success_met", "met"],
+  ["p95_latency_ms", "p95 ms"], ["slo_p95_latency_ms", "target"], ["latency_met", "met"],
+  ["cost_per_success_usd", "$ / success"], ["slo_cost_per_success_usd", "target"], ["cost_met", "met"],
+  ["downgraded_calls", "downgraded calls"], ["saved_usd", "saved $"]];
+
+function renderSlo(doc) {
+  const table = document.getElementById("slo"), head = table.tHead, body = table.tBodies[0];
+  clear(head); clear(body);
+  const cell = (tag, text, attrs) => { const c = document.createElement(tag); c.textContent = text; Object.assign(c.dataset, attrs || {}); return c; };
+  const rows = doc.rows.map(r => Object.fromEntries(doc.columns.map((c, i) => [c, r[i]])));
+  if (!rows.length) { body.appendChild(document.createElement("tr")).appendChild(cell("td", "no budget has an SLO (meterline budget set --slo-p95-ms …)")); return; }
+  const top = head.appendChild(document.createElement("tr"));
+  for (const [, label] of SLO_COLUMNS) top.appendChild(cell("th", label));
+  for (const r of rows) {
+    const tr = body.appendChild(document.createElement("tr"));
+    for (const [key] of SLO_COLUMNS) {  // user text (scope ids) and exact decimals: textContent only
+      const v = r[key], shown = v == null ? "—" : key.endsWith("_usd") ? money(Number(v)) : String(v);
+      tr.appendChild(cell("td", shown, { metric: key, value: v == null ? "" : String(v), policy: r.policy_id }));
+    }
+  }
+}
+
+async function tickSlo() {
+  const token = sessionStorage.getItem("meterline-token");
+  try {
+    const resp = await fetch("/api/report/slo?since=7d", { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
+    if (resp.ok) renderSlo(await resp.json());
+  } catch (err) { /* the live status line already says when the API is unreachable */ }
+}
+
 // Once tokens exist the API wants one: asked for here, kept for this tab only.
 function askToken(message) {
   const form = document.getElementById("login");
@@ -280,6 +311,7 @@ document.getElementById("login").addEventListener("submit", ev => {
   tickDrivers();
   tickStrategies();
   tickBudgets();
+  tickSlo();
 });
 
 async function tick() {
@@ -301,3 +333,5 @@ tickStrategies();
 setInterval(tickStrategies, 60000);  // a stored run changes rarely
 tickBudgets();
 setInterval(tickBudgets, 60000);  // forecasts move with the hourly rollups
+tickSlo();
+setInterval(tickSlo, 60000);
