@@ -139,13 +139,29 @@ def pods_from_log_dirs(names: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def within_trees(readings: list[dict], roots: frozenset[int]) -> list[dict]:
+    """The process readings of `roots` and their descendants (by ppid, among the readings themselves)."""
+    parent = {r["pid"]: r.get("ppid") for r in readings}
+    keep: dict[int, bool] = {}
+
+    def inside(pid: int | None, depth: int = 0) -> bool:
+        if pid is None or depth > 64:
+            return False
+        if pid not in keep:
+            keep[pid] = pid in roots or (pid in parent and inside(parent[pid], depth + 1))
+        return keep[pid]
+
+    return [r for r in readings if inside(r["pid"])]
+
+
 # ---- the collector -------------------------------------------------------------------------
 
 class NodeCollector:
     def __init__(self, attributor: Attributor, *, node: str | None = None, node_class: str = "default",
                  level: str = "process", proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup"),
                  pods_dir: Path = Path("/var/log/pods"), interval_s: float = 10.0, simulated: bool = False,
-                 clock: Callable[[], float] = time.monotonic, clk_tck: int | None = None):
+                 clock: Callable[[], float] = time.monotonic, clk_tck: int | None = None,
+                 roots: frozenset[int] | set[int] | None = None):
         if level not in ("process", "cgroup"):
             raise ValueError(f"level must be 'process' or 'cgroup', not {level!r}")
         self.attributor = attributor
@@ -159,6 +175,7 @@ class NodeCollector:
         self.ticks_per_s = clk_tck or os.sysconf("SC_CLK_TCK")
         self._last_clock: float | None = None
         self._cpu: dict[Any, tuple[int, int]] = {}  # (pid, starttime) or (path, inode) -> cumulative (user, system)
+        self.roots = frozenset(roots) if roots else None  # process level: only these pids and their descendants
 
     def sample(self) -> list[ComputeSample]:
         now = self.clock()
@@ -166,6 +183,8 @@ class NodeCollector:
         interval_ms = self.interval_ms if baseline else max(1, min(3_600_000, int((now - self._last_clock) * 1000)))
         self._last_clock = now
         readings = list(self._processes() if self.level == "process" else self._groups())
+        if self.roots is not None:
+            readings = within_trees(readings, self.roots)
         seen, rows, ts = {}, [], utcnow()
         pods = self._pods() if any(r["container"].pod_uid for r in readings) else {}
         for r in readings:
@@ -193,7 +212,7 @@ class NodeCollector:
             if memory is None:
                 continue  # a kernel thread: no memory of its own, charged to nobody
             pid = int(entry.name)
-            yield {"id": (pid, stat.starttime), "pid": pid, "pids": [pid], "cgroup": cgroup, "container": container_of(cgroup),
+            yield {"id": (pid, stat.starttime), "pid": pid, "ppid": stat.ppid, "pids": [pid], "cgroup": cgroup, "container": container_of(cgroup),
                    "user": stat.utime, "system": stat.stime, "memory": memory[0], "peak": memory[1], "per_s": self.ticks_per_s}
 
     def _groups(self) -> Iterator[dict]:

@@ -61,6 +61,32 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     assert Decimal(umbrella["gpu_idle_cost_usd"]) > 0  # the idle H100 it holds (`gpu assign`) is on its bill
     by_model = json.loads(meterline("report", "chargeback", "--by", "model", "--since", "1d", "-f", "json"))["rows"]
     assert sum(Decimal(r["total_cost_usd"]) for r in by_model) == total
+    _real_cpu_and_memory_are_measured_and_reconcile(meterline, summary, chargeback, total)
     (obeyed,) = json.loads(meterline("sql", "SELECT countIf(model != 'gpt-4o') AS downgraded FROM priced_events "
                                      "WHERE tenant_id = 'umbrella' AND agent_id = 'assistant'", "-f", "json"))
     assert int(obeyed["downgraded"]) > 0  # umbrella's high-priority agent called the cheaper model it was told to
+
+
+def _real_cpu_and_memory_are_measured_and_reconcile(meterline, summary, chargeback, total):
+    """The tool workers' real CPU and memory (collect node over their process trees): on their agents' sessions,
+    in chargeback's cpu/mem columns, and chargeback = FOCUS = the ledger's grand total."""
+    from meterline.app.demo import FLEET, TOOL_WORKERS, session_of
+
+    rows = json.loads(meterline("sql", "SELECT tenant_id, agent_id, session_id, countIf(NOT attributed) AS stray, "
+                                "toString(sum(cpu_user_seconds + cpu_system_seconds)) AS cpu, max(memory_bytes) AS rss "
+                                "FROM compute_samples GROUP BY tenant_id, agent_id, session_id", "-f", "json"))
+    seen = {(r["tenant_id"], r["agent_id"]): r for r in rows}
+    assert set(seen) == set(TOOL_WORKERS)  # only the workers' trees were measured, each under its own agent
+    for i, spec in enumerate(FLEET):
+        if (row := seen.get((spec.tenant, spec.agent))) is not None:
+            assert row["session_id"] == session_of(spec, 11 * 100 + i) and int(row["stray"]) == 0
+            assert int(row["rss"]) >= TOOL_WORKERS[(spec.tenant, spec.agent)][2] << 20  # its ballast is resident
+    cpu = {key: Decimal(r["cpu"]) for key, r in seen.items()}
+    assert cpu[("globex", "trainer")] > cpu[("umbrella", "summarizer")] > 0  # 15 % of a core burns more than 4 %
+    by_tenant = {r["tenant"]: r for r in chargeback}
+    for tenant, _ in TOOL_WORKERS:
+        assert Decimal(by_tenant[tenant]["cpu_cost_usd"]) > 0 and Decimal(by_tenant[tenant]["memory_cost_usd"]) > 0
+    assert summary["compute_measured"].startswith("real") and summary["totals_reconcile"] is True
+    assert Decimal(summary["focus_total_usd"]) == Decimal(summary["ledger_total_usd"]) == total
+    focus_cpu = Decimal(summary["vcpu_hours"]) * 3600
+    assert abs(focus_cpu - sum(cpu.values())) < Decimal("1e-6")  # FOCUS vCPU-Hours are the samples' CPU-seconds

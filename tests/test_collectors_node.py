@@ -164,3 +164,35 @@ def test_the_sdk_registry_wins_over_the_environment_for_a_child_of_a_registered_
         child.stdin.close()
         child.wait(30)
     assert (row.tenant_id, row.session_id, row.attributed) == ("umbrella", "s-registered", True)
+
+
+PARENT = r"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+sys.stdin.read()
+child.stdin.close()
+child.wait()
+"""
+
+
+def test_pid_roots_keep_only_that_process_tree(tmp_path):
+    """`collect node --pid`: a process and its descendants, nothing else of the machine (the demo's tool workers)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    stranger, _ = _spawn({k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")})
+    try:
+        grandchild = int(parent.stdout.readline())
+        collector = NodeCollector(Attributor(SessionRegistry(tmp_path / "sessions")), node="here", roots={parent.pid})
+        collector.sample()
+        pids = {r.pid for r in collector.sample()}
+        everything = NodeCollector(Attributor(SessionRegistry(tmp_path / "sessions")), node="here")
+        everything.sample()
+        all_pids = {r.pid for r in everything.sample()}
+    finally:
+        for proc in (parent, stranger):
+            proc.stdin.close()
+            proc.wait(30)
+    assert pids == {parent.pid, grandchild}  # the tree, found by ppid, and no other process
+    assert {parent.pid, grandchild, stranger.pid, os.getpid()} <= all_pids  # without roots: the whole machine
