@@ -25,7 +25,10 @@ from .store import Result
 
 QUERIES_DIR = Path(__file__).resolve().parents[1] / "sql" / "queries"
 # --by levels: the tenant path's depth (keys below the tenant are qualified scope ids: 'acme/research'), or model
-DIMENSIONS = {"tenant": 1, "team": 2, "project": 3, "agent": 4, "session": 5, "model": 0}
+DIMENSIONS = {"tenant": 1, "team": 2, "project": 3, "agent": 4, "session": 5, "model": 0, "namespace": 0, "pod": 0}
+# Kubernetes keys (GPU process rows from `collect dcgm`, compute rows from `collect node`); what has no pod is
+# the key '' (tables show it as "(none)", json and csv keep '')
+K8S_DIMENSIONS = ("namespace", "pod")
 # The tenant of GPU time no session owns: the stream worker's spend uses this name
 # (streams/worker.py), so reports do too and the two reconcile tenant by tenant.
 UNATTRIBUTED = "unattributed"
@@ -197,6 +200,8 @@ def idle_key(line: dict[str, Any], by: str) -> str:
     """An idle line's chargeback key: its GPU's model line, or its scope id at the --by level."""
     if by == "model":
         return f"gpu:{line['gpu_name']}"
+    if by in K8S_DIMENSIONS:
+        return ""  # idle time belongs to a device, not to a pod
     return "/".join([line["tenant_id"], line["team"], line["project"], "", ""][: DIMENSIONS[by]])
 
 

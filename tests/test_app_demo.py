@@ -48,13 +48,14 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     assert sum(anomalies.values()) >= 1, anomalies
 
     (ledger,) = json.loads(meterline("sql", "SELECT count() AS n, uniqExact(event_id) AS ids, toString(sum(cost_usd)) AS usage, "
-                                     "(SELECT toString(sum(cost_usd)) FROM gpu_samples WHERE level = 'gpu') AS gpu "
+                                     "(SELECT toString(sum(cost_usd)) FROM gpu_samples WHERE level = 'gpu') AS gpu, "
+                                     "(SELECT toString(sum(cpu_cost_usd + memory_cost_usd)) FROM compute_samples) AS compute "
                                      "FROM priced_events", "-f", "json"))
     assert int(ledger["n"]) == int(ledger["ids"]) == summary["events_sent"]  # every event, exactly once
     chargeback = json.loads(meterline("report", "chargeback", "--by", "tenant", "--since", "1d", "-f", "json"))["rows"]
     assert {"acme", "globex", "initech", "umbrella", "hooli"} <= {r["tenant"] for r in chargeback}
     total = sum(Decimal(r["total_cost_usd"]) for r in chargeback)
-    assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) > 0  # to the last digit, idle GPUs in
+    assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) + Decimal(ledger["compute"]) > 0  # to the digit, idle GPUs in
     assert Decimal(summary["ledger_gpu_idle_cost_usd"]) > 0  # the simulated node has an idle H100 and an empty MIG slice
     assert summary["chargeback_equals_ledger"] is True
     umbrella = next(r for r in chargeback if r["tenant"] == "umbrella")

@@ -104,8 +104,10 @@ def make_gpu(rng: random.Random) -> list[tuple[GpuSample, Decimal, Decimal]]:
         rows.append((GpuSample(sample_id=new_id(), level="gpu", utilization_pct=rng.randrange(0, 101), **base),
                      Decimal(10), Decimal("0.006916666667")))
         owner = ("acme", "search", "p0", "acme-agent-0", "acme-agent-0-s0") if k % 3 else ("", "", "", "", "")
+        pod = {"namespace": "ml", "pod": f"trainer-{k % 2}"} if k % 3 == 1 else {}  # a DCGM pod row, else a bare pid
         rows.append((GpuSample(sample_id=new_id(), level="process", pid=4242, attributed=bool(owner[0]),
-                               tenant_id=owner[0], team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4], **base),
+                               tenant_id=owner[0], team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4],
+                               **pod, **base),
                      Decimal(10), Decimal("0.006916666667")))
     return rows
 
@@ -119,7 +121,8 @@ def make_compute() -> list[tuple[ComputeSample, Decimal, Decimal]]:
                                level="process", pid=5000 + k % 2, interval_ms=10_000, cpu_user_seconds=Decimal("7.5"),
                                cpu_system_seconds=Decimal("0.5"), memory_bytes=2 << 30, memory_peak_bytes=3 << 30,
                                memory_byte_seconds=Decimal(20 << 30), attributed=bool(owner[0]), tenant_id=owner[0],
-                               team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4])
+                               team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4],
+                               **({"namespace": "ml", "pod": "trainer-1"} if k % 4 == 1 else {}))
         rows.append((sample, *CATALOG.compute_sample_cost(sample)))
     return rows
 
@@ -147,7 +150,8 @@ def cli(truth, monkeypatch):
         yield invoke
 
 
-DIMS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id", "model": "model"}
+DIMS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id", "model": "model",
+        "namespace": "namespace", "pod": "pod"}
 PATH = ("tenant_id", "team", "project", "agent_id", "session_id")
 
 
@@ -155,6 +159,9 @@ def chargeback_key(record, by: str, tenant: str | None = None) -> str:
     """Below the tenant a key is the path from it ('acme/search'): equal team names of two tenants stay apart."""
     if by == "model":
         return record.model
+    if by in ("namespace", "pod"):  # only GPU and compute rows of a pod have one; tokens and tools: ''
+        pod = getattr(record, "pod", "")
+        return getattr(record, "namespace", "") if by == "namespace" else (f"{record.namespace}/{pod}" if pod else "")
     path = [tenant if tenant is not None else record.tenant_id] + [getattr(record, f) for f in PATH[1:]]
     return "/".join(path[: PATH.index(DIMS[by]) + 1])
 
@@ -194,6 +201,16 @@ def test_chargeback_json_matches_ground_truth_for_every_dimension(cli, truth, by
             assert Decimal(got[key][col]) == w[col], (key, col)  # exact, from decimal strings
         assert got[key]["events"] == w["events"]
         assert got[key]["cache_read_tokens"] == w["cache_read_tokens"]
+
+
+def test_chargeback_by_pod_names_kubernetes_rows_and_shows_the_rest_as_none(cli, truth):
+    rows = json.loads(cli("report", "chargeback", "--by", "pod", "--since", SINCE, "--until", UNTIL, "-f", "json"))["rows"]
+    pods = {r["pod"]: r for r in rows}
+    assert set(pods) == {"", "ml/trainer-0", "ml/trainer-1"}  # json keeps '' for what ran in no pod
+    assert Decimal(pods["ml/trainer-1"]["cpu_cost_usd"]) > 0 and Decimal(pods["ml/trainer-0"]["cpu_cost_usd"]) == 0
+    assert Decimal(pods[""]["usage_cost_usd"]) == sum((e.cost_usd for e in truth["events"]), ZERO)  # tokens have no pod
+    table = cli("report", "chargeback", "--by", "namespace", "--since", SINCE, "--until", UNTIL)
+    assert "(none)" in table and "ml" in table
 
 
 def test_chargeback_csv_and_table_carry_the_same_totals(cli, truth):
