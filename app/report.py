@@ -273,6 +273,9 @@ BURN_DOWN_COLUMNS = ["policy_id", "tenant_id", "scope", "scope_id", "unit", "amo
                      "forecast_spend", "forecast_lo80", "forecast_hi80"]
 
 
+UNIT_FIELDS = {"usd": 1, "gpu_hours": 2, "vcpu_hours": 3}
+
+
 def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None) -> Result:
     """Per budget: spent and remaining this period, against the straight pacing line.
 
@@ -289,7 +292,7 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
         spend = ledger.query(load_query("scope_spend"), {
             **scope_filter(p["scope"], p["scope_id"], p["tenant_id"]), "since": start,
             "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
-        field = 2 if p["unit"] == "gpu_hours" else 1
+        field = UNIT_FIELDS.get(p["unit"], 1)  # scope_spend / scope_hourly: cost_usd, gpu_hours, vcpu_hours
         spent = sum((Decimal(r[field]) for r in spend), Decimal(0))
         amount = Decimal(p["amount"])
         elapsed = max((now - start).total_seconds(), 1.0)

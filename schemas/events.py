@@ -407,6 +407,7 @@ class SpendUpdate(Contract):
     gpu_seconds: Usd = Decimal(0)  # not money, but exact to 12 places the same way
     gpu_cost_usd: Usd = Decimal(0)
     unpriced_events: Count = 0
+    cpu_seconds: Usd = Decimal(0)  # CPU time of `collect node` samples (vCPU-hour budgets), exact like gpu_seconds
 
 
 class Anomaly(Contract):
@@ -488,7 +489,7 @@ class BudgetPolicy(Contract):
     tenant_id: Id
     scope: Scope
     scope_id: ScopeId
-    unit: Literal["usd", "gpu_hours"] = "usd"
+    unit: Literal["usd", "gpu_hours", "vcpu_hours"] = "usd"
     amount: PositiveDecimal
     period: Literal["day", "week", "month", "custom"] = "month"
     period_anchor: Time | None = Field(None, description="Start of a period; periods repeat from it.")

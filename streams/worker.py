@@ -508,7 +508,7 @@ class StreamWorker:
                     ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
                 else:
                     ids = (sample.tenant_id or "unattributed", "", "", "", "")
-                self.spend.add(ids, sample.ts, cost, events=0)
+                self.spend.add(ids, sample.ts, cost, events=0, cpu_ps=to_pico(sample.cpu_seconds))  # vCPU-hour budgets
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
                 self._failed(msg, stage, exc, now)
                 continue

@@ -134,12 +134,13 @@ def truth(tmp_path_factory):
     events, gpu, compute = make_events(rng), make_gpu(rng), make_compute()
     policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("0.5"),
                           period="custom", period_anchor=NOW - timedelta(days=1), period_seconds=2 * 86400)
+    cpu_policy = policy.model_copy(update={"policy_id": "acme-cpu", "unit": "vcpu_hours", "amount": Decimal("0.05")})
     tables = {"priced_events": [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)],
               "gpu_samples": [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
                               for i, (s, sec, cost) in enumerate(gpu)],
               "compute_samples": [with_offsets(compute_sample_row(s, cpu, mem, "test-1"), "compute", 0, i)
                                   for i, (s, cpu, mem) in enumerate(compute)],
-              "budget_policies": [with_offsets(budget_policy_row(policy), "budgets", 0, 0)]}
+              "budget_policies": [with_offsets(budget_policy_row(p), "budgets", 0, i) for i, p in enumerate((policy, cpu_policy))]}
     with filled_ledger(tmp_path_factory.mktemp("app-report"), tables) as settings:
         yield {"events": events, "gpu": gpu, "compute": compute, "settings": settings}
 
@@ -284,13 +285,22 @@ def test_gpu_hours_cost_and_utilisation(cli, truth):
 
 def test_burn_down_against_the_budget(cli, truth):
     doc = json.loads(cli("report", "burn-down", "-f", "json"))
-    (row,) = doc["rows"]
+    row = next(r for r in doc["rows"] if r["policy_id"] == "acme-month")
     spent = sum((e.cost_usd for e in truth["events"] if e.tenant_id == "acme"), ZERO)
     spent += sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.attributed and s.tenant_id == "acme"), ZERO)
+    spent += sum((cpu + mem for s, cpu, mem in truth["compute"] if s.attributed and s.tenant_id == "acme"), ZERO)  # as the stream
     assert Decimal(row["spent"]) == spent
     assert Decimal(row["remaining"]) == Decimal("0.5") - spent
     assert row["policy_id"] == "acme-month" and Decimal(49) < Decimal(row["elapsed_pct"]) < Decimal(52)
     assert Decimal(row["used_pct"]) == (spent * 100 / Decimal("0.5")).quantize(Decimal("0.01"))
+
+
+def test_burn_down_of_a_vcpu_hour_budget_counts_cpu_seconds(cli, truth):
+    row = next(r for r in json.loads(cli("report", "burn-down", "-f", "json"))["rows"] if r["policy_id"] == "acme-cpu")
+    hours = sum((s.cpu_seconds for s, _, _ in truth["compute"] if s.attributed and s.tenant_id == "acme"), ZERO) / 3600
+    assert row["unit"] == "vcpu_hours" and hours > 0
+    assert Decimal(row["spent"]) == hours.quantize(Decimal(row["spent"]))  # CPU time, not dollars
+    assert Decimal(row["remaining"]) == Decimal("0.05") - Decimal(row["spent"])
 
 
 def test_totals_equal_the_chargeback_sum(cli, truth):

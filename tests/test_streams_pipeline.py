@@ -231,6 +231,58 @@ def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_
     assert latest[("acme", "tenant", "acme")].period_cost_usd == s1 + s2  # the unknown node class is charged 0
     assert latest[("unattributed", "tenant", "unattributed")].period_cost_usd == Decimal("0.003161100000") + memory.quantize(Decimal("1e-12"))
     assert latest[("acme", "tenant", "acme")].events == 0  # samples are not usage events
+    # CPU time rides along for vCPU-hour budgets: 36 + 3.6 CPU-seconds (the unknown class's 36 too: it used the CPU)
+    assert latest[("acme", "session", "acme/core///s1")].cpu_seconds == Decimal(72)
+    assert latest[("acme", "session", "acme/core///s2")].cpu_seconds == Decimal("3.6")
+    assert latest[("acme", "tenant", "acme")].cpu_seconds == Decimal("75.6")
+    assert latest[("unattributed", "tenant", "unattributed")].cpu_seconds == Decimal(360)
+    _a_vcpu_hour_budget_is_spent_by_these_updates(list(latest.values()), ts)
+
+
+def test_budget_set_takes_a_vcpu_hour_unit_and_refuses_an_unknown_one(settings, monkeypatch):
+    """`meterline budget set --unit vcpu_hours` publishes a vCPU-hour budget that `budget list` reads back from the topic."""
+    from typer.testing import CliRunner
+
+    from meterline.cli import app
+    from meterline.settings import get_settings
+
+    for name, value in (("METERLINE_KAFKA_BOOTSTRAP", settings.bootstrap), ("METERLINE_TOPIC_PREFIX", settings.topic_prefix),
+                        ("METERLINE_DATA_DIR", str(settings.data_dir))):
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        done = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--amount", "12.5", "--unit", "vcpu_hours", "--json"])
+        assert done.exit_code == 0, done.output
+        listed = json.loads(runner.invoke(app, ["budget", "list", "--json"]).stdout)
+        assert [(p["policy_id"], p["unit"], p["amount"]) for p in listed] == [("tenant:acme:vcpu_hours:month", "vcpu_hours", "12.5")]
+        wrong = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--amount", "1", "--unit", "tpu_hours"])
+        assert wrong.exit_code != 0 and "vcpu_hours" in wrong.output  # the error names the units there are
+    finally:
+        get_settings.cache_clear()
+
+
+def _a_vcpu_hour_budget_is_spent_by_these_updates(updates: list[SpendUpdate], ts: datetime) -> None:
+    """The allocator, fed the worker's real spend updates: a tenant's vCPU-hour budget counts its CPU-seconds / 3600
+    (75.6 s = 0.021 h), not its dollars; a budget above it denies nothing."""
+    from meterline.allocator.engine import Engine, EngineConfig
+    from meterline.schemas.events import BudgetPolicy
+
+    def decide(amount: str) -> tuple[Decimal, dict[str, str]]:
+        engine = Engine(EngineConfig(), clock=lambda: ts + timedelta(minutes=1))
+        engine.apply_policy(BudgetPolicy(policy_id="cpu", tenant_id="acme", scope="tenant", scope_id="acme",
+                                         unit="vcpu_hours", amount=Decimal(amount), created_at=ts - timedelta(days=40)))
+        for update in updates:
+            engine.apply_spend(update)
+        engine.decide()
+        got = {d.priority: d.action for _, (_, d) in engine._published.items() if d.scope_id == "acme" and d.priority}
+        return engine.budgets["cpu"].spent, got
+
+    spent, over = decide("0.02")
+    assert spent == Decimal("75.6") / 3600
+    assert over["low"] == over["batch"] == "deny" and over["critical"] == "allow"  # the policy's default actions
+    spent, under = decide("100")
+    assert spent == Decimal("75.6") / 3600 and "deny" not in under.values()  # paced (this rate would overrun), not denied
 
 
 # -------------------------------------------------------------------- crash
