@@ -7,7 +7,8 @@
   ticks), resident memory (VmRSS) and its high-water mark (VmHWM) from /proc/<pid>/status.
 * level="cgroup": every cgroup v2 leaf group that holds processes (the root and inner groups count
   their descendants, so they are left out; processes of the root group itself are not seen), from cpu.stat (user_usec,
-  system_usec: exited children included, which /proc cannot give), memory.current and memory.peak.
+  system_usec: exited children included, which /proc cannot give), memory.current and memory.peak, and
+  cpu.max as the group's CPU limit in cores (cpu_limit_cores: what the idle_cpu anomaly compares use with).
 
 The first call is the baseline and returns nothing (there is no interval before it); a process or
 group first seen later started within the interval, so all of its CPU time counts. The CPU time a
@@ -83,6 +84,14 @@ def parse_cpu_stat(text: str) -> tuple[int, int]:
     """(user_usec, system_usec) from a cgroup v2 cpu.stat."""
     values = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
     return int(values.get("user_usec", 0)), int(values.get("system_usec", 0))
+
+
+def parse_cpu_max(text: str) -> Decimal | None:
+    """Cores a cgroup v2 cpu.max allows ("<quota> <period>" in microseconds; "max ..." is no limit)."""
+    quota, _, period = text.strip().partition(" ")
+    if quota == "max" or not period:
+        return None
+    return (Decimal(int(quota)) / int(period)).quantize(PLACES)
 
 
 def cgroup_v2_path(text: str) -> str:
@@ -227,12 +236,14 @@ class NodeCollector:
                 user, system = parse_cpu_stat((group / "cpu.stat").read_text())
                 current = int((group / "memory.current").read_text()) if "memory.current" in files else 0
                 peak = int((group / "memory.peak").read_text()) if "memory.peak" in files else current
+                limit = parse_cpu_max((group / "cpu.max").read_text()) if "cpu.max" in files else None
                 inode = group.stat().st_ino  # a group removed and made again under the same name starts at 0
             except (OSError, ValueError):
                 continue  # removed while listed
             path = "/" + str(group.relative_to(self.cgroup_root)).strip(".").strip("/")
             yield {"id": (path, inode), "pid": None, "pids": pids, "cgroup": path, "container": container_of(path),
-                   "user": user, "system": system, "memory": current, "peak": max(peak, current), "per_s": 1_000_000}
+                   "user": user, "system": system, "memory": current, "peak": max(peak, current), "per_s": 1_000_000,
+                   "limit": limit}
 
     def _pods(self) -> dict[str, tuple[str, str]]:
         try:
@@ -259,7 +270,8 @@ class NodeCollector:
                   "pod_uid": container.pod_uid, "namespace": namespace, "pod": pod, "interval_ms": interval_ms,
                   "cpu_user_seconds": _seconds(user, r["per_s"]), "cpu_system_seconds": _seconds(system, r["per_s"]),
                   "memory_bytes": r["memory"], "memory_peak_bytes": r["peak"],
-                  "memory_byte_seconds": Decimal(r["memory"]) * interval_ms / 1000, "simulated": self.simulated}
+                  "memory_byte_seconds": Decimal(r["memory"]) * interval_ms / 1000, "simulated": self.simulated,
+                  "cpu_limit_cores": r.get("limit")}
         owner = self._owner(r["pids"], namespace, pod)
         try:
             return build(ComputeSample, sample_id=new_id(), **fields, **owner)

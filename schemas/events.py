@@ -369,6 +369,8 @@ class _ComputeReading(Contract):
     memory_bytes: Count = 0
     memory_peak_bytes: Count = 0
     memory_byte_seconds: Usd = Decimal(0)
+    cpu_limit_cores: Usd | None = Field(None, description="The group's CPU quota in cores (cgroup v2 cpu.max quota / period: "
+                                        "what a container reserved); None without a limit or per process.")
 
 
 # the two samples share only who owns the row (SampleOwner); the docstring is the JSON schema's description
@@ -423,7 +425,7 @@ class Anomaly(Contract):
     anomaly_id: UUID
     ts: Timestamp
     kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu", "budget_threshold",
-                  "conflicting_duplicate", "unmetered_calls"]
+                  "conflicting_duplicate", "unmetered_calls", "idle_cpu"]
     severity: Severity
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]

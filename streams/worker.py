@@ -503,6 +503,8 @@ class StreamWorker:
                     unpriced = False
                 except LookupError:
                     cost, unpriced = 0, True
+                stage = "anomaly detection"
+                found = self.detectors.compute(sample, cost)  # idle reserved CPU
                 stage = "spend"
                 if sample.attributed and sample.tenant_id:
                     ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
@@ -515,6 +517,8 @@ class StreamWorker:
             self.stats["compute_samples"] += 1
             if unpriced:
                 self.stats["compute_unpriced"] += 1
+            for anomaly in found:
+                self._anomaly(anomaly)
 
     # ------------------------------------------------------------- outputs
     def _decode_or_dlq(self, msg: Any, contract: type, now: datetime) -> Any | None:

@@ -239,6 +239,24 @@ def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_
     _a_vcpu_hour_budget_is_spent_by_these_updates(list(latest.values()), ts)
 
 
+def test_a_container_idle_against_its_cpu_limit_raises_idle_cpu_through_the_worker(kafka_bootstrap):
+    """Compute samples with a CPU limit (cpu.max) that is barely used for 6 minutes: the stream worker publishes one
+    idle_cpu anomaly, on the session, with the exact share used."""
+    from meterline.schemas.events import Anomaly, ComputeSample
+
+    settings, start = fresh_settings(kafka_bootstrap), NOW - timedelta(minutes=10)
+    samples = [build(ComputeSample, sample_id=new_id(), ts=start + timedelta(seconds=10 * i), node="n1", node_class="n2",
+                     level="cgroup", cgroup="/kubepods.slice/pod-a/crio-1.scope", interval_ms=10_000,
+                     cpu_user_seconds=Decimal("0.1"), cpu_limit_cores=Decimal(4), memory_bytes=1 << 30,
+                     tenant_id="acme", team="core", session_id="s-idle", attributed=True) for i in range(36)]
+    produce(settings, "compute", [(c.key.encode(), c.to_json()) for c in samples])
+    stats = run_worker(settings)
+    assert stats["compute_samples"] == 36 and not stats["dead_letters"], stats
+    idle = [a for a in (decode(Anomaly, r) for r in read_topic(settings, "anomalies")) if a.kind == "idle_cpu"]
+    assert [(a.tenant_id, a.scope, a.scope_id) for a in idle] == [("acme", "session", "s-idle")]
+    assert idle[0].evidence["used_pct"] == "0.25"  # 0.1 CPU-seconds of 40 core-seconds per sample
+
+
 def test_budget_set_takes_a_vcpu_hour_unit_and_refuses_an_unknown_one(settings, monkeypatch):
     """`meterline budget set --unit vcpu_hours` publishes a vCPU-hour budget that `budget list` reads back from the topic."""
     from typer.testing import CliRunner
