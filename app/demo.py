@@ -372,6 +372,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
                           f"+ CPU ${summary['ledger_cpu_cost_usd']} + memory ${summary['ledger_memory_cost_usd']} = "
                           f"chargeback ${summary['chargeback_total_usd']} "
                           f"({'[green]equal[/]' if summary['chargeback_equals_ledger'] else '[red]MISMATCH[/]'})")
+            console.print(compute_table(summary))
             console.print(compute_line(summary))
             console.print(f"decisions {summary['decisions']} · anomalies {summary['anomalies']}")
             console.print(f"dashboard: {url}/ (served while the demo runs; `--keep` keeps it, `meterline up` serves this "
@@ -513,6 +514,24 @@ def compute_summary(ledger: Any, params: Any, chargeback: Any, totals: dict, wor
         "ledger_total_usd": exact(totals["total_cost_usd"]), "focus_total_usd": exact(focus_total),
         "focus_rows": len(focus), "totals_reconcile": charged == focus_total == totals["total_cost_usd"],
     }
+
+
+def compute_table(summary: dict[str, Any]) -> Any:
+    """Per tenant: tokens and GPU (simulated) beside the CPU and memory its tool worker really used, to the
+    micro-dollar (the chargeback table rounds to 4 places, where a worker's CPU is a few hundredths of a cent)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="CPU and memory beside tokens and GPU, per tenant (CPU and memory: MEASURED real processes)")
+    for col in ("tenant", "tokens (sim)", "usage $ (sim)", "GPU $ (sim)", "CPU s", "CPU $", "mem $"):
+        table.add_column(col, justify="left" if col == "tenant" else "right")
+    for row in summary["chargeback"]:
+        money = {k: Decimal(row.get(k) or 0).quantize(Decimal("0.000001")) for k in
+                 ("usage_cost_usd", "gpu_cost_usd", "gpu_idle_cost_usd", "cpu_cost_usd", "memory_cost_usd")}
+        table.add_row(Text(row["tenant"]), f"{int(row['input_tokens']) + int(row['output_tokens']):,}", str(money["usage_cost_usd"]),
+                      str(money["gpu_cost_usd"] + money["gpu_idle_cost_usd"]), str(row["cpu_seconds"]),
+                      str(money["cpu_cost_usd"]), str(money["memory_cost_usd"]))
+    return table
 
 
 def compute_line(summary: dict[str, Any]) -> str:
