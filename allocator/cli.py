@@ -84,12 +84,13 @@ def _print_reports(reports: list[dict], as_json: bool) -> None:
 @budget_app.command("set")
 def budget_set(
     tenant: Annotated[str, typer.Option(help="Tenant id (always required).")],
-    amount: Annotated[str, typer.Option(help="Budget per period, exact decimal (USD or GPU-hours).")],
+    amount: Annotated[str, typer.Option(help="Budget per period, exact decimal (USD, GPU-hours or vCPU-hours).")],
     team: Annotated[str, typer.Option(help="Team, to budget a team (or something below it).")] = "",
     project: Annotated[str, typer.Option(help="Project.")] = "",
     agent: Annotated[str, typer.Option(help="Agent id.")] = "",
     session: Annotated[str, typer.Option(help="Session id.")] = "",
-    unit: Annotated[str, typer.Option(help="usd or gpu_hours. A tenant's GPU-hour budget is also its nominal GPU share.")] = "usd",
+    unit: Annotated[str, typer.Option(help="usd, gpu_hours or vcpu_hours (CPU time of `collect node` samples). A tenant's "
+                                           "GPU-hour budget is also its nominal GPU share.")] = "usd",
     period: Annotated[str, typer.Option(help="day, week, month or custom.")] = "month",
     anchor: Annotated[Optional[datetime], typer.Option(help="Reset anchor (ISO time): its local time of day, weekday or day of month; start of a custom period.")] = None,
     period_seconds: Annotated[Optional[int], typer.Option(help="Length of a custom period.")] = None,

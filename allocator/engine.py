@@ -70,6 +70,16 @@ PROTECTED: tuple[Priority, ...] = ("critical", "high")
 LedgerSpend = Callable[[str, str, datetime], Decimal]
 
 
+Seconds = tuple[Decimal, Decimal]  # (GPU-seconds, CPU-seconds) of a window or a period
+NO_SECONDS: Seconds = (ZERO, ZERO)
+UNIT_SECONDS = {"gpu_hours": 0, "vcpu_hours": 1}  # which of them a budget's hours count
+
+
+def in_unit(unit: str, cost_usd: Decimal, seconds: Seconds) -> Decimal:
+    """Spend in a budget's unit: dollars, or GPU-hours / vCPU-hours from the samples' seconds."""
+    return cost_usd if unit == "usd" else seconds[UNIT_SECONDS[unit]] / 3600
+
+
 def usd(x: Decimal) -> Decimal:
     """Round down to the contract's 12 decimal places (grants round toward less spend)."""
     return x.quantize(CENT_NANO, rounding=ROUND_DOWN)
@@ -176,11 +186,11 @@ class Engine:
         self.budgets: dict[str, BudgetState] = {}
         self.leases: dict[str, Lease] = {}
         self.gpu = GpuPool()
-        self._windows: dict[tuple, dict[datetime, tuple[Decimal, Decimal, datetime]]] = {}  # by level_key
+        self._windows: dict[tuple, dict[datetime, tuple[Decimal, Seconds, datetime]]] = {}  # by level_key
         self._published: dict[str, tuple[tuple, ThrottleDecision]] = {}
         self._alerts: list[Anomaly] = []
         self._tenants_seen: set[str] = set()
-        self._totals: dict[str, tuple[datetime, int, Decimal]] = {}
+        self._totals: dict[str, tuple[datetime, int, Seconds]] = {}
         self._by_level: dict[tuple[str, int, str], list[BudgetState]] = {}
         self._sources: dict[tuple, list[ThrottleDecision]] = {}   # rendered decisions per rule source
         self._dirty: set[tuple] = set()
@@ -218,15 +228,16 @@ class Engine:
         now = self.clock()
         scope_id = canonical(update.tenant_id, update.scope, update.scope_id)
         lease = self._lease_for(scope_id, now) if update.scope == "session" else None  # before the window lands
-        d_events, d_gpu = self._period_deltas(scope_id, update)
+        d_events, d_secs = self._period_deltas(scope_id, update)
         windows = self._windows.setdefault(level_key(scope_id), {})
-        old_usd, old_gpu, _ = windows.get(update.window_start, (ZERO, ZERO, update.window_end))
+        old_usd, old_secs, _ = windows.get(update.window_start, (ZERO, NO_SECONDS, update.window_end))
         d_usd = max(ZERO, update.window_cost_usd - old_usd)
-        windows[update.window_start] = (max(old_usd, update.window_cost_usd), old_gpu + d_gpu, update.window_end)
+        windows[update.window_start] = (max(old_usd, update.window_cost_usd), (old_secs[0] + d_secs[0], old_secs[1] + d_secs[1]),
+                                        update.window_end)
         for state in self._budgets_on(scope_id):
             state.roll(now)
             if update.window_end > state.start and update.window_start < state.end:  # overlap counts whole: errs toward throttling
-                delta = d_usd if state.policy.unit == "usd" else d_gpu / 3600
+                delta = in_unit(state.policy.unit, d_usd, d_secs)
                 state.spent += delta
                 state.recent.append((update.window_end, delta, d_events))
                 self._check_alerts(state, now)
@@ -255,13 +266,14 @@ class Engine:
                 if need > 0 and (state.smallest_need is None or need < state.smallest_need):
                     state.smallest_need = need
 
-    def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Decimal]:
-        """New events and GPU-seconds since the last update (the contract carries them period-to-date)."""
+    def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Seconds]:
+        """New events and (GPU-, CPU-) seconds since the last update (the contract carries them period-to-date)."""
         old = self._totals.get(scope_id)
-        self._totals[scope_id] = (update.period_start, update.events, update.gpu_seconds)
+        seconds = (update.gpu_seconds, update.cpu_seconds)
+        self._totals[scope_id] = (update.period_start, update.events, seconds)
         if old is None or old[0] != update.period_start:
-            return update.events, update.gpu_seconds
-        return max(0, update.events - old[1]), max(ZERO, update.gpu_seconds - old[2])
+            return update.events, seconds
+        return max(0, update.events - old[1]), (max(ZERO, seconds[0] - old[2][0]), max(ZERO, seconds[1] - old[2][1]))
 
     def apply_gpu(self, sample: GpuSample) -> None:
         self._dirty.add(("gpu",))
@@ -731,8 +743,7 @@ class Engine:
         return sum((c for c, _, end in self._windows.get(level_key(scope_id), {}).values() if end > since), ZERO)
 
     def _spend_in_memory(self, policy: BudgetPolicy, since: datetime) -> Decimal:
-        cost = lambda v: v[0] if policy.unit == "usd" else v[1] / 3600  # noqa: E731
-        return sum((cost(v) for v in self._windows.get(level_key(policy.scope_id), {}).values() if v[2] > since), ZERO)
+        return sum((in_unit(policy.unit, v[0], v[1]) for v in self._windows.get(level_key(policy.scope_id), {}).values() if v[2] > since), ZERO)
 
     def _forget_old_windows(self, now: datetime) -> None:
         horizon = now - self.config.window_memory

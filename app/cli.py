@@ -129,7 +129,8 @@ def _emit(name: str, params: Any, fmt: str) -> None:
 
 @report_app.command("chargeback")
 def chargeback(
-    by: Annotated[str, typer.Option("--by", help="tenant | team | project | agent | session | model")] = "tenant",
+    by: Annotated[str, typer.Option("--by", help="tenant | team | project | agent | session | model | namespace | pod "
+                                                      "(Kubernetes: GPU and CPU rows of pods; the rest is '(none)')")] = "tenant",
     since: Since = None, until: Until = None, tenant: Tenant = None, team: Team = None, project: Project = None, fmt: Fmt = "table",
     gpu_idle: GpuIdle = None,
 ) -> None:

@@ -12,7 +12,11 @@ The fleet (every number below is simulated, reproducible with --seed):
   the catalog, plus tool calls and one self-hosted model nobody can price;
 * a runaway agent at initech that loops on the same call (after a normal recent history);
 * a simulated GPU node (`meterline collect gpu --simulate`) whose processes belong to
-  acme and globex sessions.
+  acme and globex sessions;
+* REAL CPU and memory (not simulated): five agents each run a tool worker process (a browser, a
+  local model, a code interpreter, ...) that burns a set share of a core and holds a set amount of
+  memory; `meterline collect node --pid ...` measures those processes from /proc and attributes
+  them by the session in their environment (METERLINE_*), as on any node.
 
 Every agent checks its allocator guard before each call and obeys: throttled calls back
 off, downgraded calls use the model they are told to, denied calls stop. The demo ends
@@ -72,6 +76,13 @@ FLEET: tuple[AgentSpec, ...] = (
     AgentSpec("hooli", "platform", "etl", "backfiller", "batch", "openai", "gpt-4o", 4, 9000, 300),
     AgentSpec("hooli", "platform", "etl", "tagger", "low", "openai", "gpt-4o-mini", 3, 2000, 200),  # ~20x cheaper calls
 )
+
+
+def session_of(spec: AgentSpec, seed: int) -> str:
+    """The session an agent (seeded `seed`) runs in: its calls and its tool worker's CPU share it."""
+    return f"{spec.agent}-{seed % 10_000:04d}"
+
+
 @dataclass(frozen=True)
 class DemoBudget:
     amount: Decimal
@@ -119,7 +130,7 @@ class Agent(threading.Thread):
 
         self.spec, self.catalog, self.outcomes, self.stop_event = spec, catalog, outcomes, stop
         self.random = random.Random(seed)
-        session = f"{spec.agent}-{seed % 10_000:04d}"
+        session = session_of(spec, seed)
         self.meter = Meter(settings, tenant_id=spec.tenant, team=spec.team, project=spec.project, agent_id=spec.agent,
                            session_id=session, priority=spec.priority, register_pid=False)
         self.guard = Guard(feed, spec.tenant, spec.team, spec.project, spec.agent, session, priority=spec.priority,
@@ -308,6 +319,8 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     up.supervisor.components.append(ProcessComponent(
         "gpu-simulator", meterline_argv("collect", "gpu", "--simulate", "--interval", "2", "--node", "sim-node-1"),
         settings_env(settings), settings.data_dir / "logs"))
+    workers = start_tool_workers(settings, seed)
+    up.supervisor.components.append(node_collector(settings, workers))
     with console.status("starting the pipeline (streams, sink, allocator, API)…"):
         url = up.start()
         allocator = up.supervisor.get("allocator")
@@ -334,9 +347,11 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         stop.set()
         for agent in agents:
             agent.join(30)
-        if (gpu := up.supervisor.get("gpu-simulator")) is not None:
-            up.supervisor.components.remove(gpu)  # no new samples: the ledger can settle
-            gpu.stop(10)
+        for name in ("gpu-simulator", "node-collector"):
+            if (collector := up.supervisor.get(name)) is not None:
+                up.supervisor.components.remove(collector)  # no new samples: the ledger can settle
+                collector.stop(10)
+        stop_tool_workers(workers)
         with console.status("letting the pipeline settle (every event priced and in the ledger)…"):
             wait_settled(up, settings)
         params = ReportParams.parse(since=(start - timedelta(hours=1)).isoformat())
@@ -344,6 +359,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         chargeback = run_report(ledger, "chargeback", params)
         (totals,) = run_report(ledger, "totals", params).dicts()
         summary = summarise(chargeback, totals, up, outcomes, url, seed, duration)
+        summary.update(compute_summary(ledger, params, chargeback, totals, workers))
         if as_json:
             print(json.dumps(summary))
         else:
@@ -352,9 +368,12 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
             console.print(f"[bold black on yellow] {BANNER} [/]")
             console.print(f"ledger: {totals['priced_events']} priced events (agents sent {outcomes.sent}), "
                           f"usage ${summary['ledger_usage_cost_usd']} + GPU ${summary['ledger_gpu_cost_usd']} "
-                          f"(${summary['ledger_gpu_idle_cost_usd']} of it idle, charged {params.gpu_idle}) = "
+                          f"(${summary['ledger_gpu_idle_cost_usd']} of it idle, charged {params.gpu_idle}) "
+                          f"+ CPU ${summary['ledger_cpu_cost_usd']} + memory ${summary['ledger_memory_cost_usd']} = "
                           f"chargeback ${summary['chargeback_total_usd']} "
                           f"({'[green]equal[/]' if summary['chargeback_equals_ledger'] else '[red]MISMATCH[/]'})")
+            console.print(compute_table(summary))
+            console.print(compute_line(summary))
             console.print(f"decisions {summary['decisions']} · anomalies {summary['anomalies']}")
             console.print(f"dashboard: {url}/ (served while the demo runs; `--keep` keeps it, `meterline up` serves this "
                           "data again)  ·  reports: `meterline report chargeback --by team`")
@@ -371,6 +390,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         stop.set()
         feed.close()
         up.stop()
+        stop_tool_workers(workers)
 
 
 def summarise(chargeback: Any, totals: dict, up: Any, outcomes: Outcomes, url: str, seed: int, duration: float) -> dict[str, Any]:
@@ -386,12 +406,139 @@ def summarise(chargeback: Any, totals: dict, up: Any, outcomes: Outcomes, url: s
         "events_sent": outcomes.sent, "priced_events": totals["priced_events"],
         "ledger_usage_cost_usd": exact(usage), "ledger_gpu_cost_usd": exact(gpu),
         "ledger_gpu_idle_cost_usd": exact(totals["gpu_idle_cost_usd"]),
-        "chargeback_total_usd": exact(charged), "chargeback_equals_ledger": charged == usage + gpu,
+        "chargeback_total_usd": exact(charged), "chargeback_equals_ledger": charged == totals["total_cost_usd"],
         "decisions": snap["decision_counts"], "anomalies": snap["anomaly_counts"],
         "ledger_decisions": totals["decisions"], "ledger_anomalies": totals["anomalies"],
         "agents": {t: dict(c) for t, c in outcomes.counts.items()},
         "chargeback": [{k: exact(v) for k, v in row.items()} for row in chargeback.dicts()],
     }
+
+
+# ---- real CPU and memory: tool workers measured by `collect node` -----------------------------
+
+# (tenant, agent) -> (what the worker stands for, share of one core it burns, MiB it holds)
+TOOL_WORKERS: dict[tuple[str, str], tuple[str, float, int]] = {
+    ("acme", "retriever"): ("headless browser", 0.10, 64),
+    ("globex", "trainer"): ("local model", 0.15, 160),
+    ("initech", "coder"): ("code interpreter", 0.08, 48),
+    ("umbrella", "summarizer"): ("document parser", 0.04, 32),
+    ("hooli", "extractor"): ("ETL worker", 0.04, 32),
+}
+
+
+@dataclass
+class ToolWorker:
+    spec: AgentSpec
+    role: str
+    proc: Any  # subprocess.Popen
+
+
+def tool_worker(duty: float, mib: int) -> None:
+    """A tool process: burns `duty` of one core in 100 ms slices and holds `mib` MiB (touched, so resident),
+    until its stdin closes (the demo ends, or dies)."""
+    import sys
+
+    ballast = bytearray(mib << 20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    while not done.is_set():
+        busy_until = time.thread_time() + 0.1 * duty
+        while time.thread_time() < busy_until:
+            pass
+        done.wait(0.1 * (1 - duty))
+    del ballast
+
+
+def start_tool_workers(settings: Any, seed: int) -> list[ToolWorker]:
+    """One real worker process per agent in TOOL_WORKERS, launched with its agent's session in its environment
+    (METERLINE_TENANT_ID, ... : how `collect node` attributes a process that does not use the SDK)."""
+    import subprocess
+    import sys
+
+    from .up import _die_with_parent, settings_env
+
+    workers = []
+    for i, spec in enumerate(FLEET):
+        if (spec.tenant, spec.agent) not in TOOL_WORKERS:
+            continue
+        role, duty, mib = TOOL_WORKERS[(spec.tenant, spec.agent)]
+        env = settings_env(settings) | {
+            "METERLINE_TENANT_ID": spec.tenant, "METERLINE_TEAM": spec.team, "METERLINE_PROJECT": spec.project,
+            "METERLINE_AGENT_ID": spec.agent, "METERLINE_SESSION_ID": session_of(spec, seed * 100 + i)}
+        proc = subprocess.Popen([sys.executable, "-c", f"from meterline.app.demo import tool_worker; tool_worker({duty}, {mib})"],
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        workers.append(ToolWorker(spec, role, proc))
+    return workers
+
+
+def node_collector(settings: Any, workers: list[ToolWorker]) -> Any:
+    """`meterline collect node` over the tool workers' process trees only (not the rest of this machine)."""
+    from .up import ProcessComponent, meterline_argv, settings_env
+
+    pids = [arg for w in workers for arg in ("--pid", str(w.proc.pid))]
+    return ProcessComponent("node-collector", meterline_argv("collect", "node", "--interval", "2", "--json", *pids),
+                            settings_env(settings), settings.data_dir / "logs")
+
+
+def stop_tool_workers(workers: list[ToolWorker]) -> None:
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.stdin.close()  # the worker's cue to exit
+    for w in workers:
+        try:
+            w.proc.wait(10)
+        except Exception:  # noqa: BLE001 - it would not stop: kill it
+            w.proc.kill()
+
+
+def compute_summary(ledger: Any, params: Any, chargeback: Any, totals: dict, workers: list[ToolWorker]) -> dict[str, Any]:
+    """The measured CPU and memory in the ledger, and the three totals that must agree: chargeback (its rows),
+    FOCUS (EffectiveCost of every row) and the ledger's own grand total."""
+    from .focus import focus_rows
+    from .report import exact
+
+    focus = focus_rows(ledger, params)
+    focus_total = sum((Decimal(r["EffectiveCost"]) for r in focus), Decimal(0))  # BilledCost leaves out what providers bill
+    quantity = {kind: sum((Decimal(r["ConsumedQuantity"]) for r in focus if r.get("x_Kind") == kind), Decimal(0))
+                for kind in ("cpu", "memory")}
+    total_col = chargeback.columns.index("total_cost_usd")
+    charged = sum((row[total_col] for row in chargeback.rows), Decimal(0))
+    return {
+        "compute_measured": "real processes (tool workers), not simulated",
+        "tool_workers": {f"{w.spec.tenant}/{w.spec.agent}": w.role for w in workers},
+        "ledger_cpu_cost_usd": exact(totals["cpu_cost_usd"] or Decimal(0)),
+        "ledger_memory_cost_usd": exact(totals["memory_cost_usd"] or Decimal(0)),
+        "vcpu_hours": exact(quantity["cpu"]), "memory_gib_hours": exact(quantity["memory"]),
+        "ledger_total_usd": exact(totals["total_cost_usd"]), "focus_total_usd": exact(focus_total),
+        "focus_rows": len(focus), "totals_reconcile": charged == focus_total == totals["total_cost_usd"],
+    }
+
+
+def compute_table(summary: dict[str, Any]) -> Any:
+    """Per tenant: tokens and GPU (simulated) beside the CPU and memory its tool worker really used, to the
+    micro-dollar (the chargeback table rounds to 4 places, where a worker's CPU is a few hundredths of a cent)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="CPU and memory beside tokens and GPU, per tenant (CPU and memory: MEASURED real processes)")
+    for col in ("tenant", "tokens (sim)", "usage $ (sim)", "GPU $ (sim)", "CPU s", "CPU $", "mem $"):
+        table.add_column(col, justify="left" if col == "tenant" else "right")
+    for row in summary["chargeback"]:
+        money = {k: Decimal(row.get(k) or 0).quantize(Decimal("0.000001")) for k in
+                 ("usage_cost_usd", "gpu_cost_usd", "gpu_idle_cost_usd", "cpu_cost_usd", "memory_cost_usd")}
+        table.add_row(Text(row["tenant"]), f"{int(row['input_tokens']) + int(row['output_tokens']):,}", str(money["usage_cost_usd"]),
+                      str(money["gpu_cost_usd"] + money["gpu_idle_cost_usd"]), str(row["cpu_seconds"]),
+                      str(money["cpu_cost_usd"]), str(money["memory_cost_usd"]))
+    return table
+
+
+def compute_line(summary: dict[str, Any]) -> str:
+    ok = "[green]equal[/]" if summary["totals_reconcile"] else "[red]MISMATCH[/]"
+    return (f"CPU ${summary['ledger_cpu_cost_usd']} ({summary['vcpu_hours']} vCPU-h) + memory ${summary['ledger_memory_cost_usd']} "
+            f"({summary['memory_gib_hours']} GiB-h): MEASURED on {len(summary['tool_workers'])} real tool-worker processes by "
+            f"`collect node` · chargeback = FOCUS ${summary['focus_total_usd']} = ledger ${summary['ledger_total_usd']} ({ok})")
 
 
 def demo_command(

@@ -233,10 +233,12 @@ def usage_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> I
             yield row
 
 
-def _gpu_rate(catalog: Any, gpu_name: str, cost: Decimal, hours: Decimal) -> Decimal:
-    """The catalog's USD per hour of the whole GPU (MIG slices count their fraction in the hours)."""
-    rate = catalog.gpu_hourly(gpu_name)
-    return rate if rate is not None else (cost / hours).quantize(SCALE, ROUND_HALF_EVEN) if hours else ZERO
+def _gpu_rate(listed: Decimal | None, cost: Decimal, hours: Decimal) -> Decimal:
+    """USD per hour of the whole GPU: the catalog's list rate, else what was paid per hour (MIG slices count their
+    fraction in the hours), 0 for no hours."""
+    if listed is not None:
+        return Decimal(listed)
+    return (cost / hours).quantize(SCALE, ROUND_HALF_EVEN) if hours else ZERO
 
 
 def gpu_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> Iterator[dict[str, Any]]:
@@ -259,7 +261,7 @@ def gpu_rows(lines: Iterable[dict[str, Any]], account: str, catalog: Any) -> Ite
             "x_CatalogVersion": line["catalog_version"], "x_Simulated": bool(line["simulated"]),
         }
         cost, hours = Decimal(line["billed_cost_usd"]), seconds / 3600
-        _money(row, cost, _gpu_rate(catalog, line["gpu_name"], cost, hours), hours)
+        _money(row, cost, _gpu_rate(catalog.gpu_hourly(line["gpu_name"]), cost, hours), hours)
         yield row
 
 
@@ -361,10 +363,8 @@ def _idle_row(line: dict[str, Any], ratio: Decimal, account: str) -> dict[str, A
         "x_GpuNode": line["node"], "x_GpuName": line["gpu_name"], "x_CostSource": "catalog",
         "x_CatalogVersion": line["catalog_version"], "x_Simulated": False,
     }
-    rate = line.get("list_rate_per_hour")
     hours = seconds / 3600
-    _money(row, cost, Decimal(rate) if rate is not None else (cost / hours).quantize(SCALE, ROUND_HALF_EVEN) if hours else ZERO,
-           hours)
+    _money(row, cost, _gpu_rate(line.get("list_rate_per_hour"), cost, hours), hours)
     return row
 
 

@@ -25,7 +25,10 @@ from .store import Result
 
 QUERIES_DIR = Path(__file__).resolve().parents[1] / "sql" / "queries"
 # --by levels: the tenant path's depth (keys below the tenant are qualified scope ids: 'acme/research'), or model
-DIMENSIONS = {"tenant": 1, "team": 2, "project": 3, "agent": 4, "session": 5, "model": 0}
+DIMENSIONS = {"tenant": 1, "team": 2, "project": 3, "agent": 4, "session": 5, "model": 0, "namespace": 0, "pod": 0}
+# Kubernetes keys (GPU process rows from `collect dcgm`, compute rows from `collect node`); what has no pod is
+# the key '' (tables show it as "(none)", json and csv keep '')
+K8S_DIMENSIONS = ("namespace", "pod")
 # The tenant of GPU time no session owns: the stream worker's spend uses this name
 # (streams/worker.py), so reports do too and the two reconcile tenant by tenant.
 UNATTRIBUTED = "unattributed"
@@ -201,6 +204,8 @@ def idle_key(line: dict[str, Any], by: str) -> str:
     """An idle line's chargeback key: its GPU's model line, or its scope id at the --by level."""
     if by == "model":
         return f"gpu:{line['gpu_name']}"
+    if by in K8S_DIMENSIONS:
+        return ""  # idle time belongs to a device, not to a pod
     return "/".join([line["tenant_id"], line["team"], line["project"], "", ""][: DIMENSIONS[by]])
 
 
@@ -272,6 +277,9 @@ BURN_DOWN_COLUMNS = ["policy_id", "tenant_id", "scope", "scope_id", "unit", "amo
                      "forecast_spend", "forecast_lo80", "forecast_hi80"]
 
 
+UNIT_FIELDS = {"usd": 1, "gpu_hours": 2, "vcpu_hours": 3}
+
+
 def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None) -> Result:
     """Per budget: spent and remaining this period, against the straight pacing line.
 
@@ -288,7 +296,7 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
         spend = ledger.query(load_query("scope_spend"), {
             **scope_filter(p["scope"], p["scope_id"], p["tenant_id"]), "since": start,
             "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
-        field = 2 if p["unit"] == "gpu_hours" else 1
+        field = UNIT_FIELDS.get(p["unit"], 1)  # scope_spend / scope_hourly: cost_usd, gpu_hours, vcpu_hours
         spent = sum((Decimal(r[field]) for r in spend), Decimal(0))
         amount = Decimal(p["amount"])
         elapsed = max((now - start).total_seconds(), 1.0)

@@ -162,6 +162,9 @@ def collect_node(
     node: Annotated[Optional[str], typer.Option(help="Node name; default: the host name.")] = None,
     publish: Annotated[bool, typer.Option(help="Publish to the compute topic (--no-publish only prints).")] = True,
     cgroup_root: Annotated[Path, typer.Option(help="Where the cgroup v2 hierarchy is mounted.")] = Path("/sys/fs/cgroup"),
+    proc: Annotated[Path, typer.Option(help="Where the node's /proc is (in a container: the host's, mounted read-only).")] = Path("/proc"),
+    pid: Annotated[Optional[list[int]], typer.Option("--pid", metavar="PID", help="Only this process and its descendants (repeatable; "
+                                                                  "process level): e.g. one agent's process tree.")] = None,
 ) -> None:
     """Sample CPU-seconds and memory of every process (or cgroup v2 group) and publish ComputeSample records to the compute topic.
 
@@ -171,6 +174,7 @@ def collect_node(
     The first sample is a baseline (nothing is published for it). Priced by the sink per --node-class.
 
     Examples:  meterline collect node --once --json --no-publish    ·    meterline collect node --level cgroup --node-class n2
+               meterline collect node --pid 4242 --interval 2   (one agent's process tree only)
     """
     import signal
     import socket
@@ -185,8 +189,11 @@ def collect_node(
     settings = get_settings()
     node = node or socket.gethostname()
     try:
-        collector = NodeCollector(Attributor(SessionRegistry(sessions_dir(settings.data_dir))), node=node, node_class=node_class,
-                                  level=level, cgroup_root=cgroup_root, interval_s=interval)
+        collector = NodeCollector(Attributor(SessionRegistry(sessions_dir(settings.data_dir), proc=proc)), node=node,
+                                  node_class=node_class, level=level, proc=proc, cgroup_root=cgroup_root, interval_s=interval,
+                                  roots=set(pid or ()))
+        if pid and level != "process":
+            raise ValueError("--pid selects processes: use it with --level process")
     except ValueError as err:
         fail(f"{err}. See `meterline collect node --help`.")
     if level == "cgroup" and not (cgroup_root / "cgroup.controllers").exists():

@@ -236,6 +236,8 @@ def _read(text: str) -> tuple[dict[str, _Entity], dict[tuple[str, str], _Entity]
                 uuid, gi = _label(labels, UUID_LABELS), labels.get("GPU_I_ID", "")
                 if not uuid or not labels.get("gpu", "").isdigit():
                     raise _Malformed("no UUID or gpu index")
+                if gi and not (gi.isascii() and gi.isdigit()):  # the exporter writes the instance id as a number
+                    raise _Malformed(f"GPU_I_ID {gi!r}")
                 value = _value(family.name, float(sample.value))
                 model = _label(labels, MODEL_LABELS)
                 device = gpus.get(uuid) or _Entity(int(labels["gpu"]), model, _label(labels, HOST_LABELS))
@@ -284,8 +286,12 @@ def map_page(text: str, state: DcgmState, owners: PodOwners, *, node: str | None
         for (_, gi), mig in sorted(((k, m) for k, m in migs.items() if k[0] == uuid), key=lambda item: int(item[0][1])):
             slices, total = _slices(mig.profile, mig.name)
             fields = {"mig_uuid": f"{uuid}/{gi}", "mig_profile": mig.profile, "mig_slices": slices, "mig_total_slices": total}
-            rows.append(_row(level="mig", **common, **fields, utilization_pct=mig.utilization(),
-                             memory_used_bytes=mig.memory_used(), memory_total_bytes=mig.memory_total()))
+            try:
+                rows.append(_row(level="mig", **common, **fields, utilization_pct=mig.utilization(),
+                                 memory_used_bytes=mig.memory_used(), memory_total_bytes=mig.memory_total()))
+            except InvalidEvent:  # e.g. a profile name the contract refuses: that instance is unusable, the GPU is not
+                skipped += 1
+                continue
             rows.extend(_pod_rows(mig, common, fields, owners))
     return Scrape(rows, series, skipped)
 

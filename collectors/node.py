@@ -7,7 +7,8 @@
   ticks), resident memory (VmRSS) and its high-water mark (VmHWM) from /proc/<pid>/status.
 * level="cgroup": every cgroup v2 leaf group that holds processes (the root and inner groups count
   their descendants, so they are left out; processes of the root group itself are not seen), from cpu.stat (user_usec,
-  system_usec: exited children included, which /proc cannot give), memory.current and memory.peak.
+  system_usec: exited children included, which /proc cannot give), memory.current and memory.peak, and
+  cpu.max as the group's CPU limit in cores (cpu_limit_cores: what the idle_cpu anomaly compares use with).
 
 The first call is the baseline and returns nothing (there is no interval before it); a process or
 group first seen later started within the interval, so all of its CPU time counts. The CPU time a
@@ -85,6 +86,14 @@ def parse_cpu_stat(text: str) -> tuple[int, int]:
     return int(values.get("user_usec", 0)), int(values.get("system_usec", 0))
 
 
+def parse_cpu_max(text: str) -> Decimal | None:
+    """Cores a cgroup v2 cpu.max allows ("<quota> <period>" in microseconds; "max ..." is no limit)."""
+    quota, _, period = text.strip().partition(" ")
+    if quota == "max" or not period:
+        return None
+    return (Decimal(int(quota)) / int(period)).quantize(PLACES)
+
+
 def cgroup_v2_path(text: str) -> str:
     """The unified (v2) hierarchy's path from /proc/<pid>/cgroup: the `0::<path>` line ('' on a v1-only host)."""
     for line in text.splitlines():
@@ -139,13 +148,29 @@ def pods_from_log_dirs(names: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def within_trees(readings: list[dict], roots: frozenset[int]) -> list[dict]:
+    """The process readings of `roots` and their descendants (by ppid, among the readings themselves)."""
+    parent = {r["pid"]: r.get("ppid") for r in readings}
+    keep: dict[int, bool] = {}
+
+    def inside(pid: int | None, depth: int = 0) -> bool:
+        if pid is None or depth > 64:
+            return False
+        if pid not in keep:
+            keep[pid] = pid in roots or (pid in parent and inside(parent[pid], depth + 1))
+        return keep[pid]
+
+    return [r for r in readings if inside(r["pid"])]
+
+
 # ---- the collector -------------------------------------------------------------------------
 
 class NodeCollector:
     def __init__(self, attributor: Attributor, *, node: str | None = None, node_class: str = "default",
                  level: str = "process", proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup"),
                  pods_dir: Path = Path("/var/log/pods"), interval_s: float = 10.0, simulated: bool = False,
-                 clock: Callable[[], float] = time.monotonic, clk_tck: int | None = None):
+                 clock: Callable[[], float] = time.monotonic, clk_tck: int | None = None,
+                 roots: frozenset[int] | set[int] | None = None):
         if level not in ("process", "cgroup"):
             raise ValueError(f"level must be 'process' or 'cgroup', not {level!r}")
         self.attributor = attributor
@@ -159,6 +184,7 @@ class NodeCollector:
         self.ticks_per_s = clk_tck or os.sysconf("SC_CLK_TCK")
         self._last_clock: float | None = None
         self._cpu: dict[Any, tuple[int, int]] = {}  # (pid, starttime) or (path, inode) -> cumulative (user, system)
+        self.roots = frozenset(roots) if roots else None  # process level: only these pids and their descendants
 
     def sample(self) -> list[ComputeSample]:
         now = self.clock()
@@ -166,6 +192,8 @@ class NodeCollector:
         interval_ms = self.interval_ms if baseline else max(1, min(3_600_000, int((now - self._last_clock) * 1000)))
         self._last_clock = now
         readings = list(self._processes() if self.level == "process" else self._groups())
+        if self.roots is not None:
+            readings = within_trees(readings, self.roots)
         seen, rows, ts = {}, [], utcnow()
         pods = self._pods() if any(r["container"].pod_uid for r in readings) else {}
         for r in readings:
@@ -193,7 +221,7 @@ class NodeCollector:
             if memory is None:
                 continue  # a kernel thread: no memory of its own, charged to nobody
             pid = int(entry.name)
-            yield {"id": (pid, stat.starttime), "pid": pid, "pids": [pid], "cgroup": cgroup, "container": container_of(cgroup),
+            yield {"id": (pid, stat.starttime), "pid": pid, "ppid": stat.ppid, "pids": [pid], "cgroup": cgroup, "container": container_of(cgroup),
                    "user": stat.utime, "system": stat.stime, "memory": memory[0], "peak": memory[1], "per_s": self.ticks_per_s}
 
     def _groups(self) -> Iterator[dict]:
@@ -208,12 +236,14 @@ class NodeCollector:
                 user, system = parse_cpu_stat((group / "cpu.stat").read_text())
                 current = int((group / "memory.current").read_text()) if "memory.current" in files else 0
                 peak = int((group / "memory.peak").read_text()) if "memory.peak" in files else current
+                limit = parse_cpu_max((group / "cpu.max").read_text()) if "cpu.max" in files else None
                 inode = group.stat().st_ino  # a group removed and made again under the same name starts at 0
             except (OSError, ValueError):
                 continue  # removed while listed
             path = "/" + str(group.relative_to(self.cgroup_root)).strip(".").strip("/")
             yield {"id": (path, inode), "pid": None, "pids": pids, "cgroup": path, "container": container_of(path),
-                   "user": user, "system": system, "memory": current, "peak": max(peak, current), "per_s": 1_000_000}
+                   "user": user, "system": system, "memory": current, "peak": max(peak, current), "per_s": 1_000_000,
+                   "limit": limit}
 
     def _pods(self) -> dict[str, tuple[str, str]]:
         try:
@@ -240,7 +270,8 @@ class NodeCollector:
                   "pod_uid": container.pod_uid, "namespace": namespace, "pod": pod, "interval_ms": interval_ms,
                   "cpu_user_seconds": _seconds(user, r["per_s"]), "cpu_system_seconds": _seconds(system, r["per_s"]),
                   "memory_bytes": r["memory"], "memory_peak_bytes": r["peak"],
-                  "memory_byte_seconds": Decimal(r["memory"]) * interval_ms / 1000, "simulated": self.simulated}
+                  "memory_byte_seconds": Decimal(r["memory"]) * interval_ms / 1000, "simulated": self.simulated,
+                  "cpu_limit_cores": r.get("limit")}
         owner = self._owner(r["pids"], namespace, pod)
         try:
             return build(ComputeSample, sample_id=new_id(), **fields, **owner)

@@ -285,16 +285,23 @@ class UsageEvent(Attribution):
         return self
 
 
-class GpuSample(Contract):
-    """One NVML reading: a whole GPU, a MIG instance, or one process on either.
+class SampleOwner(Contract):
+    """Who a GPU process row or a CPU/memory sample belongs to, found by the collectors' one set of rules
+    (collectors/attribution.py): an unknown owner gives attributed=False and empty attribution, never a dropped row.
 
-    GPU-seconds of a row = interval_ms / 1000 × (mig_slices / mig_total_slices for MIG), and a
-    process row's share of them is 1 / device_processes (the collector sees every process on a
-    device, so the row carries the split and can be keyed by its tenant, not by its node).
-    A process row whose owner is unknown has attributed=False and empty attribution. A row from the DCGM
-    exporter (`collect dcgm`) stands for a Kubernetes pod: namespace/pod/container set, pid None.
-    """
+    A sample names it as the first of its bases (`class GpuSample(SampleOwner, _GpuReading)`): pydantic puts a
+    model's fields in reverse base order, so these follow the reading's fields and the JSON keeps its field order."""
 
+    tenant_id: OptionalId = ""
+    team: OptionalId = ""
+    project: OptionalId = ""
+    agent_id: OptionalId = ""
+    session_id: OptionalId = ""
+    attributed: StrictBool = False
+    simulated: StrictBool = False
+
+
+class _GpuReading(Contract):
     sample_id: UUID
     ts: Timestamp
     node: Id
@@ -319,39 +326,31 @@ class GpuSample(Contract):
     device_processes: Annotated[StrictInt, Field(ge=1, le=100_000)] = Field(
         1, description="Processes on this GPU or MIG slice in this sample: a process row is charged 1/n of its time.")
 
-    @property
-    def key(self) -> str:
-        """Kafka key: a process row by the tenant it charges (co-partitioned with usage, so one stream
-        worker holds a tenant's token and GPU spend), a GPU or MIG row by its node."""
-        return (self.tenant_id or "unattributed") if self.level == "process" else self.node
-    tenant_id: OptionalId = ""
-    team: OptionalId = ""
-    project: OptionalId = ""
-    agent_id: OptionalId = ""
-    session_id: OptionalId = ""
-    attributed: StrictBool = False
-    simulated: StrictBool = False
+
+
+class GpuSample(SampleOwner, _GpuReading):
+    """One NVML reading: a whole GPU, a MIG instance, or one process on either.
+
+    GPU-seconds of a row = interval_ms / 1000 × (mig_slices / mig_total_slices for MIG), and a
+    process row's share of them is 1 / device_processes (the collector sees every process on a
+    device, so the row carries the split and can be keyed by its tenant, not by its node).
+    A process row whose owner is unknown has attributed=False and empty attribution. A row from the DCGM
+    exporter (`collect dcgm`) stands for a Kubernetes pod: namespace/pod/container set, pid None.
+    """
+
     # Kubernetes (`collect dcgm`): the pod a process row stands for (the DCGM exporter reports pods, not pids)
     namespace: OptionalId = ""
     pod: Name = ""
     container: OptionalId = ""
 
+    @property
+    def key(self) -> str:
+        """Kafka key: a process row by the tenant it charges (co-partitioned with usage, so one stream
+        worker holds a tenant's token and GPU spend), a GPU or MIG row by its node."""
+        return (self.tenant_id or "unattributed") if self.level == "process" else self.node
 
-class ComputeSample(Contract):
-    """CPU and memory of one process or one cgroup v2 group over one interval (`meterline collect node`).
 
-    A contract of its own rather than a `kind` on GpuSample: its quantities (CPU-seconds, byte-seconds) and
-    its price (per vCPU-hour and GiB-hour of a node class) share nothing with a GPU row's device, MIG and
-    power fields, and GpuSample's required gpu_index/gpu_uuid would be meaningless here.
-
-    cpu_seconds = user + system CPU time used in the interval (exact: clock ticks or microseconds);
-    memory_byte_seconds = resident bytes at the sample × interval seconds; memory_peak_bytes is the
-    kernel's high-water mark (VmHWM, or memory.peak of the group). The owner is found as for a GPU process
-    (collectors/attribution.py); an unknown owner gives attributed=False and empty attribution, never a
-    dropped row. A container's cgroup names it (container_id, runtime) and, on Kubernetes, its pod_uid;
-    namespace/pod where the pod could be resolved.
-    """
-
+class _ComputeReading(Contract):
     sample_id: UUID
     ts: Timestamp
     node: Id
@@ -370,13 +369,25 @@ class ComputeSample(Contract):
     memory_bytes: Count = 0
     memory_peak_bytes: Count = 0
     memory_byte_seconds: Usd = Decimal(0)
-    tenant_id: OptionalId = ""
-    team: OptionalId = ""
-    project: OptionalId = ""
-    agent_id: OptionalId = ""
-    session_id: OptionalId = ""
-    attributed: StrictBool = False
-    simulated: StrictBool = False
+    cpu_limit_cores: Usd | None = Field(None, description="The group's CPU quota in cores (cgroup v2 cpu.max quota / period: "
+                                        "what a container reserved); None without a limit or per process.")
+
+
+# the two samples share only who owns the row (SampleOwner); the docstring is the JSON schema's description
+class ComputeSample(SampleOwner, _ComputeReading):
+    """CPU and memory of one process or one cgroup v2 group over one interval (`meterline collect node`).
+
+    A contract of its own rather than a `kind` on GpuSample: its quantities (CPU-seconds, byte-seconds) and
+    its price (per vCPU-hour and GiB-hour of a node class) share nothing with a GPU row's device, MIG and
+    power fields, and GpuSample's required gpu_index/gpu_uuid would be meaningless here.
+
+    cpu_seconds = user + system CPU time used in the interval (exact: clock ticks or microseconds);
+    memory_byte_seconds = resident bytes at the sample × interval seconds; memory_peak_bytes is the
+    kernel's high-water mark (VmHWM, or memory.peak of the group). The owner is found as for a GPU process
+    (collectors/attribution.py); an unknown owner gives attributed=False and empty attribution, never a
+    dropped row. A container's cgroup names it (container_id, runtime) and, on Kubernetes, its pod_uid;
+    namespace/pod where the pod could be resolved.
+    """
 
     @property
     def cpu_seconds(self) -> Decimal:
@@ -407,13 +418,14 @@ class SpendUpdate(Contract):
     gpu_seconds: Usd = Decimal(0)  # not money, but exact to 12 places the same way
     gpu_cost_usd: Usd = Decimal(0)
     unpriced_events: Count = 0
+    cpu_seconds: Usd = Decimal(0)  # CPU time of `collect node` samples (vCPU-hour budgets), exact like gpu_seconds
 
 
 class Anomaly(Contract):
     anomaly_id: UUID
     ts: Timestamp
     kind: Literal["runaway_session", "repeated_calls", "spend_spike", "unpriced_model", "idle_gpu", "budget_threshold",
-                  "conflicting_duplicate", "unmetered_calls"]
+                  "conflicting_duplicate", "unmetered_calls", "idle_cpu"]
     severity: Severity
     tenant_id: Id
     scope: Scope | Literal["gpu", "model"]
@@ -515,7 +527,7 @@ class BudgetPolicy(Contract):
     tenant_id: Id
     scope: Scope
     scope_id: ScopeId
-    unit: Literal["usd", "gpu_hours"] = "usd"
+    unit: Literal["usd", "gpu_hours", "vcpu_hours"] = "usd"
     amount: PositiveDecimal
     period: Literal["day", "week", "month", "custom"] = "month"
     period_anchor: Time | None = Field(None, description="Start of a period; periods repeat from it.")

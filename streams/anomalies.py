@@ -8,6 +8,8 @@ Detectors (each returns schemas.Anomaly records; evidence numbers are exact stri
 - spend_spike: a tenant's spend in a 10-second bucket far above its own EWMA baseline.
 - unpriced_model: a model or tool nobody can price (once per tenant/provider/model/hour).
 - idle_gpu: a GPU, MIG slice or process holding memory at ~0 % utilisation for a window.
+- idle_cpu: a cgroup with a CPU limit (ComputeSample.cpu_limit_cores, from cpu.max: the cores a container
+  reserved) that used at most idle_cpu_pct of it for a window (the CPU twin of idle_gpu).
 - unmetered_calls: an agent's calls that completed with no usage reported (usage="missing", e.g. a
   stream without include_usage): once per tenant/agent/hour, with the fix in the message.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 from meterline.schemas.events import MAX_TEXT_LEN, Anomaly, build, new_id
@@ -80,6 +83,7 @@ class DetectorConfig:
     idle_window: timedelta = timedelta(minutes=5)
     idle_util_pct: int = 1
     idle_min_memory_bytes: int = 256 * 2**20
+    idle_cpu_pct: int = 5                       # of a group's CPU limit, used at most, for idle_window: idle_cpu
     unpriced_every: timedelta = timedelta(hours=1)
 
 
@@ -387,6 +391,58 @@ class IdleGpus:
             f"{int(idle_for.total_seconds())} s ({usd(state.cost)} USD paid)")]
 
 
+class _IdleCpu:
+    __slots__ = ("since", "last", "used", "reserved", "cost", "flagged")
+
+    def __init__(self, ts: datetime) -> None:
+        self.since = self.last = ts
+        self.used = self.reserved = Decimal(0)
+        self.cost = 0
+        self.flagged = False
+
+
+class IdleCpus:
+    """idle_cpu: a group that used at most idle_cpu_pct of its CPU limit for idle_window of stream time
+    (exact: CPU-seconds against limit x interval core-seconds). Groups without a limit are never idle."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.groups: dict[tuple, _IdleCpu] = {}
+
+    def observe(self, sample: Any, cost: int) -> list[Anomaly]:
+        cfg, limit = self.config, sample.cpu_limit_cores
+        key = (sample.node, sample.cgroup, sample.pid)
+        reserved = (limit or 0) * Decimal(sample.interval_ms) / 1000
+        if not reserved or sample.cpu_seconds * 100 > reserved * cfg.idle_cpu_pct:
+            self.groups.pop(key, None)
+            return []
+        state = self.groups.get(key)
+        if state is None:
+            if len(self.groups) > 100_000:
+                self.groups.clear()  # bounded: groups that vanish while idle are forgotten
+            state = self.groups[key] = _IdleCpu(sample.ts - timedelta(milliseconds=sample.interval_ms))
+        state.last = sample.ts
+        state.used += sample.cpu_seconds
+        state.reserved += reserved
+        state.cost += cost
+        idle_for = state.last - state.since
+        if state.flagged or idle_for < cfg.idle_window:
+            return []
+        state.flagged = True
+        owned = sample.attributed and sample.session_id
+        scope, scope_id = ("session", sample.session_id) if owned else ("tenant", sample.tenant_id or "unattributed")
+        used_pct = (state.used * 100 / state.reserved).quantize(Decimal("0.01"))
+        where = f"{sample.namespace}/{sample.pod}" if sample.pod else sample.cgroup or f"pid {sample.pid}"
+        return [_anomaly(
+            "idle_cpu", "critical" if idle_for >= 4 * cfg.idle_window else "warning", sample.tenant_id, scope, scope_id,
+            state.since, state.last,
+            {"idle_seconds": int(idle_for.total_seconds()), "cpu_limit_cores": limit, "used_pct": used_pct,
+             "max_used_pct": cfg.idle_cpu_pct, "cpu_seconds": state.used, "reserved_core_seconds": state.reserved,
+             "paid_usd": usd(state.cost), "node": sample.node, "cgroup": sample.cgroup[:512], "pod": where[:512]},
+            f"{where[:200]} on {sample.node} reserved {limit} cores and used {used_pct}% of them for "
+            f"{int(idle_for.total_seconds())} s ({usd(state.cost)} USD paid for CPU and memory)")]
+
+
 class Detectors:
     """All detectors behind one facade the worker calls."""
 
@@ -397,6 +453,7 @@ class Detectors:
         self.unpriced = UnpricedModels(self.config)
         self.unmetered = UnmeteredCalls(self.config)
         self.idle = IdleGpus(self.config)
+        self.idle_cpu = IdleCpus(self.config)
 
     def usage(self, event: Any, cost: int, unpriced: bool, second: int | None = None) -> list[Anomaly]:
         """Anomalies an event raises (usually none); `second` = second_of(event.ts) when the caller has it."""
@@ -414,6 +471,9 @@ class Detectors:
 
     def gpu(self, sample: Any, gpu_ps: int, cost: int) -> list[Anomaly]:
         return self.idle.observe(sample, gpu_ps, cost)
+
+    def compute(self, sample: Any, cost: int) -> list[Anomaly]:
+        return self.idle_cpu.observe(sample, cost)
 
     def tick(self, stream_now: datetime) -> None:
         self.runaway.tick(stream_now)

@@ -8,8 +8,9 @@ Semantics of one scope's state (and of the SpendUpdate it becomes):
   spend inside it. An event for an earlier minute of the same month counts toward the
   period only; an event from an earlier month is left to the ledger (counted in `late`).
 - period = the UTC calendar month; period_cost_usd = tokens + tools + GPU, month-to-date.
-- events, input_tokens, output_tokens, gpu_seconds, gpu_cost_usd, unpriced_events are
-  month-to-date too (gpu_cost_usd is the GPU share of period_cost_usd).
+- events, input_tokens, output_tokens, gpu_seconds, gpu_cost_usd, unpriced_events, cpu_seconds are
+  month-to-date too (gpu_cost_usd is the GPU share of period_cost_usd; cpu_seconds the CPU time of
+  compute samples, what a vCPU-hour budget counts).
 - Scopes: tenant, team, project, agent, session; scope ids are qualified by tenant_id;
   empty ids (no team, ...) are skipped.
 """
@@ -53,11 +54,11 @@ class ScopeSpend:
 
     __slots__ = ("period_start", "period_end", "period", "window_start", "window", "events", "input_tokens",
                  "output_tokens", "gpu_ps", "gpu", "unpriced", "dirty", "last_ts", "window_key", "period_start_key",
-                 "period_end_key")
+                 "period_end_key", "cpu_ps")
 
     def __init__(self, minute: datetime) -> None:
         self.period = self.window = self.events = self.input_tokens = self.output_tokens = 0
-        self.gpu_ps = self.gpu = self.unpriced = 0
+        self.gpu_ps = self.gpu = self.unpriced = self.cpu_ps = 0
         self.dirty = True
         self._set_window(minute, _minute_key(minute))
         self._set_period(minute)
@@ -83,6 +84,7 @@ class ScopeSpend:
         self.gpu_ps = to_pico(Decimal(update["gpu_seconds"]))
         self.gpu = to_pico(Decimal(update["gpu_cost_usd"]))
         self.unpriced = int(update["unpriced_events"])
+        self.cpu_ps = to_pico(Decimal(update.get("cpu_seconds", "0")))  # absent in updates written before vCPU-hours
         window = datetime.fromisoformat(update["window_start"])
         if window == self.window_start:
             self.window = to_pico(Decimal(update["window_cost_usd"]))
@@ -114,7 +116,7 @@ class SpendBook:
 
     def add(self, ids: tuple[str, str, str, str, str], ts: datetime, cost: int, input_tokens: int = 0,
             output_tokens: int = 0, unpriced: int = 0, gpu_ps: int = 0, gpu_cost: int = 0, events: int = 1,
-            minute: int | None = None) -> None:
+            minute: int | None = None, cpu_ps: int = 0) -> None:
         """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session);
         `minute` = second_of(ts) // 60 when the caller has it already."""
         if minute is None:
@@ -141,6 +143,8 @@ class SpendBook:
                 state.unpriced += unpriced
                 state.gpu_ps += gpu_ps
                 state.gpu += gpu_cost
+            if cpu_ps:
+                state.cpu_ps += cpu_ps
             state.dirty = True
 
     def _chain(self, ids: tuple[str, str, str, str, str], minute_key: int) -> tuple[ScopeSpend, ...]:
@@ -166,7 +170,7 @@ class SpendBook:
         if key >= state.period_end_key:
             state._set_period(minute)
             state.period = state.events = state.input_tokens = state.output_tokens = 0
-            state.gpu_ps = state.gpu = state.unpriced = 0
+            state.gpu_ps = state.gpu = state.unpriced = state.cpu_ps = 0
         state._set_window(minute, key)
         state.window = 0
 
@@ -186,7 +190,7 @@ class SpendBook:
             "window_start": s.window_start, "window_end": s.window_start + MINUTE, "window_cost_usd": usd(s.window),
             "period_start": s.period_start, "period_cost_usd": usd(s.period), "events": s.events,
             "input_tokens": s.input_tokens, "output_tokens": s.output_tokens, "gpu_seconds": usd(s.gpu_ps),
-            "gpu_cost_usd": usd(s.gpu), "unpriced_events": s.unpriced,
+            "gpu_cost_usd": usd(s.gpu), "unpriced_events": s.unpriced, "cpu_seconds": usd(s.cpu_ps),
         }
 
     def evict_idle(self, stream_now: datetime, idle: timedelta, scopes: tuple[str, ...] = ("session", "agent")) -> int:

@@ -510,18 +510,22 @@ class StreamWorker:
                     unpriced = False
                 except LookupError:
                     cost, unpriced = 0, True
+                stage = "anomaly detection"
+                found = self.detectors.compute(sample, cost)  # idle reserved CPU
                 stage = "spend"
                 if sample.attributed and sample.tenant_id:
                     ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
                 else:
                     ids = (sample.tenant_id or "unattributed", "", "", "", "")
-                self.spend.add(ids, sample.ts, cost, events=0)
+                self.spend.add(ids, sample.ts, cost, events=0, cpu_ps=to_pico(sample.cpu_seconds))  # vCPU-hour budgets
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
                 self._failed(msg, stage, exc, now)
                 continue
             self.stats["compute_samples"] += 1
             if unpriced:
                 self.stats["compute_unpriced"] += 1
+            for anomaly in found:
+                self._anomaly(anomaly)
 
     # ------------------------------------------------------------- outputs
     def _decode_or_dlq(self, msg: Any, contract: type, now: datetime) -> Any | None:

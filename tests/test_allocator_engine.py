@@ -292,6 +292,18 @@ def test_idle_gpus_are_reclaimed_when_someone_waits():
     assert d.action == "preempt" and "idle" in d.reason and d.limits.max_concurrent == 6
 
 
+def test_a_vcpu_hour_budget_counts_cpu_seconds_and_a_gpu_hour_budget_gpu_seconds():
+    """Each unit counts its own seconds from the same spend updates; neither counts dollars."""
+    clock = Clock(START + timedelta(days=1))
+    e = engine(clock, policy("acme", "1", unit="vcpu_hours", policy_id="cpu"), policy("acme", "1", unit="gpu_hours", policy_id="gpu"))
+    for minute, (cpu, gpu_s) in enumerate([("1800", "360"), ("3600", "720")]):  # period-to-date, as the stream sends them
+        end = START + timedelta(days=1, minutes=minute + 1)
+        e.apply_spend(spend_update("acme", end - timedelta(minutes=1), end, D("5"), minute + 1).model_copy(
+            update={"cpu_seconds": D(cpu), "gpu_seconds": D(gpu_s)}))
+    assert e.budgets["cpu"].spent == 1 and e.budgets["gpu"].spent == D("0.2")  # 3600 CPU-s, 720 GPU-s
+    assert actions(e)["batch"] == "deny"  # the vCPU-hours are used up
+
+
 # ---- bad input -------------------------------------------------------------------------
 
 @given(st.binary(max_size=300))

@@ -48,19 +48,46 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     assert sum(anomalies.values()) >= 1, anomalies
 
     (ledger,) = json.loads(meterline("sql", "SELECT count() AS n, uniqExact(event_id) AS ids, toString(sum(cost_usd)) AS usage, "
-                                     "(SELECT toString(sum(cost_usd)) FROM gpu_samples WHERE level = 'gpu') AS gpu "
+                                     "(SELECT toString(sum(cost_usd)) FROM gpu_samples WHERE level = 'gpu') AS gpu, "
+                                     "(SELECT toString(sum(cpu_cost_usd + memory_cost_usd)) FROM compute_samples) AS compute "
                                      "FROM priced_events", "-f", "json"))
     assert int(ledger["n"]) == int(ledger["ids"]) == summary["events_sent"]  # every event, exactly once
     chargeback = json.loads(meterline("report", "chargeback", "--by", "tenant", "--since", "1d", "-f", "json"))["rows"]
     assert {"acme", "globex", "initech", "umbrella", "hooli"} <= {r["tenant"] for r in chargeback}
     total = sum(Decimal(r["total_cost_usd"]) for r in chargeback)
-    assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) > 0  # to the last digit, idle GPUs in
+    assert total == Decimal(ledger["usage"]) + Decimal(ledger["gpu"]) + Decimal(ledger["compute"]) > 0  # to the digit, idle GPUs in
     assert Decimal(summary["ledger_gpu_idle_cost_usd"]) > 0  # the simulated node has an idle H100 and an empty MIG slice
     assert summary["chargeback_equals_ledger"] is True
     umbrella = next(r for r in chargeback if r["tenant"] == "umbrella")
     assert Decimal(umbrella["gpu_idle_cost_usd"]) > 0  # the idle H100 it holds (`gpu assign`) is on its bill
     by_model = json.loads(meterline("report", "chargeback", "--by", "model", "--since", "1d", "-f", "json"))["rows"]
     assert sum(Decimal(r["total_cost_usd"]) for r in by_model) == total
+    _real_cpu_and_memory_are_measured_and_reconcile(meterline, summary, chargeback, total)
     (obeyed,) = json.loads(meterline("sql", "SELECT countIf(model != 'gpt-4o') AS downgraded FROM priced_events "
                                      "WHERE tenant_id = 'umbrella' AND agent_id = 'assistant'", "-f", "json"))
     assert int(obeyed["downgraded"]) > 0  # umbrella's high-priority agent called the cheaper model it was told to
+
+
+def _real_cpu_and_memory_are_measured_and_reconcile(meterline, summary, chargeback, total):
+    """The tool workers' real CPU and memory (collect node over their process trees): on their agents' sessions,
+    in chargeback's cpu/mem columns, and chargeback = FOCUS = the ledger's grand total."""
+    from meterline.app.demo import FLEET, TOOL_WORKERS, session_of
+
+    rows = json.loads(meterline("sql", "SELECT tenant_id, agent_id, session_id, countIf(NOT attributed) AS stray, "
+                                "toString(sum(cpu_user_seconds + cpu_system_seconds)) AS cpu, max(memory_bytes) AS rss "
+                                "FROM compute_samples GROUP BY tenant_id, agent_id, session_id", "-f", "json"))
+    seen = {(r["tenant_id"], r["agent_id"]): r for r in rows}
+    assert set(seen) == set(TOOL_WORKERS)  # only the workers' trees were measured, each under its own agent
+    for i, spec in enumerate(FLEET):
+        if (row := seen.get((spec.tenant, spec.agent))) is not None:
+            assert row["session_id"] == session_of(spec, 11 * 100 + i) and int(row["stray"]) == 0
+            assert int(row["rss"]) >= TOOL_WORKERS[(spec.tenant, spec.agent)][2] << 20  # its ballast is resident
+    cpu = {key: Decimal(r["cpu"]) for key, r in seen.items()}
+    assert cpu[("globex", "trainer")] > cpu[("umbrella", "summarizer")] > 0  # 15 % of a core burns more than 4 %
+    by_tenant = {r["tenant"]: r for r in chargeback}
+    for tenant, _ in TOOL_WORKERS:
+        assert Decimal(by_tenant[tenant]["cpu_cost_usd"]) > 0 and Decimal(by_tenant[tenant]["memory_cost_usd"]) > 0
+    assert summary["compute_measured"].startswith("real") and summary["totals_reconcile"] is True
+    assert Decimal(summary["focus_total_usd"]) == Decimal(summary["ledger_total_usd"]) == total
+    focus_cpu = Decimal(summary["vcpu_hours"]) * 3600
+    assert abs(focus_cpu - sum(cpu.values())) < Decimal("1e-6")  # FOCUS vCPU-Hours are the samples' CPU-seconds

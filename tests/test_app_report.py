@@ -104,8 +104,10 @@ def make_gpu(rng: random.Random) -> list[tuple[GpuSample, Decimal, Decimal]]:
         rows.append((GpuSample(sample_id=new_id(), level="gpu", utilization_pct=rng.randrange(0, 101), **base),
                      Decimal(10), Decimal("0.006916666667")))
         owner = ("acme", "search", "p0", "acme-agent-0", "acme-agent-0-s0") if k % 3 else ("", "", "", "", "")
+        pod = {"namespace": "ml", "pod": f"trainer-{k % 2}"} if k % 3 == 1 else {}  # a DCGM pod row, else a bare pid
         rows.append((GpuSample(sample_id=new_id(), level="process", pid=4242, attributed=bool(owner[0]),
-                               tenant_id=owner[0], team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4], **base),
+                               tenant_id=owner[0], team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4],
+                               **pod, **base),
                      Decimal(10), Decimal("0.006916666667")))
     return rows
 
@@ -119,7 +121,8 @@ def make_compute() -> list[tuple[ComputeSample, Decimal, Decimal]]:
                                level="process", pid=5000 + k % 2, interval_ms=10_000, cpu_user_seconds=Decimal("7.5"),
                                cpu_system_seconds=Decimal("0.5"), memory_bytes=2 << 30, memory_peak_bytes=3 << 30,
                                memory_byte_seconds=Decimal(20 << 30), attributed=bool(owner[0]), tenant_id=owner[0],
-                               team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4])
+                               team=owner[1], project=owner[2], agent_id=owner[3], session_id=owner[4],
+                               **({"namespace": "ml", "pod": "trainer-1"} if k % 4 == 1 else {}))
         rows.append((sample, *CATALOG.compute_sample_cost(sample)))
     return rows
 
@@ -131,12 +134,13 @@ def truth(tmp_path_factory):
     events, gpu, compute = make_events(rng), make_gpu(rng), make_compute()
     policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("0.5"),
                           period="custom", period_anchor=NOW - timedelta(days=1), period_seconds=2 * 86400)
+    cpu_policy = policy.model_copy(update={"policy_id": "acme-cpu", "unit": "vcpu_hours", "amount": Decimal("0.05")})
     tables = {"priced_events": [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)],
               "gpu_samples": [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
                               for i, (s, sec, cost) in enumerate(gpu)],
               "compute_samples": [with_offsets(compute_sample_row(s, cpu, mem, "test-1"), "compute", 0, i)
                                   for i, (s, cpu, mem) in enumerate(compute)],
-              "budget_policies": [with_offsets(budget_policy_row(policy), "budgets", 0, 0)]}
+              "budget_policies": [with_offsets(budget_policy_row(p), "budgets", 0, i) for i, p in enumerate((policy, cpu_policy))]}
     with filled_ledger(tmp_path_factory.mktemp("app-report"), tables) as settings:
         yield {"events": events, "gpu": gpu, "compute": compute, "settings": settings}
 
@@ -147,7 +151,8 @@ def cli(truth, monkeypatch):
         yield invoke
 
 
-DIMS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id", "model": "model"}
+DIMS = {"tenant": "tenant_id", "team": "team", "project": "project", "agent": "agent_id", "session": "session_id", "model": "model",
+        "namespace": "namespace", "pod": "pod"}
 PATH = ("tenant_id", "team", "project", "agent_id", "session_id")
 
 
@@ -155,6 +160,9 @@ def chargeback_key(record, by: str, tenant: str | None = None) -> str:
     """Below the tenant a key is the path from it ('acme/search'): equal team names of two tenants stay apart."""
     if by == "model":
         return record.model
+    if by in ("namespace", "pod"):  # only GPU and compute rows of a pod have one; tokens and tools: ''
+        pod = getattr(record, "pod", "")
+        return getattr(record, "namespace", "") if by == "namespace" else (f"{record.namespace}/{pod}" if pod else "")
     path = [tenant if tenant is not None else record.tenant_id] + [getattr(record, f) for f in PATH[1:]]
     return "/".join(path[: PATH.index(DIMS[by]) + 1])
 
@@ -194,6 +202,16 @@ def test_chargeback_json_matches_ground_truth_for_every_dimension(cli, truth, by
             assert Decimal(got[key][col]) == w[col], (key, col)  # exact, from decimal strings
         assert got[key]["events"] == w["events"]
         assert got[key]["cache_read_tokens"] == w["cache_read_tokens"]
+
+
+def test_chargeback_by_pod_names_kubernetes_rows_and_shows_the_rest_as_none(cli, truth):
+    rows = json.loads(cli("report", "chargeback", "--by", "pod", "--since", SINCE, "--until", UNTIL, "-f", "json"))["rows"]
+    pods = {r["pod"]: r for r in rows}
+    assert set(pods) == {"", "ml/trainer-0", "ml/trainer-1"}  # json keeps '' for what ran in no pod
+    assert Decimal(pods["ml/trainer-1"]["cpu_cost_usd"]) > 0 and Decimal(pods["ml/trainer-0"]["cpu_cost_usd"]) == 0
+    assert Decimal(pods[""]["usage_cost_usd"]) == sum((e.cost_usd for e in truth["events"]), ZERO)  # tokens have no pod
+    table = cli("report", "chargeback", "--by", "namespace", "--since", SINCE, "--until", UNTIL)
+    assert "(none)" in table and "ml" in table
 
 
 def test_chargeback_csv_and_table_carry_the_same_totals(cli, truth):
@@ -267,13 +285,22 @@ def test_gpu_hours_cost_and_utilisation(cli, truth):
 
 def test_burn_down_against_the_budget(cli, truth):
     doc = json.loads(cli("report", "burn-down", "-f", "json"))
-    (row,) = doc["rows"]
+    row = next(r for r in doc["rows"] if r["policy_id"] == "acme-month")
     spent = sum((e.cost_usd for e in truth["events"] if e.tenant_id == "acme"), ZERO)
     spent += sum((c for s, _, c in truth["gpu"] if s.level == "process" and s.attributed and s.tenant_id == "acme"), ZERO)
+    spent += sum((cpu + mem for s, cpu, mem in truth["compute"] if s.attributed and s.tenant_id == "acme"), ZERO)  # as the stream
     assert Decimal(row["spent"]) == spent
     assert Decimal(row["remaining"]) == Decimal("0.5") - spent
     assert row["policy_id"] == "acme-month" and Decimal(49) < Decimal(row["elapsed_pct"]) < Decimal(52)
     assert Decimal(row["used_pct"]) == (spent * 100 / Decimal("0.5")).quantize(Decimal("0.01"))
+
+
+def test_burn_down_of_a_vcpu_hour_budget_counts_cpu_seconds(cli, truth):
+    row = next(r for r in json.loads(cli("report", "burn-down", "-f", "json"))["rows"] if r["policy_id"] == "acme-cpu")
+    hours = sum((s.cpu_seconds for s, _, _ in truth["compute"] if s.attributed and s.tenant_id == "acme"), ZERO) / 3600
+    assert row["unit"] == "vcpu_hours" and hours > 0
+    assert Decimal(row["spent"]) == hours.quantize(Decimal(row["spent"]))  # CPU time, not dollars
+    assert Decimal(row["remaining"]) == Decimal("0.05") - Decimal(row["spent"])
 
 
 def test_totals_equal_the_chargeback_sum(cli, truth):

@@ -82,6 +82,9 @@ def test_cgroup_mode_charges_cpu_deltas_memory_and_attributes_a_pod_by_its_regis
     _group(root, "", [1], 90_000_000, 9_000_000, 1, None)  # the root counts the whole machine: not a row
     _group(root, "kubepods.slice", [], 9_000_000, 9_000_000, 1, None)  # an inner node: not a row
     _group(root, container, [9001], 1_000_000, 200_000, 512 << 20, 600 << 20)
+    (root / container / "cpu.max").write_text("150000 100000\n")  # a 1.5-core limit
+    (root / "system.slice/cron.service").mkdir(parents=True)
+    (root / "system.slice/cron.service" / "cpu.max").write_text("max 100000\n")  # no limit
     _group(root, "system.slice/cron.service", [9002], 10, 10, 4 << 20, None)  # nobody's: kept, attributed=false
     runs.mkdir()
     (runs / "77.json").write_text(json.dumps({"pid": 77, "start_time": None, "tenant_id": "acme", "team": "ml",
@@ -98,6 +101,7 @@ def test_cgroup_mode_charges_cpu_deltas_memory_and_attributes_a_pod_by_its_regis
     assert (pod.cpu_user_seconds, pod.cpu_system_seconds, pod.cpu_seconds) == (Decimal("2.5"), Decimal("0.5"), Decimal(3))
     assert (pod.memory_bytes, pod.memory_peak_bytes, pod.memory_byte_seconds) == (256 << 20, 600 << 20, Decimal(256 << 20) * 10)
     assert (pod.attributed, pod.tenant_id, pod.team, pod.session_id, pod.interval_ms, pod.node_class) == (True, "acme", "ml", "s-pod", 10_000, "general")
+    assert pod.cpu_limit_cores == Decimal("1.5") and rows["/system.slice/cron.service"].cpu_limit_cores is None
     cron = rows["/system.slice/cron.service"]
     assert (cron.attributed, cron.tenant_id, cron.cpu_seconds, cron.memory_peak_bytes, cron.key) == (False, "", 0, 4 << 20, "unattributed")
     assert decode(ComputeSample, pod.to_json()) == pod  # the record survives the wire
@@ -164,3 +168,35 @@ def test_the_sdk_registry_wins_over_the_environment_for_a_child_of_a_registered_
         child.stdin.close()
         child.wait(30)
     assert (row.tenant_id, row.session_id, row.attributed) == ("umbrella", "s-registered", True)
+
+
+PARENT = r"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+sys.stdin.read()
+child.stdin.close()
+child.wait()
+"""
+
+
+def test_pid_roots_keep_only_that_process_tree(tmp_path):
+    """`collect node --pid`: a process and its descendants, nothing else of the machine (the demo's tool workers)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    stranger, _ = _spawn({k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")})
+    try:
+        grandchild = int(parent.stdout.readline())
+        collector = NodeCollector(Attributor(SessionRegistry(tmp_path / "sessions")), node="here", roots={parent.pid})
+        collector.sample()
+        pids = {r.pid for r in collector.sample()}
+        everything = NodeCollector(Attributor(SessionRegistry(tmp_path / "sessions")), node="here")
+        everything.sample()
+        all_pids = {r.pid for r in everything.sample()}
+    finally:
+        for proc in (parent, stranger):
+            proc.stdin.close()
+            proc.wait(30)
+    assert pids == {parent.pid, grandchild}  # the tree, found by ppid, and no other process
+    assert {parent.pid, grandchild, stranger.pid, os.getpid()} <= all_pids  # without roots: the whole machine

@@ -168,7 +168,8 @@ def test_compute_samples_are_priced_at_ingest_and_an_unknown_node_class_is_kept_
     samples = [ComputeSample(sample_id=new_id(), ts=utcnow(), node="n1", node_class="n2", level="process", pid=100 + i,
                              interval_ms=10_000, cpu_user_seconds=Decimal("1.5"), cpu_system_seconds=Decimal("0.25"),
                              memory_bytes=1 << 30, memory_peak_bytes=1 << 30, memory_byte_seconds=Decimal(10 << 30),
-                             tenant_id="acme", session_id=f"s{i % 2}", attributed=True) for i in range(10)]
+                             tenant_id="acme", session_id=f"s{i % 2}", attributed=True,
+                             cpu_limit_cores=Decimal("1.5") if i == 3 else None) for i in range(10)]
     stray = ComputeSample(**{**samples[0].model_dump(), "sample_id": new_id(), "node_class": "no-such-class",
                              "tenant_id": "", "session_id": "", "attributed": False})
     produce(settings, "compute", [s.to_json() for s in (*samples, stray, samples[0])])  # one duplicate
@@ -181,6 +182,9 @@ def test_compute_samples_are_priced_at_ingest_and_an_unknown_node_class_is_kept_
     kept = ledger_sql(settings, "SELECT catalog_version AS v, toString(cost_usd) AS usd, attributed FROM compute_samples "
                                 "WHERE node_class = 'no-such-class'")
     assert kept == [{"v": "unpriced", "usd": "0", "attributed": False}]  # kept with its usage, never a made-up price
+    limits = ledger_sql(settings, "SELECT pid, toString(cpu_limit_cores) AS cores FROM compute_samples "
+                                  "WHERE cpu_limit_cores IS NOT NULL")
+    assert limits == [{"pid": 103, "cores": "1.5"}]  # a cgroup's cpu.max (migration 0017), NULL for the rest
 
 
 def test_collect_node_publishes_attributed_samples_that_reach_the_ledger_priced(settings):

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from meterline.schemas.events import GpuSample, build, new_id
-from meterline.streams.anomalies import Detectors, IdleGpus, RunawaySessions, SpendSpikes, UnpricedModels
+from meterline.streams.anomalies import Detectors, IdleCpus, IdleGpus, RunawaySessions, SpendSpikes, UnpricedModels
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=timezone.utc)
 PICO = 10**12
@@ -153,3 +153,38 @@ def test_idle_pods_sharing_a_gpu_are_told_apart():
             row = gpu_row(ts, util, 20 * 2**30, session=pod).model_copy(update={"pid": None, "namespace": "ns", "pod": pod})
             found += detector.observe(row, 10 * PICO, PICO // 360)
     assert [a.scope_id for a in found] == ["idle-pod"]
+
+
+def cpu_row(ts, cpu: str, limit: str | None, cgroup="/kubepods.slice/pod-a/cri-containerd-1.scope", session="s1"):
+    from decimal import Decimal
+
+    from meterline.schemas.events import ComputeSample
+
+    return build(ComputeSample, sample_id=new_id(), ts=ts, node="n1", level="cgroup", cgroup=cgroup, interval_ms=10_000,
+                 cpu_user_seconds=Decimal(cpu), cpu_limit_cores=None if limit is None else Decimal(limit),
+                 memory_bytes=1 << 30, namespace="agents", pod="planner", tenant_id="acme", session_id=session, attributed=True)
+
+
+def test_idle_cpu_a_container_that_uses_little_of_its_cpu_limit():
+    detector = IdleCpus()
+    found = []
+    for i in range(40):  # 10 s samples of a 2-core limit: 0.5 CPU-seconds each = 2.5 % of 20 core-seconds, for 400 s
+        found += detector.observe(cpu_row(T0 + timedelta(seconds=10 * i), "0.5", "2"), PICO // 1000)
+    (anomaly,) = found  # once per idle stretch
+    assert anomaly.kind == "idle_cpu" and anomaly.scope == "session" and anomaly.scope_id == "s1"
+    seconds = int(anomaly.evidence["idle_seconds"])
+    assert seconds >= 300 and anomaly.evidence["used_pct"] == "2.50" and anomaly.evidence["cpu_limit_cores"] == "2"
+    samples = seconds // 10  # the evidence adds up: what it used against what it reserved, and what that cost
+    assert anomaly.evidence["reserved_core_seconds"] == str(20 * samples) and anomaly.evidence["paid_usd"] == f"{samples / 1000:.12f}"
+    assert "agents/planner" in anomaly.message
+
+
+def test_busy_unlimited_or_per_process_cpu_is_not_idle():
+    detector = IdleCpus()
+    found = []
+    for i in range(60):
+        ts = T0 + timedelta(seconds=10 * i)
+        found += detector.observe(cpu_row(ts, "0.5" if i % 20 else "15", "2"), 0)  # busy every 200 s: the stretch restarts
+        found += detector.observe(cpu_row(ts, "0", None, cgroup="/system.slice/cron.service"), 0)  # no limit: nothing reserved
+        found += detector.observe(cpu_row(ts, "1.2", "2", cgroup="/batch"), 0)  # 6 %: above the 5 % line
+    assert found == []

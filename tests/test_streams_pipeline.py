@@ -231,6 +231,76 @@ def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_
     assert latest[("acme", "tenant", "acme")].period_cost_usd == s1 + s2  # the unknown node class is charged 0
     assert latest[("unattributed", "tenant", "unattributed")].period_cost_usd == Decimal("0.003161100000") + memory.quantize(Decimal("1e-12"))
     assert latest[("acme", "tenant", "acme")].events == 0  # samples are not usage events
+    # CPU time rides along for vCPU-hour budgets: 36 + 3.6 CPU-seconds (the unknown class's 36 too: it used the CPU)
+    assert latest[("acme", "session", "acme/core///s1")].cpu_seconds == Decimal(72)
+    assert latest[("acme", "session", "acme/core///s2")].cpu_seconds == Decimal("3.6")
+    assert latest[("acme", "tenant", "acme")].cpu_seconds == Decimal("75.6")
+    assert latest[("unattributed", "tenant", "unattributed")].cpu_seconds == Decimal(360)
+    _a_vcpu_hour_budget_is_spent_by_these_updates(list(latest.values()), ts)
+
+
+def test_a_container_idle_against_its_cpu_limit_raises_idle_cpu_through_the_worker(kafka_bootstrap):
+    """Compute samples with a CPU limit (cpu.max) that is barely used for 6 minutes: the stream worker publishes one
+    idle_cpu anomaly, on the session, with the exact share used."""
+    from meterline.schemas.events import Anomaly, ComputeSample
+
+    settings, start = fresh_settings(kafka_bootstrap), NOW - timedelta(minutes=10)
+    samples = [build(ComputeSample, sample_id=new_id(), ts=start + timedelta(seconds=10 * i), node="n1", node_class="n2",
+                     level="cgroup", cgroup="/kubepods.slice/pod-a/crio-1.scope", interval_ms=10_000,
+                     cpu_user_seconds=Decimal("0.1"), cpu_limit_cores=Decimal(4), memory_bytes=1 << 30,
+                     tenant_id="acme", team="core", session_id="s-idle", attributed=True) for i in range(36)]
+    produce(settings, "compute", [(c.key.encode(), c.to_json()) for c in samples])
+    stats = run_worker(settings)
+    assert stats["compute_samples"] == 36 and not stats["dead_letters"], stats
+    idle = [a for a in (decode(Anomaly, r) for r in read_topic(settings, "anomalies")) if a.kind == "idle_cpu"]
+    assert [(a.tenant_id, a.scope, a.scope_id) for a in idle] == [("acme", "session", "s-idle")]
+    assert idle[0].evidence["used_pct"] == "0.25"  # 0.1 CPU-seconds of 40 core-seconds per sample
+
+
+def test_budget_set_takes_a_vcpu_hour_unit_and_refuses_an_unknown_one(settings, monkeypatch):
+    """`meterline budget set --unit vcpu_hours` publishes a vCPU-hour budget that `budget list` reads back from the topic."""
+    from typer.testing import CliRunner
+
+    from meterline.cli import app
+    from meterline.settings import get_settings
+
+    for name, value in (("METERLINE_KAFKA_BOOTSTRAP", settings.bootstrap), ("METERLINE_TOPIC_PREFIX", settings.topic_prefix),
+                        ("METERLINE_DATA_DIR", str(settings.data_dir))):
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        done = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--amount", "12.5", "--unit", "vcpu_hours", "--json"])
+        assert done.exit_code == 0, done.output
+        listed = json.loads(runner.invoke(app, ["budget", "list", "--json"]).stdout)
+        assert [(p["policy_id"], p["unit"], p["amount"]) for p in listed] == [("tenant:acme:vcpu_hours:month", "vcpu_hours", "12.5")]
+        wrong = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--amount", "1", "--unit", "tpu_hours"])
+        assert wrong.exit_code != 0 and "vcpu_hours" in wrong.output  # the error names the units there are
+    finally:
+        get_settings.cache_clear()
+
+
+def _a_vcpu_hour_budget_is_spent_by_these_updates(updates: list[SpendUpdate], ts: datetime) -> None:
+    """The allocator, fed the worker's real spend updates: a tenant's vCPU-hour budget counts its CPU-seconds / 3600
+    (75.6 s = 0.021 h), not its dollars; a budget above it denies nothing."""
+    from meterline.allocator.engine import Engine, EngineConfig
+    from meterline.schemas.events import BudgetPolicy
+
+    def decide(amount: str) -> tuple[Decimal, dict[str, str]]:
+        engine = Engine(EngineConfig(), clock=lambda: ts + timedelta(minutes=1))
+        engine.apply_policy(BudgetPolicy(policy_id="cpu", tenant_id="acme", scope="tenant", scope_id="acme",
+                                         unit="vcpu_hours", amount=Decimal(amount), created_at=ts - timedelta(days=40)))
+        for update in updates:
+            engine.apply_spend(update)
+        engine.decide()
+        got = {d.priority: d.action for _, (_, d) in engine._published.items() if d.scope_id == "acme" and d.priority}
+        return engine.budgets["cpu"].spent, got
+
+    spent, over = decide("0.02")
+    assert spent == Decimal("75.6") / 3600
+    assert over["low"] == over["batch"] == "deny" and over["critical"] == "allow"  # the policy's default actions
+    spent, under = decide("100")
+    assert spent == Decimal("75.6") / 3600 and "deny" not in under.values()  # paced (this rate would overrun), not denied
 
 
 # -------------------------------------------------------------------- crash

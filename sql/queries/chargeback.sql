@@ -6,10 +6,12 @@
 -- tenant 'unattributed' (a parameter: the stream's spend name for it); --tenant filters on that name.
 -- CPU and memory come from compute_samples (`collect node`, priced at ingest per node class), without a tenant
 -- likewise 'unattributed'. By model, GPU time appears as its own line ('gpu:<name>'), CPU and memory as
--- 'compute:<node class>'. reasoning, audio and image output tokens are part of
+-- 'compute:<node class>'. By namespace (or pod, 'namespace/pod'): the Kubernetes pod of GPU process rows (`collect dcgm`)
+-- and compute rows (`collect node` on a Kubernetes node); tokens, tools, idle GPU time and rows outside any pod have
+-- namespace '' (shown as "(none)" in tables). reasoning, audio and image output tokens are part of
 -- output_tokens, audio/image input and cache tokens of input_tokens, 1-hour cache writes of cache_write_tokens;
 -- unmetered_events completed with no usage reported (their cost is unknown, see the unmetered_calls anomaly).
--- Parameters: by String, depth UInt8, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
+-- Parameters: by String (model, namespace, pod or a level), depth UInt8, since/until DateTime64(3), tenant/team/project String ('' = all), unattributed String.
 SELECT
     key,
     sum(events) AS events,
@@ -38,7 +40,8 @@ SELECT
 FROM
 (
     SELECT
-        if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
+        multiIf({by:String} = 'model', model, {by:String} IN ('namespace', 'pod'), '',
+                arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
         count() AS events,
         countIf(status = 'ok') AS ok_events,
         sum(input_tokens) AS input_tokens,
@@ -71,7 +74,9 @@ FROM
     UNION ALL
 
     SELECT
-        if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
+        multiIf({by:String} = 'model', model, {by:String} = 'namespace', namespace,
+                {by:String} = 'pod', if(pod = '', '', concat(namespace, '/', pod)),
+                arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         toDecimal128(0, 18),
         sum(gpu_seconds),
@@ -80,7 +85,7 @@ FROM
     FROM
     (
         SELECT if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id, team, project, agent_id, session_id,
-               concat('gpu:', gpu_name) AS model, gpu_seconds, cost_usd
+               concat('gpu:', gpu_name) AS model, namespace, pod, gpu_seconds, cost_usd
         FROM gpu_samples
         WHERE level = 'process'
           AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
@@ -93,7 +98,9 @@ FROM
     UNION ALL
 
     SELECT
-        if({by:String} = 'model', model, arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
+        multiIf({by:String} = 'model', model, {by:String} = 'namespace', namespace,
+                {by:String} = 'pod', if(pod = '', '', concat(namespace, '/', pod)),
+                arrayStringConcat(arraySlice([tenant_id, team, project, agent_id, session_id], 1, {depth:UInt8}), '/')) AS key,
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         toDecimal128(0, 18), toDecimal128(0, 18), toDecimal128(0, 18),
         sum(cpu_user_seconds + cpu_system_seconds),
@@ -102,7 +109,7 @@ FROM
     FROM
     (
         SELECT if(tenant_id = '', {unattributed:String}, tenant_id) AS tenant_id, team, project, agent_id, session_id,
-               concat('compute:', node_class) AS model, cpu_user_seconds, cpu_system_seconds, cpu_cost_usd, memory_cost_usd
+               concat('compute:', node_class) AS model, namespace, pod, cpu_user_seconds, cpu_system_seconds, cpu_cost_usd, memory_cost_usd
         FROM compute_samples
         WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
           AND ({team:String} = '' OR team = {team:String})
