@@ -49,6 +49,10 @@ def _minute(key: int) -> datetime:
     return minute
 
 
+# a scope's month-to-date totals: what an idle scope keeps (parked) when its state leaves memory
+TOTALS = ("period", "events", "input_tokens", "output_tokens", "gpu_ps", "gpu", "unpriced", "cpu_ps")
+
+
 class ScopeSpend:
     """One scope's state; minutes are integer keys (second_of(ts) // 60) on the hot path."""
 
@@ -71,6 +75,16 @@ class ScopeSpend:
         self.period_start = month_start(minute)
         self.period_end = next_month(self.period_start)
         self.period_start_key, self.period_end_key = _minute_key(self.period_start), _minute_key(self.period_end)
+
+    def park(self) -> tuple[int, ...]:
+        """Its month and month-to-date totals as one small tuple (~a tenth of the state's memory)."""
+        return (self.period_start_key, *(getattr(self, name) for name in TOTALS))
+
+    def unpark(self, parked: tuple[int, ...]) -> None:
+        """Continue from parked totals (same month only: a new month starts from zero)."""
+        if parked[0] == self.period_start_key:
+            for name, value in zip(TOTALS, parked[1:]):
+                setattr(self, name, value)
 
     def restore(self, update: dict[str, Any]) -> None:
         """Continue from the last state this scope published (same period only)."""
@@ -103,13 +117,17 @@ class SpendBook:
     def __init__(self, baseline: dict[ScopeKey, dict[str, Any]] | None = None) -> None:
         self.states: dict[ScopeKey, ScopeSpend] = {}
         self.baseline = baseline or {}  # last published state per scope (from the changelog)
+        self.parked: dict[ScopeKey, tuple[int, ...]] = {}  # idle scopes evicted from memory, by evict_idle
+        self._parked_month = 0
         self.late = 0
         self.chains: dict[tuple[str, str, str, str, str], tuple[ScopeSpend, ...]] = {}  # ids -> states of its 5 scopes
 
     def _state(self, key: ScopeKey, minute: datetime) -> ScopeSpend:
         state = ScopeSpend(minute)
-        restored = self.baseline.pop(key, None)
-        if restored and datetime.fromisoformat(restored["period_start"]) == state.period_start:
+        parked, restored = self.parked.pop(key, None), self.baseline.pop(key, None)
+        if parked:  # newer than the changelog's copy: this worker evicted it after restoring
+            state.unpark(parked)
+        elif restored and datetime.fromisoformat(restored["period_start"]) == state.period_start:
             state.restore(restored)
         self.states[key] = state
         return state
@@ -194,9 +212,18 @@ class SpendBook:
         }
 
     def evict_idle(self, stream_now: datetime, idle: timedelta, scopes: tuple[str, ...] = ("session", "agent")) -> int:
-        """Forget clean session/agent states idle longer than `idle` (bounded memory); returns how many."""
+        """Park clean session/agent states idle longer than `idle` (bounded memory: their totals stay, as a
+        tuple, and come back when they spend again); returns how many."""
+        month = _minute_key(month_start(stream_now))
+        if month != self._parked_month:  # a new month: last month's parked totals are never needed again
+            self.parked = {k: p for k, p in self.parked.items() if p[0] >= month}
+            self._parked_month = month
         stale = [k for k, s in self.states.items() if k[1] in scopes and not s.dirty and stream_now - s.last_ts > idle]
-        dead = {id(self.states.pop(key)) for key in stale}
+        dead = set()
+        for key in stale:
+            state = self.states.pop(key)
+            self.parked[key] = state.park()
+            dead.add(id(state))
         if dead:  # forget the cached chains that reach a dropped state
             self.chains = {ids: chain for ids, chain in self.chains.items() if not any(id(s) in dead for s in chain)}
         return len(stale)
@@ -205,4 +232,5 @@ class SpendBook:
         """Forget the state of tenants whose partitions moved to another worker."""
         for key in [k for k in self.states if k[0] in tenants]:
             del self.states[key]
+        self.parked = {k: p for k, p in self.parked.items() if k[0] not in tenants}  # the new owner reads the changelog
         self.chains.clear()
