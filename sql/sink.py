@@ -106,6 +106,7 @@ class LedgerSink:
         self.revoked_mid_flush = False
         self.stop = threading.Event()
         self.inflight = InFlight()
+        self._staged_cache: tuple[dict, dict[str, tuple[str, bytes]]] = ({}, {})
         self._consuming_thread = threading.get_ident()  # the one thread that calls the consumer (run() resets it)
         self._staged_tables: dict[str, Staged] = {}
         self.anomalies_topic = settings.topic("anomalies")
@@ -126,8 +127,7 @@ class LedgerSink:
             while not stop.is_set():
                 messages = self.consumer.consume(num_messages=10_000, timeout=0.2)
                 self._reap_inflight()
-                for msg in messages:
-                    self._take(msg)
+                self._take_many(messages)
                 if messages:
                     self._last_activity = time.monotonic()
                 if self.policy.due(self.batch, time.monotonic()):
@@ -194,6 +194,43 @@ class LedgerSink:
             if not already_dead:
                 reason = err.reason if isinstance(err, ev.InvalidEvent) else f"could not make a ledger row: {err!r}"
                 batch.dead.append(self._dead_letter(msg, reason, type(err).__name__))
+
+    def _take_many(self, messages: list[Message]) -> None:
+        """`_take` for a consumed batch, with the common case inline (a new record of a staged table: append its
+        line with the Kafka columns): ~1 µs instead of ~8 per record. Anything else goes through `_take`."""
+        batch, checkpoint, staged = self.batch, self.checkpoint, self._staged_topics
+        position, replay, starts, next_offset = checkpoint.position, checkpoint.replay, batch.start, batch.next_offset
+        appended = 0
+        for msg in messages:
+            topic = msg.topic()
+            target = staged.get(topic)
+            raw = msg.value()
+            if target is None or raw is None or msg.error() is not None:
+                self._take(msg)
+                continue
+            partition, offset = msg.partition(), msg.offset()
+            key = (topic, partition)
+            if key in replay or offset < position.get(key, 0):  # the checkpoint's verdict is needed
+                self._take(msg)
+                continue
+            start = starts.get(key)
+            if start is None:
+                start = starts[key] = offset
+            next_offset[key] = position[key] = offset + 1
+            rows = batch.tables[target[0]]
+            rows.lines.append(raw.rstrip()[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
+                target[1], partition, offset, start))
+            rows.msgs.append(msg)
+            appended += 1
+        batch.rows += appended
+
+    @property
+    def _staged_topics(self) -> dict[str, tuple[str, bytes]]:
+        """topic -> (staged table, topic as bytes), for the topics `self.tables` maps now (tests and benches narrow it)."""
+        if self._staged_cache[0] is not self.tables:
+            self._staged_cache = (self.tables, {topic: (table.name, topic.encode()) for topic, table in self.tables.items()
+                                                if table.name in STAGED_TABLES})
+        return self._staged_cache[1]
 
     def _advance(self, key: tuple[str, int], offset: int) -> None:
         self.batch.next_offset[key] = offset + 1
