@@ -140,12 +140,67 @@ def breakdown(stats: pstats.Stats, names: dict[str, str], total_us: float, n: in
     return [(stage, seconds / n * 1e6 * scale) for stage, seconds in sorted(out.items(), key=lambda kv: -kv[1])]
 
 
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def state_rss(sessions: int) -> tuple[int, int]:
+    """RSS growth of a worker's state (the spend book, detectors and a 12-partition dedupe window, fed as
+    process() feeds them: two events per session) with `sessions` active sessions, and its scope count.
+    Run in a fresh process per figure (python -m bench.profile --memory N): the input events are built first
+    and their memory is not counted."""
+    import gc
+
+    from meterline.streams.anomalies import Detectors
+    from meterline.streams.codec import decode_usage
+    from meterline.streams.spend import SpendBook
+    from meterline.streams.worker import DedupeWindow
+
+    events = [decode_usage(raw) for _, raw in make_events(2 * sessions, sessions, seed=9)]
+    gc.collect()
+    before = rss_bytes()
+    book, detectors, dedupe = SpendBook(), Detectors(), DedupeWindow(100_000 * 12)
+    for e in events:
+        dedupe.seen(e.event_id.int)
+        book.add((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), e.ts, 1000, e.input_tokens, e.output_tokens)
+        detectors.usage(e, 1000, False)
+    gc.collect()
+    return rss_bytes() - before, len(book.states)
+
+
+def memory_section(counts: list[int]) -> list[str]:
+    import subprocess
+    import sys
+
+    lines = ["", "Worker state in memory (RSS growth, one fresh process per row; 2 events per session, dedupe window "
+             "1.2M ids = 12 partitions x 100k):", "", "| active sessions | scopes | RSS growth MiB | bytes per session | "
+             "projected at 1,000,000 sessions |", "|---:|---:|---:|---:|---:|"]
+    for n in counts:
+        out = subprocess.run([sys.executable, "-c", f"from bench.profile import state_rss; print(*state_rss({n}))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        grown, scopes = int(out[0]), int(out[1])
+        lines.append(f"| {n:,} | {scopes:,} | {grown / 2**20:,.1f} | {grown / n:,.0f} | {grown / n * 1e6 / 2**30:,.2f} GiB |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--cprofile", action="store_true", help="also break each process's µs down by stage")
+    parser.add_argument("--memory", help="only: worker state RSS per active session, for these session counts (10000,100000)")
     args = parser.parse_args()
+    if args.memory:
+        text = "\n".join([f"## Worker memory per active session ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+                          f"Machine: `{platform.machine()}`, Python {platform.python_version()}. Command: "
+                          f"`.venv/bin/python -m bench.profile --memory {args.memory}`",
+                          *memory_section([int(n) for n in args.memory.split(",")])]) + "\n"
+        print(text)
+        RESULTS.write_text(RESULTS.read_text().rstrip() + "\n\n" + text if RESULTS.exists() else text)
+        return
     data = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     settings = Settings(topic_prefix=f"prof{uuid.uuid4().hex[:8]}", data_dir=data, clickhouse_dsn=f"chdb://{data / 'ch'}")
     create_topics(settings)
