@@ -1,12 +1,12 @@
 """Run every benchmark against the broker in METERLINE_KAFKA_BOOTSTRAP (default: the local one).
 
 Each writes its markdown section to bench/results/<name>.md; BENCHMARKS.md summarises them.
-Usage: python -m bench [sdk pipeline sink allocator otlp]
+Usage: python -m bench [sdk pipeline sink profile allocator otlp]
 """
 import runpy
 import sys
 
-ALL = ("sdk", "pipeline", "sink", "allocator", "otlp")
+ALL = ("sdk", "pipeline", "sink", "profile", "allocator", "otlp")
 
 for name in sys.argv[1:] or ALL:
     if name not in ALL:

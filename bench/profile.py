@@ -1,0 +1,245 @@
+"""CPU µs per event of each process's stages, in process, from the same messages (issue 17: where each µs goes).
+
+    METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python -m bench.profile [--events 100000] [--cprofile]
+
+- worker: `StreamWorker.process()` over prebuilt usage messages (the bench's events), its producer
+  sending to a fresh topic prefix on the real broker, then `producer.flush()`; the clock is
+  `time.process_time()` (every thread of this process: librdkafka's included).
+- sink: `LedgerSink._take()` for each priced record the worker produced (read back from Kafka first),
+  then `flush()` per 50,000 rows into a fresh embedded chDB (migrated); chDB's threads count too.
+- bare: a plain confluent-kafka consume of the usage topic in the same run, for the ratio.
+
+Per stage of the worker: cProfile's cumulative time of its inner calls (decode, digest, price, priced JSON,
+detectors, spend, produce), scaled to the unprofiled total. This measures CPU, not wall time, so it is
+much less sensitive to a busy machine than a rate; BENCHMARKS.md quotes both.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import platform
+import pstats
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from meterline.settings import Settings
+from meterline.topics import create_topics
+
+from .pipeline import make_events, produce
+
+RESULTS = Path(__file__).with_name("results") / "profile.md"
+
+
+class Msg:
+    """What process() and _take() read of a confluent_kafka.Message."""
+
+    __slots__ = ("_topic", "_partition", "_offset", "_key", "_value")
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
+        self._topic, self._partition, self._offset, self._key, self._value = topic, partition, offset, key, value
+
+    def topic(self): return self._topic
+    def partition(self): return self._partition
+    def offset(self): return self._offset
+    def key(self): return self._key
+    def value(self): return self._value
+    def error(self): return None
+    def headers(self): return None
+    def timestamp(self): return (1, int(time.time() * 1000))
+
+
+def read_all(settings: Settings, topic: str) -> tuple[list, float]:
+    """Every message of `topic` (real Messages) and the process CPU seconds a bare consume of them took."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"p-{uuid.uuid4().hex[:6]}", "enable.auto.commit": False,
+                                                 "fetch.max.bytes": 64 * 1024 * 1024}))
+    parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out, todo, c0 = [], sum(ends.values()), time.process_time()
+    while len(out) < todo:
+        out += [m for m in consumer.consume(10_000, timeout=1.0) if not m.error()]
+    cpu = time.process_time() - c0
+    consumer.close()
+    return out, cpu
+
+
+def worker_cost(settings: Settings, msgs: list[Msg], profile: bool) -> tuple[float, pstats.Stats | None]:
+    from meterline.streams.worker import StreamWorker
+
+    worker = StreamWorker(settings, checkpoint_interval=3600, publish_interval=3600)
+    batches = [msgs[i:i + 5000] for i in range(0, len(msgs), 5000)]
+    prof = cProfile.Profile() if profile else None
+    c0 = time.process_time()
+    if prof:
+        prof.enable()
+    for batch in batches:
+        worker.process(batch)
+    worker.publish_spend()
+    worker.producer.flush(60)
+    if prof:
+        prof.disable()
+    cpu = time.process_time() - c0
+    return cpu / len(msgs) * 1e6, pstats.Stats(prof) if prof else None
+
+
+def sink_cost(settings: Settings, priced: list, profile: bool, batched: bool = True) -> tuple[float, pstats.Stats | None, int]:
+    from meterline.sql import ledger
+    from meterline.sql.sink import LedgerSink
+
+    client = ledger.connect(settings)
+    ledger.migrate(client)
+    sink = LedgerSink(settings, client=client, group=f"p-{uuid.uuid4().hex[:6]}")
+    prof = cProfile.Profile() if profile else None
+    c0 = time.process_time()
+    if prof:
+        prof.enable()
+    for i in range(0, len(priced), 10_000):  # what run() takes per consume() call
+        chunk = priced[i:i + 10_000]
+        if batched:
+            sink._take_many(chunk)
+        else:
+            for msg in chunk:
+                sink._take(msg)
+        if (i + len(chunk)) % 50_000 == 0:
+            sink.flush()
+    sink.flush()
+    if prof:
+        prof.disable()
+    cpu = time.process_time() - c0
+    rows = client.query("SELECT count() FROM priced_events").result_rows[0][0]
+    sink.consumer.close()
+    return cpu / len(priced) * 1e6, pstats.Stats(prof) if prof else None, rows
+
+
+WORKER_STAGES = {  # cProfile function name -> stage
+    "decode_usage": "decode + validate (msgspec)", "usage_digest": "dedupe digest", "price_pico": "price",
+    "_priced_json": "priced JSON", "usage": "anomaly detectors", "add": "spend (5 scopes)",
+    "<method 'produce' of 'cimpl.Producer' objects>": "produce()", "publish_spend": "publish spend",
+    "<method 'flush' of 'cimpl.Producer' objects>": "producer flush (librdkafka)",
+}
+SINK_STAGES = {
+    "_take_many": "intake (_take_many: offsets, line with Kafka columns)", "_load": "stage: truncate + JSONEachRow insert + typed fill",
+    "_rejected": "checks (rejected rows query)", "insert": "dedupe + insert into the ledger",
+    "<method 'query' of 'chdb.state.sqlitelike.Connection' objects>": "(chDB queries, all)",
+}
+
+
+def breakdown(stats: pstats.Stats, names: dict[str, str], total_us: float, n: int) -> list[tuple[str, float]]:
+    """µs per event of each named function (cumulative, self-inclusive), from cProfile's table."""
+    out: dict[str, float] = {}
+    profiled_total = max(stats.total_tt, 1e-9)
+    for (_, _, func), (_, _, _, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if func in names:
+            out[names[func]] = out.get(names[func], 0.0) + cumtime
+    scale = total_us / (profiled_total / n * 1e6)  # cProfile's overhead spread evenly
+    return [(stage, seconds / n * 1e6 * scale) for stage, seconds in sorted(out.items(), key=lambda kv: -kv[1])]
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def state_rss(sessions: int) -> tuple[int, int]:
+    """RSS growth of a worker's state (the spend book, detectors and a 12-partition dedupe window, fed as
+    process() feeds them: two events per session) with `sessions` active sessions, and its scope count.
+    Run in a fresh process per figure (python -m bench.profile --memory N): the input events are built first
+    and their memory is not counted."""
+    import gc
+
+    from meterline.streams.anomalies import Detectors
+    from meterline.streams.codec import decode_usage
+    from meterline.streams.spend import SpendBook
+    from meterline.streams.worker import DedupeWindow
+
+    events = [decode_usage(raw) for _, raw in make_events(2 * sessions, sessions, seed=9)]
+    gc.collect()
+    before = rss_bytes()
+    book, detectors, dedupe = SpendBook(), Detectors(), DedupeWindow(100_000 * 12)
+    for e in events:
+        dedupe.seen(e.event_id.int)
+        book.add((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), e.ts, 1000, e.input_tokens, e.output_tokens)
+        detectors.usage(e, 1000, False)
+    gc.collect()
+    return rss_bytes() - before, len(book.states)
+
+
+def memory_section(counts: list[int]) -> list[str]:
+    import subprocess
+    import sys
+
+    lines = ["", "Worker state in memory (RSS growth, one fresh process per row; 2 events per session, dedupe window "
+             "1.2M ids = 12 partitions x 100k):", "", "| active sessions | scopes | RSS growth MiB | bytes per session | "
+             "projected at 1,000,000 sessions |", "|---:|---:|---:|---:|---:|"]
+    for n in counts:
+        out = subprocess.run([sys.executable, "-c", f"from bench.profile import state_rss; print(*state_rss({n}))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        grown, scopes = int(out[0]), int(out[1])
+        lines.append(f"| {n:,} | {scopes:,} | {grown / 2**20:,.1f} | {grown / n:,.0f} | {grown / n * 1e6 / 2**30:,.2f} GiB |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--cprofile", action="store_true", help="also break each process's µs down by stage")
+    parser.add_argument("--memory", help="only: worker state RSS per active session, for these session counts (10000,100000)")
+    args = parser.parse_args()
+    if args.memory:
+        text = "\n".join([f"## Worker memory per active session ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+                          f"Machine: `{platform.machine()}`, Python {platform.python_version()}. Command: "
+                          f"`.venv/bin/python -m bench.profile --memory {args.memory}`",
+                          *memory_section([int(n) for n in args.memory.split(",")])]) + "\n"
+        print(text)
+        RESULTS.write_text(RESULTS.read_text().rstrip() + "\n\n" + text if RESULTS.exists() else text)
+        return
+    data = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    settings = Settings(topic_prefix=f"prof{uuid.uuid4().hex[:8]}", data_dir=data, clickhouse_dsn=f"chdb://{data / 'ch'}")
+    create_topics(settings)
+    produce(settings, settings.topic("usage"), make_events(args.events, args.sessions))
+    usage, bare_cpu = read_all(settings, settings.topic("usage"))
+    msgs = [Msg(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in usage]
+    del usage
+    worker_us, _ = worker_cost(settings, msgs, profile=False)
+    priced, _ = read_all(settings, settings.topic("priced"))
+    sink_us, _, rows = sink_cost(settings, priced, profile=False)
+    one_settings = Settings(topic_prefix=settings.topic_prefix, data_dir=data, clickhouse_dsn=f"chdb://{data / 'ch-one'}")
+    one_us, _, _ = sink_cost(one_settings, priced, profile=False, batched=False)
+    bare_us = bare_cpu / args.events * 1e6
+    lines = [f"## CPU per event, in process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+             f"Machine: `{platform.machine()}`, {os.cpu_count()} cores, Python {platform.python_version()}, load average "
+             f"{os.getloadavg()[0]:.2f}. Command: `.venv/bin/python -m bench.profile --events {args.events} --sessions {args.sessions}"
+             f"{' --cprofile' if args.cprofile else ''}`", "",
+             "| process | CPU µs/event | ratio to a bare consume's CPU |", "|---|---:|---:|",
+             f"| bare confluent-kafka consume of the usage topic | {bare_us:.2f} | 1 |",
+             f"| stream worker: process() + publish + producer flush | {worker_us:.2f} | {worker_us / bare_us:.1f} |",
+             f"| sink: _take_many() + flush() into chDB ({rows:,} rows), as `run()` does | {sink_us:.2f} | {sink_us / bare_us:.1f} |",
+             f"| sink, same records, `_take()` one at a time (the intake before this change) + flush() | {one_us:.2f} | {one_us / bare_us:.1f} |"]
+    if args.cprofile:
+        settings2 = Settings(topic_prefix=f"prof{uuid.uuid4().hex[:8]}", data_dir=data, clickhouse_dsn=f"chdb://{data / 'ch2'}")
+        create_topics(settings2)
+        _, wstats = worker_cost(settings2, [Msg(m._topic.replace(settings.topic_prefix, settings2.topic_prefix), m._partition,
+                                                m._offset, m._key, m._value) for m in msgs], profile=True)
+        priced2, _ = read_all(settings2, settings2.topic("priced"))
+        _, sstats, _ = sink_cost(settings2, priced2, profile=True)
+        lines += ["", "Where it goes (cProfile cumulative, scaled to the unprofiled totals; stages nest, so they do not sum):", "",
+                  "| process | stage | µs/event |", "|---|---|---:|"]
+        lines += [f"| worker | {stage} | {us:.2f} |" for stage, us in breakdown(wstats, WORKER_STAGES, worker_us, args.events)]
+        lines += [f"| sink | {stage} | {us:.2f} |" for stage, us in breakdown(sstats, SINK_STAGES, sink_us, args.events)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS.read_text() if RESULTS.exists() else "# Per-process CPU profile\n"
+    RESULTS.write_text(previous.rstrip() + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
