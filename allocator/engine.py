@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 
 from meterline.schemas.events import (
     PRIORITIES,
@@ -58,7 +58,7 @@ from meterline.schemas.events import (
     utcnow,
 )
 
-from .gpu import GpuPool, fair_shares
+from .gpu import GpuPool, GpuWaits, fair_shares
 from .periods import period_bounds
 from meterline.schemas.scopes import canonical, is_within, level_key, lineage, tenant_of
 
@@ -175,6 +175,7 @@ class Engine:
         self.budgets: dict[str, BudgetState] = {}
         self.leases: dict[str, Lease] = {}
         self.gpu = GpuPool()
+        self.gpu_waits = GpuWaits()   # what guards announce they wait for: gpu_pending when none is injected
         self._windows: dict[tuple, dict[datetime, tuple[Decimal, Decimal, datetime]]] = {}  # by level_key
         self._published: dict[str, tuple[tuple, ThrottleDecision]] = {}
         self._alerts: list[Anomaly] = []
@@ -252,6 +253,21 @@ class Engine:
                 if need > 0 and (state.smallest_need is None or need < state.smallest_need):
                     state.smallest_need = need
 
+    def release(self, tenant_id: str, session_id: str, ceiling: Decimal, spent: Decimal, need: Decimal = ZERO) -> None:
+        """A guard its lease denied gives back its ceiling above `spent`: it stopped there before it
+        said so. A release of a ceiling raised since is ignored (the guard spends against the new one).
+        Without this a dear session's rest (under one of its calls) stayed committed to it: the demo's
+        hooli ended 87.8 % used with 12 % stranded in two leases while a cheap session waited."""
+        lease = self._lease_for(canonical(tenant_id, "session", session_id), self.clock())
+        if lease is None or _nanos(usd(lease.limit)) != _nanos(ceiling):
+            return
+        lease.limit = max(lease.spent, min(lease.limit, spent))
+        lease.need = lease.limit + max(ZERO, need)   # what it waits for: not re-granted unless that fits
+        lease.last_grant = ZERO
+        self._dirty.add(("lease", lease.session_id))
+        for state in self._hard_ancestors(lease.session_id):
+            self._dirty.add(("budget", state.policy.policy_id))
+
     def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Decimal]:
         """New events and GPU-seconds since the last update (the contract carries them period-to-date)."""
         old = self._totals.get(scope_id)
@@ -260,8 +276,18 @@ class Engine:
             return update.events, update.gpu_seconds
         return max(0, update.events - old[1]), max(ZERO, update.gpu_seconds - old[2])
 
+    def announce_gpu(self, tenant_id: str, session_id: str, gpus: Decimal) -> None:
+        """A session waits for `gpus` GPUs (0: no longer): the queue a reclaim is for."""
+        self.gpu_waits.note(tenant_id, canonical(tenant_id, "session", session_id), max(ZERO, gpus), self.clock())
+        self._dirty.add(("gpu",))
+
+    def _pending_gpus(self, tenant_id: str, now: datetime) -> Decimal:
+        return self.gpu_pending(tenant_id) if self.gpu_pending else self.gpu_waits.pending(tenant_id, now)
+
     def apply_gpu(self, sample: GpuSample) -> None:
         self._dirty.add(("gpu",))
+        if sample.level == "process" and sample.session_id and sample.tenant_id:
+            self.gpu_waits.placed(canonical(sample.tenant_id, "session", sample.session_id))
         self.gpu.observe(sample.level, sample.gpu_uuid, sample.mig_uuid, sample.mig_slices, sample.mig_total_slices,
                          sample.tenant_id, sample.utilization_pct, sample.ts)
 
@@ -635,7 +661,7 @@ class Engine:
             return
         usage = self.gpu.usage()
         idle = self.gpu.idle(now, self.config.gpu_idle_for)
-        pending = {t: (self.gpu_pending(t) if self.gpu_pending else ZERO) for t in set(nominal) | set(usage)}
+        pending = {t: self._pending_gpus(t, now) for t in set(nominal) | set(usage)}
         demand = {t: usage.get(t, ZERO) - idle.get(t, ZERO) + pending[t] for t in pending}
         shares = fair_shares(self.gpu.capacity, nominal, self.config.gpu_weights or nominal, demand)
         contended = sum(usage.values(), ZERO) + sum(pending.values(), ZERO) > self.gpu.capacity  # someone waits
@@ -714,6 +740,11 @@ def _min_limits(a: DecisionLimits, b: DecisionLimits) -> DecisionLimits:
     return DecisionLimits(tokens_per_min=pick(a.tokens_per_min, b.tokens_per_min),
                           requests_per_min=pick(a.requests_per_min, b.requests_per_min),
                           max_concurrent=pick(a.max_concurrent, b.max_concurrent))
+
+
+def _nanos(x: Decimal) -> int:
+    """Nano-USD rounded up, as a guard compiles a ceiling (guard.to_nanos)."""
+    return int((x * 10**9).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _forecast(now: datetime, remaining: Decimal, rate: Decimal) -> datetime | None:

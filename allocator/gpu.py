@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from meterline.schemas.scopes import level_key
+
 ZERO = Decimal(0)
 
 
@@ -49,6 +51,31 @@ class GpuHolding:
     utilization_pct: int | None
     seen: datetime
     idle_since: datetime | None = None
+
+
+@dataclass
+class GpuWaits:
+    """GPUs each tenant's sessions wait for, as their guards announce them (`Guard.wait_for_gpus`): the
+    production stand-in for a scheduler's queue. A wait lasts `ttl` unless re-announced, and ends when
+    the session is seen on a GPU (a process row of its session) or announces 0."""
+
+    ttl: timedelta = timedelta(seconds=30)
+    waits: dict[tuple, tuple[str, Decimal, datetime]] = field(default_factory=dict)   # level_key -> (tenant, GPUs, heard)
+
+    def note(self, tenant_id: str, session_id: str, gpus: Decimal, now: datetime) -> None:
+        if gpus > 0:
+            self.waits[level_key(session_id)] = (tenant_id, gpus, now)
+        else:
+            self.waits.pop(level_key(session_id), None)
+
+    def placed(self, session_id: str) -> None:
+        """A session seen on a GPU waits no more (a guard's path id and a collector's bare id alike)."""
+        self.waits.pop(level_key(session_id), None)
+
+    def pending(self, tenant_id: str, now: datetime) -> Decimal:
+        for sid in [s for s, (_, _, heard) in self.waits.items() if now - heard > self.ttl]:
+            del self.waits[sid]
+        return sum((g for t, g, _ in self.waits.values() if t == tenant_id), ZERO)
 
 
 @dataclass

@@ -269,6 +269,7 @@ class Simulation:
         self.engine.apply_policy(self.policy)
         self.feed = SimFeed()
         self.feed.announce = lambda *a: self.at(self.t + self.lag["kafka_s"], self._announce, *a)
+        self.feed.release = lambda *a: self.at(self.t + self.lag["kafka_s"], self._release, *a)
         self.stream = SpendStream()
         self.rng = random.Random(scenario.seed)
         self.parked: list[Request] = []
@@ -414,6 +415,10 @@ class Simulation:
 
     def _announce(self, session_id: str, priority: str, need: Decimal, spent: Decimal) -> None:   # as the service does
         self.engine.announce(TENANT, session_id, priority, need, spent)
+        self._allocate()
+
+    def _release(self, session_id: str, priority: str, ceiling: Decimal, spent: Decimal, need: Decimal) -> None:
+        self.engine.release(TENANT, session_id, ceiling, spent, need)
         self._allocate()
 
     def _allocate(self) -> None:

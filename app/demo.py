@@ -224,6 +224,21 @@ def publish_budgets(settings: Any, start: datetime, duration: float = 3600) -> N
             hard=budget.hard, actions=budget.actions))
 
 
+def wait_for_budget_decisions(feed: Any, timeout: float = 30.0) -> bool:
+    """Until every budgeted tenant's decision is in the guards' feed. A fail-open guard with no decision
+    yet lets calls through unchecked, and before this wait hooli's first calls spent 28 % past its
+    hard budget before its leases arrived."""
+    wanted = {f"tenant:{tenant}:normal" for tenant in BUDGETS}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with feed.changed:
+            if wanted <= feed.decisions.keys():
+                return True
+            feed.changed.wait(0.2)
+    log.warning("budget decisions missing from the feed after %.0f s: %s", timeout, sorted(wanted - feed.decisions.keys()))
+    return False
+
+
 # ---- the terminal view --------------------------------------------------------------------------
 
 
@@ -319,6 +334,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     send_history(settings, seed, outcomes)
     catalog = load_catalog()
     feed = DecisionFeed(settings).start()
+    wait_for_budget_decisions(feed)
     stop = threading.Event()
     agents = [Agent(spec, settings, feed, catalog, outcomes, stop, seed * 100 + i) for i, spec in enumerate(FLEET)]
     started = time.monotonic()

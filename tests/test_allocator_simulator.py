@@ -122,6 +122,39 @@ def test_a_session_announces_itself_and_is_leased_before_it_spends():
     assert heard and heard[-1][1] == "critical"
 
 
+
+def test_a_call_checked_before_any_decision_is_not_refunded_under_a_later_lease():
+    """A guard with nothing to enforce reserves nothing; record() then takes back no estimate,
+    so a lease that arrives later still caps the session (the demo's hooli spent 128 % of its hard
+    budget: calls made before its leases arrived were refunded their cache-free estimates)."""
+    clock = [START + timedelta(minutes=1)]
+    e = Engine(EngineConfig(), clock=lambda: clock[0])
+    feed = SimFeed()
+    feed.announce = lambda *a: e.announce("sim", *a)
+    guard = Guard(feed, "sim", "t", "p", "a", "s1", priority="normal", clock=lambda: clock[0].timestamp())
+    for _ in range(2):   # no decision yet: fail-open lets the calls through, and it counts them in full
+        assert guard.check("m", cost_usd=D("0.03"), wait=False) == "m"
+        guard.record(D("0.02"), reserved_usd=D("0.03"))
+    assert guard.spent == 4 * 10**7
+    e.apply_policy(BudgetPolicy(policy_id="b", tenant_id="sim", scope="tenant", scope_id="sim", amount=D("0.1"),
+                                actions={p: "deny" for p in PRIORITIES}, period="custom", period_anchor=START,
+                                period_seconds=60, created_at=START))
+    _decision(feed, e)
+    with pytest.raises(BudgetExceeded):
+        guard.check("m", cost_usd=D("0.03"), wait=False)   # announces itself
+    _decision(feed, e)
+    limit = feed.decisions[f"session:{guard.scopes['session']}:*"].limit
+    spent = D(0)
+    while True:
+        try:
+            guard.check("m", cost_usd=D("0.03"), wait=False)
+        except BudgetExceeded:
+            break
+        guard.record(D("0.03"), reserved_usd=D("0.03"))
+        spent += D("0.03")
+    assert D("0.04") + spent <= D(limit) / 10**9, "the unreserved calls count against the lease"
+
+
 # ---- GPU pools: Jain's index of GPU-hours against entitlement, preemptions ------------------
 
 def two_tenants(a_jobs: dict, pending_visible: bool = True, seed: int = 5) -> Scenario:
