@@ -60,7 +60,7 @@ from meterline.schemas.events import (
 
 from .gpu import GpuPool, GpuWaits, fair_shares
 from .periods import period_bounds
-from meterline.schemas.scopes import canonical, is_within, level_key, lineage, tenant_of
+from meterline.schemas.scopes import canonical, is_within, level_key, lineage, scope_ids, scope_of, tenant_of
 
 ZERO = Decimal(0)
 CENT_NANO = Decimal("1e-12")
@@ -88,6 +88,7 @@ class EngineConfig:
     window_memory: timedelta = timedelta(hours=2)     # re-sent windows are recognised this long
     ledger_lag: timedelta = timedelta(minutes=2)      # stream windows this recent may not be in the ledger yet
     gpu_idle_for: timedelta = timedelta(minutes=10)
+    gpu_reclaim_idle_for: timedelta = timedelta(minutes=5)   # a holder idle this long while others wait is preempted
     full_render_every: timedelta = timedelta(seconds=1)  # between re-evaluating everything (rates decay with time)
     gpu_weights: dict[str, Decimal] = field(default_factory=dict)
 
@@ -289,7 +290,7 @@ class Engine:
         if sample.level == "process" and sample.session_id and sample.tenant_id:
             self.gpu_waits.placed(canonical(sample.tenant_id, "session", sample.session_id))
         self.gpu.observe(sample.level, sample.gpu_uuid, sample.mig_uuid, sample.mig_slices, sample.mig_total_slices,
-                         sample.tenant_id, sample.utilization_pct, sample.ts)
+                         sample.tenant_id, sample.utilization_pct, sample.ts, _holder(sample))
 
     def reconcile(self) -> None:
         """Period-to-date spend = ledger up to the recent past + the stream's recent windows.
@@ -656,16 +657,23 @@ class Engine:
 
     # ---- GPU capacity -------------------------------------------------------------------
     def _gpu_decisions(self, now: datetime) -> Iterable[ThrottleDecision]:
-        nominal = self._gpu_quotas()
-        if not nominal or self.gpu.capacity == 0:
+        if self.gpu.capacity == 0:
             return
-        usage = self.gpu.usage()
-        idle = self.gpu.idle(now, self.config.gpu_idle_for)
-        pending = {t: self._pending_gpus(t, now) for t in set(nominal) | set(usage)}
+        nominal, usage = self._gpu_quotas(), self.gpu.usage()
+        waiters = {t for t, _, _ in self.gpu_waits.waits.values()}
+        pending = {t: self._pending_gpus(t, now) for t in set(nominal) | set(usage) | waiters}
+        reclaims, reclaimed = self._idle_reclaims(now, usage, pending)
+        yield from reclaims
+        if not nominal:
+            return
+        usage = self.gpu.usage(skip=reclaimed)   # being given back: not reclaimed twice
+        idle = self.gpu.idle(now, self.config.gpu_idle_for, skip=reclaimed)
         demand = {t: usage.get(t, ZERO) - idle.get(t, ZERO) + pending[t] for t in pending}
         shares = fair_shares(self.gpu.capacity, nominal, self.config.gpu_weights or nominal, demand)
         contended = sum(usage.values(), ZERO) + sum(pending.values(), ZERO) > self.gpu.capacity  # someone waits
         for tenant, used in usage.items():
+            if used <= 0:
+                continue
             quota = nominal.get(tenant, ZERO)
             share = max(shares.get(tenant, ZERO), min(quota, used - idle.get(tenant, ZERO)))
             if contended and used > share:
@@ -683,6 +691,40 @@ class Engine:
             elif used > quota:
                 yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="allow",
                                      reason=f"tenant {tenant}: borrowing {used - quota:.2f} idle GPUs above quota {quota:.2f}")
+
+    def _idle_reclaims(self, now: datetime, usage: dict[str, Decimal],
+                       pending: dict[str, Decimal]) -> tuple[list[ThrottleDecision], set[str]]:
+        """Idle -> busy: a holder (session, else agent) whose GPUs have all been idle for
+        `gpu_reclaim_idle_for` while other tenants wait for more GPUs than are free gets `preempt`
+        on its own scope, longest idle first, until the waiting demand is covered. Only idle
+        holders: busy work is never stopped here, inside a quota or not (an idle GPU inside a
+        tenant's guaranteed share is reclaimed: it is not using it); the borrowing rules below
+        still decide the rest. Returns the decisions and the holders told to give their GPUs back."""
+        after = self.config.gpu_reclaim_idle_for
+        free = max(ZERO, self.gpu.capacity - sum(usage.values(), ZERO))
+        holders: dict[str, list] = {}
+        for h in self.gpu.holdings.values():
+            if h.holder:
+                holders.setdefault(h.holder, []).append(h)
+        idle = sorted((min(h.idle_since for h in hs), holder, hs) for holder, hs in holders.items()
+                      if all(h.idle_since is not None and now - h.idle_since >= after for h in hs))
+        out: list[ThrottleDecision] = []
+        given, released = ZERO, set()
+        for since, holder, hs in idle:
+            tenant, gpus = hs[0].tenant_id, sum((h.gpus for h in hs), ZERO)
+            others = {t: p for t, p in pending.items() if t != tenant and p > 0}
+            waiting = sum(others.values(), ZERO) - free - given
+            if waiting <= 0:
+                continue
+            given += gpus
+            released.add(holder)
+            out.append(self._decision(
+                now, tenant_id=tenant, scope=scope_of(holder), scope_id=holder, action="preempt",
+                limits=DecisionLimits(max_concurrent=0),
+                reason=(f"idle GPU reclaim: {holder} holds {gpus:.2f} GPUs idle since {since:%Y-%m-%dT%H:%M:%SZ} "
+                        f"(threshold {after.total_seconds():.0f} s) while {', '.join(sorted(others))} wait for "
+                        f"{waiting:.2f} GPUs; release them")))
+        return out, released
 
     def _gpu_quotas(self) -> dict[str, Decimal]:
         """Nominal GPUs per tenant = its tenant GPU-hour budget spread over the period."""
@@ -740,6 +782,14 @@ def _min_limits(a: DecisionLimits, b: DecisionLimits) -> DecisionLimits:
     return DecisionLimits(tokens_per_min=pick(a.tokens_per_min, b.tokens_per_min),
                           requests_per_min=pick(a.requests_per_min, b.requests_per_min),
                           max_concurrent=pick(a.max_concurrent, b.max_concurrent))
+
+
+def _holder(sample: GpuSample) -> str:
+    """The scope a process row's GPU is held by: its session, else its agent ('' when coarser)."""
+    if sample.level != "process" or not sample.tenant_id:
+        return ""
+    scope, scope_id = list(scope_ids(sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id).items())[-1]
+    return scope_id if scope in ("session", "agent") else ""
 
 
 def _nanos(x: Decimal) -> int:
