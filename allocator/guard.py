@@ -264,6 +264,19 @@ class Guard:
         cost = cost_nanos or (to_nanos(cost_usd) if cost_usd else 0)
         self._debit(cost, reserved_nanos or (to_nanos(reserved_usd) if reserved_usd else 0))
 
+    def wait_for_gpus(self, gpus: Decimal | int) -> None:
+        """Say this session waits for `gpus` GPUs (a job in its scheduler's queue; 0 once it runs or gives up):
+        the allocator's reclaim and fair-share rules act on it. Call it while waiting, at any rate: it is sent
+        at most every `announce_every` unless the number changed, and a wait not renewed lapses (30 s)."""
+        announce, session = getattr(self.feed, "announce_gpu", None), self.scopes.get("session")
+        if announce is None or session is None:
+            return
+        gpus, now = Decimal(gpus), self.clock()
+        if self._gpu_wait is not None and self._gpu_wait[1] == gpus and now - self._gpu_wait[0] < self.announce_every:
+            return
+        self._gpu_wait = (now, gpus)
+        announce(session, self.priority, gpus)
+
     def _debit(self, nanos: int, reserved: int = 0) -> None:
         with self._lock:
             released = min(max(0, reserved), self.reserved)

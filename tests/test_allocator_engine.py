@@ -385,3 +385,15 @@ def test_leases_follow_the_pacing_plan_and_critical_is_served_first():
     e.decide()
     assert e.leases[normal].limit >= D("5")
     assert sum(lease.limit for lease in e.leases.values()) <= D("36") * 21 / 60 + D("0.6"), "never past plan + look-ahead"
+
+
+def test_an_announced_gpu_wait_ends_when_its_session_is_seen_on_a_gpu_or_lapses():
+    clock = Clock(datetime(2026, 6, 10, 12, tzinfo=UTC))
+    e = engine(clock)
+    e.announce_gpu("b", "b/ml/p/nb/job-1", D(2))   # a guard's path id
+    e.announce_gpu("b", "b/ml/p/nb/job-2", D(1))
+    assert e._pending_gpus("b", clock.now) == D(3) and e._pending_gpus("acme", clock.now) == 0
+    held(e, clock, "g0", "b", "job-1", 90)          # the collector's row names the bare session: the same session
+    assert e._pending_gpus("b", clock.now) == D(1)
+    clock.advance(seconds=31)                        # not renewed: it lapses
+    assert e._pending_gpus("b", clock.now) == 0
