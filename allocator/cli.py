@@ -187,10 +187,14 @@ def allocator(
     ttl: Annotated[float, typer.Option(help="Seconds a decision stays valid without a heartbeat.")] = 30.0,
     reconcile: Annotated[float, typer.Option(help="Seconds between ledger reconciliations (0 = off).")] = 60.0,
     group: Annotated[Optional[str], typer.Option(help="Consumer group, to split tenants over several allocators.")] = None,
+    gpu_reclaim_idle: Annotated[float, typer.Option(
+        min=1, help="Seconds a GPU holder (session, else agent) must have been idle (< 5 % utilisation) before it is "
+                    "told to release its GPUs (`preempt` on its scope) while another tenant waits for GPUs.")] = 300.0,
 ) -> None:
     """Run the allocator: budgets + spend + GPU samples in, throttle decisions and budget alerts out.
 
     Decisions go to the compacted control topic (key scope:id:class); agents' guards obey them.
+    Who waits for GPUs comes from guards (`Guard.wait_for_gpus`); who holds them from GPU samples.
     Stop with Ctrl-C.
     """
     import signal
@@ -208,7 +212,8 @@ def allocator(
 
     settings = get_settings()
     require_kafka(settings)
-    engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl)), ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
+    engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl), gpu_reclaim_idle_for=timedelta(seconds=gpu_reclaim_idle)),
+                    ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
                     downgrade_for=_downgrade_for())
     service = AllocatorService(settings, engine, heartbeat_every=heartbeat, reconcile_every=reconcile or 1e9, group_id=group)
     stop = threading.Event()
