@@ -33,7 +33,10 @@ Leases follow the pacing plan and priority (see `_compute_pool`, `_grant`):
                    far, + 2.33 sigma, + two calls.
 A session that cannot be granted now waits at its ceiling (`allow`); it is denied only
 when nothing is left for its class this period. Near the end a lower-class call that would
-strand an unusable rest waits for a dearer one (`_hold_out`).
+strand an unusable rest waits for a dearer one (`_hold_out`). A lower-class guard its lease
+denies gives back the rest it cannot use (`release`), where no critical/high work shares the budget.
+GPU: borrowing and reclaim by fair share (`_gpu_decisions`); a holder idle past
+`gpu_reclaim_idle_for` while others wait is told to release its GPUs (`_idle_reclaims`).
 """
 from __future__ import annotations
 
@@ -262,11 +265,16 @@ class Engine:
         lease = self._lease_for(canonical(tenant_id, "session", session_id), self.clock())
         if lease is None or _nanos(usd(lease.limit)) != _nanos(ceiling):
             return
+        hard = self._hard_ancestors(lease.session_id)
+        if any(other.priority in PROTECTED for s in hard for other in self._under(s)):
+            # with critical/high work under the budget a stranded rest is the margin its late calls fall back on
+            # (runaway-500 lost a high call when rests went back to the lower classes): kept where it is
+            return
         lease.limit = max(lease.spent, min(lease.limit, spent))
         lease.need = lease.limit + max(ZERO, need)   # what it waits for: not re-granted unless that fits
         lease.last_grant = ZERO
         self._dirty.add(("lease", lease.session_id))
-        for state in self._hard_ancestors(lease.session_id):
+        for state in hard:
             self._dirty.add(("budget", state.policy.policy_id))
 
     def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Decimal]:

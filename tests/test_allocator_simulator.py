@@ -231,6 +231,12 @@ def test_the_engine_takes_back_only_the_ceiling_the_guard_held():
     assert e.leases["sim/t/p/a/s1"].limit == D("0.01"), "lowered to what the guard stopped at"
     pool = e._compute_pool(e.budgets["b"], clock[0])
     assert pool.any + pool.reserve == D("0.09"), "the rest is uncommitted again"
+    e.announce("sim", "sim/t/p/a/s2", "normal", D("0.03"))
+    e.announce("sim", "sim/t/p/pager/s3", "critical", D("0.01"))
+    e.decide()
+    held = e.leases["sim/t/p/a/s2"].limit
+    e.release("sim", "sim/t/p/a/s2", held, D(0), D("0.03"))
+    assert e.leases["sim/t/p/a/s2"].limit == held, "with critical/high work under the budget a rest stays its margin"
 
 
 # ---- GPU pools: Jain's index of GPU-hours against entitlement, preemptions ------------------
