@@ -75,7 +75,8 @@ def _print_reports(reports: list[dict], as_json: bool) -> None:
         console.print(table(rows))
     gpu = [{"scenario": r["scenario"], "GPUs": r["gpu"]["gpus"], "GPU used %": r["gpu"]["utilisation_pct"],
             "Jain (GPU-h ÷ entitlement)": r["gpu"]["jain"], "preemptions": r["gpu"]["preemptions"],
-            "in-quota preemptions": r["gpu"]["in_quota_preemptions"], "GPU-s lost": r["gpu"]["lost_gpu_s"]}
+            "in-quota preemptions": r["gpu"]["in_quota_preemptions"], "GPU-s lost": r["gpu"]["lost_gpu_s"],
+            "idle reclaims": r["gpu"]["idle_reclaims"]}
            for r in reports if r.get("gpu")]
     if gpu:
         console.print(table(gpu))
