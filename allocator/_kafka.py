@@ -6,6 +6,8 @@ import time
 ANNOUNCE_HEADER = "meterline-announce"   # on a zero-cost SpendUpdate: a guard's session wants a lease; value = its class
 NEED_HEADER = "meterline-need"           # ... the USD its waiting call needs
 SPENT_HEADER = "meterline-spent"         # ... and what it has spent this lease period, as its guard counts
+RELEASE_HEADER = "meterline-release"     # ... it gives back its lease above what it spent; value = the ceiling it held
+GPU_WAIT_HEADER = "meterline-gpu-wait"   # ... it waits for this many GPUs (a scheduler's queue; 0: no longer waits)
 
 
 def partition_ends(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:

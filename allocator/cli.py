@@ -75,7 +75,8 @@ def _print_reports(reports: list[dict], as_json: bool) -> None:
         console.print(table(rows))
     gpu = [{"scenario": r["scenario"], "GPUs": r["gpu"]["gpus"], "GPU used %": r["gpu"]["utilisation_pct"],
             "Jain (GPU-h ÷ entitlement)": r["gpu"]["jain"], "preemptions": r["gpu"]["preemptions"],
-            "in-quota preemptions": r["gpu"]["in_quota_preemptions"], "GPU-s lost": r["gpu"]["lost_gpu_s"]}
+            "in-quota preemptions": r["gpu"]["in_quota_preemptions"], "GPU-s lost": r["gpu"]["lost_gpu_s"],
+            "idle reclaims": r["gpu"]["idle_reclaims"]}
            for r in reports if r.get("gpu")]
     if gpu:
         console.print(table(gpu))
@@ -201,10 +202,14 @@ def allocator(
     ttl: Annotated[float, typer.Option(help="Seconds a decision stays valid without a heartbeat.")] = 30.0,
     reconcile: Annotated[float, typer.Option(help="Seconds between ledger reconciliations (0 = off).")] = 60.0,
     group: Annotated[Optional[str], typer.Option(help="Consumer group, to split tenants over several allocators.")] = None,
+    gpu_reclaim_idle: Annotated[float, typer.Option(
+        min=1, help="Seconds a GPU holder (session, else agent) must have been idle (< 5 % utilisation) before it is "
+                    "told to release its GPUs (`preempt` on its scope) while another tenant waits for GPUs.")] = 300.0,
 ) -> None:
     """Run the allocator: budgets + spend + GPU samples in, throttle decisions and budget alerts out.
 
     Decisions go to the compacted control topic (key scope:id:class); agents' guards obey them.
+    Who waits for GPUs comes from guards (`Guard.wait_for_gpus`); who holds them from GPU samples.
     Stop with Ctrl-C.
     """
     import signal
@@ -222,7 +227,8 @@ def allocator(
 
     settings = get_settings()
     require_kafka(settings)
-    engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl)), ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
+    engine = Engine(EngineConfig(decision_ttl=timedelta(seconds=ttl), gpu_reclaim_idle_for=timedelta(seconds=gpu_reclaim_idle)),
+                    ledger_spend=ledger_spend_or_none(settings) if reconcile else None,
                     downgrade_for=_downgrade_for())
     from .slo import ledger_feeds_or_none
 

@@ -33,7 +33,10 @@ Leases follow the pacing plan and priority (see `_compute_pool`, `_grant`):
                    far, + 2.33 sigma, + two calls.
 A session that cannot be granted now waits at its ceiling (`allow`); it is denied only
 when nothing is left for its class this period. Near the end a lower-class call that would
-strand an unusable rest waits for a dearer one (`_hold_out`).
+strand an unusable rest waits for a dearer one (`_hold_out`). A lower-class guard its lease
+denies gives back the rest it cannot use (`release`), where no critical/high work shares the budget.
+GPU: borrowing and reclaim by fair share (`_gpu_decisions`); a holder idle past
+`gpu_reclaim_idle_for` while others wait is told to release its GPUs (`_idle_reclaims`).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 
 from meterline.schemas.events import (
     PRIORITIES,
@@ -58,10 +61,10 @@ from meterline.schemas.events import (
     utcnow,
 )
 
-from .gpu import GpuPool, fair_shares
+from .gpu import GpuPool, GpuWaits, fair_shares
 from .slo import Curve, ModelStats, StatsTable, pick_downgrade, plan_share, tier_below
 from .periods import period_bounds
-from meterline.schemas.scopes import canonical, is_within, level_key, lineage, tenant_of
+from meterline.schemas.scopes import canonical, is_within, level_key, lineage, scope_ids, scope_of, tenant_of
 
 ZERO = Decimal(0)
 CENT_NANO = Decimal("1e-12")
@@ -99,6 +102,7 @@ class EngineConfig:
     window_memory: timedelta = timedelta(hours=2)     # re-sent windows are recognised this long
     ledger_lag: timedelta = timedelta(minutes=2)      # stream windows this recent may not be in the ledger yet
     gpu_idle_for: timedelta = timedelta(minutes=10)
+    gpu_reclaim_idle_for: timedelta = timedelta(minutes=5)   # a holder idle this long while others wait is preempted
     full_render_every: timedelta = timedelta(seconds=1)  # between re-evaluating everything (rates decay with time)
     gpu_weights: dict[str, Decimal] = field(default_factory=dict)
 
@@ -186,6 +190,7 @@ class Engine:
         self.budgets: dict[str, BudgetState] = {}
         self.leases: dict[str, Lease] = {}
         self.gpu = GpuPool()
+        self.gpu_waits = GpuWaits()   # what guards announce they wait for: gpu_pending when none is injected
         self._windows: dict[tuple, dict[datetime, tuple[Decimal, Seconds, datetime]]] = {}  # by level_key
         self._published: dict[str, tuple[tuple, ThrottleDecision]] = {}
         self._alerts: list[Anomaly] = []
@@ -266,6 +271,26 @@ class Engine:
                 if need > 0 and (state.smallest_need is None or need < state.smallest_need):
                     state.smallest_need = need
 
+    def release(self, tenant_id: str, session_id: str, ceiling: Decimal, spent: Decimal, need: Decimal = ZERO) -> None:
+        """A guard its lease denied gives back its ceiling above `spent`: it stopped there before it
+        said so. A release of a ceiling raised since is ignored (the guard spends against the new one).
+        Without this a dear session's rest (under one of its calls) stayed committed to it: the demo's
+        hooli ended 87.8 % used with 12 % stranded in two leases while a cheap session waited."""
+        lease = self._lease_for(canonical(tenant_id, "session", session_id), self.clock())
+        if lease is None or _nanos(usd(lease.limit)) != _nanos(ceiling):
+            return
+        hard = self._hard_ancestors(lease.session_id)
+        if any(other.priority in PROTECTED for s in hard for other in self._under(s)):
+            # with critical/high work under the budget a stranded rest is the margin its late calls fall back on
+            # (runaway-500 lost a high call when rests went back to the lower classes): kept where it is
+            return
+        lease.limit = max(lease.spent, min(lease.limit, spent))
+        lease.need = lease.limit + max(ZERO, need)   # what it waits for: not re-granted unless that fits
+        lease.last_grant = ZERO
+        self._dirty.add(("lease", lease.session_id))
+        for state in hard:
+            self._dirty.add(("budget", state.policy.policy_id))
+
     def _period_deltas(self, scope_id: str, update: SpendUpdate) -> tuple[int, Seconds]:
         """New events and (GPU-, CPU-) seconds since the last update (the contract carries them period-to-date)."""
         old = self._totals.get(scope_id)
@@ -275,10 +300,20 @@ class Engine:
             return update.events, seconds
         return max(0, update.events - old[1]), (max(ZERO, seconds[0] - old[2][0]), max(ZERO, seconds[1] - old[2][1]))
 
+    def announce_gpu(self, tenant_id: str, session_id: str, gpus: Decimal) -> None:
+        """A session waits for `gpus` GPUs (0: no longer): the queue a reclaim is for."""
+        self.gpu_waits.note(tenant_id, canonical(tenant_id, "session", session_id), max(ZERO, gpus), self.clock())
+        self._dirty.add(("gpu",))
+
+    def _pending_gpus(self, tenant_id: str, now: datetime) -> Decimal:
+        return self.gpu_pending(tenant_id) if self.gpu_pending else self.gpu_waits.pending(tenant_id, now)
+
     def apply_gpu(self, sample: GpuSample) -> None:
         self._dirty.add(("gpu",))
+        if sample.level == "process" and sample.session_id and sample.tenant_id:
+            self.gpu_waits.placed(canonical(sample.tenant_id, "session", sample.session_id))
         self.gpu.observe(sample.level, sample.gpu_uuid, sample.mig_uuid, sample.mig_slices, sample.mig_total_slices,
-                         sample.tenant_id, sample.utilization_pct, sample.ts)
+                         sample.tenant_id, sample.utilization_pct, sample.ts, _holder(sample))
 
     def reconcile(self) -> None:
         """Period-to-date spend = ledger up to the recent past + the stream's recent windows.
@@ -698,16 +733,23 @@ class Engine:
 
     # ---- GPU capacity -------------------------------------------------------------------
     def _gpu_decisions(self, now: datetime) -> Iterable[ThrottleDecision]:
-        nominal = self._gpu_quotas()
-        if not nominal or self.gpu.capacity == 0:
+        if self.gpu.capacity == 0:
             return
-        usage = self.gpu.usage()
-        idle = self.gpu.idle(now, self.config.gpu_idle_for)
-        pending = {t: (self.gpu_pending(t) if self.gpu_pending else ZERO) for t in set(nominal) | set(usage)}
+        nominal, usage = self._gpu_quotas(), self.gpu.usage()
+        waiters = {t for t, _, _ in self.gpu_waits.waits.values()}
+        pending = {t: self._pending_gpus(t, now) for t in set(nominal) | set(usage) | waiters}
+        reclaims, reclaimed = self._idle_reclaims(now, usage, pending)
+        yield from reclaims
+        if not nominal:
+            return
+        usage = self.gpu.usage(skip=reclaimed)   # being given back: not reclaimed twice
+        idle = self.gpu.idle(now, self.config.gpu_idle_for, skip=reclaimed)
         demand = {t: usage.get(t, ZERO) - idle.get(t, ZERO) + pending[t] for t in pending}
         shares = fair_shares(self.gpu.capacity, nominal, self.config.gpu_weights or nominal, demand)
         contended = sum(usage.values(), ZERO) + sum(pending.values(), ZERO) > self.gpu.capacity  # someone waits
         for tenant, used in usage.items():
+            if used <= 0:
+                continue
             quota = nominal.get(tenant, ZERO)
             share = max(shares.get(tenant, ZERO), min(quota, used - idle.get(tenant, ZERO)))
             if contended and used > share:
@@ -725,6 +767,40 @@ class Engine:
             elif used > quota:
                 yield self._decision(now, tenant_id=tenant, scope="tenant", scope_id=tenant, priority="batch", action="allow",
                                      reason=f"tenant {tenant}: borrowing {used - quota:.2f} idle GPUs above quota {quota:.2f}")
+
+    def _idle_reclaims(self, now: datetime, usage: dict[str, Decimal],
+                       pending: dict[str, Decimal]) -> tuple[list[ThrottleDecision], set[str]]:
+        """Idle -> busy: a holder (session, else agent) whose GPUs have all been idle for
+        `gpu_reclaim_idle_for` while other tenants wait for more GPUs than are free gets `preempt`
+        on its own scope, longest idle first, until the waiting demand is covered. Only idle
+        holders: busy work is never stopped here, inside a quota or not (an idle GPU inside a
+        tenant's guaranteed share is reclaimed: it is not using it); the borrowing rules below
+        still decide the rest. Returns the decisions and the holders told to give their GPUs back."""
+        after = self.config.gpu_reclaim_idle_for
+        free = max(ZERO, self.gpu.capacity - sum(usage.values(), ZERO))
+        holders: dict[str, list] = {}
+        for h in self.gpu.holdings.values():
+            if h.holder:
+                holders.setdefault(h.holder, []).append(h)
+        idle = sorted((min(h.idle_since for h in hs), holder, hs) for holder, hs in holders.items()
+                      if all(h.idle_since is not None and now - h.idle_since >= after for h in hs))
+        out: list[ThrottleDecision] = []
+        given, released = ZERO, set()
+        for since, holder, hs in idle:
+            tenant, gpus = hs[0].tenant_id, sum((h.gpus for h in hs), ZERO)
+            others = {t: p for t, p in pending.items() if t != tenant and p > 0}
+            waiting = sum(others.values(), ZERO) - free - given
+            if waiting <= 0:
+                continue
+            given += gpus
+            released.add(holder)
+            out.append(self._decision(
+                now, tenant_id=tenant, scope=scope_of(holder), scope_id=holder, action="preempt",
+                limits=DecisionLimits(max_concurrent=0),
+                reason=(f"idle GPU reclaim: {holder} holds {gpus:.2f} GPUs idle since {since:%Y-%m-%dT%H:%M:%SZ} "
+                        f"(threshold {after.total_seconds():.0f} s) while {', '.join(sorted(others))} wait for "
+                        f"{waiting:.2f} GPUs; release them")))
+        return out, released
 
     def _gpu_quotas(self) -> dict[str, Decimal]:
         """Nominal GPUs per tenant = its tenant GPU-hour budget spread over the period."""
@@ -781,6 +857,19 @@ def _min_limits(a: DecisionLimits, b: DecisionLimits) -> DecisionLimits:
     return DecisionLimits(tokens_per_min=pick(a.tokens_per_min, b.tokens_per_min),
                           requests_per_min=pick(a.requests_per_min, b.requests_per_min),
                           max_concurrent=pick(a.max_concurrent, b.max_concurrent))
+
+
+def _holder(sample: GpuSample) -> str:
+    """The scope a process row's GPU is held by: its session, else its agent ('' when coarser)."""
+    if sample.level != "process" or not sample.tenant_id:
+        return ""
+    scope, scope_id = list(scope_ids(sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id).items())[-1]
+    return scope_id if scope in ("session", "agent") else ""
+
+
+def _nanos(x: Decimal) -> int:
+    """Nano-USD rounded up, as a guard compiles a ceiling (guard.to_nanos)."""
+    return int((x * 10**9).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _forecast(now: datetime, remaining: Decimal, rate: Decimal) -> datetime | None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from meterline.schemas.scopes import level_key
+
 ZERO = Decimal(0)
 
 
@@ -49,6 +51,32 @@ class GpuHolding:
     utilization_pct: int | None
     seen: datetime
     idle_since: datetime | None = None
+    holder: str = ""   # the session (else agent) scope id of the process on it: what an idle reclaim names
+
+
+@dataclass
+class GpuWaits:
+    """GPUs each tenant's sessions wait for, as their guards announce them (`Guard.wait_for_gpus`): the
+    production stand-in for a scheduler's queue. A wait lasts `ttl` unless re-announced, and ends when
+    the session is seen on a GPU (a process row of its session) or announces 0."""
+
+    ttl: timedelta = timedelta(seconds=30)
+    waits: dict[tuple, tuple[str, Decimal, datetime]] = field(default_factory=dict)   # level_key -> (tenant, GPUs, heard)
+
+    def note(self, tenant_id: str, session_id: str, gpus: Decimal, now: datetime) -> None:
+        if gpus > 0:
+            self.waits[level_key(session_id)] = (tenant_id, gpus, now)
+        else:
+            self.waits.pop(level_key(session_id), None)
+
+    def placed(self, session_id: str) -> None:
+        """A session seen on a GPU waits no more (a guard's path id and a collector's bare id alike)."""
+        self.waits.pop(level_key(session_id), None)
+
+    def pending(self, tenant_id: str, now: datetime) -> Decimal:
+        for sid in [s for s, (_, _, heard) in self.waits.items() if now - heard > self.ttl]:
+            del self.waits[sid]
+        return sum((g for t, g, _ in self.waits.values() if t == tenant_id), ZERO)
 
 
 @dataclass
@@ -61,7 +89,7 @@ class GpuPool:
     holdings: dict[str, GpuHolding] = field(default_factory=dict)    # device or slice -> holder
 
     def observe(self, level: str, gpu_uuid: str, mig_uuid: str, slices: int, total_slices: int,
-                tenant_id: str, utilization_pct: int | None, ts: datetime) -> None:
+                tenant_id: str, utilization_pct: int | None, ts: datetime, holder: str = "") -> None:
         if level == "gpu":
             self.devices[gpu_uuid] = ts
             return
@@ -73,8 +101,9 @@ class GpuPool:
         gpus = Decimal(slices) / Decimal(total_slices) if mig_uuid and total_slices else Decimal(1)
         held = self.holdings.get(slot)
         idle = utilization_pct is not None and utilization_pct < self.idle_pct
-        idle_since = (held.idle_since if held and held.idle_since and held.tenant_id == tenant_id else ts) if idle else None
-        self.holdings[slot] = GpuHolding(tenant_id, gpus, utilization_pct, ts, idle_since)
+        same = held is not None and held.tenant_id == tenant_id and held.holder == holder
+        idle_since = (held.idle_since if same and held.idle_since else ts) if idle else None
+        self.holdings[slot] = GpuHolding(tenant_id, gpus, utilization_pct, ts, idle_since, holder)
 
     def prune(self, now: datetime) -> None:
         for table in (self.devices, self.holdings):
@@ -85,16 +114,21 @@ class GpuPool:
     def capacity(self) -> Decimal:
         return Decimal(len(self.devices))
 
-    def usage(self) -> dict[str, Decimal]:
+    def usage(self, skip: set[str] = frozenset()) -> dict[str, Decimal]:
+        """GPUs each tenant holds (but those of the holders in `skip`)."""
         used: dict[str, Decimal] = {}
         for h in self.holdings.values():
+            if h.holder and h.holder in skip:
+                continue
             used[h.tenant_id] = used.get(h.tenant_id, ZERO) + h.gpus
         return used
 
-    def idle(self, now: datetime, idle_for: timedelta) -> dict[str, Decimal]:
+    def idle(self, now: datetime, idle_for: timedelta, skip: set[str] = frozenset()) -> dict[str, Decimal]:
         """GPUs each tenant holds that have been idle for at least `idle_for`."""
         out: dict[str, Decimal] = {}
         for h in self.holdings.values():
+            if h.holder and h.holder in skip:
+                continue
             if h.idle_since is not None and now - h.idle_since >= idle_for:
                 out[h.tenant_id] = out.get(h.tenant_id, ZERO) + h.gpus
         return out

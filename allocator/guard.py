@@ -33,7 +33,8 @@ from typing import Literal
 from meterline.schemas.events import (InvalidEvent, Priority, SpendUpdate, ThrottleDecision, decision_key, decode,
                                       new_id, utcnow)
 
-from ._kafka import ANNOUNCE_HEADER, NEED_HEADER, SPENT_HEADER, assign_from_beginning, caught_up
+from ._kafka import (ANNOUNCE_HEADER, GPU_WAIT_HEADER, NEED_HEADER, RELEASE_HEADER, SPENT_HEADER, assign_from_beginning,
+                     caught_up)
 from meterline.schemas.scopes import bare, scope_ids, tenant_of
 
 NANO = Decimal(10**9)
@@ -117,6 +118,17 @@ class DecisionFeed:
     def announce(self, session_id: str, priority: str, need_usd: Decimal = Decimal(0), spent_usd: Decimal = Decimal(0)) -> None:
         """Tell the allocator a session wants a lease: a zero-cost SpendUpdate; its class, the cost of
         the call it waits to fit and what it has spent this lease period in headers."""
+        self._send(session_id, priority, need_usd, spent_usd)
+
+    def release(self, session_id: str, priority: str, ceiling_usd: Decimal, spent_usd: Decimal, need_usd: Decimal) -> None:
+        """Tell the allocator a session gives back its lease above `spent_usd` (it already stopped at it)."""
+        self._send(session_id, priority, need_usd, spent_usd, [(RELEASE_HEADER, str(ceiling_usd).encode())])
+
+    def announce_gpu(self, session_id: str, priority: str, gpus: Decimal) -> None:
+        """Tell the allocator a session waits for `gpus` GPUs (0: it no longer waits)."""
+        self._send(session_id, priority, Decimal(0), Decimal(0), [(GPU_WAIT_HEADER, str(gpus).encode())])
+
+    def _send(self, session_id: str, priority: str, need_usd: Decimal, spent_usd: Decimal, extra: list | None = None) -> None:
         from confluent_kafka import Producer
 
         if self._producer is None:
@@ -126,7 +138,7 @@ class DecisionFeed:
                              window_start=now, window_end=now, window_cost_usd=0, period_start=now, period_cost_usd=0)
         self._producer.produce(self.settings.topic("spend"), key=tenant.encode(), value=update.to_json(),
                                headers=[(ANNOUNCE_HEADER, priority.encode()), (NEED_HEADER, str(need_usd).encode()),
-                                        (SPENT_HEADER, str(spent_usd).encode())])
+                                        (SPENT_HEADER, str(spent_usd).encode()), *(extra or ())])
         self._producer.poll(0)   # enqueued locally: the check path still waits on no network I/O
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -226,6 +238,9 @@ class Guard:
         self._lock = threading.Lock()
         self.spent = 0            # nano-USD recorded (and reserved) in the current lease period
         self.spent_unleased = 0   # nano-USD spent while holding no lease of its own
+        self.reserved = 0         # nano-USD reserved by checks and not yet settled by record()
+        self._released: tuple[int, int] | None = None   # (lease ceiling given back, the spend it stopped at)
+        self._gpu_wait: tuple[float, Decimal] | None = None
         self._lease_reset: float | None = None
         self._announced: tuple[float, int | None] | None = None   # when this guard last announced, at which ceiling
 
@@ -241,12 +256,32 @@ class Guard:
 
     def record(self, cost_usd: Decimal | None = None, *, cost_nanos: int = 0, reserved_usd: Decimal | None = None,
                reserved_nanos: int = 0) -> None:
-        """Debit what a call cost (less what its check reserved) from the local lease counters."""
-        delta = (cost_nanos or (to_nanos(cost_usd) if cost_usd else 0)) - (reserved_nanos or (to_nanos(reserved_usd) if reserved_usd else 0))
-        self._debit(delta)
+        """Debit what a call cost (less what its check reserved) from the local lease counters.
 
-    def _debit(self, nanos: int) -> None:
+        Only a reservation the guard really made is taken back: a check that had nothing to
+        enforce reserved nothing, and taking its estimate back would let the session spend
+        that much past a lease that arrives later (found by the demo: hooli 128 % used)."""
+        cost = cost_nanos or (to_nanos(cost_usd) if cost_usd else 0)
+        self._debit(cost, reserved_nanos or (to_nanos(reserved_usd) if reserved_usd else 0))
+
+    def wait_for_gpus(self, gpus: Decimal | int) -> None:
+        """Say this session waits for `gpus` GPUs (a job in its scheduler's queue; 0 once it runs or gives up):
+        the allocator's reclaim and fair-share rules act on it. Call it while waiting, at any rate: it is sent
+        at most every `announce_every` unless the number changed, and a wait not renewed lapses (30 s)."""
+        announce, session = getattr(self.feed, "announce_gpu", None), self.scopes.get("session")
+        if announce is None or session is None:
+            return
+        gpus, now = Decimal(gpus), self.clock()
+        if self._gpu_wait is not None and self._gpu_wait[1] == gpus and now - self._gpu_wait[0] < self.announce_every:
+            return
+        self._gpu_wait = (now, gpus)
+        announce(session, self.priority, gpus)
+
+    def _debit(self, nanos: int, reserved: int = 0) -> None:
         with self._lock:
+            released = min(max(0, reserved), self.reserved)
+            self.reserved -= released
+            nanos -= released
             self.spent += nanos
             now = self.clock()
             if not any((d := self.feed.decisions.get(k)) is not None and d.expires > now for k in self._session_keys):
@@ -276,6 +311,8 @@ class Guard:
         starter = None if lease or not starters else min(starters)
         if lease is not None and lease.limit is not None:
             self._roll_lease_period(lease)
+            if self._released is not None and lease.limit != self._released[0]:
+                self._released = None   # a lease decided after the release: it counts what was given back
         unavailable = self.fail_mode == "closed" and (not live or expired)
         simple = not unavailable and lease is None and starter is None and all(d.action == "allow" for _, d in live)
         return _Plan(version, valid_until, live, lease, starter, simple, unavailable)
@@ -284,7 +321,7 @@ class Guard:
         reset_at = lease.decision.reset_at.timestamp() if lease.decision.reset_at else None
         with self._lock:
             if self._lease_reset is not None and reset_at is not None and reset_at > self._lease_reset:
-                self.spent = 0          # a new lease period: the old spend no longer counts
+                self.spent = self.reserved = 0   # a new lease period: the old spend no longer counts
             self._lease_reset = reset_at
             self.spent_unleased = 0     # the allocator charged our starter draw into this lease
 
@@ -294,6 +331,8 @@ class Guard:
         worst = max((d for _, d in plan.decisions), key=lambda d: d.severity, default=None)
         if worst is not None and worst.action in ("deny", "preempt"):
             d = worst.decision
+            if plan.lease is not None and plan.lease.action == "deny" and priority not in ("critical", "high"):
+                self._release(plan.lease, priority, cost)   # critical/high are denied only when all is spent
             raise BudgetExceeded(f"{d.action}: {d.reason}", d.policy_id, d.reset_at)
         if worst is not None and worst.action == "queue":
             why = "queued: " + worst.decision.reason
@@ -314,14 +353,37 @@ class Guard:
                 why, lease.policy_id if lease else "", lease.reset_at if lease else None), self.lease_timeout)
         return model
 
+    def _release(self, lease: Compiled, priority: str, cost: int) -> None:
+        """Its own lease says nothing is left for its class: give back what it holds above its spend
+        (a rest too small for its calls that a cheaper session can use). It stops at that spend first,
+        so the allocator may re-grant the rest at once: until a lease with another ceiling arrives it
+        spends nothing more. The allocator ignores a release of a ceiling it has raised since."""
+        release, session = getattr(self.feed, "release", None), self.scopes.get("session")
+        if release is None or session is None or lease.limit is None:
+            return
+        with self._lock:
+            if self._released is not None and self._released[0] == lease.limit:
+                return
+            spent = max(self.spent, lease.spent)
+            if spent >= lease.limit:
+                return   # nothing to give back
+            self._released = (lease.limit, spent)
+        release(session, priority, Decimal(lease.limit) / NANO, Decimal(spent) / NANO, Decimal(cost) / NANO)
+
+    def _ceiling(self, lease: Compiled) -> int:
+        """The lease's ceiling, or the spend this guard stopped at when it gave the rest back."""
+        released = self._released
+        return released[1] if released is not None and released[0] == lease.limit else lease.limit
+
     def _reserve(self, plan: _Plan, cost: int) -> bool:
         with self._lock:
             if plan.lease is not None and plan.lease.limit is not None:
-                if max(self.spent, plan.lease.spent) + cost > plan.lease.limit:
+                if max(self.spent, plan.lease.spent) + cost > self._ceiling(plan.lease):
                     return False
             elif not self._fits_starter(plan, cost):
                 return False
             self.spent += cost
+            self.reserved += cost
             if plan.lease is None:
                 self.spent_unleased += cost
             return True
@@ -381,7 +443,7 @@ class Guard:
 
     def _would_fit(self, plan: _Plan, cost: int) -> bool:
         if plan.lease is not None and plan.lease.limit is not None:
-            return max(self.spent, plan.lease.spent) + cost <= plan.lease.limit
+            return max(self.spent, plan.lease.spent) + cost <= self._ceiling(plan.lease)
         return self._fits_starter(plan, cost)
 
     def _fits_starter(self, plan: _Plan, cost: int) -> bool:

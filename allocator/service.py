@@ -18,7 +18,8 @@ from decimal import Decimal
 
 from meterline.schemas.events import PRIORITIES, GpuSample, InvalidEvent, SpendUpdate, decode
 
-from ._kafka import ANNOUNCE_HEADER, NEED_HEADER, SPENT_HEADER, assign_from_beginning, assign_from_time, caught_up
+from ._kafka import (ANNOUNCE_HEADER, GPU_WAIT_HEADER, NEED_HEADER, RELEASE_HEADER, SPENT_HEADER, assign_from_beginning,
+                     assign_from_time, caught_up)
 from .budgets import apply_policy_record
 from .engine import Engine, Outputs
 
@@ -114,15 +115,26 @@ class AllocatorService:
             announced = headers.get(ANNOUNCE_HEADER)
             if announced is not None:   # a guard asks for a lease (zero cost: nothing to add)
                 if record.scope == "session" and announced.decode() in PRIORITIES:
-                    self.engine.announce(record.tenant_id, record.scope_id, announced.decode(),
-                                         _usd(headers.get(NEED_HEADER)), _usd(headers.get(SPENT_HEADER)))
-                    self.counts["announcements"] += 1
+                    self._announced(record, announced.decode(), headers)
                 return
             self.engine.apply_spend(record)
             self.counts["spend"] += 1
         else:
             self.engine.apply_gpu(record)
             self.counts["gpu"] += 1
+
+    def _announced(self, record: SpendUpdate, priority: str, headers: dict) -> None:
+        """A guard's session announcement: a lease request, a lease given back, or GPUs it waits for."""
+        need, spent = _usd(headers.get(NEED_HEADER)), _usd(headers.get(SPENT_HEADER))
+        if RELEASE_HEADER in headers:
+            self.engine.release(record.tenant_id, record.scope_id, _usd(headers[RELEASE_HEADER]), spent, need)
+            self.counts["releases"] += 1
+        elif GPU_WAIT_HEADER in headers:
+            self.engine.announce_gpu(record.tenant_id, record.scope_id, _usd(headers[GPU_WAIT_HEADER]))
+            self.counts["gpu_waits"] += 1
+        else:
+            self.engine.announce(record.tenant_id, record.scope_id, priority, need, spent)
+            self.counts["announcements"] += 1
 
     def _budget_consumer(self):
         from confluent_kafka import Consumer

@@ -118,6 +118,7 @@ class GpuJobSpec:
     slots: int = 1                    # GPUs (or MIG slices) a job holds
     start_s: float = 0.0
     stop_s: float | None = None
+    idle_s: float = 0.0               # after its work a job keeps its GPUs this long at 0 % (a notebook left open)
 
 
 @dataclass
@@ -269,6 +270,7 @@ class Simulation:
         self.engine.apply_policy(self.policy)
         self.feed = SimFeed()
         self.feed.announce = lambda *a: self.at(self.t + self.lag["kafka_s"], self._announce, *a)
+        self.feed.release = lambda *a: self.at(self.t + self.lag["kafka_s"], self._release_lease, *a)
         self.stream = SpendStream()
         self.rng = random.Random(scenario.seed)
         self.parked: list[Request] = []
@@ -416,6 +418,10 @@ class Simulation:
         self.engine.announce(TENANT, session_id, priority, need, spent)
         self._allocate()
 
+    def _release_lease(self, session_id: str, priority: str, ceiling: Decimal, spent: Decimal, need: Decimal) -> None:
+        self.engine.release(TENANT, session_id, ceiling, spent, need)
+        self._allocate()
+
     def _allocate(self) -> None:
         self._send(self.engine.decide())
 
@@ -471,6 +477,13 @@ class GpuJob:
     started: float | None = None
     run: int = 0                      # bumped on every start, so a preempted run's finish event is ignored
     placed: list[str] = field(default_factory=list)
+    idle_s: float = 0.0               # held idle this long once its work is done
+    idle_from: float | None = None    # when its idle tail began
+
+    @property
+    def session(self) -> str:
+        """Its session scope id, as the collector attributes its process rows (an idle reclaim names it)."""
+        return f"{self.tenant}/gpu/p/jobs/job-{self.seq}"
 
 
 class GpuCluster:
@@ -499,7 +512,7 @@ class GpuCluster:
         self.entitled: dict[str, float] = defaultdict(float)   # GPU-seconds of fair share (quota first, spare by weight)
         self.share: dict[str, Decimal] = {}
         self.last = 0.0
-        self.preemptions = self.in_quota_preemptions = 0
+        self.preemptions = self.in_quota_preemptions = self.reclaims = 0
         self.lost_s = 0.0
         self.done = 0
         self._seq = 0
@@ -531,6 +544,10 @@ class GpuCluster:
     def _held(self, tenant: str) -> Decimal:
         return sum((j.slots * self.gpu_per_slot for j in self.running if j.tenant == tenant), ZERO)
 
+    def _busy(self, tenant: str) -> Decimal:
+        """GPUs it holds and uses (a job's idle tail holds a GPU but is no demand and no use)."""
+        return sum((j.slots * self.gpu_per_slot for j in self.running if j.tenant == tenant and j.idle_from is None), ZERO)
+
     def _arrive_poisson(self, tenant: str, spec: GpuJobSpec, rng: random.Random) -> None:
         if self.sim.t < (spec.stop_s if spec.stop_s is not None else self.sim.sc.duration_s):
             self._arrive(tenant, spec, rng)
@@ -540,7 +557,7 @@ class GpuCluster:
         self._advance()
         self._seq += 1
         work = rng.uniform(spec.job_s, spec.job_s_max) if spec.job_s_max else spec.job_s
-        self.waiting.append(GpuJob(tenant, spec.priority, spec.slots, work, self._seq))
+        self.waiting.append(GpuJob(tenant, spec.priority, spec.slots, work, self._seq, idle_s=spec.idle_s))
         self._schedule()
 
     def _guard(self, job: GpuJob) -> Guard:
@@ -571,8 +588,13 @@ class GpuCluster:
 
     def _finish(self, job: GpuJob, run: int) -> None:
         if job.run != run or job.started is None:
-            return   # this run was preempted
+            return   # this run was preempted (or reclaimed)
         self._advance()
+        if job.idle_s and job.idle_from is None:   # work done: it keeps its GPUs, idle, a while longer
+            job.idle_from = self.sim.t
+            self.sim.at(self.sim.t + job.idle_s, self._finish, job, run)
+            self._reshare()
+            return
         self._release(job)
         self.done += 1
         self._schedule()
@@ -598,6 +620,15 @@ class GpuCluster:
                 if self._held(tenant) <= limit:
                     break
                 self._preempt(job)
+        for job in list(self.running):   # idle -> busy: a preempt on a job's own session releases its GPUs
+            d = self.sim.feed.decisions.get(f"session:{job.session}:*")
+            if d is not None and d.action == "preempt" and d.expires > now:
+                self.reclaims += 1
+                if job.idle_from is None:
+                    self._preempt(job)   # busy work: the engine must never do this (counted as a preemption)
+                else:
+                    self._release(job)   # its work is done: nothing lost
+                    self.done += 1
         self._schedule()
 
     def _preempt(self, job: GpuJob) -> None:
@@ -622,7 +653,8 @@ class GpuCluster:
             g = int(slot.split("-")[1])
             mig = {"mig_uuid": slot, "mig_slices": 1, "mig_total_slices": self.spec.slices} if self.spec.slices > 1 else {}
             rows.append(GpuSample(sample_id=new_id(), ts=now, node="sim", level="process", gpu_index=g, gpu_uuid=f"GPU-{g}",
-                                  interval_ms=ms, utilization_pct=90, tenant_id=job.tenant, attributed=True, **mig))
+                                  interval_ms=ms, utilization_pct=90 if job.idle_from is None else 0, tenant_id=job.tenant,
+                                  team="gpu", project="p", agent_id="jobs", session_id=f"job-{job.seq}", attributed=True, **mig))
         self.sim.at(self.sim.t + self.sim.lag["kafka_s"], self._apply, rows)
 
     def _apply(self, rows: list[GpuSample]) -> None:
@@ -634,12 +666,12 @@ class GpuCluster:
     def _advance(self) -> None:
         dt, self.last = self.sim.t - self.last, self.sim.t
         for tenant in self.quota:
-            self.received[tenant] += dt * float(self._held(tenant))
+            self.received[tenant] += dt * float(self._busy(tenant))
             self.entitled[tenant] += dt * float(self.share.get(tenant, ZERO))
 
     def _reshare(self) -> None:
         """Each tenant's entitlement now, from its true demand (what it runs and what waits)."""
-        demand = {t: self._held(t) + self.pending(t) for t in self.quota}
+        demand = {t: self._busy(t) + self.pending(t) for t in self.quota}
         self.share = fair_shares(Decimal(self.spec.gpus), self.quota, self.weight or self.quota, demand)
 
     def report(self) -> dict[str, Any]:
@@ -649,6 +681,7 @@ class GpuCluster:
         return {"gpus": self.spec.gpus, "jain": round(jain(list(ratios.values())), 4) if ratios else None,
                 "utilisation_pct": round(sum(self.received.values()) / capacity_s * 100, 3),
                 "preemptions": self.preemptions, "in_quota_preemptions": self.in_quota_preemptions,
+                "idle_reclaims": self.reclaims,
                 "lost_gpu_s": round(self.lost_s, 3), "jobs_done": self.done, "jobs_waiting": len(self.waiting),
                 "tenants": {t: {"quota_gpus": str(self.quota[t]), "gpu_hours": round(self.received[t] / 3600, 4),
                                 "entitled_gpu_hours": round(self.entitled[t] / 3600, 4),

@@ -222,17 +222,54 @@ def publish_gpu_holders(settings: Any, start: datetime) -> None:
                                                  team="research", valid_from=start - timedelta(hours=1))])
 
 
-def publish_budgets(settings: Any, start: datetime, duration: float = 3600) -> None:
-    """Hourly budgets from `start` (the minute the demo began); a per-run one lasts until the run's end."""
+def publish_budgets(settings: Any, start: datetime, duration: float = 3600) -> dict[str, int]:
+    """Hourly budgets from `start` (the minute the demo began); a per-run one lasts until the run's end.
+    Returns each tenant's period in seconds."""
     from meterline.allocator.budgets import publish_policy
     from meterline.schemas.events import BudgetPolicy
 
     run_seconds = int((datetime.now(timezone.utc) - start).total_seconds() + duration) + 10  # the run, and a margin
+    periods = {tenant: run_seconds if budget.per_run else 3600 for tenant, budget in BUDGETS.items()}
     for tenant, budget in BUDGETS.items():
         publish_policy(settings, BudgetPolicy(
             policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=budget.amount,
-            period="custom", period_anchor=start, period_seconds=run_seconds if budget.per_run else 3600,
+            period="custom", period_anchor=start, period_seconds=periods[tenant],
             hard=budget.hard, actions=budget.actions))
+    return periods
+
+
+def hard_budget_use(ledger: Any, start: datetime, periods: dict[str, int]) -> dict[str, dict[str, str]]:
+    """Per hard budget, from the ledger: spend in its period, % of the budget used and % overshoot
+    (issue 14: the small one, hooli, must end >= 95 % used with 0 overshoot)."""
+    from .report import exact, load_query
+
+    out = {}
+    for tenant, budget in BUDGETS.items():
+        if not budget.hard:
+            continue
+        rows = ledger.query(load_query("scope_spend"), {
+            "tenant": tenant, "team": "", "project": "", "agent": "", "session": "", "depth": 0, "since": start,
+            "until": start + timedelta(seconds=periods[tenant]), "bucket_seconds": periods[tenant]}).dicts()
+        spent = sum((r["cost_usd"] for r in rows), Decimal(0))
+        out[tenant] = {"budget_usd": exact(budget.amount), "spent_usd": exact(spent),
+                       "used_pct": f"{spent * 100 / budget.amount:.1f}",
+                       "overshoot_pct": f"{max(Decimal(0), spent - budget.amount) * 100 / budget.amount:.1f}"}
+    return out
+
+
+def wait_for_budget_decisions(feed: Any, timeout: float = 30.0) -> bool:
+    """Until every budgeted tenant's decision is in the guards' feed. A fail-open guard with no decision
+    yet lets calls through unchecked, and before this wait hooli's first calls spent 28 % past its
+    hard budget before its leases arrived."""
+    wanted = {f"tenant:{tenant}:normal" for tenant in BUDGETS}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with feed.changed:
+            if wanted <= feed.decisions.keys():
+                return True
+            feed.changed.wait(0.2)
+    log.warning("budget decisions missing from the feed after %.0f s: %s", timeout, sorted(wanted - feed.decisions.keys()))
+    return False
 
 
 # ---- the terminal view --------------------------------------------------------------------------
@@ -324,7 +361,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     with console.status("starting the pipeline (streams, sink, allocator, API)…"):
         url = up.start()
         allocator = up.supervisor.get("allocator")
-        publish_budgets(settings, start, duration)
+        periods = publish_budgets(settings, start, duration)
         publish_gpu_holders(settings, start)
         if allocator is not None:
             allocator.instance.ready.wait(30)
@@ -332,6 +369,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     send_history(settings, seed, outcomes)
     catalog = load_catalog()
     feed = DecisionFeed(settings).start()
+    wait_for_budget_decisions(feed)
     stop = threading.Event()
     agents = [Agent(spec, settings, feed, catalog, outcomes, stop, seed * 100 + i) for i, spec in enumerate(FLEET)]
     started = time.monotonic()
@@ -360,6 +398,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         (totals,) = run_report(ledger, "totals", params).dicts()
         summary = summarise(chargeback, totals, up, outcomes, url, seed, duration)
         summary.update(compute_summary(ledger, params, chargeback, totals, workers))
+        summary["hard_budgets"] = hard_budget_use(ledger, start, periods)
         if as_json:
             print(json.dumps(summary))
         else:
@@ -375,6 +414,9 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
             console.print(compute_table(summary))
             console.print(compute_line(summary))
             console.print(f"decisions {summary['decisions']} · anomalies {summary['anomalies']}")
+            for tenant, use in summary["hard_budgets"].items():
+                console.print(f"hard budget {tenant}: ${use['spent_usd']} of ${use['budget_usd']} spent in its period = "
+                              f"{use['used_pct']} % used, overshoot {use['overshoot_pct']} %")
             console.print(f"dashboard: {url}/ (served while the demo runs; `--keep` keeps it, `meterline up` serves this "
                           "data again)  ·  reports: `meterline report chargeback --by team`")
         if keep:

@@ -304,6 +304,57 @@ def test_a_vcpu_hour_budget_counts_cpu_seconds_and_a_gpu_hour_budget_gpu_seconds
     assert actions(e)["batch"] == "deny"  # the vCPU-hours are used up
 
 
+# ---- idle -> busy: an idle holder's GPUs go to a tenant that waits ---------------------------
+
+def held(e: Engine, clock: Clock, uuid: str, tenant: str, session: str, util: int) -> None:
+    e.apply_gpu(GpuSample(sample_id=new_id(), ts=clock.now, node="n1", level="gpu", gpu_index=0, gpu_uuid=uuid, interval_ms=1000))
+    e.apply_gpu(GpuSample(sample_id=new_id(), ts=clock.now, node="n1", level="process", gpu_index=0, gpu_uuid=uuid,
+                          interval_ms=1000, utilization_pct=util, tenant_id=tenant, team="ml", project="p", agent_id="nb",
+                          session_id=session, attributed=True))
+
+
+def idle_pool(minutes: int, idle_util: int, waiting: str = "2") -> Engine:
+    """4 GPUs, quotas 2 + 2: acme's session s-idle holds two (idle_util %), s-busy two at 90 %; b waits for `waiting`."""
+    clock = Clock(datetime(2026, 6, 10, 12, tzinfo=UTC))
+    hours = D(30 * 24)
+    e = engine(clock, policy("acme", str(2 * hours), unit="gpu_hours", policy_id="gpu-a"),
+               BudgetPolicy(policy_id="gpu-b", tenant_id="b", scope="tenant", scope_id="b", unit="gpu_hours",
+                            amount=2 * hours, created_at=START),
+               gpu_pending=lambda t: D(waiting) if t == "b" else D(0), config={"gpu_reclaim_idle_for": timedelta(minutes=5)})
+    for _ in range(minutes + 1):
+        for i, (session, util) in enumerate((("s-idle", idle_util), ("s-idle", idle_util), ("s-busy", 90), ("s-busy", 90))):
+            held(e, clock, f"g{i}", "acme", session, util)
+        clock.advance(minutes=1)
+    clock.advance(minutes=-1)
+    e.decide()
+    return e
+
+
+def test_an_idle_holder_is_preempted_on_its_own_scope_when_another_tenant_waits():
+    e = idle_pool(minutes=6, idle_util=0)
+    d = latest(e, "session:acme/ml/p/nb/s-idle:*")
+    assert d.action == "preempt" and d.tenant_id == "acme" and d.scope == "session"
+    assert "idle GPU reclaim" in d.reason and "b wait" in d.reason
+    assert "session:acme/ml/p/nb/s-busy:*" not in e._published, "busy work is never stopped"
+    # inside acme's quota (it holds 4 of 4, quota 2): only the idle pair goes, no tenant-wide batch preempt on top
+    assert "tenant:acme:batch" not in e._published or latest(e, "tenant:acme:batch").action != "preempt"
+
+
+def test_a_busy_holder_is_not_reclaimed():
+    e = idle_pool(minutes=6, idle_util=80)
+    assert not [k for k in e._published if k.startswith("session:")]
+
+
+def test_idle_below_the_threshold_is_not_reclaimed():
+    e = idle_pool(minutes=4, idle_util=0)
+    assert not [k for k in e._published if k.startswith("session:")]
+
+
+def test_idle_gpus_are_not_reclaimed_when_nobody_waits():
+    e = idle_pool(minutes=6, idle_util=0, waiting="0")
+    assert not [k for k in e._published if k.startswith("session:")]
+
+
 # ---- bad input -------------------------------------------------------------------------
 
 @given(st.binary(max_size=300))
@@ -345,3 +396,15 @@ def test_leases_follow_the_pacing_plan_and_critical_is_served_first():
     e.decide()
     assert e.leases[normal].limit >= D("5")
     assert sum(lease.limit for lease in e.leases.values()) <= D("36") * 21 / 60 + D("0.6"), "never past plan + look-ahead"
+
+
+def test_an_announced_gpu_wait_ends_when_its_session_is_seen_on_a_gpu_or_lapses():
+    clock = Clock(datetime(2026, 6, 10, 12, tzinfo=UTC))
+    e = engine(clock)
+    e.announce_gpu("b", "b/ml/p/nb/job-1", D(2))   # a guard's path id
+    e.announce_gpu("b", "b/ml/p/nb/job-2", D(1))
+    assert e._pending_gpus("b", clock.now) == D(3) and e._pending_gpus("acme", clock.now) == 0
+    held(e, clock, "g0", "b", "job-1", 90)          # the collector's row names the bare session: the same session
+    assert e._pending_gpus("b", clock.now) == D(1)
+    clock.advance(seconds=31)                        # not renewed: it lapses
+    assert e._pending_gpus("b", clock.now) == 0

@@ -43,6 +43,10 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     assert len(actions) >= 3, actions
     assert {"throttle", "downgrade", "deny"} <= set(actions), actions  # told to slow down, to step down, to stop
     assert summary["agents"]["hooli"].get("denied", 0) > 0, summary["agents"]  # hooli's hard budget stopped its agents
+    hooli = summary["hard_budgets"]["hooli"]   # issue 14: the small hard budget ends >= 95 % used, no overshoot
+    (spent,) = json.loads(meterline("sql", "SELECT toString(sum(cost_usd)) AS usd FROM priced_events WHERE tenant_id = 'hooli'", "-f", "json"))
+    assert Decimal(hooli["spent_usd"]) == Decimal(spent["usd"]), "the summary's figure is the ledger's (one run, one period)"
+    assert Decimal(hooli["overshoot_pct"]) == 0 and Decimal(hooli["used_pct"]) >= 95, hooli
     anomalies = {r["kind"]: int(r["n"]) for r in json.loads(meterline(
         "sql", "SELECT kind, count() AS n FROM anomalies GROUP BY kind", "-f", "json"))}
     assert sum(anomalies.values()) >= 1, anomalies
