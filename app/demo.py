@@ -89,6 +89,7 @@ class DemoBudget:
     hard: bool
     actions: dict[str, str]  # what each priority class gets once the budget is used up
     per_run: bool = False  # its period is the demo's run (paced over it) instead of an hour
+    slo: dict[str, Any] | None = None  # objectives a downgrade must keep (`meterline report slo` measures them)
 
 
 STRICT = {"critical": "allow", "high": "downgrade", "normal": "deny", "low": "deny", "batch": "deny"}
@@ -96,7 +97,8 @@ LENIENT = {"critical": "allow", "high": "downgrade", "normal": "queue", "low": "
 # Hard budgets hand out per-session spend leases and deny once used up; soft ones throttle,
 # queue and downgrade but never deny.
 BUDGETS: dict[str, DemoBudget] = {
-    "acme": DemoBudget(Decimal("20"), False, STRICT),        # spends faster than its pace: low/batch (then normal) throttled
+    "acme": DemoBudget(Decimal("20"), False, STRICT,         # spends faster than its pace: low/batch (then normal) throttled
+                       slo={"p95_latency_ms": 2500, "success_rate_pct": Decimal("95"), "cost_per_success_usd": Decimal("0.05")}),
     "globex": DemoBudget(Decimal("500"), True, STRICT),      # hard and comfortable: spend leases, no overshoot
     "initech": DemoBudget(Decimal("8"), False, LENIENT),     # the runaway burns it: high downgraded, normal queued
     "umbrella": DemoBudget(Decimal("0.15"), False, LENIENT), # small: runs out first; high downgraded, critical keeps running
@@ -234,7 +236,7 @@ def publish_budgets(settings: Any, start: datetime, duration: float = 3600) -> d
         publish_policy(settings, BudgetPolicy(
             policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=budget.amount,
             period="custom", period_anchor=start, period_seconds=periods[tenant],
-            hard=budget.hard, actions=budget.actions))
+            hard=budget.hard, actions=budget.actions, slo=budget.slo))
     return periods
 
 
