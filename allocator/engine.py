@@ -383,7 +383,7 @@ class Engine:
         known = {k[1] for k in self._sources if k[0] == "lease"} | set(self.leases)
         touched = {k[1] for k in dirty if k[0] == "lease"}
         due = touched | {sid for sid in known if self._lease_due(sid, now)} if full else touched
-        for session_id in sorted(due, key=self._grant_order):   # critical first; top up the fullest first
+        for session_id in sorted(due, key=lambda sid: (*self._grant_order(sid), sid)):  # critical first; the fullest first; then by id (not set order: the same numbers in every process)
             self._sources[("lease", session_id)] = list(self._lease_decisions(now, session_id))
         if full or ("gpu",) in dirty:
             self._sources[("gpu",)] = list(self._gpu_decisions(now))

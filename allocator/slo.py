@@ -160,6 +160,8 @@ def ledger_feeds(settings, connect: Callable[[], Any] | None = None, window: tim
             rows = client().query(stats_sql, parameters={**scope_params(p.scope, p.scope_id), "since": now - window,
                                                          "until": now}).result_rows
             for model, calls, ok, latency_calls, p95, cost in rows:
+                if not model:  # the scope's total (ROLLUP row): not a model to downgrade to
+                    continue
                 table[(p.scope_id, model)] = ModelStats(int(calls), int(ok), int(latency_calls),
                                                         int(p95) if latency_calls else None, Decimal(str(cost)))
         return table

@@ -29,7 +29,8 @@ SLO_COLUMNS = ["policy_id", "scope_id", "calls", "success_pct", "slo_success_pct
 SLO_TYPES = ["String", "String", "UInt64", "Nullable(Decimal(38, 6))", "Nullable(Decimal(9, 6))", "String",
              "Nullable(UInt64)", "Nullable(UInt64)", "String", "Nullable(Decimal(38, 18))", f"Nullable({MONEY})", "String",
              "UInt64", "UInt64", MONEY, MONEY, MONEY]
-SIX = Decimal("0.000001")
+SIX, PICO = Decimal("0.000001"), Decimal("1e-12")
+NO_CALLS = {"calls": 0, "ok_calls": 0, "latency_calls": 0, "p95_latency_ms": 0, "cost_usd": "0"}
 SHEET = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
          "cache_write_1h_tokens", "input_audio_tokens", "input_image_tokens", "output_audio_tokens",
          "output_image_tokens", "web_searches")
@@ -56,11 +57,12 @@ def slo_report(ledger: Any, params: Any, catalog: Any = None) -> Result:
     for p in policies:
         scope = scope_filter(p["scope"], p["scope_id"], p["tenant_id"])
         window = {**scope, "since": params.since, "until": params.until}
-        (m,) = ledger.query(load_query("slo_scope"), window).dicts()
+        per_model = ledger.query(load_query("slo_model_stats"), window).dicts()
+        m = next((r for r in per_model if r["model"] == ""), NO_CALLS)  # the ROLLUP row: the whole scope
         calls, ok, lat_n = int(m["calls"]), int(m["ok_calls"]), int(m["latency_calls"])
         success = (Decimal(ok) * 100 / calls).quantize(SIX) if calls else None
         p95 = int(m["p95_latency_ms"]) if lat_n else None
-        cps = Decimal(m["cost_usd"]) / ok if ok else None
+        cps = (Decimal(m["cost_usd"]) / ok).quantize(PICO) if ok else None  # a ratio: to the ledger's 12 places
         t_ok, t_p95, t_cost = p["slo_success_rate_pct"], p["slo_p95_latency_ms"], p["slo_cost_per_success_usd"]
         calls_down = ledger.query(load_query("slo_downgraded_calls"), {**window, "scope_id": p["scope_id"]}).dicts()
         per_decision, totals = _price_downgrades(catalog, p["tenant_id"], calls_down)

@@ -35,6 +35,21 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     assert first["spent_usd"] != other["spent_usd"] and first["requests"] != other["requests"]
 
 
+def test_the_same_numbers_in_every_process_whatever_the_hash_seed():
+    """Grants tied on priority and fill were ordered by set iteration of session ids, so steady-1000's figures
+    changed with PYTHONHASHSEED; ties now break by id."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scenario = Path(__file__).parents[1] / "allocator" / "scenarios" / "03-steady-1000.toml"
+    runs = {subprocess.run([str(Path(sys.executable).with_name("meterline")), "simulate", "run", str(scenario), "--json"],
+                           env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=600,
+                           check=True).stdout for seed in ("0", "1")}
+    assert len(runs) == 1
+
+
 def test_the_real_leases_hold_a_hard_budget_under_pressure():
     report = simulate(small())
     assert D(report["demand_usd"]) > 2 * D(report["budget_usd"]), "the scenario is under budget pressure"

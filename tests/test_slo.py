@@ -207,7 +207,7 @@ def test_report_slo_figures_match_ground_truth(ledger, monkeypatch):
         assert row["calls"] == len(calls)
         assert D(row["success_pct"]) == (D(len(ok)) * 100 / len(calls)).quantize(D("0.000001"))
         assert row["p95_latency_ms"] == p95([c.latency_ms for c in calls])
-        assert D(row["cost_per_success_usd"]) == sum((c.cost_usd for c in calls), D(0)) / len(ok)
+        assert D(row["cost_per_success_usd"]) == (sum((c.cost_usd for c in calls), D(0)) / len(ok)).quantize(D("1e-12"))
         assert row["success_met"] == ("yes" if D(len(ok)) * 100 / len(calls) >= 97 else "no")
         assert row["latency_met"] == ("yes" if p95([c.latency_ms for c in calls]) <= 2000 else "no")
         assert row["cost_met"] == ("yes" if sum((c.cost_usd for c in calls), D(0)) / len(ok) <= D("0.001") else "no")

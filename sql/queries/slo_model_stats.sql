@@ -1,6 +1,7 @@
 -- Measured figures per model of one budget scope's LLM calls in [since, until), for the SLO-aware downgrade
 -- (allocator/slo.py): calls, calls with status ok, calls that reported a latency (latency_ms > 0), the
--- nearest-rank p95 of those latencies (the ceil(0.95 n)-th smallest, exact; 0 when none), and their cost.
+-- nearest-rank p95 of those latencies (the ceil(0.95 n)-th smallest, exact; 0 when none), and their cost;
+-- the ROLLUP row (model '') is the scope's whole, what `meterline report slo` measures attainment on.
 -- Parameters: tenant, team, project, agent, session String; depth UInt8 (0 tenant ... 4 session); since/until DateTime64(3).
 SELECT toString(model) AS model,
        count() AS calls,
@@ -16,5 +17,5 @@ WHERE kind = 'llm_call' AND ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:D
   AND ({depth:UInt8} < 2 OR project = {project:String})
   AND ({depth:UInt8} < 3 OR agent_id = {agent:String})
   AND ({depth:UInt8} < 4 OR session_id = {session:String})
-GROUP BY model
+GROUP BY model WITH ROLLUP
 ORDER BY model
