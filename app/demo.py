@@ -253,7 +253,8 @@ def hard_budget_use(ledger: Any, start: datetime, periods: dict[str, int]) -> di
             "tenant": tenant, "team": "", "project": "", "agent": "", "session": "", "depth": 0, "since": start,
             "until": start + timedelta(seconds=periods[tenant]), "bucket_seconds": periods[tenant]}).dicts()
         spent = sum((r["cost_usd"] for r in rows), Decimal(0))
-        out[tenant] = {"budget_usd": exact(budget.amount), "spent_usd": exact(spent),
+        out[tenant] = {"period_start": start.isoformat(), "period_end": (start + timedelta(seconds=periods[tenant])).isoformat(),
+                       "budget_usd": exact(budget.amount), "spent_usd": exact(spent),
                        "used_pct": f"{spent * 100 / budget.amount:.1f}",
                        "overshoot_pct": f"{max(Decimal(0), spent - budget.amount) * 100 / budget.amount:.1f}"}
     return out

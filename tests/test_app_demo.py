@@ -44,8 +44,10 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     assert {"throttle", "downgrade", "deny"} <= set(actions), actions  # told to slow down, to step down, to stop
     assert summary["agents"]["hooli"].get("denied", 0) > 0, summary["agents"]  # hooli's hard budget stopped its agents
     hooli = summary["hard_budgets"]["hooli"]   # issue 14: the small hard budget ends >= 95 % used, no overshoot
-    (spent,) = json.loads(meterline("sql", "SELECT toString((SELECT sum(cost_usd) FROM priced_events WHERE tenant_id = 'hooli') + "
-                                           "(SELECT sum(cpu_cost_usd + memory_cost_usd) FROM compute_samples WHERE tenant_id = 'hooli' "
+    window = (f"tenant_id = 'hooli' AND ts >= parseDateTime64BestEffort('{hooli['period_start']}', 3) "
+              f"AND ts < parseDateTime64BestEffort('{hooli['period_end']}', 3)")
+    (spent,) = json.loads(meterline("sql", f"SELECT toString((SELECT sum(cost_usd) FROM priced_events WHERE {window}) + "
+                                           f"(SELECT sum(cpu_cost_usd + memory_cost_usd) FROM compute_samples WHERE {window} "
                                            "AND attributed)) AS usd", "-f", "json"))  # its budget counts its tool worker too
     assert Decimal(hooli["spent_usd"]) == Decimal(spent["usd"]), "the summary's figure is the ledger's (one run, one period)"
     assert Decimal(hooli["overshoot_pct"]) == 0 and Decimal(hooli["used_pct"]) >= 95, hooli
