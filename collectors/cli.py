@@ -165,6 +165,14 @@ def collect_node(
     proc: Annotated[Path, typer.Option(help="Where the node's /proc is (in a container: the host's, mounted read-only).")] = Path("/proc"),
     pid: Annotated[Optional[list[int]], typer.Option("--pid", metavar="PID", help="Only this process and its descendants (repeatable; "
                                                                   "process level): e.g. one agent's process tree.")] = None,
+    pods_url: Annotated[Optional[str], typer.Option(help="A PodList URL (API server: https://kubernetes.default.svc/api/v1/pods"
+                                                         "?fieldSelector=spec.nodeName=<node>; or the kubelet's :10250/pods): names "
+                                                         "pods and charges a pod labelled meterline.io/tenant to that tenant.")] = None,
+    namespaces_url: Annotated[Optional[str], typer.Option(help="A NamespaceList URL: a pod without the label takes its "
+                                                              "namespace's meterline.io/tenant (and /team, /project, /agent).")] = None,
+    kube_token_file: Annotated[Optional[Path], typer.Option(help="Bearer token for those URLs (default in a pod: its service "
+                                                                 "account's token).")] = None,
+    kube_ca_file: Annotated[Optional[Path], typer.Option(help="CA bundle for those URLs (default in a pod: its service account's).")] = None,
 ) -> None:
     """Sample CPU-seconds and memory of every process (or cgroup v2 group) and publish ComputeSample records to the compute topic.
 
@@ -184,14 +192,16 @@ def collect_node(
     from meterline.settings import get_settings
 
     from .attribution import Attributor, SessionRegistry, sessions_dir
+    from .kube import PodDirectory
     from .node import NodeCollector
 
     settings = get_settings()
     node = node or socket.gethostname()
     try:
+        directory = PodDirectory(pods_url, namespaces_url, token_file=kube_token_file, ca_file=kube_ca_file) if pods_url else None
         collector = NodeCollector(Attributor(SessionRegistry(sessions_dir(settings.data_dir), proc=proc)), node=node,
                                   node_class=node_class, level=level, proc=proc, cgroup_root=cgroup_root, interval_s=interval,
-                                  roots=set(pid or ()))
+                                  roots=set(pid or ()), directory=directory)
         if pid and level != "process":
             raise ValueError("--pid selects processes: use it with --level process")
     except ValueError as err:

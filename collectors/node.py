@@ -21,7 +21,9 @@ ancestors, then METERLINE_* in its environment); a group by the first of its pro
 owner, else by its Kubernetes pod when an SDK session registered that pod. Unknown owners are
 published with attributed=False, never dropped. The cgroup path names the container (containerd,
 CRI-O, Docker, Podman; systemd and cgroupfs drivers) and the pod UID, resolved to namespace/pod from
-the kubelet's /var/log/pods/<namespace>_<pod>_<uid> directories when the node shows them.
+the kubelet's /var/log/pods/<namespace>_<pod>_<uid> directories when the node shows them, and from the
+Kubernetes pod list when configured (kube.py: a pod or namespace labelled meterline.io/tenant owns the
+rows no session claims).
 
 The parsing functions are pure (text in, values out) and tested on fixtures; the collector only
 reads files, so `proc` and `cgroup_root` can point at fixture trees.
@@ -41,6 +43,7 @@ from meterline.schemas import InvalidEvent, build, new_id, utcnow
 from meterline.schemas.events import ComputeSample
 
 from .attribution import Attributor
+from .kube import PodDirectory
 
 PLACES = Decimal("1e-12")
 
@@ -170,7 +173,7 @@ class NodeCollector:
                  level: str = "process", proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup"),
                  pods_dir: Path = Path("/var/log/pods"), interval_s: float = 10.0, simulated: bool = False,
                  clock: Callable[[], float] = time.monotonic, clk_tck: int | None = None,
-                 roots: frozenset[int] | set[int] | None = None):
+                 roots: frozenset[int] | set[int] | None = None, directory: PodDirectory | None = None):
         if level not in ("process", "cgroup"):
             raise ValueError(f"level must be 'process' or 'cgroup', not {level!r}")
         self.attributor = attributor
@@ -185,6 +188,7 @@ class NodeCollector:
         self._last_clock: float | None = None
         self._cpu: dict[Any, tuple[int, int]] = {}  # (pid, starttime) or (path, inode) -> cumulative (user, system)
         self.roots = frozenset(roots) if roots else None  # process level: only these pids and their descendants
+        self.directory = directory  # the Kubernetes pod list: names and owner labels of this node's pods
 
     def sample(self) -> list[ComputeSample]:
         now = self.clock()
@@ -247,11 +251,17 @@ class NodeCollector:
 
     def _pods(self) -> dict[str, tuple[str, str]]:
         try:
-            return pods_from_log_dirs([p.name for p in self.pods_dir.iterdir()])
+            pods = pods_from_log_dirs([p.name for p in self.pods_dir.iterdir()])
         except OSError:
-            return {}  # not a Kubernetes node, or not mounted in: the pod UID alone is kept
+            pods = {}  # not a Kubernetes node, or not mounted in: the pod UID alone is kept
+        if self.directory:
+            self.directory.refresh()
+            pods.update({uid: (namespace, name) for uid, (namespace, name, _) in self.directory.pods.items()})
+        return pods
 
-    def _owner(self, pids: list[int], namespace: str, pod: str) -> dict:
+    def _owner(self, pids: list[int], namespace: str, pod: str, pod_uid: str = "") -> dict:
+        """The most specific owner first: a process's session (SDK registry, environment), then a session the
+        SDK registered for the pod, then the pod's (or its namespace's) meterline.io/ labels."""
         for pid in pids[:64]:
             owner = self.attributor.resolve(pid)
             if owner["attributed"]:
@@ -260,7 +270,8 @@ class NodeCollector:
             found = self.attributor.registry.pods().get((namespace, pod))
             if found and found.get("tenant_id"):
                 return {**found, "attributed": True}
-        return {"attributed": False}
+        labelled = self.directory.owner(pod_uid) if self.directory and pod_uid else {}
+        return {**labelled, "attributed": True} if labelled else {"attributed": False}
 
     def _row(self, r: dict, ts, interval_ms: int, user: int, system: int, pods: dict) -> ComputeSample:
         container: Container = r["container"]
@@ -272,7 +283,7 @@ class NodeCollector:
                   "memory_bytes": r["memory"], "memory_peak_bytes": r["peak"],
                   "memory_byte_seconds": Decimal(r["memory"]) * interval_ms / 1000, "simulated": self.simulated,
                   "cpu_limit_cores": r.get("limit")}
-        owner = self._owner(r["pids"], namespace, pod)
+        owner = self._owner(r["pids"], namespace, pod, container.pod_uid)
         try:
             return build(ComputeSample, sample_id=new_id(), **fields, **owner)
         except InvalidEvent:  # an environment value that breaks the contract: keep the usage, unattributed

@@ -200,3 +200,93 @@ def test_pid_roots_keep_only_that_process_tree(tmp_path):
             proc.wait(30)
     assert pids == {parent.pid, grandchild}  # the tree, found by ppid, and no other process
     assert {parent.pid, grandchild, stranger.pid, os.getpid()} <= all_pids  # without roots: the whole machine
+
+
+# ---- Kubernetes pod list: names and meterline.io/ labels, from a local API server stand-in -------------
+
+def _pod_list(*pods: tuple[str, str, str, dict]) -> dict:
+    """A PodList as the API server writes it (kind, apiVersion, metadata, items with metadata and spec)."""
+    return {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42"},
+            "items": [{"metadata": {"uid": uid, "namespace": ns, "name": name, "labels": labels},
+                       "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}} for uid, ns, name, labels in pods]}
+
+
+class KubeApi:
+    """Serves /api/v1/pods and /api/v1/namespaces to a bearer token only (401 otherwise), or 503 when down."""
+
+    def __init__(self, pods: dict, namespaces: dict, token: str) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        api = self
+        self.pods, self.namespaces, self.token, self.down, self.paths = pods, namespaces, token, False, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                api.paths.append(self.path)
+                doc = api.pods if self.path.startswith("/api/v1/pods") else api.namespaces
+                status = 503 if api.down else 401 if self.headers.get("Authorization") != f"Bearer {api.token}" else 200
+                body = json.dumps(doc if status == 200 else {"kind": "Status", "code": status}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+
+def test_pods_and_namespaces_labelled_meterline_io_tenant_own_the_rows_no_session_claims(tmp_path):
+    from meterline.collectors.kube import PodDirectory
+
+    labelled, in_team_ns, unlabelled = UID, "5c4b3a2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d", "7e6d5c4b-3a2f-4e1d-9c8b-7a6f5e4d3c2b"
+    api = KubeApi(_pod_list((labelled, "agents", "planner", {"meterline.io/tenant": "acme", "meterline.io/agent": "planner"}),
+                            (in_team_ns, "research", "notebook", {"app": "jupyter"}),
+                            (unlabelled, "default", "web", {})),
+                  {"kind": "NamespaceList", "items": [{"metadata": {"name": "research", "labels": {
+                      "meterline.io/tenant": "globex", "meterline.io/team": "ml"}}}, {"metadata": {"name": "default"}}]},
+                  token="s3cret")
+    try:
+        token = tmp_path / "token"
+        token.write_text("s3cret\n")
+        root, proc, runs = tmp_path / "cg", tmp_path / "proc", tmp_path / "run"
+        proc.mkdir(), runs.mkdir()
+        paths = {uid: f"kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{CID}.scope"
+                 for uid in (labelled, in_team_ns, unlabelled)}
+        for i, path in enumerate(paths.values()):
+            _group(root, path, [9100 + i], 0, 0, 1 << 20, None)
+        ticks = iter([0.0, 10.0, 20.0, 100.0, 200.0])
+        directory = PodDirectory(f"{api.url}/api/v1/pods?fieldSelector=spec.nodeName=n1", f"{api.url}/api/v1/namespaces",
+                                 token_file=token, refresh_s=60, clock=lambda: next(ticks))
+        collector = NodeCollector(Attributor(SessionRegistry(runs, proc)), node="n1", level="cgroup", cgroup_root=root,
+                                  proc=proc, pods_dir=tmp_path / "no-pod-logs", directory=directory)
+        collector.sample()
+        rows = {r.pod_uid: r for r in collector.sample()}
+        owner = {uid: (r.namespace, r.pod, r.attributed, r.tenant_id, r.team, r.agent_id) for uid, r in rows.items()}
+        assert owner == {labelled: ("agents", "planner", True, "acme", "", "planner"),      # the pod's own label
+                         in_team_ns: ("research", "notebook", True, "globex", "ml", ""),   # its namespace's
+                         unlabelled: ("default", "web", False, "", "", "")}                # nobody's: kept
+        assert api.paths == ["/api/v1/pods?fieldSelector=spec.nodeName=n1", "/api/v1/namespaces"]  # read once a minute
+        api.down = True  # the API server goes away: the last lists stay, the collector goes on
+        collector.sample()
+        assert {r.pod_uid: r.tenant_id for r in collector.sample()}[labelled] == "acme"
+        api.down, api.token = False, "rotated"
+        api.pods = _pod_list((labelled, "agents", "planner", {"meterline.io/tenant": "initech"}))
+        token.write_text("rotated\n")  # a projected token rotates: the file is read for every request
+        directory.refresh()
+        assert directory.owner(labelled) == {"tenant_id": "initech"} and directory.pod(in_team_ns) is None
+    finally:
+        api.server.shutdown()
+
+
+def test_an_answer_that_is_not_a_pod_list_names_no_pod():
+    from meterline.collectors.kube import labels_from_namespaces, owner_from_labels, pods_from_list
+
+    for doc in (None, [], {"items": None}, {"items": [1, "x", {"metadata": "m"}, {"metadata": {"uid": "u"}}]}):
+        assert pods_from_list(doc) == {} and labels_from_namespaces(doc) == {}
+    assert owner_from_labels({"meterline.io/team": "ml"}, {}) == {}  # a team without a tenant names nobody

@@ -1,6 +1,6 @@
 """deploy/k8s/node-collector.yaml grants the node collector exactly what it needs, parsed with PyYAML.
 
-What it needs: read pods (get/list/watch, nothing else, no other resource or API group), the node's pids (hostPID),
+What it needs: read pods (get/list/watch) and list namespaces (their labels), nothing else, no other API group; the node's pids (hostPID),
 the host's cgroup fs and /proc read-only, the SDK registry and /var/log/pods read-only, one writable emptyDir for its
 spool; no privilege, no capability, a read-only root filesystem. A grant added later (a verb, a resource, a
 writable host mount, a capability) fails here.
@@ -20,10 +20,11 @@ for doc in DOCS:
     BY_KIND.setdefault(doc["kind"], []).append(doc)
 
 
-def test_the_only_grant_is_reading_pods():
+def test_the_only_grants_are_reading_pods_and_listing_namespaces():
     assert sorted(BY_KIND) == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]  # no Role, no Secret
     (role,) = BY_KIND["ClusterRole"]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list"]}]  # their labels
     assert "aggregationRule" not in role
     (binding,) = BY_KIND["ClusterRoleBinding"]
     (account,) = BY_KIND["ServiceAccount"]
@@ -79,6 +80,7 @@ def test_the_command_reads_the_mounted_host_paths_with_options_the_collector_has
     assert args[:2] == ["collect", "node"]
     options = dict(zip(args[2::2], args[3::2]))
     assert options["--cgroup-root"] == mounts["cgroup"] and options["--proc"] == mounts["proc"] and options["--level"] == "cgroup"
+    assert options["--pods-url"].endswith("/api/v1/pods?fieldSelector=spec.nodeName=$(NODE_NAME)")  # this node's pods only
     import inspect
 
     known = {f"--{name.replace('_', '-')}" for name in inspect.signature(collect_node).parameters}
