@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -87,10 +88,12 @@ def credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredenti
 def make_app(settings: Settings, webhook: str, min_severity: str = "warning", give_up_after: float = 900.0,
              group: str | None = None, **faust_options: Any) -> faust.App:
     """The Faust app; run it with `faust.Worker(app).execute_from_commandline()` (what `meterline alerts` does)."""
+    datadir = Path(faust_options.pop("datadir", settings.data_dir / "alerts"))  # not the cwd (faust's default)
+    datadir.mkdir(parents=True, exist_ok=True)  # faust makes only the last level
     app = faust.App(group or settings.group("alerts"), broker=[f"kafka://{h}" for h in settings.bootstrap.split(",")],
                     broker_credentials=credentials(settings), store="memory://", web_enabled=False,
                     consumer_auto_offset_reset="earliest",
-                    datadir=faust_options.pop("datadir", str(settings.data_dir / "alerts")),  # not the cwd
+                    datadir=str(datadir),
                     **faust_options)
     anomalies = app.topic(settings.topic("anomalies"), value_type=bytes, value_serializer="raw")
     dlq = app.topic(settings.topic("dlq"), value_type=bytes, value_serializer="raw")
