@@ -15,17 +15,10 @@ from meterline.allocator.engine import Engine, EngineConfig
 from meterline.allocator.guard import BudgetExceeded, DecisionFeed, Guard
 from meterline.allocator.service import run_in_thread
 from meterline.schemas.events import BudgetPolicy, GpuSample, new_id, utcnow
+from collectors_kafka import wait_for
+
 
 pytestmark = pytest.mark.kafka
-
-
-def wait_until(condition, what: str, attempts: int = 2000):
-    for _ in range(attempts):
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    pytest.fail(f"never happened: {what}")
 
 
 @pytest.fixture
@@ -80,15 +73,15 @@ def action(feed, key: str) -> str | None:
 def test_a_guards_gpu_wait_makes_the_service_reclaim_borrowed_gpus(settings, allocator, feed):
     gpu_quotas(settings)
     send_samples(settings, [("s1", 90), ("s2", 90), ("s3", 90), ("s4", 90)])
-    wait_until(lambda: action(feed, "tenant:acme:batch") == "allow", "acme borrows beta's idle quota")
+    wait_for(lambda: action(feed, "tenant:acme:batch") == "allow", "acme borrows beta's idle quota")
     waiter = Guard(feed, "beta", "ml", "p", "trainer", "job-7", priority="batch")
     waiter.wait_for_gpus(2)
-    d = wait_until(lambda: (x := feed.decisions.get("tenant:acme:batch")) and x.action == "preempt" and x, "reclaim")
+    d = wait_for(lambda: (x := feed.decisions.get("tenant:acme:batch")) and x.action == "preempt" and x, "reclaim")
     assert d.decision.limits.max_concurrent == 2, "back to its quota, never below"
     assert allocator.counts["gpu_waits"] >= 1
     assert not [k for k in feed.decisions if k.startswith("session:acme")], "busy holders are not preempted one by one"
     waiter.wait_for_gpus(0)   # placed or gave up: nobody waits, the borrowing may go on
-    wait_until(lambda: action(feed, "tenant:acme:batch") == "allow", "the preempt lifted")
+    wait_for(lambda: action(feed, "tenant:acme:batch") == "allow", "the preempt lifted")
 
 
 def test_an_idle_holder_is_released_to_a_waiting_tenant_through_the_broker(settings, allocator, feed):
@@ -98,7 +91,7 @@ def test_an_idle_holder_is_released_to_a_waiting_tenant_through_the_broker(setti
     time.sleep(0.5)
     assert action(feed, idle_key) is None, "idle but nobody waits: it keeps its GPUs"
     Guard(feed, "beta", "ml", "p", "trainer", "job-8", priority="normal").wait_for_gpus(2)
-    wait_until(lambda: action(feed, idle_key) == "preempt", "the idle holder is told to release its GPUs")
+    wait_for(lambda: action(feed, idle_key) == "preempt", "the idle holder is told to release its GPUs")
     assert "idle GPU reclaim" in feed.decisions[idle_key].decision.reason
     assert action(feed, busy_key) is None, "busy work inside its quota is never preempted"
     holder = Guard(feed, "acme", "ml", "p", "trainer", "notebook")

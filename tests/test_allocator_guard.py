@@ -14,18 +14,10 @@ from meterline.allocator.guard import AllocatorUnavailable, BudgetExceeded, Deci
 from meterline.allocator.service import run_in_thread
 from meterline.allocator.simulate import SpendReporter
 from meterline.schemas.events import PRIORITIES, BudgetPolicy, DecisionLimits, ThrottleDecision, new_id, utcnow
+from collectors_kafka import wait_for
+
 
 pytestmark = pytest.mark.kafka
-
-
-def wait_until(condition, what: str, attempts: int = 2000):
-    """Poll a condition (no fixed sleeps); fails after attempts x 10 ms."""
-    for _ in range(attempts):
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    pytest.fail(f"never happened: {what}")
 
 
 @pytest.fixture
@@ -54,7 +46,7 @@ def hard_budget(amount: str, **kw) -> BudgetPolicy:
 def test_twenty_concurrent_agents_overshoot_a_hard_budget_by_at_most_one_percent(settings, allocator, feed, bare_ids):
     budget, cost = Decimal("50"), Decimal("0.01")
     publish_policy(settings, hard_budget(str(budget)))
-    wait_until(lambda: feed.decisions.get("tenant:acme:normal"), "the tenant decision reached the guard")
+    wait_for(lambda: feed.decisions.get("tenant:acme:normal"), "the tenant decision reached the guard")
     reporter = SpendReporter(settings, interval=0.02, bare_ids=bare_ids).start()
     spent = [Decimal(0)] * 20
     outcomes: list[str] = [""] * 20
@@ -91,7 +83,7 @@ def test_deny_names_the_budget_and_its_reset(settings, allocator, feed):
     reporter.add("acme", Decimal("1.5"))
     reporter.flush()
     guard = Guard(feed, "acme", session_id="s1", priority="critical")
-    decision = wait_until(lambda: (d := feed.decisions.get("tenant:acme:critical")) and d.action == "deny" and d, "deny")
+    decision = wait_for(lambda: (d := feed.decisions.get("tenant:acme:critical")) and d.action == "deny" and d, "deny")
     with pytest.raises(BudgetExceeded) as info:
         guard.check("gpt-4o")
     assert info.value.policy_id == "acme-hard"
@@ -126,7 +118,7 @@ def test_expired_decisions_fall_back_to_fail_open_or_fail_closed(settings, feed)
     with pytest.raises(AllocatorUnavailable):
         closed.check("m")                          # nothing heard from the allocator yet
     _publish(settings, _decision("throttle", ttl=60, limits=DecisionLimits(requests_per_min=1)))
-    wait_until(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
+    wait_for(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
     assert closed.check("m") == "m"                # a token
     with pytest.raises(Throttled):
         closed.check("m", wait=False)              # bucket empty, caller will not wait
@@ -139,10 +131,10 @@ def test_expired_decisions_fall_back_to_fail_open_or_fail_closed(settings, feed)
 def test_guard_downgrades_and_queues(settings, feed):
     guard = Guard(feed, "acme", team="t", session_id="s1", queue_timeout=0.05)
     _publish(settings, _decision("downgrade", max_model="gpt-4o-mini"))
-    wait_until(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
+    wait_for(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
     assert guard.check("gpt-4o") == "gpt-4o-mini"
     _publish(settings, _decision("queue"))
-    wait_until(lambda: feed.decisions["tenant:acme:*"].action == "queue", "queue arrived")
+    wait_for(lambda: feed.decisions["tenant:acme:*"].action == "queue", "queue arrived")
     with pytest.raises(Throttled, match="queued"):
         guard.check("gpt-4o")
     released: list[str | None] = []
@@ -155,7 +147,7 @@ def test_guard_downgrades_and_queues(settings, feed):
 
 def test_guard_check_costs_microseconds(feed, settings):
     _publish(settings, _decision("allow"))
-    wait_until(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
+    wait_for(lambda: "tenant:acme:*" in feed.decisions, "decision arrived")
     guard = Guard(feed, "acme", team="t", project="p", agent_id="a", session_id="s")
     n = 20000
     start = time.perf_counter()
@@ -188,12 +180,12 @@ def test_priorities_and_team_inside_tenant_through_the_broker(settings, allocato
                                           amount=Decimal(1000)))
     publish_policy(settings, BudgetPolicy(policy_id="research-month", tenant_id="acme", scope="team",
                                           scope_id="acme/research", amount=Decimal(100)))
-    wait_until(lambda: "team:acme/research:low" in feed.decisions, "team decisions")
+    wait_for(lambda: "team:acme/research:low" in feed.decisions, "team decisions")
     reporter = SpendReporter(settings)
     reporter.add("acme/research", Decimal("95"))           # the team is in the headroom kept for critical/high
     reporter.flush()
     # one decision per priority, keyed apart (so on different partitions, in no set order): wait for both
-    wait_until(lambda: all(feed.decisions[f"team:acme/research:{p}"].action == "deny" for p in ("low", "batch")),
+    wait_for(lambda: all(feed.decisions[f"team:acme/research:{p}"].action == "deny" for p in ("low", "batch")),
                "team under pressure")
     research = {p: Guard(feed, "acme", team="research", session_id=f"r-{p}", priority=p) for p in PRIORITIES}
     assert research["critical"].check("m") == "m" and research["high"].check("m") == "m"
@@ -203,7 +195,7 @@ def test_priorities_and_team_inside_tenant_through_the_broker(settings, allocato
     assert Guard(feed, "acme", team="ops", session_id="o1", priority="batch").check("m") == "m", "other teams are fine"
     reporter.add("acme/research", Decimal("1"))
     reporter.flush()
-    wait_until(lambda: [a for a in _anomalies(settings) if a.evidence.get("threshold_pct") == "80"], "the 80 % alert")
+    wait_for(lambda: [a for a in _anomalies(settings) if a.evidence.get("threshold_pct") == "80"], "the 80 % alert")
     alerts = [(a.evidence["policy_id"], a.evidence["threshold_pct"]) for a in _anomalies(settings)]
     assert sorted(alerts) == [("research-month", "50"), ("research-month", "80")], "each threshold once"
 
@@ -214,9 +206,9 @@ def test_heartbeat_keeps_decisions_alive_for_fail_closed_guards(settings, feed):
     try:
         assert service.ready.wait(30)
         publish_policy(settings, hard_budget("100"))
-        first = wait_until(lambda: feed.decisions.get("tenant:acme:normal"), "first decision").decision
+        first = wait_for(lambda: feed.decisions.get("tenant:acme:normal"), "first decision").decision
         guard = Guard(feed, "acme", session_id="s1", fail_mode="closed")
-        renewed = wait_until(lambda: (d := feed.decisions["tenant:acme:normal"].decision).issued_at >= first.expires_at and d,
+        renewed = wait_for(lambda: (d := feed.decisions["tenant:acme:normal"].decision).issued_at >= first.expires_at and d,
                              "a renewal issued after the first decision's expiry")
         assert renewed.decision_id == first.decision_id, "a heartbeat renews the same decision"
         assert guard.check("m") == "m", "while the allocator is healthy, fail-closed guards keep working"
@@ -229,7 +221,7 @@ def test_a_new_session_announces_itself_through_the_broker_and_is_leased_before_
     """No free first call: the guard announces its session and class on the spend topic (a zero-cost
     SpendUpdate), the allocator leases it, and only then does the call go ahead."""
     publish_policy(settings, hard_budget("10"))
-    wait_until(lambda: (d := feed.decisions.get("tenant:acme:critical")) and d.starter is not None, "starter decision arrived")
+    wait_for(lambda: (d := feed.decisions.get("tenant:acme:critical")) and d.starter is not None, "starter decision arrived")
     guard = Guard(feed, "acme", session_id="new-session", priority="critical")
     key = f"session:{guard.scopes['session']}:*"
     assert key not in feed.decisions

@@ -14,7 +14,6 @@ import socket
 import stat
 import subprocess
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -30,6 +29,8 @@ from meterline.settings import Settings
 from meterline.sql import ledger
 from meterline.sql.rows import insert_rows, priced_event_row, with_offsets
 from test_sql_sink import METERLINE, _env, ledger_sql, sink_until_idle
+from collectors_kafka import wait_for
+
 
 NOW = datetime.now(timezone.utc)
 COSTS = {"acme": Decimal("1.250000000001"), "globex": Decimal("7.5")}
@@ -249,13 +250,6 @@ def test_budgets_changed_through_the_api_are_audited_with_the_token_name(setting
 def running_user_queries(client) -> int:
     return client.query("SELECT count() FROM system.processes WHERE position(query, 'meterline-query:') > 0 "
                         "AND query NOT LIKE 'KILL%' AND position(query, 'system.processes') = 0").result_rows[0][0]
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_query_whose_client_leaves_is_killed_and_health_answers_meanwhile(tmp_path):
