@@ -224,7 +224,7 @@ def migration_status(client) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- cluster rendering
 
 REPLICA_PATH = "/clickhouse/tables/{shard}/{database}/"
-_CREATE = re.compile(r"CREATE (TABLE|MATERIALIZED VIEW) IF NOT EXISTS (\w+)")
+_CREATE = re.compile(r"CREATE (TABLE|MATERIALIZED VIEW|VIEW) IF NOT EXISTS (\w+)")
 _ALTER = re.compile(r"ALTER TABLE (\w+)")
 _ENGINE = re.compile(r"ENGINE = (\w*)MergeTree(?:\(([^)]*)\))?")
 _DISTRIBUTED = re.compile(r"^-- @distributed (.+)$", re.M)
@@ -233,7 +233,8 @@ _DISTRIBUTED = re.compile(r"^-- @distributed (.+)$", re.M)
 def render_for_cluster(sql: str, cluster: str) -> str:
     """The single-node migration text, rewritten for a cluster:
 
-    * `CREATE TABLE|MATERIALIZED VIEW IF NOT EXISTS x` gets `ON CLUSTER '<cluster>'`;
+    * `CREATE TABLE|MATERIALIZED VIEW|VIEW IF NOT EXISTS x` gets `ON CLUSTER '<cluster>'`;
+    * a plain (parameterized) VIEW reads the Distributed `_all` tables, so it sees every shard;
     * `ENGINE = <X>MergeTree(args)` becomes `Replicated<X>MergeTree('<path>/x', '{replica}', args)`
       (`{shard}`, `{replica}` are the servers' macros);
     * a table preceded by a `-- @distributed <sharding key>` comment also gets `x_all`, a
@@ -256,6 +257,8 @@ def render_for_cluster(sql: str, cluster: str) -> str:
             return out
         name = create.group(2)
         out = _CREATE.sub(lambda m: f"{m.group(0)} ON CLUSTER '{quoted}'", statement, count=1)
+        if create.group(1) == "VIEW":
+            return render_reads(out, cluster)
         out = _ENGINE.sub(lambda m: _replicated(m, name), out, count=1)
         if marker and create.group(1) == "TABLE":
             out += (
@@ -290,6 +293,13 @@ def distributed_tables() -> frozenset[str]:
     """The tables that get an `_all` on a cluster: those marked `-- @distributed` in the migrations."""
     text = "\n".join(m.sql for m in load_migrations())
     return frozenset(re.findall(r"^-- @distributed .+\nCREATE TABLE IF NOT EXISTS (\w+)", text, re.M))
+
+
+@lru_cache(maxsize=1)
+def ledger_views() -> frozenset[str]:
+    """The ledger's plain (parameterized) views, e.g. attributed_spend: readers call them like tables."""
+    text = "\n".join(m.sql for m in load_migrations())
+    return frozenset(re.findall(r"^CREATE VIEW IF NOT EXISTS (\w+)", text, re.M))
 
 
 def render_reads(sql: str, cluster: str | None) -> str:

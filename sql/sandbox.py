@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from meterline.sql.ledger import ledger_views
+
 TABLE_FUNCTIONS = frozenset({"numbers", "numbers_mt", "zeros", "zeros_mt", "generateSeries", "generate_series", "null"})
 SYSTEM_TABLES = frozenset({"one", "numbers", "numbers_mt", "zeros", "tables", "columns", "functions", "time_zones",
                            "data_type_families", "parts"})
@@ -62,8 +64,9 @@ def check_tree(lines: list[str], database: str) -> None:
             raise Refused("INTO OUTFILE and FORMAT are not allowed: the caller chooses the output")
         if kind == "Set":
             raise Refused("a SETTINGS clause is not allowed: the sandbox's limits hold for every query")
-        if kind == "Function" and parent.startswith("TableExpression") and name not in TABLE_FUNCTIONS:
-            raise Refused(f"table function {name}() is not allowed (allowed: {', '.join(sorted(TABLE_FUNCTIONS))})")
+        # the ledger's own parameterized views look like table functions in the tree; readonly cannot add one
+        if kind == "Function" and parent.startswith("TableExpression") and name not in TABLE_FUNCTIONS | ledger_views():
+            raise Refused(f"table function {name}() is not allowed (allowed: {', '.join(sorted(TABLE_FUNCTIONS | ledger_views()))})")
         if kind == "Function" and (name.lower() in DENIED or name.lower().startswith(DENIED_PREFIXES)):
             raise Refused(f"function {name}() reads outside the ledger and is not allowed")
         if kind == "TableIdentifier":

@@ -667,7 +667,8 @@ def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
     """No ClickHouse cluster can run here, so this is not a cluster test: it checks that the
     cluster rendering of every report runs and reads only `_all` tables. The stand-ins are
     Merge tables over the local ones (the same structure, as the real Distributed tables
-    have), alone in a database of their own, so a report reading a plain name fails."""
+    have), alone in a database of their own with the ledger's views as rendered for the cluster, so a report
+    reading a plain name fails."""
     s = truth["settings"]
     local = ledger.connect(s)
     home = local.query("SELECT currentDatabase()").result_rows[0][0]
@@ -675,6 +676,8 @@ def test_on_a_cluster_every_report_reads_the_all_tables_and_agrees(truth):
     rendered = "\n".join(ledger.render_for_cluster(m.sql, "prod") for m in ledger.load_migrations())
     for name in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)_all ON CLUSTER", rendered):
         alone.command(f"CREATE TABLE IF NOT EXISTS {name}_all AS {home}.{name} ENGINE = Merge({home}, '^{name}$')")
+    for view in [v for m in ledger.load_migrations() for v in m.statements("prod") if v.startswith("CREATE VIEW")]:
+        alone.command(view.replace(" ON CLUSTER 'prod'", ""))  # as rendered for the cluster: over the `_all` tables
     single = DirectLedger(s, local)
     cluster = DirectLedger(Settings(**{**s.model_dump(), "clickhouse_cluster": "prod"}), alone)
     params = ReportParams.parse(since=SINCE, until=UNTIL, by="model")

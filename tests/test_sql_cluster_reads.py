@@ -46,13 +46,23 @@ def test_on_a_cluster_every_query_reads_only_distributed_tables(name):
     sql = ledger.render_reads(load_query(name), "prod")
     read = tables_read(sql)
     assert read, f"{name}: no table found after FROM/JOIN"
-    assert set(read) <= cluster_tables("prod"), f"{name} reads {set(read) - cluster_tables('prod')} (one shard only)"
+    readable = cluster_tables("prod") | ledger.ledger_views()  # a view reads `_all` tables itself (below)
+    assert set(read) <= readable, f"{name} reads {set(read) - readable} (one shard only)"
+
+
+def test_on_a_cluster_the_ledger_views_read_only_distributed_tables():
+    views = [s for m in ledger.load_migrations() for s in m.statements("prod") if s.startswith("CREATE VIEW")]
+    assert len(views) == len(ledger.ledger_views()) >= 1
+    for view in views:
+        assert "ON CLUSTER 'prod'" in view.split(" AS", 1)[0]
+        read = tables_read(view)
+        assert read and set(read) <= cluster_tables("prod"), view
 
 
 @pytest.mark.parametrize("name", QUERIES)
 def test_on_one_node_every_query_reads_the_plain_tables(name):
     read = tables_read(ledger.render_reads(load_query(name), None))
-    assert read and set(read) <= local_tables() and not any(t.endswith("_all") for t in read), (name, read)
+    assert read and set(read) <= local_tables() | ledger.ledger_views() and not any(t.endswith("_all") for t in read), (name, read)
 
 
 def test_every_table_a_report_reads_has_a_distributed_table_on_a_cluster():

@@ -4,7 +4,7 @@ Every attack of issue 11 that worked before: reading a host file, fetching a URL
 writing a file with INTO OUTFILE (by POST, by a plain GET any web page can fire, and through
 `meterline sql`), raising limits with SETTINGS, a second statement; and the limits the query
 cannot lift. What a user may do still works: SELECT with WITH, UNION, subqueries, numbers(),
-system.tables, query parameters.
+system.tables, query parameters, the ledger's parameterized views.
 """
 from __future__ import annotations
 
@@ -115,6 +115,9 @@ def test_what_users_may_do_still_works(api):
     assert rows("SELECT count() > 5 FROM system.tables WHERE database = currentDatabase()") == [[True]]
     assert rows("SELECT count() FROM dead_letters WHERE reason = {r:String}", r="one") == [[1]]
     assert rows("-- a comment\nselect 1 as one;") == [[1]]
+    # the ledger's parameterized view (migration 0020), though a call to it looks like a table function
+    assert rows("SELECT count() FROM attributed_spend(since = {s:DateTime64(3, 'UTC')}, until = '2100-01-01 00:00:00')",
+                s="2000-01-01 00:00:00") == [[0]]
 
 
 def test_the_limits_hold_and_the_query_cannot_lift_them(api):
