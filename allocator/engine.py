@@ -78,6 +78,15 @@ NO_SECONDS: Seconds = (ZERO, ZERO)
 UNIT_SECONDS = {"gpu_hours": 0, "vcpu_hours": 1}  # which of them a budget's hours count
 
 
+def plus(a: Seconds, b: Seconds) -> Seconds:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def growth(new: Seconds, old: Seconds) -> Seconds:
+    """What a period-to-date pair grew by (never negative: a stale or reordered update adds nothing)."""
+    return max(ZERO, new[0] - old[0]), max(ZERO, new[1] - old[1])
+
+
 def in_unit(unit: str, cost_usd: Decimal, seconds: Seconds) -> Decimal:
     """Spend in a budget's unit: dollars, or GPU-hours / vCPU-hours from the samples' seconds."""
     return cost_usd if unit == "usd" else seconds[UNIT_SECONDS[unit]] / 3600
@@ -237,8 +246,7 @@ class Engine:
         windows = self._windows.setdefault(level_key(scope_id), {})
         old_usd, old_secs, _ = windows.get(update.window_start, (ZERO, NO_SECONDS, update.window_end))
         d_usd = max(ZERO, update.window_cost_usd - old_usd)
-        windows[update.window_start] = (max(old_usd, update.window_cost_usd), (old_secs[0] + d_secs[0], old_secs[1] + d_secs[1]),
-                                        update.window_end)
+        windows[update.window_start] = (max(old_usd, update.window_cost_usd), plus(old_secs, d_secs), update.window_end)
         for state in self._budgets_on(scope_id):
             state.roll(now)
             if update.window_end > state.start and update.window_start < state.end:  # overlap counts whole: errs toward throttling
@@ -298,7 +306,7 @@ class Engine:
         self._totals[scope_id] = (update.period_start, update.events, seconds)
         if old is None or old[0] != update.period_start:
             return update.events, seconds
-        return max(0, update.events - old[1]), (max(ZERO, seconds[0] - old[2][0]), max(ZERO, seconds[1] - old[2][1]))
+        return max(0, update.events - old[1]), growth(seconds, old[2])
 
     def announce_gpu(self, tenant_id: str, session_id: str, gpus: Decimal) -> None:
         """A session waits for `gpus` GPUs (0: no longer): the queue a reclaim is for."""
