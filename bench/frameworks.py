@@ -156,6 +156,16 @@ def run_variant(settings: Settings, variant: str, n: int) -> dict:
     return json.loads(lines[-1])
 
 
+def drop_topics(settings: Settings) -> None:
+    """The run's topics (its prefix) and the frameworks' own (group-named), so repeated runs leave the broker lean."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_config())
+    doomed = [t for t in admin.list_topics(timeout=30).topics if t.startswith((settings.topic_prefix + ".", "bench-faust-"))]
+    for future in (admin.delete_topics(doomed, operation_timeout=30) if doomed else {}).values():
+        future.result(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=30_000, help="usage events produced and read by each variant")
@@ -169,9 +179,12 @@ def main() -> None:
     settings = Settings(kafka_bootstrap=base.bootstrap, topic_prefix=f"fw{uuid.uuid4().hex[:8]}",
                         data_dir=base.data_dir / "bench-frameworks")
     create_topics(settings)
-    events = make_events(args.events, args.sessions)
-    produce(settings, settings.topic("usage"), events)
-    results = [run_variant(settings, v, args.events) for v in VARIANTS] + [core_alone(events)]
+    try:
+        events = make_events(args.events, args.sessions)
+        produce(settings, settings.topic("usage"), events)
+        results = [run_variant(settings, v, args.events) for v in VARIANTS] + [core_alone(events)]
+    finally:
+        drop_topics(settings)
     bare_rate = results[0]["events"] / results[0]["wall_s"]
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.events} usage events, {args.sessions} sessions, "
              f"12 partitions ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})", "",

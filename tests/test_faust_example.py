@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from meterline.schemas import events as ev
 from meterline.settings import Settings
@@ -52,6 +53,14 @@ def produce(settings: Settings, topic: str, records: list[tuple[bytes, bytes]]) 
     for key, value in records:
         producer.produce(settings.topic(topic), value, key)
     assert producer.flush(30) == 0
+
+
+def drop_job_topics(settings: Settings) -> None:
+    """Faust's topics for the job (<prefix>-...: changelogs, leader); the fixture drops <prefix>.* ones."""
+    admin = AdminClient(settings.kafka_config())
+    doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(settings.topic_prefix + "-")]
+    for future in (admin.delete_topics(doomed, operation_timeout=30) if doomed else {}).values():
+        future.result(60)
 
 
 def latest_totals(settings: Settings, topic: str, at_least: int) -> dict[str, dict]:
@@ -99,6 +108,7 @@ def test_the_example_job_totals_spend_per_customer_label_exactly_and_dead_letter
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+        drop_job_topics(settings)
     assert {k: Decimal(t["cost_usd"]) for k, t in totals.items()} == dict(truth)  # exact, to the pico-dollar
     assert {k: t["events"] for k, t in totals.items()} == dict(counts)
     assert all(t["cost_usd"] == f"{truth[k]:.12f}" for k, t in totals.items())  # written as exact strings
