@@ -2,7 +2,7 @@
 
     METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 python examples/faust_spend_by_label.py --label customer
 
-An agent tags its calls with a free-form attribute (`meter.record_llm(..., attributes={"customer": "acme"})`,
+An agent tags its calls with a free-form attribute (`meter.record_llm(..., customer="acme")`: extra keywords are attributes,
 or a span attribute through OpenTelemetry); meterline carries `attributes` onto every priced record. This job
 totals `cost_usd` per value of one attribute and publishes each new total to `<prefix>.spend-by-<label>.v1`
 (key: the label's value, value: {"label", "value", "cost_usd", "events"} JSON, money as an exact string), so
