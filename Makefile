@@ -33,6 +33,7 @@ bench: install
 
 schemas: install
 	$(BIN)/python -m meterline.schemas.export
+	$(BIN)/python -m meterline.streams.faust_gen
 
 clean:
 	-$(BIN)/meterline kafka stop
