@@ -12,6 +12,7 @@ from the sink or from sql/synth.py's own totals.
 """
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -90,10 +91,13 @@ def run_sink_a(settings: Settings, action: str, after: int) -> str:
     return done.stdout
 
 
-def sink_b(settings: Settings) -> None:
+def sink_b(settings: Settings) -> dict:
+    """`meterline sink` as sink B until idle; its counters from its last log line."""
     done = subprocess.run([*METERLINE, "sink", "--group", group(settings), "--instance-id", "sink-b", "--until-idle", "3"],
                           env=_env(settings), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "sink stopped: " in log, log[-3000:]
+    return ast.literal_eval(log.rsplit("sink stopped: ", 1)[1].splitlines()[0])
 
 
 def watcher_committed(settings: Settings) -> int:
@@ -122,7 +126,9 @@ def test_a_second_sink_resumes_from_the_ledger_where_the_first_left_off(settings
     else:
         assert "stopped" in out and committed == sum(held.values())  # a clean stop commits what it stored
 
-    sink_b(settings)
+    b = sink_b(settings)
+    # B started after the ledger's last offset: it read no stored record again (none had to be dropped as a duplicate)
+    assert (b["rows"], b["duplicates"]) == (N - sum(held.values()), 0), b
     got, got_cost, counts = stored(settings)
     assert got == per_partition                                  # every partition complete, none doubled
     assert counts == {"n": N, "ids": N, "coords": N}
