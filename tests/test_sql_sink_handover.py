@@ -203,3 +203,25 @@ def _wait_for_two_members(settings: Settings) -> None:
             return
         time.sleep(0.2)
     pytest.fail("the two sinks never formed a stable group of two")
+
+
+def test_up_sinks_runs_the_extra_sinks_as_processes_in_the_one_sink_group(settings):
+    from meterline.app.up import ProcessComponent, Up
+
+    extra = [c for c in Up(settings, streams=0, allocator=False, sinks=3).supervisor.components
+             if isinstance(c, ProcessComponent)]
+    assert [c.name for c in extra] == ["sink-2", "sink-3"]
+    for c in extra:
+        args = c.argv[c.argv.index("sink"):]
+        assert args[args.index("--group") + 1] == settings.group("sink")       # the in-process sink's group
+    ids = [c.argv[c.argv.index("--instance-id") + 1] for c in extra]
+    assert len(set(ids)) == 2                                                  # static members, one id each
+    assert not [c for c in Up(settings, streams=0, allocator=False).supervisor.components if isinstance(c, ProcessComponent)]
+
+
+def test_up_refuses_several_sinks_on_chdb_in_one_line(settings):
+    done = subprocess.run([*METERLINE, "up", "--sinks", "2"], env=_env(settings), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --sinks 2 needs a ClickHouse server: embedded chDB allows one process per data directory; "
+        "set METERLINE_CLICKHOUSE_DSN=http://... or run one sink"]
