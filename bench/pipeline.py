@@ -285,23 +285,22 @@ def warm_broker(settings: Settings, max_s: float = 120.0, round_records: int = 1
     scratch = Settings(topic_prefix=f"warm{uuid.uuid4().hex[:8]}")
     create_topics(scratch)
     topic, records = scratch.topic("usage"), make_events(round_records, 1000, seed=5)
-    t0, jit0, cpu0, rounds = time.perf_counter(), broker_jit_seconds(), broker_cpu_seconds(), 0
+    consumer = Consumer(scratch.kafka_config(**{"group.id": scratch.group("warm"), "enable.auto.commit": False,
+                                                "auto.offset.reset": "earliest"}))
+    consumer.subscribe([topic])
+    t0, jit0, cpu0, rounds, seen = time.perf_counter(), broker_jit_seconds(), broker_cpu_seconds(), 0, 0
     while time.perf_counter() - t0 < max_s:
         jit, cpu = broker_jit_seconds(), broker_cpu_seconds()
         produce(scratch, topic, records)
-        consumer = Consumer(scratch.kafka_config(**{"group.id": f"warm-{rounds}", "enable.auto.commit": False,
-                                                    "auto.offset.reset": "earliest"}))
-        consumer.subscribe([topic])
-        seen = 0
         while seen < round_records * (rounds + 1) and time.perf_counter() - t0 < max_s:
             batch = [m for m in consumer.consume(5000, timeout=1.0) if not m.error()]
             seen += len(batch)
             if batch:
                 consumer.commit(asynchronous=True)
-        consumer.close()
         rounds += 1
         if broker_jit_seconds() - jit < 0.05 * max(broker_cpu_seconds() - cpu, 1e-9):
             break
+    consumer.close()
     return {"rounds": rounds, "seconds": time.perf_counter() - t0, "jit_s": broker_jit_seconds() - jit0,
             "cpu_s": broker_cpu_seconds() - cpu0}
 
@@ -322,17 +321,40 @@ def committed_offsets(consumer: Consumer, parts: list[TopicPartition]) -> list[T
     raise SystemExit("the group coordinator never answered")
 
 
+def _ledger_watch(settings: Settings, group: str) -> tuple[Consumer, list[TopicPartition]]:
+    topic = settings.topic("priced")
+    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+    return consumer, [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=30).topics[topic].partitions]
+
+
+def _ledger_progress(consumer: Consumer, parts: list[TopicPartition]) -> tuple[list[int], list[int]]:
+    """(high watermarks, the sink group's committed offsets) of priced: one poll of wait_until_in_ledger."""
+    ends = [consumer.get_watermark_offsets(tp, timeout=30, cached=False)[1] for tp in parts]
+    return ends, [max(tp.offset, 0) for tp in committed_offsets(consumer, parts)]
+
+
+def broker_idle_rate(settings: Settings, group: str, seconds: float = 5.0) -> float:
+    """Broker CPU seconds per second with the pipeline attached but idle, polled as wait_until_in_ledger polls:
+    the per-second cost (fetches, heartbeats, this bench's own polling) that is not per event. At 5k events/s on
+    a loaded machine it was a large share of the broker's "per event" figure; at 50k/s a small one."""
+    consumer, parts = _ledger_watch(settings, group)
+    cpu0, t0 = broker_cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _ledger_progress(consumer, parts)
+        time.sleep(0.05)
+    rate = (broker_cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    consumer.close()
+    return rate
+
+
 def wait_until_in_ledger(settings: Settings, group: str, expected: int, patience: float = 60) -> None:
     """Poll until the priced topic holds `expected` records and the sink group committed all of them
     (the sink commits only after its insert: committed = rows visible in ClickHouse). Gives up after
     `patience` seconds without progress, naming how far it got (e.g. events dead-lettered upstream)."""
-    topic = settings.topic("priced")
-    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
-    parts = [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=30).topics[topic].partitions]
+    consumer, parts = _ledger_watch(settings, group)
     progress, since = None, time.monotonic()
     while True:
-        ends = [consumer.get_watermark_offsets(tp, timeout=30, cached=False)[1] for tp in parts]
-        committed = [max(tp.offset, 0) for tp in committed_offsets(consumer, parts)]
+        ends, committed = _ledger_progress(consumer, parts)
         if sum(ends) >= expected and committed == ends:
             break
         if (sum(ends), sum(committed)) != progress:
@@ -345,7 +367,7 @@ def wait_until_in_ledger(settings: Settings, group: str, expected: int, patience
     consumer.close()
 
 
-def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int = 3000, broker_warmup_s: float = 120.0) -> dict:
+def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int = 20_000, broker_warmup_s: float = 60.0) -> dict:
     """Sustained rate with the whole pipeline warm: usage -> stream worker(s) -> priced -> sink -> rows in ClickHouse.
 
     The workers and the sink start on fresh topics and carry `warmup` events end to end (imports, chDB start
@@ -365,13 +387,14 @@ def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int
     cli = [sys.executable, "-c", "from meterline.cli import main; main()"]
     subprocess.run([*cli, "migrate"], env=env, capture_output=True, check=True)
     group = f"{settings.topic_prefix}.sink"
-    produce(settings, settings.topic("usage"), make_events(warmup, 500, seed=2))
+    produce(settings, settings.topic("usage"), make_events(warmup, 500, seed=2))  # through every stage: their JIT paths too
     procs = [subprocess.Popen([*cli, "streams", "--instance-id", f"e2e-{i}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for i in range(workers)]
     procs.append(subprocess.Popen([*cli, "sink", "--group", group], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     names = [*(f"stream worker {i}" for i in range(workers)), "sink"]
     try:
         wait_until_in_ledger(settings, group, warmup)
+        idle = broker_idle_rate(settings, group)
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)
         produce(settings, settings.topic("usage"), records)
@@ -399,6 +422,8 @@ def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int
         "bare fresh topic": len(records) / min(bare_consume(fresh, fresh.topic("usage"), len(records)) for _ in range(3)),
         "cpu µs/event": {name: (b - a) / len(records) * 1e6 for name, a, b in zip([*names, "broker", "of it broker JIT"], cpu0, cpu1)},
         "broker warm-up": warmed,
+        "broker idle CPU s/s": idle,
+        "broker µs/event less its idle cost": ((cpu1[-2] - cpu0[-2]) - idle * elapsed) / len(records) * 1e6,
     }
 
 
@@ -413,6 +438,8 @@ def end_to_end_section(args: argparse.Namespace, r: dict) -> str:
             f"| measure | value |\n|---|---|\n| rows in ClickHouse | {r['rows']:,} of {args.events:,} |\n"
             f"| sustained usage-to-rows-visible rate, warm pipeline, all stages at once (SIGCONT to last row committed) | {r['rate']:,.0f} events/s |\n"
             f"| CPU per event (µs, from /proc) | {cpu} |\n"
+            f"| broker, less its idle cost with the pipeline attached ({r['broker idle CPU s/s'] * 1000:.0f} ms CPU per s, "
+            f"measured for 5 s before the run) | {r['broker µs/event less its idle cost']:.1f} µs/event |\n"
             f"| broker warm-up before the run (`--broker-warmup-s {args.broker_warmup_s:g}`) | {_warmed(r['broker warm-up'])} |\n"
             f"| bare confluent-kafka consume of the pipeline's topic (same run) | {r['bare same topic']:,.0f} events/s (ratio {r['rate'] / r['bare same topic']:.2f}) |\n"
             f"| bare confluent-kafka consume of the same messages in a fresh topic (same run) | {r['bare fresh topic']:,.0f} events/s (ratio {r['rate'] / r['bare fresh topic']:.2f}) |\n"
@@ -434,7 +461,7 @@ def main() -> None:
     parser.add_argument("--ledger", action="store_true", help="also drain priced into embedded ClickHouse with `meterline sink`")
     parser.add_argument("--end-to-end", action="store_true",
                         help="only: usage -> stream worker(s) -> priced -> sink -> rows in ClickHouse, all running at once")
-    parser.add_argument("--broker-warmup-s", type=float, default=120.0,
+    parser.add_argument("--broker-warmup-s", type=float, default=60.0,
                         help="--end-to-end: push traffic through a local broker until its JIT compiler settles (at most this "
                              "long; 0: measure a cold broker as it is)")
     args = parser.parse_args()

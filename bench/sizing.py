@@ -38,6 +38,7 @@ PARTITION_STEPS = (12, 24, 48, 96, 192, 384)
 # about one INSERT per second per table (more parts than merges can keep up with otherwise).
 SERVER_ROWS_PER_S_PUBLISHED = 165_000
 INSERTS_PER_S_PER_TABLE_ADVISED = 1.0
+MAX_BATCH_ROWS = 200_000
 
 
 def measure_pipeline(events: int, sessions: int, broker_warmup_s: float) -> dict:
@@ -47,7 +48,15 @@ def measure_pipeline(events: int, sessions: int, broker_warmup_s: float) -> dict
     cpu = r["cpu µs/event"]
     return {"events": events, "rate_e2e": r["rate"], "rows": r["rows"], "worker_us": cpu["stream worker 0"],
             "sink_us": cpu["sink"], "broker_us": cpu["broker"], "broker_jit_us": cpu["of it broker JIT"],
+            "broker_marginal_us": r["broker µs/event less its idle cost"], "broker_idle_cpu_per_s": r["broker idle CPU s/s"],
             "broker_warmup": r["broker warm-up"]}
+
+
+def assumed(worker_us: float, sink_us: float, broker_us: float) -> dict:
+    """Per-event CPU given on the command line (e.g. a quiet machine's figures) instead of measured now."""
+    return {"events": 0, "rate_e2e": 0.0, "rows": 0, "worker_us": worker_us, "sink_us": sink_us, "broker_us": broker_us,
+            "broker_jit_us": 0.0, "broker_marginal_us": broker_us, "broker_idle_cpu_per_s": 0.0, "broker_warmup": None,
+            "assumed": True}
 
 
 def measure_chdb(rows: int = 200_000, batch: int = 50_000, small: int = 1_000, small_inserts: int = 50) -> dict:
@@ -91,8 +100,9 @@ def _cpu() -> float:
 def per_core(m: dict, ch: dict) -> dict:
     """What one core does, from CPU per event (robust on a shared machine, unlike a wall-clock rate)."""
     return {"worker_events_per_core": 1e6 / m["worker_us"], "sink_rows_per_core": 1e6 / m["sink_us"],
-            "broker_us_per_event": m["broker_us"] - m["broker_jit_us"],
-            "shard_rows_per_s": min(ch["rows_per_cpu_s"], SERVER_ROWS_PER_S_PUBLISHED)}
+            # the broker's cost that grows with events: less its JIT and less what it spends per second anyway
+            "broker_us_per_event": max(m["broker_marginal_us"] - m["broker_jit_us"], 0.0),
+            "shard_rows_per_s": SERVER_ROWS_PER_S_PUBLISHED}
 
 
 def plan(rate: int, core: dict) -> dict:
@@ -104,11 +114,13 @@ def plan(rate: int, core: dict) -> dict:
     shards = math.ceil(rate / (core["shard_rows_per_s"] * HEADROOM))
     # Every sink's insert reaches every shard (Distributed, sharded by tenant): sinks / batch_seconds inserts per
     # shard per table each second. A longer batch keeps that near the advice; bounded at 10 s of ledger delay.
-    batch_seconds = min(10.0, max(1.0, sinks / (INSERTS_PER_S_PER_TABLE_ADVISED * 2)))
-    batch_rows = max(50_000, math.ceil(rate / sinks * batch_seconds * 1.5 / 10_000) * 10_000)
+    # Bounded by 10 s of ledger delay and by MAX_BATCH_ROWS of sink memory (~1.3 KB a buffered row).
+    per_sink = rate / sinks
+    batch_seconds = round(min(10.0, MAX_BATCH_ROWS / 1.5 / per_sink, max(1.0, sinks / (INSERTS_PER_S_PER_TABLE_ADVISED * 2))), 1)
+    batch_rows = min(MAX_BATCH_ROWS, max(50_000, math.ceil(per_sink * batch_seconds * 1.5 / 10_000) * 10_000))
     return {"rate": rate, "stream_workers": workers, "sinks": sinks, "partitions": partitions, "brokers": brokers,
             "broker_cores": broker_cores, "shards": shards, "batch_seconds": batch_seconds, "batch_rows": batch_rows,
-            "inserts_per_shard_per_table": sinks / batch_seconds}
+            "inserts_per_shard_per_table": sinks / batch_seconds, "rows_per_shard_insert": per_sink * batch_seconds / shards}
 
 
 def settings_line(p: dict) -> str:
@@ -124,6 +136,8 @@ def settings_line(p: dict) -> str:
 
 def markdown(m: dict, ch: dict, core: dict, plans: list[dict], command: str) -> str:
     w = m["broker_warmup"] or {}
+    if m.get("assumed"):
+        return _assumed_markdown(m, core, plans, command)
     lines = [
         f"## Sizing (`bench/sizing.py`), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
         f"Machine: `{platform.machine()}`, {os.cpu_count()} cores shared with other jobs (load average "
@@ -134,8 +148,9 @@ def markdown(m: dict, ch: dict, core: dict, plans: list[dict], command: str) -> 
         f"events/s ({m['worker_us']:.1f} µs/event) |",
         f"| ledger sink (stage, check, first write, insert, commit; chDB) | {core['sink_rows_per_core']:,.0f} "
         f"usage events/s ({m['sink_us']:.1f} µs/event) |",
-        f"| broker CPU per usage event, whole pipeline, replication 1 (its JIT compiler apart) | "
-        f"{core['broker_us_per_event']:.1f} µs (+{m['broker_jit_us']:.1f} JIT; warm-up {w.get('rounds', 0)} rounds, "
+        f"| broker CPU per usage event, whole pipeline, replication 1, less its JIT and its idle cost | "
+        f"{core['broker_us_per_event']:.1f} µs (all of it {m['broker_us']:.1f}: JIT {m['broker_jit_us']:.1f}, idle "
+        f"{m['broker_idle_cpu_per_s'] * 1000:.0f} ms CPU per s; warm-up {w.get('rounds', 0)} rounds, "
         f"{w.get('jit_s', 0):.1f} s compiling) |",
         f"| chDB insert, {ch['batch']:,}-row JSONEachRow batches into priced_events | {ch['rows_per_cpu_s']:,.0f} rows per "
         f"CPU second ({ch['rows_per_s']:,.0f} rows/s wall) |",
@@ -145,16 +160,29 @@ def markdown(m: dict, ch: dict, core: dict, plans: list[dict], command: str) -> 
         f"| *published, not measured here*: one ClickHouse server shard | ~{SERVER_ROWS_PER_S_PUBLISHED:,} rows/s (Kafka "
         "engine; clickhouse_sinker ~265k); ClickHouse docs: 10k-100k rows per insert, ~1 insert/s per table |", "",
         f"Projection (each core planned at {HEADROOM:.0%}; replication {REPLICATION}; {BROKER_CORES}-core brokers; "
-        "ClickHouse rows/s per shard = the smaller of chDB's measured and the published server figure):", "",
+        "ClickHouse shards by the published per-server figure):", "", *_plan_table(plans)]
+    return "\n".join(lines) + "\n"
+
+
+def _assumed_markdown(m: dict, core: dict, plans: list[dict], command: str) -> str:
+    lines = [f"### Projection from given CPU per event (`{command}`)", "",
+             f"Stream worker {m['worker_us']:g} µs, sink {m['sink_us']:g} µs, broker {m['broker_us']:g} µs per usage "
+             f"event; each core planned at {HEADROOM:.0%}; replication {REPLICATION}; {BROKER_CORES}-core brokers; "
+             f"ClickHouse shards by the published ~{SERVER_ROWS_PER_S_PUBLISHED:,} rows/s per server.", "", *_plan_table(plans)]
+    return "\n".join(lines) + "\n"
+
+
+def _plan_table(plans: list[dict]) -> list[str]:
+    lines = [
         "| events/s | stream-worker processes | sinks | partitions (usage, gpu, compute, priced) | brokers | "
-        "ClickHouse shards | sink batch | inserts/s per shard per table | settings |",
+        "ClickHouse shards | sink batch | inserts/s per shard per table (rows each) | settings |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in plans:
         lines.append(f"| {p['rate']:,} | {p['stream_workers']} | {p['sinks']} | {p['partitions']} | {p['brokers']} "
                      f"({p['broker_cores']:.1f} cores) | {p['shards']} | {p['batch_seconds']:g} s / ≤{p['batch_rows']:,} rows | "
-                     f"{p['inserts_per_shard_per_table']:.1f} | {settings_line(p)} |")
-    return "\n".join(lines) + "\n"
+                     f"{p['inserts_per_shard_per_table']:.1f} ({p['rows_per_shard_insert']:,.0f}) | {settings_line(p)} |")
+    return lines
 
 
 def main() -> None:
@@ -163,11 +191,17 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--broker-warmup-s", type=float, default=120.0, help="warm a local broker's JIT first (0: do not)")
     parser.add_argument("--json", action="store_true", help="print the figures and the plans as JSON")
+    parser.add_argument("--assume", nargs=3, type=float, metavar=("WORKER_US", "SINK_US", "BROKER_US"),
+                        help="measure nothing: project from these CPU µs per usage event (e.g. a quiet machine's)")
     args = parser.parse_args()
     command = (f"METERLINE_KAFKA_BOOTSTRAP={os.environ.get('METERLINE_KAFKA_BOOTSTRAP', '127.0.0.1:9092')} .venv/bin/python "
                f"-m bench.sizing --events {args.events} --sessions {args.sessions}")
-    measured = measure_pipeline(args.events, args.sessions, args.broker_warmup_s)
-    chdb = measure_chdb()
+    if args.assume:
+        command = f"python -m bench.sizing --assume {' '.join(f'{v:g}' for v in args.assume)}"
+        measured, chdb = assumed(*args.assume), {"rows_per_cpu_s": 0.0}
+    else:
+        measured = measure_pipeline(args.events, args.sessions, args.broker_warmup_s)
+        chdb = measure_chdb()
     core = per_core(measured, chdb)
     plans = [plan(rate, core) for rate in TARGETS]
     text = markdown(measured, chdb, core, plans, command)
