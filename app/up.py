@@ -317,7 +317,8 @@ class Up:
     """Everything `meterline up` runs. `start()`, then `run_until(stop)` or `stop()`."""
 
     def __init__(self, settings: Settings, *, port: int | None = None, host: str = "127.0.0.1", streams: int = 1,
-                 allocator: bool = True, simulated: bool = False, sink_batch_seconds: float = 0.5, webhook: str | None = None):
+                 allocator: bool = True, simulated: bool = False, sink_batch_seconds: float = 0.5, webhook: str | None = None,
+                 sinks: int = 1):
         from .live import LiveFeed, LiveState
 
         self.settings = settings
@@ -334,6 +335,7 @@ class Up:
         self.latency = None
         self.feed = LiveFeed(settings, self.live, on_decision_latency=self._observe_latency)
         components: list[Component] = [ThreadComponent("sink", self._make_sink, settings.group("sink"), LEDGER_TOPICS)]
+        components += self._extra_sinks(int(sinks))
         if allocator:
             components.append(ThreadComponent("allocator", self._make_allocator, settings.group("allocator"), ("spend", "gpu")))
         group = settings.group("streams")
@@ -373,6 +375,16 @@ class Up:
         client = connect(self.settings)
         self._clients.append(client)
         return LedgerSink(self.settings, client=client, group=self.settings.group("sink"), batch_seconds=self.sink_batch_seconds)
+
+    def _extra_sinks(self, sinks: int) -> list[Component]:
+        """Sinks 2..N as `meterline sink` processes in the sink's group (a core each; Kafka splits the partitions),
+        with static member ids so a restarted one takes its partitions back at once. A server or cluster only:
+        chDB allows one process per data directory (up_command refuses it)."""
+        group = self.settings.group("sink")
+        return [ProcessComponent(f"sink-{i}", meterline_argv("sink", "--group", group, "--instance-id", f"{group}-{i}",
+                                                             "--batch-seconds", str(self.sink_batch_seconds)),
+                                 settings_env(self.settings), self.settings.data_dir / "logs", group, LEDGER_TOPICS)
+                for i in range(2, sinks + 1)]
 
     def _make_allocator(self) -> Any:
         from meterline.allocator.engine import Engine
@@ -518,14 +530,15 @@ class Up:
         if not self._started:  # start() failed before any component ran: nothing to stop or drain, and no noise
             self._release()
             return
-        core = ("sink", "live", "api")
+        sinks = [c.name for c in self.supervisor.components if c.name == "sink" or c.name.startswith("sink-")]
+        core = (*sinks, "live", "api")
         producers = [c for c in self.supervisor.components if c.name not in core]
         for c in sorted(producers, key=lambda c: c.name == "allocator"):  # stream worker and collectors, then allocator
             log.info("stopping %s", c.name)
             c.stop(timeout=60)
         if not self.drain():
             log.warning("the sink did not drain within the timeout; the rest stays in Kafka for the next start")
-        for name in ("sink", "live", "api"):
+        for name in core:
             if (c := self.supervisor.get(name)) is not None:
                 log.info("stopping %s", name)
                 c.stop(timeout=60)
@@ -550,6 +563,9 @@ def up_command(
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     no_streams: Annotated[bool, typer.Option("--no-streams", help="Do not run the stream worker here (it runs elsewhere).")] = False,
     stream_workers: Annotated[int, typer.Option(min=1, help="Stream worker processes in one group, one per spare core (BENCHMARKS.md); each owns whole tenants, tokens and GPU alike.")] = 1,
+    sinks: Annotated[int, typer.Option(min=1, help="Ledger sinks in one group, one per spare core (BENCHMARKS.md, Sizing): Kafka "
+                                                   "splits the ledger topics' partitions between them. More than 1 needs a "
+                                                   "ClickHouse server (METERLINE_CLICKHOUSE_DSN=http://...).")] = 1,
     no_allocator: Annotated[bool, typer.Option("--no-allocator", help="Do not run the allocator here.")] = False,
     webhook: Annotated[Optional[str], typer.Option(envvar="METERLINE_ANOMALY_WEBHOOK", help="Also run `meterline alerts`: anomalies (warning and above) to this webhook, at least once.")] = None,
 ) -> None:
@@ -571,9 +587,12 @@ def up_command(
     if (other := running_up(settings)) is not None:
         fail(f"`meterline up` already runs for {settings.data_dir} (API {other}); stop it first or set METERLINE_DATA_DIR")
     writable_dir(settings.data_dir, "METERLINE_DATA_DIR")
+    if sinks > 1 and settings.dsn.partition("://")[0].lower() == "chdb":
+        raise UserError(f"--sinks {sinks} needs a ClickHouse server: embedded chDB allows one process per data directory; "
+                        "set METERLINE_CLICKHOUSE_DSN=http://... or run one sink")
     require_kafka(settings)  # a wrong bootstrap is one line now, not components in a restart loop
     pipeline = Up(settings, port=port, host=host, streams=0 if no_streams else stream_workers, allocator=not no_allocator,
-                  webhook=webhook)
+                  webhook=webhook, sinks=sinks)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

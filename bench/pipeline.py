@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from meterline.schemas.events import new_id
 from meterline.settings import Settings
@@ -245,39 +245,147 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def broker_cpu_seconds() -> float:
-    """CPU seconds of the local broker that `meterline kafka start` runs (0 when it runs elsewhere)."""
-    pid_file = Settings().data_dir / "kafka" / "broker.pid"
+def broker_pid() -> int | None:
+    """The local broker that `meterline kafka start` runs (None when it runs elsewhere)."""
     try:
-        return cpu_seconds(int(pid_file.read_text()))
+        return int((Settings().data_dir / "kafka" / "broker.pid").read_text())
     except (OSError, ValueError):
+        return None
+
+
+def broker_cpu_seconds() -> float:
+    """CPU seconds of the local broker (0 when it runs elsewhere)."""
+    pid = broker_pid()
+    try:
+        return cpu_seconds(pid) if pid else 0.0
+    except OSError:
         return 0.0
+
+
+def broker_jit_seconds() -> float:
+    """CPU seconds of the broker JVM's JIT compiler threads (`C1/C2 CompilerThread`): a fresh JVM spends
+    tens of seconds compiling its request paths, which a per-record figure must not mistake for request cost."""
+    pid, total = broker_pid(), 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*") if pid else ():
+        try:
+            if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue  # a compiler thread that exited: its time is gone from the sum, as from the process's
+    return total
+
+
+def warm_broker(settings: Settings, max_s: float = 120.0, round_records: int = 100_000) -> dict:
+    """Push rounds of pipeline-shaped traffic (idempotent lz4 produce, batch fetch, offset commits, 12 partitions)
+    through the local broker until its JIT compiler threads take under 5 % of its CPU in a round, or max_s passes.
+    Returns what it did (rounds, seconds, the broker's JIT and total CPU seconds it spent)."""
+    if broker_pid() is None:
+        return {"rounds": 0, "seconds": 0.0, "jit_s": 0.0, "cpu_s": 0.0}
+    scratch = Settings(topic_prefix=f"warm{uuid.uuid4().hex[:8]}")
+    create_topics(scratch)
+    topic, records = scratch.topic("usage"), make_events(round_records, 1000, seed=5)
+    consumer = Consumer(scratch.kafka_config(**{"group.id": scratch.group("warm"), "enable.auto.commit": False,
+                                                "auto.offset.reset": "earliest"}))
+    consumer.subscribe([topic])
+    t0, jit0, cpu0, rounds, seen = time.perf_counter(), broker_jit_seconds(), broker_cpu_seconds(), 0, 0
+    while time.perf_counter() - t0 < max_s:
+        jit, cpu = broker_jit_seconds(), broker_cpu_seconds()
+        produce(scratch, topic, records)
+        while seen < round_records * (rounds + 1) and time.perf_counter() - t0 < max_s:
+            batch = [m for m in consumer.consume(5000, timeout=1.0) if not m.error()]
+            seen += len(batch)
+            if batch:
+                consumer.commit(asynchronous=True)
+        rounds += 1
+        if broker_jit_seconds() - jit < 0.05 * max(broker_cpu_seconds() - cpu, 1e-9):
+            break
+    consumer.close()
+    return {"rounds": rounds, "seconds": time.perf_counter() - t0, "jit_s": broker_jit_seconds() - jit0,
+            "cpu_s": broker_cpu_seconds() - cpu0}
+
+
+def committed_offsets(consumer: Consumer, parts: list[TopicPartition]) -> list[TopicPartition]:
+    """consumer.committed(), retried while the group coordinator is not ready: on a fresh broker the first group
+    creates __consumer_offsets (50 partitions) and answers NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS meanwhile."""
+    from confluent_kafka import KafkaException
+
+    for attempt in range(100):
+        try:
+            return consumer.committed(parts, timeout=30)
+        except KafkaException as err:
+            if not err.args[0].retriable() and err.args[0].code() not in (KafkaError.NOT_COORDINATOR,
+                                                                          KafkaError.COORDINATOR_LOAD_IN_PROGRESS):
+                raise
+            time.sleep(0.2)
+    raise SystemExit("the group coordinator never answered")
+
+
+class _LedgerWatch:
+    """What wait_until_in_ledger polls: priced's high watermarks (one batched ListOffsets request; 12 uncached
+    watermark calls every 50 ms were ~240 requests/s, a large share of the broker's CPU in a slow run) and the
+    sink group's committed offsets (one OffsetFetch)."""
+
+    def __init__(self, settings: Settings, group: str):
+        from confluent_kafka.admin import AdminClient
+
+        topic = settings.topic("priced")
+        self.consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+        self.admin = AdminClient(settings.kafka_config())
+        self.parts = [TopicPartition(topic, p) for p in self.consumer.list_topics(topic, timeout=30).topics[topic].partitions]
+
+    def progress(self) -> tuple[list[int], list[int]]:
+        from confluent_kafka.admin import OffsetSpec
+
+        futures = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in self.parts}, request_timeout=30)
+        ends = [futures[tp].result().offset for tp in self.parts]
+        return ends, [max(tp.offset, 0) for tp in committed_offsets(self.consumer, self.parts)]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def broker_idle_rates(settings: Settings, group: str, procs: list, seconds: float = 3.0) -> tuple[float, float]:
+    """Broker CPU seconds per second that are not per event: (the pipeline attached and idle, this bench's own
+    polling with the pipeline paused). In a slow run they were most of the broker's "per event" figure."""
+    watch = _LedgerWatch(settings, group)
+    cpu0, t0 = broker_cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    pipeline = (broker_cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)
+    cpu0, t0 = broker_cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        watch.progress()
+        time.sleep(0.05)
+    polling = (broker_cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    for proc in procs:
+        proc.send_signal(signal.SIGCONT)
+    watch.close()
+    return pipeline, polling
 
 
 def wait_until_in_ledger(settings: Settings, group: str, expected: int, patience: float = 60) -> None:
     """Poll until the priced topic holds `expected` records and the sink group committed all of them
     (the sink commits only after its insert: committed = rows visible in ClickHouse). Gives up after
     `patience` seconds without progress, naming how far it got (e.g. events dead-lettered upstream)."""
-    topic = settings.topic("priced")
-    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
-    parts = [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=30).topics[topic].partitions]
+    watch = _LedgerWatch(settings, group)
     progress, since = None, time.monotonic()
     while True:
-        ends = [consumer.get_watermark_offsets(tp, timeout=30, cached=False)[1] for tp in parts]
-        committed = [max(tp.offset, 0) for tp in consumer.committed(parts, timeout=30)]
+        ends, committed = watch.progress()
         if sum(ends) >= expected and committed == ends:
             break
         if (sum(ends), sum(committed)) != progress:
             progress, since = (sum(ends), sum(committed)), time.monotonic()
         elif time.monotonic() - since > patience:
-            consumer.close()
+            watch.close()
             raise SystemExit(f"stuck: {sum(ends):,} priced records of {expected:,} expected, {sum(committed):,} in the ledger; "
                              f"see the dead letters in {settings.topic('dlq')}")
         time.sleep(0.05)
-    consumer.close()
+    watch.close()
 
 
-def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int = 3000) -> dict:
+def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int = 20_000, broker_warmup_s: float = 60.0) -> dict:
     """Sustained rate with the whole pipeline warm: usage -> stream worker(s) -> priced -> sink -> rows in ClickHouse.
 
     The workers and the sink start on fresh topics and carry `warmup` events end to end (imports, chDB start
@@ -286,7 +394,9 @@ def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int
     consumer reading the same topic, and the same N messages produced alone into a fresh topic (the fastest
     of three reads each; the warm-up batches at the head of the pipeline's topic make a plain consumer with
     librdkafka's default fetch sizes read it ~40 % slower, so the fresh topic is the stricter baseline).
+    A local broker is warmed first (`warm_broker`): on a fresh JVM the JIT compiler alone cost ~40 µs per event.
     """
+    warmed = warm_broker(Settings(), broker_warmup_s) if broker_warmup_s > 0 else None
     settings = Settings(topic_prefix=f"e2e{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     data_dir = Path(f"/tmp/{settings.topic_prefix}")
@@ -295,23 +405,24 @@ def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int
     cli = [sys.executable, "-c", "from meterline.cli import main; main()"]
     subprocess.run([*cli, "migrate"], env=env, capture_output=True, check=True)
     group = f"{settings.topic_prefix}.sink"
-    produce(settings, settings.topic("usage"), make_events(warmup, 500, seed=2))
+    produce(settings, settings.topic("usage"), make_events(warmup, 500, seed=2))  # through every stage: their JIT paths too
     procs = [subprocess.Popen([*cli, "streams", "--instance-id", f"e2e-{i}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for i in range(workers)]
     procs.append(subprocess.Popen([*cli, "sink", "--group", group], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     names = [*(f"stream worker {i}" for i in range(workers)), "sink"]
     try:
         wait_until_in_ledger(settings, group, warmup)
+        idle, polling = broker_idle_rates(settings, group, procs)
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)
         produce(settings, settings.topic("usage"), records)
-        cpu0 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds()]
+        cpu0 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds(), broker_jit_seconds()]
         t0 = time.perf_counter()
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
         wait_until_in_ledger(settings, group, warmup + len(records))
         elapsed = time.perf_counter() - t0
-        cpu1 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds()]
+        cpu1 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds(), broker_jit_seconds()]
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
@@ -327,7 +438,10 @@ def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int
         "rows": int(count.stdout.decode().split()[-1]) - warmup,
         "bare same topic": (warmup + len(records)) / min(bare_consume(settings, settings.topic("usage"), warmup + len(records)) for _ in range(3)),
         "bare fresh topic": len(records) / min(bare_consume(fresh, fresh.topic("usage"), len(records)) for _ in range(3)),
-        "cpu µs/event": {name: (b - a) / len(records) * 1e6 for name, a, b in zip([*names, "broker"], cpu0, cpu1)},
+        "cpu µs/event": {name: (b - a) / len(records) * 1e6 for name, a, b in zip([*names, "broker", "of it broker JIT"], cpu0, cpu1)},
+        "broker warm-up": warmed,
+        "broker idle CPU s/s": idle, "broker polling CPU s/s": polling,
+        "broker µs/event less its idle cost": ((cpu1[-2] - cpu0[-2]) - (idle + polling) * elapsed) / len(records) * 1e6,
     }
 
 
@@ -342,9 +456,21 @@ def end_to_end_section(args: argparse.Namespace, r: dict) -> str:
             f"| measure | value |\n|---|---|\n| rows in ClickHouse | {r['rows']:,} of {args.events:,} |\n"
             f"| sustained usage-to-rows-visible rate, warm pipeline, all stages at once (SIGCONT to last row committed) | {r['rate']:,.0f} events/s |\n"
             f"| CPU per event (µs, from /proc) | {cpu} |\n"
+            f"| broker, less what it spends per second anyway (a lower bound: busy fetches replace idle ones; measured for "
+            f"3 s each before the run: the pipeline idle "
+            f"{r['broker idle CPU s/s'] * 1000:.0f} ms CPU/s, this bench's polling {r['broker polling CPU s/s'] * 1000:.0f} ms CPU/s) "
+            f"| {max(r['broker µs/event less its idle cost'], 0.0):.1f} µs/event |\n"
+            f"| broker warm-up before the run (`--broker-warmup-s {args.broker_warmup_s:g}`) | {_warmed(r['broker warm-up'])} |\n"
             f"| bare confluent-kafka consume of the pipeline's topic (same run) | {r['bare same topic']:,.0f} events/s (ratio {r['rate'] / r['bare same topic']:.2f}) |\n"
             f"| bare confluent-kafka consume of the same messages in a fresh topic (same run) | {r['bare fresh topic']:,.0f} events/s (ratio {r['rate'] / r['bare fresh topic']:.2f}) |\n"
             f"| **ratio to the faster baseline** | **{r['rate'] / strict:.2f}** |\n")
+
+
+def _warmed(w: dict | None) -> str:
+    if w is None:
+        return "none (cold JVM: its JIT compiler threads show in the broker's CPU)"
+    return (f"{w['rounds']} rounds of 100k records, {w['seconds']:.0f} s; the broker spent {w['cpu_s']:.1f} CPU s, "
+            f"{w['jit_s']:.1f} of them compiling")
 
 
 def main() -> None:
@@ -355,9 +481,13 @@ def main() -> None:
     parser.add_argument("--ledger", action="store_true", help="also drain priced into embedded ClickHouse with `meterline sink`")
     parser.add_argument("--end-to-end", action="store_true",
                         help="only: usage -> stream worker(s) -> priced -> sink -> rows in ClickHouse, all running at once")
+    parser.add_argument("--broker-warmup-s", type=float, default=60.0,
+                        help="--end-to-end: push traffic through a local broker until its JIT compiler settles (at most this "
+                             "long; 0: measure a cold broker as it is)")
     args = parser.parse_args()
     if args.end_to_end:
-        section = end_to_end_section(args, run_end_to_end(make_events(args.events, args.sessions), args.workers))
+        section = end_to_end_section(args, run_end_to_end(make_events(args.events, args.sessions), args.workers,
+                                                             broker_warmup_s=args.broker_warmup_s))
         print(section)
         with open(RESULTS, "a") as out:
             out.write(section)

@@ -142,7 +142,9 @@ def _write_csv(columns, rows) -> None:
 def sink_command(
     batch_rows: Annotated[int, typer.Option(help="Flush when this many rows are buffered.")] = 50_000,
     batch_seconds: Annotated[float, typer.Option(help="Flush at least this often (seconds).")] = 1.0,
-    group: Annotated[str | None, typer.Option(help="Kafka consumer group (default: the topic prefix followed by -sink, as in `meterline up`).")] = None,
+    group: Annotated[str | None, typer.Option(help="Kafka consumer group (default: the topic prefix followed by -sink, as in `meterline up`). "
+                                                   "Sinks in one group split the ledger topics' partitions and each resumes its "
+                                                   "share from the ledger: run several against a ClickHouse server to scale out.")] = None,
     instance_id: Annotated[str | None, typer.Option(help="Static group membership id: a restarted sink takes its "
                                                          "partitions back at once instead of after the session timeout.")] = None,
     until_idle: Annotated[float | None, typer.Option(
