@@ -60,7 +60,7 @@ def anomaly(severity: str, message: str = "spend far above its baseline") -> Ano
 
 
 def produce(settings: Settings, records: list[Anomaly]) -> None:
-    producer = Producer(settings.kafka_config())
+    producer = Producer(settings.kafka_config(**{"compression.type": "lz4"}))  # as the stream worker writes them
     for record in records:
         producer.produce(settings.topic("anomalies"), record.to_json(), b"acme")
     assert producer.flush(30) == 0
