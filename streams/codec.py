@@ -171,6 +171,7 @@ V2_MAP = tuple(name for name, kind in V2_LAYOUT if kind == "map")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = timedelta(microseconds=1)
 _U64 = (1 << 64) - 1
+_2_64 = 1 << 64
 
 
 def _leb128(n: int) -> bytes:
@@ -320,37 +321,56 @@ class PricedV2Writer:
 
     def __init__(self) -> None:
         self.strings: dict[str, bytes] = {}
+        self.shapes: dict[tuple[str, ...], bytes] = {}
         self.pack = V2_FIXED.pack
+        # the same bytes when the money fits 64 bits and the rest of the sheet is zero: high words and zeros as padding
+        self.pack_common = struct.Struct("<QQqq14QB" + "Q8x" * 6 + "16x" * 6).pack
+        self.now: datetime | None = None
+        self.now_us = 0
         if [n for n, _ in V2_LAYOUT] != list(_WRITER_ORDER):
             raise AssertionError("PricedEvent changed: update PricedV2Writer (and the format's version)")
 
     def s(self, text: str) -> bytes:
-        cached = self.strings.get(text)
-        if cached is None:
-            if len(self.strings) >= self.CACHE_MAX:
-                self.strings.clear()
-            cached = self.strings[text] = _v2_str(text)
+        """A string field as RowBinary (cache miss path)."""
+        if len(self.strings) >= self.CACHE_MAX:
+            self.strings.clear()
+        cached = self.strings[text] = _v2_str(text)
         return cached
 
-    def write(self, e: Any, cost: int, parts: tuple[int, ...], source: str, version: str, priced_at_us: int) -> bytes:
+    def shape(self, key: tuple[str, ...]) -> bytes:
+        """kind .. cost_source and the catalog version, the strings an event shares with many others, as one run."""
+        if len(self.shapes) >= self.CACHE_MAX:
+            self.shapes.clear()
+        cached = self.shapes[key] = b"".join(map(_v2_str, key))
+        return cached
+
+    def write(self, e: Any, cost: int, parts: tuple[int, ...], source: str, version: str, priced_at: datetime) -> bytes:
         """`e` a FastUsage or UsageEvent (valid, ts in UTC), `cost` the charge and `parts` price_pico's components
         (input, output, cache read, cache write, list total, then the rest of the sheet) in pico-USD."""
-        s, m = self.s, _U64
+        if priced_at is not self.now:  # once per batch
+            self.now, self.now_us = priced_at, (utc(priced_at) - EPOCH) // ONE_US
+        get, miss = self.strings.get, self.s
         uid = e.event_id.int
-        sheet = parts[5:] + (0,) * (11 - len(parts))
-        c1h, ia, ii, oa, oi, ws = sheet[:6]
-        fixed = self.pack(
-            uid >> 64, uid & m, (e.ts - EPOCH) // ONE_US, priced_at_us,
-            e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
-            e.cache_write_1h_tokens, e.input_audio_tokens, e.input_image_tokens, e.output_audio_tokens,
-            e.output_image_tokens, e.web_searches, e.units, e.latency_ms, e.response_bytes, e.batch,
-            cost & m, cost >> 64, parts[4] & m, parts[4] >> 64, parts[0] & m, parts[0] >> 64, parts[1] & m, parts[1] >> 64,
-            parts[2] & m, parts[2] >> 64, parts[3] & m, parts[3] >> 64, c1h & m, c1h >> 64, ia & m, ia >> 64,
-            ii & m, ii >> 64, oa & m, oa >> 64, oi & m, oi >> 64, ws & m, ws >> 64)
+        total, inp, out, read, write = parts[4], parts[0], parts[1], parts[2], parts[3]
+        if len(parts) == 5 and (cost | total | inp | out | read | write) < _2_64:  # the common case: zero high words
+            fixed = self.pack_common(uid >> 64, uid & _U64, (e.ts - EPOCH) // ONE_US, self.now_us,
+                e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
+                e.cache_write_1h_tokens, e.input_audio_tokens, e.input_image_tokens, e.output_audio_tokens,
+                e.output_image_tokens, e.web_searches, e.units, e.latency_ms, e.response_bytes, e.batch,
+                cost, total, inp, out, read, write)
+        else:
+            money = (cost, total, inp, out, read, write, *parts[5:], *(0,) * (11 - len(parts)))
+            fixed = self.pack(uid >> 64, uid & _U64, (e.ts - EPOCH) // ONE_US, self.now_us,
+                e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
+                e.cache_write_1h_tokens, e.input_audio_tokens, e.input_image_tokens, e.output_audio_tokens,
+                e.output_image_tokens, e.web_searches, e.units, e.latency_ms, e.response_bytes, e.batch,
+                *(half for value in money for half in (value & _U64, value >> 64)))
+        key = (e.kind, e.provider, e.model, e.service_tier, e.usage, e.tool, e.status, e.priority, source, version)
+        tenant, team, project, agent, session = e.tenant_id, e.team, e.project, e.agent_id, e.session_id
         attributes = e.attributes
-        return b"".join((V2_MAGIC, fixed, s(e.tenant_id), s(e.team), s(e.project), s(e.agent_id), s(e.session_id),
-                         s(e.kind), s(e.provider), s(e.model), s(e.service_tier), s(e.usage), s(e.tool), s(e.status),
-                         s(e.priority), s(source), s(version), _v2_map(attributes) if attributes else b"\x00"))
+        return b"".join((V2_MAGIC, fixed, get(tenant) or miss(tenant), get(team) or miss(team),
+                         get(project) or miss(project), get(agent) or miss(agent), get(session) or miss(session),
+                         self.shapes.get(key) or self.shape(key), _v2_map(attributes) if attributes else b"\x00"))
 
 
 _WRITER_ORDER = (
@@ -361,3 +381,5 @@ _WRITER_ORDER = (
     "input_audio_cost_usd", "input_image_cost_usd", "output_audio_cost_usd", "output_image_cost_usd",
     "web_search_cost_usd", "tenant_id", "team", "project", "agent_id", "session_id", "kind", "provider", "model",
     "service_tier", "usage", "tool", "status", "priority", "cost_source", "catalog_version", "attributes")
+
+PRICED_V2 = PricedV2Writer()  # the worker's (one per process: its string cache is shared)
