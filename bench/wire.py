@@ -124,6 +124,8 @@ def stage_costs(settings: Settings, v1: list[bytes], v2: list[bytes], repeat: in
                 columns[name] = pa.array([ev.datetime.fromisoformat(x) for x in columns[name]], pa.timestamp("us", "UTC"))
             elif kind == "uuid":
                 columns[name] = pa.array([uuid.UUID(x).bytes for x in columns[name]], pa.binary(16))
+            elif kind == "map":
+                columns[name] = pa.array([list(x.items()) for x in columns[name]], pa.map_(pa.string(), pa.string()))
         columns.update(_partition=[i % 12 for i in range(n)], _offset=list(range(n)), _batch_start=[0] * n, _nonce=[nonce] * n)
         table = pa.table(columns)
         sink_io = io.BytesIO()
