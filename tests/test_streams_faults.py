@@ -339,13 +339,14 @@ def test_poison_records_between_valid_events_are_dead_lettered_and_the_rest_pric
 def test_a_priced_record_kafka_refuses_is_dead_lettered_and_its_spend_taken_back(settings, monkeypatch):
     """produce() refuses a record over message.max.bytes (the real producer): that event's spend is
     undone and it goes to the dlq; the loop goes on."""
-    real = StreamWorker._priced_json
+    def oversized(real):
+        def priced(self, event, *args):
+            body = real(self, event, *args)
+            return body + b" " * 2_000_000 if event.tool == "oversized" else body
+        return priced
 
-    def priced_json(self, event, *args):
-        body = real(self, event, *args)
-        return body + b" " * 2_000_000 if event.tool == "oversized" else body
-
-    monkeypatch.setattr(StreamWorker, "_priced_json", priced_json)
+    for name in ("_priced_json", "_priced_v2"):  # whichever METERLINE_PRICED_FORMAT picks
+        monkeypatch.setattr(StreamWorker, name, oversized(getattr(StreamWorker, name)))
     ok, refused = tool_event("acme", "2.5"), tool_event("acme", "7", tool="oversized")
     produce(settings, "usage", [(b"acme", json.dumps(e).encode()) for e in (refused, ok)])
 
