@@ -124,6 +124,7 @@ WORKER_STAGES = {  # cProfile function name -> stage
 }
 SINK_STAGES = {
     "_take_many": "intake (_take_many: offsets, line with Kafka columns)", "_load": "stage: truncate + JSONEachRow insert + typed fill",
+    "_load_binary": "  of which priced.v2: RowBinary insert + framing check + typed fill",
     "_rejected": "checks (rejected rows query)", "insert": "dedupe + insert into the ledger",
     "<method 'query' of 'chdb.state.sqlitelike.Connection' objects>": "(chDB queries, all)",
 }

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     gpu_idle_policy: Literal["owner", "proportional", "separate"] = Field(
         "proportional", description="Who is charged GPU time no process used: the device's holder (`meterline gpu assign`), "
                                     "its users that hour by share, or a separate `idle` line (app/gpu_idle.py).")
+    priced_format: Literal["v1", "v2"] = Field(
+        "v2", description="Wire format the stream worker writes to `priced`: v2 (binary, schemas/events.py) or v1 (JSON) "
+                          "for consumers not yet upgraded; the sink and streams.codec.decode_priced read both.")
     stall_after_s: float = Field(60.0, gt=0, description="`up` restarts a consumer with lag that made no progress this long.")
     # Limits of user SQL (`meterline sql`, /api/sql): the query cannot raise them (sql/sandbox.py).
     sql_max_seconds: int = Field(30, gt=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import types
+import typing
 import unicodedata
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -718,3 +720,50 @@ class PricedEvent(UsageEvent):
 
 
 CONTRACTS["priced_event"] = PricedEvent
+
+
+# ---------------------------------------------------------------- priced.v2: the binary wire format of `priced`
+#
+# A priced record is either v1, the PricedEvent's JSON (starts with "{"), or v2: the byte PRICED_V2_MAGIC
+# followed by one ClickHouse RowBinary row of the fields below, in this order (fixed-width first, then the
+# strings, then the map), so the sink hands it to ClickHouse with no parse. The first byte tells them apart
+# (0xB2 cannot start JSON text nor any UTF-8 character); producers may also set the Kafka header
+# `meterline-schema: priced.v2` (or `priced.v1`), which decoders check against the byte when present.
+# RowBinary types: UUID = two little-endian UInt64 halves (high, low); times = Int64 microseconds since
+# 1970-01-01 UTC (DateTime64(6, 'UTC')); money = Int128 little-endian pico-dollars (Decimal128(12), exact);
+# counts = UInt64; bool = UInt8 0/1; strings = LEB128 byte length + UTF-8; map = LEB128 count + key/value
+# strings. cost_usd is never null in v2 (the worker always sets the charge); a record with none is written v1.
+# The same checks as v1 apply to the decoded values: the format carries types, not trust.
+
+PRICED_V2_MAGIC = 0xB2
+PRICED_SCHEMA_HEADER = "meterline-schema"
+PRICED_SCHEMAS = {1: "priced.v1", 2: "priced.v2"}
+V2_KINDS = {"uuid": "UUID", "time": "DateTime64(6, 'UTC')", "count": "UInt64", "bool": "UInt8", "money": "Decimal(38, 12)",
+            "str": "String", "map": "Map(String, String)"}
+
+
+def _v2_kind(name: str) -> str:
+    info = PricedEvent.model_fields[name]
+    args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(info.annotation) in (typing.Union, types.UnionType) else info.annotation
+    while typing.get_origin(base) is Annotated:
+        base = typing.get_args(base)[0]
+    if typing.get_origin(base) is dict:
+        return "map"
+    kinds = {UUID: "uuid", AwareDatetime: "time", datetime: "time", Decimal: "money", bool: "bool", int: "count"}
+    return kinds.get(base, "str")  # str and Literal
+
+
+def priced_v2_layout() -> tuple[tuple[str, str], ...]:
+    """(field, kind) of a priced.v2 row, in wire order: fixed-width kinds first, then strings, then the map;
+    within a kind, the contract's field order. Generated from PricedEvent, so a new field joins the format."""
+    order = ("uuid", "time", "count", "bool", "money", "str", "map")
+    kinds = {name: _v2_kind(name) for name in PricedEvent.model_fields}
+    return tuple((name, kind) for k in order for name, kind in kinds.items() if kind == k)
+
+
+def priced_v2_doc() -> dict[str, Any]:
+    """The priced.v2 format as data (schemas/json/priced_event.v2.json; `make schemas`)."""
+    return {"title": "priced.v2", "description": "One ClickHouse RowBinary row after the byte 0xB2 (schemas/events.py).",
+            "magic": PRICED_V2_MAGIC, "header": {PRICED_SCHEMA_HEADER: PRICED_SCHEMAS[2]},
+            "fields": [{"name": name, "kind": kind, "rowbinary": V2_KINDS[kind]} for name, kind in priced_v2_layout()]}

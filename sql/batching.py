@@ -9,6 +9,7 @@ Pure logic apart from the thread; tests/test_sql_batching.py drives it with fake
 """
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import defaultdict
@@ -31,6 +32,7 @@ class TableBatch:
     lines: list[bytes | None] = field(default_factory=list)
     msgs: list[Message] = field(default_factory=list)
     already_dead: set[int] = field(default_factory=set)  # line indices dead-lettered before a crash
+    binary: set[int] = field(default_factory=set)  # line indices that are priced.v2 RowBinary rows, not JSON
     # other tables: rows as dicts by month partition, and their ids (parallel to the rows)
     dict_rows: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[int, list[tuple[str, datetime]]] = field(default_factory=lambda: defaultdict(list))
@@ -47,6 +49,7 @@ class Batch:
     next_offset: dict[TP, int] = field(default_factory=dict)  # what to commit
     rows: int = 0
     opened: float = field(default_factory=time.monotonic)
+    nonce: int = field(default_factory=lambda: secrets.randbits(64))  # ends each binary row (framing check)
 
 
 @dataclass(frozen=True)

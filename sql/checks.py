@@ -31,6 +31,9 @@ from pydantic.fields import FieldInfo
 from meterline.schemas import events as ev
 
 KAFKA_STAGE_COLUMNS = "_topic String, _partition UInt32, _offset UInt64, _batch_start UInt64"
+# After each priced.v2 row the sink appends these (RowBinary); _nonce is random per batch (framing check).
+BINARY_KAFKA_COLUMNS = "_partition UInt32, _offset UInt64, _batch_start UInt64, _nonce UInt64"
+BINARY_LAYOUTS = {ev.PricedEvent: ev.priced_v2_layout()}
 UUID_RE = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 # Only the canonical UTC form (what every meterline producer and pydantic write): any other form
 # is rejected here and canonicalised by the authority. ClickHouse parses it ~10x faster than best effort.
@@ -120,8 +123,9 @@ class Field:
             return f"if(match({text}, '{UUID_RE}'), toUUIDOrNull({text}), NULL)"
         raise AssertionError(base)
 
-    def checks(self, v: str | None = None) -> list[str]:
-        """Conditions on `v` (default `v_<name>`, the converted value) that hold for a valid value."""
+    def checks(self, v: str | None = None, binary: bool = False) -> list[str]:
+        """Conditions on `v` (default `v_<name>`, the converted value) that hold for a valid value.
+        binary: the value came typed (priced.v2), not as text: no text round trip to check."""
         v, out = v or f"v_{self.name}", []
         if get_origin(self.base) is dict:
             return self._map_checks(v)
@@ -136,7 +140,7 @@ class Field:
                 out.append(f"{v} {op} {limit}")
         if self.validator("_no_hidden_chars"):
             out.append(f"NOT match({v}, '{_escape(HIDDEN_CHARS_RE)}')")
-        if self.base is datetime:  # the parse rolls 02-30 over to 03-02: the text must survive the round trip
+        if self.base is datetime and not binary:  # the parse rolls 02-30 over to 03-02: the text must survive the round trip
             out.append(f"formatDateTime({v}, '%Y-%m-%dT%H:%i') = substring(`{self.name}`, 1, 16)")
         if self.validator("_not_in_future"):
             out.append(f"{v} <= now64(3) + INTERVAL {int(ev.MAX_FUTURE_SKEW.total_seconds())} SECOND")
@@ -200,7 +204,8 @@ class Staged:
                  id_column: str | None = None):
         self.model, self.table, self.ts_column, self.id_column = model, table, ts_column, id_column
         self.fields = [Field.of(name, info) for name, info in model.model_fields.items()]
-        self.stage, self.typed = f"stage_{table}", f"typed_{table}"
+        self.stage, self.typed, self.stage2 = f"stage_{table}", f"typed_{table}", f"stage2_{table}"
+        self.layout = BINARY_LAYOUTS.get(model, ())  # the fields of its binary format (priced.v2), if it has one
         self.ledger_types = ledger_types
         missing = {f.name for f in self.fields} - set(ledger_types)
         if missing:
@@ -209,7 +214,8 @@ class Staged:
     def create(self) -> list[str]:
         columns = ", ".join(f"`{f.name}` {f.stage_type()}" for f in self.fields)
         return [f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.stage} ({columns}, {KAFKA_STAGE_COLUMNS}) ENGINE = Memory",
-                f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.typed} ENGINE = Memory AS {self.convert()} LIMIT 0"]
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.typed} ENGINE = Memory AS {self.convert()} LIMIT 0"] + (
+                    [self.binary_create()] if self.layout else [])
 
     def convert(self) -> str:
         """Every staged row: `v_<field>` typed values, the Kafka columns, and `_ok`."""
@@ -221,6 +227,38 @@ class Staged:
 
     def fill(self) -> str:
         return f"INSERT INTO {self.typed} {self.convert()}"
+
+    # priced.v2 (schemas/events.py): rows that arrive typed, as RowBinary, into `stage2_<table>`
+
+    def binary_create(self) -> str:
+        columns = ", ".join(f"`{name}` {ev.V2_KINDS[kind]}" for name, kind in self.layout)
+        return (f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.stage2} ({columns}, {BINARY_KAFKA_COLUMNS}) "
+                "ENGINE = Memory")
+
+    def binary_framing(self) -> str:
+        """(rows, rows whose trailing nonce is not `nonce`): a record that did not walk to its own end shifts
+        what follows it, so its row, or the next, reads the wrong nonce or the rows do not add up."""
+        return f"SELECT count(), groupUniqArray(2)(_nonce) FROM {self.stage2}"
+
+    def binary_fill(self, topic: str) -> str:
+        """Into `typed_<table>` like fill(): the typed values, the same checks, plus what text could not carry
+        (UTF-8, 0/1 bools, money within 16 whole digits, times within the ledger's years)."""
+        kinds = dict(self.layout)
+        rules, values = [], []
+        for f in self.fields:
+            kind, raw = kinds[f.name], f"`{f.name}`"
+            extra = {"str": [f"isValidUTF8({raw})"], "bool": [f"{raw} <= 1"],
+                     "money": [f"{raw} >= 0", f"{raw} < toDecimal128('{10 ** (ev.MONEY_DIGITS - ev.MONEY_PLACES)}', 12)"],
+                     "time": [f"{raw} BETWEEN toDateTime64('{ev.LEDGER_YEARS[0]}-01-01 00:00:00', 6, 'UTC') AND "
+                              f"toDateTime64('{ev.LEDGER_YEARS[1]}-12-31 23:59:59.999999', 6, 'UTC')"],
+                     "map": [f"arrayAll(x -> isValidUTF8(x), arrayConcat(mapKeys({raw}), mapValues({raw})))"]}.get(kind, [])
+            rules += extra
+            values.append(f"if({' AND '.join(extra)}, {raw}, NULL)" if kind in ("money", "time") else raw)
+            rules += [c for c in f.checks(raw, binary=True) if c != f"{raw} IS NOT NULL"]  # typed: never NULL
+        rules += [r for model, more in RULES.items() if issubclass(self.model, model) for r in more]
+        select = ", ".join(f"{value} AS v_{f.name}" for f, value in zip(self.fields, values))
+        return (f"INSERT INTO {self.typed} SELECT {select}, {sql_string(topic)} AS _topic, _partition, _offset, _batch_start, "
+                f"{' AND '.join(f'({r})' for r in rules)} AS _ok FROM {self.stage2}")
 
     def rejected(self) -> str:
         return f"SELECT _partition, _offset FROM {self.typed} WHERE NOT _ok"
@@ -238,7 +276,8 @@ class Staged:
         return f"v_{id_column} NOT IN (SELECT {id_column} FROM {ids_table} WHERE ts BETWEEN {lo} AND {hi})"
 
     def truncate(self) -> list[str]:
-        return [f"TRUNCATE TABLE {self.stage}", f"TRUNCATE TABLE {self.typed}"]
+        return [f"TRUNCATE TABLE {self.stage}", f"TRUNCATE TABLE {self.typed}"] + (
+            [f"TRUNCATE TABLE {self.stage2}"] if self.layout else [])
 
     def repeated(self, id_column: str, ids_table: str, lo: str, hi: str) -> str:
         """(id, partition, offset, stored) of the accepted rows whose id repeats in the batch or is stored

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import struct
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ from . import firstwrite, ledger
 from .batching import Batch, FlushPolicy, InFlight, TableBatch, idle_exit_due
 from .checkpoint import Checkpoint, Seen, resume_points
 from .checks import Staged, canonical_json
+from meterline.streams.codec import decode_priced
 from .rows import budget_policy_row, compute_sample_row, contract_row, gpu_sample_row, insert_rows
 
 log = logging.getLogger("meterline.sink")
@@ -57,6 +59,13 @@ STAGE_SETTINGS = {"input_format_null_as_default": 0, "input_format_skip_unknown_
 # High-volume tables whose row is their contract's JSON: validated, de-duplicated and inserted inside ClickHouse.
 STAGED_TABLES = ("priced_events", "spend_updates", "anomalies", "dead_letters")
 DLQ_NAMESPACE = uuid.UUID("5b0d4c2e-8f0e-4f6a-9c57-0d1e5a1f7e11")
+V2 = ev.PRICED_V2_MAGIC
+# What the sink appends to a priced.v2 row (sql/checks.py BINARY_KAFKA_COLUMNS): partition, offset, batch start, nonce.
+BINARY_TAIL = struct.Struct("<IQQQ").pack
+
+
+class FramingError(Exception):
+    """The batch's priced.v2 rows did not read back one row per record (one is truncated or garbage)."""
 
 
 def month_of(ts: datetime) -> int:
@@ -106,7 +115,7 @@ class LedgerSink:
         self.revoked_mid_flush = False
         self.stop = threading.Event()
         self.inflight = InFlight()
-        self._staged_cache: tuple[dict, dict[str, tuple[str, bytes]]] = ({}, {})
+        self._staged_cache: tuple[dict, dict[str, tuple[str, bytes, bool]]] = ({}, {})
         self._consuming_thread = threading.get_ident()  # the one thread that calls the consumer (run() resets it)
         self._staged_tables: dict[str, Staged] = {}
         self.anomalies_topic = settings.topic("anomalies")
@@ -200,7 +209,7 @@ class LedgerSink:
         line with the Kafka columns): ~1 µs instead of ~8 per record. Anything else goes through `_take`."""
         batch, checkpoint, staged = self.batch, self.checkpoint, self._staged_topics
         position, replay, starts, next_offset = checkpoint.position, checkpoint.replay, batch.start, batch.next_offset
-        appended = 0
+        appended, nonce = 0, batch.nonce
         for msg in messages:
             topic = msg.topic()
             target = staged.get(topic)
@@ -218,18 +227,23 @@ class LedgerSink:
                 start = starts[key] = offset
             next_offset[key] = position[key] = offset + 1
             rows = batch.tables[target[0]]
-            rows.lines.append(raw.rstrip()[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
-                target[1], partition, offset, start))
+            if raw and raw[0] == V2 and target[2]:  # priced.v2: the RowBinary row as it came, then the Kafka columns
+                rows.binary.add(len(rows.lines))
+                rows.lines.append(raw[1:] + BINARY_TAIL(partition, offset, start, nonce))
+            else:
+                rows.lines.append(raw.rstrip()[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
+                    target[1], partition, offset, start))
             rows.msgs.append(msg)
             appended += 1
         batch.rows += appended
 
     @property
-    def _staged_topics(self) -> dict[str, tuple[str, bytes]]:
-        """topic -> (staged table, topic as bytes), for the topics `self.tables` maps now (tests and benches narrow it)."""
+    def _staged_topics(self) -> dict[str, tuple[str, bytes, bool]]:
+        """topic -> (staged table, topic as bytes, takes priced.v2), for the topics `self.tables` maps now (tests and
+        benches narrow it)."""
         if self._staged_cache[0] is not self.tables:
-            self._staged_cache = (self.tables, {topic: (table.name, topic.encode()) for topic, table in self.tables.items()
-                                                if table.name in STAGED_TABLES})
+            self._staged_cache = (self.tables, {topic: (table.name, topic.encode(), ev.CONTRACTS[table.contract] is ev.PricedEvent)
+                                                for topic, table in self.tables.items() if table.name in STAGED_TABLES})
         return self._staged_cache[1]
 
     def _advance(self, key: tuple[str, int], offset: int) -> None:
@@ -251,7 +265,11 @@ class LedgerSink:
         if table.name in STAGED_TABLES:  # checked by ClickHouse at flush time (sql/checks.py)
             if already_dead:
                 rows.already_dead.add(len(rows.lines))
-            rows.lines.append(self._line(raw.rstrip(), msg, start))
+            if raw and raw[0] == V2 and ev.CONTRACTS[table.contract] is ev.PricedEvent:
+                rows.binary.add(len(rows.lines))
+                rows.lines.append(raw[1:] + BINARY_TAIL(msg.partition(), msg.offset(), start, batch.nonce))
+            else:
+                rows.lines.append(self._line(raw.rstrip(), msg, start))
             rows.msgs.append(msg)
         else:
             record = ev.decode(ev.CONTRACTS[table.contract], raw)
@@ -406,15 +424,19 @@ class LedgerSink:
             return self._retry(action, f"{what} {name}") if retry else action()
 
         try:
-            self._load(staged, rows)
+            self._load(staged, rows, batch.nonce)
+        except FramingError as err:  # a priced.v2 record is truncated or garbage: the contract reads each binary row
+            log.info("staging %s: %s; checking each priced.v2 record against the contract", name, err)
+            self._settle(batch, staged, rows, sorted(rows.binary))
+            run(lambda: self._load(staged, rows, batch.nonce), "stage")
         except Exception as err:  # noqa: BLE001 - a record ClickHouse cannot parse, or ClickHouse is down
             log.info("staging %s failed (%s); checking each record against the contract", name, str(err).splitlines()[0][:200])
             self._settle(batch, staged, rows, range(len(rows.lines)))
-            run(lambda: self._load(staged, rows), "stage")
+            run(lambda: self._load(staged, rows, batch.nonce), "stage")
         rejected = run(lambda: self._rejected(staged, rows), "check")
         if rejected:  # canonical JSON for what the contract accepts, a dead letter for the rest
             self._settle(batch, staged, rows, rejected)
-            run(lambda: self._load(staged, rows), "stage")
+            run(lambda: self._load(staged, rows, batch.nonce), "stage")
             self._settle(batch, staged, rows, run(lambda: self._rejected(staged, rows), "check"), final=True)
         count, lo, hi = run(lambda: self.client.query(staged.accepted_range()).result_rows[0], "count")
         if not count:
@@ -433,7 +455,7 @@ class LedgerSink:
             nonlocal attempts
             attempts += 1
             if attempts > 1:  # a retry: the staging tables went with the session if ClickHouse restarted
-                self._load(staged, rows)
+                self._load(staged, rows, batch.nonce)
             self.client.command(query, settings=self._insert_settings())
         return insert
 
@@ -444,14 +466,42 @@ class LedgerSink:
             self._staged_tables[name] = Staged(ev.CONTRACTS[table.contract], name, types, table.ts_column, table.id_column)
         return self._staged_tables[name]
 
-    def _load(self, staged: Staged, rows: TableBatch) -> None:
-        """Staging tables (per session, created on first use) <- the batch's JSON; then typed and checked."""
+    def _load(self, staged: Staged, rows: TableBatch, nonce: int) -> None:
+        """Staging tables (per session, created on first use) <- the batch's JSON and its priced.v2 rows (RowBinary,
+        no parse); then typed and checked. Raises FramingError when the binary rows do not read back one per record."""
         for statement in (*staged.create(), *staged.truncate()):
             self.client.command(statement)
-        body = b"\n".join(line for line in rows.lines if line is not None)
+        binary, lines = rows.binary, rows.lines
+        if binary:
+            body = b"\n".join(line for i, line in enumerate(lines) if line is not None and i not in binary)
+        else:
+            body = b"\n".join(line for line in lines if line is not None)
         if body:
             self.client.raw_insert(staged.stage, None, body, settings=STAGE_SETTINGS, fmt="JSONEachRow")
             self.client.command(staged.fill())
+        if binary:
+            self._load_binary(staged, [lines[i] for i in binary], nonce)
+
+    def _load_binary(self, staged: Staged, lines: list[bytes], nonce: int) -> None:
+        """priced.v2 rows, each with its Kafka columns and the batch's nonce, as one RowBinary insert. A record that
+        does not end where its bytes end shifts every row after it: the count or a nonce then differs."""
+        try:
+            self.client.raw_insert(staged.stage2, None, b"".join(lines), fmt="RowBinary")
+        except Exception as err:  # noqa: BLE001 - cut short (or ClickHouse is down: the JSON path then retries)
+            raise FramingError(f"ClickHouse could not read the priced.v2 rows ({str(err).splitlines()[0][:200]})") from err
+        count, nonces = self.client.query(staged.binary_framing()).result_rows[0]
+        if count != len(lines) or list(nonces) != [nonce]:
+            raise FramingError(f"{len(lines)} priced.v2 records read back as {count} rows")
+        self.client.command(staged.binary_fill(self._topic_of(staged.table)))
+
+    def _topic_of(self, name: str) -> str:
+        return next(topic for topic, table in self.tables.items() if table.name == name)
+
+    def _decode(self, model: type, msg: Message) -> ev.Contract:
+        """The record by its contract; a priced record in either wire format (streams/codec.py decode_priced)."""
+        if model is ev.PricedEvent:
+            return decode_priced(msg.value(), msg.headers())
+        return ev.decode(model, msg.value())
 
     def _rejected(self, staged: Staged, rows: TableBatch) -> list[int]:
         found = self.client.query(staged.rejected()).result_rows
@@ -469,7 +519,7 @@ class LedgerSink:
         for event_id, partition, offset, _ in repeated:
             msg = rows.msgs[index[(partition, offset)]]
             try:
-                values = ev.decode(ev.CONTRACTS[table.contract], msg.value()).model_dump()
+                values = self._decode(ev.CONTRACTS[table.contract], msg).model_dump()
             except ev.InvalidEvent:  # the SQL checks and the contract disagree: LIMIT 1 BY still keeps one copy
                 log.warning("%s[%d]@%d passed the SQL checks but not the contract", msg.topic(), partition, offset)
                 continue
@@ -517,8 +567,9 @@ class LedgerSink:
             if rows.lines[i] is None:  # dead-lettered already
                 continue
             msg = rows.msgs[i]
+            rows.binary.discard(i)  # staged again as canonical JSON, or not at all
             try:
-                record = ev.decode(staged.model, msg.value())
+                record = self._decode(staged.model, msg)
             except ev.InvalidEvent as err:
                 reason, error_type = err.reason, type(err).__name__
             else:

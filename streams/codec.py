@@ -9,9 +9,11 @@ record. Money leaves as fixed 12-decimal strings computed from integer pico-USD.
 """
 from __future__ import annotations
 
+import struct
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Annotated, Any, get_args, get_origin
+from uuid import UUID
 
 import msgspec
 from annotated_types import Ge, Gt, Le, MaxLen, MinLen
@@ -156,3 +158,228 @@ def month_start(ts: datetime) -> datetime:
 
 def next_month(start: datetime) -> datetime:
     return (start + timedelta(days=32)).replace(day=1)
+
+
+# ---------------------------------------------------------------- priced.v2 (schemas/events.py: the format)
+
+V2_MAGIC = bytes([ev.PRICED_V2_MAGIC])
+V2_LAYOUT = ev.priced_v2_layout()
+_V2_STRUCT_CODES = {"uuid": "QQ", "time": "q", "count": "Q", "bool": "B", "money": "Qq"}
+V2_FIXED = struct.Struct("<" + "".join(_V2_STRUCT_CODES[k] for _, k in V2_LAYOUT if k in _V2_STRUCT_CODES))
+V2_STRINGS = tuple(name for name, kind in V2_LAYOUT if kind == "str")
+V2_MAP = tuple(name for name, kind in V2_LAYOUT if kind == "map")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_US = timedelta(microseconds=1)
+_U64 = (1 << 64) - 1
+_2_64 = 1 << 64
+
+
+def _leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _v2_str(text: str) -> bytes:
+    data = text.encode()
+    return _leb128(len(data)) + data
+
+
+def _v2_map(items: dict[str, str]) -> bytes:
+    return _leb128(len(items)) + b"".join(_v2_str(k) + _v2_str(v) for k, v in items.items())
+
+
+def _fixed_values(record: dict[str, Any]) -> list[int]:
+    values: list[int] = []
+    for name, kind in V2_LAYOUT:
+        value = record[name]
+        if kind == "uuid":
+            number = value.int if hasattr(value, "int") else UUID(str(value)).int
+            values += (number >> 64, number & _U64)
+        elif kind == "time":
+            values.append((utc(value) - EPOCH) // ONE_US)
+        elif kind in ("count", "bool"):
+            values.append(int(value))
+        elif kind == "money":
+            if value is None:
+                raise ValueError(f"priced.v2 has no null {name}; write this record as v1")
+            pico = to_pico(Decimal(value)) if not isinstance(value, int) else value
+            values += (pico & _U64, pico >> 64)
+    return values
+
+
+def encode_priced_v2(record: dict[str, Any] | ev.PricedEvent) -> bytes:
+    """A priced record as priced.v2 (the reference encoder; the worker's StreamWorker._priced_v2 is the fast one,
+    tests/test_priced_v2.py keeps them byte-equal). Money as Decimal (exact to 12 places) or integer pico-USD."""
+    data = dict(record)
+    return (V2_MAGIC + V2_FIXED.pack(*_fixed_values(data)) + b"".join(_v2_str(data[n]) for n in V2_STRINGS)
+            + b"".join(_v2_map(data[n]) for n in V2_MAP))
+
+
+class V2Error(ValueError):
+    """A priced.v2 body that does not walk to its end (truncated, garbage)."""
+
+
+def _read_leb128(body: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(body):
+            raise V2Error(f"truncated at byte {pos} (a length)")
+        byte = body[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise V2Error(f"a length at byte {pos} is longer than 9 bytes")
+
+
+def _read_str(body: bytes, pos: int, name: str) -> tuple[str, int]:
+    size, pos = _read_leb128(body, pos)
+    end = pos + size
+    if end > len(body):
+        raise V2Error(f"truncated in {name}: {size} bytes declared, {len(body) - pos} left")
+    try:
+        return body[pos:end].decode(), end
+    except UnicodeDecodeError as err:
+        raise V2Error(f"{name} is not UTF-8 ({err.reason} at byte {pos + err.start})") from None
+
+
+def decode_priced_v2_fields(value: bytes) -> dict[str, Any]:
+    """The fields of a priced.v2 record as Python values (not yet checked by the contract); raises V2Error."""
+    if not value or value[0] != ev.PRICED_V2_MAGIC:
+        raise V2Error("does not start with the priced.v2 byte 0xB2")
+    body = memoryview(value)[1:].tobytes()
+    if len(body) < V2_FIXED.size:
+        raise V2Error(f"truncated: {len(body)} bytes, the fixed-width fields alone take {V2_FIXED.size}")
+    raw, out = iter(V2_FIXED.unpack_from(body)), {}
+    for name, kind in V2_LAYOUT:
+        if kind == "uuid":
+            out[name] = UUID(int=(next(raw) << 64) | next(raw))
+        elif kind == "time":
+            micros = next(raw)
+            try:
+                out[name] = EPOCH + micros * ONE_US
+            except OverflowError:
+                raise V2Error(f"{name} is out of range ({micros} µs since 1970)") from None
+        elif kind == "count":
+            out[name] = next(raw)
+        elif kind == "bool":
+            flag = next(raw)
+            if flag > 1:
+                raise V2Error(f"{name} is {flag}, not 0 or 1")
+            out[name] = bool(flag)
+        elif kind == "money":
+            out[name] = Decimal(next(raw) | (next(raw) << 64)).scaleb(-ev.MONEY_PLACES)
+    pos = V2_FIXED.size
+    for name in V2_STRINGS:
+        out[name], pos = _read_str(body, pos, name)
+    for name in V2_MAP:
+        count, pos = _read_leb128(body, pos)
+        if count > ev.MAX_ATTRIBUTES:
+            raise V2Error(f"{name} has {count} entries (at most {ev.MAX_ATTRIBUTES})")
+        items = {}
+        for _ in range(count):
+            key, pos = _read_str(body, pos, f"{name} key")
+            items[key], pos = _read_str(body, pos, f"{name} value")
+        out[name] = items
+    if pos != len(body):
+        raise V2Error(f"{len(body) - pos} bytes after the last field")
+    return out
+
+
+def priced_version(value: bytes | None, headers: Any = None) -> int:
+    """1 (JSON) or 2 (priced.v2). The first byte decides (the sink reads no headers on its hot path, and a
+    decoder must agree with it); `headers` is accepted so that a later version may use them."""
+    return 2 if value and value[0] == ev.PRICED_V2_MAGIC else 1
+
+
+def decode_priced(value: bytes | None, headers: Any = None) -> ev.PricedEvent:
+    """THE decoder of a `priced` record for consumers: v1 (JSON) or v2 (binary), checked by the PricedEvent
+    contract either way; raises ev.InvalidEvent naming the problem. `headers`: the Kafka message's headers
+    (list of (key, bytes) as confluent-kafka gives them, or None)."""
+    if value is None:
+        raise ev.InvalidEvent("PricedEvent", [("(record)", "empty record (tombstone)")])
+    if priced_version(value, headers) == 1:
+        return ev.decode(ev.PricedEvent, value)
+    try:
+        fields = decode_priced_v2_fields(value)
+    except V2Error as err:
+        raise ev.InvalidEvent("PricedEvent", [("(record)", f"priced.v2: {err}")]) from None
+    return ev.build(ev.PricedEvent, **fields)
+
+
+class PricedV2Writer:
+    """The worker's priced.v2 encoder: one struct.pack for the fixed-width fields, the strings from a bounded cache
+    of their encoded form (tenants, models, tools repeat). Byte-equal to encode_priced_v2 (tests)."""
+
+    CACHE_MAX = 200_000
+
+    def __init__(self) -> None:
+        self.strings: dict[str, bytes] = {}
+        self.shapes: dict[tuple[str, ...], bytes] = {}
+        self.pack = V2_FIXED.pack
+        # the same bytes when the money fits 64 bits and the rest of the sheet is zero: high words and zeros as padding
+        self.pack_common = struct.Struct("<QQqq14QB" + "Q8x" * 6 + "16x" * 6).pack
+        self.now: datetime | None = None
+        self.now_us = 0
+        if [n for n, _ in V2_LAYOUT] != list(_WRITER_ORDER):
+            raise AssertionError("PricedEvent changed: update PricedV2Writer (and the format's version)")
+
+    def s(self, text: str) -> bytes:
+        """A string field as RowBinary (cache miss path)."""
+        if len(self.strings) >= self.CACHE_MAX:
+            self.strings.clear()
+        cached = self.strings[text] = _v2_str(text)
+        return cached
+
+    def shape(self, key: tuple[str, ...]) -> bytes:
+        """kind .. cost_source and the catalog version, the strings an event shares with many others, as one run."""
+        if len(self.shapes) >= self.CACHE_MAX:
+            self.shapes.clear()
+        cached = self.shapes[key] = b"".join(map(_v2_str, key))
+        return cached
+
+    def write(self, e: Any, cost: int, parts: tuple[int, ...], source: str, version: str, priced_at: datetime) -> bytes:
+        """`e` a FastUsage or UsageEvent (valid, ts in UTC), `cost` the charge and `parts` price_pico's components
+        (input, output, cache read, cache write, list total, then the rest of the sheet) in pico-USD."""
+        if priced_at is not self.now:  # once per batch
+            self.now, self.now_us = priced_at, (utc(priced_at) - EPOCH) // ONE_US
+        get, miss = self.strings.get, self.s
+        uid = e.event_id.int
+        total, inp, out, read, write = parts[4], parts[0], parts[1], parts[2], parts[3]
+        if len(parts) == 5 and (cost | total | inp | out | read | write) < _2_64:  # the common case: zero high words
+            fixed = self.pack_common(uid >> 64, uid & _U64, (e.ts - EPOCH) // ONE_US, self.now_us,
+                e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
+                e.cache_write_1h_tokens, e.input_audio_tokens, e.input_image_tokens, e.output_audio_tokens,
+                e.output_image_tokens, e.web_searches, e.units, e.latency_ms, e.response_bytes, e.batch,
+                cost, total, inp, out, read, write)
+        else:
+            money = (cost, total, inp, out, read, write, *parts[5:], *(0,) * (11 - len(parts)))
+            fixed = self.pack(uid >> 64, uid & _U64, (e.ts - EPOCH) // ONE_US, self.now_us,
+                e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
+                e.cache_write_1h_tokens, e.input_audio_tokens, e.input_image_tokens, e.output_audio_tokens,
+                e.output_image_tokens, e.web_searches, e.units, e.latency_ms, e.response_bytes, e.batch,
+                *(half for value in money for half in (value & _U64, value >> 64)))
+        key = (e.kind, e.provider, e.model, e.service_tier, e.usage, e.tool, e.status, e.priority, source, version)
+        tenant, team, project, agent, session = e.tenant_id, e.team, e.project, e.agent_id, e.session_id
+        attributes = e.attributes
+        return b"".join((V2_MAGIC, fixed, get(tenant) or miss(tenant), get(team) or miss(team),
+                         get(project) or miss(project), get(agent) or miss(agent), get(session) or miss(session),
+                         self.shapes.get(key) or self.shape(key), _v2_map(attributes) if attributes else b"\x00"))
+
+
+_WRITER_ORDER = (
+    "event_id", "ts", "priced_at", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+    "reasoning_tokens", "cache_write_1h_tokens", "input_audio_tokens", "input_image_tokens", "output_audio_tokens",
+    "output_image_tokens", "web_searches", "units", "latency_ms", "response_bytes", "batch", "cost_usd", "list_cost_usd",
+    "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd", "cache_write_1h_cost_usd",
+    "input_audio_cost_usd", "input_image_cost_usd", "output_audio_cost_usd", "output_image_cost_usd",
+    "web_search_cost_usd", "tenant_id", "team", "project", "agent_id", "session_id", "kind", "provider", "model",
+    "service_tier", "usage", "tool", "status", "priority", "cost_source", "catalog_version", "attributes")
+
+PRICED_V2 = PricedV2Writer()  # the worker's (one per process: its string cache is shared)

@@ -63,7 +63,7 @@ from meterline.settings import Settings
 from meterline.topics import create_topics
 
 from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
-from .codec import PICO, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
+from .codec import PICO, PRICED_V2, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
 from .pricing import Catalog, Components, load_catalog
 from .spend import ScopeKey, SpendBook
 
@@ -334,7 +334,8 @@ class StreamWorker:
         window, capacity = self.dedupe.ids, self.dedupe.capacity
         first_copy, tenant_partition = window.get, self.tenant_partition
         price, unpriced_counts = self.catalog.price_pico, self.catalog.unpriced
-        spend_add, detect, priced_json = self.spend.add, self.detectors.usage, self._priced_json
+        spend_add, detect = self.spend.add, self.detectors.usage
+        priced_json = self._priced_v2 if self.settings.priced_format == "v2" else self._priced_json  # METERLINE_PRICED_FORMAT
         produce, priced_topic = self.producer.produce, self.topics["priced"]
         gpu_samples, compute_samples, newest = [], [], self.stream_now
         compute_topic = self.topics["compute"]
@@ -465,6 +466,10 @@ class StreamWorker:
             record["cost_usd"] = usd(cost)
             head = encode(record)
         return head[:-1] + prices.encode()
+
+    def _priced_v2(self, event: Any, cost: int, parts: tuple[int, ...], source: str, now: datetime) -> bytes:
+        """The PricedEvent as priced.v2 (streams/codec.py): integer pico-USD as they are, no JSON, no money strings."""
+        return PRICED_V2.write(event, cost, parts, source, self.catalog.version, now)
 
     # ------------------------------------------------------------------- GPU
     def _gpu(self, samples: list[tuple[Any, ev.GpuSample]], now: datetime) -> None:

@@ -28,7 +28,7 @@ from meterline.streams.codec import decode_usage
 from meterline.streams.pricing import Catalog
 from meterline.streams.worker import StreamWorker, commit_offsets, usage_digest
 
-from test_streams_pipeline import produce, read_topic, run_worker
+from test_streams_pipeline import priced_record, produce, read_topic, run_worker
 
 pytestmark = pytest.mark.kafka
 UTC = timezone.utc
@@ -221,7 +221,7 @@ def fuzz_worker(kafka_bootstrap):
     yield worker
     worker.checkpoint("none")
     worker.consumer.close()
-    priced = [json.loads(raw) for raw in read_topic(settings, "priced")]
+    priced = [priced_record(raw) for raw in read_topic(settings, "priced")]
     assert len(priced) == worker.expected["priced"] == len({p["event_id"] for p in priced})
     assert len(read_topic(settings, "dlq")) == worker.expected["dead_letters"]
 
@@ -311,7 +311,7 @@ def test_poison_records_between_valid_events_are_dead_lettered_and_the_rest_pric
     truth: Counter = Counter()
     for e in valid:
         truth[e["tenant_id"]] += Decimal(e["cost_usd"])
-    priced = [json.loads(raw) for raw in read_topic(settings, "priced")]
+    priced = [priced_record(raw) for raw in read_topic(settings, "priced")]
     assert sorted(p["event_id"] for p in priced) == sorted(e["event_id"] for e in valid)  # each valid one, once
     assert {p["event_id"]: Decimal(p["cost_usd"]) for p in priced} == {e["event_id"]: Decimal(e["cost_usd"]) for e in valid}
     assert tenant_spend(settings) == truth  # nothing of a poison record was charged
@@ -339,19 +339,20 @@ def test_poison_records_between_valid_events_are_dead_lettered_and_the_rest_pric
 def test_a_priced_record_kafka_refuses_is_dead_lettered_and_its_spend_taken_back(settings, monkeypatch):
     """produce() refuses a record over message.max.bytes (the real producer): that event's spend is
     undone and it goes to the dlq; the loop goes on."""
-    real = StreamWorker._priced_json
+    def oversized(real):
+        def priced(self, event, *args):
+            body = real(self, event, *args)
+            return body + b" " * 2_000_000 if event.tool == "oversized" else body
+        return priced
 
-    def priced_json(self, event, *args):
-        body = real(self, event, *args)
-        return body + b" " * 2_000_000 if event.tool == "oversized" else body
-
-    monkeypatch.setattr(StreamWorker, "_priced_json", priced_json)
+    for name in ("_priced_json", "_priced_v2"):  # whichever METERLINE_PRICED_FORMAT picks
+        monkeypatch.setattr(StreamWorker, name, oversized(getattr(StreamWorker, name)))
     ok, refused = tool_event("acme", "2.5"), tool_event("acme", "7", tool="oversized")
     produce(settings, "usage", [(b"acme", json.dumps(e).encode()) for e in (refused, ok)])
 
     stats = run_worker(settings)
 
-    assert [json.loads(r)["event_id"] for r in read_topic(settings, "priced")] == [ok["event_id"]]
+    assert [priced_record(r)["event_id"] for r in read_topic(settings, "priced")] == [ok["event_id"]]
     assert tenant_spend(settings) == {"acme": Decimal("2.5")}
     [letter] = letters(settings)
     assert letter["error_type"] == "MSG_SIZE_TOO_LARGE" and letter["reason"].startswith("producing the priced record failed")
@@ -395,7 +396,7 @@ def test_the_first_copy_of_an_event_id_wins_and_a_conflicting_copy_is_refused_an
         stop.set()
         thread.join()
 
-    priced = [json.loads(r) for r in read_topic(settings, "priced")]
+    priced = [priced_record(r) for r in read_topic(settings, "priced")]
     assert [(p["event_id"], p["tenant_id"], Decimal(p["cost_usd"])) for p in priced] == [(victim["event_id"], "victim", Decimal("3.25"))]
     assert tenant_spend(settings) == {"victim": Decimal("3.25")}  # the attacker's tenant has no spend at all
     dead = sorted(letters(settings), key=lambda d: d["offset"])
@@ -454,10 +455,10 @@ def test_a_broker_freeze_longer_than_the_session_does_not_freeze_the_worker(own_
     after = [tool_event(f"t{i % 5}", "0.5") for i in range(200)]
     produce(settings, "usage", [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in after])
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len({json.loads(r)["event_id"] for r in read_topic(settings, "priced")}) < 400:
+    while time.monotonic() < deadline and len({priced_record(r)["event_id"] for r in read_topic(settings, "priced")}) < 400:
         time.sleep(1)
     stop.set()
     thread.join(60)
     assert not thread.is_alive(), "the worker is stuck (it does not even stop)"
-    priced = {json.loads(r)["event_id"]: Decimal(json.loads(r)["cost_usd"]) for r in read_topic(settings, "priced")}
+    priced = {priced_record(r)["event_id"]: Decimal(priced_record(r)["cost_usd"]) for r in read_topic(settings, "priced")}
     assert priced == {e["event_id"]: Decimal(e["cost_usd"]) for e in before + after}

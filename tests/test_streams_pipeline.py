@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings as hsettings, strateg
 from meterline.schemas.events import GpuSample, PricedEvent, SpendUpdate, UsageEvent, build, decode, new_id
 from meterline.schemas.scopes import scope_ids
 from meterline.settings import Settings
+from meterline.streams.codec import decode_priced
 from meterline.streams.worker import StreamWorker, _high_watermark
 from meterline.topics import create_topics
 
@@ -64,6 +65,11 @@ def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, by
         if i % 10_000 == 0:
             producer.poll(0)
     assert producer.flush(30) == 0
+
+
+def priced_record(raw: bytes) -> dict:
+    """A `priced` record (v1 JSON or priced.v2) as its JSON object, read with the consumers' decoder."""
+    return json.loads(decode_priced(raw).model_dump_json())
 
 
 def read_topic(settings: Settings, topic: str) -> list[bytes]:
@@ -150,7 +156,7 @@ def test_bad_input_goes_to_dlq_and_every_valid_event_is_priced_once(kafka_bootst
 
     stats = run_worker(settings)
 
-    priced = Counter(json.loads(raw)["event_id"] for raw in read_topic(settings, "priced"))
+    priced = Counter(priced_record(raw)["event_id"] for raw in read_topic(settings, "priced"))
     assert set(priced) == valid_ids and set(priced.values()) == {1}
     letters = [json.loads(raw) for raw in read_topic(settings, "dlq")]
     assert sorted(base64.b64decode(d["payload_b64"]) for d in letters) == sorted(bad_payloads)
@@ -178,8 +184,8 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
     expected: dict[tuple, Decimal] = defaultdict(Decimal)
     events_per_scope: Counter = Counter()
     for raw in read_topic(settings, "priced"):
-        p = json.loads(raw)
-        priced = decode(PricedEvent, raw)  # the sink's contract holds for every record
+        priced = decode_priced(raw)  # the sink's contract holds for every record (v1 or priced.v2)
+        p = json.loads(priced.model_dump_json())
         assert priced.cost_usd == Decimal(p["cost_usd"]) and priced.catalog_version.startswith("genai-prices ")
         if priced.kind == "llm_call" and priced.cost_source == "catalog":
             assert priced.cost_usd == priced.input_cost_usd + priced.output_cost_usd + priced.cache_read_cost_usd + priced.cache_write_cost_usd
@@ -393,7 +399,7 @@ def test_sigkill_mid_stream_loses_nothing_and_ledger_dedupe_is_exact(kafka_boots
     restarted = subprocess.run([*cmd, "--until-caught-up"], env=env, capture_output=True, timeout=600)
     assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
 
-    priced = [json.loads(raw) for raw in read_topic(settings, "priced")]
+    priced = [priced_record(raw) for raw in read_topic(settings, "priced")]
     assert {p["event_id"] for p in priced} == {eid for _, _, eid, _ in records}  # every event at least once
     by_id = {p["event_id"]: p for p in priced}  # the ledger's dedupe by event_id
     ledger: dict[str, Decimal] = defaultdict(Decimal)
