@@ -25,6 +25,7 @@ from faust.serializers import codecs
 from meterline.schemas import events as ev
 from meterline.settings import Settings
 
+from .codec import decode_priced
 from .faust_gen import RECORDS
 from .faust_models import Anomaly, Priced, Spend, Usage
 
@@ -37,11 +38,10 @@ BY_TOPIC = {topic: (contract, CLASSES[name]) for name, (contract, topic) in RECO
 
 
 def priced_fields(value: bytes, headers: HeadersArg = None) -> dict[str, Any]:
-    """The one bytes -> fields step for `priced` records (today: JSON v1, validated by the contract).
-
-    When streams/codec.py gains its public decoder for v1 JSON and the compact v2 (`decode_priced(value, headers)`),
-    point this function at it: every Faust consumer of `priced` (codec, schema, topic below) comes through here."""
-    return ev.decode(ev.PricedEvent, value).model_dump()
+    """The one bytes -> fields step for `priced` records: v1 JSON or the compact v2 (the worker's default), both
+    checked by the contract (`codec.decode_priced`). Every Faust consumer of `priced` (codec, schema, topic below)
+    comes through here."""
+    return decode_priced(value, headers).model_dump()
 
 
 def _contract_fields(contract: type[ev.Contract], value: bytes, headers: HeadersArg = None) -> dict[str, Any]:

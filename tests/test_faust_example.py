@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient
 
 from meterline.schemas import events as ev
 from meterline.settings import Settings
+from meterline.streams.codec import decode_priced
 from meterline.streams.worker import StreamWorker
 
 from collectors_kafka import read_topic, topic_size, wait_for
@@ -72,7 +73,7 @@ def test_the_example_job_totals_spend_per_customer_label_exactly_and_dead_letter
     events = usage_events(240)
     produce(settings, "usage", [(e.tenant_id.encode(), e.to_json()) for e in events])
     StreamWorker(settings, group_id=f"{settings.topic_prefix}-streams").run(until_caught_up=True)
-    priced = [ev.decode(ev.PricedEvent, m.value()) for m in read_topic(settings, settings.topic("priced"), len(events))]
+    priced = [decode_priced(m.value()) for m in read_topic(settings, settings.topic("priced"), len(events))]
     assert len(priced) == len(events)
     # Ground truth: a plain sum over what the worker wrote, by the attribute.
     truth, counts = defaultdict(Decimal), Counter()

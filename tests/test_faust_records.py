@@ -56,6 +56,15 @@ def test_priced_round_trips_typed_and_exact_through_the_registered_codec():
     assert codecs.dumps("meterline.priced", got) == raw  # the contract's own JSON, byte for byte
 
 
+def test_a_priced_v2_record_decodes_to_the_same_typed_record_as_its_v1_json():
+    """The worker writes the compact priced.v2 by default: a user's Faust job must read it like v1."""
+    from meterline.streams.codec import encode_priced_v2
+
+    record = priced()
+    v2 = codecs.loads("meterline.priced", encode_priced_v2(record))
+    assert v2 == codecs.loads("meterline.priced", record.to_json()) and v2.cost_usd == Decimal("0.000000123457")
+
+
 def test_a_users_topic_declared_with_value_type_or_serializer_gets_typed_records():
     app = faust.App(f"t-{uuid.uuid4().hex[:6]}", broker="kafka://127.0.0.1:1", store="memory://")
     raw = priced().to_json()
