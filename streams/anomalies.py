@@ -211,7 +211,12 @@ class RunawaySessions:
             return []  # late event of a closed minute: its spend is in the ledger, not in the detector
         current.cost += cost
         current.calls += 1
-        current.repeat(_fingerprint(kind, model, tool, input_tokens, output_tokens))
+        fp = _fingerprint(kind, model, tool, input_tokens, output_tokens)
+        if current.repeats is None and (current.fp == fp or current.fp < 0):  # repeat()'s common case, inline
+            current.fp = fp
+            current.top_repeat += 1
+        else:
+            current.repeat(fp)
         cfg, costs, reps = self.config, current.costs, current.reps
         if (costs.n < cfg.warmup or current.flagged_cost) and (reps.n < cfg.warmup or current.flagged_repeat):
             return []  # the common case: nothing to check

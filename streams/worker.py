@@ -144,7 +144,7 @@ class DedupeWindow:
 
 
 _FIELDS = tuple(FastUsage.__struct_fields__)
-_ATTRS = _FIELDS.index("attributes")
+_ATTRS, _EVENT_ID = _FIELDS.index("attributes"), _FIELDS.index("event_id")
 assert _ATTRS == len(_FIELDS) - 1  # the one unhashable field, last
 
 
@@ -157,7 +157,8 @@ def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
     else:
         fields = usage_fields(event)
         values = tuple(fields[name] for name in _FIELDS)
-    attrs, body = values[_ATTRS], values[:_ATTRS]  # event_id included: the window's key, equal by construction
+    # event_id left out: it is the window's key (equal by construction), and UUID's hash is Python code (~0.7 µs)
+    attrs, body = values[_ATTRS], (values[:_EVENT_ID], values[_EVENT_ID + 1:_ATTRS])
     return hash((body, frozenset(attrs.items()))) if attrs else hash(body)
 
 
