@@ -35,6 +35,7 @@ from meterline.schemas.scopes import SEP
 from .codec import usd
 
 PICO = 10**12
+NOTHING: tuple = ()  # what a detector returns when it raises nothing (no new list per event)
 MINUTE = timedelta(minutes=1)
 _ORDINAL_EPOCH = datetime(1, 1, 1)
 CONFLICT_NAMESPACE = uuid.UUID("0f3c9a52-6a57-4d2e-9d8e-2b6f6f1c8a41")  # a replayed alert keeps its id
@@ -219,7 +220,7 @@ class RunawaySessions:
             current.repeat(fp)
         cfg, costs, reps = self.config, current.costs, current.reps
         if (costs.n < cfg.warmup or current.flagged_cost) and (reps.n < cfg.warmup or current.flagged_repeat):
-            return []  # the common case: nothing to check
+            return NOTHING  # the common case: nothing to check
         return self._check(current, tenant, agent, session, ts, kind, model, tool, input_tokens, output_tokens)
 
     def _check(self, current: _SessionMinute, tenant: str, agent: str, session: str, ts: datetime, kind: str,
@@ -308,10 +309,10 @@ class SpendSpikes:
         state.cost += cost
         base = state.baseline
         if base.n < cfg.warmup or state.flagged:
-            return []
+            return NOTHING
         limit = base.threshold(cfg.k, cfg.spike_floor_usd)
         if state.cost <= limit or ts < state.cooldown_until:
-            return []
+            return NOTHING
         state.flagged, state.cooldown_until = True, ts + cfg.cooldown
         return [_anomaly(
             "spend_spike", _severity(state.cost, limit), tenant, "tenant", tenant, state.start, ts,
@@ -506,12 +507,12 @@ class Detectors:
                                      event.model, event.tool, event.input_tokens, event.output_tokens, second)
         spikes = self.spikes.observe(event.tenant_id, event.ts, cost, second)
         if spikes:
-            found = found + spikes
+            found = [*found, *spikes]
         if unpriced:
-            found += self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)
+            found = [*found, *self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)]
         if event.usage == "missing":
-            found += self.unmetered.observe(event)
-        return found
+            found = [*found, *self.unmetered.observe(event)]
+        return found  # usually NOTHING (shared, immutable: no list per event)
 
     def gpu(self, sample: Any, gpu_ps: int, cost: int) -> list[Anomaly]:
         return self.idle.observe(sample, gpu_ps, cost)
