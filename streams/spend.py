@@ -214,7 +214,7 @@ class SpendBook:
         """Usage events of one consumed batch, in consume order: (ids, minute, cost, input, output, unpriced).
 
         Same state as add() per row (tests/test_streams_spend.py checks it), cheaper: the deepest scope of each
-        row is charged inline, its ancestors once per (ancestors, minute) with the group's sums. Exact because
+        row is charged inline, then each level of ancestors once per (state, minute) with the sums of its children's groups. Exact because
         within one calendar month a scope's end state does not depend on the order of its events (window =
         the newest minute's sum, period = the sum); a batch that spans months takes add() per row."""
         if not rows:
@@ -230,7 +230,7 @@ class SpendBook:
             for ids, minute, cost, input_tokens, output_tokens, unpriced in rows:
                 self.add(ids, _minute(minute), cost, input_tokens, output_tokens, unpriced, minute=minute)
             return
-        chains, chain, groups, late = self.chains, self._chain, {}, 0
+        chains, chain, level, late = self.chains, self._chain, {}, 0
         for ids, minute, cost, input_tokens, output_tokens, unpriced in rows:
             leaf = chains.get(ids) or chain(ids, minute)
             if leaf.window_key == minute:  # the common case inline (as _charge)
@@ -250,21 +250,56 @@ class SpendBook:
             if unpriced:
                 leaf.unpriced += unpriced
             leaf.dirty = True
-            up = leaf.up
-            if up:
-                group = groups.get((up, minute))
+            if leaf.up:
+                key = (leaf.up[-1], minute)
+                group = level.get(key)
                 if group is None:
-                    groups[(up, minute)] = [cost, 1, input_tokens, output_tokens, unpriced]
+                    level[key] = [cost, 1, input_tokens, output_tokens, unpriced]
                 else:
                     group[0] += cost
                     group[1] += 1
                     group[2] += input_tokens
                     group[3] += output_tokens
                     group[4] += unpriced
-        for (up, minute), (cost, events, input_tokens, output_tokens, unpriced) in groups.items():
-            for state in up:
-                late += events * _charge(state, minute, cost, events, input_tokens, output_tokens, unpriced)
+        while level:  # one level up at a time: agents, then projects, teams, tenants, each charged once per minute
+            level, late = self._charge_level(level, late)
         self.late += late
+
+    @staticmethod
+    def _charge_level(level: dict, late: int) -> tuple[dict, int]:
+        """Charge each (state, minute) its group's sums; returns the groups of their parents."""
+        above: dict = {}
+        for (state, minute), group in level.items():
+            cost, events, input_tokens, output_tokens, unpriced = group
+            if state.window_key == minute:
+                state.window += cost
+            elif minute > state.window_key:
+                SpendBook._roll(state, minute)
+                state.window += cost
+            elif minute < state.month[2]:
+                late += events
+                for ancestor in state.up:  # each ancestor decides for itself (rare)
+                    late += events * _charge(ancestor, minute, cost, events, input_tokens, output_tokens, unpriced)
+                continue
+            state.period += cost
+            state.events += events
+            state.input_tokens += input_tokens
+            state.output_tokens += output_tokens
+            if unpriced:
+                state.unpriced += unpriced
+            state.dirty = True
+            if state.up:
+                key = (state.up[-1], minute)
+                parent = above.get(key)
+                if parent is None:
+                    above[key] = group  # reused: this level's dict is dropped after the loop
+                else:
+                    parent[0] += cost
+                    parent[1] += events
+                    parent[2] += input_tokens
+                    parent[3] += output_tokens
+                    parent[4] += unpriced
+        return above, late
 
     def _chain(self, ids: tuple[str, str, str, str, str], minute_key: int) -> ScopeSpend:
         """The deepest state of ids, its `up` linked to its ancestors' states (created at that minute when new);

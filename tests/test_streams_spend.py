@@ -94,18 +94,16 @@ def test_a_batch_charged_at_once_equals_each_event_charged_in_turn(batches, offs
 
 
 def test_ancestors_of_a_batch_are_charged_once_per_group_not_per_event():
-    """Pre-aggregation is real: 500 sessions of one agent in one minute cost the agent's state one charge."""
+    """Pre-aggregation is real: 500 sessions of one agent in one minute cost each ancestor level one group."""
     book, minute = SpendBook(), _minute_key(START)
     rows = [(("acme", "t", "p", "bot", f"s{i}"), minute, 10, 1, 1, 0) for i in range(500)]
-    book.add_many(rows[:1])  # the chain exists
-    calls = []
-    import meterline.streams.spend as spend_module
-    real = spend_module._charge
-    spend_module._charge = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    levels = []
+    real = SpendBook._charge_level
+    SpendBook._charge_level = staticmethod(lambda level, late: levels.append(len(level)) or real(level, late))
     try:
-        book.add_many(rows[1:])
+        book.add_many(rows)
     finally:
-        spend_module._charge = real
-    assert len(calls) == 4  # agent, project, team, tenant: one group
+        SpendBook._charge_level = staticmethod(real)
+    assert levels == [1, 1, 1, 1]  # agent, project, team, tenant: one (state, minute) group each
     assert book.states[("acme", "agent", "acme/t/p/bot")].period == 5000
     assert book.states[("acme", "tenant", "acme")].events == 500
