@@ -118,7 +118,7 @@ def sink_cost(settings: Settings, priced: list, profile: bool, batched: bool = T
 
 WORKER_STAGES = {  # cProfile function name -> stage
     "decode_usage": "decode + validate (msgspec)", "usage_digest": "dedupe digest", "price_pico": "price",
-    "_priced_json": "priced JSON", "usage": "anomaly detectors", "add": "spend (5 scopes)",
+    "_priced_json": "priced JSON", "usage": "anomaly detectors", "add": "spend (5 scopes)", "add_many": "spend (5 scopes)",
     "<method 'produce' of 'cimpl.Producer' objects>": "produce()", "publish_spend": "publish spend",
     "<method 'flush' of 'cimpl.Producer' objects>": "producer flush (librdkafka)",
 }
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--cprofile", action="store_true", help="also break each process's µs down by stage")
     parser.add_argument("--memory", help="only: worker state RSS per active session, for these session counts (10000,100000)")
+    parser.add_argument("--worker-only", action="store_true", help="bare consume and stream worker only (no sink, no chDB)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure the worker this many times (fresh worker each)")
     args = parser.parse_args()
     if args.memory:
         text = "\n".join([f"## Worker memory per active session ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
@@ -209,12 +211,28 @@ def main() -> None:
     usage, bare_cpu = read_all(settings, settings.topic("usage"))
     msgs = [Msg(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in usage]
     del usage
-    worker_us, _ = worker_cost(settings, msgs, profile=False)
+    runs = [worker_cost(settings, msgs, profile=False)[0] for _ in range(args.repeat)]
+    worker_us = min(runs)
+    bare_us = bare_cpu / args.events * 1e6
+    head = [f"## CPU per event, in process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+            f"Machine: `{platform.machine()}`, {os.cpu_count()} cores, Python {platform.python_version()}, load average "
+            f"{os.getloadavg()[0]:.2f}. Command: `.venv/bin/python -m bench.profile --events {args.events} --sessions {args.sessions}"
+            f"{' --cprofile' if args.cprofile else ''}{' --worker-only' if args.worker_only else ''}"
+            f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}`", "",
+            "| process | CPU µs/event | ratio to a bare consume's CPU | events/s on one core |", "|---|---:|---:|---:|",
+            f"| bare confluent-kafka consume of the usage topic | {bare_us:.2f} | 1 | {1e6 / bare_us:,.0f} |",
+            f"| stream worker: process() + publish + producer flush (best of {', '.join(f'{r:.2f}' for r in runs)}) | "
+            f"{worker_us:.2f} | {bare_us / worker_us:.3f} | {1e6 / worker_us:,.0f} |"]
+    if args.worker_only:
+        lines = head
+        if args.cprofile:
+            lines += _worker_breakdown(args, settings, data, msgs, worker_us)
+        _write(lines)
+        return
     priced, _ = read_all(settings, settings.topic("priced"))
     sink_us, _, rows = sink_cost(settings, priced, profile=False)
     one_settings = Settings(topic_prefix=settings.topic_prefix, data_dir=data, clickhouse_dsn=f"chdb://{data / 'ch-one'}")
     one_us, _, _ = sink_cost(one_settings, priced, profile=False, batched=False)
-    bare_us = bare_cpu / args.events * 1e6
     lines = [f"## CPU per event, in process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              f"Machine: `{platform.machine()}`, {os.cpu_count()} cores, Python {platform.python_version()}, load average "
              f"{os.getloadavg()[0]:.2f}. Command: `.venv/bin/python -m bench.profile --events {args.events} --sessions {args.sessions}"
@@ -235,6 +253,20 @@ def main() -> None:
                   "| process | stage | µs/event |", "|---|---|---:|"]
         lines += [f"| worker | {stage} | {us:.2f} |" for stage, us in breakdown(wstats, WORKER_STAGES, worker_us, args.events)]
         lines += [f"| sink | {stage} | {us:.2f} |" for stage, us in breakdown(sstats, SINK_STAGES, sink_us, args.events)]
+    _write(lines)
+
+
+def _worker_breakdown(args, settings: Settings, data: Path, msgs: list[Msg], worker_us: float) -> list[str]:
+    settings2 = Settings(topic_prefix=f"prof{uuid.uuid4().hex[:8]}", data_dir=data, clickhouse_dsn=f"chdb://{data / 'ch2'}")
+    create_topics(settings2)
+    _, wstats = worker_cost(settings2, [Msg(m._topic.replace(settings.topic_prefix, settings2.topic_prefix), m._partition,
+                                            m._offset, m._key, m._value) for m in msgs], profile=True)
+    return ["", "Where it goes (cProfile cumulative, scaled to the unprofiled total; stages nest, so they do not sum):", "",
+            "| process | stage | µs/event |", "|---|---|---:|",
+            *[f"| worker | {stage} | {us:.2f} |" for stage, us in breakdown(wstats, WORKER_STAGES, worker_us, args.events)]]
+
+
+def _write(lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

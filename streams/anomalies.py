@@ -35,6 +35,7 @@ from meterline.schemas.scopes import SEP
 from .codec import usd
 
 PICO = 10**12
+NOTHING: tuple = ()  # what a detector returns when it raises nothing (no new list per event)
 MINUTE = timedelta(minutes=1)
 _ORDINAL_EPOCH = datetime(1, 1, 1)
 CONFLICT_NAMESPACE = uuid.UUID("0f3c9a52-6a57-4d2e-9d8e-2b6f6f1c8a41")  # a replayed alert keeps its id
@@ -118,22 +119,59 @@ def _severity(observed: int, threshold: int) -> str:
     return "critical" if observed >= 3 * max(threshold, 1) else "warning"
 
 
-def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> tuple:
-    """Token counts rounded to their top 4 bits (within ~6 %): near-identical calls compare equal."""
+_CALLS: dict[tuple[str, str, str], int] = {}  # (kind, model, tool) -> a number never reused (bounded table)
+_NEXT_CALL = [0]
+
+
+def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> int:
+    """Token counts rounded to their top 4 bits (within ~6 %): near-identical calls compare equal. One int
+    (a session minute keeps one or two of these): the call's number, then 4 + 6 bits per count."""
     si, so = input_tokens.bit_length() - 4, output_tokens.bit_length() - 4
     si, so = (si if si > 0 else 0), (so if so > 0 else 0)
-    return (kind, model, tool, input_tokens >> si, si, output_tokens >> so, so)
+    call = _CALLS.get((kind, model, tool))
+    if call is None:
+        if len(_CALLS) > 100_000:  # garbage names: forget them; numbers are not reused, so nothing aliases
+            _CALLS.clear()
+        call = _CALLS[(kind, model, tool)] = _NEXT_CALL[0]
+        _NEXT_CALL[0] += 1
+    return (((call << 4 | input_tokens >> si) << 7 | si) << 4 | output_tokens >> so) << 7 | so
 
 
 class _SessionMinute:
-    __slots__ = ("minute", "cost", "calls", "repeats", "top_repeat", "flagged_cost", "flagged_repeat", "agent",
+    """One session's current minute (one per active session, so small: the agent's two baselines are one shared
+    pair, the call fingerprints a dict only once a second distinct one appears)."""
+
+    __slots__ = ("minute", "cost", "calls", "fp", "fp2", "n2", "repeats", "top_repeat", "flagged_cost", "flagged_repeat",
                  "costs", "reps")
 
-    def __init__(self, minute: int, agent: tuple[str, str], costs: Baseline, reps: Baseline) -> None:
-        self.minute, self.agent, self.costs, self.reps = minute, agent, costs, reps  # minute: integer key
+    def __init__(self, minute: int, base: tuple[Baseline, Baseline]) -> None:
+        self.start(minute, base)
+
+    def start(self, minute: int, base: tuple[Baseline, Baseline]) -> None:
+        self.minute, (self.costs, self.reps) = minute, base  # minute: integer key
         self.cost = self.calls = self.top_repeat = 0
-        self.repeats: dict[tuple, int] = {}
+        self.fp = self.fp2 = -1  # the first two distinct fingerprints, counted in top_repeat (fp) and n2
+        self.n2 = 0
+        self.repeats: dict[int, int] | None = None  # a third distinct one: all counts in a dict
         self.flagged_cost = self.flagged_repeat = False
+
+    def repeat(self, fp: int) -> None:
+        """Count a call's fingerprint; top_repeat = the most repeated one's count."""
+        if self.repeats is None:
+            if self.fp == fp or self.fp < 0:
+                self.fp = fp
+                self.top_repeat += 1
+                return
+            if self.fp2 == fp or self.fp2 < 0:
+                self.fp2 = fp
+                self.n2 += 1
+                if self.n2 > self.top_repeat:  # fp2 leads: swap, so top_repeat stays fp's count
+                    self.fp, self.fp2, self.top_repeat, self.n2 = self.fp2, self.fp, self.n2, self.top_repeat
+                return
+            self.repeats = {self.fp: self.top_repeat, self.fp2: self.n2}
+        repeats = self.repeats[fp] = self.repeats.get(fp, 0) + 1
+        if repeats > self.top_repeat:
+            self.top_repeat = repeats
 
 
 class RunawaySessions:
@@ -142,11 +180,17 @@ class RunawaySessions:
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
         self.sessions: dict[tuple[str, str], _SessionMinute] = {}
-        self.cost_baseline: dict[tuple[str, str], Baseline] = {}
-        self.repeat_baseline: dict[tuple[str, str], Baseline] = {}
+        self.baselines: dict[tuple[str, str], tuple[Baseline, Baseline]] = {}  # agent -> (cost, repeat) baselines
         self.cooldown_until: dict[tuple[str, str, str], datetime] = {}
         self.tenant_minute: dict[str, int] = {}  # stream time per tenant (integer minute): partitions advance unevenly
         self._swept = -1
+
+    def _base(self, tenant: str, agent: str) -> tuple[Baseline, Baseline]:
+        key = (tenant, agent or "*")
+        base = self.baselines.get(key)
+        if base is None:
+            base = self.baselines[key] = (Baseline(), Baseline())
+        return base
 
     def observe(self, tenant: str, agent: str, session: str, ts: datetime, cost: int, kind: str = "llm_call",
                 model: str = "", tool: str = "", input_tokens: int = 0, output_tokens: int = 0,
@@ -157,12 +201,11 @@ class RunawaySessions:
         key, minute = (tenant, session), (second_of(ts) if second is None else second) // 60
         current = self.sessions.get(key)
         if current is None or minute > current.minute:
-            if current is not None:
+            if current is None:
+                current = self.sessions[key] = _SessionMinute(minute, self._base(tenant, agent))
+            else:
                 self._close(current)
-            agent_key = (tenant, agent or "*")
-            current = self.sessions[key] = _SessionMinute(
-                minute, agent_key, self.cost_baseline.setdefault(agent_key, Baseline()),
-                self.repeat_baseline.setdefault(agent_key, Baseline()))
+                current.start(minute, self._base(tenant, agent))  # the same object, reused
             if minute > self.tenant_minute.get(tenant, minute - 1):
                 self.tenant_minute[tenant] = minute
         elif minute < current.minute:
@@ -170,12 +213,14 @@ class RunawaySessions:
         current.cost += cost
         current.calls += 1
         fp = _fingerprint(kind, model, tool, input_tokens, output_tokens)
-        repeats = current.repeats[fp] = current.repeats.get(fp, 0) + 1
-        if repeats > current.top_repeat:
-            current.top_repeat = repeats
+        if current.repeats is None and (current.fp == fp or current.fp < 0):  # repeat()'s common case, inline
+            current.fp = fp
+            current.top_repeat += 1
+        else:
+            current.repeat(fp)
         cfg, costs, reps = self.config, current.costs, current.reps
         if (costs.n < cfg.warmup or current.flagged_cost) and (reps.n < cfg.warmup or current.flagged_repeat):
-            return []  # the common case: nothing to check
+            return NOTHING  # the common case: nothing to check
         return self._check(current, tenant, agent, session, ts, kind, model, tool, input_tokens, output_tokens)
 
     def _check(self, current: _SessionMinute, tenant: str, agent: str, session: str, ts: datetime, kind: str,
@@ -264,10 +309,10 @@ class SpendSpikes:
         state.cost += cost
         base = state.baseline
         if base.n < cfg.warmup or state.flagged:
-            return []
+            return NOTHING
         limit = base.threshold(cfg.k, cfg.spike_floor_usd)
         if state.cost <= limit or ts < state.cooldown_until:
-            return []
+            return NOTHING
         state.flagged, state.cooldown_until = True, ts + cfg.cooldown
         return [_anomaly(
             "spend_spike", _severity(state.cost, limit), tenant, "tenant", tenant, state.start, ts,
@@ -462,12 +507,12 @@ class Detectors:
                                      event.model, event.tool, event.input_tokens, event.output_tokens, second)
         spikes = self.spikes.observe(event.tenant_id, event.ts, cost, second)
         if spikes:
-            found = found + spikes
+            found = [*found, *spikes]
         if unpriced:
-            found += self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)
+            found = [*found, *self.unpriced.observe(event.tenant_id, event.provider, event.model or event.tool, event.ts)]
         if event.usage == "missing":
-            found += self.unmetered.observe(event)
-        return found
+            found = [*found, *self.unmetered.observe(event)]
+        return found  # usually NOTHING (shared, immutable: no list per event)
 
     def gpu(self, sample: Any, gpu_ps: int, cost: int) -> list[Anomaly]:
         return self.idle.observe(sample, gpu_ps, cost)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import Any
+import logging
 
 from meterline.schemas.events import new_id
 from meterline.schemas.scopes import scope_ids
@@ -29,6 +30,8 @@ from .codec import month_start, next_month, usd
 
 MINUTE = timedelta(minutes=1)
 ScopeKey = tuple[str, str, str]  # (tenant_id, scope, scope_id)
+Row = tuple[tuple[str, str, str, str, str], int, int, int, int, int]  # add_many: (ids, minute, cost, input, output, unpriced)
+log = logging.getLogger("meterline.streams")
 
 
 def _minute_key(ts: datetime) -> int:
@@ -49,40 +52,64 @@ def _minute(key: int) -> datetime:
     return minute
 
 
+Month = tuple[datetime, datetime, int, int]  # (start, end, start minute key, end minute key)
+_MONTHS: dict[int, Month] = {}  # minute key -> its month, one shared tuple per month (states point at it)
+_MONTH_OF: dict[int, Month] = {}
+
+
+def month_of(key: int) -> Month:
+    """The calendar month of a minute key, shared by every state in it (raises at the calendar's end)."""
+    month = _MONTH_OF.get(key)
+    if month is None:
+        start = month_start(_minute(key))
+        first = _minute_key(start)
+        month = _MONTHS.get(first)
+        if month is None:
+            end = next_month(start)
+            month = _MONTHS[first] = (start, end, first, _minute_key(end))
+        if len(_MONTH_OF) > 100_000:
+            _MONTH_OF.clear()
+        month = _MONTH_OF[key] = month
+    return month
+
+
 # a scope's month-to-date totals: what an idle scope keeps (parked) when its state leaves memory
 TOTALS = ("period", "events", "input_tokens", "output_tokens", "gpu_ps", "gpu", "unpriced", "cpu_ps")
 
 
 class ScopeSpend:
-    """One scope's state; minutes are integer keys (second_of(ts) // 60) on the hot path."""
+    """One scope's state; minutes are integer keys (second_of(ts) // 60) on the hot path. Compact (a million
+    sessions must fit in a few hundred MB): the month is a shared tuple, the window's datetime comes from the
+    minute cache, `up` is the tuple of ancestor states (shared by siblings: one per agent, not per session)."""
 
-    __slots__ = ("period_start", "period_end", "period", "window_start", "window", "events", "input_tokens",
-                 "output_tokens", "gpu_ps", "gpu", "unpriced", "dirty", "last_ts", "window_key", "period_start_key",
-                 "period_end_key", "cpu_ps")
+    __slots__ = ("period", "window", "events", "input_tokens", "output_tokens", "gpu_ps", "gpu", "unpriced", "cpu_ps",
+                 "dirty", "window_key", "month", "up", "lineage")
 
-    def __init__(self, minute: datetime) -> None:
+    def __init__(self, minute: datetime | int) -> None:
+        key = minute if type(minute) is int else _minute_key(minute)
         self.period = self.window = self.events = self.input_tokens = self.output_tokens = 0
         self.gpu_ps = self.gpu = self.unpriced = self.cpu_ps = 0
         self.dirty = True
-        self._set_window(minute, _minute_key(minute))
-        self._set_period(minute)
-
-    def _set_window(self, minute: datetime, key: int) -> None:
-        self.window_start = self.last_ts = minute
+        self.month = month_of(key)
         self.window_key = key
+        self.up: tuple[ScopeSpend, ...] = ()
+        self.lineage: tuple[ScopeSpend, ...] | None = None  # up + (self,): the `up` of its children, made once
 
-    def _set_period(self, minute: datetime) -> None:
-        self.period_start = month_start(minute)
-        self.period_end = next_month(self.period_start)
-        self.period_start_key, self.period_end_key = _minute_key(self.period_start), _minute_key(self.period_end)
+    # the datetimes the snapshot and eviction read (computed: not stored per state)
+    window_start = property(lambda self: _minute(self.window_key))
+    last_ts = window_start
+    period_start = property(lambda self: self.month[0])
+    period_end = property(lambda self: self.month[1])
+    period_start_key = property(lambda self: self.month[2])
+    period_end_key = property(lambda self: self.month[3])
 
     def park(self) -> tuple[int, ...]:
         """Its month and month-to-date totals as one small tuple (~a tenth of the state's memory)."""
-        return (self.period_start_key, *(getattr(self, name) for name in TOTALS))
+        return (self.month[2], *(getattr(self, name) for name in TOTALS))
 
     def unpark(self, parked: tuple[int, ...]) -> None:
         """Continue from parked totals (same month only: a new month starts from zero)."""
-        if parked[0] == self.period_start_key:
+        if parked[0] == self.month[2]:
             for name, value in zip(TOTALS, parked[1:]):
                 setattr(self, name, value)
 
@@ -104,11 +131,43 @@ class ScopeSpend:
             self.window = to_pico(Decimal(update["window_cost_usd"]))
 
 
-@lru_cache(maxsize=200_000)
+@lru_cache(maxsize=4096)  # only on a chain miss (a new session): small, or it holds 5 path strings per session
 def path_ids(ids: tuple[str, str, str, str, str]) -> tuple[tuple[str, str], ...]:
     """(scope, path id) of every level an event belongs to: the allocator's ids
     (`acme/research/chat/bot/s-42`), so a spend update names all of its ancestors."""
     return tuple(scope_ids(*ids).items())
+
+
+def _charge(state: ScopeSpend, minute: int, cost: int, events: int, input_tokens: int, output_tokens: int,
+            unpriced: int = 0, gpu_ps: int = 0, gpu_cost: int = 0, cpu_ps: int = 0) -> int:
+    """Add to one state (rolling its window, or its month, forward); returns 1 when the minute is of an
+    earlier month than the state's (left to the ledger: `late`), else 0."""
+    if state.window_key != minute:
+        if minute > state.window_key:
+            SpendBook._roll(state, minute)
+            state.window += cost
+        elif minute < state.month[2]:
+            return 1
+        # else an earlier minute of this month: counts toward the period, not the current window
+    else:
+        state.window += cost
+    state.period += cost
+    _totals(state, events, input_tokens, output_tokens, unpriced, gpu_ps, gpu_cost, cpu_ps)
+    return 0
+
+
+def _totals(state: ScopeSpend, events: int, input_tokens: int, output_tokens: int, unpriced: int, gpu_ps: int,
+            gpu_cost: int, cpu_ps: int) -> None:
+    state.events += events
+    state.input_tokens += input_tokens
+    state.output_tokens += output_tokens
+    if unpriced or gpu_ps or gpu_cost:
+        state.unpriced += unpriced
+        state.gpu_ps += gpu_ps
+        state.gpu += gpu_cost
+    if cpu_ps:
+        state.cpu_ps += cpu_ps
+    state.dirty = True
 
 
 class SpendBook:
@@ -120,15 +179,20 @@ class SpendBook:
         self.parked: dict[ScopeKey, tuple[int, ...]] = {}  # idle scopes evicted from memory, by evict_idle
         self._parked_month = 0
         self.late = 0
-        self.chains: dict[tuple[str, str, str, str, str], tuple[ScopeSpend, ...]] = {}  # ids -> states of its 5 scopes
+        self.chains: dict[tuple[str, str, str, str, str], ScopeSpend] = {}  # ids -> its deepest state (.up: the rest)
 
-    def _state(self, key: ScopeKey, minute: datetime) -> ScopeSpend:
+    def _state(self, key: ScopeKey, minute: int) -> ScopeSpend:
         state = ScopeSpend(minute)
         parked, restored = self.parked.pop(key, None), self.baseline.pop(key, None)
         if parked:  # newer than the changelog's copy: this worker evicted it after restoring
             state.unpark(parked)
-        elif restored and datetime.fromisoformat(restored["period_start"]) == state.period_start:
-            state.restore(restored)
+        elif restored:
+            try:
+                if datetime.fromisoformat(restored["period_start"]) == state.period_start:
+                    state.restore(restored)
+            except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # a damaged changelog record: from zero
+                log.warning("spend-state record of %s unreadable (%r): the scope continues from zero", key, exc)
+                state = ScopeSpend(minute)
         self.states[key] = state
         return state
 
@@ -139,57 +203,133 @@ class SpendBook:
         `minute` = second_of(ts) // 60 when the caller has it already."""
         if minute is None:
             minute = _minute_key(ts)
-        chain = self.chains.get(ids)
-        if chain is None:
-            chain = self._chain(ids, minute)
-        for state in chain:
-            if state.window_key != minute:
-                if minute > state.window_key:
-                    self._roll(state, minute)
-                    state.window += cost
-                elif minute < state.period_start_key:
-                    self.late += 1  # an earlier month: left to the ledger
-                    continue
-                # else an earlier minute of this month: counts toward the period, not the current window
-            else:
+        month_of(minute)  # the one thing that can fail (the calendar's end): before any scope is charged
+        leaf = self.chains.get(ids) or self._chain(ids, minute)
+        late = _charge(leaf, minute, cost, events, input_tokens, output_tokens, unpriced, gpu_ps, gpu_cost, cpu_ps)
+        for state in leaf.up:
+            late += _charge(state, minute, cost, events, input_tokens, output_tokens, unpriced, gpu_ps, gpu_cost, cpu_ps)
+        self.late += late
+
+    def add_many(self, rows: list[Row]) -> None:
+        """Usage events of one consumed batch, in consume order: (ids, minute, cost, input, output, unpriced).
+
+        Same state as add() per row (tests/test_streams_spend.py checks it), cheaper: the deepest scope of each
+        row is charged inline, then each level of ancestors once per (state, minute) with the sums of its children's groups. Exact because
+        within one calendar month a scope's end state does not depend on the order of its events (window =
+        the newest minute's sum, period = the sum); a batch that spans months takes add() per row."""
+        if not rows:
+            return
+        low = high = rows[0][1]
+        for row in rows:
+            minute = row[1]
+            if minute < low:
+                low = minute
+            elif minute > high:
+                high = minute
+        if month_of(low) is not month_of(high):
+            for ids, minute, cost, input_tokens, output_tokens, unpriced in rows:
+                self.add(ids, _minute(minute), cost, input_tokens, output_tokens, unpriced, minute=minute)
+            return
+        chains, chain, level, late = self.chains, self._chain, {}, 0
+        for ids, minute, cost, input_tokens, output_tokens, unpriced in rows:
+            leaf = chains.get(ids) or chain(ids, minute)
+            if leaf.window_key == minute:  # the common case inline (as _charge)
+                leaf.window += cost
+            elif minute > leaf.window_key:
+                self._roll(leaf, minute)
+                leaf.window += cost
+            elif minute < leaf.month[2]:  # an earlier month than this scope's: left to the ledger (rare)
+                late += 1
+                for state in leaf.up:  # each ancestor decides for itself, as add() does
+                    late += _charge(state, minute, cost, 1, input_tokens, output_tokens, unpriced)
+                continue
+            leaf.period += cost
+            leaf.events += 1
+            leaf.input_tokens += input_tokens
+            leaf.output_tokens += output_tokens
+            if unpriced:
+                leaf.unpriced += unpriced
+            leaf.dirty = True
+            if leaf.up:
+                key = (leaf.up[-1], minute)
+                group = level.get(key)
+                if group is None:
+                    level[key] = [cost, 1, input_tokens, output_tokens, unpriced]
+                else:
+                    group[0] += cost
+                    group[1] += 1
+                    group[2] += input_tokens
+                    group[3] += output_tokens
+                    group[4] += unpriced
+        while level:  # one level up at a time: agents, then projects, teams, tenants, each charged once per minute
+            level, late = self._charge_level(level, late)
+        self.late += late
+
+    @staticmethod
+    def _charge_level(level: dict, late: int) -> tuple[dict, int]:
+        """Charge each (state, minute) its group's sums; returns the groups of their parents."""
+        above: dict = {}
+        for (state, minute), group in level.items():
+            cost, events, input_tokens, output_tokens, unpriced = group
+            if state.window_key == minute:
                 state.window += cost
+            elif minute > state.window_key:
+                SpendBook._roll(state, minute)
+                state.window += cost
+            elif minute < state.month[2]:
+                late += events
+                for ancestor in state.up:  # each ancestor decides for itself (rare)
+                    late += events * _charge(ancestor, minute, cost, events, input_tokens, output_tokens, unpriced)
+                continue
             state.period += cost
             state.events += events
             state.input_tokens += input_tokens
             state.output_tokens += output_tokens
-            if unpriced or gpu_ps or gpu_cost:
+            if unpriced:
                 state.unpriced += unpriced
-                state.gpu_ps += gpu_ps
-                state.gpu += gpu_cost
-            if cpu_ps:
-                state.cpu_ps += cpu_ps
             state.dirty = True
+            if state.up:
+                key = (state.up[-1], minute)
+                parent = above.get(key)
+                if parent is None:
+                    above[key] = group  # reused: this level's dict is dropped after the loop
+                else:
+                    parent[0] += cost
+                    parent[1] += events
+                    parent[2] += input_tokens
+                    parent[3] += output_tokens
+                    parent[4] += unpriced
+        return above, late
 
-    def _chain(self, ids: tuple[str, str, str, str, str], minute_key: int) -> tuple[ScopeSpend, ...]:
-        """The states of every scope of ids (created at that minute when new); cached until a state is dropped."""
-        tenant, states, minute = ids[0], self.states, None
-        chain = []
+    def _chain(self, ids: tuple[str, str, str, str, str], minute_key: int) -> ScopeSpend:
+        """The deepest state of ids, its `up` linked to its ancestors' states (created at that minute when new);
+        cached until a state is dropped."""
+        tenant, states, up = ids[0], self.states, ()
+        state = None
         for scope, scope_id in path_ids(ids):
+            if state is not None:  # the previous level is a parent: its lineage is our `up` (made once, shared)
+                if state.lineage is None:
+                    state.lineage = up + (state,)
+                up = state.lineage
             key = (tenant, scope, scope_id)
             state = states.get(key)
             if state is None:
-                minute = minute or _minute(minute_key)
-                state = self._state(key, minute)
-            chain.append(state)
-        if len(self.chains) > 500_000:  # bounded; evictions clear it too
+                state = self._state(key, minute_key)
+            if state.up != up:  # new, or an ancestor was evicted and made again
+                state.up, state.lineage = up, None
+        if len(self.chains) > 2_000_000:  # bounded; evictions clear it too
             self.chains.clear()
-        chain = self.chains[ids] = tuple(chain)
-        return chain
+        self.chains[ids] = state  # type: ignore[assignment]
+        return state  # type: ignore[return-value]
 
     @staticmethod
     def _roll(state: ScopeSpend, key: int) -> None:
         """Move a state to a newer minute (and a new month when it crossed one)."""
-        minute = _minute(key)
-        if key >= state.period_end_key:
-            state._set_period(minute)
+        if key >= state.month[3]:
+            state.month = month_of(key)
             state.period = state.events = state.input_tokens = state.output_tokens = 0
             state.gpu_ps = state.gpu = state.unpriced = state.cpu_ps = 0
-        state._set_window(minute, key)
+        state.window_key = key
         state.window = 0
 
     def drain(self, now: datetime | None = None, scopes: frozenset[str] | None = None) -> Iterator[tuple[ScopeKey, dict[str, Any]]]:
@@ -218,14 +358,17 @@ class SpendBook:
         if month != self._parked_month:  # a new month: last month's parked totals are never needed again
             self.parked = {k: p for k, p in self.parked.items() if p[0] >= month}
             self._parked_month = month
-        stale = [k for k, s in self.states.items() if k[1] in scopes and not s.dirty and stream_now - s.last_ts > idle]
+        cutoff = stream_now - idle  # idle: last_ts (its window's minute) < cutoff, compared as minute keys
+        last = _minute_key(cutoff) - (_minute(_minute_key(cutoff)) == cutoff)
+        stale = [k for k, s in self.states.items() if k[1] in scopes and not s.dirty and s.window_key <= last]
         dead = set()
         for key in stale:
             state = self.states.pop(key)
             self.parked[key] = state.park()
             dead.add(id(state))
-        if dead:  # forget the cached chains that reach a dropped state
-            self.chains = {ids: chain for ids, chain in self.chains.items() if not any(id(s) in dead for s in chain)}
+        if dead:  # forget the cached chains that reach a dropped state (_chain links a new one)
+            self.chains = {ids: leaf for ids, leaf in self.chains.items()
+                           if id(leaf) not in dead and not any(id(s) in dead for s in leaf.up)}
         return len(stale)
 
     def drop_tenants(self, tenants: set[str]) -> None:

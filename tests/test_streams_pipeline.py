@@ -214,6 +214,41 @@ def test_spend_updates_equal_the_sum_of_priced_costs_including_gpu(kafka_bootstr
     assert {a["kind"] for a in anomalies} >= {"unpriced_model"}
 
 
+def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_month_to_date(kafka_bootstrap):
+    """Issue 17 item 3: a worker parks its idle sessions (out of its state), stops; the next one restores them from
+    the spend-state changelog, they spend again, and each session's period total is the plain sum of its priced
+    costs over both runs (ground truth: the priced topic)."""
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(11)
+    group = f"streams-{uuid.uuid4().hex[:6]}"
+    batch = lambda: [usage_record(rng, tenant="acme", cost_usd="0.0001") for _ in range(300)]  # noqa: E731
+    produce(settings, "usage", [(b"acme", json.dumps(e).encode()) for e in batch()])
+
+    class Evicting(StreamWorker):  # every checkpoint as if the sessions had been idle for two hours
+        evicted = 0
+
+        def checkpoint(self, commit: str = "async") -> None:
+            super().checkpoint(commit)
+            self.evicted += self.spend.evict_idle(self.stream_now + timedelta(hours=2), timedelta(hours=1))
+
+    first = Evicting(settings, group_id=group, checkpoint_interval=0.5)
+    first.run(until_caught_up=True)
+    assert first.evicted > 20  # sessions (and agents) aged out of memory, published first
+    produce(settings, "usage", [(b"acme", json.dumps(e).encode()) for e in batch()])
+    second = StreamWorker(settings, group_id=group, checkpoint_interval=0.5)
+    assert any(k[1] == "session" for k in second.spend.baseline)  # what the changelog gave back
+    second.run(until_caught_up=True)
+    truth: dict[str, Decimal] = defaultdict(Decimal)
+    for raw in read_topic(settings, "priced"):
+        p = json.loads(raw)
+        truth[scope_ids(p["tenant_id"], p["team"], p["project"], p["agent_id"], p["session_id"])["session"]] += Decimal(p["cost_usd"])
+    latest = {}
+    for raw in read_topic(settings, "spend"):
+        update = decode(SpendUpdate, raw)
+        if update.scope == "session":
+            latest[update.scope_id] = update.period_cost_usd
+    assert len(truth) > 20 and latest == truth
+
+
 def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_by_the_unattributed_tenant(kafka_bootstrap):
     from meterline.schemas.events import ComputeSample
 

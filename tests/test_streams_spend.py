@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings, strategies as st
 
 from meterline.schemas.scopes import scope_ids
-from meterline.streams.spend import SpendBook
+from meterline.streams.spend import SpendBook, _minute, _minute_key, month_of
 
 START = datetime(2026, 1, 31, 22, 0, tzinfo=timezone.utc)  # two hours before a month turns
 
@@ -52,3 +52,58 @@ def test_parked_totals_of_an_old_month_are_dropped_and_a_new_month_starts_from_z
     assert book.parked == {}
     book.add(ids, later, 7)
     assert book.states[key].period == 7
+
+
+# add_many (the worker's per-batch path: ancestors pre-aggregated per batch) against add() per row and a plain sum.
+IDS = [("acme", "r", "chat", "bot", "s1"), ("acme", "r", "chat", "bot", "s2"), ("acme", "r", "chat", "bot2", "s3"),
+       ("acme", "", "chat", "bot", "s4"), ("acme", "r", "", "", ""), ("globex", "", "", "bot", "s1"), ("acme", "r", "chat", "bot", "")]
+FIELDS = ("period", "window", "window_key", "events", "input_tokens", "output_tokens", "unpriced", "month", "dirty")
+rows_st = st.lists(st.tuples(st.integers(0, len(IDS) - 1), st.integers(-3, 200), st.integers(-5, 10**9),
+                             st.integers(0, 10**6), st.integers(0, 10**5), st.integers(0, 1)), min_size=1, max_size=40)
+
+
+def _state_of(book: SpendBook) -> dict:
+    return {key: tuple(getattr(s, f) for f in FIELDS) for key, s in book.states.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(rows_st, min_size=1, max_size=6),
+       st.one_of(st.integers(0, 24 * 60 * 40), st.integers(44_640 - 150, 44_640 + 10)))  # or near Jan's end
+def test_a_batch_charged_at_once_equals_each_event_charged_in_turn(batches, offset):
+    """Batches (some spanning a month's end, minutes out of order, late ones) leave add_many's book exactly where
+    add() per row leaves it, and every scope's month-to-date equals the plain sum of its events in that month."""
+    base = _minute_key(datetime(2026, 1, 1, tzinfo=timezone.utc)) + offset
+    by_row, by_batch = SpendBook(), SpendBook()
+    newest: dict[tuple, int] = {}
+    truth: dict[tuple, int] = defaultdict(int)  # (scope key, month start minute) -> pico-USD, events it takes
+    for batch in batches:
+        rows = [(IDS[i], base + m, cost, inp, out, unp) for i, m, cost, inp, out, unp in batch]
+        for ids, minute, cost, inp, out, unp in rows:
+            by_row.add(ids, _minute(minute), cost, inp, out, unp, minute=minute)
+        by_batch.add_many(rows)
+        assert _state_of(by_batch) == _state_of(by_row)
+        assert by_batch.late == by_row.late
+        for ids, minute, cost, *_ in rows:
+            for scope, sid in scope_ids(*ids).items():
+                key, month = (ids[0], scope, sid), month_of(minute)[2]
+                if month >= newest.get(key, month):  # an event of an earlier month than the scope's is the ledger's
+                    newest[key] = max(newest.get(key, month), month)
+                    truth[(key, month)] += cost
+    for key, state in by_batch.states.items():
+        assert state.period == truth[(key, state.month[2])], key
+
+
+def test_ancestors_of_a_batch_are_charged_once_per_group_not_per_event():
+    """Pre-aggregation is real: 500 sessions of one agent in one minute cost each ancestor level one group."""
+    book, minute = SpendBook(), _minute_key(START)
+    rows = [(("acme", "t", "p", "bot", f"s{i}"), minute, 10, 1, 1, 0) for i in range(500)]
+    levels = []
+    real = SpendBook._charge_level
+    SpendBook._charge_level = staticmethod(lambda level, late: levels.append(len(level)) or real(level, late))
+    try:
+        book.add_many(rows)
+    finally:
+        SpendBook._charge_level = staticmethod(real)
+    assert levels == [1, 1, 1, 1]  # agent, project, team, tenant: one (state, minute) group each
+    assert book.states[("acme", "agent", "acme/t/p/bot")].period == 5000
+    assert book.states[("acme", "tenant", "acme")].events == 500
