@@ -48,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from meterline.streams.codec import leb128
+
 log = logging.getLogger("meterline.app.otlp")
 
 MAX_BODY_BYTES = 8 << 20  # a request body, as sent (compressed or not)
@@ -783,16 +785,7 @@ def status_body(content_type: str | None, status: int, message: str) -> bytes:
     code = _RPC_CODE.get(status, 2)
     if content_type == PROTOBUF:  # Status{int32 code = 1; string message = 2;} written by hand (no googleapis dependency)
         text = message.encode()
-        return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+        return b"\x08" + leb128(code) + b"\x12" + leb128(len(text)) + text
     import json
 
     return json.dumps({"code": code, "message": message}).encode()
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)

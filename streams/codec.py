@@ -174,7 +174,8 @@ _U64 = (1 << 64) - 1
 _2_64 = 1 << 64
 
 
-def _leb128(n: int) -> bytes:
+def leb128(n: int) -> bytes:
+    """An unsigned LEB128 (RowBinary's string lengths; protobuf's varint is the same encoding)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -185,11 +186,11 @@ def _leb128(n: int) -> bytes:
 
 def _v2_str(text: str) -> bytes:
     data = text.encode()
-    return _leb128(len(data)) + data
+    return leb128(len(data)) + data
 
 
 def _v2_map(items: dict[str, str]) -> bytes:
-    return _leb128(len(items)) + b"".join(_v2_str(k) + _v2_str(v) for k, v in items.items())
+    return leb128(len(items)) + b"".join(_v2_str(k) + _v2_str(v) for k, v in items.items())
 
 
 def _fixed_values(record: dict[str, Any]) -> list[int]:

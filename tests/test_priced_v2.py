@@ -28,7 +28,7 @@ from meterline.settings import Settings
 from meterline.sql.sink import BINARY_TAIL
 from meterline.sql.synth import priced_events
 from meterline.streams import codec
-from meterline.streams.codec import PRICED_V2, decode_priced, decode_usage, encode_priced_v2
+from meterline.streams.codec import decode_priced, decode_usage, encode_priced_v2
 from meterline.streams.worker import StreamWorker
 from meterline.topics import catalog_by_name, create_topics
 from test_sql_sink import ledger_sql, produce, sink_until_idle, start_sink
@@ -263,7 +263,7 @@ def test_a_record_that_smuggles_a_forged_row_is_caught_by_the_framing_check(sett
         attacker = bytes([ev.PRICED_V2_MAGIC]) + forged + v2[10][1:]
     else:  # then a row whose map key runs over its own tail and the successor's body, up to that 0 (the value's length)
         key = 28 + (len(successor) - 1) - 1
-        attacker = bytes([ev.PRICED_V2_MAGIC]) + forged + v2[10][1:-1] + b"\x01" + codec._leb128(key)
+        attacker = bytes([ev.PRICED_V2_MAGIC]) + forged + v2[10][1:-1] + b"\x01" + codec.leb128(key)
     batch = v2[:10] + [attacker] + v2[11:]
     producer = Producer(settings.kafka_config(**{"linger.ms": 50}))
     for value in batch:  # one partition: the sink stages them in this order, the successor right after

@@ -239,7 +239,7 @@ def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_
     second.run(until_caught_up=True)
     truth: dict[str, Decimal] = defaultdict(Decimal)
     for raw in read_topic(settings, "priced"):
-        p = json.loads(raw)
+        p = priced_record(raw)
         truth[scope_ids(p["tenant_id"], p["team"], p["project"], p["agent_id"], p["session_id"])["session"]] += Decimal(p["cost_usd"])
     latest = {}
     for raw in read_topic(settings, "spend"):
