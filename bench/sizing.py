@@ -25,6 +25,7 @@ import resource
 import shutil
 import tempfile
 import time
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results") / "sizing.md"
@@ -204,6 +205,12 @@ def main() -> None:
         command = f"python -m bench.sizing --assume {' '.join(f'{v:g}' for v in args.assume)}"
         measured, chdb = assumed(*args.assume), {"rows_per_cpu_s": 0.0}
     else:
+        from bench.pipeline import broker_pid
+        from meterline.settings import Settings
+
+        if broker_pid() is None:  # its CPU per event would read 0 and plan no broker cores
+            sys.exit(f"error: no local broker under {Settings().data_dir / 'kafka'}: start one (`meterline kafka start`), "
+                     "set METERLINE_DATA_DIR to the one running, or give the figures with --assume")
         measured = measure_pipeline(args.events, args.sessions, args.broker_warmup_s)
         chdb = measure_chdb()
     core = per_core(measured, chdb)
