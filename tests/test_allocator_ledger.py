@@ -59,4 +59,8 @@ def test_on_a_cluster_reconciliation_reads_every_shard():
 
     spend = clickhouse_ledger_spend(Settings(clickhouse_cluster="prod"), lag=timedelta(0), client=Recorder())
     assert spend("tenant", "acme", datetime.now(timezone.utc) - timedelta(days=1)) == 0
-    assert "FROM priced_events_all" in sent[0] and "FROM gpu_samples_all" in sent[0]
+    assert "FROM attributed_spend(" in sent[0]  # the ledger's view, which on a cluster reads every shard:
+    from meterline.sql import ledger
+
+    view = next(v for m in ledger.load_migrations() for v in m.statements("prod") if "VIEW IF NOT EXISTS attributed_spend" in v)
+    assert all(f"FROM {t}_all" in view for t in ("priced_events", "gpu_samples", "compute_samples"))
