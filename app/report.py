@@ -277,7 +277,8 @@ BURN_DOWN_COLUMNS = ["policy_id", "tenant_id", "scope", "scope_id", "unit", "amo
                      "forecast_spend", "forecast_lo80", "forecast_hi80"]
 
 
-UNIT_FIELDS = {"usd": 1, "gpu_hours": 2, "vcpu_hours": 3}
+UNIT_FIELDS = {"usd": 1, "gpu_hours": 2, "vcpu_hours": 3}  # scope_spend (seconds of hour units) / scope_hourly columns
+HOURS_PLACES = Decimal("1e-18")  # as the ledger's Decimal(38, 18)
 
 
 def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None) -> Result:
@@ -296,8 +297,11 @@ def burn_down(ledger: Querier, params: ReportParams, now: datetime | None = None
         spend = ledger.query(load_query("scope_spend"), {
             **scope_filter(p["scope"], p["scope_id"], p["tenant_id"]), "since": start,
             "until": min(end, now + timedelta(seconds=1)), "bucket_seconds": bucket}).rows
-        field = UNIT_FIELDS.get(p["unit"], 1)  # scope_spend / scope_hourly: cost_usd, gpu_hours, vcpu_hours
+        field = UNIT_FIELDS.get(p["unit"], 1)
         spent = sum((Decimal(r[field]) for r in spend), Decimal(0))
+        if field > 1:  # an hour budget: seconds summed exactly, divided once
+            spend = [(*r[:field], Decimal(r[field]) / 3600, *r[field + 1:]) for r in spend]
+            spent = (spent / 3600).quantize(HOURS_PLACES)
         amount = Decimal(p["amount"])
         elapsed = max((now - start).total_seconds(), 1.0)
         forecast = None

@@ -135,12 +135,16 @@ def truth(tmp_path_factory):
     policy = BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme", amount=Decimal("0.5"),
                           period="custom", period_anchor=NOW - timedelta(days=1), period_seconds=2 * 86400)
     cpu_policy = policy.model_copy(update={"policy_id": "acme-cpu", "unit": "vcpu_hours", "amount": Decimal("0.05")})
+    # 24-minute periods, so one-minute buckets: the six attributed CPU samples (8 s each, 20 s apart) always fall in
+    # two or three buckets, whose per-bucket hours truncated at 18 places would sum below the total's
+    minutes = cpu_policy.model_copy(update={"policy_id": "acme-cpu-minutes", "period_seconds": 1440,
+                                            "period_anchor": NOW - timedelta(seconds=600 + 60 * 1440)})
     tables = {"priced_events": [with_offsets(priced_event_row(e), "priced", 0, i) for i, e in enumerate(events)],
               "gpu_samples": [with_offsets(gpu_sample_row(s, sec, cost, "test-1"), "gpu", 0, i)
                               for i, (s, sec, cost) in enumerate(gpu)],
               "compute_samples": [with_offsets(compute_sample_row(s, cpu, mem, "test-1"), "compute", 0, i)
                                   for i, (s, cpu, mem) in enumerate(compute)],
-              "budget_policies": [with_offsets(budget_policy_row(p), "budgets", 0, i) for i, p in enumerate((policy, cpu_policy))]}
+              "budget_policies": [with_offsets(budget_policy_row(p), "budgets", 0, i) for i, p in enumerate((policy, cpu_policy, minutes))]}
     with filled_ledger(tmp_path_factory.mktemp("app-report"), tables) as settings:
         yield {"events": events, "gpu": gpu, "compute": compute, "settings": settings}
 
@@ -295,8 +299,9 @@ def test_burn_down_against_the_budget(cli, truth):
     assert Decimal(row["used_pct"]) == (spent * 100 / Decimal("0.5")).quantize(Decimal("0.01"))
 
 
-def test_burn_down_of_a_vcpu_hour_budget_counts_cpu_seconds(cli, truth):
-    row = next(r for r in json.loads(cli("report", "burn-down", "-f", "json"))["rows"] if r["policy_id"] == "acme-cpu")
+@pytest.mark.parametrize("policy_id", ["acme-cpu", "acme-cpu-minutes"])
+def test_burn_down_of_a_vcpu_hour_budget_counts_cpu_seconds(cli, truth, policy_id):
+    row = next(r for r in json.loads(cli("report", "burn-down", "-f", "json"))["rows"] if r["policy_id"] == policy_id)
     hours = sum((s.cpu_seconds for s, _, _ in truth["compute"] if s.attributed and s.tenant_id == "acme"), ZERO) / 3600
     assert row["unit"] == "vcpu_hours" and hours > 0
     assert Decimal(row["spent"]) == hours.quantize(Decimal(row["spent"]))  # CPU time, not dollars
