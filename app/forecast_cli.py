@@ -14,11 +14,12 @@ forecast_app = typer.Typer(
     help=("Period-end spend per tenant / team / project / agent / model with 80 % and 95 % prediction intervals, "
           "from the ledger's hourly rollups (ETS with daily/weekly seasonality and a damped trend; see "
           "`meterline forecast backtest`). Forecasts are statistical estimates, quantised to 1e-6 USD.\n\n"
-          "Example:  meterline forecast --by team --period month -f json"),
+          "Example:  meterline forecast --by team --period month --json"),
     invoke_without_command=True,
 )
 Fmt = Annotated[str, typer.Option("--format", "-f", help="table (people), json or csv (machines; money as exact decimal strings).")]
 Tenant = Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
 _HOURS = re.compile(r"^(\d+)\s*([hdw])$")
 
 
@@ -30,11 +31,16 @@ def hours(text: str, option: str) -> int:
     return int(m.group(1)) * {"h": 1, "d": 24, "w": 168}[m.group(2)]
 
 
-def _check(fmt: str, tenant: str | None) -> None:
+def _check(fmt: str, tenant: str | None, as_json: bool = False) -> str:
+    """The format to print in, after --json; one-line errors for what cannot be run."""
+    if as_json and fmt not in ("table", "json"):
+        fail(f"--json and --format {fmt} disagree; give one of them")
+    fmt = "json" if as_json else fmt
     if fmt not in ("table", "json", "csv"):
         fail(f"--format must be table, json or csv, not {fmt!r}")
     if tenant is not None and not tenant.strip():
         fail("--tenant is empty; leave it out to forecast every tenant")
+    return fmt
 
 
 def _print(out: Any, fmt: str) -> None:
@@ -49,7 +55,7 @@ def forecast(
     ctx: typer.Context,
     by: Annotated[str, typer.Option("--by", help="tenant | team | project | agent | model")] = "tenant",
     period: Annotated[str, typer.Option("--period", help="month | week | day (UTC calendar periods).")] = "month",
-    tenant: Tenant = None, fmt: Fmt = "table",
+    tenant: Tenant = None, fmt: Fmt = "table", as_json: AsJson = False,
 ) -> None:
     """Per key: spent so far this period, forecast period-end spend, 80 % and 95 % interval bounds.
     Keys below the tenant are scope ids (acme/research)."""
@@ -59,7 +65,7 @@ def forecast(
     from .forecast import forecast_report
     from .report import ReportParams, render
 
-    _check(fmt, tenant)
+    fmt = _check(fmt, tenant, as_json)
     ledger = _ledger()
     try:
         result = forecast_report(ledger, by, period, tenant or "")
@@ -90,13 +96,13 @@ def backtest_command(
     synthetic: Annotated[Optional[int], typer.Option(
         "--synthetic", metavar="SEED", help="Backtest a seeded synthetic trace (8 weeks, daily and weekly cycle, trend, "
                                             "noise) instead of the ledger.")] = None,
-    fmt: Fmt = "table",
+    fmt: Fmt = "table", as_json: AsJson = False,
 ) -> None:
     """MAPE of the horizon's spend and coverage of the 80 % / 95 % intervals on rolling origins, for the
     forecaster (ets) and a seasonal naive baseline measured in the same run (mape_ratio = method / baseline)."""
     from .forecast import HISTORY_HOURS, backtest, ledger_series, synthetic_trace
 
-    _check(fmt, tenant)
+    fmt = _check(fmt, tenant, as_json)
     h, s = hours(horizon, "--horizon"), hours(step, "--step")
     if not 0 < origins <= 10_000:
         fail("--origins must be between 1 and 10000")

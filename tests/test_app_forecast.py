@@ -250,3 +250,16 @@ def test_burn_down_carries_the_forecast_band(cli, filled):
     lo, mean, hi = (Decimal(row[c]) for c in ("forecast_lo80", "forecast_spend", "forecast_hi80"))
     assert spent <= lo <= mean <= hi
     assert "forecast" in cli("report", "burn-down")  # the table shows the band's columns
+
+
+def test_json_is_the_same_as_format_json_for_the_forecast_and_its_backtest(cli, filled):
+    """--json, as the other commands spell it; it and a --format it contradicts are refused in one line."""
+    by_flag = json.loads(cli("forecast", "--by", "team", "--json"))
+    by_format = json.loads(cli("forecast", "--by", "team", "-f", "json"))
+    assert by_flag["report"] == "forecast" and by_flag["rows"]
+    spent = lambda doc: {r["team"]: r["spent_usd"] for r in doc["rows"]}  # noqa: E731 - the ledger's, exact
+    assert spent(by_flag) == spent(by_format)
+    backtest = json.loads(cli("forecast", "backtest", "--synthetic", "1", "--origins", "2", "--json"))
+    assert [r["method"] for r in backtest["rows"]] == ["ets", "seasonal-naive"]
+    out = cli("forecast", "--json", "-f", "csv", code=1)
+    assert "--json and --format csv disagree" in out and "Traceback" not in out
