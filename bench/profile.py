@@ -30,27 +30,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
+from .fake_kafka import Message as Msg
 from .pipeline import make_events, produce
 
 RESULTS = Path(__file__).with_name("results") / "profile.md"
-
-
-class Msg:
-    """What process() and _take() read of a confluent_kafka.Message."""
-
-    __slots__ = ("_topic", "_partition", "_offset", "_key", "_value")
-
-    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
-        self._topic, self._partition, self._offset, self._key, self._value = topic, partition, offset, key, value
-
-    def topic(self): return self._topic
-    def partition(self): return self._partition
-    def offset(self): return self._offset
-    def key(self): return self._key
-    def value(self): return self._value
-    def error(self): return None
-    def headers(self): return None
-    def timestamp(self): return (1, int(time.time() * 1000))
 
 
 def read_all(settings: Settings, topic: str) -> tuple[list, float]:

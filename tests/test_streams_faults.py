@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import random
 import threading
@@ -17,6 +18,7 @@ import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -147,18 +149,11 @@ def test_the_worker_checkpoint_survives_commit_failures_and_records_progress(set
 
 
 # ------------------------------------------------------------------- fuzz
-class Message:
-    """Just what StreamWorker.process reads of a confluent_kafka.Message."""
-
-    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
-        self._topic, self._partition, self._offset, self._key, self._value = topic, partition, offset, key, value
-
-    def topic(self): return self._topic
-    def partition(self): return self._partition
-    def offset(self): return self._offset
-    def key(self): return self._key
-    def value(self): return self._value
-    def error(self): return None
+# bench/fake_kafka.py: what process() reads of a confluent_kafka.Message (bench/profile.py feeds the same one)
+_spec = importlib.util.spec_from_file_location("bench_fake_kafka", Path(__file__).parents[1] / "bench" / "fake_kafka.py")
+_fake_kafka = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fake_kafka)
+Message = _fake_kafka.Message
 
 
 json_values = st.recursive(
