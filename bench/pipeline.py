@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import signal
@@ -40,7 +39,10 @@ from meterline.schemas.events import new_id
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
-RESULTS = Path(__file__).with_name("results") / "pipeline.md"
+from .common import append_result, broker_pid, command, machine, parser as make_parser, utc_stamp
+
+TITLE = "Stream pipeline benchmark"
+SHARED = " (shared with the broker and other engineers' jobs)"
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"),
           ("anthropic", "claude-haiku-4-5"), ("self-hosted", "llama-3.1-70b-instruct")]
 
@@ -245,14 +247,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def broker_pid() -> int | None:
-    """The local broker that `meterline kafka start` runs (None when it runs elsewhere)."""
-    try:
-        return int((Settings().data_dir / "kafka" / "broker.pid").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def broker_cpu_seconds() -> float:
     """CPU seconds of the local broker (0 when it runs elsewhere)."""
     pid = broker_pid()
@@ -449,10 +443,8 @@ def end_to_end_section(args: argparse.Namespace, r: dict) -> str:
     strict = max(r["bare same topic"], r["bare fresh topic"])
     cpu = ", ".join(f"{name} {us:.1f}" for name, us in r["cpu µs/event"].items())
     return (f"\n## end to end: usage -> {args.workers} stream worker(s) + ledger sink at once -> rows in ClickHouse, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\nMachine: `{platform.machine()}`, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}. Command: `METERLINE_KAFKA_BOOTSTRAP="
-            f"{os.environ.get('METERLINE_KAFKA_BOOTSTRAP', '127.0.0.1:9092')} .venv/bin/python -m bench.pipeline --end-to-end "
-            f"--events {args.events} --sessions {args.sessions} --workers {args.workers}`\n\n"
+            f"{utc_stamp()}\n\n{machine()} Command: `"
+            f"{command('pipeline', '--end-to-end', *_size_args(args))}`\n\n"
             f"| measure | value |\n|---|---|\n| rows in ClickHouse | {r['rows']:,} of {args.events:,} |\n"
             f"| sustained usage-to-rows-visible rate, warm pipeline, all stages at once (SIGCONT to last row committed) | {r['rate']:,.0f} events/s |\n"
             f"| CPU per event (µs, from /proc) | {cpu} |\n"
@@ -473,8 +465,12 @@ def _warmed(w: dict | None) -> str:
             f"{w['jit_s']:.1f} of them compiling")
 
 
+def _size_args(args: argparse.Namespace) -> list[str]:
+    return [f"--events {args.events}", f"--sessions {args.sessions}", f"--workers {args.workers}"]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes in one consumer group (partitions = parallelism)")
@@ -489,8 +485,7 @@ def main() -> None:
         section = end_to_end_section(args, run_end_to_end(make_events(args.events, args.sessions), args.workers,
                                                              broker_warmup_s=args.broker_warmup_s))
         print(section)
-        with open(RESULTS, "a") as out:
-            out.write(section)
+        append_result("pipeline", section, TITLE)
         return
 
     settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
@@ -510,11 +505,10 @@ def main() -> None:
     ledger = run_ledger(settings, Path(f"/tmp/{settings.topic_prefix}"), args.events) if args.ledger else None
 
     lines = [
-        f"## stream worker (`bench/pipeline.py`), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"## stream worker (`bench/pipeline.py`), {utc_stamp()}",
         "",
-        f"Machine: `{platform.machine()}`, {os.cpu_count()} cores (shared with the broker and other engineers' jobs), "
-        f"Python {platform.python_version()}. Command: `METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python -m bench.pipeline "
-        f"--events {args.events} --sessions {args.sessions} --workers {args.workers}{' --ledger' if args.ledger else ''}`. "
+        f"{machine(SHARED)} Command: "
+        f"`{command('pipeline', *_size_args(args), *(['--ledger'] if args.ledger else []))}`. "
         "Worker rate = priced records / (last - first priced record timestamp), i.e. from its first produced result to its last.",
         "",
         "| measure | value |",
@@ -537,9 +531,7 @@ def main() -> None:
         lines.append(f"| Faust agent + one table update via test_context (in-memory store, no Kafka I/O; for the choice) | {faust_us:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS.read_text() if RESULTS.exists() else "# Stream pipeline benchmark\n\n"
-    RESULTS.write_text(previous.rstrip() + "\n\n" + text)
+    append_result("pipeline", text, TITLE)
 
 
 if __name__ == "__main__":

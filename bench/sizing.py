@@ -16,19 +16,15 @@ Prints markdown (or --json) and appends the markdown to bench/results/sizing.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import tempfile
 import time
-import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("results") / "sizing.md"
 TARGETS = (10_000, 100_000, 1_000_000)
 HEADROOM = 0.6            # plan each core at 60 %: room for bursts, rebalances and catch-up after an outage
 REPLICATION = 3           # production topics: replication factor 3 (each record written to 3 brokers)
@@ -139,13 +135,14 @@ def settings_line(p: dict) -> str:
 
 
 def markdown(m: dict, ch: dict, core: dict, plans: list[dict], command: str) -> str:
+    from bench.common import machine, utc_stamp
+
     w = m["broker_warmup"] or {}
     if m.get("assumed"):
         return _assumed_markdown(m, core, plans, command)
     lines = [
-        f"## Sizing (`bench/sizing.py`), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-        f"Machine: `{platform.machine()}`, {os.cpu_count()} cores shared with other jobs (load average "
-        f"{os.getloadavg()[0]:.2f}), Python {platform.python_version()}. Command: `{command}`. Per-core figures are "
+        f"## Sizing (`bench/sizing.py`), {utc_stamp()}", "",
+        f"{machine(' shared with other jobs')} Command: `{command}`. Per-core figures are "
         "1 / CPU per event of each process (from /proc), so a busy machine slows the run more than it moves them.", "",
         "| measured here, per core | value |", "|---|---|",
         f"| stream worker (validate, dedupe, price, spend, detectors, produce, commit) | {core['worker_events_per_core']:,.0f} "
@@ -191,7 +188,9 @@ def _plan_table(plans: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from bench.common import append_result, command as command_line, parser as make_parser, require_local_broker
+
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--broker-warmup-s", type=float, default=120.0, help="warm a local broker's JIT first (0: do not)")
@@ -199,26 +198,18 @@ def main() -> None:
     parser.add_argument("--assume", nargs=3, type=float, metavar=("WORKER_US", "SINK_US", "BROKER_US"),
                         help="measure nothing: project from these CPU µs per usage event (e.g. a quiet machine's)")
     args = parser.parse_args()
-    command = (f"METERLINE_KAFKA_BOOTSTRAP={os.environ.get('METERLINE_KAFKA_BOOTSTRAP', '127.0.0.1:9092')} .venv/bin/python "
-               f"-m bench.sizing --events {args.events} --sessions {args.sessions}")
+    command = command_line("sizing", f"--events {args.events}", f"--sessions {args.sessions}")
     if args.assume:
         command = f"python -m bench.sizing --assume {' '.join(f'{v:g}' for v in args.assume)}"
         measured, chdb = assumed(*args.assume), {"rows_per_cpu_s": 0.0}
     else:
-        from bench.pipeline import broker_pid
-        from meterline.settings import Settings
-
-        if broker_pid() is None:  # its CPU per event would read 0 and plan no broker cores
-            sys.exit(f"error: no local broker under {Settings().data_dir / 'kafka'}: start one (`meterline kafka start`), "
-                     "set METERLINE_DATA_DIR to the one running, or give the figures with --assume")
+        require_local_broker("give the figures with --assume")  # its CPU per event would read 0: no broker cores
         measured = measure_pipeline(args.events, args.sessions, args.broker_warmup_s)
         chdb = measure_chdb()
     core = per_core(measured, chdb)
     plans = [plan(rate, core) for rate in TARGETS]
     text = markdown(measured, chdb, core, plans, command)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as out:
-        out.write("\n" + text)
+    append_result("sizing", text, "Sizing benchmark (`bench/sizing.py`)")
     if args.json:
         print(json.dumps({"measured": measured, "chdb": chdb, "per_core": core, "plans": plans, "command": command}, indent=2))
     else:

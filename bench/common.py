@@ -1,0 +1,69 @@
+"""What the bench scripts share: their --help, the machine and command lines written beside each figure, the
+local broker they measure, and the results file a section is appended to.
+
+Standard library at the top (meterline is imported where it is needed): tests load bench scripts by path."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).with_name("results")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The script's options; --help prints its docstring whole (how to run it, what each step measures)."""
+    first, _, rest = doc.strip().partition("\n")
+    return argparse.ArgumentParser(description=first, epilog=rest.strip("\n") or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def bootstrap() -> str:
+    """The brokers measured: METERLINE_KAFKA_BOOTSTRAP, else the local default."""
+    return os.environ.get("METERLINE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def command(module: str, *args: str) -> str:
+    """The command line that reproduces a figure, as a reader reruns it."""
+    return " ".join([f"METERLINE_KAFKA_BOOTSTRAP={bootstrap()}", ".venv/bin/python", "-m", f"bench.{module}", *args])
+
+
+def machine(cores_note: str = "") -> str:
+    """One line for the section: architecture, cores, Python and the load the run shared the machine with."""
+    return (f"Machine: `{platform.machine()}`, {os.cpu_count()} cores{cores_note}, Python {platform.python_version()}, "
+            f"load average {os.getloadavg()[0]:.2f}.")
+
+
+def utc_stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def broker_pid() -> int | None:
+    """The local broker that `meterline kafka start` runs (None when it runs elsewhere)."""
+    from meterline.settings import Settings
+
+    try:
+        return int((Settings().data_dir / "kafka" / "broker.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def require_local_broker(alternative: str) -> None:
+    """Exit in one line when no local broker can be measured (its CPU would read 0)."""
+    if broker_pid() is None:
+        from meterline.settings import Settings
+
+        sys.exit(f"error: no local broker under {Settings().data_dir / 'kafka'}: start one (`meterline kafka start`), "
+                 f"set METERLINE_DATA_DIR to the one running, or {alternative}")
+
+
+def append_result(name: str, text: str, title: str) -> Path:
+    """Append a section to bench/results/<name>.md (a new file starts with `# title`)."""
+    path = RESULTS_DIR / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.read_text() if path.exists() else f"# {title}\n"
+    path.write_text(previous.rstrip() + "\n\n" + text.strip("\n") + "\n")
+    return path

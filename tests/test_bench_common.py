@@ -1,0 +1,48 @@
+"""bench/common.py, what the bench scripts share: --help that teaches, the results file, the one-line refusal
+when no local broker can be measured. The scripts run as a reader runs them: `python -m bench.<name>`."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+# bench/ is scripts, not an installed package: load the module from its file (stdlib imports only at the top)
+_spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("name,step", [("sizing", "3. The projection"), ("pipeline", "2. Baseline")])
+def test_help_prints_the_whole_docstring_how_to_run_and_what_it_measures(name, step):
+    done = bench(f"bench.{name}", "--help")
+    assert done.returncode == 0, done.stderr
+    assert f"-m bench.{name} [--events" in done.stdout and step in done.stdout and "--events EVENTS" in done.stdout
+
+
+def test_sizing_refuses_in_one_line_without_a_local_broker(tmp_path):
+    done = bench("bench.sizing", "--events", "10", METERLINE_DATA_DIR=str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (f"error: no local broker under {tmp_path / 'kafka'}: start one (`meterline kafka start`), "
+                                   "set METERLINE_DATA_DIR to the one running, or give the figures with --assume")
+
+
+def test_a_result_section_is_appended_under_the_files_title(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    common.append_result("x", "## first\n\n| a |\n", "X benchmark")
+    path = common.append_result("x", "\n## second\n", "X benchmark")
+    assert path.read_text() == "# X benchmark\n\n## first\n\n| a |\n\n## second\n"
+
+
+def test_the_command_line_names_the_brokers_measured(monkeypatch):
+    monkeypatch.setenv("METERLINE_KAFKA_BOOTSTRAP", "10.0.0.7:9092")
+    assert common.command("pipeline", "--events 5") == "METERLINE_KAFKA_BOOTSTRAP=10.0.0.7:9092 .venv/bin/python -m bench.pipeline --events 5"
