@@ -12,7 +12,7 @@ from meterline.allocator.guard import BudgetExceeded, Guard
 from meterline.allocator.simulator import (START, AgentSpec, Scenario, SimFeed, builtin_scenarios, parse_scenario,
                                            simulate)
 from meterline.allocator.simulate import spend_update
-from meterline.schemas.events import PRIORITIES, BudgetPolicy
+from meterline.schemas.events import PRIORITIES, BudgetPolicy, ThrottleDecision, UsageEvent, new_id, utcnow
 
 D = Decimal
 SUITE = {sc.name: sc for sc in builtin_scenarios()}
@@ -176,7 +176,6 @@ def test_the_demo_run_scenario_is_the_demos_hooli():
     targets are asserted there, deterministic, in seconds): its budget, agents, rates and call costs must
     stay the demo's, or that target would test something else."""
     from meterline.app.demo import BUDGETS, FLEET
-    from meterline.schemas.events import UsageEvent, new_id, utcnow
     from meterline.streams.pricing import load_catalog
 
     sc, budget = SUITE["hooli-demo-run"], BUDGETS["hooli"]
@@ -197,9 +196,7 @@ def test_the_demo_run_scenario_is_the_demos_hooli():
 
 
 
-def _lease(guard: Guard, action: str, limit: str, now) -> "ThrottleDecision":
-    from meterline.schemas.events import ThrottleDecision, new_id
-
+def _lease(guard: Guard, action: str, limit: str, now) -> ThrottleDecision:
     return ThrottleDecision(decision_id=new_id(), tenant_id="sim", scope="session", scope_id=guard.scopes["session"],
                             action=action, reason="test", issued_at=now, expires_at=now + timedelta(seconds=30),
                             policy_id="b", spend_limit_usd=D(limit), spent_usd=D(0))

@@ -288,3 +288,20 @@ def test_decode_never_leaks_an_arithmetic_error():
 
     with pytest.raises(InvalidEvent, match="out of range"):
         decode(Fragile, b'{"x": 1}')
+
+
+def test_the_package_re_exports_every_public_name_that_events_defines():
+    """schemas/__init__.py names them one by one (no `import *`, which linters cannot follow): one added to
+    events.py and not there would be missing from `from meterline.schemas import ...`."""
+    import ast
+    from pathlib import Path
+
+    import meterline.schemas as package
+
+    tree = ast.parse(Path(ev.__file__).read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    defined |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    public = {name for name in defined if not name.startswith("_")}
+    assert public - set(package.__all__) == set() and set(package.__all__) <= public
+    assert all(getattr(package, name) is getattr(ev, name) for name in public)
