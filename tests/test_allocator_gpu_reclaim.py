@@ -62,7 +62,7 @@ def send_samples(settings, holders: list[tuple[str, int]], ages_s=(30, 1)) -> No
                               agent_id="trainer", session_id=session, attributed=True)]
             for row in rows:
                 producer.produce(settings.topic("gpu"), key=row.key.encode(), value=row.to_json())
-    producer.flush(10)
+    assert producer.flush(60) == 0  # returns once delivered; what is left undelivered would read as a missing sample
 
 
 def action(feed, key: str) -> str | None:
@@ -88,7 +88,8 @@ def test_an_idle_holder_is_released_to_a_waiting_tenant_through_the_broker(setti
     gpu_quotas(settings)
     send_samples(settings, [("notebook", 0), ("notebook", 0), ("busy", 90), ("busy", 90)])
     idle_key, busy_key = "session:acme/ml/p/trainer/notebook:*", "session:acme/ml/p/trainer/busy:*"
-    time.sleep(0.5)
+    wait_for(lambda: allocator.counts["gpu"] >= 16, "the allocator read the 16 samples")  # else the next check proves nothing
+    time.sleep(0.5)  # ~25 of its ticks, for a wrong preempt to show up
     assert action(feed, idle_key) is None, "idle but nobody waits: it keeps its GPUs"
     Guard(feed, "beta", "ml", "p", "trainer", "job-8", priority="normal").wait_for_gpus(2)
     wait_for(lambda: action(feed, idle_key) == "preempt", "the idle holder is told to release its GPUs")

@@ -102,7 +102,7 @@ def _publish(settings, decision: ThrottleDecision) -> None:
 
     producer = Producer(settings.kafka_config())
     producer.produce(settings.topic("control"), key=decision.key.encode(), value=decision.to_json())
-    producer.flush(10)
+    assert producer.flush(60) == 0
 
 
 def _decision(action: str = "allow", ttl: float = 60, **kw) -> ThrottleDecision:
