@@ -13,7 +13,6 @@ import re
 import shutil
 import struct
 import subprocess
-import time
 import uuid
 import zlib
 from datetime import datetime, timedelta, timezone
@@ -32,6 +31,8 @@ from meterline.schemas.events import Anomaly, PricedEvent, SpendUpdate, Throttle
 from meterline.settings import Settings
 from meterline.sql import ledger
 from meterline.sql.rows import insert_rows, priced_event_row, with_offsets
+
+from collectors_kafka import wait_for  # the tests' shared bounded wait
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -80,10 +81,8 @@ def served(settings, tmp_path):
     api = ApiServer(lambda: DirectLedger(store, ledger.connect(store)), live=feed.state,
                     health=lambda: {"api": {"running": True, "restarts": 0}}, port=0)
     api.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (len(feed.state.series) == 3 and len(feed.state.decisions) == 4
-                                               and len(feed.state.anomalies) == 2):
-        time.sleep(0.1)
+    wait_for(lambda: len(feed.state.series) == 3 and len(feed.state.decisions) == 4 and len(feed.state.anomalies) == 2,
+             "the live feed to read what was published", step=0.1)
     yield store, api, feed, client, events
     api.stop()
     feed.stop()
