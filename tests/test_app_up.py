@@ -248,11 +248,17 @@ def test_progress_is_judged_only_while_kafka_can_be_read(settings):
             raise RuntimeError("broker down")
 
     c.observe(12, 7, now=time.monotonic() - 1000)
-    watch, stop = ProgressWatch(settings, [c], every=0.01), threading.Event()
-    watch.observe = lambda kafka: KafkaAway().progress("g", [])
+    watch, stop, reads = ProgressWatch(settings, [c], every=0.01), threading.Event(), []
+
+    def observe(kafka):
+        reads.append(1)
+        KafkaAway().progress("g", [])
+
+    watch.observe = observe
     runner = threading.Thread(target=watch.run, args=(stop,))
     runner.start()
-    time.sleep(0.2)
+    # a second read attempt means the first failure was handled (its client may be slow to make on a loaded machine)
+    wait_for(lambda: len(reads) >= 2, "two reads of Kafka that fail")
     stop.set()
     runner.join()
     assert not c.stalled(60)
