@@ -113,8 +113,9 @@ def test_the_ledger_equals_the_truth_after_a_broker_fault(own_broker, tmp_path, 
         except AssertionError:
             print(log_path.read_text()[-6000:])
             raise
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
-        assert health.status_code == 200, health.text
+        # all running again: one that a broker error made exit is restarted within its backoff (at most 30 s)
+        health = wait_for(lambda: (r := httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)).status_code == 200 and r,
+                          "every component running, none stalled")
         assert not [n for n, c in health.json()["components"].items() if c.get("stalls") or c.get("stalled")], health.text
     finally:
         proc.send_signal(signal.SIGTERM)
