@@ -101,7 +101,7 @@ def sink_cost(settings: Settings, priced: list, profile: bool, batched: bool = T
 
 WORKER_STAGES = {  # cProfile function name -> stage
     "decode_usage": "decode + validate (msgspec)", "usage_digest": "dedupe digest", "price_pico": "price",
-    "_priced_json": "priced JSON", "usage": "anomaly detectors", "add": "spend (5 scopes)", "add_many": "spend (5 scopes)",
+    "_priced_json": "priced JSON", "_priced_v2": "priced.v2 encode", "usage": "anomaly detectors", "add": "spend (5 scopes)", "add_many": "spend (5 scopes)",
     "<method 'produce' of 'cimpl.Producer' objects>": "produce()", "publish_spend": "publish spend",
     "<method 'flush' of 'cimpl.Producer' objects>": "producer flush (librdkafka)",
 }

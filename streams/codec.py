@@ -48,8 +48,10 @@ def _fast_struct(contract: type) -> type[msgspec.Struct]:
     for name, info in contract.model_fields.items():
         kind = _fast_type(info.annotation, tuple(info.metadata))
         fields.append((name, kind) if info.is_required() else (name, kind, info.get_default(call_default_factory=True)))
+    # gc=False: not tracked by the cyclic collector (its fields, str/int/datetime/UUID and a dict of strings, can
+    # hold no cycle); one fewer tracked object per event means fewer collections on the worker's hot path
     return msgspec.defstruct(f"Fast{contract.__name__}", fields, kw_only=True, forbid_unknown_fields=True,
-                             module=__name__)
+                             module=__name__, gc=False)
 
 
 FastUsage = _fast_struct(ev.UsageEvent)
@@ -68,6 +70,15 @@ def _money_ok(value: Decimal) -> bool:
     return -ev.MONEY_PLACES <= exponent <= 0 and len(digits) + exponent <= ev.MONEY_DIGITS - ev.MONEY_PLACES
 
 
+def _visible(text: str) -> bool:
+    """No HIDDEN_RE character in text. ASCII text (isascii is O(1) in CPython) is checked by isprintable, a C
+    loop ~10x cheaper than the regex: within ASCII the hidden characters are exactly the non-printable ones
+    (Cc: 0x00-0x1F, 0x7F; no ASCII character is Cf, Zl or Zp), tests/test_streams_codec.py checks it."""
+    if text.isascii():
+        return text.isprintable()
+    return ev.HIDDEN_RE.search(text) is None
+
+
 def _fast_ok(e: FastUsage, latest: datetime) -> bool:
     """Every rule of UsageEvent holds; ts is then in UTC."""
     ts = e.ts
@@ -80,7 +91,7 @@ def _fast_ok(e: FastUsage, latest: datetime) -> bool:
             return False
     if ts > latest or ts.year < ev.LEDGER_YEARS[0]:  # latest = now + MAX_FUTURE_SKEW (so before LEDGER_YEARS[1])
         return False
-    if ev.HIDDEN_RE.search(e.tenant_id + e.team + e.project + e.agent_id + e.session_id + e.provider + e.model + e.tool):
+    if not _visible("".join((e.tenant_id, e.team, e.project, e.agent_id, e.session_id, e.provider, e.model, e.tool))):
         return False
     if (e.cache_read_tokens + e.cache_write_tokens + e.input_audio_tokens + e.input_image_tokens > e.input_tokens
             or e.reasoning_tokens + e.output_audio_tokens + e.output_image_tokens > e.output_tokens

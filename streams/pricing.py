@@ -441,13 +441,18 @@ class Catalog:
         The streams' hot path: same rules as list_price, with integer arithmetic whenever every
         rate is a whole number of pico-USD per token (true for nearly all public prices).
         """
-        if event.kind == "llm_call" and uses_sheet(event):  # rare: the Decimal path, same rounding
-            listed = self.list_price(event)
-            if listed is None:
-                return None
-            return _pico_parts(listed[0])
         if event.kind == "llm_call":
-            per_token = self._day_rates(event.provider, event.model, event.ts)
+            if (event.cache_write_1h_tokens or event.input_audio_tokens or event.input_image_tokens  # uses_sheet, inlined
+                    or event.output_audio_tokens or event.output_image_tokens or event.web_searches
+                    or event.batch or event.service_tier not in ("", "default")):  # rare: the Decimal path, same rounding
+                listed = self.list_price(event)
+                if listed is None:
+                    return None
+                return _pico_parts(listed[0])
+            ts = event.ts
+            per_token = self._day_cache.get((event.provider, event.model, ts.toordinal()), _MISS)  # _day_rates' hit, inlined
+            if per_token is _MISS:
+                per_token = self._day_rates(event.provider, event.model, ts)
             if per_token is None:
                 return None
             ints, rates = per_token

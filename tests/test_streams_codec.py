@@ -91,3 +91,24 @@ def test_fast_path_rejects_what_the_contract_rejects_naming_the_field(override, 
 def test_exact_money_within_bounds_stays_on_the_fast_path(cost):
     event = decode_usage(json.dumps(valid_record(cost_usd=cost)).encode())
     assert isinstance(event, FastUsage) and event.cost_usd == Decimal(cost)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=12) | st.text(max_size=12))
+@example("a\x00b")
+@example("a\x7f")
+@example("tab\there")
+@example(" ")
+def test_visible_agrees_with_the_contracts_hidden_character_set(text):
+    """The ASCII shortcut (isprintable) accepts exactly what HIDDEN_RE accepts, ASCII or not."""
+    from meterline.schemas.events import HIDDEN_RE
+    from meterline.streams.codec import _visible
+
+    assert _visible(text) == (HIDDEN_RE.search(text) is None)
+
+
+def test_every_ascii_character_is_judged_like_the_contract():
+    from meterline.schemas.events import HIDDEN_RE
+    from meterline.streams.codec import _visible
+
+    assert [c for c in map(chr, range(128)) if _visible(c) != (HIDDEN_RE.search(c) is None)] == []

@@ -147,3 +147,23 @@ def test_compute_samples_are_priced_per_vcpu_hour_and_gib_hour_of_their_node_cla
     assert catalog.compute_sample_cost(hour) == (Decimal("0.031611"), Decimal("0.004237"))  # one vCPU-hour, one GiB-hour
     with pytest.raises(LookupError, match=r"\[compute.tiny\]"):
         catalog.compute_sample_cost(build(ComputeSample, **{**sample.model_dump(), "node_class": "tiny"}))
+
+
+SHEET_FIELDS = ("cache_write_1h_tokens", "input_audio_tokens", "input_image_tokens", "output_audio_tokens",
+                "output_image_tokens", "web_searches", "batch", "service_tier")
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-4o", "claude-sonnet-4-5"])
+@pytest.mark.parametrize("field", SHEET_FIELDS)
+def test_the_stream_path_prices_each_part_of_the_sheet_like_the_decimal_path(catalog, model, field):
+    """price_pico's inlined "uses more of the sheet" test: an event that sets any one of those fields is priced
+    exactly as list_price (the Decimal path, independent of the integer fast path) prices it."""
+    value = {"batch": True, "service_tier": "flex", "cache_write_1h_tokens": 50}.get(field, 321)
+    event = usage(provider="", model=model, input_tokens=10_000, output_tokens=2_000, cache_write_tokens=100, **{field: value})
+    listed = catalog.list_price(event)
+    pico = catalog.price_pico(event)
+    if listed is None:
+        assert pico is None
+        return
+    parts, total = listed
+    assert pico[4] == int(total.scaleb(12)) and [*pico[:4], *pico[5:]] == [int(p.scaleb(12)) for p in parts]

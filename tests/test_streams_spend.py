@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings, strategies as st
 
 from meterline.schemas.scopes import scope_ids
+from meterline.streams import spend
 from meterline.streams.spend import SpendBook, _minute, _minute_key, month_of
 
 START = datetime(2026, 1, 31, 22, 0, tzinfo=timezone.utc)  # two hours before a month turns
@@ -98,12 +99,64 @@ def test_ancestors_of_a_batch_are_charged_once_per_group_not_per_event():
     book, minute = SpendBook(), _minute_key(START)
     rows = [(("acme", "t", "p", "bot", f"s{i}"), minute, 10, 1, 1, 0) for i in range(500)]
     levels = []
-    real = SpendBook._charge_level
-    SpendBook._charge_level = staticmethod(lambda level, late: levels.append(len(level)) or real(level, late))
+    real = spend._charge_group
+    spend._charge_group = lambda level, late: levels.append(len(level)) or real(level, late)
     try:
         book.add_many(rows)
     finally:
-        SpendBook._charge_level = staticmethod(real)
+        spend._charge_group = real
     assert levels == [1, 1, 1, 1]  # agent, project, team, tenant: one (state, minute) group each
     assert book.states[("acme", "agent", "acme/t/p/bot")].period == 5000
     assert book.states[("acme", "tenant", "acme")].events == 500
+
+
+def _one_at_a_time(batches: list[list[tuple]]) -> tuple[dict, int]:
+    """The documented semantics, record by record, written apart from spend.py: a scope's window is the sum of
+    its newest minute, its period the sum of its month; a minute of an earlier month than the scope's is late."""
+    states: dict[tuple, list] = {}  # key -> [month, window_key, window, period, events, input, output, unpriced]
+    late = 0
+    for rows in batches:
+        for ids, minute, cost, inp, out, unp in rows:
+            for scope, sid in scope_ids(*ids).items():
+                s = states.setdefault((ids[0], scope, sid), [month_of(minute), minute, 0, 0, 0, 0, 0, 0])
+                if minute > s[1]:
+                    if minute >= s[0][3]:  # a new month: its totals start from zero
+                        s[0], s[3:] = month_of(minute), [0, 0, 0, 0, 0]
+                    s[1], s[2] = minute, 0
+                elif minute < s[0][2]:
+                    late += 1
+                    continue
+                if minute == s[1]:
+                    s[2] += cost
+                s[3], s[4], s[5], s[6], s[7] = s[3] + cost, s[4] + 1, s[5] + inp, s[6] + out, s[7] + unp
+    return {k: (s[3], s[2], s[1], s[4], s[5], s[6], s[7], s[0]) for k, s in states.items()}, late
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(rows_st, min_size=1, max_size=6),
+       st.one_of(st.integers(0, 24 * 60 * 40), st.integers(44_640 - 150, 44_640 + 10)))
+def test_the_batch_and_the_single_charge_equal_a_record_by_record_model(batches, offset):
+    """add_many and add() (one _charge_group since session 8) against a model written apart: every field of every
+    scope and the late count, batches spanning a month's end, minutes out of order, negative and zero costs."""
+    base = _minute_key(datetime(2026, 1, 1, tzinfo=timezone.utc)) + offset
+    batches = [[(IDS[i], base + m, cost, inp, out, unp) for i, m, cost, inp, out, unp in batch] for batch in batches]
+    by_batch, by_row = SpendBook(), SpendBook()
+    for rows in batches:
+        by_batch.add_many(rows)
+        for ids, minute, cost, inp, out, unp in rows:
+            by_row.add(ids, _minute(minute), cost, inp, out, unp, minute=minute)
+    truth, late = _one_at_a_time(batches)
+    for book in (by_batch, by_row):
+        assert {k: v[:-1] for k, v in _state_of(book).items()} == truth  # FIELDS less `dirty`
+        assert book.late == late
+
+
+def test_gpu_and_cpu_charges_reach_every_level_and_a_late_one_is_counted_per_scope():
+    book, minute = SpendBook(), _minute_key(datetime(2026, 3, 3, tzinfo=timezone.utc))
+    ids = ("acme", "t", "p", "bot", "s1")
+    book.add(ids, _minute(minute), 7, gpu_ps=5, gpu_cost=7, events=0, minute=minute, cpu_ps=3)
+    assert {(s.period, s.gpu_ps, s.gpu, s.cpu_ps, s.events) for s in book.states.values()} == {(7, 5, 7, 3, 0)}
+    assert len(book.states) == 5
+    february = _minute_key(datetime(2026, 2, 27, tzinfo=timezone.utc))
+    book.add(ids, _minute(february), 9, gpu_ps=1, gpu_cost=9, events=0, minute=february)
+    assert book.late == 5 and {s.period for s in book.states.values()} == {7}  # the ledger's, not the stream's
