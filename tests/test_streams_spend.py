@@ -46,10 +46,10 @@ def test_parked_totals_of_an_old_month_are_dropped_and_a_new_month_starts_from_z
     book.add(ids, START, 5)
     list(book.drain(START))
     assert book.evict_idle(START + timedelta(hours=1, minutes=30), timedelta(hours=1)) == 2  # the agent and the session
-    assert key in book.parked
+    assert key not in book.states and book.store.get(key)[1] == 5  # out of memory, on disk
     later = START + timedelta(days=2)  # February
     book.evict_idle(later, timedelta(hours=1))
-    assert book.parked == {}
+    assert len(book.store) == 0
     book.add(ids, later, 7)
     assert book.states[key].period == 7
 
