@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -61,6 +62,7 @@ class StateStore:
         self.db.execute("CREATE TABLE scopes (tenant TEXT, scope TEXT, scope_id TEXT, month INTEGER, totals TEXT, "
                         "PRIMARY KEY (tenant, scope, scope_id)) WITHOUT ROWID")
         self.empty = True  # nothing ever put: the hot path's new scopes skip the lookup (a fresh worker)
+        self._closed = weakref.finalize(self, _close, self.db, self.path)  # a store dropped unclosed leaves no file
 
     def get(self, key: ScopeKey) -> Parked | None:
         row = self.db.execute("SELECT month, totals FROM scopes WHERE tenant=? AND scope=? AND scope_id=?", key).fetchone()
@@ -94,13 +96,11 @@ class StateStore:
     def __len__(self) -> int:
         return self.db.execute("SELECT count(*) FROM scopes").fetchone()[0]
 
-    def keys(self) -> Iterator[ScopeKey]:
-        yield from self.db.execute("SELECT tenant, scope, scope_id FROM scopes")
+    def keys(self) -> list[ScopeKey]:
+        return self.db.execute("SELECT tenant, scope, scope_id FROM scopes").fetchall()
 
-    def close(self, remove: bool = True) -> None:
-        self.db.close()
-        if remove:
-            self.path.unlink(missing_ok=True)
+    def close(self) -> None:
+        self._closed()
 
     def _transaction(self) -> Any:
         db = self.db
@@ -156,6 +156,11 @@ class StateStore:
 
 
 KEY_SEP = "\x1f"
+
+
+def _close(db: sqlite3.Connection, path: Path) -> None:
+    db.close()
+    path.unlink(missing_ok=True)
 
 
 def parked_from_update(update: dict[str, Any]) -> Parked:
