@@ -249,6 +249,44 @@ def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_
     assert len(truth) > 20 and latest == truth
 
 
+def test_a_damaged_changelog_record_is_dead_lettered_and_its_scope_continues_from_its_newest_good_state(kafka_bootstrap):
+    """A damaged spend-state record must not restart its scope at zero (an under-count lets a session overspend):
+    s1's newest record is damaged after a good one (the changelog's previous record is used), s2 has only a damaged
+    one in the changelog and a good copy on `spend` (used); both damaged records reach the dlq with a reason, and
+    each session's total after new spend is its good state + the priced costs (ground truth: what the test wrote
+    and the priced topic)."""
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(5)
+    month = NOW.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    ids = {s: scope_ids("acme", "core", "p1", "bot", s)["session"] for s in ("s1", "s2")}
+
+    def state(session: str, period: str) -> bytes:
+        return json.dumps({"update_id": str(new_id()), "ts": NOW.isoformat(), "tenant_id": "acme", "scope": "session",
+                           "scope_id": ids[session], "window_start": (month + timedelta(minutes=1)).isoformat(),
+                           "window_end": (month + timedelta(minutes=2)).isoformat(), "window_cost_usd": "0",
+                           "period_start": month.isoformat(), "period_cost_usd": period, "events": 3, "input_tokens": 1,
+                           "output_tokens": 1, "gpu_seconds": "0", "gpu_cost_usd": "0", "unpriced_events": 0}).encode()
+
+    key = lambda session: "\x1f".join(("acme", "session", ids[session])).encode()  # noqa: E731
+    bad = [state("s1", "oops"), b'{"period_cost_usd": 7']
+    produce(settings, "spend-state", [(key("s1"), state("s1", "1.25")), (key("s1"), bad[0]), (key("s2"), bad[1])])
+    produce(settings, "spend", [(b"acme", state("s2", "2.5"))])
+    produce(settings, "usage", [(b"acme", json.dumps(usage_record(rng, tenant="acme", team="core", project="p1", agent_id="bot",
+                                                                  session_id=s, cost_usd="0.001")).encode())
+                                for s in ("s1", "s2") for _ in range(5)])
+    stats = run_worker(settings)
+    assert stats["spend_state_damaged"] == 2 and stats["spend_state_lost"] == 0
+    letters = [json.loads(r) for r in read_topic(settings, "dlq")]
+    assert sorted(base64.b64decode(d["payload_b64"]) for d in letters if d["error_type"] == "damaged_spend_state") == sorted(bad)
+    assert all("spend-state record unreadable" in d["reason"] for d in letters)
+    truth = {ids["s1"]: Decimal("1.25"), ids["s2"]: Decimal("2.5")}
+    for raw in read_topic(settings, "priced"):
+        p = priced_record(raw)
+        truth[scope_ids("acme", p["team"], p["project"], p["agent_id"], p["session_id"])["session"]] += Decimal(p["cost_usd"])
+    latest = {u.scope_id: u.period_cost_usd for u in (decode(SpendUpdate, r) for r in read_topic(settings, "spend")[1:])
+              if u.scope == "session"}
+    assert latest == truth and truth[ids["s1"]] == Decimal("1.255")
+
+
 def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_by_the_unattributed_tenant(kafka_bootstrap):
     from meterline.schemas.events import ComputeSample
 
