@@ -89,3 +89,15 @@ def test_a_closed_or_dropped_store_leaves_no_file():
     assert path.exists()
     del store
     assert not path.exists()
+
+
+def test_every_stored_key_passes_the_filter_as_it_grows_and_most_absent_ones_do_not():
+    """The Bloom filter may say yes wrongly (a lookup wasted), never no wrongly (a stored scope read as new: from zero)."""
+    store = StateStore()
+    keys = [("t", "session", f"s{i}") for i in range(150_000)]  # past the first filter's 65,536 keys: rebuilt twice
+    for i in range(0, len(keys), 25_000):
+        store.put_many((k, (MONTH, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)) for k in keys[i:i + 25_000])
+    assert all(store.get(k) is not None for k in keys)
+    assert store.filter.capacity >= 150_000
+    false = sum(hash(("t", "session", f"x{i}")) in store.filter for i in range(20_000))
+    assert false < 400, false  # ~0.5 % expected
