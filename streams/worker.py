@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 import os
+import uuid
 
 import msgspec
 from msgspec.structs import astuple
@@ -299,11 +300,12 @@ class StreamWorker:
         self.dedupe = DedupeWindow(dedupe_per_partition)  # one per worker; capacity x usage partitions on assign
         self.tenant_partition: dict[str, int] = {}
         self.stats: Counter[str] = Counter()
-        # one store file per worker (instance id, else pid): rebuilt from the changelog now and on each rebalance
+        # one store file per worker (its instance id, else pid + a random tag: two workers of one process),
+        # rebuilt from the changelog at each assignment, removed at stop
         state_dir = settings.streams_state_dir or settings.data_dir / "streams-state"
-        name = f"{group_id}-{instance_id or os.getpid()}".replace("/", "_")
+        name = f"{group_id}-{instance_id or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}".replace("/", "_")
         self.spend = SpendBook(StateStore(Path(state_dir) / f"{name}.sqlite3", settings.streams_state_cache_mib))
-        self._damaged, self._assigned = self._restore(), False  # the first assignment uses this restore
+        self._damaged: list[Damaged] = []
         self.detectors = Detectors(detector_config)
         self.stream_now = datetime.min.replace(tzinfo=UTC)
         self._delivery_error: str | None = None
@@ -326,13 +328,13 @@ class StreamWorker:
             "partition.assignment.strategy": "range", "on_commit": self._on_commit, **(consumer_overrides or {}),
         }))
         self._check_co_partitioned()
-        self._letter_damaged()
 
     def _restore(self) -> list[Damaged]:
         assert self.spend.store is not None
         damaged, lost = restore_spend(self.settings, self.spend.store)
         self.stats["spend_state_damaged"] += len(damaged)
         self.stats["spend_state_lost"] += len(lost)
+        self.stats["spend_state_restored"] = len(self.spend.store)
         return damaged
 
     def _letter_damaged(self) -> None:
@@ -723,10 +725,11 @@ class StreamWorker:
             log.warning("offset commit failed (%s); the next checkpoint retries", err)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        if self._assigned:  # a rebalance: newly owned tenants continue from the changelog (the store is rebuilt
-            self._damaged = self._restore()  # from it; what was evicted here was published there first)
-            self._letter_damaged()
-        self._assigned = True
+        # every assignment, the first too: the store is rebuilt from the changelog as it is now, after the previous
+        # owners' revoke checkpoints (eager rebalance: they flushed before this assignment was handed out); what
+        # was evicted here was published there first. Newly owned tenants continue from it.
+        self._damaged = self._restore()
+        self._letter_damaged()
         owned = sum(1 for p in partitions if p.topic == self.topics["usage"])  # range: the whole assignment
         self.dedupe.capacity = self.dedupe_per_partition * max(owned, 1)
 

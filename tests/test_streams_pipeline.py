@@ -235,8 +235,7 @@ def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_
     assert first.evicted > 20  # sessions (and agents) aged out of memory, published first
     produce(settings, "usage", [(b"acme", json.dumps(e).encode()) for e in batch()])
     second = StreamWorker(settings, group_id=group, checkpoint_interval=0.5)
-    assert any(k[1] == "session" for k in second.spend.store.keys())  # what the changelog gave back (on disk)
-    second.run(until_caught_up=True)
+    assert second.run(until_caught_up=True)["spend_state_restored"] > 20  # what the changelog gave back (on disk)
     truth: dict[str, Decimal] = defaultdict(Decimal)
     for raw in read_topic(settings, "priced"):
         p = priced_record(raw)
@@ -429,6 +428,64 @@ def test_two_workers_count_each_tenants_token_and_gpu_spend_in_one_place(kafka_b
             latest[update.tenant_id] = update
     assert {t: (u.period_cost_usd, u.gpu_cost_usd) for t, u in latest.items()} == {
         t: (Decimal("1.5") + gpu_share, gpu_share) for t in tenants}
+
+
+def test_a_tenant_moved_to_a_joining_worker_is_counted_once_and_continues_from_the_changelog(kafka_bootstrap):
+    """Worker w0 alone prices every tenant and ages its sessions out to its store; w1 joins the group (a rebalance:
+    w0 checkpoints and drops the tenants it loses, w1 rebuilds its store from spend-state); everyone spends again.
+    Each session's and tenant's last published total equals the plain sum of its priced costs over both phases
+    (ground truth: the priced topic): no scope counted twice, none restarted from zero."""
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(12)
+    group = f"streams-{uuid.uuid4().hex[:6]}"
+    # both made before anything is published: w1 must read the changelog when it is assigned, not when it was made
+
+    class Evicting(Member):  # every checkpoint as if the sessions had been idle for two hours
+        def checkpoint(self, commit: str = "async") -> None:
+            super().checkpoint(commit)
+            self.stats["evicted"] += self.spend.evict_idle(self.stream_now + timedelta(hours=2), timedelta(hours=1))
+
+    def batch() -> list:
+        return [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in
+                (usage_record(rng, tenant=f"tenant{i % 8}", cost_usd="0.01", session_id=f"s{i % 12}") for i in range(240))]
+
+    stop, threads = threading.Event(), []
+    workers = [Evicting(settings, group_id=group, checkpoint_interval=0.5, instance_id=f"w{i}") for i in range(2)]
+
+    def start(i: int) -> None:
+        threads.append(threading.Thread(target=workers[i].run, args=(stop,)))
+        threads[-1].start()
+
+    def wait(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, [(w.stats, len(w.owned)) for w in workers]
+            time.sleep(0.1)
+
+    try:
+        produce(settings, "usage", batch())
+        start(0)
+        wait(lambda: workers[0].stats["priced"] == 240 and workers[0].stats["evicted"] > 20)
+        start(1)
+        wait(lambda: [len(w.owned) for w in workers] == [18, 18])  # each 6 usage + 6 gpu + 6 compute partitions
+        produce(settings, "usage", batch())
+        wait(lambda: sum(w.stats["priced"] for w in workers) == 480)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert workers[1].stats["priced"] > 0  # the move happened: w1 priced some tenants' second phase
+    truth: dict[tuple, Decimal] = defaultdict(Decimal)
+    for raw in read_topic(settings, "priced"):
+        p = priced_record(raw)
+        for scope, sid in scope_ids(p["tenant_id"], p["team"], p["project"], p["agent_id"], p["session_id"]).items():
+            if scope in ("tenant", "session"):
+                truth[(scope, sid)] += Decimal(p["cost_usd"])
+    latest = {}
+    for raw in read_topic(settings, "spend"):  # a tenant's updates share a partition: the last is the newest
+        update = decode(SpendUpdate, raw)
+        if update.scope in ("tenant", "session"):
+            latest[(update.scope, update.scope_id)] = update.period_cost_usd
+    assert len(truth) > 50 and latest == truth
 
 
 def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, str]]:
