@@ -283,6 +283,20 @@ def restore_spend(settings: Settings, store: StateStore, now: datetime | None = 
     return damaged, missing
 
 
+def _remove_orphan_stores(state_dir: Path, group: str) -> None:
+    """Store files of this group's workers that died without stopping (named <group>-<pid>-<tag>): a cache of
+    the changelog, never read again."""
+    for path in state_dir.glob(f"{group}-*-*.sqlite3"):
+        pid = path.name[len(group) + 1:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+            except PermissionError:  # alive, another user's
+                pass
+
+
 class StreamWorker:
     def __init__(self, settings: Settings, catalog: Catalog | None = None, group_id: str | None = None,
                  checkpoint_interval: float = 5.0, publish_interval: float = 1.0, dedupe_per_partition: int = 100_000,
@@ -304,6 +318,7 @@ class StreamWorker:
         # rebuilt from the changelog at each assignment, removed at stop
         state_dir = settings.streams_state_dir or settings.data_dir / "streams-state"
         name = f"{group_id}-{instance_id or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}".replace("/", "_")
+        _remove_orphan_stores(Path(state_dir), group_id.replace("/", "_"))
         self.spend = SpendBook(StateStore(Path(state_dir) / f"{name}.sqlite3", settings.streams_state_cache_mib))
         self._damaged: list[Damaged] = []
         self.detectors = Detectors(detector_config)

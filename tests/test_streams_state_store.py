@@ -101,3 +101,20 @@ def test_every_stored_key_passes_the_filter_as_it_grows_and_most_absent_ones_do_
     assert store.filter.capacity >= 150_000
     false = sum(hash(("t", "session", f"x{i}")) in store.filter for i in range(20_000))
     assert false < 400, false  # ~0.5 % expected
+
+
+def test_a_dead_workers_store_file_is_removed_and_a_live_ones_kept(tmp_path):
+    """Files of workers killed without stopping (<group>-<pid>-<tag>.sqlite3) are a cache nobody reads again."""
+    import os
+    import subprocess
+
+    from meterline.streams.worker import _remove_orphan_stores
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that has exited
+    dead, alive = tmp_path / f"g-{gone.pid}-ab12cd34.sqlite3", tmp_path / f"g-{os.getppid()}-ab12cd34.sqlite3"
+    other_group, named = tmp_path / f"h-{gone.pid}-ab12cd34.sqlite3", tmp_path / "g-w1.sqlite3"
+    for path in (dead, alive, other_group, named):
+        path.write_bytes(b"")
+    _remove_orphan_stores(tmp_path, "g")
+    assert not dead.exists() and alive.exists() and other_group.exists() and named.exists()
