@@ -155,6 +155,111 @@ def state_rss(sessions: int) -> tuple[int, int]:
     return rss_bytes() - before, len(book.states)
 
 
+class DictStore:
+    """The session-7 design for comparison: parked tuples in a dict in process memory (what StateStore replaces)."""
+
+    def __init__(self) -> None:
+        self.rows: dict = {}
+        self.empty = True
+
+    def get(self, key):
+        return self.rows.get(key)
+
+    def put_many(self, items) -> int:
+        n = len(self.rows)
+        self.rows.update(items)
+        self.empty = False
+        return len(self.rows) - n
+
+    def drop_months_before(self, month: int) -> int:
+        n = len(self.rows)
+        self.rows = {k: v for k, v in self.rows.items() if v[0] >= month}
+        return n - len(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def aged_rss(sessions: int, waves: int, store_kind: str = "sqlite", sample: int = 10_000) -> dict:
+    """A month of sessions that come and go: `sessions` sessions in `waves` hourly waves (2 events each), a
+    checkpoint after each wave (drain, detectors' tick, evict_idle with the worker's 1 h idle), so most sessions
+    are idle and aged out. Returns the peak RSS growth, what is in memory and in the store, and CPU µs per add()
+    of a session read back from the store, of a session in memory and of a new one (`sample` of each)."""
+    import gc
+    from datetime import timedelta
+
+    from meterline.streams.anomalies import Detectors
+    from meterline.streams.codec import decode_usage
+    from meterline.streams.spend import SpendBook
+    from meterline.streams.state_store import StateStore
+    from meterline.streams.worker import DedupeWindow
+
+    events = [decode_usage(raw) for _, raw in make_events(2 * sessions, sessions, seed=9)]
+    per_wave = len(events) // waves
+    start = events[0].ts.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    for i, e in enumerate(events):  # wave w at hour w, its events over 30 minutes
+        e.ts = start + timedelta(hours=i // per_wave, microseconds=(i % per_wave) * 1_800_000_000 // per_wave)
+    events.sort(key=lambda e: e.ts)
+    gc.collect()
+    before, peak = rss_bytes(), 0
+    store = StateStore() if store_kind == "sqlite" else DictStore()
+    book, detectors, dedupe = SpendBook(store), Detectors(), DedupeWindow(100_000 * 12)  # type: ignore[arg-type]
+    for w in range(waves):
+        for e in events[w * per_wave:(w + 1) * per_wave]:
+            dedupe.seen(e.event_id.int)
+            book.add((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), e.ts, 1000, e.input_tokens, e.output_tokens)
+            detectors.usage(e, 1000, False)
+        now = start + timedelta(hours=w, minutes=31)
+        list(book.drain(now))
+        detectors.tick(now)
+        book.evict_idle(now, timedelta(hours=1))
+        peak = max(peak, rss_bytes() - before)
+    in_memory = sum(1 for k in book.states if k[1] == "session")
+    now = start + timedelta(hours=waves, minutes=1)
+    first_wave = {(e.tenant_id, e.team, e.project, e.agent_id, e.session_id) for e in events[:per_wave]}
+    returning = [ids for ids in first_wave if (ids[0], "session", path_of(ids)) not in book.states][:sample]
+    last_wave = [(e.tenant_id, e.team, e.project, e.agent_id, e.session_id) for e in events[-per_wave:]][:sample]
+    new = [(f"tenant{i % 50}", "teamX", "projX", f"agent{i % 2000}", f"new{i}") for i in range(sample)]
+    costs = {}
+    for name, group in (("returning", returning), ("in memory", last_wave), ("new", new)):
+        c0 = time.process_time()
+        for ids in group:
+            book.add(ids, now, 1)
+        costs[name] = (time.process_time() - c0) / max(len(group), 1) * 1e6
+    wrong = [ids for ids in returning if book.states[(ids[0], "session", path_of(ids))].period != 2 * 1000 + 1]
+    assert not wrong, f"{len(wrong)} returning sessions lost their month-to-date (e.g. {wrong[0]})"
+    disk = store.path.stat().st_size if store_kind == "sqlite" else 0
+    return {"peak": peak, "in_memory": in_memory, "stored": len(store), "disk": disk, "returned": len(returning), **costs}
+
+
+def path_of(ids: tuple[str, ...]) -> str:
+    from meterline.schemas.scopes import scope_ids
+
+    return scope_ids(*ids)["session"]
+
+
+def aged_section(counts: list[int], waves: int) -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    lines = ["", f"Sessions aging out (`--aged`): N sessions in {waves} hourly waves of 2 events each, a checkpoint after each "
+             "wave (drain, detectors' tick, evict_idle 1 h), so at most two waves are active; peak RSS growth over the run "
+             "(one fresh process per row), CPU µs per add() of 10,000 sessions of each kind, returning = read back from the "
+             "store with its totals (checked):", "",
+             "| sessions | store | peak RSS growth MiB | sessions in memory at the end | scopes in the store | store file MiB | "
+             "µs per returning session | µs per session in memory | µs per new session |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in counts:
+        for kind in ("dict", "sqlite"):
+            out = subprocess.run([sys.executable, "-c", f"import json; from bench.profile import aged_rss; "
+                                  f"print(json.dumps(aged_rss({n}, {waves}, {kind!r})))"], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            label = "SQLite file (StateStore)" if kind == "sqlite" else "dict in memory (session 7)"
+            lines.append(f"| {n:,} | {label} | {r['peak'] / 2**20:,.1f} | {r['in_memory']:,} | {r['stored']:,} | "
+                         f"{r['disk'] / 2**20:,.1f} | {r['returning']:.1f} | {r['in memory']:.1f} | {r['new']:.1f} |")
+    return lines
+
+
 def memory_section(counts: list[int]) -> list[str]:
     import subprocess
     import sys
@@ -176,14 +281,18 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--cprofile", action="store_true", help="also break each process's µs down by stage")
     parser.add_argument("--memory", help="only: worker state RSS per active session, for these session counts (10000,100000)")
+    parser.add_argument("--aged", help="with --memory: also sessions aging out to the store, for these session counts")
+    parser.add_argument("--waves", type=int, default=20, help="--aged: hourly waves the sessions come in")
     parser.add_argument("--worker-only", action="store_true", help="bare consume and stream worker only (no sink, no chDB)")
     parser.add_argument("--repeat", type=int, default=1, help="measure the worker this many times (fresh worker each)")
     args = parser.parse_args()
     if args.memory:
         text = "\n".join([f"## Worker memory per active session ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
                           f"Machine: `{platform.machine()}`, Python {platform.python_version()}. Command: "
-                          f"`.venv/bin/python -m bench.profile --memory {args.memory}`",
-                          *memory_section([int(n) for n in args.memory.split(",")])]) + "\n"
+                          f"`.venv/bin/python -m bench.profile --memory {args.memory}"
+                          f"{f' --aged {args.aged} --waves {args.waves}' if args.aged else ''}`",
+                          *memory_section([int(n) for n in args.memory.split(",") if n]),
+                          *(aged_section([int(n) for n in args.aged.split(",")], args.waves) if args.aged else [])]) + "\n"
         print(text)
         RESULTS.write_text(RESULTS.read_text().rstrip() + "\n\n" + text if RESULTS.exists() else text)
         return

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     sql_max_result_rows: int = Field(1_000_000, gt=0)
     sql_max_result_bytes: int = Field(256 * 1024**2, gt=0)
     sql_max_rows_to_read: int = Field(2_000_000_000, gt=0)
+    # The stream worker's local state store (streams/state_store.py): idle spend scopes on disk, rebuilt from spend-state.
+    streams_state_dir: Path | None = Field(None, description="Where each stream worker keeps its idle spend scopes "
+                                           "(SQLite, rebuilt from the spend-state changelog at start; default <data_dir>/streams-state).")
+    streams_state_cache_mib: int = Field(16, gt=0, description="SQLite page cache of that store, per worker (bounded memory).")
 
     @classmethod
     def settings_customise_sources(

@@ -27,6 +27,7 @@ from meterline.schemas.scopes import scope_ids
 
 from .anomalies import minute_datetime, second_of
 from .codec import month_start, next_month, usd
+from .state_store import StateStore
 
 MINUTE = timedelta(minutes=1)
 ScopeKey = tuple[str, str, str]  # (tenant_id, scope, scope_id)
@@ -104,31 +105,17 @@ class ScopeSpend:
     period_end_key = property(lambda self: self.month[3])
 
     def park(self) -> tuple[int, ...]:
-        """Its month and month-to-date totals as one small tuple (~a tenth of the state's memory)."""
-        return (self.month[2], *(getattr(self, name) for name in TOTALS))
+        """Its month, month-to-date totals and window as one row of the state store (streams/state_store.py)."""
+        return (self.month[2], *(getattr(self, name) for name in TOTALS), self.window_key, self.window)
 
     def unpark(self, parked: tuple[int, ...]) -> None:
-        """Continue from parked totals (same month only: a new month starts from zero)."""
+        """Continue from parked totals (same month only: a new month starts from zero), and from the parked
+        window when it is this state's minute (a restart within the minute it was published)."""
         if parked[0] == self.month[2]:
             for name, value in zip(TOTALS, parked[1:]):
                 setattr(self, name, value)
-
-    def restore(self, update: dict[str, Any]) -> None:
-        """Continue from the last state this scope published (same period only)."""
-        from .codec import to_pico
-        from decimal import Decimal
-
-        self.period = to_pico(Decimal(update["period_cost_usd"]))
-        self.events = int(update["events"])
-        self.input_tokens = int(update["input_tokens"])
-        self.output_tokens = int(update["output_tokens"])
-        self.gpu_ps = to_pico(Decimal(update["gpu_seconds"]))
-        self.gpu = to_pico(Decimal(update["gpu_cost_usd"]))
-        self.unpriced = int(update["unpriced_events"])
-        self.cpu_ps = to_pico(Decimal(update.get("cpu_seconds", "0")))  # absent in updates written before vCPU-hours
-        window = datetime.fromisoformat(update["window_start"])
-        if window == self.window_start:
-            self.window = to_pico(Decimal(update["window_cost_usd"]))
+            if parked[-2] == self.window_key:
+                self.window = parked[-1]
 
 
 @lru_cache(maxsize=4096)  # only on a chain miss (a new session): small, or it holds 5 path strings per session
@@ -189,26 +176,23 @@ def _charge_group(level: dict, late: int) -> tuple[dict, int]:
 class SpendBook:
     """Spend state of every active scope of the tenants this worker owns."""
 
-    def __init__(self, baseline: dict[ScopeKey, dict[str, Any]] | None = None) -> None:
+    def __init__(self, store: StateStore | None = None) -> None:
         self.states: dict[ScopeKey, ScopeSpend] = {}
-        self.baseline = baseline or {}  # last published state per scope (from the changelog)
-        self.parked: dict[ScopeKey, tuple[int, ...]] = {}  # idle scopes evicted from memory, by evict_idle
+        # scopes not in memory: the changelog's (loaded by the worker) and the idle ones evict_idle moved there;
+        # made at the first eviction when not given (a private temporary file)
+        self.store = store
         self._parked_month = 0
         self.late = 0
         self.chains: dict[tuple[str, str, str, str, str], ScopeSpend] = {}  # ids -> its deepest state (.up: the rest)
 
     def _state(self, key: ScopeKey, minute: int) -> ScopeSpend:
+        """A scope new to memory: continues from the store's copy (evicted idle, or the changelog's) if any."""
         state = ScopeSpend(minute)
-        parked, restored = self.parked.pop(key, None), self.baseline.pop(key, None)
-        if parked:  # newer than the changelog's copy: this worker evicted it after restoring
-            state.unpark(parked)
-        elif restored:
-            try:
-                if datetime.fromisoformat(restored["period_start"]) == state.period_start:
-                    state.restore(restored)
-            except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # a damaged changelog record: from zero
-                log.warning("spend-state record of %s unreadable (%r): the scope continues from zero", key, exc)
-                state = ScopeSpend(minute)
+        store = self.store
+        if store is not None and not store.empty:
+            parked = store.get(key)
+            if parked is not None:
+                state.unpark(parked)
         self.states[key] = state
         return state
 
@@ -333,28 +317,30 @@ class SpendBook:
         }
 
     def evict_idle(self, stream_now: datetime, idle: timedelta, scopes: tuple[str, ...] = ("session", "agent")) -> int:
-        """Park clean session/agent states idle longer than `idle` (bounded memory: their totals stay, as a
-        tuple, and come back when they spend again); returns how many."""
+        """Move clean session/agent states idle longer than `idle` out of memory to the store (bounded memory:
+        they come back with their totals when they spend again); returns how many. Clean = published at a
+        checkpoint that the producer flushed, so the changelog holds the same state (what a rebuild reads)."""
+        store = self.store = self.store if self.store is not None else StateStore()
         month = _minute_key(month_start(stream_now))
-        if month != self._parked_month:  # a new month: last month's parked totals are never needed again
-            self.parked = {k: p for k, p in self.parked.items() if p[0] >= month}
+        if month != self._parked_month:  # a new month: last month's scopes are never needed again
+            store.drop_months_before(month)
             self._parked_month = month
         cutoff = stream_now - idle  # idle: last_ts (its window's minute) < cutoff, compared as minute keys
         last = _minute_key(cutoff) - (_minute(_minute_key(cutoff)) == cutoff)
-        stale = [k for k, s in self.states.items() if k[1] in scopes and not s.dirty and s.window_key <= last]
-        dead = set()
-        for key in stale:
-            state = self.states.pop(key)
-            self.parked[key] = state.park()
-            dead.add(id(state))
+        states = self.states
+        stale = [k for k, s in states.items() if k[1] in scopes and not s.dirty and s.window_key <= last]
+        dead = {id(states[key]) for key in stale}
+        store.put_many((key, states.pop(key).park()) for key in stale)
         if dead:  # forget the cached chains that reach a dropped state (_chain links a new one)
             self.chains = {ids: leaf for ids, leaf in self.chains.items()
                            if id(leaf) not in dead and not any(id(s) in dead for s in leaf.up)}
         return len(stale)
 
     def drop_tenants(self, tenants: set[str]) -> None:
-        """Forget the state of tenants whose partitions moved to another worker."""
+        """Forget the state of tenants whose partitions moved to another worker (memory and store: the new
+        owner reads the changelog, and this worker reads it again if they come back)."""
         for key in [k for k in self.states if k[0] in tenants]:
             del self.states[key]
-        self.parked = {k: p for k, p in self.parked.items() if k[0] not in tenants}  # the new owner reads the changelog
+        if self.store is not None and tenants:
+            self.store.drop_tenants(tenants)
         self.chains.clear()

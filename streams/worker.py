@@ -51,7 +51,11 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+import os
+import uuid
 
 import msgspec
 from msgspec.structs import astuple
@@ -64,7 +68,8 @@ from meterline.topics import create_topics
 from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
 from .codec import PICO, PRICED_V2, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
 from .pricing import Catalog, Components, load_catalog
-from .spend import ScopeKey, SpendBook, month_of as spend_month
+from .spend import ScopeKey, SpendBook, _minute_key as minute_key, month_of as spend_month
+from .state_store import Damaged, StateStore, parked_from_update
 
 log = logging.getLogger("meterline.streams")
 UTC = timezone.utc
@@ -230,31 +235,66 @@ def _high_watermark(consumer: Any, tp: TopicPartition) -> int:
     raise AssertionError("unreachable")
 
 
-def restore_spend(settings: Settings, now: datetime | None = None) -> dict[ScopeKey, dict[str, Any]]:
-    """The last published state of every scope in the current month, read from the changelog."""
-    topic, now = ensure_state_topic(settings), now or datetime.now(UTC)
-    period = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+def _read_topic(settings: Settings, topic: str) -> Iterator[tuple[bytes | None, bytes | None, int, int]]:
+    """Every record of `topic` now, oldest first per partition: (key, value, partition, offset)."""
     consumer = Consumer(settings.kafka_config(**{"group.id": "meterline-streams-restore", "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
         ends = {p: _high_watermark(consumer, TopicPartition(topic, p)) for p in parts}
         todo = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-        latest: dict[ScopeKey, dict[str, Any]] = {}
         while todo:
             for msg in consumer.consume(10_000, timeout=1.0):
                 if msg.error():
                     continue
-                key = tuple(msg.key().decode().split(KEY_SEP, 2))
-                if msg.value() is None:
-                    latest.pop(key, None)
-                else:
-                    latest[key] = msgspec.json.decode(msg.value())
+                yield msg.key(), msg.value(), msg.partition(), msg.offset()
                 if msg.offset() + 1 >= ends[msg.partition()]:
                     todo.discard(msg.partition())
-        return {k: v for k, v in latest.items() if datetime.fromisoformat(v["period_start"]) >= period}
     finally:
         consumer.close()
+
+
+def restore_spend(settings: Settings, store: StateStore, now: datetime | None = None) -> tuple[list[Damaged], set[ScopeKey]]:
+    """Rebuild the worker's state store from the changelog: the last published state of every scope in the
+    current month (streamed to disk, not held in memory). A damaged record is returned (the worker dead-letters
+    it) and its scope keeps its newest good state: the changelog's previous record if compaction left one, else
+    the newest good copy of it on the `spend` topic (every checkpoint writes the same update to both; read only
+    when needed). Returns (damaged records, scopes with no good state anywhere: they continue from zero)."""
+    topic, now = ensure_state_topic(settings), now or datetime.now(UTC)
+    month = spend_month(minute_key(now))[2]
+    damaged, missing = store.load(_read_topic(settings, topic), month)
+    if missing:
+        found: dict[ScopeKey, tuple[int, ...]] = {}
+        for _, value, _, _ in _read_topic(settings, settings.topic("spend")):
+            try:
+                update = msgspec.json.decode(value)
+                key = (update["tenant_id"], update["scope"], update["scope_id"])
+                if key in missing:
+                    parked = parked_from_update(update)
+                    if parked[0] >= month:
+                        found[key] = parked  # the newest good one wins (a tenant's updates are in one partition)
+            except Exception:  # noqa: BLE001 - an unreadable spend update is skipped here (the sink dead-letters it)
+                continue
+        store.put_many(found.items())
+        missing -= set(found)
+    for key in missing:
+        log.error("spend-state of %s is damaged and no good copy was found (changelog, spend topic): it continues from "
+                  "zero this month and may under-count; check the ledger", key)
+    return damaged, missing
+
+
+def _remove_orphan_stores(state_dir: Path, group: str) -> None:
+    """Store files of this group's workers that died without stopping (named <group>-<pid>-<tag>): a cache of
+    the changelog, never read again."""
+    for path in state_dir.glob(f"{group}-*-*.sqlite3"):
+        pid = path.name[len(group) + 1:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+            except PermissionError:  # alive, another user's
+                pass
 
 
 class StreamWorker:
@@ -273,9 +313,15 @@ class StreamWorker:
         self.dedupe_per_partition, self.session_idle = dedupe_per_partition, session_idle
         self.dedupe = DedupeWindow(dedupe_per_partition)  # one per worker; capacity x usage partitions on assign
         self.tenant_partition: dict[str, int] = {}
-        self.spend = SpendBook(restore_spend(settings))
-        self.detectors = Detectors(detector_config)
         self.stats: Counter[str] = Counter()
+        # one store file per worker (its instance id, else pid + a random tag: two workers of one process),
+        # rebuilt from the changelog at each assignment, removed at stop
+        state_dir = settings.streams_state_dir or settings.data_dir / "streams-state"
+        name = f"{group_id}-{instance_id or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}".replace("/", "_")
+        _remove_orphan_stores(Path(state_dir), group_id.replace("/", "_"))
+        self.spend = SpendBook(StateStore(Path(state_dir) / f"{name}.sqlite3", settings.streams_state_cache_mib))
+        self._damaged: list[Damaged] = []
+        self.detectors = Detectors(detector_config)
         self.stream_now = datetime.min.replace(tzinfo=UTC)
         self._delivery_error: str | None = None
         self._refused_later: list[tuple[str, bytes | None, Any, KafkaError]] = []
@@ -297,6 +343,22 @@ class StreamWorker:
             "partition.assignment.strategy": "range", "on_commit": self._on_commit, **(consumer_overrides or {}),
         }))
         self._check_co_partitioned()
+
+    def _restore(self) -> list[Damaged]:
+        assert self.spend.store is not None
+        damaged, lost = restore_spend(self.settings, self.spend.store)
+        self.stats["spend_state_damaged"] += len(damaged)
+        self.stats["spend_state_lost"] += len(lost)
+        self.stats["spend_state_restored"] = len(self.spend.store)
+        return damaged
+
+    def _letter_damaged(self) -> None:
+        """Dead-letter the changelog records the restore could not read (with why; their scopes kept their newest
+        good state where one was found: restore_spend)."""
+        damaged, self._damaged = self._damaged, []
+        for d in damaged:
+            self._letter(self.state_topic, d.partition, d.offset, d.value, d.raw_key, d.reason, "damaged_spend_state",
+                         datetime.now(UTC))
 
     def _check_co_partitioned(self) -> None:
         counts = {name: len(self.consumer.list_topics(self.topics[name], timeout=10).topics[self.topics[name]].partitions)
@@ -339,6 +401,8 @@ class StreamWorker:
             self.checkpoint()
         finally:
             self.consumer.close()
+            if self.spend.store is not None:
+                self.spend.store.close()  # a cache of the changelog: the next start rebuilds it
         return self.stats
 
     def caught_up(self) -> bool:
@@ -676,8 +740,11 @@ class StreamWorker:
             log.warning("offset commit failed (%s); the next checkpoint retries", err)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        if self.spend.states or self.stats:  # a rebalance: newly owned tenants continue from the changelog
-            self.spend.baseline = restore_spend(self.settings)
+        # every assignment, the first too: the store is rebuilt from the changelog as it is now, after the previous
+        # owners' revoke checkpoints (eager rebalance: they flushed before this assignment was handed out); what
+        # was evicted here was published there first. Newly owned tenants continue from it.
+        self._damaged = self._restore()
+        self._letter_damaged()
         owned = sum(1 for p in partitions if p.topic == self.topics["usage"])  # range: the whole assignment
         self.dedupe.capacity = self.dedupe_per_partition * max(owned, 1)
 

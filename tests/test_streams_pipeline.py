@@ -235,8 +235,7 @@ def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_
     assert first.evicted > 20  # sessions (and agents) aged out of memory, published first
     produce(settings, "usage", [(b"acme", json.dumps(e).encode()) for e in batch()])
     second = StreamWorker(settings, group_id=group, checkpoint_interval=0.5)
-    assert any(k[1] == "session" for k in second.spend.baseline)  # what the changelog gave back
-    second.run(until_caught_up=True)
+    assert second.run(until_caught_up=True)["spend_state_restored"] > 20  # what the changelog gave back (on disk)
     truth: dict[str, Decimal] = defaultdict(Decimal)
     for raw in read_topic(settings, "priced"):
         p = priced_record(raw)
@@ -247,6 +246,44 @@ def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_
         if update.scope == "session":
             latest[update.scope_id] = update.period_cost_usd
     assert len(truth) > 20 and latest == truth
+
+
+def test_a_damaged_changelog_record_is_dead_lettered_and_its_scope_continues_from_its_newest_good_state(kafka_bootstrap):
+    """A damaged spend-state record must not restart its scope at zero (an under-count lets a session overspend):
+    s1's newest record is damaged after a good one (the changelog's previous record is used), s2 has only a damaged
+    one in the changelog and a good copy on `spend` (used); both damaged records reach the dlq with a reason, and
+    each session's total after new spend is its good state + the priced costs (ground truth: what the test wrote
+    and the priced topic)."""
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(5)
+    month = NOW.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    ids = {s: scope_ids("acme", "core", "p1", "bot", s)["session"] for s in ("s1", "s2")}
+
+    def state(session: str, period: str) -> bytes:
+        return json.dumps({"update_id": str(new_id()), "ts": NOW.isoformat(), "tenant_id": "acme", "scope": "session",
+                           "scope_id": ids[session], "window_start": (month + timedelta(minutes=1)).isoformat(),
+                           "window_end": (month + timedelta(minutes=2)).isoformat(), "window_cost_usd": "0",
+                           "period_start": month.isoformat(), "period_cost_usd": period, "events": 3, "input_tokens": 1,
+                           "output_tokens": 1, "gpu_seconds": "0", "gpu_cost_usd": "0", "unpriced_events": 0}).encode()
+
+    key = lambda session: "\x1f".join(("acme", "session", ids[session])).encode()  # noqa: E731
+    bad = [state("s1", "oops"), b'{"period_cost_usd": 7']
+    produce(settings, "spend-state", [(key("s1"), state("s1", "1.25")), (key("s1"), bad[0]), (key("s2"), bad[1])])
+    produce(settings, "spend", [(b"acme", state("s2", "2.5"))])
+    produce(settings, "usage", [(b"acme", json.dumps(usage_record(rng, tenant="acme", team="core", project="p1", agent_id="bot",
+                                                                  session_id=s, cost_usd="0.001")).encode())
+                                for s in ("s1", "s2") for _ in range(5)])
+    stats = run_worker(settings)
+    assert stats["spend_state_damaged"] == 2 and stats["spend_state_lost"] == 0
+    letters = [json.loads(r) for r in read_topic(settings, "dlq")]
+    assert sorted(base64.b64decode(d["payload_b64"]) for d in letters if d["error_type"] == "damaged_spend_state") == sorted(bad)
+    assert all("spend-state record unreadable" in d["reason"] for d in letters)
+    truth = {ids["s1"]: Decimal("1.25"), ids["s2"]: Decimal("2.5")}
+    for raw in read_topic(settings, "priced"):
+        p = priced_record(raw)
+        truth[scope_ids("acme", p["team"], p["project"], p["agent_id"], p["session_id"])["session"]] += Decimal(p["cost_usd"])
+    latest = {u.scope_id: u.period_cost_usd for u in (decode(SpendUpdate, r) for r in read_topic(settings, "spend")[1:])
+              if u.scope == "session"}
+    assert latest == truth and truth[ids["s1"]] == Decimal("1.255")
 
 
 def test_cpu_and_memory_samples_count_in_spend_by_session_and_unattributed_ones_by_the_unattributed_tenant(kafka_bootstrap):
@@ -391,6 +428,64 @@ def test_two_workers_count_each_tenants_token_and_gpu_spend_in_one_place(kafka_b
             latest[update.tenant_id] = update
     assert {t: (u.period_cost_usd, u.gpu_cost_usd) for t, u in latest.items()} == {
         t: (Decimal("1.5") + gpu_share, gpu_share) for t in tenants}
+
+
+def test_a_tenant_moved_to_a_joining_worker_is_counted_once_and_continues_from_the_changelog(kafka_bootstrap):
+    """Worker w0 alone prices every tenant and ages its sessions out to its store; w1 joins the group (a rebalance:
+    w0 checkpoints and drops the tenants it loses, w1 rebuilds its store from spend-state); everyone spends again.
+    Each session's and tenant's last published total equals the plain sum of its priced costs over both phases
+    (ground truth: the priced topic): no scope counted twice, none restarted from zero."""
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(12)
+    group = f"streams-{uuid.uuid4().hex[:6]}"
+    # both made before anything is published: w1 must read the changelog when it is assigned, not when it was made
+
+    class Evicting(Member):  # every checkpoint as if the sessions had been idle for two hours
+        def checkpoint(self, commit: str = "async") -> None:
+            super().checkpoint(commit)
+            self.stats["evicted"] += self.spend.evict_idle(self.stream_now + timedelta(hours=2), timedelta(hours=1))
+
+    def batch() -> list:
+        return [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in
+                (usage_record(rng, tenant=f"tenant{i % 8}", cost_usd="0.01", session_id=f"s{i % 12}") for i in range(240))]
+
+    stop, threads = threading.Event(), []
+    workers = [Evicting(settings, group_id=group, checkpoint_interval=0.5, instance_id=f"w{i}") for i in range(2)]
+
+    def start(i: int) -> None:
+        threads.append(threading.Thread(target=workers[i].run, args=(stop,)))
+        threads[-1].start()
+
+    def wait(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, [(w.stats, len(w.owned)) for w in workers]
+            time.sleep(0.1)
+
+    try:
+        produce(settings, "usage", batch())
+        start(0)
+        wait(lambda: workers[0].stats["priced"] == 240 and workers[0].stats["evicted"] > 20)
+        start(1)
+        wait(lambda: [len(w.owned) for w in workers] == [18, 18])  # each 6 usage + 6 gpu + 6 compute partitions
+        produce(settings, "usage", batch())
+        wait(lambda: sum(w.stats["priced"] for w in workers) == 480)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert workers[1].stats["priced"] > 0  # the move happened: w1 priced some tenants' second phase
+    truth: dict[tuple, Decimal] = defaultdict(Decimal)
+    for raw in read_topic(settings, "priced"):
+        p = priced_record(raw)
+        for scope, sid in scope_ids(p["tenant_id"], p["team"], p["project"], p["agent_id"], p["session_id"]).items():
+            if scope in ("tenant", "session"):
+                truth[(scope, sid)] += Decimal(p["cost_usd"])
+    latest = {}
+    for raw in read_topic(settings, "spend"):  # a tenant's updates share a partition: the last is the newest
+        update = decode(SpendUpdate, raw)
+        if update.scope in ("tenant", "session"):
+            latest[(update.scope, update.scope_id)] = update.period_cost_usd
+    assert len(truth) > 50 and latest == truth
 
 
 def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, str]]:

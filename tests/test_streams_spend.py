@@ -47,10 +47,10 @@ def test_parked_totals_of_an_old_month_are_dropped_and_a_new_month_starts_from_z
     book.add(ids, START, 5)
     list(book.drain(START))
     assert book.evict_idle(START + timedelta(hours=1, minutes=30), timedelta(hours=1)) == 2  # the agent and the session
-    assert key in book.parked
+    assert key not in book.states and book.store.get(key)[1] == 5  # out of memory, on disk
     later = START + timedelta(days=2)  # February
     book.evict_idle(later, timedelta(hours=1))
-    assert book.parked == {}
+    assert len(book.store) == 0
     book.add(ids, later, 7)
     assert book.states[key].period == 7
 
@@ -160,3 +160,74 @@ def test_gpu_and_cpu_charges_reach_every_level_and_a_late_one_is_counted_per_sco
     february = _minute_key(datetime(2026, 2, 27, tzinfo=timezone.utc))
     book.add(ids, _minute(february), 9, gpu_ps=1, gpu_cost=9, events=0, minute=february)
     assert book.late == 5 and {s.period for s in book.states.values()} == {7}  # the ledger's, not the stream's
+
+
+# Age-out (issue 17 item 3): two workers' books, each with its own on-disk store, a changelog they both write
+# (as publish_spend does), restarts that rebuild a store from it and tenants moving between the workers.
+TENANTS = ("acme", "globex")
+ops = st.lists(st.one_of(
+    st.tuples(st.just("spend"), st.sampled_from(TENANTS), st.integers(0, 4), st.integers(0, 120), st.integers(-10, 10**9)),
+    st.tuples(st.just("checkpoint"), st.integers(1, 90)),  # idle minutes of the eviction that follows
+    st.tuples(st.just("restart"), st.integers(0, 1)),
+    st.tuples(st.just("move"), st.sampled_from(TENANTS))), min_size=1, max_size=60)
+
+
+def _from_changelog(changelog: list, now: datetime):
+    """A worker's store as restore_spend builds it: the records, oldest first, into a fresh file."""
+    from meterline.streams.state_store import StateStore
+
+    store = StateStore()
+    damaged, missing = store.load(changelog, month_of(_minute_key(now))[2])
+    assert damaged == [] and missing == set()
+    return store
+
+
+@settings(max_examples=120, deadline=None)
+@given(ops)
+def test_sessions_that_age_out_restart_and_move_keep_their_period_totals(script):
+    """Random spend / checkpoint + evict / restart / tenant move sequences across a month turn: every returning
+    session and each tenant stands at the plain sum of its events in the current month; a tenant is counted
+    by its owner only (the other worker holds nothing of it)."""
+    from meterline.streams.codec import encode
+    from meterline.streams.worker import KEY_SEP
+
+    now, changelog = START, []
+    books, owner = [SpendBook(), SpendBook()], {"acme": 0, "globex": 1}
+    truth: dict[tuple, int] = defaultdict(int)  # (tenant, session or "", month) -> pico-USD
+
+    def checkpoint(idle: int | None = None) -> None:
+        for book in books:
+            for key, update in book.drain(now):
+                changelog.append((KEY_SEP.join(key).encode(), encode(update), 0, len(changelog)))
+            if idle is not None:
+                book.evict_idle(now, timedelta(minutes=idle))
+
+    for op in script:
+        if op[0] == "spend":
+            _, tenant, session, gap, cost = op
+            now += timedelta(minutes=gap)
+            books[owner[tenant]].add((tenant, "", "", "bot", f"s{session}"), now, cost)
+            truth[(tenant, f"s{session}", f"{now:%Y-%m}")] += cost
+            truth[(tenant, "", f"{now:%Y-%m}")] += cost
+        elif op[0] == "checkpoint":
+            checkpoint(op[1])
+        elif op[0] == "restart":  # a clean stop (last checkpoint) and a start on a fresh disk
+            checkpoint()
+            books[op[1]] = SpendBook(_from_changelog(changelog, now))
+        else:  # the tenant's partitions move: the old owner checkpoints and drops it, the new one reloads its store
+            tenant = op[1]
+            checkpoint()
+            books[owner[tenant]].drop_tenants({tenant})
+            owner[tenant] = 1 - owner[tenant]
+            moved_to = books[owner[tenant]]
+            moved_to.store = _from_changelog(changelog, now)
+    month = f"{now:%Y-%m}"
+    for tenant in TENANTS:
+        book, other = books[owner[tenant]], books[1 - owner[tenant]]
+        assert not any(k[0] == tenant for k in other.states), "a moved tenant must not stay counted by its old owner"
+        for session in range(5):
+            ids = (tenant, "", "", "bot", f"s{session}")
+            book.add(ids, now, 0)  # it spends again (nothing): where does it stand?
+            sid = scope_ids(*ids)["session"]
+            assert book.states[(tenant, "session", sid)].period == truth.get((tenant, f"s{session}", month), 0), sid
+        assert book.states[(tenant, "tenant", tenant)].period == truth.get((tenant, "", month), 0)
