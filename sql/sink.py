@@ -441,7 +441,7 @@ class LedgerSink:
         count, lo, hi = run(lambda: self.client.query(staged.accepted_range()).result_rows[0], "count")
         if not count:
             return None
-        dedupe, exclude, repeated = None, frozenset(), ()
+        dedupe, exclude = None, frozenset()
         if name in ledger.ID_TABLES:
             bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
             dedupe = (staged.id_column, ledger.write_table(ledger.ID_TABLES[name], self.cluster), *bounds)
@@ -449,10 +449,6 @@ class LedgerSink:
             self.stats["duplicates"] += duplicate_count(repeated)
             if repeated:
                 exclude = frozenset(self._staged_first_writes(batch, name, rows, repeated, lo, hi, run))
-        # No id of the batch repeats or is stored (the usual batch): the first attempt needs no dedupe in the insert,
-        # which costs ~1.5 µs a row (NOT IN the ids + ORDER BY + LIMIT 1 BY). A retry keeps it: an attempt that
-        # failed may have landed, and its rows are then stored ids.
-        first = staged.insert(target, dedupe if repeated else None, exclude)
         query, attempts = staged.insert(target, dedupe, exclude), 0
 
         def insert() -> None:
@@ -460,7 +456,7 @@ class LedgerSink:
             attempts += 1
             if attempts > 1:  # a retry: the staging tables went with the session if ClickHouse restarted
                 self._load(staged, rows, batch.nonce)
-            self.client.command(first if attempts == 1 else query, settings=self._insert_settings())
+            self.client.command(query, settings=self._insert_settings())
         return insert
 
     def _staged(self, name: str) -> Staged:
