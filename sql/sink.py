@@ -118,6 +118,7 @@ class LedgerSink:
         self._staged_cache: tuple[dict, dict[str, tuple[str, bytes, bool]]] = ({}, {})
         self._consuming_thread = threading.get_ident()  # the one thread that calls the consumer (run() resets it)
         self._staged_tables: dict[str, Staged] = {}
+        self._staging_made: set[str] = set()  # staging tables this session has (sql/checks.py Staged.create)
         self.anomalies_topic = settings.topic("anomalies")
         self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
 
@@ -484,12 +485,16 @@ class LedgerSink:
     def _empty_staging(self, staged: Staged) -> None:
         """Truncate the session's staging tables; create them when the session has none (its first batch, or the
         server restarted and took them). Creating them every batch cost ~60 ms (the typed table's SELECT is analysed)."""
-        try:
-            for statement in staged.truncate():
-                self.client.command(statement)
-        except Exception:  # noqa: BLE001 - not there (or ClickHouse is down: then the create raises, and is retried)
-            for statement in (*staged.create(), *staged.truncate()):
-                self.client.command(statement)
+        if staged.table in self._staging_made:
+            try:
+                for statement in staged.truncate():
+                    self.client.command(statement)
+                return
+            except Exception:  # noqa: BLE001 - gone with the session (or ClickHouse is down: the create raises, retried)
+                self._staging_made.discard(staged.table)
+        for statement in (*staged.create(), *staged.truncate()):
+            self.client.command(statement)
+        self._staging_made.add(staged.table)
 
     def _load_binary(self, staged: Staged, lines: list[bytes], nonce: int) -> None:
         """priced.v2 rows, each with its Kafka columns and the batch's nonce, as one RowBinary insert. A record that
