@@ -266,11 +266,6 @@ class Staged:
     def accepted_range(self) -> str:
         return f"SELECT count(), min(v_{self.ts_column}), max(v_{self.ts_column}) FROM {self.typed} WHERE _ok"
 
-    def duplicates(self, id_column: str, ids_table: str, lo: str, hi: str) -> str:
-        """How many accepted rows `insert(..., dedupe)` drops: repeats in the batch and ids already stored."""
-        return (f"SELECT count() - uniqExactIf(v_{id_column}, {self._new(id_column, ids_table, lo, hi)}) "
-                f"FROM {self.typed} WHERE _ok")
-
     @staticmethod
     def _new(id_column: str, ids_table: str, lo: str, hi: str) -> str:
         return f"v_{id_column} NOT IN (SELECT {id_column} FROM {ids_table} WHERE ts BETWEEN {lo} AND {hi})"

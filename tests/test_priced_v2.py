@@ -30,7 +30,8 @@ from meterline.sql.synth import priced_events
 from meterline.streams import codec
 from meterline.streams.codec import decode_priced, decode_usage, encode_priced_v2
 from meterline.streams.worker import StreamWorker
-from meterline.topics import catalog_by_name, create_topics
+from meterline.topics import create_topics
+from sink_fuzz import check_intake
 from test_sql_sink import ledger_sql, produce, sink_until_idle, start_sink
 
 PICO_MAX = 10**28 - 1  # 16 whole digits and 12 places: the largest amount the contract takes
@@ -183,10 +184,6 @@ def test_fuzz_v2_records_are_stored_once_or_dead_lettered_and_the_sink_never_sto
     @hsettings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
     @given(_mutated(records))
     def run(mutations):
-        base = tmp_path_factory.mktemp("fuzz2")
-        settings = Settings(data_dir=base / "data", kafka_bootstrap=kafka_bootstrap, topic_prefix=f"fv{uuid.uuid4().hex[:10]}",
-                            clickhouse_dsn=f"chdb://{base / 'clickhouse'}")
-        create_topics(settings)
         batch = []
         for i, (raw, mutation) in enumerate(zip(records, mutations)):
             event = ev.decode(ev.PricedEvent, raw).model_copy(update={"event_id": uuid.uuid4()})
@@ -200,22 +197,7 @@ def test_fuzz_v2_records_are_stored_once_or_dead_lettered_and_the_sink_never_sto
                 batch.append(v2[:mutation % len(v2)])
             else:
                 batch.append(bytes([ev.PRICED_V2_MAGIC]) + mutation)
-        valid = {}
-        for i, raw in enumerate(batch):
-            try:
-                valid[i] = str(decode_priced(raw).event_id)
-            except ev.InvalidEvent:
-                pass
-        produce(settings, "priced", batch)
-        sink_until_idle(settings)
-        stored = ledger_sql(settings, "SELECT toString(event_id) AS id, count() AS n FROM priced_events GROUP BY id")
-        assert {r["id"] for r in stored} == set(valid.values()) and all(r["n"] == 1 for r in stored)
-        dead = ledger_sql(settings, "SELECT partition, offset, error_type FROM dead_letters WHERE stage = 'sink'")
-        assert not [d for d in dead if d["error_type"] == "LedgerCheck"], dead
-        partitions = catalog_by_name()["priced"].partitions
-        invalid_at = {(i % partitions, i // partitions) for i in range(len(batch)) if i not in valid}
-        assert invalid_at <= {(d["partition"], d["offset"]) for d in dead}
-        delete_topics_with_prefix(settings)
+        check_intake(kafka_bootstrap, tmp_path_factory, "fv", batch, decode_priced)
 
     run()
 

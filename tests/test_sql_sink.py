@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,11 +19,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from conftest import delete_topics_with_prefix
-from meterline.schemas.events import DeadLetter, GpuSample, InvalidEvent, PricedEvent, decode, new_id, utcnow
+from meterline.schemas.events import DeadLetter, GpuSample, PricedEvent, decode, new_id, utcnow
 from meterline.settings import Settings
 from meterline.sql.synth import priced_events
 from meterline.topics import catalog_by_name, create_topics
+from sink_fuzz import check_intake
 
 METERLINE = [str(Path(sys.executable).with_name("meterline"))]
 CRASH_EVENTS = int(os.environ.get("METERLINE_TEST_CRASH_EVENTS", "100000"))
@@ -480,10 +479,6 @@ def test_fuzz_every_record_is_stored_once_or_dead_lettered_and_the_sink_never_st
     @hsettings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
     @given(_fuzzed_priced(records))
     def run(mutations):
-        base = tmp_path_factory.mktemp("fuzz")
-        settings = Settings(data_dir=base / "data", kafka_bootstrap=kafka_bootstrap, topic_prefix=f"fz{uuid.uuid4().hex[:10]}",
-                            clickhouse_dsn=f"chdb://{base / 'clickhouse'}")
-        create_topics(settings)
         batch = []
         for raw, mutation in zip(records, mutations):
             if isinstance(mutation, bytes):
@@ -491,23 +486,7 @@ def test_fuzz_every_record_is_stored_once_or_dead_lettered_and_the_sink_never_st
             else:
                 record = {**json.loads(raw), "event_id": new_id(), **mutation}
                 batch.append(json.dumps(record, default=str).encode())
-        valid = {}
-        for i, raw in enumerate(batch):
-            try:
-                valid[i] = str(decode(PricedEvent, raw).event_id)
-            except InvalidEvent:
-                pass
-        produce(settings, "priced", batch)
-        sink_until_idle(settings)
-        stored = ledger_sql(settings, "SELECT toString(event_id) AS id, count() AS n FROM priced_events GROUP BY id")
-        assert {r["id"] for r in stored} == set(valid.values()) and all(r["n"] == 1 for r in stored)
-        dead = ledger_sql(settings, "SELECT partition, offset, error_type FROM dead_letters WHERE stage = 'sink'")
-        assert not [d for d in dead if d["error_type"] == "LedgerCheck"], dead
-        partitions = catalog_by_name()["priced"].partitions
-        dead_at = {(d["partition"], d["offset"]) for d in dead}
-        invalid_at = {(i % partitions, i // partitions) for i in range(len(batch)) if i not in valid}
-        assert invalid_at <= dead_at
-        delete_topics_with_prefix(settings)
+        check_intake(kafka_bootstrap, tmp_path_factory, "fz", batch, lambda raw: decode(PricedEvent, raw))
 
     run()
 

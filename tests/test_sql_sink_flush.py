@@ -1,0 +1,124 @@
+"""The sink's flush against a real embedded chDB (sql/sink.py `_stage`): the per-batch shortcuts taken for speed
+(issue 17) keep every row exactly once. In process: records are handed to `_take_many` as the consumer would,
+no broker is read; the ledger is a fresh migrated chDB. Ground truth: the ids the test produced."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from meterline.schemas import events as ev
+from meterline.settings import Settings
+from meterline.sql import ledger
+from meterline.sql.sink import LedgerSink, duplicate_count
+from meterline.sql.synth import priced_events
+from meterline.streams.codec import encode_priced_v2
+
+START = datetime(2026, 1, 5, tzinfo=timezone.utc)
+
+
+class Msg:
+    def __init__(self, topic, partition, offset, value):
+        self.args = (topic, partition, offset, value)
+
+    def topic(self): return self.args[0]
+    def partition(self): return self.args[1]
+    def offset(self): return self.args[2]
+    def value(self): return self.args[3]
+    def key(self): return None
+    def error(self): return None
+    def headers(self): return None
+
+
+class LandsThenFails:
+    """A real chDB client whose first ledger insert is applied and then reported failed (a timeout after the
+    server committed it): the retry must not store the rows twice."""
+
+    def __init__(self, client):
+        self.client, self.failed = client, False
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def command(self, sql, *args, **kwargs):
+        result = self.client.command(sql, *args, **kwargs)
+        if sql.startswith("INSERT INTO priced_events") and not self.failed:
+            self.failed = True
+            raise ConnectionError("read timed out (the insert was applied)")
+        return result
+
+
+@pytest.fixture
+def ledger_settings(tmp_path, kafka_bootstrap) -> Settings:
+    return Settings(data_dir=tmp_path, kafka_bootstrap=kafka_bootstrap, topic_prefix=f"fl{uuid.uuid4().hex[:8]}",
+                    clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
+
+
+def make_sink(settings: Settings, client) -> LedgerSink:
+    sink = LedgerSink(settings, client=client, group="flush-test", max_backoff_s=0.2)
+    topic = settings.topic("priced")
+    sink.tables = {topic: sink.tables[topic]}
+    return sink
+
+
+def v2_records(n: int, seed: int) -> list[bytes]:
+    records, _ = priced_events(n, seed=seed, start=START)
+    return [encode_priced_v2(ev.decode(ev.PricedEvent, r)) for r in records]
+
+
+def take(sink: LedgerSink, records: list[bytes], first_offset: int = 0) -> None:
+    topic = sink.settings.topic("priced")
+    sink._take_many([Msg(topic, 0, first_offset + i, r) for i, r in enumerate(records)])
+
+
+def stored(client) -> tuple[int, int]:
+    return tuple(client.query("SELECT count(), uniqExact(event_id) FROM priced_events").result_rows[0])
+
+
+def test_an_insert_that_landed_but_reported_an_error_is_not_stored_twice(ledger_settings):
+    client = ledger.connect(ledger_settings)
+    ledger.migrate(client)
+    sink = make_sink(ledger_settings, LandsThenFails(client))
+    take(sink, v2_records(200, seed=71))
+    sink.flush()
+    assert sink.client.failed and sink.stats["retries"] == 1
+    assert stored(client) == (200, 200)
+
+
+def test_staging_tables_lost_with_the_session_are_made_again(ledger_settings):
+    """The staging tables are created once per session; a server restart takes them: the next batch makes them again."""
+    client = ledger.connect(ledger_settings)
+    ledger.migrate(client)
+    sink = make_sink(ledger_settings, client)
+    records = v2_records(60, seed=72)
+    take(sink, records[:30])
+    sink.flush()
+    for table in ("stage_priced_events", "typed_priced_events", "stage2_priced_events"):
+        client.command(f"DROP TEMPORARY TABLE {table}")  # what a restarted server has
+    take(sink, records[30:], first_offset=30)
+    sink.flush()
+    assert stored(client) == (60, 60) and sink.stats["dead_letters"] == 0
+
+
+def test_copies_within_a_batch_and_of_stored_ids_are_dropped_and_counted(ledger_settings):
+    client = ledger.connect(ledger_settings)
+    ledger.migrate(client)
+    sink = make_sink(ledger_settings, client)
+    records = v2_records(14, seed=73)
+    take(sink, records[:10])
+    sink.flush()
+    assert sink.stats["duplicates"] == 0
+    # 5 ids stored already, 3 new ids, one new id twice more: 14 distinct ids, 5 + 2 copies to drop
+    take(sink, records[:5] + records[10:13] + [records[13]] * 3, first_offset=10)
+    sink.flush()
+    assert stored(client) == (14, 14)
+    assert sink.stats["duplicates"] == 7 and sink.stats["conflicting_duplicates"] == 0
+
+
+def test_duplicate_count_from_the_repeated_rows():
+    """(id, partition, offset, stored): every copy of a stored id, all but one copy of a repeated new id."""
+    rows = [("a", 0, 1, True), ("a", 0, 2, True), ("b", 0, 3, False), ("b", 1, 4, False), ("b", 1, 5, False),
+            ("c", 0, 6, False), ("c", 0, 7, False)]
+    assert duplicate_count(rows) == 2 + 2 + 1
+    assert duplicate_count([]) == 0
