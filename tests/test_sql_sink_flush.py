@@ -55,6 +55,14 @@ def ledger_settings(tmp_path, kafka_bootstrap) -> Settings:
                     clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
 
 
+@pytest.fixture
+def client(ledger_settings):
+    """A migrated chDB ledger of the test's own."""
+    client = ledger.connect(ledger_settings)
+    ledger.migrate(client)
+    return client
+
+
 def make_sink(settings: Settings, client) -> LedgerSink:
     sink = LedgerSink(settings, client=client, group="flush-test", max_backoff_s=0.2)
     topic = settings.topic("priced")
@@ -76,9 +84,7 @@ def stored(client) -> tuple[int, int]:
     return tuple(client.query("SELECT count(), uniqExact(event_id) FROM priced_events").result_rows[0])
 
 
-def test_an_insert_that_landed_but_reported_an_error_is_not_stored_twice(ledger_settings):
-    client = ledger.connect(ledger_settings)
-    ledger.migrate(client)
+def test_an_insert_that_landed_but_reported_an_error_is_not_stored_twice(ledger_settings, client):
     sink = make_sink(ledger_settings, LandsThenFails(client))
     take(sink, v2_records(200, seed=71))
     sink.flush()
@@ -86,10 +92,8 @@ def test_an_insert_that_landed_but_reported_an_error_is_not_stored_twice(ledger_
     assert stored(client) == (200, 200)
 
 
-def test_staging_tables_lost_with_the_session_are_made_again(ledger_settings):
+def test_staging_tables_lost_with_the_session_are_made_again(ledger_settings, client):
     """The staging tables are created once per session; a server restart takes them: the next batch makes them again."""
-    client = ledger.connect(ledger_settings)
-    ledger.migrate(client)
     sink = make_sink(ledger_settings, client)
     records = v2_records(60, seed=72)
     take(sink, records[:30])
@@ -101,9 +105,7 @@ def test_staging_tables_lost_with_the_session_are_made_again(ledger_settings):
     assert stored(client) == (60, 60) and sink.stats["dead_letters"] == 0
 
 
-def test_copies_within_a_batch_and_of_stored_ids_are_dropped_and_counted(ledger_settings):
-    client = ledger.connect(ledger_settings)
-    ledger.migrate(client)
+def test_copies_within_a_batch_and_of_stored_ids_are_dropped_and_counted(ledger_settings, client):
     sink = make_sink(ledger_settings, client)
     records = v2_records(14, seed=73)
     take(sink, records[:10])
