@@ -32,6 +32,7 @@ import msgspec
 Parked = tuple[int, ...]
 ScopeKey = tuple[str, str, str]
 CHUNK = 10_000  # changelog records per write transaction while loading
+KEY_SEP = "\x1f"  # spend-state keys: tenant, scope and scope id joined by it (the worker writes them)
 
 
 class Damaged(NamedTuple):
@@ -160,8 +161,6 @@ class StateStore:
         self.put_many((k, v) for k, v in pending.items() if v is not None)
         pending.clear()
 
-
-KEY_SEP = "\x1f"
 
 
 class Bloom:

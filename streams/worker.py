@@ -69,12 +69,11 @@ from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
 from .codec import PICO, PRICED_V2, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
 from .pricing import Catalog, Components, load_catalog
 from .spend import ScopeKey, SpendBook, _minute_key as minute_key, month_of as spend_month
-from .state_store import Damaged, StateStore, parked_from_update
+from .state_store import KEY_SEP, Damaged, StateStore, parked_from_update  # KEY_SEP: the changelog key the store reads
 
 log = logging.getLogger("meterline.streams")
 UTC = timezone.utc
 STATE_TOPIC = "spend-state"
-KEY_SEP = "\x1f"
 NO_PARTS = (0, 0, 0, 0, 0)
 # PricedEvent fields of the components price_pico gives after the total (events that use more of the sheet)
 SHEET_COST_FIELDS = tuple(f"{name}_cost_usd" for name in Components._fields[4:])
