@@ -139,7 +139,7 @@ class Field:
             if (limit := self.bound(kind)) is not None:
                 out.append(f"{v} {op} {limit}")
         if self.validator("_no_hidden_chars"):
-            out.append(f"NOT match({v}, '{_escape(HIDDEN_CHARS_RE)}')")
+            out.append(no_hidden_chars(v))
         if self.base is datetime and not binary:  # the parse rolls 02-30 over to 03-02: the text must survive the round trip
             out.append(f"formatDateTime({v}, '%Y-%m-%dT%H:%i') = substring(`{self.name}`, 1, 16)")
         if self.validator("_not_in_future"):
@@ -186,6 +186,13 @@ def unwrap(annotation: Any, metadata: tuple[Any, ...]) -> tuple[Any, bool, tuple
     if annotation not in (str, int, bool, Decimal, datetime, UUID) and get_origin(annotation) not in (Literal, dict):
         raise TypeError(f"no SQL check for a field of type {annotation!r}; extend sql/checks.py")
     return annotation, nullable, tuple(flat)
+
+
+SPACE_JOIN = ", ' ', "
+
+
+def no_hidden_chars(v: str) -> str:
+    return f"NOT match({v}, '{_escape(HIDDEN_CHARS_RE)}')"
 
 
 def _json_text(value: Any) -> str:
@@ -244,7 +251,10 @@ class Staged:
         """Into `typed_<table>` like fill(): the typed values, the same checks, plus what text could not carry
         (UTF-8, 0/1 bools, money within 16 whole digits, times within the ledger's years)."""
         kinds = dict(self.layout)
-        rules, values = [], []
+        # One regex over all the checked strings, joined by a space (not hidden; the class matches one character):
+        # the same verdict as one per field, at a third of the cost (issue 17, session 9). Typed: never NULL.
+        hidden = [f"`{f.name}`" for f in self.fields if f.validator("_no_hidden_chars")]
+        rules, values = [no_hidden_chars(f"concat({SPACE_JOIN.join(hidden)})")] if hidden else [], []
         for f in self.fields:
             kind, raw = kinds[f.name], f"`{f.name}`"
             extra = {"str": [f"isValidUTF8({raw})"], "bool": [f"{raw} <= 1"],
@@ -254,7 +264,7 @@ class Staged:
                      "map": [f"arrayAll(x -> isValidUTF8(x), arrayConcat(mapKeys({raw}), mapValues({raw})))"]}.get(kind, [])
             rules += extra
             values.append(f"if({' AND '.join(extra)}, {raw}, NULL)" if kind in ("money", "time") else raw)
-            rules += [c for c in f.checks(raw, binary=True) if c != f"{raw} IS NOT NULL"]  # typed: never NULL
+            rules += [c for c in f.checks(raw, binary=True) if c not in (f"{raw} IS NOT NULL", no_hidden_chars(raw))]
         rules += [r for model, more in RULES.items() if issubclass(self.model, model) for r in more]
         select = ", ".join(f"{value} AS v_{f.name}" for f, value in zip(self.fields, values))
         return (f"INSERT INTO {self.typed} SELECT {select}, {sql_string(topic)} AS _topic, _partition, _offset, _batch_start, "

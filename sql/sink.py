@@ -58,6 +58,9 @@ STAGE_SETTINGS = {"input_format_null_as_default": 0, "input_format_skip_unknown_
                   "input_format_json_read_bools_as_strings": 0}
 # High-volume tables whose row is their contract's JSON: validated, de-duplicated and inserted inside ClickHouse.
 STAGED_TABLES = ("priced_events", "spend_updates", "anomalies", "dead_letters")
+# An id table's insert: one row per id (deduplicated above), the ids view copies them, the rollup view groups each
+# block: collapsing a part on insert (Replacing/SummingMergeTree) finds nothing. Rollups are read with sum() GROUP BY.
+UNIQUE_ROWS = {"optimize_on_insert": 0}
 DLQ_NAMESPACE = uuid.UUID("5b0d4c2e-8f0e-4f6a-9c57-0d1e5a1f7e11")
 V2 = ev.PRICED_V2_MAGIC
 # What the sink appends to a priced.v2 row (sql/checks.py BINARY_KAFKA_COLUMNS): partition, offset, batch start, nonce.
@@ -451,13 +454,14 @@ class LedgerSink:
             if repeated:
                 exclude = frozenset(self._staged_first_writes(batch, name, rows, repeated, lo, hi, run))
         query, attempts = staged.insert(target, dedupe, exclude), 0
+        settings = {**self._insert_settings(), **(UNIQUE_ROWS if dedupe else {})}
 
         def insert() -> None:
             nonlocal attempts
             attempts += 1
             if attempts > 1:  # a retry: the staging tables went with the session if ClickHouse restarted
                 self._load(staged, rows, batch.nonce)
-            self.client.command(query, settings=self._insert_settings())
+            self.client.command(query, settings=settings)
         return insert
 
     def _staged(self, name: str) -> Staged:
