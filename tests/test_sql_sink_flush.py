@@ -124,3 +124,52 @@ def test_duplicate_count_from_the_repeated_rows():
             ("c", 0, 6, False), ("c", 0, 7, False)]
     assert duplicate_count(rows) == 2 + 2 + 1
     assert duplicate_count([]) == 0
+
+
+HIDDEN_CHECKED = [name for name, info in ev.PricedEvent.model_fields.items()
+                  if any(getattr(getattr(m, "func", None), "__name__", "") == "_no_hidden_chars" for m in info.metadata)]
+
+
+def test_a_hidden_character_in_any_checked_field_of_a_v2_row_is_rejected_alone(ledger_settings, client):
+    """priced.v2 rows are checked for hidden characters with one regex over all their strings joined by a space
+    (sql/checks.py binary_fill): each field still counts alone, and nothing is found across two fields."""
+    assert len(HIDDEN_CHECKED) >= 9  # tenant_id, team, project, agent_id, session_id, provider, model, tool, catalog_version
+    sink = make_sink(ledger_settings, client)
+    clean = [ev.decode(ev.PricedEvent, r).model_dump() for r in priced_events(2 * len(HIDDEN_CHECKED) + 1, seed=74, start=START)[0]]
+    bad = {}
+    for i, name in enumerate(HIDDEN_CHECKED):  # a bidi override inside the field; a C0 control at its end
+        bad[2 * i] = {**clean[2 * i], name: "a\u202eb"}
+        bad[2 * i + 1] = {**clean[2 * i + 1], name: (clean[2 * i + 1][name] or "x")[:100] + "\x1f"}
+    # the last row: spaces, non-ASCII letters and a field boundary mid-string are no hidden characters
+    ok_row = len(clean) - 1
+    bad_free = {**clean[ok_row], "team": "re search ü", "project": "", "agent_id": "ä gent", "tool": "\u00e9"}
+    records = [encode_priced_v2(bad.get(i, bad_free if i == ok_row else row)) for i, row in enumerate(clean)]
+    take(sink, records)
+    staged = sink._staged("priced_events")
+    rows = sink.batch.tables["priced_events"]
+    sink._load(staged, rows, sink.batch.nonce)
+    rejected = {offset for _, offset in client.query(staged.rejected()).result_rows}
+    assert rejected == set(bad)  # every damaged field caught, the clean row accepted
+
+
+ROLLUP_KEY = "toDateTime64(toStartOfHour(ts), 3, 'UTC'), tenant_id, team, project, agent_id, provider, model, kind"
+ROLLUP_SUMS = ("count(), countIf(status != 'ok'), countIf(cost_source = 'unpriced'), sum(input_tokens), sum(output_tokens), "
+               "sum(units), toString(sum(cost_usd)), toString(sum(list_cost_usd)), toString(sum(input_cost_usd))")
+
+
+def test_the_rollup_equals_the_ledger_grouped_after_batches_with_copies(ledger_settings, client):
+    """usage_hourly (its view, parts written without collapse-on-insert) read with sum() GROUP BY gives exactly the
+    ledger's own sums per key and hour, over batches that cross an hour and carry copies of stored ids."""
+    sink = make_sink(ledger_settings, client)
+    records = [encode_priced_v2(ev.decode(ev.PricedEvent, r)) for r in priced_events(3000, seed=75, start=START, span_s=7200)[0]]
+    take(sink, records[:1200])
+    sink.flush()
+    take(sink, records[:300] + records[1200:] + records[2000:2100], first_offset=1200)  # copies: stored and in-batch
+    sink.flush()
+    assert stored(client) == (3000, 3000)
+    rollup = client.query(f"SELECT hour, tenant_id, team, project, agent_id, provider, model, kind, sum(events), "
+                          "sum(error_events), sum(unpriced_events), sum(input_tokens), sum(output_tokens), sum(units), "
+                          "toString(sum(cost_usd)), toString(sum(list_cost_usd)), toString(sum(input_cost_usd)) "
+                          "FROM usage_hourly GROUP BY ALL ORDER BY ALL").result_rows
+    truth = client.query(f"SELECT {ROLLUP_KEY}, {ROLLUP_SUMS} FROM priced_events GROUP BY ALL ORDER BY ALL").result_rows
+    assert len({r[0] for r in truth}) >= 2 and rollup == truth
