@@ -257,7 +257,9 @@ class Staged:
         rules, values = [no_hidden_chars(f"concat({SPACE_JOIN.join(hidden)})")] if hidden else [], []
         for f in self.fields:
             kind, raw = kinds[f.name], f"`{f.name}`"
-            extra = {"str": [f"isValidUTF8({raw})"], "bool": [f"{raw} <= 1"],
+            # what a Literal's IN list accepts is valid UTF-8 already (issue 17, session 9)
+            utf8 = [] if get_origin(f.base) is Literal else [f"isValidUTF8({raw})"]
+            extra = {"str": utf8, "bool": [f"{raw} <= 1"],
                      "money": [f"{raw} >= 0", f"{raw} < toDecimal128('{10 ** (ev.MONEY_DIGITS - ev.MONEY_PLACES)}', 12)"],
                      "time": [f"{raw} BETWEEN toDateTime64('{ev.LEDGER_YEARS[0]}-01-01 00:00:00', 6, 'UTC') AND "
                               f"toDateTime64('{ev.LEDGER_YEARS[1]}-12-31 23:59:59.999999', 6, 'UTC')"],

@@ -152,6 +152,19 @@ def test_a_hidden_character_in_any_checked_field_of_a_v2_row_is_rejected_alone(l
     assert rejected == set(bad)  # every damaged field caught, the clean row accepted
 
 
+
+def test_a_literal_field_with_bytes_that_are_not_utf8_is_rejected(ledger_settings, client):
+    """binary_fill checks a Literal field by its IN list alone (no isValidUTF8): bytes that are not UTF-8 never match."""
+    sink = make_sink(ledger_settings, client)
+    rows = [ev.decode(ev.PricedEvent, r).model_dump() for r in priced_events(2, seed=76, start=START)[0]]
+    good, bad = (encode_priced_v2({**row, "status": "timeout"}) for row in rows)
+    assert bad.count(b"\x07timeout") == 1
+    take(sink, [good, bad.replace(b"\x07timeout", b"\x07timeou\xff")])
+    staged = sink._staged("priced_events")
+    sink._load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
+    assert client.query(staged.rejected()).result_rows == [(0, 1)]
+
+
 ROLLUP_KEY = "toDateTime64(toStartOfHour(ts), 3, 'UTC'), tenant_id, team, project, agent_id, provider, model, kind"
 ROLLUP_SUMS = ("count(), countIf(status != 'ok'), countIf(cost_source = 'unpriced'), sum(input_tokens), sum(output_tokens), "
                "sum(units), toString(sum(cost_usd)), toString(sum(list_cost_usd)), toString(sum(input_cost_usd))")
@@ -167,7 +180,7 @@ def test_the_rollup_equals_the_ledger_grouped_after_batches_with_copies(ledger_s
     take(sink, records[:300] + records[1200:] + records[2000:2100], first_offset=1200)  # copies: stored and in-batch
     sink.flush()
     assert stored(client) == (3000, 3000)
-    rollup = client.query(f"SELECT hour, tenant_id, team, project, agent_id, provider, model, kind, sum(events), "
+    rollup = client.query("SELECT hour, tenant_id, team, project, agent_id, provider, model, kind, sum(events), "
                           "sum(error_events), sum(unpriced_events), sum(input_tokens), sum(output_tokens), sum(units), "
                           "toString(sum(cost_usd)), toString(sum(list_cost_usd)), toString(sum(input_cost_usd)) "
                           "FROM usage_hourly GROUP BY ALL ORDER BY ALL").result_rows
