@@ -251,8 +251,8 @@ class Staged:
         """Into `typed_<table>` like fill(): the typed values, the same checks, plus what text could not carry
         (UTF-8, 0/1 bools, money within 16 whole digits, times within the ledger's years)."""
         kinds = dict(self.layout)
-        # One regex over all the checked strings, joined by a space (not hidden; the class matches one character):
-        # the same verdict as one per field, at a third of the cost (issue 17, session 9). Typed: never NULL.
+        # One regex over the checked strings joined by a space (not hidden; the class matches one character): the
+        # verdict of one per field, for less (BENCHMARKS.md, issue 17 session 9). Typed columns: concat is never NULL.
         hidden = [f"`{f.name}`" for f in self.fields if f.validator("_no_hidden_chars")]
         rules, values = [no_hidden_chars(f"concat({SPACE_JOIN.join(hidden)})")] if hidden else [], []
         for f in self.fields:
