@@ -18,11 +18,14 @@ Needs Cython and mypy (`pip install cython mypy`) and a C compiler; an experimen
     priced.v2 encode, detectors, spend add_many per 5,000 rows), fresh state each, best of --repeat. cProfile cannot
     see into compiled functions, so this replaces bench.profile's --cprofile breakdown for both.
   CPU is time.process_time() (every thread of the process: librdkafka's included).
+- --callgrind N: instead, the stages' instructions per event under valgrind (no broker, deterministic: this shared
+  machine's load does not move it).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,18 +91,18 @@ def messages(events: int, sessions: int, topic: str) -> list:
     return [Message(topic, zlib.crc32(key) % 12, i, key, value) for i, (key, value) in enumerate(make_events(events, sessions))]
 
 
-def stage_costs(worker, msgs: list) -> list[float]:
+def stage_costs(catalog, msgs: list) -> list[float]:
     """µs per event of each hot call alone, over every message, in process()'s order (fresh state)."""
     from datetime import datetime, timezone
 
     from meterline.schemas import events as ev
     from meterline.streams.anomalies import Detectors, second_of
-    from meterline.streams.codec import decode_usage
+    from meterline.streams.codec import PRICED_V2, decode_usage
     from meterline.streams.spend import SpendBook, _minute_key
     from meterline.streams.worker import usage_digest
 
     now = datetime.now(timezone.utc)
-    latest, values, price, n = now + ev.MAX_FUTURE_SKEW, [m.value() for m in msgs], worker.catalog.price_pico, len(msgs)
+    latest, values, price, n = now + ev.MAX_FUTURE_SKEW, [m.value() for m in msgs], catalog.price_pico, len(msgs)
     clock, out = time.process_time, []
     t = clock()
     events = [decode_usage(v, latest=latest) for v in values]
@@ -112,7 +115,8 @@ def stage_costs(worker, msgs: list) -> list[float]:
     out.append(clock() - t)
     costs = [p[4] for p in listed]
     t = clock()
-    [worker._priced_v2(e, c, p, "catalog", now) for e, c, p in zip(events, costs, listed)]
+    write, version = PRICED_V2.write, catalog.version  # what StreamWorker._priced_v2 calls
+    [write(e, c, p, "catalog", version, now) for e, c, p in zip(events, costs, listed)]
     out.append(clock() - t)
     detect, seconds = Detectors().usage, [second_of(e.ts) for e in events]
     t = clock()
@@ -128,30 +132,55 @@ def stage_costs(worker, msgs: list) -> list[float]:
     return [s / n * 1e6 for s in out]
 
 
-def child(tree: str, events: int, sessions: int, repeat: int) -> None:
-    """One variant in this process: prints {"compiled": [...], "worker": [µs...], "stages": [[µs...]...]}."""
-    import uuid
+def load(tree: str) -> list[str]:
+    """Point meterline.streams at BUILD/<variant> (before anything imports it); its compiled hot modules."""
+    import importlib
 
     import meterline.streams
 
     meterline.streams.__path__[:] = [str(Path(tree) / "meterline" / "streams")]
-    import importlib
+    files = [importlib.import_module(f"meterline.streams.{m}").__file__ for m in HOT]
+    assert all(f.startswith(tree) for f in files), files  # not this tree's (the editable install's finder)
+    return [m for m, f in zip(HOT, files) if f.endswith(".so")]
 
+
+def child(tree: str, events: int, sessions: int, repeat: int) -> None:
+    """One variant in this process: prints {"compiled": [...], "worker": [µs...], "stages": [[µs...]...]}."""
+    import uuid
+
+    compiled = load(tree)
     from meterline.settings import Settings
+    from meterline.streams.pricing import load_catalog
     from meterline.topics import create_topics
 
     from bench.profile import worker_cost
-    from meterline.streams.worker import StreamWorker
 
-    files = [importlib.import_module(f"meterline.streams.{m}").__file__ for m in HOT]
-    assert all(f.startswith(tree) for f in files), files  # not this tree's (the editable install's finder)
-    compiled = [m for m, f in zip(HOT, files) if f.endswith(".so")]
     settings = Settings(topic_prefix=f"cmp{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     msgs = messages(events, sessions, settings.topic("usage"))
     workers = [worker_cost(settings, msgs, profile=False)[0] for _ in range(repeat)]
-    stages = [stage_costs(StreamWorker(settings, checkpoint_interval=3600, publish_interval=3600), msgs) for _ in range(repeat)]
+    stages = [stage_costs(load_catalog(), msgs) for _ in range(repeat)]
     print(json.dumps({"compiled": compiled, "worker": workers, "stages": stages}))
+
+
+def stages_only(tree: str, events: int) -> None:
+    load(tree)
+    from meterline.streams.pricing import load_catalog
+
+    stage_costs(load_catalog(), messages(events, max(events // 10, 1), "usage"))
+
+
+def instructions(tree: Path, events: int) -> float:
+    """Instructions per event of the stages alone (no broker), counted by callgrind: the difference between runs
+    of 2 x `events` and `events` messages, so start-up and imports cancel. The same whatever the machine's load."""
+    counts = []
+    for n in (events, 2 * events):
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
+                              f"from bench.compiled import stages_only; stages_only({str(tree)!r}, {n})"],
+                             capture_output=True, text=True, check=True, cwd=SRC.parent,
+                             env={**os.environ, "PYTHONPATH": str(SRC.parent), "PYTHONHASHSEED": "0"})
+        counts.append(int(re.search(r"Collected : (\d+)", out.stderr).group(1)))
+    return (counts[1] - counts[0]) / events
 
 
 def run_child(tree: Path, args) -> dict:
@@ -198,11 +227,22 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternations of every variant (fresh process each)")
     p.add_argument("--repeat", type=int, default=3, help="fresh workers / stage passes per process (best of)")
     p.add_argument("--variants", default="pure,cython", help="of pure, cython, cython-pxd, mypyc-spend")
+    p.add_argument("--callgrind", type=int, metavar="N", help="instead: instructions per event of the stages alone, "
+                   "callgrind over N and 2N events per variant (no broker; slow: ~50x)")
     p.add_argument("--build", default="/tmp/meterline-compiled", help="where the copies are built (not this tree)")
     args = p.parse_args()
     variants = args.variants.split(",")
     root = Path(args.build)
     trees = {v: build(root, v) for v in variants}
+    if args.callgrind:
+        per_event = {v: instructions(trees[v], args.callgrind) for v in variants}
+        text = (f"## Compiled hot modules: instructions per event of the stages alone ({utc_stamp()})\n\n{machine()}\n"
+                f"Command: `.venv/bin/python -m bench.compiled --callgrind {args.callgrind} --variants {args.variants}`\n\n"
+                "| variant | instructions per event (decode ... spend add_many) | ratio to pure |\n|---|---:|---:|\n"
+                + "".join(f"| {v} | {n:,.0f} | {per_event.get('pure', n) / n:.2f} |\n" for v, n in per_event.items()))
+        print(text)
+        print("appended to", append_result("compiled", text, "Compiled hot modules (bench/compiled.py)"))
+        return
     results = []
     for rnd in range(1, args.rounds + 1):
         for v in variants if rnd % 2 else variants[::-1]:
