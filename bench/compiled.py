@@ -163,24 +163,36 @@ def child(tree: str, events: int, sessions: int, repeat: int) -> None:
     print(json.dumps({"compiled": compiled, "worker": workers, "stages": stages}))
 
 
-def stages_only(tree: str, events: int) -> None:
+def stages_only(tree: str, events: int, measure: bool = True) -> None:
     load(tree)
     from meterline.streams.pricing import load_catalog
 
-    stage_costs(load_catalog(), messages(events, max(events // 10, 1), "usage"))
+    catalog, msgs = load_catalog(), messages(events, max(events // 10, 1), "usage")
+    if measure:
+        stage_costs(catalog, msgs)
 
 
-def instructions(tree: Path, events: int) -> float:
-    """Instructions per event of the stages alone (no broker), counted by callgrind: the difference between runs
-    of 2 x `events` and `events` messages, so start-up and imports cancel. The same whatever the machine's load."""
-    counts = []
-    for n in (events, 2 * events):
-        out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
-                              f"from bench.compiled import stages_only; stages_only({str(tree)!r}, {n})"],
-                             capture_output=True, text=True, check=True, cwd=SRC.parent,
-                             env={**os.environ, "PYTHONPATH": str(SRC.parent), "PYTHONHASHSEED": "0"})
-        counts.append(int(re.search(r"Collected : (\d+)", out.stderr).group(1)))
-    return (counts[1] - counts[0]) / events
+def callgrind(tree: Path, events: int, measure: bool) -> int:
+    """Instructions of one stages_only() process, as callgrind counts them."""
+    out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
+                          f"from bench.compiled import stages_only; stages_only({str(tree)!r}, {events}, {measure})"],
+                         capture_output=True, text=True, check=True, cwd=SRC.parent,
+                         env={**os.environ, "PYTHONPATH": str(SRC.parent), "PYTHONHASHSEED": "0"})
+    return int(re.search(r"Collected : (\d+)", out.stderr).group(1))
+
+
+def instructions(trees: dict[str, Path], events: int) -> dict[str, float]:
+    """Instructions per event of the stages alone (no broker), per variant: the difference between processes of
+    2 x `events` and `events` messages (start-up and imports cancel), less the same difference for building the
+    messages only (the bench's own Python). Deterministic: the machine's load does not move it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(v, n, True) for v in trees for n in (events, 2 * events)] + [(next(iter(trees)), n, False) for n in (events, 2 * events)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # callgrind counts the same run in parallel or not
+        counts = dict(zip(jobs, pool.map(lambda job: callgrind(trees[job[0]], *job[1:]), jobs)))
+    first = next(iter(trees))
+    setup = counts[(first, 2 * events, False)] - counts[(first, events, False)]
+    return {v: (counts[(v, 2 * events, True)] - counts[(v, events, True)] - setup) / events for v in trees}
 
 
 def run_child(tree: Path, args) -> dict:
@@ -235,7 +247,7 @@ def main() -> None:
     root = Path(args.build)
     trees = {v: build(root, v) for v in variants}
     if args.callgrind:
-        per_event = {v: instructions(trees[v], args.callgrind) for v in variants}
+        per_event = instructions(trees, args.callgrind)
         text = (f"## Compiled hot modules: instructions per event of the stages alone ({utc_stamp()})\n\n{machine()}\n"
                 f"Command: `.venv/bin/python -m bench.compiled --callgrind {args.callgrind} --variants {args.variants}`\n\n"
                 "| variant | instructions per event (decode ... spend add_many) | ratio to pure |\n|---|---:|---:|\n"
