@@ -1,4 +1,4 @@
-"""Does compiling the worker's hot modules buy issue 17's 3x? Pure CPython vs the same source compiled by Cython.
+"""Does compiling the worker's hot modules buy issue 17's 3x? Pure CPython vs the same source compiled by Cython or mypyc.
 
     METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python -m bench.compiled [--events 100000] [--rounds 3]
         [--variants pure,cython] [--build /tmp/meterline-compiled]
