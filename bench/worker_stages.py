@@ -12,7 +12,6 @@ runs after, then before, in this one process, so both see the same load; the rat
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
 import importlib.util
@@ -23,6 +22,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .common import parser as make_parser
 from .pipeline import make_events
 
 
@@ -84,7 +84,7 @@ def _timed(fn, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
