@@ -390,4 +390,4 @@ _WRITER_ORDER = (
     "web_search_cost_usd", "tenant_id", "team", "project", "agent_id", "session_id", "kind", "provider", "model",
     "service_tier", "usage", "tool", "status", "priority", "cost_source", "catalog_version", "attributes")
 
-PRICED_V2 = PricedV2Writer()  # the worker's (one per process: its string cache is shared)
+PRICED_V2 = PricedV2Writer()  # the worker's (one per process: its cache of encoded strings is shared)
