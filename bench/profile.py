@@ -285,7 +285,12 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=20, help="--aged: hourly waves the sessions come in")
     parser.add_argument("--worker-only", action="store_true", help="bare consume and stream worker only (no sink, no chDB)")
     parser.add_argument("--repeat", type=int, default=1, help="measure the worker this many times (fresh worker each)")
+    parser.add_argument("--code", help="measure DIR/streams instead of this checkout's (a worktree of a baseline)")
     args = parser.parse_args()
+    if args.code:  # before any streams module is imported (they are, inside the functions below)
+        import meterline.streams
+
+        meterline.streams.__path__[:] = [str(Path(args.code) / "streams")]
     if args.memory:
         text = "\n".join([f"## Worker memory per active session ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
                           f"Machine: `{platform.machine()}`, Python {platform.python_version()}. Command: "
@@ -310,7 +315,7 @@ def main() -> None:
             f"Machine: `{platform.machine()}`, {os.cpu_count()} cores, Python {platform.python_version()}, load average "
             f"{os.getloadavg()[0]:.2f}. Command: `.venv/bin/python -m bench.profile --events {args.events} --sessions {args.sessions}"
             f"{' --cprofile' if args.cprofile else ''}{' --worker-only' if args.worker_only else ''}"
-            f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}`", "",
+            f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}{f' --code {args.code}' if args.code else ''}`", "",
             "| process | CPU µs/event | ratio to a bare consume's CPU | events/s on one core |", "|---|---:|---:|---:|",
             f"| bare confluent-kafka consume of the usage topic | {bare_us:.2f} | 1 | {1e6 / bare_us:,.0f} |",
             f"| stream worker: process() + publish + producer flush (best of {', '.join(f'{r:.2f}' for r in runs)}) | "

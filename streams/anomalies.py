@@ -123,18 +123,16 @@ _CALLS: dict[tuple[str, str, str], int] = {}  # (kind, model, tool) -> a number 
 _NEXT_CALL = [0]
 
 
-def _fingerprint(kind: str, model: str, tool: str, input_tokens: int, output_tokens: int) -> int:
-    """Token counts rounded to their top 4 bits (within ~6 %): near-identical calls compare equal. One int
-    (a session minute keeps one or two of these): the call's number, then 4 + 6 bits per count."""
-    si, so = input_tokens.bit_length() - 4, output_tokens.bit_length() - 4
-    si, so = (si if si > 0 else 0), (so if so > 0 else 0)
+def _call_number(kind: str, model: str, tool: str) -> int:
+    """A number for a call's (kind, model, tool) (the fingerprint's first part), never reused: after a clear of
+    the bounded table (garbage names), no two calls alias."""
     call = _CALLS.get((kind, model, tool))
     if call is None:
-        if len(_CALLS) > 100_000:  # garbage names: forget them; numbers are not reused, so nothing aliases
+        if len(_CALLS) > 100_000:
             _CALLS.clear()
         call = _CALLS[(kind, model, tool)] = _NEXT_CALL[0]
         _NEXT_CALL[0] += 1
-    return (((call << 4 | input_tokens >> si) << 7 | si) << 4 | output_tokens >> so) << 7 | so
+    return call
 
 
 class _SessionMinute:
@@ -184,6 +182,7 @@ class RunawaySessions:
         self.cooldown_until: dict[tuple[str, str, str], datetime] = {}
         self.tenant_minute: dict[str, int] = {}  # stream time per tenant (integer minute): partitions advance unevenly
         self._swept = -1
+        self._warmup = self.config.warmup
 
     def _base(self, tenant: str, agent: str) -> tuple[Baseline, Baseline]:
         key = (tenant, agent or "*")
@@ -212,14 +211,26 @@ class RunawaySessions:
             return []  # late event of a closed minute: its spend is in the ledger, not in the detector
         current.cost += cost
         current.calls += 1
-        fp = _fingerprint(kind, model, tool, input_tokens, output_tokens)
-        if current.repeats is None and (current.fp == fp or current.fp < 0):  # repeat()'s common case, inline
+        # the call's fingerprint, one int: its number, then the token counts rounded to their top 4 bits (within
+        # ~6 %: near-identical calls compare equal), 4 + 6 bits each (inline, with the table's hit: it runs per event)
+        call = _CALLS.get((kind, model, tool))
+        if call is None:
+            call = _call_number(kind, model, tool)
+        si, so = input_tokens.bit_length() - 4, output_tokens.bit_length() - 4
+        si, so = (si if si > 0 else 0), (so if so > 0 else 0)
+        fp = (((call << 4 | input_tokens >> si) << 7 | si) << 4 | output_tokens >> so) << 7 | so
+        repeats = current.repeats
+        if repeats is not None:  # repeat()'s two common cases, inline: a dict of counts, or the first fingerprint again
+            count = repeats[fp] = repeats.get(fp, 0) + 1
+            if count > current.top_repeat:
+                current.top_repeat = count
+        elif current.fp == fp or current.fp < 0:
             current.fp = fp
             current.top_repeat += 1
         else:
             current.repeat(fp)
-        cfg, costs, reps = self.config, current.costs, current.reps
-        if (costs.n < cfg.warmup or current.flagged_cost) and (reps.n < cfg.warmup or current.flagged_repeat):
+        costs, reps, warmup = current.costs, current.reps, self._warmup
+        if (costs.n < warmup or current.flagged_cost) and (reps.n < warmup or current.flagged_repeat):
             return NOTHING  # the common case: nothing to check
         return self._check(current, tenant, agent, session, ts, kind, model, tool, input_tokens, output_tokens)
 
@@ -502,10 +513,11 @@ class Detectors:
 
     def usage(self, event: Any, cost: int, unpriced: bool, second: int | None = None) -> list[Anomaly]:
         """Anomalies an event raises (usually none); `second` = second_of(event.ts) when the caller has it."""
-        second = second_of(event.ts) if second is None else second
-        found = self.runaway.observe(event.tenant_id, event.agent_id, event.session_id, event.ts, cost, event.kind,
-                                     event.model, event.tool, event.input_tokens, event.output_tokens, second)
-        spikes = self.spikes.observe(event.tenant_id, event.ts, cost, second)
+        ts, tenant = event.ts, event.tenant_id
+        second = second_of(ts) if second is None else second
+        found = self.runaway.observe(tenant, event.agent_id, event.session_id, ts, cost, event.kind, event.model,
+                                     event.tool, event.input_tokens, event.output_tokens, second)
+        spikes = self.spikes.observe(tenant, ts, cost, second)
         if spikes:
             found = [*found, *spikes]
         if unpriced:

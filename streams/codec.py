@@ -195,9 +195,12 @@ def leb128(n: int) -> bytes:
             return bytes(out)
 
 
+_SHORT = tuple(bytes((n,)) for n in range(0x80))  # leb128(n) of a length below 128: one byte, ready
+
+
 def _v2_str(text: str) -> bytes:
     data = text.encode()
-    return leb128(len(data)) + data
+    return (_SHORT[len(data)] if len(data) < 0x80 else leb128(len(data))) + data
 
 
 def _v2_map(items: dict[str, str]) -> bytes:
@@ -326,13 +329,13 @@ def decode_priced(value: bytes | None, headers: Any = None) -> ev.PricedEvent:
 
 
 class PricedV2Writer:
-    """The worker's priced.v2 encoder: one struct.pack for the fixed-width fields, the strings from a bounded cache
-    of their encoded form (tenants, models, tools repeat). Byte-equal to encode_priced_v2 (tests)."""
+    """The worker's priced.v2 encoder: one struct.pack for the fixed-width fields, the strings in two runs from a
+    bounded cache of their encoded form: the scope (a session's events share it) and the shape (many events share
+    it). Byte-equal to encode_priced_v2 (tests)."""
 
     CACHE_MAX = 200_000
 
     def __init__(self) -> None:
-        self.strings: dict[str, bytes] = {}
         self.shapes: dict[tuple[str, ...], bytes] = {}
         self.pack = V2_FIXED.pack
         # the same bytes when the money fits 64 bits and the rest of the sheet is zero: high words and zeros as padding
@@ -342,15 +345,9 @@ class PricedV2Writer:
         if [n for n, _ in V2_LAYOUT] != list(_WRITER_ORDER):
             raise AssertionError("PricedEvent changed: update PricedV2Writer (and the format's version)")
 
-    def s(self, text: str) -> bytes:
-        """A string field as RowBinary (cache miss path)."""
-        if len(self.strings) >= self.CACHE_MAX:
-            self.strings.clear()
-        cached = self.strings[text] = _v2_str(text)
-        return cached
-
     def shape(self, key: tuple[str, ...]) -> bytes:
-        """kind .. cost_source and the catalog version, the strings an event shares with many others, as one run."""
+        """A run of string fields as RowBinary (cache miss): tenant_id .. session_id, or kind .. cost_source and the
+        catalog version (the tuples' lengths differ, so one cache holds both)."""
         if len(self.shapes) >= self.CACHE_MAX:
             self.shapes.clear()
         cached = self.shapes[key] = b"".join(map(_v2_str, key))
@@ -361,7 +358,7 @@ class PricedV2Writer:
         (input, output, cache read, cache write, list total, then the rest of the sheet) in pico-USD."""
         if priced_at is not self.now:  # once per batch
             self.now, self.now_us = priced_at, (utc(priced_at) - EPOCH) // ONE_US
-        get, miss = self.strings.get, self.s
+        get = self.shapes.get
         uid = e.event_id.int
         total, inp, out, read, write = parts[4], parts[0], parts[1], parts[2], parts[3]
         if len(parts) == 5 and (cost | total | inp | out | read | write) < _2_64:  # the common case: zero high words
@@ -378,11 +375,10 @@ class PricedV2Writer:
                 e.output_image_tokens, e.web_searches, e.units, e.latency_ms, e.response_bytes, e.batch,
                 *(half for value in money for half in (value & _U64, value >> 64)))
         key = (e.kind, e.provider, e.model, e.service_tier, e.usage, e.tool, e.status, e.priority, source, version)
-        tenant, team, project, agent, session = e.tenant_id, e.team, e.project, e.agent_id, e.session_id
+        scope = (e.tenant_id, e.team, e.project, e.agent_id, e.session_id)
         attributes = e.attributes
-        return b"".join((V2_MAGIC, fixed, get(tenant) or miss(tenant), get(team) or miss(team),
-                         get(project) or miss(project), get(agent) or miss(agent), get(session) or miss(session),
-                         self.shapes.get(key) or self.shape(key), _v2_map(attributes) if attributes else b"\x00"))
+        return b"".join((V2_MAGIC, fixed, get(scope) or self.shape(scope), get(key) or self.shape(key),
+                         _v2_map(attributes) if attributes else b"\x00"))
 
 
 _WRITER_ORDER = (
@@ -394,4 +390,4 @@ _WRITER_ORDER = (
     "web_search_cost_usd", "tenant_id", "team", "project", "agent_id", "session_id", "kind", "provider", "model",
     "service_tier", "usage", "tool", "status", "priority", "cost_source", "catalog_version", "attributes")
 
-PRICED_V2 = PricedV2Writer()  # the worker's (one per process: its string cache is shared)
+PRICED_V2 = PricedV2Writer()  # the worker's (one per process: its cache of encoded strings is shared)

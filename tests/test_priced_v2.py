@@ -50,7 +50,8 @@ def usage_json(draw_fields: dict) -> bytes:
     return msgspec.json.encode({**base, **draw_fields})
 
 
-text = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Zl", "Zp", "Cs")), max_size=12)
+visible = st.characters(blacklist_categories=("Cc", "Cf", "Zl", "Zp", "Cs"))
+text = st.text(visible, max_size=12) | st.text(visible, min_size=40, max_size=128)  # long: 128+ bytes, a 2-byte length
 fields = st.fixed_dictionaries({}, optional={
     "tenant_id": text.filter(bool), "team": text, "session_id": text, "model": text.filter(bool), "service_tier": st.sampled_from(["", "flex"]),
     "input_tokens": st.integers(1000, 10**12), "web_searches": st.integers(0, 10**12), "batch": st.booleans(),
@@ -92,6 +93,13 @@ damage = st.one_of(
     st.tuples(st.just("flip"), st.integers(1, 500), st.integers(1, 255)),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=40)),
     st.tuples(st.just("garbage"), st.binary(max_size=400)))
+
+
+@given(st.text(max_size=300))
+def test_a_v2_string_is_its_leb128_length_then_its_utf8(text):
+    data = text.encode()
+    assert codec.leb128(127) == b"\x7f" and codec.leb128(128) == b"\x80\x01" and codec.leb128(300) == b"\xac\x02"
+    assert codec._v2_str(text) == codec.leb128(len(data)) + data
 
 
 @hsettings(max_examples=400, deadline=None)

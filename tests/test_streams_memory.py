@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import tracemalloc
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 
 from hypothesis import given, settings, strategies as st
 
-from meterline.streams.anomalies import Baseline, Detectors, _fingerprint, _SessionMinute
+from meterline.streams.anomalies import Detectors, RunawaySessions
 from meterline.streams.spend import SpendBook
 from meterline.streams.worker import DedupeWindow
 
@@ -43,13 +44,30 @@ def test_the_tenant_table_is_rebuilt_when_tenants_left_the_window():
     assert {window.unpack(v) for v in window.ids.values()} == {(i, f"t{i}", 1, i) for i in range(100_040, 100_050)}
 
 
-@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 3000), st.integers(0, 3000)), min_size=1, max_size=50))
+T0 = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)  # on a minute
+
+
+def _near(tokens: int) -> tuple[int, int]:
+    """A token count as the repeated-calls detector compares it: its bit length and its top 4 bits."""
+    return tokens.bit_length(), tokens >> max(tokens.bit_length() - 4, 0)
+
+
+TOKENS = st.sampled_from([7, 15, 16, 17, 18, 2000, 2047, 2048])  # near each other (within or past 4 bits), on a bit edge
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["llm_call", "tool_call"]), TOKENS, TOKENS,
+                          st.sampled_from([0, 1, 7, 70])), min_size=1, max_size=60))
 def test_a_session_minute_counts_its_most_repeated_call_like_a_counter(calls):
-    minute = _SessionMinute(0, (Baseline(), Baseline()))
-    fps = [_fingerprint("llm_call", model, "", i, o) for model, i, o in calls]
-    for fp in fps:
-        minute.repeat(fp)
-    assert minute.top_repeat == max(Counter(fps).values())
+    """observe()'s inline fingerprint and counts (one, two, then a dict of distinct calls) against a Counter of
+    (kind, model, rounded counts) per session minute; the stream's seconds only go forward."""
+    detector, second, seen = RunawaySessions(), 0, Counter()
+    for model, kind, inp, out, step in calls:
+        if (second + step) // 60 != second // 60:
+            seen.clear()
+        second += step
+        detector.observe("t", "a", "s", T0 + timedelta(seconds=second), 1, kind, model, "", inp, out)
+        seen[(kind, model, _near(inp), _near(out))] += 1
+        assert detector.sessions[("t", "s")].top_repeat == max(seen.values())
 
 
 def test_state_per_active_session_stays_small():
