@@ -23,7 +23,6 @@ import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +31,7 @@ import msgspec
 from meterline.schemas import events as ev
 
 from . import spend  # minute_key, month_of at call time (spend imports this module)
-from .codec import fast_struct, to_pico, usd
+from .codec import fast_struct, to_pico
 
 Parked = tuple[int, ...]
 ScopeKey = tuple[str, str, str]
@@ -212,52 +211,49 @@ def _close(db: sqlite3.Connection, path: Path) -> None:
 def parked_from_update(raw: bytes) -> tuple[ScopeKey, Parked]:
     """A published SpendUpdate (JSON) as (scope key, park() tuple). The contract (schemas.events.SpendUpdate)
     judges it: the worker's own form passes the msgspec mirror generated from the contract (fields, types,
-    count bounds) and the checks below; anything else goes to pydantic, which accepts it or raises naming the
-    field (a damaged record must not pass as a state)."""
+    count bounds) and the checks of _fast_money; anything else goes to pydantic, which accepts it or raises
+    naming the field (a damaged record must not pass as a state)."""
     try:
         update = _decode_update(raw)
-        fast = _plain(update)
+        money = _fast_money(update)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        fast = False
-    if not fast:
+        money = None
+    if money is None:
         update = ev.decode(ev.SpendUpdate, raw)
-    return (update.tenant_id, update.scope, update.scope_id), _park(update)
+        money = [to_pico(getattr(update, name)) for name in MONEY_FIELDS]
+    month = spend.minute_key(update.period_start)
+    if spend.month_of(month)[2] != month:
+        raise ValueError(f"period_start {update.period_start} is not the start of a month")
+    return (update.tenant_id, update.scope, update.scope_id), (
+        month, money[1], update.events, update.input_tokens, update.output_tokens, money[2], money[3],
+        update.unpriced_events, money[4], spend.minute_key(update.window_start), money[0])
 
 
-def _plain(u: Any) -> bool:
-    """What the mirror cannot say holds in the worker's own form: visible ASCII ids (isprintable is exactly the
-    contract's hidden-character rule within ASCII: tests/test_streams_codec.py), times with a zone within the
-    ledger's years, money as codec.usd writes it within the contract's digits. (ts's not-in-the-future rule is
-    left out: a restore reads a state after it was written, and a writer's clock ahead must not lose it.)"""
-    for text in (u.tenant_id, u.scope_id):
-        if not (text.isascii() and text.isprintable()):
-            return False
+def _fast_money(u: Any) -> list[int] | None:
+    """The money fields in pico-USD when what the mirror cannot say holds in the worker's own form, else None:
+    visible ASCII ids (isprintable is exactly the contract's hidden-character rule within ASCII:
+    tests/test_streams_codec.py), times with a zone within the ledger's years, money as codec.usd writes it
+    (12 places, no sign, no leading zero, within the contract's digits). ts's not-in-the-future rule is left
+    out: a restore reads a state after it was written, and a writer's clock ahead must not lose it."""
+    if not (u.tenant_id.isascii() and u.tenant_id.isprintable() and u.scope_id.isascii() and u.scope_id.isprintable()):
+        return None
     for ts in (u.ts, u.window_start, u.window_end, u.period_start):
         if ts.tzinfo is None or not ev.LEDGER_YEARS[0] < ts.year < ev.LEDGER_YEARS[1]:
-            return False
+            return None
+    money = []
     for name in MONEY_FIELDS:
         text = getattr(u, name)
-        if type(text) is not str or not _canonical_usd(text):
-            return False
-    return True
-
-
-def _canonical_usd(text: str) -> bool:
-    whole, _, frac = text.partition(".")
-    digits = whole + frac
-    return (len(frac) == 12 and digits.isascii() and digits.isdigit() and len(digits) <= ev.MONEY_DIGITS
-            and usd(int(digits)) == text)
-
-
-def _park(u: Any) -> Parked:
-    """The park() tuple of a valid update (money as text on the fast path, Decimal from pydantic)."""
-    month = spend.minute_key(u.period_start)
-    if spend.month_of(month)[2] != month:
-        raise ValueError(f"period_start {u.period_start} is not the start of a month")
-    pico = [to_pico(Decimal(getattr(u, name))) for name in MONEY_FIELDS]
-    return (month, pico[1], u.events, u.input_tokens, u.output_tokens, pico[2], pico[3], u.unpriced_events, pico[4],
-            spend.minute_key(u.window_start), pico[0])
+        if type(text) is not str:
+            return None
+        whole, _, frac = text.partition(".")
+        digits = whole + frac
+        if (len(frac) != 12 or not (digits.isascii() and digits.isdigit()) or len(whole) > WHOLE_DIGITS
+                or (whole[:1] == "0" and whole != "0")):
+            return None
+        money.append(int(digits))
+    return money
 
 
 MONEY_FIELDS = ("window_cost_usd", "period_cost_usd", "gpu_seconds", "gpu_cost_usd", "cpu_seconds")
+WHOLE_DIGITS = ev.MONEY_DIGITS - ev.MONEY_PLACES
 _decode_update = msgspec.json.Decoder(fast_struct(ev.SpendUpdate)).decode
