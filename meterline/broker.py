@@ -2,7 +2,7 @@
 
 Jars come from Maven Central through deploy/kafka/pom.xml (or from $KAFKA_HOME/libs).
 Everything the broker writes lives under <data_dir>/kafka. When settings name an
-existing cluster (METERLINE_KAFKA_BOOTSTRAP) nothing is started.
+existing cluster (METERLINE_KAFKA_BOOTSTRAP, other than this broker's own address) nothing is started.
 
 Secure mode (settings.kafka_secure, `kafka start --secure`): clients authenticate with SASL/SCRAM-SHA-512
 and ACLs are enforced (StandardAuthorizer, nothing allowed without an ACL); the principals, their
@@ -28,6 +28,7 @@ from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient
 
 from . import kafka_acl
+from .errors import KAFKA_PROBE_S, UserError
 from .files import write_private
 from .settings import Settings
 
@@ -37,6 +38,10 @@ HEAP = os.environ.get("METERLINE_KAFKA_HEAP", "-Xms256m -Xmx1g")
 
 class BrokerError(RuntimeError):
     """The broker could not be set up or started; the message says what to do."""
+
+
+class SilentBootstrap(BrokerError, UserError):
+    """METERLINE_KAFKA_BOOTSTRAP names another cluster, which does not answer (a setting to change: exit 2)."""
 
 
 @dataclass
@@ -89,8 +94,8 @@ class LocalBroker:
 
     def start(self, timeout: float = 90.0) -> BrokerStatus:
         """Start the broker unless it (or an external cluster) already answers. Idempotent."""
-        if self.settings.kafka_bootstrap:
-            return self._wait_ready(timeout, managed=False)
+        if self.settings.kafka_bootstrap and not self._bootstrap_is_own():
+            return self._external()
         secure = self.settings.kafka_secure
         if self._pid_alive():
             if self.running_secure() != secure:
@@ -334,6 +339,21 @@ class LocalBroker:
                 "logger.state.name = state.change.logger\nlogger.state.level = WARN\n"
             )
         return path
+
+    def _bootstrap_is_own(self) -> bool:
+        """METERLINE_KAFKA_BOOTSTRAP names this broker's own address (127.0.0.1 or localhost, its port): start it."""
+        return self.settings.kafka_bootstrap in (f"127.0.0.1:{self.settings.kafka_port}", f"localhost:{self.settings.kafka_port}")
+
+    def _external(self) -> BrokerStatus:
+        """An existing cluster starts nothing here: it answers now, or the user learns at once what to change."""
+        try:
+            return self._wait_ready(KAFKA_PROBE_S, managed=False)
+        except BrokerError as err:
+            if "refused" in str(err):
+                raise
+        raise SilentBootstrap(f"METERLINE_KAFKA_BOOTSTRAP={self.settings.kafka_bootstrap} names an existing cluster, so "
+                          "`kafka start` starts nothing, and it does not answer: start that cluster, or unset "
+                          "METERLINE_KAFKA_BOOTSTRAP (or set it to 127.0.0.1:<METERLINE_KAFKA_PORT>) to start the local broker")
 
     # ---- process helpers --------------------------------------------------------------------
 

@@ -55,13 +55,15 @@ def kafka_start(
 ) -> None:
     """Start the broker (idempotent). Fetches Kafka's jars with Maven on first use.
 
-    Skipped when METERLINE_KAFKA_BOOTSTRAP names an existing cluster; uses $KAFKA_HOME/libs when set.
+    Skipped when METERLINE_KAFKA_BOOTSTRAP names an existing cluster (not 127.0.0.1:<METERLINE_KAFKA_PORT>, this
+    broker), which must then answer; uses $KAFKA_HOME/libs when set.
     With --secure, creates the users and ACLs of meterline/kafka_acl.py for this topic prefix (again on every start).
     """
     import shlex
 
     from . import kafka_acl
     from .broker import BrokerError, LocalBroker
+    from .errors import EXIT_CODE, UserError
 
     settings = get_settings()
     if secure and not settings.kafka_secure:
@@ -75,8 +77,8 @@ def kafka_start(
         with console.status("starting Kafka (first run downloads its jars with Maven)…"):
             status = broker.start(timeout=timeout)
     except BrokerError as err:
-        fail(str(err))
-    if not settings.kafka_secure or settings.kafka_bootstrap:
+        fail(str(err), code=EXIT_CODE if isinstance(err, UserError) else 1)
+    if not settings.kafka_secure or not status.managed:
         if as_json:
             emit_json(status.as_dict())
         else:

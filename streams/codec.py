@@ -40,7 +40,7 @@ def _fast_type(annotation: Any, metadata: tuple[Any, ...] = ()) -> Any:
     return typed | None if nullable else typed
 
 
-def _fast_struct(contract: type) -> type[msgspec.Struct]:
+def fast_struct(contract: type) -> type[msgspec.Struct]:
     """A msgspec mirror of a pydantic contract, generated from it, so the two never drift: the same fields,
     types, bounds and defaults; what msgspec cannot say (hidden characters, cross-field rules, money, time
     range) is _fast_ok's."""
@@ -54,7 +54,7 @@ def _fast_struct(contract: type) -> type[msgspec.Struct]:
                              module=__name__, gc=False)
 
 
-FastUsage = _fast_struct(ev.UsageEvent)
+FastUsage = fast_struct(ev.UsageEvent)
 
 
 _decoder = msgspec.json.Decoder(FastUsage)

@@ -35,7 +35,7 @@ Row = tuple[tuple[str, str, str, str, str], int, int, int, int, int]  # add_many
 log = logging.getLogger("meterline.streams")
 
 
-def _minute_key(ts: datetime) -> int:
+def minute_key(ts: datetime) -> int:
     """Integer UTC minute of ts."""
     return second_of(ts if ts.tzinfo is timezone.utc else ts.astimezone(timezone.utc)) // 60
 
@@ -63,11 +63,11 @@ def month_of(key: int) -> Month:
     month = _MONTH_OF.get(key)
     if month is None:
         start = month_start(_minute(key))
-        first = _minute_key(start)
+        first = minute_key(start)
         month = _MONTHS.get(first)
         if month is None:
             end = next_month(start)
-            month = _MONTHS[first] = (start, end, first, _minute_key(end))
+            month = _MONTHS[first] = (start, end, first, minute_key(end))
         if len(_MONTH_OF) > 100_000:
             _MONTH_OF.clear()
         month = _MONTH_OF[key] = month
@@ -87,7 +87,7 @@ class ScopeSpend:
                  "dirty", "window_key", "month", "up", "lineage")
 
     def __init__(self, minute: datetime | int) -> None:
-        key = minute if type(minute) is int else _minute_key(minute)
+        key = minute if type(minute) is int else minute_key(minute)
         self.period = self.window = self.events = self.input_tokens = self.output_tokens = 0
         self.gpu_ps = self.gpu = self.unpriced = self.cpu_ps = 0
         self.dirty = True
@@ -202,7 +202,7 @@ class SpendBook:
         """Add one event (or GPU interval) to every scope of ids = (tenant, team, project, agent, session);
         `minute` = second_of(ts) // 60 when the caller has it already."""
         if minute is None:
-            minute = _minute_key(ts)
+            minute = minute_key(ts)
         month_of(minute)  # the one thing that can fail (the calendar's end): before any scope is charged
         leaf = self.chains.get(ids) or self._chain(ids, minute)
         level, late = {(leaf, minute): [cost, events, input_tokens, output_tokens, unpriced, gpu_ps, gpu_cost, cpu_ps, 1]}, 0
@@ -321,12 +321,12 @@ class SpendBook:
         they come back with their totals when they spend again); returns how many. Clean = published at a
         checkpoint that the producer flushed, so the changelog holds the same state (what a rebuild reads)."""
         store = self.store = self.store if self.store is not None else StateStore()
-        month = _minute_key(month_start(stream_now))
+        month = minute_key(month_start(stream_now))
         if month != self._parked_month:  # a new month: last month's scopes are never needed again
             store.drop_months_before(month)
             self._parked_month = month
         cutoff = stream_now - idle  # idle: last_ts (its window's minute) < cutoff, compared as minute keys
-        last = _minute_key(cutoff) - (_minute(_minute_key(cutoff)) == cutoff)
+        last = minute_key(cutoff) - (_minute(minute_key(cutoff)) == cutoff)
         states = self.states
         stale = [k for k, s in states.items() if k[1] in scopes and not s.dirty and s.window_key <= last]
         dead = {id(states[key]) for key in stale}

@@ -47,15 +47,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
+import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-import os
-import uuid
 
 import msgspec
 from msgspec.structs import astuple
@@ -68,7 +68,7 @@ from meterline.topics import create_topics
 from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
 from .codec import PICO, PRICED_V2, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
 from .pricing import Catalog, Components, load_catalog
-from .spend import ScopeKey, SpendBook, _minute_key as minute_key, month_of as spend_month
+from .spend import ScopeKey, SpendBook, minute_key, month_of as spend_month
 from .state_store import KEY_SEP, Damaged, StateStore, parked_from_update  # KEY_SEP: the changelog key the store reads
 
 log = logging.getLogger("meterline.streams")
@@ -266,12 +266,9 @@ def restore_spend(settings: Settings, store: StateStore, now: datetime | None = 
         found: dict[ScopeKey, tuple[int, ...]] = {}
         for _, value, _, _ in _read_topic(settings, settings.topic("spend")):
             try:
-                update = msgspec.json.decode(value)
-                key = (update["tenant_id"], update["scope"], update["scope_id"])
-                if key in missing:
-                    parked = parked_from_update(update)
-                    if parked[0] >= month:
-                        found[key] = parked  # the newest good one wins (a tenant's updates are in one partition)
+                key, parked = parked_from_update(value)
+                if key in missing and parked[0] >= month:
+                    found[key] = parked  # the newest good one wins (a tenant's updates are in one partition)
             except Exception:  # noqa: BLE001 - an unreadable spend update is skipped here (the sink dead-letters it)
                 continue
         store.put_many(found.items())

@@ -145,6 +145,14 @@ def test_kafka_that_does_not_answer_fails_fast_in_one_line(tmp_path):
                     absent=("%3|",))
 
 
+def test_kafka_start_with_another_bootstrap_that_does_not_answer_says_what_to_change(tmp_path):
+    """`kafka start` starts nothing for an existing cluster: one that does not answer is a setting to change
+    (before, it waited the whole --timeout, 90 s, and said only that nothing answered)."""
+    env = base_env(tmp_path, METERLINE_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", METERLINE_KAFKA_PORT=str(free_port()))
+    assert_one_line(run(env, "kafka", "start"), "names an existing cluster", "unset METERLINE_KAFKA_BOOTSTRAP",
+                    "127.0.0.1:<METERLINE_KAFKA_PORT>")
+
+
 def test_kafka_log_goes_through_logging_with_repeats_collapsed():
     import logging
 

@@ -118,6 +118,30 @@ def test_broker_lifecycle_keeps_topics_and_data(tmp_path: Path):
         cli(env, "kafka", "stop")
 
 
+def test_a_bootstrap_naming_the_brokers_own_port_starts_it(tmp_path: Path):
+    """METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:<METERLINE_KAFKA_PORT> (a shell that exports both) starts the local
+    broker; before, `kafka start` took it for an external cluster, started nothing and waited 90 s."""
+    port, controller = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env |= {"METERLINE_DATA_DIR": str(tmp_path), "METERLINE_KAFKA_PORT": str(port), "METERLINE_KAFKA_CONTROLLER_PORT": str(controller),
+            "METERLINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
+    try:
+        started = cli(env, "kafka", "start", "--json")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["managed"] is True and json.loads(started.stdout)["pid"]
+        assert json.loads(cli(env, "kafka", "status", "--json").stdout)["running"] is True
+    finally:
+        assert "stopped" in cli(env, "kafka", "stop").stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_missing_java_is_one_clear_line(tmp_path: Path):
     env = {"PATH": "/nonexistent", "METERLINE_DATA_DIR": str(tmp_path), "METERLINE_KAFKA_PORT": "29292",
            "METERLINE_KAFKA_CONTROLLER_PORT": "29293", "HOME": str(tmp_path)}

@@ -5,17 +5,17 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from meterline.streams.codec import encode
-from meterline.streams.spend import SpendBook, _minute_key, month_of
+from meterline.streams.spend import SpendBook, minute_key, month_of
 from meterline.streams.state_store import StateStore, parked_from_update
 from meterline.streams.worker import KEY_SEP
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
-MONTH = month_of(_minute_key(NOW))[2]
+MONTH = month_of(minute_key(NOW))[2]
 KEY = ("acme", "session", "acme////s1")
 
 
 def update(period: str, events: int, period_start: str = "2026-03-01T00:00:00+00:00") -> dict:
-    return {"tenant_id": KEY[0], "scope": KEY[1], "scope_id": KEY[2], "window_start": "2026-03-10T11:59:00+00:00",
+    return {"update_id": "0b3c5c1e-8c1f-4a57-9a63-2f1d6c0e7a11", "ts": "2026-03-10T12:00:01+00:00", "tenant_id": KEY[0], "scope": KEY[1], "scope_id": KEY[2], "window_start": "2026-03-10T11:59:00+00:00",
             "window_end": "2026-03-10T12:00:00+00:00", "window_cost_usd": "0.5", "period_start": period_start,
             "period_cost_usd": period, "events": events, "input_tokens": 10, "output_tokens": 2,
             "gpu_seconds": "0", "gpu_cost_usd": "0", "unpriced_events": 0, "cpu_seconds": "0"}
@@ -44,10 +44,12 @@ def test_the_newest_record_wins_and_tombstones_and_last_months_records_remove_th
 def test_a_damaged_record_is_reported_and_its_scope_keeps_the_newest_good_state():
     store = StateStore()
     bad = [b"{not json", encode({**update("5", 5), "events": -1}), encode({**update("5", 5), "period_cost_usd": "NaN"}),
-           encode({**update("5", 5), "period_start": "2026-03-01T00:00:00"}), encode({k: v for k, v in update("5", 5).items() if k != "events"})]
+           encode({**update("5", 5), "period_start": "2026-03-01T00:00:00"}), encode({k: v for k, v in update("5", 5).items() if k != "period_cost_usd"})]
     damaged, missing = store.load([record(update("2", 2), 0)] + [record(b, i + 1) for i, b in enumerate(bad)], MONTH)
     assert [d.offset for d in damaged] == [1, 2, 3, 4, 5] and all(d.key == KEY for d in damaged)
     assert all("spend-state record unreadable" in d.reason for d in damaged)
+    for d, field in zip(damaged[1:], ("events", "period_cost_usd", "period_start", "period_cost_usd")):
+        assert field in d.reason, d.reason  # the contract names the field
     assert missing == set()  # a good state came before: kept, not zero
     assert period_of(store) == 2 * 10**12
 
@@ -65,7 +67,7 @@ def test_a_damaged_newest_record_with_no_good_one_before_is_named_missing_and_a_
 def test_totals_beyond_64_bits_and_the_window_survive_the_round_trip():
     """A month of GPU pico-seconds passes 2^63 (~107 days of GPU time): stored as text, exact."""
     store, big = StateStore(), 3 * 2**64 + 12345
-    parked = (MONTH, big, 5, 6, 7, big + 1, big + 2, 1, big + 3, _minute_key(NOW), 99)
+    parked = (MONTH, big, 5, 6, 7, big + 1, big + 2, 1, big + 3, minute_key(NOW), 99)
     store.put_many([(KEY, parked)])
     assert store.get(KEY) == parked
     book = SpendBook(store)
@@ -78,8 +80,7 @@ def test_a_published_update_parses_to_what_the_state_held():
     book = SpendBook()
     book.add(("acme", "", "", "", "s1"), NOW, 1_234_567, 10, 2, gpu_ps=5 * 10**12, gpu_cost=7, cpu_ps=3)
     (key, snap), = [(k, u) for k, u in book.drain(NOW) if k == KEY]
-    import msgspec
-    assert parked_from_update(msgspec.json.decode(encode(snap))) == book.states[KEY].park()
+    assert parked_from_update(encode(snap)) == (KEY, book.states[KEY].park())
 
 
 def test_a_closed_or_dropped_store_leaves_no_file():
@@ -118,3 +119,45 @@ def test_a_dead_workers_store_file_is_removed_and_a_live_ones_kept(tmp_path):
         path.write_bytes(b"")
     _remove_orphan_stores(tmp_path, "g")
     assert not dead.exists() and alive.exists() and other_group.exists() and named.exists()
+
+
+BAD_BUT_WELL_FORMED = {  # each passes the msgspec mirror; the contract refuses it
+    "a hidden character in the tenant": {"tenant_id": "ac\x00me"},
+    "a hidden non-ASCII character in the scope id": {"scope_id": "acme////s\u200b1"},
+    "a time before the ledger's years": {"window_start": "1899-12-31T23:59:00+00:00"},
+    "a time with no zone": {"window_end": "2026-03-10T12:00:00"},
+    "money below zero": {"period_cost_usd": "-0.000000000001"},
+    "money beyond 12 places": {"gpu_cost_usd": "0.0000000000001"},
+    "money beyond 16 whole digits": {"cpu_seconds": "12345678901234567.000000000000"},
+    "money in exponent form": {"window_cost_usd": "1E+400"},
+}
+
+
+def test_the_contract_judges_a_spend_state_record_the_fast_path_would_read():
+    """Fast accepts => the contract accepts: every rule the msgspec mirror cannot say is checked or left to pydantic."""
+    import pytest
+
+    from meterline.schemas import events as ev
+
+    for why, change in BAD_BUT_WELL_FORMED.items():
+        raw = encode({**update("5.000000000000", 5), **change})
+        with pytest.raises(ev.InvalidEvent):
+            ev.decode(ev.SpendUpdate, raw)
+        with pytest.raises(ev.InvalidEvent, match="|".join(change)):
+            parked_from_update(raw)
+            pytest.fail(why)
+    good = encode(update("0.5", 5))  # not the worker's form, yet valid: the contract reads it
+    assert parked_from_update(good)[1][1] == 5 * 10**11
+
+
+def test_a_failed_write_leaves_the_store_as_it_was_and_usable():
+    store, parked = StateStore(), (MONTH, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+    try:
+        store.put_many([(KEY, parked), ((None, "session", "x"), parked)])  # a key part NULL: refused mid-batch
+    except Exception:  # noqa: BLE001 - sqlite3.IntegrityError
+        pass
+    else:
+        raise AssertionError("a NULL key part must be refused")
+    assert len(store) == 0  # rolled back, the good row with it
+    store.put_many([(KEY, parked)])  # no transaction left open
+    assert store.get(KEY) == parked
