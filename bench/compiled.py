@@ -44,8 +44,8 @@ STAGES = ("decode + validate", "dedupe digest", "price", "priced.v2 encode", "de
 # what mypyc needs changed in spend.py before it compiles and runs it right (applied to the copy only): mypy errors
 # in the other hot modules (~70, FastUsage is a runtime-made type) keep them out of mypyc; see BENCHMARKS.md
 MYPYC_SPEND = (
-    ("        key = minute if type(minute) is int else _minute_key(minute)\n",  # mypy does not narrow type(x) is int
-     "        key = minute if type(minute) is int else _minute_key(minute)  # type: ignore[arg-type]\n"),
+    ("        key = minute if type(minute) is int else minute_key(minute)\n",  # mypy does not narrow type(x) is int
+     "        key = minute if type(minute) is int else minute_key(minute)  # type: ignore[arg-type]\n"),
     ("level, late = self.chains, self._chain, {}, 0\n", "level, late = self.chains, self._chain, {}, 0  # type: ignore[var-annotated]\n"),
     ("        tenant, states, up = ids[0], self.states, ()\n",  # `up` inferred as tuple[()], a fixed (unboxed) tuple
      "        tenant, states = ids[0], self.states\n        up: tuple[ScopeSpend, ...] = ()\n"),
@@ -98,7 +98,7 @@ def stage_costs(catalog, msgs: list) -> list[float]:
     from meterline.schemas import events as ev
     from meterline.streams.anomalies import Detectors, second_of
     from meterline.streams.codec import PRICED_V2, decode_usage
-    from meterline.streams.spend import SpendBook, _minute_key
+    from meterline.streams.spend import SpendBook, minute_key
     from meterline.streams.worker import usage_digest
 
     now = datetime.now(timezone.utc)
@@ -122,7 +122,7 @@ def stage_costs(catalog, msgs: list) -> list[float]:
     t = clock()
     [detect(e, c, False, s) for e, c, s in zip(events, costs, seconds)]
     out.append(clock() - t)
-    rows = [((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), _minute_key(e.ts), c, e.input_tokens,
+    rows = [((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), minute_key(e.ts), c, e.input_tokens,
              e.output_tokens, False) for e, c in zip(events, costs)]
     book = SpendBook()
     t = clock()
