@@ -411,7 +411,7 @@ class StreamWorker:
         committed = {(tp.topic, tp.partition): tp.offset for tp in (self.consumer.committed(unread, timeout=10) if unread else [])}
         for tp in positions:
             offset = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
-            high = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+            high = _high_watermark(self.consumer, tp)  # a just-created topic may still be electing leaders
             if high > 0 and offset < high:
                 return False
         return True

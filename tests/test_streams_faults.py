@@ -19,6 +19,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -121,6 +122,26 @@ def test_a_lost_assignment_or_rebalance_skips_the_commit(code):
     consumer = CommitOnce(code)
     assert commit_offsets(consumer, backoff=(0, 0)) is False
     assert consumer.calls == 1  # not retried: the partitions are not ours to commit now
+
+
+class WatermarkOnce(CommitOnce):
+    """A consumer whose get_watermark_offsets raises the given Kafka errors, in turn, then reports an end of 7."""
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float | None = None) -> tuple[int, int]:
+        self.calls += 1
+        if self.codes:
+            raise KafkaException(KafkaError(self.codes.pop(0)))
+        return 0, 7
+
+
+def test_caught_up_waits_out_a_leader_election_and_raises_what_does_not_pass():
+    """Right after a topic is created its partitions may answer NOT_LEADER for a moment (seen under load):
+    caught_up() asks again instead of stopping the worker; an error that will not pass still raises."""
+    electing = WatermarkOnce(KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+    assert StreamWorker.caught_up(SimpleNamespace(consumer=electing)) is True
+    assert electing.calls == 3
+    with pytest.raises(KafkaException):
+        StreamWorker.caught_up(SimpleNamespace(consumer=WatermarkOnce(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
 
 
 @pytest.mark.parametrize("code", [KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
