@@ -1,10 +1,12 @@
-"""What the bench scripts share: their --help, the machine and command lines written beside each figure, the
-local broker they measure, and the results file a section is appended to.
+"""What the bench scripts share: their --help, --code (a baseline checkout measured in the same run), the
+machine and command lines written beside each figure, the local broker they measure, and the results file a
+section is appended to.
 
 Standard library at the top (meterline is imported where it is needed): tests load bench scripts by path."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -19,6 +21,18 @@ def parser(doc: str) -> argparse.ArgumentParser:
     first, _, rest = doc.strip().partition("\n")
     return argparse.ArgumentParser(description=first, epilog=rest.strip("\n") or None,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def code_option(parser: argparse.ArgumentParser, package: str) -> None:
+    """--code DIR: measure another checkout's meterline.<package> (a baseline) in the same run as this tree's."""
+    parser.add_argument("--code", metavar="DIR", help=f"load meterline.{package} from DIR/{package} (e.g. "
+                        f"`git archive <commit> {package} | tar -x -C DIR`) instead of this tree, for a before/after")
+
+
+def load_code(package: str, directory: str | None) -> None:
+    """Point meterline.<package> at DIR/<package> (--code); call it before any of the package's modules is imported."""
+    if directory:
+        importlib.import_module(f"meterline.{package}").__path__[:] = [str(Path(directory) / package)]
 
 
 def bootstrap() -> str:

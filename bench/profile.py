@@ -30,6 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
+from .common import code_option, load_code
 from .fake_kafka import Message as Msg
 from .pipeline import make_events, produce
 
@@ -285,12 +286,9 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=20, help="--aged: hourly waves the sessions come in")
     parser.add_argument("--worker-only", action="store_true", help="bare consume and stream worker only (no sink, no chDB)")
     parser.add_argument("--repeat", type=int, default=1, help="measure the worker this many times (fresh worker each)")
-    parser.add_argument("--code", help="measure DIR/streams instead of this checkout's (a worktree of a baseline)")
+    code_option(parser, "streams")
     args = parser.parse_args()
-    if args.code:  # before any streams module is imported (they are, inside the functions below)
-        import meterline.streams
-
-        meterline.streams.__path__[:] = [str(Path(args.code) / "streams")]
+    load_code("streams", args.code)  # before any streams module is imported (they are, inside the functions below)
     if args.memory:
         text = "\n".join([f"## Worker memory per active session ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
                           f"Machine: `{platform.machine()}`, Python {platform.python_version()}. Command: "

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import datetime, timezone
-from pathlib import Path
+
+from .common import code_option, load_code
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -36,11 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scopes", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--code", help="load meterline.streams from DIR/streams (an older checkout) instead of this tree")
+    code_option(parser, "streams")
     args = parser.parse_args()
-    if args.code:
-        import meterline.streams
-        meterline.streams.__path__[:] = [str(Path(args.code) / "streams")]
+    load_code("streams", args.code)
     from meterline.streams import spend
     from meterline.streams.state_store import StateStore
 

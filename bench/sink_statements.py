@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .common import code_option, load_code
+
 
 def timed(client, stats: dict) -> None:
     for name in ("command", "query", "raw_insert", "insert"):
@@ -42,11 +44,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-rows", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--code", help="load meterline.sql from DIR/sql (an older checkout) instead of this tree")
+    code_option(parser, "sql")
     args = parser.parse_args()
-    if args.code:
-        import meterline.sql
-        meterline.sql.__path__[:] = [str(Path(args.code) / "sql")]
+    load_code("sql", args.code)
     from meterline.schemas.events import PricedEvent, decode
     from meterline.settings import Settings
     from meterline.sql import ledger

@@ -46,3 +46,19 @@ def test_a_result_section_is_appended_under_the_files_title(tmp_path, monkeypatc
 def test_the_command_line_names_the_brokers_measured(monkeypatch):
     monkeypatch.setenv("METERLINE_KAFKA_BOOTSTRAP", "10.0.0.7:9092")
     assert common.command("pipeline", "--events 5") == "METERLINE_KAFKA_BOOTSTRAP=10.0.0.7:9092 .venv/bin/python -m bench.pipeline --events 5"
+
+
+def test_code_loads_the_other_checkouts_package_not_this_trees(tmp_path):
+    """--code DIR (load_code): a baseline's modules are what the bench then imports, so a before/after in one run
+    really measures two trees (without it, the editable install would quietly serve this tree's)."""
+    (tmp_path / "streams").mkdir()
+    (tmp_path / "streams" / "spend.py").write_text("WHERE = 'baseline'\n")
+    done = subprocess.run([sys.executable, "-c", "from bench.common import load_code; load_code('streams', "
+                           f"{str(tmp_path)!r}); from meterline.streams import spend; print(spend.WHERE)"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "baseline"
+    untouched = subprocess.run([sys.executable, "-c", "from bench.common import load_code; load_code('streams', None); "
+                                "from meterline.streams import spend; print(spend.__file__)"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert untouched.stdout.strip() == str(ROOT / "streams" / "spend.py"), untouched.stderr
