@@ -224,18 +224,21 @@ def publish_gpu_holders(settings: Any, start: datetime) -> None:
                                                  team="research", valid_from=start - timedelta(hours=1))])
 
 
-def publish_budgets(settings: Any, start: datetime, duration: float = 3600) -> dict[str, int]:
-    """Hourly budgets from `start` (the minute the demo began); a per-run one lasts until the run's end.
-    Returns each tenant's period in seconds."""
+def publish_budgets(settings: Any, start: datetime, duration: float = 3600, *, per_run: bool = False) -> dict[str, int]:
+    """The hourly budgets from `start` (the minute the demo began), or (`per_run`) the ones whose period is
+    the run: from `start` until `duration` from now and a margin, published just before the agents start
+    (a period measured from an earlier moment ended before a slowly started run did).
+    Returns each published tenant's period in seconds."""
     from meterline.allocator.budgets import publish_policy
     from meterline.schemas.events import BudgetPolicy
 
-    run_seconds = int((datetime.now(timezone.utc) - start).total_seconds() + duration) + 10  # the run, and a margin
-    periods = {tenant: run_seconds if budget.per_run else 3600 for tenant, budget in BUDGETS.items()}
-    for tenant, budget in BUDGETS.items():
+    seconds = int((datetime.now(timezone.utc) - start).total_seconds() + duration) + 10 if per_run else 3600
+    periods = {tenant: seconds for tenant, budget in BUDGETS.items() if budget.per_run == per_run}
+    for tenant, period in periods.items():
+        budget = BUDGETS[tenant]
         publish_policy(settings, BudgetPolicy(
             policy_id=f"demo-{tenant}-hourly", tenant_id=tenant, scope="tenant", scope_id=tenant, amount=budget.amount,
-            period="custom", period_anchor=start, period_seconds=periods[tenant],
+            period="custom", period_anchor=start, period_seconds=period,
             hard=budget.hard, actions=budget.actions, slo=budget.slo))
     return periods
 
@@ -260,18 +263,23 @@ def hard_budget_use(ledger: Any, start: datetime, periods: dict[str, int]) -> di
     return out
 
 
-def wait_for_budget_decisions(feed: Any, timeout: float = 30.0) -> bool:
-    """Until every budgeted tenant's decision is in the guards' feed. A fail-open guard with no decision
-    yet lets calls through unchecked, and before this wait hooli's first calls spent 28 % past its
-    hard budget before its leases arrived."""
-    wanted = {f"tenant:{tenant}:normal" for tenant in BUDGETS}
+def wait_for_budget_decisions(feed: Any, start: datetime, periods: dict[str, int], timeout: float = 30.0) -> bool:
+    """Until each tenant in `periods` has a decision in the guards' feed for that period (its reset time).
+    A fail-open guard with no decision yet lets calls through unchecked, and before this wait hooli's
+    first calls spent 28 % past its hard budget before its leases arrived."""
+    wanted = {f"tenant:{tenant}:normal": start + timedelta(seconds=s) for tenant, s in periods.items()}
+
+    def missing() -> list[str]:
+        return sorted(key for key, end in wanted.items()
+                      if (d := feed.decisions.get(key)) is None or (d.decision.reset_at or end) != end)
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with feed.changed:
-            if wanted <= feed.decisions.keys():
+            if not missing():
                 return True
             feed.changed.wait(0.2)
-    log.warning("budget decisions missing from the feed after %.0f s: %s", timeout, sorted(wanted - feed.decisions.keys()))
+    log.warning("budget decisions missing from the feed after %.0f s: %s", timeout, missing())
     return False
 
 
@@ -364,7 +372,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     with console.status("starting the pipeline (streams, sink, allocator, API)…"):
         url = up.start()
         allocator = up.supervisor.get("allocator")
-        periods = publish_budgets(settings, start, duration)
+        periods = publish_budgets(settings, start)
         publish_gpu_holders(settings, start)
         if allocator is not None:
             allocator.instance.ready.wait(30)
@@ -372,7 +380,10 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     send_history(settings, seed, outcomes)
     catalog = load_catalog()
     feed = DecisionFeed(settings).start()
-    wait_for_budget_decisions(feed)
+    wait_for_budget_decisions(feed, start, periods)
+    run_periods = publish_budgets(settings, start, duration, per_run=True)
+    wait_for_budget_decisions(feed, start, run_periods)
+    periods.update(run_periods)
     stop = threading.Event()
     agents = [Agent(spec, settings, feed, catalog, outcomes, stop, seed * 100 + i) for i, spec in enumerate(FLEET)]
     started = time.monotonic()

@@ -99,3 +99,50 @@ def _real_cpu_and_memory_are_measured_and_reconcile(meterline, summary, chargeba
     assert Decimal(summary["focus_total_usd"]) == Decimal(summary["ledger_total_usd"]) == total
     focus_cpu = Decimal(summary["vcpu_hours"]) * 3600
     assert abs(focus_cpu - sum(cpu.values())) < Decimal("1e-6")  # FOCUS vCPU-Hours are the samples' CPU-seconds
+
+
+def test_the_run_budget_s_period_is_measured_when_it_is_published(monkeypatch):
+    """hooli's per-run budget is published just before the agents start, its period running `duration` past
+    that moment: measured from an earlier moment, a slow start (CI) left the agents' calls mostly after its end
+    and the budget 62-87 % used."""
+    from datetime import datetime, timedelta, timezone
+
+    import meterline.allocator.budgets as budgets
+    from meterline.app.demo import BUDGETS, publish_budgets
+
+    published = []
+    monkeypatch.setattr(budgets, "publish_policy", lambda settings, policy: published.append(policy))
+    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=75)   # the pipeline took 75 s to start
+    hourly = publish_budgets(None, start)
+    assert set(hourly) == {t for t, b in BUDGETS.items() if not b.per_run} and set(hourly.values()) == {3600}
+    published.clear()
+    run = publish_budgets(None, start, 40, per_run=True)
+    assert set(run) == {"hooli"} == {p.tenant_id for p in published}
+    (policy,) = published
+    assert policy.period_anchor == start and policy.period_seconds == run["hooli"]
+    assert start + timedelta(seconds=policy.period_seconds) >= datetime.now(timezone.utc) + timedelta(seconds=40)
+
+
+def test_the_agents_wait_for_the_decision_of_their_budget_s_period():
+    """A tenant decision of an earlier period (another reset time) is not the one the agents wait for."""
+    import threading
+    from datetime import datetime, timedelta, timezone
+
+    from meterline.allocator.guard import Compiled
+    from meterline.app.demo import wait_for_budget_decisions
+    from meterline.schemas.events import ThrottleDecision, new_id
+
+    start = datetime(2026, 12, 2, 13, 0, tzinfo=timezone.utc)
+
+    def decision(period: int) -> Compiled:
+        return Compiled(ThrottleDecision(decision_id=new_id(), tenant_id="hooli", scope="tenant", scope_id="hooli",
+                                         priority="normal", action="allow", reason="within pace", issued_at=start,
+                                         expires_at=start + timedelta(hours=1), reset_at=start + timedelta(seconds=period)))
+
+    class Feed:
+        changed = threading.Condition()
+        decisions = {"tenant:hooli:normal": decision(60)}
+
+    assert not wait_for_budget_decisions(Feed, start, {"hooli": 130}, timeout=0.5)
+    Feed.decisions["tenant:hooli:normal"] = decision(130)
+    assert wait_for_budget_decisions(Feed, start, {"hooli": 130}, timeout=0.5)
