@@ -174,7 +174,12 @@ def unwrap(annotation: Any, metadata: tuple[Any, ...]) -> tuple[Any, bool, tuple
     nullable = False
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
-        nullable, annotation = len(args) < len(get_args(annotation)), args[0]
+        nullable = len(args) < len(get_args(annotation))
+        if len(args) > 1 and all(get_origin(a) is Literal for a in args):  # Scope | Literal["gpu", "model"]: one Literal
+            args = [Literal[tuple(value for a in args for value in get_args(a))]]
+        if len(args) > 1:  # taking the first type alone rejected the others' valid values (anomalies scoped "model")
+            raise TypeError(f"no SQL check for a union of {args!r}; extend sql/checks.py")
+        annotation = args[0]
     while get_origin(annotation) is typing.Annotated:
         annotation, *extra = get_args(annotation)
         metadata += tuple(extra)

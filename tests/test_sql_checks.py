@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from decimal import Decimal
+from typing import Literal, get_args, get_origin
 
 import pytest
 
@@ -98,13 +99,20 @@ def kind_of(model: type, name: str) -> str:
     return "int" if "int" in annotation.lower() and "Decimal" not in annotation else name
 
 
+def literal_values(annotation: object) -> list[object]:
+    """Every value a Literal anywhere in the annotation allows (`Scope | Literal["gpu", "model"]`: all seven)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for arg in get_args(annotation) for value in literal_values(arg)]
+
+
 def mutations() -> list[tuple[type, str, object, str]]:
     out = []
     for model, base in base_records().items():
         out.append((model, "(none)", None, json.dumps(base)))
         out.append((model, "(unknown field)", 1, json.dumps({**base, "unknown": 1})))
-        for name in model.model_fields:
-            for value in POOL:
+        for name, info in model.model_fields.items():
+            for value in POOL + literal_values(info.annotation):
                 record = dict(base)
                 if value is MISSING:
                     record.pop(name)
