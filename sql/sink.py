@@ -47,6 +47,7 @@ from .batching import Batch, FlushPolicy, InFlight, TableBatch, idle_exit_due
 from .checkpoint import Checkpoint, Seen, resume_points
 from .checks import Staged, canonical_json
 from meterline.streams.codec import decode_priced
+from meterline.topics import CATALOG
 from .rows import budget_policy_row, compute_sample_row, contract_row, gpu_sample_row, insert_rows
 
 log = logging.getLogger("meterline.sink")
@@ -61,6 +62,8 @@ STAGED_TABLES = ("priced_events", "spend_updates", "anomalies", "dead_letters")
 # An id table's insert: one row per id (deduplicated above), the ids view copies them, the rollup view groups each
 # block: collapsing a part on insert (Replacing/SummingMergeTree) finds nothing. Rollups are read with sum() GROUP BY.
 UNIQUE_ROWS = {"optimize_on_insert": 0}
+# A tombstone there deletes its key's latest value (the allocator retires expired decisions): nothing to store.
+COMPACTED = frozenset(spec.name for spec in CATALOG if spec.config.get("cleanup.policy") == "compact")
 DLQ_NAMESPACE = uuid.UUID("5b0d4c2e-8f0e-4f6a-9c57-0d1e5a1f7e11")
 V2 = ev.PRICED_V2_MAGIC
 # What the sink appends to a priced.v2 row (sql/checks.py BINARY_KAFKA_COLUMNS): partition, offset, batch start, nonce.
@@ -123,7 +126,7 @@ class LedgerSink:
         self._staged_tables: dict[str, Staged] = {}
         self._staging_made: set[str] = set()  # staging tables this session has (sql/checks.py Staged.create)
         self.anomalies_topic = settings.topic("anomalies")
-        self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0}
+        self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0, "tombstones": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -257,13 +260,16 @@ class LedgerSink:
     def _add_row(self, batch: Batch, table: ledger.LedgerTable, msg: Message, start: int, already_dead: bool) -> None:
         raw = msg.value()
         rows = batch.tables[table.name]
-        if raw is None:  # tombstone on a compacted topic
+        if raw is None:  # a tombstone
             if table.name == "budget_policies":
                 ts = datetime.fromtimestamp(msg.timestamp()[1] / 1000, timezone.utc)
                 rows.dict_rows[month_of(ts)].append({"policy_id": (msg.key() or b"").decode(errors="replace"),
                                                       "created_at": ts, "deleted": True, "changed_by": _changed_by(msg),
                                                       **self._coords(msg, start)})
                 batch.rows += 1
+                return
+            if table.topic in COMPACTED:
+                self.stats["tombstones"] += 1
                 return
             raise ev.InvalidEvent(table.contract, [("(record)", "empty record (tombstone) on a topic that is not compacted")])
         if table.name in STAGED_TABLES:  # checked by ClickHouse at flush time (sql/checks.py)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from meterline.schemas.events import DeadLetter, GpuSample, PricedEvent, decode, new_id, utcnow
+from meterline.schemas.events import DeadLetter, GpuSample, PricedEvent, ThrottleDecision, decode, new_id, utcnow
 from meterline.settings import Settings
 from meterline.sql.synth import priced_events
 from meterline.topics import catalog_by_name, create_topics
@@ -224,6 +224,24 @@ def test_budget_tombstones_are_kept_as_deleted_history(settings):
     rows = ledger_sql(settings, "SELECT policy_id, deleted, toString(amount) AS amount FROM budget_policies ORDER BY _offset")
     assert [(r["policy_id"], r["deleted"]) for r in rows] == [("b1", False), ("b1", True)]
     assert Decimal(rows[0]["amount"]) == 10
+
+
+
+def test_a_retired_decision_s_tombstone_is_no_dead_letter(settings):
+    """The allocator retires a decision with a tombstone on the compacted control topic: the sink stores the
+    decision and skips its retirement (each demo run dead-lettered a few); a tombstone on priced is still bad input."""
+    now = utcnow()
+    decision = ThrottleDecision(decision_id=new_id(), tenant_id="acme", scope="tenant", scope_id="acme", priority="normal",
+                                action="throttle", reason="pacing", issued_at=now, expires_at=now + timedelta(minutes=1))
+    key = b"tenant:acme:normal"
+    produce(settings, "control", [decision.to_json(), None], keys=[key, key])
+    produce(settings, "priced", [None])
+    out = sink_until_idle(settings)
+    assert [r["decision_id"] for r in ledger_sql(settings, "SELECT toString(decision_id) AS decision_id FROM throttle_decisions")] \
+        == [str(decision.decision_id)]
+    letters = ledger_sql(settings, "SELECT source_topic, reason FROM dead_letters")
+    assert [r["source_topic"] for r in letters] == [settings.topic("priced")] and "tombstone" in letters[0]["reason"], letters
+    assert "'tombstones': 1" in out, out[-2000:]
 
 
 OUTAGE_SCRIPT = """
