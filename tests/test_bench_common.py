@@ -62,3 +62,14 @@ def test_code_loads_the_other_checkouts_package_not_this_trees(tmp_path):
                                 "from meterline.streams import spend; print(spend.__file__)"],
                                cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert untouched.stdout.strip() == str(ROOT / "streams" / "spend.py"), untouched.stderr
+
+
+def test_worker_stages_times_every_stage_for_this_tree_and_a_baseline():
+    """bench.worker_stages over the shared stages (bench.common.worker_stages, which bench.compiled times too): each
+    of them, this tree's and a baseline's (here the same streams/, loaded a second time), with their ratio."""
+    done = bench("bench.worker_stages", "--events", "300", "--sessions", "30", "--repeat", "2", "--code", str(ROOT),
+                 "--stages", ",".join(common.STAGES))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == list(common.STAGES)
+    assert all("; before " in line and "after/before " in line for line in lines)
