@@ -12,7 +12,6 @@ CPU µs per row (`process_time`, chDB's threads count); every round checks C's r
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -27,6 +26,7 @@ from meterline.sql.sink import LedgerSink
 from meterline.sql.synth import priced_events
 from meterline.streams.codec import encode_priced_v2
 
+from .common import parser as make_parser
 from .fake_kafka import Message
 
 
@@ -46,7 +46,7 @@ def ledger_without_rollup_view(client, database: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=6)
     args = parser.parse_args()
