@@ -84,7 +84,7 @@ def main() -> None:
                 client.command(sql, settings=options)
             cpu[name].append((time.process_time() - start) / n * 1e6)
         sums = [client.query(q).result_rows[0] for q in ("SELECT sum(events), toString(sum(cost_usd)) FROM c.usage_hourly",
-                                                          "SELECT count(), toString(sum(cost_usd)) FROM c.priced_events")]
+                                                         "SELECT count(), toString(sum(cost_usd)) FROM c.priced_events")]
         assert sums[0] == sums[1] and sums[1][0] == n, sums
     sink.consumer.close()
     print(f"load average {os.getloadavg()[0]:.1f}; {n:,} rows; CPU µs/row")

@@ -153,7 +153,6 @@ def test_a_hidden_character_in_any_checked_field_of_a_v2_row_is_rejected_alone(l
     assert rejected == set(bad)  # every damaged field caught, the clean row accepted
 
 
-
 def test_a_literal_field_with_bytes_that_are_not_utf8_is_rejected(ledger_settings, client):
     """binary_fill checks a Literal field by its IN list alone (no isValidUTF8): bytes that are not UTF-8 never match."""
     sink = make_sink(ledger_settings, client)

@@ -15,7 +15,8 @@ KEY = ("acme", "session", "acme////s1")
 
 
 def update(period: str, events: int, period_start: str = "2026-03-01T00:00:00+00:00") -> dict:
-    return {"update_id": "0b3c5c1e-8c1f-4a57-9a63-2f1d6c0e7a11", "ts": "2026-03-10T12:00:01+00:00", "tenant_id": KEY[0], "scope": KEY[1], "scope_id": KEY[2], "window_start": "2026-03-10T11:59:00+00:00",
+    return {"update_id": "0b3c5c1e-8c1f-4a57-9a63-2f1d6c0e7a11", "ts": "2026-03-10T12:00:01+00:00", "tenant_id": KEY[0],
+            "scope": KEY[1], "scope_id": KEY[2], "window_start": "2026-03-10T11:59:00+00:00",
             "window_end": "2026-03-10T12:00:00+00:00", "window_cost_usd": "0.5", "period_start": period_start,
             "period_cost_usd": period, "events": events, "input_tokens": 10, "output_tokens": 2,
             "gpu_seconds": "0", "gpu_cost_usd": "0", "unpriced_events": 0, "cpu_seconds": "0"}
