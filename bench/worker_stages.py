@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--code", help="a checkout whose streams/ is measured instead of this one's")
+    parser.add_argument("--code", metavar="DIR", help="also measure DIR/streams (a baseline), alternated with this tree's")
     parser.add_argument("--stages", default="detectors,priced_v2,price,spend", help=f"of {', '.join(STAGES)}")
     args = parser.parse_args(argv)
     values = [value for _, value in make_events(args.events, args.sessions, seed=3)]

@@ -25,7 +25,8 @@ def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name,option,step", [
     ("sizing", "--events", "3. The projection"), ("pipeline", "--events", "2. Baseline"),
     ("restore", "--scopes", "the CPU part of a"), ("sink_statements", "--events", "hence the wrapper"),
-    ("sink_insert", "--events", "C  a ledger without usage_hourly_mv"), ("worker_stages", "--events", "the ratio is of the minima")])
+    ("sink_insert", "--events", "C  a ledger without usage_hourly_mv"), ("worker_stages", "--events", "the ratio is of the minima"),
+    ("profile", "--events", "- bare: a plain confluent-kafka consume")])
 def test_help_prints_the_whole_docstring_how_to_run_and_what_it_measures(name, option, step):
     """bench.common.parser's layout for every script: the docstring's first line, the options, then the rest of it."""
     done = bench(f"bench.{name}", "--help")
