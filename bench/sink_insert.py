@@ -22,7 +22,7 @@ from pathlib import Path
 from meterline.schemas.events import PricedEvent, decode
 from meterline.settings import Settings
 from meterline.sql import ledger
-from meterline.sql.sink import LedgerSink
+from meterline.sql.sink import UNIQUE_ROWS, LedgerSink
 from meterline.sql.synth import priced_events
 from meterline.streams.codec import encode_priced_v2
 
@@ -70,7 +70,7 @@ def main() -> None:
     added = "(SELECT " + ", ".join(f"v_{f.name} AS {f.name}" for f in staged.fields) + f" FROM {staged.typed} WHERE " + \
         insert["c"].split(" WHERE ", 1)[1] + ")"
     rollup = "INSERT INTO c.usage_hourly " + re.sub(r"FROM \S*priced_events", lambda _: "FROM " + added, view)
-    off = {"optimize_on_insert": 0}
+    off = UNIQUE_ROWS  # what the sink runs an id table's insert with
     variants = {"A today (2 views)": [(insert["a"], {})], "B A + optimize_on_insert=0": [(insert["a"], off)],
                 "C rollup statement, then insert": [(rollup, off), (insert["c"], off)]}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
