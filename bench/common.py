@@ -1,16 +1,18 @@
 """What the bench scripts share: their --help, --code (a baseline checkout measured in the same run), the
-machine and command lines written beside each figure, the local broker they measure, and the results file a
-section is appended to.
+machine and command lines written beside each figure, the local broker they measure, the results file a
+section is appended to, and the worker's stages timed alone (bench.worker_stages, bench.compiled).
 
 Standard library at the top (meterline is imported where it is needed): tests load bench scripts by path."""
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).with_name("results")
@@ -81,3 +83,69 @@ def append_result(name: str, text: str, title: str) -> Path:
     previous = path.read_text() if path.exists() else f"# {title}\n"
     path.write_text(previous.rstrip() + "\n\n" + text.strip("\n") + "\n")
     return path
+
+
+# The worker's in-process stages, in process()'s order: name -> what the results call it.
+STAGES = {"decode": "decode + validate", "digest": "dedupe digest", "price": "price", "priced_v2": "priced.v2 encode",
+          "detectors": "detectors", "spend": "spend add_many"}
+
+
+def worker_stages(package: str, values: list[bytes]) -> dict[str, Callable[[], None]]:
+    """Each of STAGES as a function that runs it once over every usage value, fresh state each run, with the
+    package's code (meterline.streams, or a baseline loaded under another name); what a stage takes (events,
+    prices, rows) is made here, once, outside it."""
+    from datetime import datetime, timezone
+
+    from meterline.schemas.events import MAX_FUTURE_SKEW
+
+    mod = {name: importlib.import_module(f"{package}.{name}")
+           for name in ("anomalies", "codec", "pricing", "spend", "worker")}
+    catalog, now = mod["pricing"].load_catalog(), datetime.now(timezone.utc)
+    latest, decode = now + MAX_FUTURE_SKEW, mod["codec"].decode_usage
+    events = [decode(v, latest=latest) for v in values]
+    rows = []
+    for e in events:
+        listed = catalog.price_pico(e)
+        second = mod["anomalies"].second_of(e.ts)  # the integer second the worker hands the detectors
+        rows.append((e, listed[4] if listed else 0, listed or (0,) * 5, second, listed is None))
+    batch = [((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), second // 60, cost, e.input_tokens,
+              e.output_tokens, unpriced) for e, cost, _, second, unpriced in rows]
+
+    def decode_all() -> None:
+        for v in values:
+            decode(v, latest=latest)
+
+    def digest() -> None:
+        usage_digest = mod["worker"].usage_digest
+        for e in events:
+            usage_digest(e)
+
+    def price() -> None:
+        price_pico = catalog.price_pico
+        for e in events:
+            price_pico(e)
+
+    def priced_v2() -> None:
+        write = mod["codec"].PricedV2Writer().write  # a fresh writer: its string cache fills as in a worker
+        for e, cost, parts, _, unpriced in rows:
+            write(e, cost, parts, "unpriced" if unpriced else "catalog", catalog.version, now)
+
+    def detectors() -> None:
+        usage = mod["anomalies"].Detectors().usage
+        for e, cost, _, second, unpriced in rows:
+            usage(e, cost, unpriced, second)
+
+    def spend() -> None:
+        book = mod["spend"].SpendBook()  # no store: a fresh one is empty, so add_many never reads it
+        for i in range(0, len(batch), 5000):  # the worker's batches
+            book.add_many(batch[i:i + 5000])
+
+    return dict(zip(STAGES, (decode_all, digest, price, priced_v2, detectors, spend)))
+
+
+def cpu_us_per_event(fn: Callable[[], None], n: int) -> float:
+    """CPU µs per event of one run of fn() (process_time: every thread), garbage collected first."""
+    gc.collect()
+    c0 = time.process_time()
+    fn()
+    return (time.process_time() - c0) / n * 1e6

@@ -15,8 +15,9 @@ Needs Cython and mypy (`pip install cython mypy`) and a C compiler; an experimen
   - worker: StreamWorker.process() + publish + producer flush over the bench's events (bench.profile.worker_cost,
     fake Messages, the producer sending to a fresh topic prefix on the real broker), best of --repeat;
   - stages: each hot call alone over every event, in process()'s order (decode + validate, dedupe digest, price,
-    priced.v2 encode, detectors, spend add_many per 5,000 rows), fresh state each, best of --repeat. cProfile cannot
-    see into compiled functions, so this replaces bench.profile's --cprofile breakdown for both.
+    priced.v2 encode, detectors, spend add_many per 5,000 rows), fresh state each, best of --repeat (the stages of
+    bench.worker_stages: bench.common.worker_stages). cProfile cannot see into compiled functions, so this replaces
+    bench.profile's --cprofile breakdown for both.
   CPU is time.process_time() (every thread of the process: librdkafka's included).
 - --callgrind N: instead, the stages' instructions per event under valgrind (no broker, deterministic: this shared
   machine's load does not move it).
@@ -29,16 +30,16 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
-from bench.common import append_result, command, machine, parser, utc_stamp
+from bench.common import (STAGES as STAGE_NAMES, append_result, command, cpu_us_per_event, machine, parser, utc_stamp,
+                          worker_stages)
 
 SRC = Path(__file__).resolve().parent.parent / "streams"
 PXD = Path(__file__).with_name("compiled_pxd")
 HOT = ("spend", "pricing", "anomalies", "codec", "worker")
-STAGES = ("decode + validate", "dedupe digest", "price", "priced.v2 encode", "detectors", "spend add_many")
+STAGES = tuple(STAGE_NAMES.values())  # the report's columns, in the order stage_costs gives them
 
 
 # what mypyc needs changed in spend.py before it compiles and runs it right (applied to the copy only): mypy errors
@@ -91,45 +92,10 @@ def messages(events: int, sessions: int, topic: str) -> list:
     return [Message(topic, zlib.crc32(key) % 12, i, key, value) for i, (key, value) in enumerate(make_events(events, sessions))]
 
 
-def stage_costs(catalog, msgs: list) -> list[float]:
-    """µs per event of each hot call alone, over every message, in process()'s order (fresh state)."""
-    from datetime import datetime, timezone
-
-    from meterline.schemas import events as ev
-    from meterline.streams.anomalies import Detectors, second_of
-    from meterline.streams.codec import PRICED_V2, decode_usage
-    from meterline.streams.spend import SpendBook, minute_key
-    from meterline.streams.worker import usage_digest
-
-    now = datetime.now(timezone.utc)
-    latest, values, price, n = now + ev.MAX_FUTURE_SKEW, [m.value() for m in msgs], catalog.price_pico, len(msgs)
-    clock, out = time.process_time, []
-    t = clock()
-    events = [decode_usage(v, latest=latest) for v in values]
-    out.append(clock() - t)
-    t = clock()
-    [usage_digest(e) for e in events]
-    out.append(clock() - t)
-    t = clock()
-    listed = [price(e) for e in events]
-    out.append(clock() - t)
-    costs = [p[4] for p in listed]
-    t = clock()
-    write, version = PRICED_V2.write, catalog.version  # what StreamWorker._priced_v2 calls
-    [write(e, c, p, "catalog", version, now) for e, c, p in zip(events, costs, listed)]
-    out.append(clock() - t)
-    detect, seconds = Detectors().usage, [second_of(e.ts) for e in events]
-    t = clock()
-    [detect(e, c, False, s) for e, c, s in zip(events, costs, seconds)]
-    out.append(clock() - t)
-    rows = [((e.tenant_id, e.team, e.project, e.agent_id, e.session_id), minute_key(e.ts), c, e.input_tokens,
-             e.output_tokens, False) for e, c in zip(events, costs)]
-    book = SpendBook()
-    t = clock()
-    for i in range(0, n, 5000):
-        book.add_many(rows[i:i + 5000])
-    out.append(clock() - t)
-    return [s / n * 1e6 for s in out]
+def stage_costs(msgs: list) -> list[float]:
+    """µs per event of each hot call alone, over every message, in process()'s order (fresh state each)."""
+    stages = worker_stages("meterline.streams", [m.value() for m in msgs])
+    return [cpu_us_per_event(run, len(msgs)) for run in stages.values()]
 
 
 def load(tree: str) -> list[str]:
@@ -150,7 +116,6 @@ def child(tree: str, events: int, sessions: int, repeat: int) -> None:
 
     compiled = load(tree)
     from meterline.settings import Settings
-    from meterline.streams.pricing import load_catalog
     from meterline.topics import create_topics
 
     from bench.profile import worker_cost
@@ -159,17 +124,17 @@ def child(tree: str, events: int, sessions: int, repeat: int) -> None:
     create_topics(settings)
     msgs = messages(events, sessions, settings.topic("usage"))
     workers = [worker_cost(settings, msgs, profile=False)[0] for _ in range(repeat)]
-    stages = [stage_costs(load_catalog(), msgs) for _ in range(repeat)]
+    stages = [stage_costs(msgs) for _ in range(repeat)]
     print(json.dumps({"compiled": compiled, "worker": workers, "stages": stages}))
 
 
 def stages_only(tree: str, events: int, measure: bool = True) -> None:
+    """The stages' inputs built from `events` messages, then (measure) each stage run once."""
     load(tree)
-    from meterline.streams.pricing import load_catalog
-
-    catalog, msgs = load_catalog(), messages(events, max(events // 10, 1), "usage")
+    stages = worker_stages("meterline.streams", [m.value() for m in messages(events, max(events // 10, 1), "usage")])
     if measure:
-        stage_costs(catalog, msgs)
+        for run in stages.values():
+            run()
 
 
 def callgrind(tree: Path, events: int, measure: bool) -> int:
@@ -183,16 +148,16 @@ def callgrind(tree: Path, events: int, measure: bool) -> int:
 
 def instructions(trees: dict[str, Path], events: int) -> dict[str, float]:
     """Instructions per event of the stages alone (no broker), per variant: the difference between processes of
-    2 x `events` and `events` messages (start-up and imports cancel), less the same difference for building the
-    messages only (the bench's own Python). Deterministic: the machine's load does not move it."""
+    2 x `events` and `events` messages (start-up and imports cancel), less the same difference for processes that
+    only build the messages and the stages' inputs (decoded and priced once, with the variant's own code).
+    Deterministic: the machine's load does not move it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(v, n, True) for v in trees for n in (events, 2 * events)] + [(next(iter(trees)), n, False) for n in (events, 2 * events)]
+    jobs = [(v, n, measure) for v in trees for n in (events, 2 * events) for measure in (True, False)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # callgrind counts the same run in parallel or not
         counts = dict(zip(jobs, pool.map(lambda job: callgrind(trees[job[0]], *job[1:]), jobs)))
-    first = next(iter(trees))
-    setup = counts[(first, 2 * events, False)] - counts[(first, events, False)]
-    return {v: (counts[(v, 2 * events, True)] - counts[(v, events, True)] - setup) / events for v in trees}
+    grown = {(v, measure): counts[(v, 2 * events, measure)] - counts[(v, events, measure)] for v, _, measure in jobs}
+    return {v: (grown[(v, True)] - grown[(v, False)]) / events for v in trees}
 
 
 def run_child(tree: Path, args) -> dict:

@@ -15,7 +15,6 @@ much less sensitive to a busy machine than a rate; BENCHMARKS.md quotes both.
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import os
 import platform
@@ -30,7 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
-from .common import code_option, load_code
+from .common import code_option, load_code, parser as make_parser
 from .fake_kafka import Message as Msg
 from .pipeline import make_events, produce
 
@@ -277,7 +276,7 @@ def memory_section(counts: list[int]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--cprofile", action="store_true", help="also break each process's µs down by stage")

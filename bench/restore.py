@@ -9,11 +9,10 @@ before/after in the same conditions (`git archive <commit> streams | tar -x -C D
 """
 from __future__ import annotations
 
-import argparse
 import time
 from datetime import datetime, timezone
 
-from .common import code_option, load_code
+from .common import code_option, load_code, parser as make_parser
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
 
@@ -34,7 +33,7 @@ def changelog(scopes: int) -> list[tuple[bytes, bytes, int, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--scopes", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     code_option(parser, "streams")

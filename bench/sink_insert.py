@@ -12,7 +12,6 @@ CPU µs per row (`process_time`, chDB's threads count); every round checks C's r
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -23,10 +22,11 @@ from pathlib import Path
 from meterline.schemas.events import PricedEvent, decode
 from meterline.settings import Settings
 from meterline.sql import ledger
-from meterline.sql.sink import LedgerSink
+from meterline.sql.sink import UNIQUE_ROWS, LedgerSink
 from meterline.sql.synth import priced_events
 from meterline.streams.codec import encode_priced_v2
 
+from .common import parser as make_parser
 from .fake_kafka import Message
 
 
@@ -46,7 +46,7 @@ def ledger_without_rollup_view(client, database: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=6)
     args = parser.parse_args()
@@ -70,7 +70,7 @@ def main() -> None:
     added = "(SELECT " + ", ".join(f"v_{f.name} AS {f.name}" for f in staged.fields) + f" FROM {staged.typed} WHERE " + \
         insert["c"].split(" WHERE ", 1)[1] + ")"
     rollup = "INSERT INTO c.usage_hourly " + re.sub(r"FROM \S*priced_events", lambda _: "FROM " + added, view)
-    off = {"optimize_on_insert": 0}
+    off = UNIQUE_ROWS  # what the sink runs an id table's insert with
     variants = {"A today (2 views)": [(insert["a"], {})], "B A + optimize_on_insert=0": [(insert["a"], off)],
                 "C rollup statement, then insert": [(rollup, off), (insert["c"], off)]}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
@@ -84,7 +84,7 @@ def main() -> None:
                 client.command(sql, settings=options)
             cpu[name].append((time.process_time() - start) / n * 1e6)
         sums = [client.query(q).result_rows[0] for q in ("SELECT sum(events), toString(sum(cost_usd)) FROM c.usage_hourly",
-                                                          "SELECT count(), toString(sum(cost_usd)) FROM c.priced_events")]
+                                                         "SELECT count(), toString(sum(cost_usd)) FROM c.priced_events")]
         assert sums[0] == sums[1] and sums[1][0] == n, sums
     sink.consumer.close()
     print(f"load average {os.getloadavg()[0]:.1f}; {n:,} rows; CPU µs/row")

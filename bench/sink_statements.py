@@ -11,7 +11,6 @@ rest of the total is Python (intake, batching, the bodies). chDB keeps no system
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import code_option, load_code
+from .common import code_option, load_code, parser as make_parser
 
 
 def timed(client, stats: dict) -> None:
@@ -40,7 +39,7 @@ def timed(client, stats: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-rows", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=2)

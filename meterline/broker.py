@@ -352,8 +352,8 @@ class LocalBroker:
             if "refused" in str(err):
                 raise
         raise SilentBootstrap(f"METERLINE_KAFKA_BOOTSTRAP={self.settings.kafka_bootstrap} names an existing cluster, so "
-                          "`kafka start` starts nothing, and it does not answer: start that cluster, or unset "
-                          "METERLINE_KAFKA_BOOTSTRAP (or set it to 127.0.0.1:<METERLINE_KAFKA_PORT>) to start the local broker")
+                              "`kafka start` starts nothing, and it does not answer: start that cluster, or unset "
+                              "METERLINE_KAFKA_BOOTSTRAP (or set it to 127.0.0.1:<METERLINE_KAFKA_PORT>) to start the local broker")
 
     # ---- process helpers --------------------------------------------------------------------
 

@@ -125,7 +125,8 @@ class Field:
 
     def checks(self, v: str | None = None, binary: bool = False) -> list[str]:
         """Conditions on `v` (default `v_<name>`, the converted value) that hold for a valid value.
-        binary: the value came typed (priced.v2), not as text: no text round trip to check."""
+        binary: the value came typed (priced.v2), not as text: never NULL (its columns are not Nullable; v2 has
+        no null: a record without a cost is written v1) and no text round trip to check."""
         v, out = v or f"v_{self.name}", []
         if get_origin(self.base) is dict:
             return self._map_checks(v)
@@ -144,6 +145,8 @@ class Field:
             out.append(f"formatDateTime({v}, '%Y-%m-%dT%H:%i') = substring(`{self.name}`, 1, 16)")
         if self.validator("_not_in_future"):
             out.append(f"{v} <= now64(3) + INTERVAL {int(ev.MAX_FUTURE_SKEW.total_seconds())} SECOND")
+        if binary:
+            return out
         present = [f"{v} IS NOT NULL", *out]
         if self.nullable:
             return [f"(`{self.name}` IS NULL OR ({' AND '.join(present)}))"]
@@ -271,7 +274,8 @@ class Staged:
                      "map": [f"arrayAll(x -> isValidUTF8(x), arrayConcat(mapKeys({raw}), mapValues({raw})))"]}.get(kind, [])
             rules += extra
             values.append(f"if({' AND '.join(extra)}, {raw}, NULL)" if kind in ("money", "time") else raw)
-            rules += [c for c in f.checks(raw, binary=True) if c not in (f"{raw} IS NOT NULL", no_hidden_chars(raw))]
+            # the contract's checks, less what is said already: money's >= 0 above, hidden characters in the one regex
+            rules += [c for c in f.checks(raw, binary=True) if c not in extra and c != no_hidden_chars(raw)]
         rules += [r for model, more in RULES.items() if issubclass(self.model, model) for r in more]
         select = ", ".join(f"{value} AS v_{f.name}" for f, value in zip(self.fields, values))
         return (f"INSERT INTO {self.typed} SELECT {select}, {sql_string(topic)} AS _topic, _partition, _offset, _batch_start, "

@@ -166,7 +166,6 @@ class StateStore:
         pending.clear()
 
 
-
 class Bloom:
     """A Bloom filter of key hashes (Python's hash: in-process only, like the store): 16 bits and 3 probes per
     key, ~0.5 % false positives (each costs one lookup that finds nothing); 2 MiB per million stored scopes

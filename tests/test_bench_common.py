@@ -22,11 +22,18 @@ def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
-@pytest.mark.parametrize("name,step", [("sizing", "3. The projection"), ("pipeline", "2. Baseline")])
-def test_help_prints_the_whole_docstring_how_to_run_and_what_it_measures(name, step):
+@pytest.mark.parametrize("name,option,step", [
+    ("sizing", "--events", "3. The projection"), ("pipeline", "--events", "2. Baseline"),
+    ("restore", "--scopes", "the CPU part of a"), ("sink_statements", "--events", "hence the wrapper"),
+    ("sink_insert", "--events", "C  a ledger without usage_hourly_mv"), ("worker_stages", "--events", "the ratio is of the minima"),
+    ("profile", "--events", "- bare: a plain confluent-kafka consume")])
+def test_help_prints_the_whole_docstring_how_to_run_and_what_it_measures(name, option, step):
+    """bench.common.parser's layout for every script: the docstring's first line, the options, then the rest of it."""
     done = bench(f"bench.{name}", "--help")
     assert done.returncode == 0, done.stderr
-    assert f"-m bench.{name} [--events" in done.stdout and step in done.stdout and "--events EVENTS" in done.stdout
+    out = done.stdout
+    listed = out.index(f"  {option} {option[2:].upper()}", out.index("options:"))  # the option, in the list
+    assert listed < out.index(f"-m bench.{name} [{option}") < out.index(step)  # then how to run it, what it measures
 
 
 def test_sizing_refuses_in_one_line_without_a_local_broker(tmp_path):
@@ -62,3 +69,14 @@ def test_code_loads_the_other_checkouts_package_not_this_trees(tmp_path):
                                 "from meterline.streams import spend; print(spend.__file__)"],
                                cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert untouched.stdout.strip() == str(ROOT / "streams" / "spend.py"), untouched.stderr
+
+
+def test_worker_stages_times_every_stage_for_this_tree_and_a_baseline():
+    """bench.worker_stages over the shared stages (bench.common.worker_stages, which bench.compiled times too): each
+    of them, this tree's and a baseline's (here the same streams/, loaded a second time), with their ratio."""
+    done = bench("bench.worker_stages", "--events", "300", "--sessions", "30", "--repeat", "2", "--code", str(ROOT),
+                 "--stages", ",".join(common.STAGES))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == list(common.STAGES)
+    assert all("; before " in line and "after/before " in line for line in lines)

@@ -21,8 +21,8 @@ def test_a_copy_is_what_loads_and_its_stages_are_measured(tmp_path):
     assert (Path(tree) / "meterline" / "streams" / "spend.py").read_text() == (ROOT / "streams" / "spend.py").read_text()
     done = python(f"import json; from bench.compiled import load, stage_costs, messages, STAGES\n"
                   f"compiled = load({tree!r})\n"
-                  "import meterline.streams.worker as w; from meterline.streams.pricing import load_catalog\n"
-                  "print(json.dumps([compiled, w.__file__, stage_costs(load_catalog(), messages(300, 30, 'usage')), len(STAGES)]))")
+                  "import meterline.streams.worker as w\n"
+                  "print(json.dumps([compiled, w.__file__, stage_costs(messages(300, 30, 'usage')), len(STAGES)]))")
     assert done.returncode == 0, done.stderr
     compiled, worker_file, stages, names = json.loads(done.stdout.splitlines()[-1])
     assert compiled == [] and worker_file.startswith(tree)  # the copy's worker, not this tree's

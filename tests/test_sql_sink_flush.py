@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from decimal import Decimal
 
 import pytest
 
@@ -153,7 +154,6 @@ def test_a_hidden_character_in_any_checked_field_of_a_v2_row_is_rejected_alone(l
     assert rejected == set(bad)  # every damaged field caught, the clean row accepted
 
 
-
 def test_a_literal_field_with_bytes_that_are_not_utf8_is_rejected(ledger_settings, client):
     """binary_fill checks a Literal field by its IN list alone (no isValidUTF8): bytes that are not UTF-8 never match."""
     sink = make_sink(ledger_settings, client)
@@ -164,6 +164,19 @@ def test_a_literal_field_with_bytes_that_are_not_utf8_is_rejected(ledger_setting
     staged = sink._staged("priced_events")
     sink._load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
     assert client.query(staged.rejected()).result_rows == [(0, 1)]
+
+
+def test_a_v2_rows_cost_is_checked_typed_without_a_null_branch(ledger_settings, client):
+    """cost_usd may be null in the contract (v1 JSON) but never in priced.v2 (typed, not Nullable): binary_fill tests
+    no NULL, and a cost below zero or beyond 16 whole digits is still rejected; zero passes."""
+    sink = make_sink(ledger_settings, client)
+    rows = [ev.decode(ev.PricedEvent, r).model_dump() for r in priced_events(4, seed=77, start=START)[0]]
+    costs = (Decimal(0), Decimal("-0.000000000001"), Decimal(10**16), rows[3]["cost_usd"])
+    take(sink, [encode_priced_v2({**row, "cost_usd": cost}) for row, cost in zip(rows, costs)])
+    staged = sink._staged("priced_events")
+    assert "NULL" not in staged.binary_fill("t").split(" AS _ok")[0].rpartition("_batch_start, ")[2]  # the rules
+    sink._load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
+    assert sorted(offset for _, offset in client.query(staged.rejected()).result_rows) == [1, 2]
 
 
 ROLLUP_KEY = "toDateTime64(toStartOfHour(ts), 3, 'UTC'), tenant_id, team, project, agent_id, provider, model, kind"
