@@ -386,7 +386,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     periods.update(run_periods)
     stop = threading.Event()
     agents = [Agent(spec, settings, feed, catalog, outcomes, stop, seed * 100 + i) for i, spec in enumerate(FLEET)]
-    started = time.monotonic()
+    started, ran_from = time.monotonic(), datetime.now(timezone.utc)
     try:
         for agent in agents:
             agent.start()
@@ -397,6 +397,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
                 time.sleep(0.25)
                 screen.update(view(up, outcomes, started, duration, url, seed))
         stop.set()
+        ran_until = datetime.now(timezone.utc)
         for agent in agents:
             agent.join(30)
         for name in ("gpu-simulator", "node-collector"):
@@ -413,6 +414,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         summary = summarise(chargeback, totals, up, outcomes, url, seed, duration)
         summary.update(compute_summary(ledger, params, chargeback, totals, workers))
         summary["hard_budgets"] = hard_budget_use(ledger, start, periods)
+        summary["agents_ran"] = {"from": ran_from.isoformat(), "until": ran_until.isoformat()}  # inside the per-run periods
         if as_json:
             print(json.dumps(summary))
         else:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -50,7 +51,9 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
                                            f"(SELECT sum(cpu_cost_usd + memory_cost_usd) FROM compute_samples WHERE {window} "
                                            "AND attributed)) AS usd", "-f", "json"))  # its budget counts its tool worker too
     assert Decimal(hooli["spent_usd"]) == Decimal(spent["usd"]), "the summary's figure is the ledger's (one run, one period)"
-    assert Decimal(hooli["overshoot_pct"]) == 0 and Decimal(hooli["used_pct"]) >= 95, hooli
+    ran, at = summary["agents_ran"], datetime.fromisoformat
+    assert at(hooli["period_start"]) <= at(ran["from"]) < at(ran["until"]) <= at(hooli["period_end"]), (hooli, ran)
+    assert Decimal(hooli["overshoot_pct"]) == 0 and Decimal(hooli["used_pct"]) >= 95, (hooli, summary["agents_ran"])
     anomalies = {r["kind"]: int(r["n"]) for r in json.loads(meterline(
         "sql", "SELECT kind, count() AS n FROM anomalies GROUP BY kind", "-f", "json"))}
     assert sum(anomalies.values()) >= 1, anomalies
@@ -105,7 +108,7 @@ def test_the_run_budget_s_period_is_measured_when_it_is_published(monkeypatch):
     """hooli's per-run budget is published just before the agents start, its period running `duration` past
     that moment: measured from an earlier moment, a slow start (CI) left the agents' calls mostly after its end
     and the budget 62-87 % used."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta, timezone
 
     import meterline.allocator.budgets as budgets
     from meterline.app.demo import BUDGETS, publish_budgets
@@ -126,7 +129,7 @@ def test_the_run_budget_s_period_is_measured_when_it_is_published(monkeypatch):
 def test_the_agents_wait_for_the_decision_of_their_budget_s_period():
     """A tenant decision of an earlier period (another reset time) is not the one the agents wait for."""
     import threading
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta, timezone
 
     from meterline.allocator.guard import Compiled
     from meterline.app.demo import wait_for_budget_decisions
