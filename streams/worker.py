@@ -597,6 +597,7 @@ class StreamWorker:
                     else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"
                         ids = (sample.tenant_id or "unattributed", "", "", "", "")
                     self.spend.add(ids, sample.ts, cost, gpu_ps=gpu_ps, gpu_cost=cost, events=0)
+                    self.tenant_partition[ids[0]] = msg.partition()  # dropped on revoke like a usage tenant
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
                 self._failed(msg, stage, exc, now)
                 continue
@@ -626,6 +627,7 @@ class StreamWorker:
                 else:
                     ids = (sample.tenant_id or "unattributed", "", "", "", "")
                 self.spend.add(ids, sample.ts, cost, events=0, cpu_ps=to_pico(sample.cpu_seconds))  # vCPU-hour budgets
+                self.tenant_partition[ids[0]] = msg.partition()  # dropped on revoke like a usage tenant
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
                 self._failed(msg, stage, exc, now)
                 continue
@@ -745,9 +747,16 @@ class StreamWorker:
         self.dedupe.capacity = self.dedupe_per_partition * max(owned, 1)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition], commit: str = "sync") -> None:
+        # Every tenant charged here, by usage or by samples (co-partitioned: one index), leaves memory with its
+        # partition: a copy kept would miss the next owner's share and, should the partition come back, be
+        # continued instead of the changelog's total (an under-count written over the true one).
         self.checkpoint(commit)
-        lost = {p.partition for p in partitions if p.topic == self.topics["usage"]}
-        self.dedupe.forget_partitions(lost)  # their new owner builds its own window
-        self.spend.drop_tenants({t for t, p in self.tenant_partition.items() if p in lost})
+        topics = self.topics
+        self.dedupe.forget_partitions({p.partition for p in partitions if p.topic == topics["usage"]})  # the new owner's window
+        lost = {p.partition for p in partitions if p.topic in (topics["usage"], topics["gpu"], topics["compute"])}
+        gone = {t for t, p in self.tenant_partition.items() if p in lost}
+        self.spend.drop_tenants(gone)
+        for tenant in gone:
+            del self.tenant_partition[tenant]
 
 __all__ = ["StreamWorker", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]
