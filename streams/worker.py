@@ -279,6 +279,15 @@ def restore_spend(settings: Settings, store: StateStore, now: datetime | None = 
     return damaged, missing
 
 
+def charged_ids(sample: ev.GpuSample | ev.ComputeSample) -> tuple[str, str, str, str, str]:
+    """The scope ids a GPU process row or a CPU sample charges. Unattributed time accrues to its tenant, or to the
+    explicit tenant "unattributed": always the tenant of the sample's Kafka key (`sample.key`), so one worker,
+    the owner of the tenant's usage partition, holds every part of its spend (tests/test_streams_spend.py)."""
+    if sample.attributed and sample.tenant_id:
+        return (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
+    return (sample.tenant_id or "unattributed", "", "", "", "")
+
+
 def _remove_orphan_stores(state_dir: Path, group: str) -> None:
     """Store files of this group's workers that died without stopping (named <group>-<pid>-<tag>): a cache of
     the changelog, never read again."""
@@ -592,10 +601,7 @@ class StreamWorker:
                 found = self.detectors.gpu(sample, gpu_ps, cost)
                 stage = "spend"
                 if sample.level == "process":
-                    if sample.attributed and sample.tenant_id:
-                        ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
-                    else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"
-                        ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                    ids = charged_ids(sample)
                     self.spend.add(ids, sample.ts, cost, gpu_ps=gpu_ps, gpu_cost=cost, events=0)
                     self.tenant_partition[ids[0]] = msg.partition()  # dropped on revoke like a usage tenant
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
@@ -622,10 +628,7 @@ class StreamWorker:
                 stage = "anomaly detection"
                 found = self.detectors.compute(sample, cost)  # idle reserved CPU
                 stage = "spend"
-                if sample.attributed and sample.tenant_id:
-                    ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
-                else:
-                    ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                ids = charged_ids(sample)
                 self.spend.add(ids, sample.ts, cost, events=0, cpu_ps=to_pico(sample.cpu_seconds))  # vCPU-hour budgets
                 self.tenant_partition[ids[0]] = msg.partition()  # dropped on revoke like a usage tenant
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
@@ -759,4 +762,4 @@ class StreamWorker:
         for tenant in gone:
             del self.tenant_partition[tenant]
 
-__all__ = ["StreamWorker", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]
+__all__ = ["StreamWorker", "charged_ids", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]
