@@ -8,8 +8,9 @@
                                              │                  spend-state (compacted changelog)
                  anomaly detectors ──────────┴────────────────▶ anomalies (`meterline alerts` → webhook)
 
-Keys and state: usage (and GPU process rows) are keyed by tenant_id, so one worker owns a tenant's events
-and its spend state (co-partitioned, no cross-worker merge). A huge tenant is one
+Keys and state: usage, GPU process rows and CPU samples are keyed by tenant_id ("unattributed" when a sample
+has none: charged_ids), so one worker owns a tenant's events and its spend state (co-partitioned, no
+cross-worker merge); on revoke it forgets every tenant it charged from the partitions it lost. A huge tenant is one
 partition's work; see ARCHITECTURE.md for the trade-off and mitigations.
 
 Spend is published every `publish_interval` (1 s) for tenant/team/project scopes and at
