@@ -341,6 +341,8 @@ class StreamWorker:
             "batch.num.messages": 10_000, "on_delivery": self._on_delivery,
         }))
         static = {"group.instance.id": instance_id} if instance_id else {}  # restart resumes without a session timeout
+        # a batch that outlasts this has lost its partitions (librdkafka leaves the group): nothing of it is published
+        self.max_poll_s = int((consumer_overrides or {}).get("max.poll.interval.ms", 300_000)) / 1000
         self.consumer = Consumer(settings.kafka_config(**static, **{
             "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384,
@@ -386,9 +388,11 @@ class StreamWorker:
                                 on_lost=lambda c, p: self._on_revoke(c, p, commit="none"))  # lost: the group moved on
         next_checkpoint, idle_since = time.monotonic() + self.checkpoint_interval, time.monotonic()
         next_publish = time.monotonic() + self.publish_interval
+        stalled = False
         try:
             while not stop.is_set():
                 msgs = self.consumer.consume(self.batch_size, timeout=0.1)
+                polled = time.monotonic()
                 if msgs:
                     self.process(msgs)
                     self.last_progress = time.monotonic()
@@ -397,6 +401,9 @@ class StreamWorker:
                     break
                 elif until_caught_up and self.caught_up():
                     break
+                stalled = time.monotonic() - polled > self.max_poll_s
+                if stalled:  # the group gave our partitions away: consume() reports it (on_lost), spend stays unpublished
+                    continue
                 if time.monotonic() >= next_checkpoint:
                     self.checkpoint()
                     next_checkpoint = time.monotonic() + self.checkpoint_interval
@@ -404,7 +411,8 @@ class StreamWorker:
                 elif time.monotonic() >= next_publish:
                     self.publish_spend(TOP_SCOPES)  # fast path for budgets; sessions and agents wait for the checkpoint
                     next_publish = time.monotonic() + self.publish_interval
-            self.checkpoint()
+            if not stalled:
+                self.checkpoint()
         finally:
             self.consumer.close()
             if self.spend.store is not None:
@@ -712,14 +720,16 @@ class StreamWorker:
             self._produce(self.state_topic, body, KEY_SEP.join(key))
             self.stats["spend_updates"] += 1
 
-    def checkpoint(self, commit: str = "async") -> None:
+    def checkpoint(self, commit: str = "async", publish: bool = True) -> None:
         """Publish all changed spend, wait for every output to be acknowledged, then commit input offsets.
 
         `commit`: "async" on the timer, "sync" in the revoke callback, "none" when the assignment is lost.
         Never a synchronous commit outside a rebalance callback: after a broker outage it can wait
         forever for a group that is itself waiting for this thread to serve the revoke (the stall of
-        issue 10). A lost async commit only replays input, which the ledger dedupes."""
-        self.publish_spend()
+        issue 10). A lost async commit only replays input, which the ledger dedupes. `publish`=False when the
+        assignment is lost: the partitions have a new owner."""
+        if publish:
+            self.publish_spend()
         self.detectors.tick(self.stream_now) if self.stream_now.year > 1 else None
         remaining = self.producer.flush(60)
         while self._refused_later:  # records the broker refused on their own: dead letters, not a stall
@@ -754,7 +764,9 @@ class StreamWorker:
         # Every tenant charged here, by usage or by samples (co-partitioned: one index), leaves memory with its
         # partition: a copy kept would miss the next owner's share and, should the partition come back, be
         # continued instead of the changelog's total (an under-count written over the true one).
-        self.checkpoint(commit)
+        # A lost assignment publishes no spend: the new owner (maybe already counting) replays the uncommitted input
+        # and publishes it; a late copy from here, short of its share, would be the scopes' newest record.
+        self.checkpoint(commit, publish=commit != "none")
         topics = self.topics
         self.dedupe.forget_partitions({p.partition for p in partitions if p.topic == topics["usage"]})  # the new owner's window
         lost = {p.partition for p in partitions if p.topic in (topics["usage"], topics["gpu"], topics["compute"])}
