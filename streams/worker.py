@@ -42,7 +42,8 @@ failed, including a priced record that produce() refused, was never charged; the
 on (an event's month at the calendar's ends) is computed in the record's own stage. A record the broker refuses later (delivery report: too large, invalid) is dead-lettered
 at the checkpoint, bounded (its spend stays counted: errs toward over-counting). Retriable commit errors
 are retried, lost assignments and rebalances skip the commit (the next checkpoint commits; replay is
-at-least-once); only errors that concern every record (configuration, authorization, fatal) stop it.
+at-least-once); a lost assignment, or a batch that outlasted max.poll.interval, publishes no spend (the new
+owner replays and counts that input: a late copy from here would overwrite its totals with less); only errors that concern every record (configuration, authorization, fatal) stop it.
 """
 from __future__ import annotations
 
@@ -720,16 +721,14 @@ class StreamWorker:
             self._produce(self.state_topic, body, KEY_SEP.join(key))
             self.stats["spend_updates"] += 1
 
-    def checkpoint(self, commit: str = "async", publish: bool = True) -> None:
+    def checkpoint(self, commit: str = "async") -> None:
         """Publish all changed spend, wait for every output to be acknowledged, then commit input offsets.
 
         `commit`: "async" on the timer, "sync" in the revoke callback, "none" when the assignment is lost.
         Never a synchronous commit outside a rebalance callback: after a broker outage it can wait
         forever for a group that is itself waiting for this thread to serve the revoke (the stall of
-        issue 10). A lost async commit only replays input, which the ledger dedupes. `publish`=False when the
-        assignment is lost: the partitions have a new owner."""
-        if publish:
-            self.publish_spend()
+        issue 10). A lost async commit only replays input, which the ledger dedupes."""
+        self.publish_spend()
         self.detectors.tick(self.stream_now) if self.stream_now.year > 1 else None
         remaining = self.producer.flush(60)
         while self._refused_later:  # records the broker refused on their own: dead letters, not a stall
@@ -764,9 +763,10 @@ class StreamWorker:
         # Every tenant charged here, by usage or by samples (co-partitioned: one index), leaves memory with its
         # partition: a copy kept would miss the next owner's share and, should the partition come back, be
         # continued instead of the changelog's total (an under-count written over the true one).
-        # A lost assignment publishes no spend: the new owner (maybe already counting) replays the uncommitted input
-        # and publishes it; a late copy from here, short of its share, would be the scopes' newest record.
-        self.checkpoint(commit, publish=commit != "none")
+        # A lost assignment publishes none of their spend (dropped first): the new owner, maybe counting already,
+        # replays the uncommitted input; a late copy from here, short of its share, would be the scopes' newest record.
+        if commit != "none":
+            self.checkpoint(commit)
         topics = self.topics
         self.dedupe.forget_partitions({p.partition for p in partitions if p.topic == topics["usage"]})  # the new owner's window
         lost = {p.partition for p in partitions if p.topic in (topics["usage"], topics["gpu"], topics["compute"])}
@@ -774,5 +774,7 @@ class StreamWorker:
         self.spend.drop_tenants(gone)
         for tenant in gone:
             del self.tenant_partition[tenant]
+        if commit == "none":
+            self.checkpoint(commit)  # the other outputs still go out (at-least-once; the ledger dedupes priced rows)
 
 __all__ = ["StreamWorker", "charged_ids", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]
