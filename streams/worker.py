@@ -8,8 +8,9 @@
                                              │                  spend-state (compacted changelog)
                  anomaly detectors ──────────┴────────────────▶ anomalies (`meterline alerts` → webhook)
 
-Keys and state: usage (and GPU process rows) are keyed by tenant_id, so one worker owns a tenant's events
-and its spend state (co-partitioned, no cross-worker merge). A huge tenant is one
+Keys and state: usage, GPU process rows and CPU samples are keyed by tenant_id ("unattributed" when a sample
+has none: charged_ids), so one worker owns a tenant's events and its spend state (co-partitioned, no
+cross-worker merge); on revoke it forgets every tenant it charged from the partitions it lost. A huge tenant is one
 partition's work; see ARCHITECTURE.md for the trade-off and mitigations.
 
 Spend is published every `publish_interval` (1 s) for tenant/team/project scopes and at
@@ -41,7 +42,8 @@ failed, including a priced record that produce() refused, was never charged; the
 on (an event's month at the calendar's ends) is computed in the record's own stage. A record the broker refuses later (delivery report: too large, invalid) is dead-lettered
 at the checkpoint, bounded (its spend stays counted: errs toward over-counting). Retriable commit errors
 are retried, lost assignments and rebalances skip the commit (the next checkpoint commits; replay is
-at-least-once); only errors that concern every record (configuration, authorization, fatal) stop it.
+at-least-once); a lost assignment, or a batch that outlasted max.poll.interval, publishes no spend (the new
+owner replays and counts that input: a late copy from here would overwrite its totals with less); only errors that concern every record (configuration, authorization, fatal) stop it.
 """
 from __future__ import annotations
 
@@ -279,6 +281,15 @@ def restore_spend(settings: Settings, store: StateStore, now: datetime | None = 
     return damaged, missing
 
 
+def charged_ids(sample: ev.GpuSample | ev.ComputeSample) -> tuple[str, str, str, str, str]:
+    """The scope ids a GPU process row or a CPU sample charges. Unattributed time accrues to its tenant, or to the
+    explicit tenant "unattributed": always the tenant of the sample's Kafka key (`sample.key`), so one worker,
+    the owner of the tenant's usage partition, holds every part of its spend (tests/test_streams_spend.py)."""
+    if sample.attributed and sample.tenant_id:
+        return (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
+    return (sample.tenant_id or "unattributed", "", "", "", "")
+
+
 def _remove_orphan_stores(state_dir: Path, group: str) -> None:
     """Store files of this group's workers that died without stopping (named <group>-<pid>-<tag>): a cache of
     the changelog, never read again."""
@@ -331,6 +342,8 @@ class StreamWorker:
             "batch.num.messages": 10_000, "on_delivery": self._on_delivery,
         }))
         static = {"group.instance.id": instance_id} if instance_id else {}  # restart resumes without a session timeout
+        # a batch that outlasts this has lost its partitions (librdkafka leaves the group): nothing of it is published
+        self.max_poll_s = int((consumer_overrides or {}).get("max.poll.interval.ms", 300_000)) / 1000
         self.consumer = Consumer(settings.kafka_config(**static, **{
             "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 16_384,
@@ -376,9 +389,11 @@ class StreamWorker:
                                 on_lost=lambda c, p: self._on_revoke(c, p, commit="none"))  # lost: the group moved on
         next_checkpoint, idle_since = time.monotonic() + self.checkpoint_interval, time.monotonic()
         next_publish = time.monotonic() + self.publish_interval
+        stalled = False
         try:
             while not stop.is_set():
                 msgs = self.consumer.consume(self.batch_size, timeout=0.1)
+                polled = time.monotonic()
                 if msgs:
                     self.process(msgs)
                     self.last_progress = time.monotonic()
@@ -387,6 +402,9 @@ class StreamWorker:
                     break
                 elif until_caught_up and self.caught_up():
                     break
+                stalled = time.monotonic() - polled > self.max_poll_s
+                if stalled:  # the group gave our partitions away: consume() reports it (on_lost), spend stays unpublished
+                    continue
                 if time.monotonic() >= next_checkpoint:
                     self.checkpoint()
                     next_checkpoint = time.monotonic() + self.checkpoint_interval
@@ -394,7 +412,8 @@ class StreamWorker:
                 elif time.monotonic() >= next_publish:
                     self.publish_spend(TOP_SCOPES)  # fast path for budgets; sessions and agents wait for the checkpoint
                     next_publish = time.monotonic() + self.publish_interval
-            self.checkpoint()
+            if not stalled:
+                self.checkpoint()
         finally:
             self.consumer.close()
             if self.spend.store is not None:
@@ -592,11 +611,9 @@ class StreamWorker:
                 found = self.detectors.gpu(sample, gpu_ps, cost)
                 stage = "spend"
                 if sample.level == "process":
-                    if sample.attributed and sample.tenant_id:
-                        ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
-                    else:  # unattributed GPU time accrues to its tenant, or to the explicit tenant "unattributed"
-                        ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                    ids = charged_ids(sample)
                     self.spend.add(ids, sample.ts, cost, gpu_ps=gpu_ps, gpu_cost=cost, events=0)
+                    self.tenant_partition[ids[0]] = msg.partition()  # dropped on revoke like a usage tenant
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
                 self._failed(msg, stage, exc, now)
                 continue
@@ -621,11 +638,9 @@ class StreamWorker:
                 stage = "anomaly detection"
                 found = self.detectors.compute(sample, cost)  # idle reserved CPU
                 stage = "spend"
-                if sample.attributed and sample.tenant_id:
-                    ids = (sample.tenant_id, sample.team, sample.project, sample.agent_id, sample.session_id)
-                else:
-                    ids = (sample.tenant_id or "unattributed", "", "", "", "")
+                ids = charged_ids(sample)
                 self.spend.add(ids, sample.ts, cost, events=0, cpu_ps=to_pico(sample.cpu_seconds))  # vCPU-hour budgets
+                self.tenant_partition[ids[0]] = msg.partition()  # dropped on revoke like a usage tenant
             except Exception as exc:  # noqa: BLE001 - one sample's failure is that sample's
                 self._failed(msg, stage, exc, now)
                 continue
@@ -745,9 +760,21 @@ class StreamWorker:
         self.dedupe.capacity = self.dedupe_per_partition * max(owned, 1)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition], commit: str = "sync") -> None:
-        self.checkpoint(commit)
-        lost = {p.partition for p in partitions if p.topic == self.topics["usage"]}
-        self.dedupe.forget_partitions(lost)  # their new owner builds its own window
-        self.spend.drop_tenants({t for t, p in self.tenant_partition.items() if p in lost})
+        # Every tenant charged here, by usage or by samples (co-partitioned: one index), leaves memory with its
+        # partition: a copy kept would miss the next owner's share and, should the partition come back, be
+        # continued instead of the changelog's total (an under-count written over the true one).
+        # A lost assignment publishes none of their spend (dropped first): the new owner, maybe counting already,
+        # replays the uncommitted input; a late copy from here, short of its share, would be the scopes' newest record.
+        if commit != "none":
+            self.checkpoint(commit)
+        topics = self.topics
+        self.dedupe.forget_partitions({p.partition for p in partitions if p.topic == topics["usage"]})  # the new owner's window
+        lost = {p.partition for p in partitions if p.topic in (topics["usage"], topics["gpu"], topics["compute"])}
+        gone = {t for t, p in self.tenant_partition.items() if p in lost}
+        self.spend.drop_tenants(gone)
+        for tenant in gone:
+            del self.tenant_partition[tenant]
+        if commit == "none":
+            self.checkpoint(commit)  # the other outputs still go out (at-least-once; the ledger dedupes priced rows)
 
-__all__ = ["StreamWorker", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]
+__all__ = ["StreamWorker", "charged_ids", "DedupeWindow", "usage_digest", "commit_offsets", "restore_spend", "ensure_state_topic", "PICO"]

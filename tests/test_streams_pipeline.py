@@ -488,6 +488,174 @@ def test_a_tenant_moved_to_a_joining_worker_is_counted_once_and_continues_from_t
     assert len(truth) > 50 and latest == truth
 
 
+def test_a_sample_only_tenant_that_moves_away_and_back_is_not_restored_from_a_stale_copy(kafka_bootstrap):
+    """Tenants charged only by GPU process rows and CPU samples (the tenant "unattributed", a GPU-only tenant): w0
+    counts them alone, w1 joins and takes some of them over (continuing from the changelog), then w1 leaves and w0
+    gets them back. w0 must continue from the changelog (w1's totals), not from the copy it kept in memory when the
+    tenant left it: that copy misses w1's share and would overwrite the true total (an under-count a budget cannot
+    see). Each tenant's last spend update, and a fresh restore of the changelog, equal the plain sum of its samples."""
+    from meterline.schemas.events import ComputeSample
+    from meterline.streams.pricing import load_catalog
+    from meterline.streams.codec import to_pico
+    from meterline.streams.state_store import StateStore
+    from meterline.streams.worker import restore_spend
+
+    settings, catalog, phase = fresh_settings(kafka_bootstrap), load_catalog(), [0]
+    group = f"streams-{uuid.uuid4().hex[:6]}"
+    owners = ["", *(f"solo{i}" for i in range(11))]  # "" is the tenant "unattributed"
+    truth: dict[str, Decimal] = defaultdict(Decimal)
+
+    def samples() -> None:
+        phase[0] += 1
+        ts = NOW - timedelta(minutes=10 - phase[0])
+        gpu = [build(GpuSample, sample_id=new_id(), ts=ts, node="n1", level="process", gpu_index=0, gpu_uuid="GPU-1",
+                     gpu_name="NVIDIA H100 80GB HBM3", interval_ms=60_000 * phase[0], pid=100 + i, tenant_id=t,
+                     session_id="s1" if t else "", attributed=bool(t), device_processes=1) for i, t in enumerate(owners)]
+        cpu = [build(ComputeSample, sample_id=new_id(), ts=ts, node="n1", node_class="n2", level="process", pid=100 + i,
+                     interval_ms=10_000, cpu_user_seconds=Decimal(36 * phase[0]), memory_bytes=1 << 30,
+                     memory_byte_seconds=Decimal(10 << 30), tenant_id=t, session_id="s1" if t else "", attributed=bool(t))
+               for i, t in enumerate(owners)]
+        for g, c in zip(gpu, cpu):
+            truth[g.key] += catalog.gpu_sample_cost(g)[1] + sum(catalog.compute_sample_cost(c))
+        produce(settings, "gpu", [(g.key.encode(), g.to_json()) for g in gpu])
+        produce(settings, "compute", [(c.key.encode(), c.to_json()) for c in cpu])
+
+    def counted() -> int:
+        return sum(w.stats["gpu_samples"] + w.stats["compute_samples"] for w in workers)
+
+    def wait(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, [(w.stats, len(w.owned)) for w in workers]
+            time.sleep(0.1)
+
+    stops = [threading.Event(), threading.Event()]
+    workers = [Member(settings, group_id=group, checkpoint_interval=0.5, instance_id=f"w{i}",  # a static member's
+                      consumer_overrides={"session.timeout.ms": 6000}) for i in range(2)]  # leave: 6 s, not 45
+    threads = [threading.Thread(target=w.run, args=(s,)) for w, s in zip(workers, stops)]
+    try:
+        samples()
+        threads[0].start()
+        wait(lambda: counted() == 2 * len(owners))
+        threads[1].start()
+        wait(lambda: [len(w.owned) for w in workers] == [18, 18])  # w1 took half the partitions
+        samples()
+        wait(lambda: counted() == 4 * len(owners))
+        moved = workers[1].stats["gpu_samples"]
+        stops[1].set()  # w1 leaves: w0 gets every partition back
+        threads[1].join()
+        wait(lambda: len(workers[0].owned) == 36)
+        samples()
+        wait(lambda: counted() == 6 * len(owners))
+    finally:
+        for stop in stops:
+            stop.set()
+        for thread in threads:
+            if thread.ident is not None:  # started
+                thread.join()
+    assert 0 < moved < len(owners)  # some tenants went to w1 and came back, some stayed
+    latest = {}
+    for raw in read_topic(settings, "spend"):  # a tenant's updates share a partition: the last is the newest
+        update = decode(SpendUpdate, raw)
+        if update.scope == "tenant":
+            latest[update.tenant_id] = update.period_cost_usd
+    assert latest == truth
+    store = StateStore()  # what the next assignment restores
+    try:
+        restore_spend(settings, store)
+        restored = {key[0]: store.get(key)[1] for key in store.keys() if key[1] == "tenant"}
+    finally:
+        store.close()
+    assert restored == {tenant: to_pico(total) for tenant, total in truth.items()}
+
+
+def test_a_worker_that_stalled_past_its_poll_interval_does_not_overwrite_the_new_owners_totals(kafka_bootstrap):
+    """w0 stalls inside a batch (its tenants' new spend unpublished) until the group moves its partitions to w1,
+    which replays that input from the committed offsets and counts more. When w0 wakes it must not publish its
+    copy: the partitions are w1's, and w0's totals, short of w1's share, would be the changelog's newest record
+    for those scopes (the under-count a restore continues). Each tenant's last spend update, and a fresh restore,
+    equal the sum of its priced costs."""
+    from meterline.streams.state_store import StateStore
+    from meterline.streams.worker import restore_spend
+
+    settings, rng = fresh_settings(kafka_bootstrap), random.Random(21)
+    group = f"streams-{uuid.uuid4().hex[:6]}"
+    release, stalled = threading.Event(), threading.Event()
+
+    class Stalling(Member):
+        stall_after = None  # stall once, after the batch that brings `priced` to this
+
+        def process(self, msgs):
+            super().process(msgs)
+            if self.stall_after is not None and self.stats["priced"] >= self.stall_after:
+                self.stall_after = None
+                stalled.set()
+                release.wait(120)
+
+        def _on_revoke(self, consumer, partitions, commit="sync"):
+            super()._on_revoke(consumer, partitions, commit)
+            self.stats["lost"] += commit == "none"
+
+    def events(tenants, n) -> list:
+        return [(e["tenant_id"].encode(), json.dumps(e).encode()) for e in
+                (usage_record(rng, tenant=t, cost_usd="0.25", kind="tool_call", tool="search", model="") for t in tenants
+                 for _ in range(n))]
+
+    def wait(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, [(w.stats, len(w.owned)) for w in workers]
+            time.sleep(0.1)
+
+    def last_tenant_totals() -> dict:
+        latest = {}
+        for raw in read_topic(settings, "spend"):  # a tenant's updates share a partition: the last is the newest
+            update = decode(SpendUpdate, raw)
+            if update.scope == "tenant":
+                latest[update.tenant_id] = update.period_cost_usd
+        return latest
+
+    overrides = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "max.poll.interval.ms": 7000}
+    workers = [Stalling(settings, group_id=group, checkpoint_interval=0.5, consumer_overrides=overrides) for _ in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    tenants = [f"tenant{i}" for i in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait(lambda: [len(w.owned) for w in workers] == [18, 18])
+        produce(settings, "usage", events(tenants, 2))
+        wait(lambda: sum(w.stats["priced"] for w in workers) == 24)
+        mine = sorted(workers[0].tenant_partition)  # w0's tenants
+        assert mine and len(mine) < len(tenants)
+        wait(lambda: all(last_tenant_totals().get(t) == Decimal("0.5") for t in tenants))  # published
+        workers[0].stall_after = workers[0].stats["priced"] + 3 * len(mine)
+        produce(settings, "usage", events(mine, 3))
+        wait(stalled.is_set)
+        wait(lambda: len(workers[1].owned) == 36)  # w0 is out of the group: w1 replays w0's uncommitted input
+        produce(settings, "usage", events(mine, 1))
+        wait(lambda: all(last_tenant_totals().get(t) == Decimal("1.5") for t in mine))  # w1 published 2 + 3 + 1
+        release.set()  # w0 wakes with its copy of 2 + 3
+        wait(lambda: workers[0].stats["lost"] >= 1)
+    finally:
+        release.set()
+        stop.set()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+    truth: dict[str, Decimal] = defaultdict(Decimal)
+    for raw in {priced_record(r)["event_id"]: priced_record(r) for r in read_topic(settings, "priced")}.values():
+        truth[raw["tenant_id"]] += Decimal(raw["cost_usd"])
+    assert last_tenant_totals() == truth
+    store = StateStore()
+    try:
+        restore_spend(settings, store)
+        restored = {key[0]: store.get(key)[1] for key in store.keys() if key[1] == "tenant"}
+    finally:
+        store.close()
+    assert restored == {t: int(total.scaleb(12)) for t, total in truth.items()}
+
+
 def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, str]]:
     ts = (NOW - timedelta(minutes=5)).isoformat()
     out = []

@@ -231,3 +231,29 @@ def test_sessions_that_age_out_restart_and_move_keep_their_period_totals(script)
             sid = scope_ids(*ids)["session"]
             assert book.states[(tenant, "session", sid)].period == truth.get((tenant, f"s{session}", month), 0), sid
         assert book.states[(tenant, "tenant", tenant)].period == truth.get((tenant, "", month), 0)
+
+
+owner_ids = st.sampled_from(["", "acme", "unattributed"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(tenant=owner_ids, team=st.sampled_from(["", "core"]), session=st.sampled_from(["", "s1"]), attributed=st.booleans(),
+       compute=st.booleans(), level=st.sampled_from(["process", "cgroup"]))
+def test_a_sample_charges_the_tenant_of_its_kafka_key(tenant, team, session, attributed, compute, level):
+    """One owner per tenant: a GPU process row or CPU sample is charged to the tenant its key routes it by (the
+    usage partition's owner holds every part of the tenant's spend, "unattributed" included). Were they to differ,
+    two workers would each publish a partial total of one scope and overwrite each other's changelog record."""
+    from decimal import Decimal
+
+    from meterline.schemas.events import ComputeSample, GpuSample, build, new_id
+    from meterline.streams.worker import charged_ids
+
+    owner = dict(tenant_id=tenant, team=team, session_id=session, attributed=attributed)
+    if compute:
+        sample = build(ComputeSample, sample_id=new_id(), ts=START, node="n1", level=level, pid=1, interval_ms=10_000,
+                       cpu_user_seconds=Decimal(1), memory_bytes=1, memory_byte_seconds=Decimal(1), **owner)
+    else:
+        sample = build(GpuSample, sample_id=new_id(), ts=START, node="n1", level="process", gpu_index=0, gpu_uuid="GPU-1",
+                       interval_ms=1000, pid=1, **owner)
+    ids = charged_ids(sample)
+    assert ids[0] == sample.key and ids[0]  # a scope needs a tenant; the key is never a node for a charged row
