@@ -126,7 +126,8 @@ class LedgerSink:
         self._staged_tables: dict[str, Staged] = {}
         self._staging_made: set[str] = set()  # staging tables this session has (sql/checks.py Staged.create)
         self.anomalies_topic = settings.topic("anomalies")
-        self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0, "tombstones": 0}
+        self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0,
+                      "tombstones": 0, "ledger_check_rejections": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -659,6 +660,11 @@ class LedgerSink:
                 raise RuntimeError("dead letters were not acknowledged by Kafka")
             self.stats["dead_letters"] += len(dead)
             log.warning("%d records dead-lettered to %s", len(dead), self.dlq_topic)
+        if bugs := [d for d in dead if d.error_type == "LedgerCheck"]:  # not bad input: valid records the ledger lacks
+            self.stats["ledger_check_rejections"] += len(bugs)
+            log.error("%d records valid by the contract were rejected by the ledger's SQL checks, first %s[%d] offset %d: "
+                      "a meterline bug, please report it; they are kept on %s", len(bugs), bugs[0].source_topic,
+                      bugs[0].partition, bugs[0].offset, self.dlq_topic)
 
     def _retry(self, action: Callable[[], Any], what: str) -> Any:
         """Run `action` until it succeeds, backing off exponentially; keeps the group membership alive."""
