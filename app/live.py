@@ -119,6 +119,7 @@ class LiveFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
+        self._live_from: dict[tuple[str, int], int] = {}  # per partition: the first offset past the backfill
         self.topics = {settings.topic("spend"): (SpendUpdate, self.state.add_spend),
                        settings.topic("control"): (ThrottleDecision, self._on_decision),
                        settings.topic("anomalies"): (Anomaly, self.state.add_anomaly)}
@@ -133,8 +134,9 @@ class LiveFeed:
         if self._thread:
             self._thread.join(timeout)
 
-    def _on_decision(self, decision: ThrottleDecision) -> None:
-        if self.on_decision_latency:
+    def _on_decision(self, decision: ThrottleDecision, backfill: bool = False) -> None:
+        # a backfilled decision's age says how long ago it was issued (before a restart), not how late it arrived
+        if self.on_decision_latency and not backfill:
             self.on_decision_latency(max(0.0, time.time() - decision.issued_at.timestamp()))
         self.state.add_decision(decision)
 
@@ -150,17 +152,22 @@ class LiveFeed:
             while not self._stop.is_set():
                 for msg in consumer.consume(500, timeout=0.2):
                     if msg.error() is None and msg.value() is not None:
-                        self._dispatch(msg.topic(), msg.value())
+                        backfill = msg.offset() < self._live_from.get((msg.topic(), msg.partition()), 0)
+                        self._dispatch(msg.topic(), msg.value(), backfill)
         except Exception:  # noqa: BLE001 - a view must never take `up` down; the supervisor logs it
             log.exception("live feed stopped")
             raise
         finally:
             consumer.close()
 
-    def _dispatch(self, topic: str, raw: bytes) -> None:
+    def _dispatch(self, topic: str, raw: bytes, backfill: bool = False) -> None:
         model, handler = self.topics[topic]
         try:
-            handler(decode(model, raw))
+            record = decode(model, raw)
+            if model is ThrottleDecision:
+                self._on_decision(record, backfill)
+            else:
+                handler(record)
         except InvalidEvent as err:
             log.debug("live feed skipped a record on %s: %s", topic, err)
 
@@ -172,5 +179,6 @@ class LiveFeed:
             meta = consumer.list_topics(topic, timeout=10).topics[topic]
             for partition in meta.partitions:
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                self._live_from[(topic, partition)] = high
                 positions.append(TopicPartition(topic, partition, max(low, high - BACKFILL_PER_PARTITION)))
         return positions
