@@ -26,6 +26,11 @@ DENIED_PREFIXES = ("dict",)
 DENIED = frozenset(f.lower() for f in DENIED_FUNCTIONS)  # ClickHouse resolves some names case-insensitively
 
 
+SELECT_ONLY = ("only SELECT queries run here (WITH, UNION and subqueries are fine); list tables with "
+               "SELECT name FROM system.tables WHERE database = currentDatabase(), columns with "
+               "SELECT name, type FROM system.columns WHERE table = 'priced_events' AND database = currentDatabase()")
+
+
 class Refused(ValueError):
     """The query is not allowed in the sandbox; the message says why and what is."""
 
@@ -41,6 +46,8 @@ def vet(client: Any, query: str, parameters: dict[str, Any] | None = None) -> st
         lines = [row[0] for row in client.query(f"SELECT explain FROM (EXPLAIN AST {canonical})",
                                                 parameters=parameters or {}).result_rows]
     except Exception as err:  # noqa: BLE001 - e.g. INTO OUTFILE or FORMAT, which a subquery cannot hold
+        if "supports only SELECT" in str(err):  # SHOW, DESCRIBE, INSERT...: the subquery is what refused them
+            raise Refused(SELECT_ONLY) from None
         raise Refused(f"not allowed here (INTO OUTFILE, FORMAT and SETTINGS never are): {_first_line(err)}") from None
     check_tree(lines, database=client.query("SELECT currentDatabase()").result_rows[0][0])
     return canonical
@@ -50,8 +57,7 @@ def check_tree(lines: list[str], database: str) -> None:
     """Refuse anything in an EXPLAIN AST listing (one node per line, indented one space per level) that
     is not a plain read of the ledger."""
     if not lines or not lines[0].startswith("SelectWithUnionQuery"):
-        raise Refused("only SELECT queries run here (WITH, UNION and subqueries are fine); "
-                      "list tables with SELECT name FROM system.tables WHERE database = currentDatabase()")
+        raise Refused(SELECT_ONLY)
     stack: list[tuple[int, str]] = []
     for line in lines:
         depth, node = len(line) - len(line.lstrip(" ")), line.strip()
