@@ -12,6 +12,7 @@ cannot raise (it has no SETTINGS clause, and `readonly` forbids writes).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from meterline.sql.ledger import ledger_views
@@ -94,6 +95,17 @@ def limits(settings: Any) -> dict[str, Any]:
     return {"readonly": 2, "max_execution_time": settings.sql_max_seconds, "max_memory_usage": settings.sql_max_memory_bytes,
             "max_result_rows": settings.sql_max_result_rows, "max_result_bytes": settings.sql_max_result_bytes,
             "result_overflow_mode": "throw", "max_rows_to_read": settings.sql_max_rows_to_read, "timeout_overflow_mode": "throw"}
+
+
+def failure(err: BaseException) -> str:
+    """What a user's query that the engine refused gets told: the engine's first line without the query echoed back
+    (its SETTINGS are the sandbox's, not the user's), and for a missing table where to look."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.split(r"(?<=[.?]) In scope ", first, maxsplit=1)[0][:300]
+    if "UNKNOWN_TABLE" in str(err) or "Unknown table" in text:
+        text += ("; the ledger's tables: SELECT name FROM system.tables WHERE database = currentDatabase() "
+                 "(none: has `meterline migrate` run?)")
+    return text
 
 
 def _first_line(err: BaseException) -> str:
