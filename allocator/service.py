@@ -169,29 +169,36 @@ class AllocatorService:
     def _restore_fired(self) -> None:
         """Mark the thresholds already alerted in each budget's current period (their budget_threshold alerts on the
         anomalies topic), so a restarted allocator does not send them again: fired thresholds live in memory only."""
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import Consumer, KafkaException
 
-        states = list(self.engine.budgets.values())
-        if not states:
+        starts = [s.start for s in self.engine.budgets.values()]
+        if not starts:
             return
         topic = self.settings.topic("anomalies")
         consumer = Consumer(self.settings.kafka_config(**{"group.id": f"meterline-allocator-alerts-{uuid.uuid4().hex}",
                                                           "enable.auto.commit": False}))
         try:
-            ends = partition_ends(consumer, topic)
-            since = int(min(s.start for s in states).timestamp() * 1000)
-            found = consumer.offsets_for_times([TopicPartition(topic, p, since) for p in ends], timeout=30)
-            starts = {tp.partition: tp.offset for tp in found if 0 <= tp.offset < ends[tp.partition]}
-            if not starts:
-                return
-            consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
-            ends = {p: ends[p] for p in starts}
-            while not caught_up(consumer, ends):
-                for msg in consumer.consume(500, 0.2):
-                    if msg.error() is None and msg.value():
-                        self._restore_alert(msg.value())
+            self._read_alerts(consumer, topic, int(min(starts).timestamp() * 1000))
+        except KafkaException as err:  # advice only: at worst a threshold is alerted twice
+            log.warning("could not read earlier budget alerts on %s (%s): thresholds may be alerted again", topic, err)
         finally:
             consumer.close()
+
+    def _read_alerts(self, consumer, topic: str, since_ms: int) -> None:
+        """Every alert on `topic` from `since_ms` to the end as it is now, handed to _restore_alert."""
+        from confluent_kafka import TopicPartition
+
+        ends = partition_ends(consumer, topic)
+        found = consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in ends], timeout=30)
+        starts = {tp.partition: tp.offset for tp in found if 0 <= tp.offset < ends[tp.partition]}
+        if not starts:
+            return
+        consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
+        ends = {p: ends[p] for p in starts}
+        while not caught_up(consumer, ends):
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None and msg.value():
+                    self._restore_alert(msg.value())
 
     def _restore_alert(self, raw: bytes) -> None:
         try:
