@@ -32,6 +32,7 @@ class LiveState:
         self._lock = threading.Lock()
         self.tenant_spend: dict[str, Decimal] = {}
         self.tenant_gpu_cost: dict[str, Decimal] = {}
+        self.tenant_month: dict[str, datetime] = {}  # the period (month) tenant_spend is the total of
         self.series: dict[str, deque[tuple[float, Decimal]]] = {}
         self.decisions: deque[ThrottleDecision] = deque(maxlen=max_items)
         self.anomalies: deque[Anomaly] = deque(maxlen=max_items)
@@ -45,7 +46,14 @@ class LiveState:
             return
         with self._lock:
             tenant = update.tenant_id
-            self.tenant_spend[tenant] = max(update.period_cost_usd, self.tenant_spend.get(tenant, Decimal(0)))
+            month = self.tenant_month.setdefault(tenant, update.period_start)
+            if update.period_start < month:  # a late update of an earlier month: not this month's spend
+                return
+            # within a month the highest total wins (updates of one tenant may arrive out of order); a new month starts over
+            same = update.period_start == month
+            self.tenant_month[tenant] = update.period_start
+            self.tenant_spend[tenant] = (max(update.period_cost_usd, self.tenant_spend.get(tenant, Decimal(0))) if same
+                                         else update.period_cost_usd)
             self.tenant_gpu_cost[tenant] = update.gpu_cost_usd
             points = self.series.setdefault(tenant, deque(maxlen=SERIES_POINTS))
             second = float(int(update.ts.timestamp()))
