@@ -180,13 +180,15 @@ class LiveFeed:
             log.debug("live feed skipped a record on %s: %s", topic, err)
 
     def _start_positions(self, consumer: Any) -> list:
+        """The last BACKFILL_PER_PARTITION records of each partition (an offset below the first kept one resets to
+        earliest); partition_ends waits out a fresh topic's leader election instead of failing the feed."""
         from confluent_kafka import TopicPartition
+
+        from meterline.allocator._kafka import partition_ends
 
         positions = []
         for topic in self.topics:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            for partition in meta.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            for partition, high in partition_ends(consumer, topic).items():
                 self._live_from[(topic, partition)] = high
-                positions.append(TopicPartition(topic, partition, max(low, high - BACKFILL_PER_PARTITION)))
+                positions.append(TopicPartition(topic, partition, max(0, high - BACKFILL_PER_PARTITION)))
         return positions
