@@ -226,6 +226,12 @@ class Engine:
         self.budgets[policy.policy_id] = state
         self._policies_changed()
 
+    def restore_fired(self, policy_id: str, period_start: datetime, threshold: int) -> None:
+        """A threshold alerted before a restart (its alert is on the anomalies topic): not alerted again this period."""
+        state = self.budgets.get(policy_id)
+        if state is not None and state.start == period_start:
+            state.fired.add(threshold)
+
     def remove_policy(self, policy_id: str) -> None:
         self.budgets.pop(policy_id, None)
         self._sources.pop(("budget", policy_id), None)

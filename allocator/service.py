@@ -14,12 +14,13 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import datetime
 from decimal import Decimal
 
-from meterline.schemas.events import PRIORITIES, GpuSample, InvalidEvent, SpendUpdate, decode
+from meterline.schemas.events import PRIORITIES, Anomaly, GpuSample, InvalidEvent, SpendUpdate, decode
 
 from ._kafka import (ANNOUNCE_HEADER, GPU_WAIT_HEADER, NEED_HEADER, RELEASE_HEADER, SPENT_HEADER, assign_from_beginning,
-                     assign_from_time, caught_up)
+                     assign_from_time, caught_up, partition_ends)
 from .budgets import apply_policy_record
 from .engine import Engine, Outputs
 
@@ -58,6 +59,7 @@ class AllocatorService:
         last_refresh = None
         try:
             self._read_budgets(budgets, until_end=True)
+            self._restore_fired()
             self.ready.set()
             while not stop.is_set():
                 self._read_budgets(budgets, until_end=False)
@@ -163,6 +165,50 @@ class AllocatorService:
                 return
             if not msgs and caught_up(consumer, self._budget_ends):
                 return
+
+    def _restore_fired(self) -> None:
+        """Mark the thresholds already alerted in each budget's current period (their budget_threshold alerts on the
+        anomalies topic), so a restarted allocator does not send them again: fired thresholds live in memory only."""
+        from confluent_kafka import Consumer, KafkaException
+
+        starts = [s.start for s in self.engine.budgets.values()]
+        if not starts:
+            return
+        topic = self.settings.topic("anomalies")
+        consumer = Consumer(self.settings.kafka_config(**{"group.id": f"meterline-allocator-alerts-{uuid.uuid4().hex}",
+                                                          "enable.auto.commit": False}))
+        try:
+            self._read_alerts(consumer, topic, int(min(starts).timestamp() * 1000))
+        except KafkaException as err:  # advice only: at worst a threshold is alerted twice
+            log.warning("could not read earlier budget alerts on %s (%s): thresholds may be alerted again", topic, err)
+        finally:
+            consumer.close()
+
+    def _read_alerts(self, consumer, topic: str, since_ms: int) -> None:
+        """Every alert on `topic` from `since_ms` to the end as it is now, handed to _restore_alert."""
+        from confluent_kafka import TopicPartition
+
+        ends = partition_ends(consumer, topic)
+        found = consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in ends], timeout=30)
+        starts = {tp.partition: tp.offset for tp in found if 0 <= tp.offset < ends[tp.partition]}
+        if not starts:
+            return
+        consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
+        ends = {p: ends[p] for p in starts}
+        while not caught_up(consumer, ends):
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None and msg.value():
+                    self._restore_alert(msg.value())
+
+    def _restore_alert(self, raw: bytes) -> None:
+        try:
+            alert = decode(Anomaly, raw)
+            if alert.kind == "budget_threshold":
+                evidence = alert.evidence
+                self.engine.restore_fired(evidence["policy_id"], datetime.fromisoformat(evidence["period_start"]),
+                                          int(evidence["threshold_pct"]))
+        except (InvalidEvent, KeyError, ValueError):  # another producer's alert, or an older shape: nothing to restore
+            return
 
     def _publish(self, producer, out: Outputs) -> None:
         control, anomalies = self.settings.topic("control"), self.settings.topic("anomalies")

@@ -257,14 +257,14 @@ class ApiServer:
             sql, parameters = body["sql"], body.get("parameters") or {}
         except (ValueError, KeyError, TypeError):
             return _error(400, 'POST JSON {"sql": "...", "parameters": {...}} with Content-Type: application/json')
-        from meterline.sql.sandbox import Refused
+        from meterline.sql.sandbox import Refused, failure
 
         try:
             result = await self._user_query(sql, parameters)
         except Refused as err:
             return _error(403, f"{err}; the API only reads the ledger")
         except Exception as err:  # noqa: BLE001
-            return _error(400, _first_line(err))
+            return _error(400, failure(err))
         return web.json_response(result.to_json())
 
     async def _live(self, request):

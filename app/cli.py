@@ -281,6 +281,8 @@ def sql_command(
     fmt: Fmt = "table",
 ) -> None:
     """Run read-only SQL on the ledger (directly, or through `meterline up` while it runs)."""
+    from meterline.sql.sandbox import failure
+
     from .report import ReportParams, render
     from .store import Result
 
@@ -289,7 +291,7 @@ def sql_command(
     try:
         result: Result = ledger.user_query(query)
     except Exception as err:  # noqa: BLE001
-        fail(f"query failed: {str(err).splitlines()[0][:400]}")
+        fail(f"query failed: {failure(err)}")
     finally:
         ledger.close()
     if fmt == "json":  # the same shape as the direct `meterline sql --format json`: a list of rows

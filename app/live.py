@@ -32,6 +32,7 @@ class LiveState:
         self._lock = threading.Lock()
         self.tenant_spend: dict[str, Decimal] = {}
         self.tenant_gpu_cost: dict[str, Decimal] = {}
+        self.tenant_month: dict[str, datetime] = {}  # the period (month) tenant_spend is the total of
         self.series: dict[str, deque[tuple[float, Decimal]]] = {}
         self.decisions: deque[ThrottleDecision] = deque(maxlen=max_items)
         self.anomalies: deque[Anomaly] = deque(maxlen=max_items)
@@ -45,7 +46,14 @@ class LiveState:
             return
         with self._lock:
             tenant = update.tenant_id
-            self.tenant_spend[tenant] = max(update.period_cost_usd, self.tenant_spend.get(tenant, Decimal(0)))
+            month = self.tenant_month.setdefault(tenant, update.period_start)
+            if update.period_start < month:  # a late update of an earlier month: not this month's spend
+                return
+            # within a month the highest total wins (updates of one tenant may arrive out of order); a new month starts over
+            same = update.period_start == month
+            self.tenant_month[tenant] = update.period_start
+            self.tenant_spend[tenant] = (max(update.period_cost_usd, self.tenant_spend.get(tenant, Decimal(0))) if same
+                                         else update.period_cost_usd)
             self.tenant_gpu_cost[tenant] = update.gpu_cost_usd
             points = self.series.setdefault(tenant, deque(maxlen=SERIES_POINTS))
             second = float(int(update.ts.timestamp()))
@@ -119,6 +127,7 @@ class LiveFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
+        self._live_from: dict[tuple[str, int], int] = {}  # per partition: the first offset past the backfill
         self.topics = {settings.topic("spend"): (SpendUpdate, self.state.add_spend),
                        settings.topic("control"): (ThrottleDecision, self._on_decision),
                        settings.topic("anomalies"): (Anomaly, self.state.add_anomaly)}
@@ -133,8 +142,9 @@ class LiveFeed:
         if self._thread:
             self._thread.join(timeout)
 
-    def _on_decision(self, decision: ThrottleDecision) -> None:
-        if self.on_decision_latency:
+    def _on_decision(self, decision: ThrottleDecision, backfill: bool = False) -> None:
+        # a backfilled decision's age says how long ago it was issued (before a restart), not how late it arrived
+        if self.on_decision_latency and not backfill:
             self.on_decision_latency(max(0.0, time.time() - decision.issued_at.timestamp()))
         self.state.add_decision(decision)
 
@@ -150,27 +160,35 @@ class LiveFeed:
             while not self._stop.is_set():
                 for msg in consumer.consume(500, timeout=0.2):
                     if msg.error() is None and msg.value() is not None:
-                        self._dispatch(msg.topic(), msg.value())
+                        backfill = msg.offset() < self._live_from.get((msg.topic(), msg.partition()), 0)
+                        self._dispatch(msg.topic(), msg.value(), backfill)
         except Exception:  # noqa: BLE001 - a view must never take `up` down; the supervisor logs it
             log.exception("live feed stopped")
             raise
         finally:
             consumer.close()
 
-    def _dispatch(self, topic: str, raw: bytes) -> None:
+    def _dispatch(self, topic: str, raw: bytes, backfill: bool = False) -> None:
         model, handler = self.topics[topic]
         try:
-            handler(decode(model, raw))
+            record = decode(model, raw)
+            if model is ThrottleDecision:
+                self._on_decision(record, backfill)
+            else:
+                handler(record)
         except InvalidEvent as err:
             log.debug("live feed skipped a record on %s: %s", topic, err)
 
     def _start_positions(self, consumer: Any) -> list:
+        """The last BACKFILL_PER_PARTITION records of each partition (an offset below the first kept one resets to
+        earliest); partition_ends waits out a fresh topic's leader election instead of failing the feed."""
         from confluent_kafka import TopicPartition
+
+        from meterline.allocator._kafka import partition_ends
 
         positions = []
         for topic in self.topics:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            for partition in meta.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                positions.append(TopicPartition(topic, partition, max(low, high - BACKFILL_PER_PARTITION)))
+            for partition, high in partition_ends(consumer, topic).items():
+                self._live_from[(topic, partition)] = high
+                positions.append(TopicPartition(topic, partition, max(0, high - BACKFILL_PER_PARTITION)))
         return positions

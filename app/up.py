@@ -63,7 +63,7 @@ class Component:
     topics: tuple[str, ...] = ()
     lag: int = 0
     committed: int | None = None
-    last_progress: float = 0.0
+    last_progress: float = field(default_factory=time.monotonic)  # not 0: before its start, "since up began"
     patience_s: float | None = None  # its own stall limit, when it may rightly wait longer than the others
 
     def start(self) -> None:

@@ -103,7 +103,7 @@ def sql_command(
 
     from meterline.settings import get_settings
 
-    from .sandbox import Refused, limits, vet
+    from .sandbox import Refused, failure, limits, vet
 
     client = _connect()
     try:
@@ -111,7 +111,7 @@ def sql_command(
     except Refused as err:
         fail(f"{err}; `meterline sql` only reads the ledger")
     except Exception as err:  # noqa: BLE001
-        fail(f"query failed: {str(err).strip().splitlines()[0]}")
+        fail(f"query failed: {failure(err)}")
     rows = [dict(zip(result.column_names, r)) for r in result.result_rows]
     if fmt is OutputFormat.json:
         emit_json(rows)

@@ -12,6 +12,7 @@ cannot raise (it has no SETTINGS clause, and `readonly` forbids writes).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from meterline.sql.ledger import ledger_views
@@ -24,6 +25,11 @@ DENIED_FUNCTIONS = frozenset({"file", "joinGet", "joinGetOrNull", "filesystemAva
                               "filesystemCapacity", "getServerSetting", "getMergeTreeSetting"})
 DENIED_PREFIXES = ("dict",)
 DENIED = frozenset(f.lower() for f in DENIED_FUNCTIONS)  # ClickHouse resolves some names case-insensitively
+
+
+SELECT_ONLY = ("only SELECT queries run here (WITH, UNION and subqueries are fine); list tables with "
+               "SELECT name FROM system.tables WHERE database = currentDatabase(), columns with "
+               "SELECT name, type FROM system.columns WHERE table = 'priced_events' AND database = currentDatabase()")
 
 
 class Refused(ValueError):
@@ -41,6 +47,8 @@ def vet(client: Any, query: str, parameters: dict[str, Any] | None = None) -> st
         lines = [row[0] for row in client.query(f"SELECT explain FROM (EXPLAIN AST {canonical})",
                                                 parameters=parameters or {}).result_rows]
     except Exception as err:  # noqa: BLE001 - e.g. INTO OUTFILE or FORMAT, which a subquery cannot hold
+        if "supports only SELECT" in str(err):  # SHOW, DESCRIBE, INSERT...: the subquery is what refused them
+            raise Refused(SELECT_ONLY) from None
         raise Refused(f"not allowed here (INTO OUTFILE, FORMAT and SETTINGS never are): {_first_line(err)}") from None
     check_tree(lines, database=client.query("SELECT currentDatabase()").result_rows[0][0])
     return canonical
@@ -50,8 +58,7 @@ def check_tree(lines: list[str], database: str) -> None:
     """Refuse anything in an EXPLAIN AST listing (one node per line, indented one space per level) that
     is not a plain read of the ledger."""
     if not lines or not lines[0].startswith("SelectWithUnionQuery"):
-        raise Refused("only SELECT queries run here (WITH, UNION and subqueries are fine); "
-                      "list tables with SELECT name FROM system.tables WHERE database = currentDatabase()")
+        raise Refused(SELECT_ONLY)
     stack: list[tuple[int, str]] = []
     for line in lines:
         depth, node = len(line) - len(line.lstrip(" ")), line.strip()
@@ -88,6 +95,17 @@ def limits(settings: Any) -> dict[str, Any]:
     return {"readonly": 2, "max_execution_time": settings.sql_max_seconds, "max_memory_usage": settings.sql_max_memory_bytes,
             "max_result_rows": settings.sql_max_result_rows, "max_result_bytes": settings.sql_max_result_bytes,
             "result_overflow_mode": "throw", "max_rows_to_read": settings.sql_max_rows_to_read, "timeout_overflow_mode": "throw"}
+
+
+def failure(err: BaseException) -> str:
+    """What a user's query that the engine refused gets told: the engine's first line without the query echoed back
+    (its SETTINGS are the sandbox's, not the user's), and for a missing table where to look."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.split(r"(?<=[.?]) In scope ", first, maxsplit=1)[0][:300]
+    if "UNKNOWN_TABLE" in str(err) or "Unknown table" in text:
+        text += ("; the ledger's tables: SELECT name FROM system.tables WHERE database = currentDatabase() "
+                 "(none: has `meterline migrate` run?)")
+    return text
 
 
 def _first_line(err: BaseException) -> str:

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         if not as_json:
-            console.print(f"streams: pricing with {worker.catalog.version}; consuming {worker.topics['usage']} and {worker.topics['gpu']}")
+            console.print(f"streams: pricing with {worker.catalog.version}; consuming {', '.join(worker.topics[t] for t in ('usage', 'gpu', 'compute'))}")
         stats = worker.run(stop, exit_when_idle=exit_when_idle, until_caught_up=until_caught_up)
         if as_json:
             emit_json(dict(stats))

@@ -741,7 +741,8 @@ class StreamWorker:
                                "offsets were not committed, a restart replays from the last checkpoint")
         if commit != "none" and commit_offsets(self.consumer, asynchronous=commit == "async"):
             self.last_progress = time.monotonic()
-        if time.monotonic() - self._last_evict > 60:
+        # no event read yet (a restart on a quiet pipeline): no stream time to age states by (datetime.min - idle overflows)
+        if self.stream_now.year > 1 and time.monotonic() - self._last_evict > 60:
             self._last_evict = time.monotonic()
             self.stats["evicted_scopes"] += self.spend.evict_idle(self.stream_now, self.session_idle)
 

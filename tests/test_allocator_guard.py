@@ -229,3 +229,24 @@ def test_a_new_session_announces_itself_through_the_broker_and_is_leased_before_
     lease = feed.decisions[key]
     assert lease.decision.action == "allow" and lease.limit >= 5 * 10**7 and lease.spent == 0
     assert allocator.counts["announcements"] >= 1 and allocator.counts["spend"] == 0
+
+
+def test_a_restarted_allocator_does_not_alert_a_threshold_again_in_the_same_period(settings):
+    """Fired thresholds lived in memory: every restart of `meterline up` re-sent the 50/80/100 % alerts of every
+    budget already past them (seen in the demo's data dir: umbrella's three alerts again, critical included)."""
+    publish_policy(settings, BudgetPolicy(policy_id="acme-month", tenant_id="acme", scope="tenant", scope_id="acme",
+                                          amount=Decimal(100)))
+    reporter = SpendReporter(settings)
+    for step, (spend, threshold) in enumerate(((Decimal(60), "50"), (Decimal(25), "80"))):
+        service, stop, thread = run_in_thread(settings, Engine(EngineConfig()), tick=0.02)
+        try:
+            assert service.ready.wait(30)
+            reporter.add("acme", spend)
+            reporter.flush()
+            wait_for(lambda: [a for a in _anomalies(settings) if a.evidence.get("threshold_pct") == threshold],
+                     f"the {threshold} % alert (run {step + 1})")
+        finally:
+            stop.set()
+            thread.join()
+    alerts = sorted(a.evidence["threshold_pct"] for a in _anomalies(settings))
+    assert alerts == ["50", "80"], "each threshold once, across the restart"

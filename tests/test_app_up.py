@@ -278,3 +278,13 @@ def test_an_instance_restarted_for_stalling_gets_more_time_before_the_next_judge
     c.failures_in_a_row = 2  # restarted twice in a row: 16 s of patience
     assert supervisor.patience(c) == 16 and not c.stalled(supervisor.patience(c))
     assert supervisor.health()["streams"]["stalled"] is False
+
+
+def test_a_component_not_started_yet_reports_no_progress_since_up_began_not_since_the_machine_booted():
+    """/health and /metrics showed a consumer waiting to start (up starts them one by one) as idle for the
+    machine's uptime (last_progress_s 2025.6 in a demo data dir), since its clock started at 0."""
+    from meterline.app.up import ThreadComponent
+
+    began = time.monotonic()
+    component = ThreadComponent("streams", lambda: None, group="g", topics=("usage",))
+    assert component.state()["last_progress_s"] <= round(time.monotonic() - began, 1) + 0.1

@@ -101,6 +101,49 @@ def test_live_api_reports_spend_decisions_and_anomalies(served):
     assert httpx.get(f"{api.url}/health").json()["status"] == "ok"
 
 
+def test_decision_latency_counts_only_decisions_that_arrive_after_the_backfill(settings):
+    """`up` restarted reads the control topic's recent history into the dashboard; those decisions were issued
+    long ago, and counting their age as latency filled meterline_decision_latency_seconds with hours."""
+    producer = Producer(settings.kafka_config())
+
+    def publish(issued_at):
+        d = ThrottleDecision(decision_id=new_id(), tenant_id="globex", scope="tenant", scope_id="globex", priority="low",
+                             action="throttle", reason="test", issued_at=issued_at, expires_at=issued_at + timedelta(hours=2))
+        producer.produce(settings.topic("control"), d.to_json(), key=d.key)
+        assert producer.flush(30) == 0
+
+    for hours in (3, 2, 1):
+        publish(NOW - timedelta(hours=hours))
+    latencies: list[float] = []
+    feed = LiveFeed(settings, on_decision_latency=latencies.append).start()
+    try:
+        wait_for(lambda: len(feed.state.decisions) == 3, "the live feed to backfill the old decisions", step=0.1)
+        publish(datetime.now(timezone.utc))
+        wait_for(lambda: len(feed.state.decisions) == 4, "the live feed to read the new decision", step=0.1)
+    finally:
+        feed.stop()
+    assert len(latencies) == 1 and latencies[0] < 3600  # the new decision alone; each backfilled one is hours old
+
+
+def test_the_live_tenant_total_starts_over_with_a_new_month():
+    """The live total kept the highest month-to-date ever seen: on the 1st, the dashboard went on showing last
+    month's total (and its series a flat line) until the new month outspent it."""
+    state = LiveState()
+    december, january = datetime(2025, 12, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def spend(period_start, total, ts):
+        state.add_spend(SpendUpdate(update_id=new_id(), ts=ts, tenant_id="acme", scope="tenant", scope_id="acme",
+                                    window_start=ts - timedelta(seconds=5), window_end=ts, window_cost_usd=Decimal(1),
+                                    period_start=period_start, period_cost_usd=Decimal(total)))
+
+    spend(december, "120", january - timedelta(minutes=1))
+    spend(december, "100", january - timedelta(minutes=2))  # out of order within the month: the higher total stays
+    assert state.snapshot()["tenants"][0]["cost_usd"] == "120"
+    spend(january, "3", january + timedelta(minutes=1))
+    spend(december, "121", january - timedelta(seconds=1))  # late, of the month before
+    assert state.snapshot()["tenants"][0]["cost_usd"] == "3"
+
+
 def test_reports_through_the_api_equal_direct_reports(served):
     store, api, _, client, events = served
     params = ReportParams.parse(since="1d", by="tenant")

@@ -132,6 +132,28 @@ def test_the_limits_hold_and_the_query_cannot_lift_them(api):
     assert small.user_query("SELECT number FROM numbers(5)").rows == [(i,) for i in range(5)]
 
 
+def test_a_statement_that_is_not_a_select_is_told_so_and_how_to_list_tables(api):
+    """SHOW TABLES and DESCRIBE were refused as 'INTO OUTFILE, FORMAT and SETTINGS never are: EXPLAIN inside
+    subquery...': nothing in that says what is wrong, or what to run instead."""
+    _, _, client, _ = api
+    for sql in ("SHOW TABLES", "DESCRIBE TABLE priced_events", "INSERT INTO dead_letters (dlq_id) VALUES (generateUUIDv4())"):
+        with pytest.raises(Refused, match=r"only SELECT queries run here.*system\.tables") as refused:
+            vet(client, sql)
+        assert "OUTFILE" not in str(refused.value), sql
+    suggested = str(refused.value).split("columns with ")[1]
+    assert vet(client, suggested)  # the query the message suggests runs in the sandbox
+
+
+def test_a_query_on_a_missing_table_says_where_the_tables_are_without_echoing_the_sandbox_settings(api):
+    """The engine's message ended 'In scope SELECT ... SETTINGS readonly = '2', max_execution_time = ...': the
+    sandbox's settings read as the user's query, and nothing said which tables exist (or that none do yet)."""
+    server, *_ = api
+    resp = httpx.post(f"{server.url}/api/sql", json={"sql": "SELECT count() FROM priced_event"})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and "priced_event" in error, error
+    assert "system.tables" in error and "meterline migrate" in error and "readonly" not in error, error
+
+
 def test_the_sandbox_reads_the_tree_clickhouse_parsed(api):
     """Spelling does not matter: what ClickHouse parses is what is judged (and what runs)."""
     _, _, client, _ = api

@@ -248,6 +248,34 @@ def test_idle_sessions_leave_memory_and_come_back_from_the_changelog_with_their_
     assert len(truth) > 20 and latest == truth
 
 
+def test_a_worker_that_has_read_no_event_for_a_minute_keeps_running(kafka_bootstrap):
+    """`meterline up` restarted on a quiet pipeline: its worker's first eviction (a minute in) aged states by a stream
+    time it never had (datetime.min - 1 h: OverflowError), and the worker died and restarted every minute."""
+    settings = fresh_settings(kafka_bootstrap)
+    worker = StreamWorker(settings, group_id=f"streams-{uuid.uuid4().hex[:6]}", checkpoint_interval=0.5)
+    worker._last_evict -= 61  # a minute has passed since it started  # noqa: SLF001
+    stats = worker.run(until_caught_up=True)
+    assert stats["priced"] == 0 and stats["evicted_scopes"] == 0
+
+
+def test_the_worker_says_every_topic_it_consumes(kafka_bootstrap, tmp_path):
+    """Its first line named usage and gpu only: someone checking why CPU samples were not counted was told the
+    worker did not read them, though it does."""
+    import os
+    import subprocess
+    import sys
+
+    settings = fresh_settings(kafka_bootstrap)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env |= {"METERLINE_KAFKA_BOOTSTRAP": kafka_bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
+            "METERLINE_DATA_DIR": str(tmp_path), "COLUMNS": "300"}
+    run = subprocess.run([sys.executable, "-m", "meterline", "streams", "--until-caught-up"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    first = run.stdout.splitlines()[0]
+    assert all(settings.topic(t) in first for t in ("usage", "gpu", "compute")), first
+
+
 def test_a_damaged_changelog_record_is_dead_lettered_and_its_scope_continues_from_its_newest_good_state(kafka_bootstrap):
     """A damaged spend-state record must not restart its scope at zero (an under-count lets a session overspend):
     s1's newest record is damaged after a good one (the changelog's previous record is used), s2 has only a damaged
