@@ -122,6 +122,16 @@ def budget_set(
 
     ids = scope_ids(tenant, team, project, agent, session)
     scope, scope_id = list(ids.items())[-1]
+    if skipped := [name for name, value, below in (("--team", team, project or agent or session),
+                                                   ("--project", project, agent or session),
+                                                   ("--agent", agent, session)) if below and not value]:
+        from rich.markup import escape
+
+        from meterline.console import err_console
+
+        err_console.print(f"[yellow]note:[/] scope {escape(scope_id)} holds only calls reported without "
+                          f"{' and '.join(n.lstrip('-') for n in skipped)}; for calls that report them add "
+                          f"{' and '.join(skipped)}", soft_wrap=True)
     try:
         exact = Decimal(amount)
     except InvalidOperation:

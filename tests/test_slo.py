@@ -352,3 +352,22 @@ def test_the_lease_plan_follows_the_curve_too():
     by_curve = D("0.42") + D("0.31") * D((ahead - (DAY + timedelta(hours=14))).total_seconds()) / 3600
     by_line = D((ahead - DAY).total_seconds()) / 86400
     assert paced["curve"] - paced["straight"] == 100 * (by_curve - by_line)
+
+
+def test_budget_set_says_when_its_scope_skips_a_level():
+    """`--tenant acme --agent bot` is scope acme///bot: an agent reporting a team or a project is not in it, so
+    budget set says which levels the scope leaves out (it still stores the budget: such agents exist)."""
+    from typer.testing import CliRunner
+
+    from meterline.cli import app
+
+    env = {"METERLINE_KAFKA_BOOTSTRAP": "127.0.0.1:9"}  # nothing answers: the note comes before Kafka is asked
+    runner = CliRunner()
+    skipped = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--agent", "bot", "--amount", "5"], env=env)
+    assert "scope acme///bot holds only calls reported without team and project" in skipped.output
+    assert "for calls that report them add --team and --project" in skipped.output
+    session = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--team", "t", "--session", "s1", "--amount", "5"], env=env)
+    assert "without project and agent" in session.output
+    full = runner.invoke(app, ["budget", "set", "--tenant", "acme", "--team", "t", "--project", "p", "--agent", "bot",
+                               "--amount", "5"], env=env)
+    assert "note:" not in full.output
