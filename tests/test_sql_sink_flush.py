@@ -204,21 +204,3 @@ def assert_rollup_is_the_ledger_grouped(client, hours: int) -> None:
                           "FROM usage_hourly GROUP BY ALL ORDER BY ALL").result_rows
     truth = client.query(f"SELECT {ROLLUP_KEY}, {ROLLUP_SUMS} FROM priced_events GROUP BY ALL ORDER BY ALL").result_rows
     assert len({r[0] for r in truth}) == hours and rollup == truth
-
-
-def test_a_valid_record_the_sql_checks_reject_is_reported_as_a_bug(ledger_settings, client, monkeypatch, caplog):
-    """A record the contract accepts but the generated SQL rejects (as every GPU- or model-scoped anomaly was, unseen,
-    among routine dead letters) is dead-lettered as LedgerCheck, counted, and logged as an error."""
-    import logging
-
-    from meterline.sql import checks
-
-    monkeypatch.setitem(checks.RULES, ev.PricedEvent, ("v_input_tokens < 0",))  # a check that disagrees with the contract
-    sink = make_sink(ledger_settings, client)
-    records, _ = priced_events(3, seed=74, start=START)
-    take(sink, [records[0], records[1]])
-    with caplog.at_level(logging.ERROR, logger="meterline.sink"):
-        sink.flush()
-    assert stored(client) == (0, 0) and sink.stats["ledger_check_rejections"] == sink.stats["dead_letters"] == 2
-    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "meterline bug" in error.getMessage() and ledger_settings.topic("priced") in error.getMessage()
