@@ -100,13 +100,12 @@ def limits(settings: Any) -> dict[str, Any]:
 def failure(err: BaseException) -> str:
     """What a user's query that the engine refused gets told: the engine's first line without the query echoed back
     (its SETTINGS are the sandbox's, not the user's), and for a missing table where to look."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    text = re.split(r"(?<=[.?]) In scope ", first, maxsplit=1)[0][:300]
+    text = re.split(r"(?<=[.?]) In scope ", _first_line(err, None), maxsplit=1)[0][:300]
     if "UNKNOWN_TABLE" in str(err) or "Unknown table" in text:
         text += ("; the ledger's tables: SELECT name FROM system.tables WHERE database = currentDatabase() "
                  "(none: has `meterline migrate` run?)")
     return text
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+def _first_line(err: BaseException, limit: int | None = 300) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
