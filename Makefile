@@ -6,7 +6,8 @@ PYTHON    ?= python3
 BIN        = $(VENV)/bin
 TEST_DIR  ?= $(CURDIR)/.meterline-test
 TEST_PORT ?= 19092
-PYTEST_ARGS ?=
+# 4 processes on 2 cores: most tests wait on a broker or a timeout; a scenario's figures stay on one process
+PYTEST_ARGS ?= -n 4 --dist loadgroup
 TEST_ENV   = METERLINE_DATA_DIR=$(TEST_DIR) METERLINE_KAFKA_PORT=$(TEST_PORT) METERLINE_KAFKA_CONTROLLER_PORT=$$(($(TEST_PORT)+1))
 
 .PHONY: install test demo bench schemas clean

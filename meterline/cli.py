@@ -166,7 +166,9 @@ _register_components()
 
 def main() -> None:
     """The console script. A common mistake (meterline.errors.UserError, a settings ValidationError)
-    is one line on stderr and exit code 2, never a traceback."""
+    is one line on stderr and exit code 2, never a traceback. A crash in native code (librdkafka, chDB)
+    prints every thread's Python stack to stderr (faulthandler), so its log says where."""
+    import faulthandler
     import sys
 
     from pydantic import ValidationError
@@ -174,6 +176,7 @@ def main() -> None:
     from .console import error_line
     from .errors import EXIT_CODE, UserError, describe_settings_error
 
+    faulthandler.enable()
     try:
         app()
     except UserError as err:

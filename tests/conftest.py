@@ -6,6 +6,7 @@ never skips. `--containers` (tests/containers.py) puts both on testcontainers in
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from pathlib import Path
@@ -32,8 +33,11 @@ def kafka_bootstrap(request) -> str:
         settings = Settings()
     else:
         settings = Settings(data_dir=REPO / ".meterline-test", kafka_port=19092, kafka_controller_port=19093)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return LocalBroker(settings).start(timeout=120).bootstrap
+        with open(settings.data_dir / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # pytest -n N: one process starts the broker, the others find it up
+            return LocalBroker(settings).start(timeout=120).bootstrap
     except BrokerError as err:
         pytest.fail(f"Kafka is required for these tests and did not come up: {err}", pytrace=False)
 
