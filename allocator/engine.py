@@ -32,7 +32,10 @@ Leases follow the pacing plan and priority (see `_compute_pool`, `_grant`):
                    reserve: critical/high calls expected in the time left at their rate so
                    far, + 2.33 sigma, + two calls.
 A session that cannot be granted now waits at its ceiling (`allow`); it is denied only
-when nothing is left for its class this period. Near the end a lower-class call that would
+when nothing is left for its class this period, critical/high also when the call it waits for
+fits neither the uncommitted rest nor that plus the unspent leases that may still lapse back
+(`_out_of_reach`: denied at once, not after its guard's lease_timeout; the guard then says
+what its next call needs, a cheaper one may fit). Near the end a lower-class call that would
 strand an unusable rest waits for a dearer one (`_hold_out`). A lower-class guard its lease
 denies gives back the rest it cannot use (`release`), where no critical/high work shares the budget.
 GPU: borrowing and reclaim by fair share (`_gpu_decisions`); a holder idle past
@@ -176,6 +179,7 @@ class Pool:
     call: Decimal        # the budget's recent mean call cost
     live: int
     held: Decimal = ZERO  # granted to normal/low/batch sessions, not spent yet
+    returnable: Decimal = ZERO   # held by sessions not stuck on a call of their own: it may still come back
 
 
 @dataclass
@@ -629,7 +633,8 @@ class Engine:
                       amount * Decimal(self.config.pacing_lookahead.total_seconds()) / period if period > 0 else amount)
         return Pool(any=uncommitted - reserve, paced=min(plan + working, lower_cap) - committed - reserve,
                     period=lower_cap - committed - reserve, reserve=reserve, protected=protected, call=call,
-                    live=len(live), held=sum((lease.outstanding for lease in leases if lease.priority not in PROTECTED), ZERO))
+                    live=len(live), held=sum((lease.outstanding for lease in leases if lease.priority not in PROTECTED), ZERO),
+                    returnable=sum((lease.outstanding for lease in leases if lease.need <= lease.limit or self._idle(lease, now)), ZERO))
 
     def _starter(self, state: BudgetState, now: datetime) -> Decimal:
         """What an unseen session may spend: the reserve split over max(slots, live sessions).
@@ -653,6 +658,13 @@ class Engine:
                     and s.end - now > self.config.pacing_lookahead):
                 return True
         return False
+
+    @staticmethod
+    def _out_of_reach(lease: Lease, pools: list[Pool]) -> bool:
+        """Its waiting call fits neither what is uncommitted nor that plus what may still come back (the rest
+        of a session not itself waiting lapses once it goes idle; a waiting one keeps its scrap): no top-up
+        can come this period, so it is denied now rather than its guard waiting out lease_timeout for one."""
+        return lease.need > lease.limit and lease.need - lease.limit > min(p.any + p.returnable for p in pools)
 
     @staticmethod
     def _call_cost(lease: Lease, default: Decimal) -> Decimal:
@@ -737,11 +749,13 @@ class Engine:
         binding = min(hard, key=lambda s: self._pool(s, now).any)
         period_left = min(p.any if protected else p.period for p in pools)
         exhausted = lease.outstanding < max(call_cost, min_grant / 2) and period_left <= 0
+        unreachable = protected and not exhausted and self._out_of_reach(lease, pools)
         return self._decision(
             now, tenant_id=tenant_of(lease.session_id), scope="session", scope_id=lease.session_id,
-            action="deny" if exhausted else "allow", policy_id=binding.policy.policy_id,
+            action="deny" if exhausted or unreachable else "allow", policy_id=binding.policy.policy_id,
             reason=(f"hard budget {binding.policy.policy_id} is fully committed" + ("" if protected else " or kept for critical/high")
-                    if exhausted else f"spend lease under hard budget {binding.policy.policy_id}"),
+                    if exhausted else f"hard budget {binding.policy.policy_id}: what is left this period cannot fit "
+                    "the call this session waits for" if unreachable else f"spend lease under hard budget {binding.policy.policy_id}"),
             spend_limit_usd=usd(lease.limit), spent_usd=usd(lease.spent), budget_remaining_usd=usd(lease.outstanding),
             reset_at=lease.epoch_end)
 

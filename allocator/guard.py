@@ -242,7 +242,7 @@ class Guard:
         self._released: tuple[int, int] | None = None   # (lease ceiling given back, the spend it stopped at)
         self._gpu_wait: tuple[float, Decimal] | None = None
         self._lease_reset: float | None = None
-        self._announced: tuple[float, int | None] | None = None   # when this guard last announced, at which ceiling
+        self._announced: tuple[float, int | None, int] | None = None   # when this guard last announced, at which ceiling, need
 
     # ---- the check path -----------------------------------------------------------------
     def check(self, model: str | None = None, *, cost_usd: Decimal | None = None, cost_nanos: int = 0,
@@ -331,8 +331,11 @@ class Guard:
         worst = max((d for _, d in plan.decisions), key=lambda d: d.severity, default=None)
         if worst is not None and worst.action in ("deny", "preempt"):
             d = worst.decision
-            if plan.lease is not None and plan.lease.action == "deny" and priority not in ("critical", "high"):
-                self._release(plan.lease, priority, cost)   # critical/high are denied only when all is spent
+            if plan.lease is not None and plan.lease.action == "deny":
+                if priority in ("critical", "high"):   # denied the call it waited for: a cheaper one may fit
+                    self._announce(priority, cost, plan.lease.limit)
+                else:
+                    self._release(plan.lease, priority, cost)   # a lower class gives back the rest it cannot use
             raise BudgetExceeded(f"{d.action}: {d.reason}", d.policy_id, d.reset_at)
         if worst is not None and worst.action == "queue":
             why = "queued: " + worst.decision.reason
@@ -389,13 +392,15 @@ class Guard:
             return True
 
     def _announce(self, priority: str, cost: int, ceiling: int | None) -> None:
-        """At most once per `announce_every`, unless the allocator answered (a new ceiling) since."""
+        """At most once per `announce_every`, unless the allocator answered (a new ceiling) since or the
+        call is cheaper than the one announced (it may fit where that one was denied)."""
         announce, session = getattr(self.feed, "announce", None), self.scopes.get("session")
         now = self.clock()
-        if announce is None or session is None or (self._announced is not None and self._announced[1] == ceiling
-                                                    and now - self._announced[0] < self.announce_every):
+        last = self._announced
+        if announce is None or session is None or (last is not None and last[1] == ceiling and cost >= last[2]
+                                                    and now - last[0] < self.announce_every):
             return
-        self._announced = (now, ceiling)
+        self._announced = (now, ceiling, cost)
         with self._lock:
             spent = self.spent   # ahead of what the allocator has heard: it sizes the grant from this
         announce(session, priority, Decimal(cost) / NANO, Decimal(spent) / NANO)

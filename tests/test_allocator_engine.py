@@ -408,3 +408,53 @@ def test_an_announced_gpu_wait_ends_when_its_session_is_seen_on_a_gpu_or_lapses(
     assert e._pending_gpus("b", clock.now) == D(1)
     clock.advance(seconds=31)                        # not renewed: it lapses
     assert e._pending_gpus("b", clock.now) == 0
+
+
+def _hour_budget(amount: str) -> Engine:
+    clock = Clock(START + timedelta(minutes=10))
+    e = engine(clock, policy("acme", amount, period="custom", period_anchor=START, period_seconds=3600, hard=True,
+                             actions={p: "deny" for p in PRIORITIES}))
+    e.__dict__["_test_clock"] = clock
+    return e
+
+
+def _tick(e: Engine, seconds: int, *announcing: tuple[str, str]) -> list[str]:
+    """`seconds` one-second passes of the service loop, the waiting guards announcing; c2's lease actions seen."""
+    seen = []
+    for _ in range(seconds):
+        e._test_clock.advance(seconds=1)
+        for sid, need in announcing:
+            e.announce("acme", sid, "critical", D(need))
+        e.decide()
+        e.heartbeat()
+        seen.append(latest(e, "session:acme/t/p/a/c2:*").action if "session:acme/t/p/a/c2:*" in e._published else "")
+    return seen
+
+
+
+def test_a_critical_call_that_nothing_left_can_fit_is_denied_at_once():
+    """The uncommitted rest (~$0.30) is under the waiting call ($0.50) and the budget's other lease is spent:
+    nothing can come for it this period. It used to be `allow` at its ceiling, so the guard waited its
+    whole lease_timeout (the twenty-agents test: 61 s) before it raised."""
+    e = _hour_budget("1")
+    e.announce("acme", "acme/t/p/a/c1", "critical", D("0.70"))
+    e.decide()
+    spend(e, e._test_clock, "acme/t/p/a/c1", str(e.leases["acme/t/p/a/c1"].limit), seconds=1)
+    e.announce("acme", "acme/t/p/a/c2", "critical", D("0.50"))
+    e.decide()
+    lease = latest(e, "session:acme/t/p/a/c2:*")
+    assert lease.action == "deny" and lease.policy_id == "p-acme" and lease.reset_at == START + timedelta(hours=1)
+    assert e.leases["acme/t/p/a/c2"].limit < D("0.50")
+
+
+def test_a_critical_call_waits_while_another_sessions_unspent_lease_can_still_come_back():
+    """The same rest, but the other session holds $0.70 it has not spent and waits for nothing: once it goes
+    idle its lease lapses and the money is uncommitted again. The waiting call is not denied meanwhile;
+    it is granted when that happens."""
+    e = _hour_budget("1")
+    e.announce("acme", "acme/t/p/a/c1", "critical", D("0.70"))
+    e.decide()
+    seen = _tick(e, 100, ("acme/t/p/a/c2", "0.50"))        # c1 silent: idle after 60 s, lapsed after the TTL
+    assert "deny" not in seen and seen[0] == "allow", seen
+    assert e.leases["acme/t/p/a/c1"].outstanding == 0, "c1's lease lapsed"
+    assert e.leases["acme/t/p/a/c2"].limit >= D("0.50"), "granted from the lapsed lease"

@@ -58,7 +58,7 @@ def test_twenty_concurrent_agents_overshoot_a_hard_budget_by_at_most_one_percent
             try:
                 guard.check("gpt-4o", cost_usd=cost)
             except BudgetExceeded as err:
-                outcomes[i] = err.policy_id
+                outcomes[i] = f"{err.policy_id}: {err}"
                 return
             spent[i] += cost                       # the call happened: real money
             reporter.add(guard.scopes["session"], cost)
@@ -73,7 +73,9 @@ def test_twenty_concurrent_agents_overshoot_a_hard_budget_by_at_most_one_percent
     total = sum(spent)
     assert total <= budget * Decimal("1.01"), f"overshoot: spent {total} of {budget}"
     assert total >= budget * Decimal("0.9"), f"the leases starved the agents: spent only {total} of {budget}"
-    assert set(outcomes) == {"acme-hard"}, "every agent was stopped by the named hard budget"
+    assert {o.split(":")[0] for o in outcomes} == {"acme-hard"}, "every agent was stopped by the named hard budget"
+    # by the allocator's deny once nothing was left for them, not by waiting out lease_timeout (61 s each run)
+    assert all(o.startswith("acme-hard: deny: ") for o in outcomes), outcomes
     assert sum(1 for s in spent if s > 0) == 20, "every agent got to spend"
 
 

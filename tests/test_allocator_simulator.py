@@ -229,6 +229,33 @@ def test_a_denied_guard_gives_back_its_rest_and_stops_at_its_spend_until_a_new_c
     assert guard.check("m", cost_usd=D("0.01"), wait=False) == "m"
 
 
+def test_a_critical_guard_denied_a_dear_call_asks_again_with_a_cheaper_one():
+    """The engine denies a critical lease when its waiting call cannot fit what is left: the guard raises at
+    once (no lease_timeout wait). That deny is about the call it waited for, so the denied guard says what its
+    next call needs; a cheaper one that fits the rest is leased (it stayed denied on the old need before)."""
+    clock = [START + timedelta(minutes=10)]
+    e = Engine(EngineConfig(), clock=lambda: clock[0])
+    e.apply_policy(BudgetPolicy(policy_id="b", tenant_id="sim", scope="tenant", scope_id="sim", amount=D("1"),
+                                actions={p: "deny" for p in PRIORITIES}, period="custom", period_anchor=START,
+                                period_seconds=3600, created_at=START))
+    feed = SimFeed()
+    feed.announce = lambda *a: e.announce("sim", *a)
+    e.announce("sim", "sim/t/p/a/c0", "critical", D("0.70"))   # another session takes $0.70 and spends it
+    _decision(feed, e)
+    e.apply_spend(spend_update("sim/t/p/a/c0", clock[0] - timedelta(seconds=1), clock[0], e.leases["sim/t/p/a/c0"].limit, 1))
+    guard = Guard(feed, "sim", "t", "p", "a", "c1", priority="critical", clock=lambda: clock[0].timestamp())
+    _decision(feed, e)
+    with pytest.raises(BudgetExceeded, match="waiting for a spend lease"):
+        guard.check("m", cost_usd=D("0.50"), wait=False)       # announces its $0.50 call
+    _decision(feed, e)
+    with pytest.raises(BudgetExceeded, match="^deny: .*budget b"):
+        guard.check("m", cost_usd=D("0.50"))                    # wait=True: the deny raises, nothing is waited out
+    with pytest.raises(BudgetExceeded, match="^deny"):
+        guard.check("m", cost_usd=D("0.05"), wait=False)       # still the old decision, but it says what it needs now
+    _decision(feed, e)
+    assert guard.check("m", cost_usd=D("0.05"), wait=False) == "m"
+
+
 def test_the_engine_takes_back_only_the_ceiling_the_guard_held():
     clock = [START + timedelta(seconds=10)]
     e = Engine(EngineConfig(), clock=lambda: clock[0])
