@@ -21,6 +21,7 @@ BODY_FIELDS = {
     "priced_events": tuple(f for f in ev.UsageEvent.model_fields if f != "event_id"),
     "gpu_samples": tuple(f for f in ev.GpuSample.model_fields if f != "sample_id"),
     "compute_samples": tuple(f for f in ev.ComputeSample.model_fields if f != "sample_id"),
+    "anomalies": tuple(f for f in ev.Anomaly.model_fields if f != "anomaly_id"),
 }
 
 
