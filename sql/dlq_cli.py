@@ -110,7 +110,8 @@ def _replay(client, settings, found, as_json: bool) -> None:
     require_kafka(settings)
     replay_id = str(uuid.uuid4())
     mine = claim(client, settings, found.replay, replay_id)
-    raced = [letter for letter in found.replay if letter not in mine]  # another replay claimed them first
+    won = {letter.key for letter in mine}
+    raced = [letter for letter in found.replay if letter.key not in won]  # another replay claimed them first
     delivery = produce(settings, mine)
     unclaim(client, settings, replay_id, [letter for letter, _ in delivery.refused])
     result = {"replayed": len(delivery.delivered), "replayed_before": len(found.replayed_before) + len(raced),

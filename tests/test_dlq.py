@@ -4,7 +4,6 @@ ledger once, a second replay sends nothing, a dry run changes nothing, and what 
 Like tests/test_sql_sink.py, the sink and the CLI run as subprocesses (each owns the chDB directory while it runs)."""
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import uuid
@@ -62,6 +61,9 @@ def test_a_dead_letter_replayed_after_the_fix_lands_once_and_a_second_replay_add
     listed = json.loads(dlq_cli(settings, "list", "--json").stdout)
     assert [(r["stage"], r["letters"], r["replayed"]) for r in listed] == [("sink", 1, 0), ("sink", 1, 0)], listed
     assert {r["reason"] for r in listed} == {LEDGER_CHECK}
+    later = (ev.utcnow() + timedelta(hours=1)).isoformat()
+    assert json.loads(dlq_cli(settings, "list", "--since", later, "--json").stdout) == []
+    assert dlq_cli(settings, "list", "--since", "yesterday").returncode == 2
 
     dry = dlq_cli(settings, "replay", "--reason-contains", "sql checks", "--json")  # the default is a dry run
     assert dry.returncode == 0, dry.stderr
