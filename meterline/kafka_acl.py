@@ -56,6 +56,10 @@ ROLES: dict[str, Role] = {
     "sink": _SINK,
     "allocator": _ALLOCATOR,
     "alerts": _ALERTS,
+    # An operator's `meterline dlq replay`: writes only the topics whose consumers dedupe a replayed copy by id
+    # (sql/dlq.py REPLAYABLE); it reads dead letters from the ledger, not Kafka. Not in `pipeline`: replay is by hand.
+    "replay": Role("operators: `meterline dlq replay` re-sends dead letters to the topics that dedupe them by id",
+                   write=("usage", "gpu", "compute", "priced", "anomalies")),
 }
 
 

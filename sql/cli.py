@@ -18,6 +18,9 @@ def register(app: typer.Typer) -> None:
     app.command("sql")(sql_command)
     app.command("sink")(sink_command)
     app.command("rebuild-rollups")(rebuild_rollups_command)
+    from .dlq_cli import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
 
 
 def _connect():

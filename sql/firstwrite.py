@@ -21,6 +21,9 @@ BODY_FIELDS = {
     "priced_events": tuple(f for f in ev.UsageEvent.model_fields if f != "event_id"),
     "gpu_samples": tuple(f for f in ev.GpuSample.model_fields if f != "sample_id"),
     "compute_samples": tuple(f for f in ev.ComputeSample.model_fields if f != "sample_id"),
+    # A notice, not a charge: what it is about. A re-emitted one (the worker replaying input after a crash makes a
+    # conflict's anomaly again, same uuid5 id, new times) is a duplicate, not a conflict that would raise another.
+    "anomalies": ("tenant_id", "kind", "scope", "scope_id"),
 }
 
 

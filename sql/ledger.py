@@ -31,7 +31,7 @@ class LedgerTable:
     name: str
     topic: str  # catalog name, e.g. "priced"
     contract: str  # key in schemas.events.CONTRACTS
-    id_column: str | None  # unique id the sink de-duplicates on (tables that feed rollups)
+    id_column: str | None  # unique id the sink de-duplicates on (tables that feed rollups; anomalies: `dlq replay`)
     ts_column: str
 
 
@@ -40,14 +40,15 @@ TABLES: tuple[LedgerTable, ...] = (
     LedgerTable("gpu_samples", "gpu", "gpu_sample", "sample_id", "ts"),
     LedgerTable("compute_samples", "compute", "compute_sample", "sample_id", "ts"),
     LedgerTable("spend_updates", "spend", "spend_update", None, "ts"),
-    LedgerTable("anomalies", "anomalies", "anomaly", None, "ts"),
+    LedgerTable("anomalies", "anomalies", "anomaly", "anomaly_id", "ts"),
     LedgerTable("throttle_decisions", "control", "throttle_decision", None, "issued_at"),
     LedgerTable("budget_policies", "budgets", "budget_policy", None, "created_at"),
     LedgerTable("gpu_allocations", "gpu-allocations", "gpu_allocation", None, "created_at"),
     LedgerTable("scale_recommendations", "scale", "scale_recommendation", None, "ts"),
     LedgerTable("dead_letters", "dlq", "dead_letter", None, "ts"),
 )
-ID_TABLES = {"priced_events": "priced_event_ids", "gpu_samples": "gpu_sample_ids", "compute_samples": "compute_sample_ids"}
+ID_TABLES = {"priced_events": "priced_event_ids", "gpu_samples": "gpu_sample_ids", "compute_samples": "compute_sample_ids",
+             "anomalies": "anomaly_ids"}  # anomalies: `dlq replay` may send one the ledger holds (0021)
 KAFKA_COLUMNS = ("_topic", "_partition", "_offset", "_batch_start")
 
 

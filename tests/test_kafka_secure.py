@@ -344,3 +344,24 @@ def test_the_pipeline_user_is_the_server_side_union_and_never_the_agents():
     assert ("group", "meterline-guard-", True, "READ") not in pipeline
     assert ("topic", s.topic("gpu"), False, "WRITE") not in pipeline  # only collectors send GPU samples
     assert ("topic", s.topic("compute"), False, "WRITE") not in pipeline  # and CPU and memory samples
+
+
+def test_the_replay_principal_replays_a_dead_letter_and_may_not_write_control(secured):
+    """`meterline dlq replay --yes` as the `replay` user: its idempotent producer writes anomalies; control is not its."""
+    from meterline.schemas import events as ev
+
+    now = ev.utcnow()
+    anomaly = ev.build(ev.Anomaly, anomaly_id=ev.new_id(), ts=now, kind="unpriced_model", severity="warning",
+                       tenant_id="acme", scope="model", scope_id="m", window_start=now, window_end=now)
+    payload, _ = ev.dead_letter_payload(anomaly.to_json(), "")
+    letter = ev.DeadLetter(dlq_id=ev.new_id(), ts=now, stage="alerts", source_topic=f"{PREFIX}.anomalies.v1", partition=0,
+                           offset=0, reason="secure-replay-test", error_type="HTTPStatusError", payload_b64=payload)
+    producer = Producer(secured.as_user("admin").kafka_config())
+    producer.produce(f"{PREFIX}.dlq.v1", letter.to_json())
+    assert producer.flush(30) == 0
+    sink = meterline(secured.cli_env("sink"), "sink", "--until-idle", "2", "--batch-seconds", "0.2")
+    assert sink.returncode == 0, sink.stdout + sink.stderr
+    done = meterline(secured.cli_env("replay"), "dlq", "replay", "--reason-contains", "secure-replay-test", "--yes", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["replayed"] == 1
+    assert write_error(secured.as_user("replay"), "control") == KafkaError.TOPIC_AUTHORIZATION_FAILED

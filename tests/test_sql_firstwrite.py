@@ -27,3 +27,14 @@ def test_a_stored_copy_wins_and_a_repriced_copy_is_a_duplicate():
     again = copy(3, 9, T0 - timedelta(hours=1))  # priced earlier by its own clock, but the ledger has one already
     verdict = judge("priced_events", [again, stored])
     assert verdict.duplicates == [again] and verdict.conflicts == []  # times compare to the ms, money by value
+
+
+def test_a_re_emitted_anomaly_is_a_duplicate_and_another_tenant_s_is_a_conflict():
+    """`dlq replay` and a worker's crash replay re-send anomalies: the same notice with new times is a duplicate."""
+    notice = {"tenant_id": "acme", "kind": "conflicting_duplicate", "scope": "tenant", "scope_id": "acme", "ts": T0}
+    stored = Copy("a-1", notice, "anomalies", 0, 3)
+    again = Copy("a-1", {**notice, "ts": T0 + timedelta(hours=2)}, "anomalies", 1, 8, "msg1@8")
+    forged = Copy("a-1", {**notice, "tenant_id": "other"}, "anomalies", 2, 9, "msg2@9")
+    verdict = judge("anomalies", [again, forged, stored])
+    assert verdict.duplicates == [again]
+    assert [(c, differ) for _, c, differ in verdict.conflicts] == [(forged, ["tenant_id"])]
