@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from meterline.errors import first_line
+
 from .auth import OPEN, Principal, TokenStore, bearer
 from .live import LiveState
 from .otlp import OtlpEndpoint
@@ -246,7 +248,7 @@ class ApiServer:
         try:
             result: Result = await self._on_pool(lambda: run_report(self._ledger(), name, params))
         except Exception as err:  # noqa: BLE001 - the client gets the first line of the engine's message
-            return _error(400, _first_line(err))
+            return _error(400, first_line(err, 500))
         return web.json_response(result.to_json())
 
     async def _sql(self, request):
@@ -281,7 +283,7 @@ class ApiServer:
         try:
             result: Result = await self._on_pool(lambda: self._ledger().query(load_query("budget_policies"), {"tenant": tenant}))
         except Exception as err:  # noqa: BLE001
-            return _error(400, _first_line(err))
+            return _error(400, first_line(err, 500))
         return web.json_response(result.to_json())
 
     async def _budget_put(self, request):
@@ -372,8 +374,3 @@ async def _harden(request, response) -> None:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None):
     return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines() or [type(err).__name__])[0][:500]

@@ -19,6 +19,11 @@ EXIT_CODE = 2
 KAFKA_PROBE_S = 5.0
 
 
+def first_line(text: object, limit: int | None = 300) -> str:
+    """The first line of a message or an exception's text (its type's name when empty), at most `limit` characters."""
+    return (str(text).strip().splitlines() or [type(text).__name__ if isinstance(text, BaseException) else ""])[0][:limit]
+
+
 class UserError(Exception):
     """A mistake in the settings or the environment; the message is one line that says what to do."""
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from meterline.errors import first_line
 from meterline.schemas import events as ev
 from meterline.settings import Settings
 from meterline.topics import catalog_by_name
@@ -80,7 +81,7 @@ class Letter:
     def summary(self, action: str) -> dict[str, Any]:
         return {"dlq_id": self.dlq_id, "ts": self.ts, "stage": self.stage, "source_topic": self.source_topic,
                 "partition": self.partition, "offset": self.offset, "error_type": self.error_type,
-                "reason": first_line(self.reason), "action": action}
+                "reason": first_line(self.reason, 160), "action": action}
 
 
 @dataclass
@@ -107,10 +108,6 @@ class Filters:
                 clauses.append(test)
                 params[column] = value.astimezone(timezone.utc).replace(tzinfo=None) if isinstance(value, datetime) else value
         return " AND ".join(clauses), params
-
-
-def first_line(text: str, width: int = 160) -> str:
-    return (text.strip().splitlines() or [""])[0][:width]
 
 
 def full_topic(settings: Settings, name: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from meterline.errors import first_line
 from meterline.sql.ledger import ledger_views
 
 TABLE_FUNCTIONS = frozenset({"numbers", "numbers_mt", "zeros", "zeros_mt", "generateSeries", "generate_series", "null"})
@@ -42,14 +43,14 @@ def vet(client: Any, query: str, parameters: dict[str, Any] | None = None) -> st
     try:
         canonical = client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": query}).result_rows[0][0]
     except Exception as err:  # noqa: BLE001 - a syntax error, or a second statement
-        raise Refused(f"not one valid query: {_first_line(err)}") from None
+        raise Refused(f"not one valid query: {first_line(err)}") from None
     try:  # in a subquery, so a FORMAT the client appends belongs to the outer SELECT, not to the tree
         lines = [row[0] for row in client.query(f"SELECT explain FROM (EXPLAIN AST {canonical})",
                                                 parameters=parameters or {}).result_rows]
     except Exception as err:  # noqa: BLE001 - e.g. INTO OUTFILE or FORMAT, which a subquery cannot hold
         if "supports only SELECT" in str(err):  # SHOW, DESCRIBE, INSERT...: the subquery is what refused them
             raise Refused(SELECT_ONLY) from None
-        raise Refused(f"not allowed here (INTO OUTFILE, FORMAT and SETTINGS never are): {_first_line(err)}") from None
+        raise Refused(f"not allowed here (INTO OUTFILE, FORMAT and SETTINGS never are): {first_line(err)}") from None
     check_tree(lines, database=client.query("SELECT currentDatabase()").result_rows[0][0])
     return canonical
 
@@ -100,12 +101,8 @@ def limits(settings: Any) -> dict[str, Any]:
 def failure(err: BaseException) -> str:
     """What a user's query that the engine refused gets told: the engine's first line without the query echoed back
     (its SETTINGS are the sandbox's, not the user's), and for a missing table where to look."""
-    text = re.split(r"(?<=[.?]) In scope ", _first_line(err, None), maxsplit=1)[0][:300]
+    text = re.split(r"(?<=[.?]) In scope ", first_line(err, None), maxsplit=1)[0][:300]
     if "UNKNOWN_TABLE" in str(err) or "Unknown table" in text:
         text += ("; the ledger's tables: SELECT name FROM system.tables WHERE database = currentDatabase() "
                  "(none: has `meterline migrate` run?)")
     return text
-
-
-def _first_line(err: BaseException, limit: int | None = 300) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
