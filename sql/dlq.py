@@ -145,23 +145,22 @@ def summary(client, settings: Settings, filters: Filters) -> list[dict[str, Any]
     return [dict(zip(result.column_names, row)) for row in result.result_rows]
 
 
-def claimed_keys(client, settings: Settings, keys: list[str]) -> set[str]:
-    if not keys:
+def _present(client, settings: Settings, table: str, column: str, values: list[str], type_: str) -> set[str]:
+    """Which of `values` the ledger's `table` holds in `column`."""
+    if not values:
         return set()
-    table = ledger.read_table("dlq_replays", settings.clickhouse_cluster)
-    rows = client.query(f"SELECT DISTINCT replay_key FROM {table} WHERE replay_key IN {{keys:Array(String)}}",
-                        parameters={"keys": keys}).result_rows
+    rows = client.query(f"SELECT DISTINCT toString({column}) FROM {ledger.read_table(table, settings.clickhouse_cluster)} "
+                        f"WHERE {column} IN {{values:Array({type_})}}", parameters={"values": values}).result_rows
     return {r[0] for r in rows}
+
+
+def claimed_keys(client, settings: Settings, keys: list[str]) -> set[str]:
+    return _present(client, settings, "dlq_replays", "replay_key", keys, "String")
 
 
 def charged_event_ids(client, settings: Settings, ids: list[str]) -> set[str]:
     """The usage event_ids the ledger holds already: another copy was priced, so it was charged."""
-    if not ids:
-        return set()
-    table = ledger.read_table("priced_event_ids", settings.clickhouse_cluster)
-    rows = client.query(f"SELECT DISTINCT toString(event_id) FROM {table} WHERE event_id IN {{ids:Array(UUID)}}",
-                        parameters={"ids": ids}).result_rows
-    return {r[0] for r in rows}
+    return _present(client, settings, "priced_event_ids", "event_id", ids, "UUID")
 
 
 # ---------------------------------------------------------------- what is safe
