@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import ExitStack
 from datetime import datetime
 from decimal import Decimal
 
@@ -44,43 +45,48 @@ class AllocatorService:
         from confluent_kafka import Consumer, Producer
 
         s = self.settings
-        budgets = self._budget_consumer()
-        data = Consumer(s.kafka_config(**{"group.id": self.group_id or f"meterline-allocator-{uuid.uuid4().hex}",
-                                          "auto.offset.reset": "earliest", "enable.auto.commit": bool(self.group_id),
-                                          "fetch.wait.max.ms": 10}))
-        if self.group_id:   # scale-out: instances split tenants (spend is keyed by tenant_id)
-            data.subscribe([s.topic("spend"), s.topic("gpu")])
-        else:               # one instance: replay the recent past so re-sent windows and rates are known
-            since = time.time() - self.engine.config.window_memory.total_seconds()
-            assign_from_time(data, [s.topic("spend"), s.topic("gpu")], int(since * 1000))
-        producer = Producer(s.kafka_config(**{"enable.idempotence": True, "linger.ms": 2}))
+        # every client closed on this thread whatever raises (the broker away at a restart): one left open is
+        # destroyed later by whichever thread's garbage collection finds it, its librdkafka threads running till then
+        with ExitStack() as clients:
+            budgets = self._budget_consumer()
+            clients.callback(budgets.close)
+            data = Consumer(s.kafka_config(**{"group.id": self.group_id or f"meterline-allocator-{uuid.uuid4().hex}",
+                                              "auto.offset.reset": "earliest", "enable.auto.commit": bool(self.group_id),
+                                              "fetch.wait.max.ms": 10}))
+            clients.callback(data.close)
+            if self.group_id:   # scale-out: instances split tenants (spend is keyed by tenant_id)
+                data.subscribe([s.topic("spend"), s.topic("gpu")])
+            else:               # one instance: replay the recent past so re-sent windows and rates are known
+                since = time.time() - self.engine.config.window_memory.total_seconds()
+                assign_from_time(data, [s.topic("spend"), s.topic("gpu")], int(since * 1000))
+            producer = Producer(s.kafka_config(**{"enable.idempotence": True, "linger.ms": 2}))
+            clients.callback(producer.flush, 10)
+            self._serve(stop, budgets, data, producer)
+
+    def _serve(self, stop: threading.Event, budgets, data, producer) -> None:
+        s = self.settings
         topics = {s.topic("spend"): SpendUpdate, s.topic("gpu"): GpuSample}
         last_heartbeat = last_reconcile = time.monotonic()
         last_refresh = None
-        try:
-            self._read_budgets(budgets, until_end=True)
-            self._restore_fired()
-            self.ready.set()
-            while not stop.is_set():
-                self._read_budgets(budgets, until_end=False)
-                for msg in self._batch(data):
-                    self._apply(topics, msg)
-                now = time.monotonic()
-                if now - last_reconcile >= self.reconcile_every:
-                    self.engine.reconcile()
-                    last_reconcile = now
-                if last_refresh is None or now - last_refresh >= self.refresh_every:
-                    self.refresh_from_ledger()
-                    last_refresh = now
-                self._publish(producer, self.engine.decide())
-                if now - last_heartbeat >= self.heartbeat_every:
-                    self._publish(producer, Outputs(decisions=self.engine.heartbeat()))
-                    last_heartbeat = now
-                producer.poll(0)
-        finally:
-            producer.flush(10)
-            data.close()
-            budgets.close()
+        self._read_budgets(budgets, until_end=True)
+        self._restore_fired()
+        self.ready.set()
+        while not stop.is_set():
+            self._read_budgets(budgets, until_end=False)
+            for msg in self._batch(data):
+                self._apply(topics, msg)
+            now = time.monotonic()
+            if now - last_reconcile >= self.reconcile_every:
+                self.engine.reconcile()
+                last_reconcile = now
+            if last_refresh is None or now - last_refresh >= self.refresh_every:
+                self.refresh_from_ledger()
+                last_refresh = now
+            self._publish(producer, self.engine.decide())
+            if now - last_heartbeat >= self.heartbeat_every:
+                self._publish(producer, Outputs(decisions=self.engine.heartbeat()))
+                last_heartbeat = now
+            producer.poll(0)
 
     def refresh_from_ledger(self) -> None:
         """Hand the engine fresh measured model stats (budgets with an SLO) and pacing curves (each budget's
@@ -143,7 +149,11 @@ class AllocatorService:
 
         consumer = Consumer(self.settings.kafka_config(**{"group.id": f"meterline-allocator-budgets-{uuid.uuid4().hex}",
                                                           "enable.auto.commit": False}))
-        self._budget_ends = assign_from_beginning(consumer, self.settings.topic("budgets"))
+        try:
+            self._budget_ends = assign_from_beginning(consumer, self.settings.topic("budgets"))
+        except BaseException:
+            consumer.close()
+            raise
         self._policies: dict = {}
         return consumer
 

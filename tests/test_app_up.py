@@ -55,6 +55,13 @@ def meterline(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
+def log_tail(text: str, chars: int = 3000) -> str:
+    """The end of a log, or, after a native crash, all of faulthandler's dump from where it begins: it lists
+    every thread's stack (the crashing one need not be last), and a short tail would cut it off."""
+    start = text.rfind("Fatal Python error")
+    return text[start:] if start >= 0 else text[-chars:]
+
+
 def start_up(env: dict[str, str], port: int, log: Path | None = None) -> subprocess.Popen:
     """`meterline up`, healthy. With `log`, its log goes to that file: an outage makes it log a lot, and a
     pipe nobody reads would block it."""
@@ -63,7 +70,7 @@ def start_up(env: dict[str, str], port: int, log: Path | None = None) -> subproc
 
     def healthy():
         if proc.poll() is not None:
-            raise AssertionError(f"up exited: {(log.read_text() if log else proc.stderr.read())[-3000:]}")
+            raise AssertionError(f"up exited: {log_tail(log.read_text() if log else proc.stderr.read())}")
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
         except httpx.HTTPError:

@@ -26,7 +26,7 @@ from meterline.collectors.sdk import Meter
 from meterline.schemas.events import UsageEvent, new_id, utcnow
 from meterline.settings import Settings
 
-from test_app_up import env_for, free_port, meterline, start_up, wait_for
+from test_app_up import env_for, free_port, log_tail, meterline, start_up, wait_for
 
 TENANTS = ("acme", "globex", "initech")
 RATE = 200  # events per second while the fault is on
@@ -111,7 +111,7 @@ def test_the_ledger_equals_the_truth_after_a_broker_fault(own_broker, tmp_path, 
             wait_for(lambda: ledger_by_tenant(env) == dict(fleet.truth), f"the ledger to equal the truth ({fleet.sent} events)",
                      timeout=240)
         except AssertionError:
-            print(log_path.read_text()[-6000:])
+            print(log_tail(log_path.read_text(), 6000))
             raise
         # all running again: one that a broker error made exit is restarted within its backoff (at most 30 s)
         health = wait_for(lambda: (r := httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)).status_code == 200 and r,
@@ -119,4 +119,4 @@ def test_the_ledger_equals_the_truth_after_a_broker_fault(own_broker, tmp_path, 
         assert not [n for n, c in health.json()["components"].items() if c.get("stalls") or c.get("stalled")], health.text
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0, log_path.read_text()[-3000:]
+        assert proc.wait(120) == 0, log_tail(log_path.read_text())
