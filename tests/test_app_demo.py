@@ -26,6 +26,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.alone   # hooli's >= 95 % used depends on lease round trips in the run's last seconds
 def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
     env.update(METERLINE_KAFKA_BOOTSTRAP=settings.bootstrap, METERLINE_TOPIC_PREFIX=settings.topic_prefix,
