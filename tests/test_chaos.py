@@ -93,6 +93,7 @@ def restart(broker: LocalBroker, status) -> None:
 
 @pytest.mark.kafka
 @pytest.mark.slow
+@pytest.mark.alone   # a broker fault under a loaded machine: two of five 4-process runs lost it (note of session 11)
 @pytest.mark.parametrize("fault", [freeze, restart], ids=["broker SIGSTOP 20 s", "broker stop and restart"])
 def test_the_ledger_equals_the_truth_after_a_broker_fault(own_broker, tmp_path, fault):
     broker, status, settings = own_broker
