@@ -378,7 +378,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
             allocator.instance.ready.wait(30)
     outcomes = Outcomes()
     send_history(settings, seed, outcomes)
-    catalog = load_catalog()
+    catalog = load_catalog(settings.catalog)
     feed = DecisionFeed(settings).start()
     wait_for_budget_decisions(feed, start, periods)
     run_periods = publish_budgets(settings, start, duration, per_run=True)

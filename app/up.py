@@ -272,17 +272,17 @@ class ProgressWatch:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment that makes a child `meterline` command see these exact settings."""
+    """Environment that makes a child `meterline` command see these exact settings: every field, so none read
+    from the caller's environment, config file or code (the catalog, priced format, state dir...) is lost."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update({
-        "METERLINE_DATA_DIR": str(settings.data_dir), "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap,
-        "METERLINE_TOPIC_PREFIX": settings.topic_prefix, "METERLINE_CLICKHOUSE_DSN": settings.dsn,
-    })
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is not None and name != "kafka_security":
+            env[f"METERLINE_{name.upper()}"] = str(value)
+    env.update({"METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_CLICKHOUSE_DSN": settings.dsn})
     for key, value in settings.kafka_security.model_dump().items():
         if value is not None:
             env[f"METERLINE_KAFKA_{key.upper()}"] = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-    if settings.clickhouse_cluster:
-        env["METERLINE_CLICKHOUSE_CLUSTER"] = settings.clickhouse_cluster
     return env
 
 
@@ -391,7 +391,7 @@ class Up:
         from meterline.allocator.service import AllocatorService
         from meterline.streams.pricing import load_catalog
 
-        catalog = load_catalog()
+        catalog = load_catalog(self.settings.catalog)
         engine = Engine(ledger_spend=self.ledger_spend, downgrade_for=catalog.downgrade_for, primary_model=self.primary_model)
         self.ledger_lag = engine.config.ledger_lag
         from meterline.allocator.slo import ledger_feeds_or_none

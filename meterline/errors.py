@@ -32,6 +32,10 @@ class SettingsError(UserError):
     """A METERLINE_* variable or the METERLINE_CONFIG file is wrong."""
 
 
+class CatalogError(UserError):
+    """The price catalog (METERLINE_CATALOG, --catalog) cannot be read."""
+
+
 class KafkaUnavailable(UserError):
     """No Kafka broker answers at the bootstrap address."""
 

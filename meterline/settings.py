@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     gpu_idle_policy: Literal["owner", "proportional", "separate"] = Field(
         "proportional", description="Who is charged GPU time no process used: the device's holder (`meterline gpu assign`), "
                                     "its users that hour by share, or a separate `idle` line (app/gpu_idle.py).")
+    catalog: Path | None = Field(None, description="The price catalog TOML every component prices with (negotiated rates: a copy "
+                                 "of streams/catalog.toml, edited); default: that shipped one.")
     priced_format: Literal["v1", "v2"] = Field(
         "v2", description="Wire format the stream worker writes to `priced`: v2 (binary, schemas/events.py) or v1 (JSON) "
                           "for consumers not yet upgraded; the sink and streams.codec.decode_priced read both.")
@@ -105,6 +107,14 @@ class Settings(BaseSettings):
     def _absolute(cls, path: Path) -> Path:
         # chdb://reldir/clickhouse would name database "clickhouse" in store "reldir"; ~ is the shell's
         return path.expanduser().absolute()
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_file(cls, path: Path | None) -> Path | None:
+        # checked here, so a typo stops every component at start with the variable's name, not the first priced event
+        if path is not None and not path.expanduser().is_file():
+            raise ValueError(f"{path} is not a file (a price catalog TOML, like streams/catalog.toml)")
+        return path.expanduser().absolute() if path else None
 
     @field_validator("clickhouse_dsn")
     @classmethod

@@ -338,7 +338,7 @@ class LedgerSink:
         if self._catalog is None:
             from meterline.streams.pricing import load_catalog
 
-            self._catalog = load_catalog()
+            self._catalog = load_catalog(self.settings.catalog)
         return self._catalog
 
     def _dead_letter(self, msg: Message, reason: str, error_type: str) -> ev.DeadLetter:

@@ -11,7 +11,7 @@ def register(app: typer.Typer) -> None:
     @app.command("streams")
     def streams(
         group: Annotated[Optional[str], typer.Option(help="Consumer group (default: the topic prefix followed by -streams, as in `meterline up`); run more workers with the same group to scale out.")] = None,
-        catalog: Annotated[Optional[Path], typer.Option(help="Price catalog TOML (default: the one shipped in streams/catalog.toml).")] = None,
+        catalog: Annotated[Optional[Path], typer.Option(help="Price catalog TOML (default: the catalog setting, METERLINE_CATALOG, else the one shipped in streams/catalog.toml).")] = None,
         checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints (all spend published, outputs flushed, offsets committed); a crash replays at most this much input.")] = 5.0,
         publish_interval: Annotated[float, typer.Option(help="Seconds between spend updates of tenant/team/project scopes (sessions and agents: every checkpoint).")] = 1.0,
         dedupe_window: Annotated[int, typer.Option(help="Event ids remembered per usage partition to drop producer retries.")] = 100_000,

@@ -48,6 +48,8 @@ import genai_prices
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
+from meterline.errors import CatalogError, first_line
+from meterline.settings import get_settings
 from meterline.schemas.events import ComputeSample, GpuSample, PricedEvent, UsageEvent, utcnow
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
@@ -606,6 +608,10 @@ def _load(path: Path, mtime_ns: int) -> Catalog:
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:
-    """The catalog from `path` (default: streams/catalog.toml); cached until the file changes."""
-    path = Path(path or DEFAULT_CATALOG).resolve()
-    return _load(path, path.stat().st_mtime_ns)
+    """The catalog from `path` (default: the `catalog` setting, METERLINE_CATALOG, else streams/catalog.toml), so
+    every component prices with one catalog; cached until the file changes. A file that is not one: CatalogError."""
+    path = Path(path or get_settings().catalog or DEFAULT_CATALOG).resolve()
+    try:
+        return _load(path, path.stat().st_mtime_ns)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise CatalogError(f"cannot read the price catalog {path}: {first_line(err)}; fix the file, or name another with METERLINE_CATALOG") from None

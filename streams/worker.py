@@ -311,7 +311,7 @@ class StreamWorker:
                  batch_size: int = 5000, session_idle: timedelta = timedelta(hours=1),
                  instance_id: str | None = None, consumer_overrides: dict[str, Any] | None = None) -> None:
         self.settings = settings
-        self.catalog = catalog or load_catalog()
+        self.catalog = catalog or load_catalog(settings.catalog)
         self.topics = {name: settings.topic(name) for name in ("usage", "gpu", "compute", "priced", "dlq", "spend", "anomalies")}
         self.state_topic = ensure_state_topic(settings)
         group_id = group_id or settings.group("streams")
