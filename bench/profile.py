@@ -8,6 +8,8 @@
 - sink: `LedgerSink._take()` for each priced record the worker produced (read back from Kafka first),
   then `flush()` per 50,000 rows into a fresh embedded chDB (migrated); chDB's threads count too.
 - bare: a plain confluent-kafka consume of the usage topic in the same run, for the ratio.
+- floor (--worker-only): the loop's message calls and one produce() per event of its real priced.v2 bytes on
+  the worker's producer, no stages: what a worker with every stage native would still pay.
 
 Per stage of the worker: cProfile's cumulative time of its inner calls (decode, digest, price, priced JSON,
 detectors, spend, produce), scaled to the unprofiled total. This measures CPU, not wall time, so it is
@@ -22,6 +24,7 @@ import pstats
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -68,6 +71,31 @@ def worker_cost(settings: Settings, msgs: list[Msg], profile: bool) -> tuple[flo
         prof.disable()
     cpu = time.process_time() - c0
     return cpu / len(msgs) * 1e6, pstats.Stats(prof) if prof else None
+
+
+def floor_cost(settings: Settings, msgs: list[Msg]) -> float:
+    """CPU µs per event of what any one-priced-record-per-event worker must do: the loop's message calls and one
+    produce() of the event's real priced.v2 bytes (built before the clock) on the worker's own producer, then
+    flush; no decode, pricing, detectors or spend. The part of the worker's cost that native stages cannot remove."""
+    from meterline.streams.codec import PricedV2Writer, decode_usage
+    from meterline.streams.worker import StreamWorker
+
+    worker = StreamWorker(settings, checkpoint_interval=3600, publish_interval=3600)
+    write, price, now = PricedV2Writer().write, worker.catalog.price_pico, datetime.now(timezone.utc)
+    bodies = []
+    for msg in msgs:
+        event = decode_usage(msg.value(), now=now)
+        parts = price(event) or (0,) * 5
+        bodies.append(write(event, parts[4], parts, "catalog", worker.catalog.version, now))
+    produce, topic, usage = worker.producer.produce, worker.topics["priced"], worker.topics["usage"]
+    c0 = time.process_time()
+    for msg, body in zip(msgs, bodies):
+        if msg.error() or msg.topic() != usage:
+            continue
+        msg.value(), msg.offset(), msg.partition()
+        produce(topic, body, msg.key())
+    worker.producer.flush(60)
+    return (time.process_time() - c0) / len(msgs) * 1e6
 
 
 def sink_cost(settings: Settings, priced: list, profile: bool, batched: bool = True) -> tuple[float, pstats.Stats | None, int]:
@@ -307,6 +335,7 @@ def main() -> None:
     del usage
     runs = [worker_cost(settings, msgs, profile=False)[0] for _ in range(args.repeat)]
     worker_us = min(runs)
+    floor_us = min(floor_cost(settings, msgs) for _ in range(args.repeat)) if args.worker_only else None
     bare_us = bare_cpu / args.events * 1e6
     head = [f"## CPU per event, in process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
             f"Machine: `{platform.machine()}`, {os.cpu_count()} cores, Python {platform.python_version()}, load average "
@@ -318,7 +347,8 @@ def main() -> None:
             f"| stream worker: process() + publish + producer flush (best of {', '.join(f'{r:.2f}' for r in runs)}) | "
             f"{worker_us:.2f} | {bare_us / worker_us:.3f} | {1e6 / worker_us:,.0f} |"]
     if args.worker_only:
-        lines = head
+        lines = head + [f"| floor: the loop's message calls + one produce() of each event's priced.v2 bytes, no stages "
+                        f"(`floor_cost`) | {floor_us:.2f} | {bare_us / floor_us:.3f} | {1e6 / floor_us:,.0f} |"]
         if args.cprofile:
             lines += _worker_breakdown(args, settings, data, msgs, worker_us)
         _write(lines)

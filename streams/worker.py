@@ -339,7 +339,7 @@ class StreamWorker:
         self.producer = Producer(settings.kafka_config(**{
             "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
             "queue.buffering.max.messages": 500_000, "queue.buffering.max.kbytes": 65_536,  # bounded: backpressure via BufferError
-            "batch.num.messages": 10_000, "on_delivery": self._on_delivery,
+            "batch.num.messages": 10_000, "on_delivery": self._on_delivery, "delivery.report.only.error": True,
         }))
         static = {"group.instance.id": instance_id} if instance_id else {}  # restart resumes without a session timeout
         # a batch that outlasts this has lost its partitions (librdkafka leaves the group): nothing of it is published
