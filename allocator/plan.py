@@ -198,7 +198,7 @@ def instance_for(gpu_name: str) -> st.Instance:
 
     on_demand = load_catalog().gpu_hourly(gpu_name)
     if on_demand is None:
-        raise ValueError(f"no on-demand $/hour for GPU {gpu_name!r}: add it under [gpus] in streams/catalog.toml")
+        raise ValueError(f"no on-demand $/hour for GPU {gpu_name!r}: add it under [gpus] of the price catalog (METERLINE_CATALOG, default streams/catalog.toml)")
     known = tomllib.loads(st.CAPACITY_FILE.read_text()).get("instances", {})
     name = gpu_name.lower()
     key = max((k for k in known if k in name), key=len, default=name)  # the longest match: gh200 before h200

@@ -75,7 +75,7 @@ def load_instance(gpu: str = "h100", path: Path = CAPACITY_FILE, on_demand: Deci
 
         on_demand = load_catalog().gpu_hourly(gpu)
         if on_demand is None:
-            raise ValueError(f"no on-demand $/hour for GPU {gpu!r}: add it under [gpus] in streams/catalog.toml")
+            raise ValueError(f"no on-demand $/hour for GPU {gpu!r}: add it under [gpus] of the price catalog (METERLINE_CATALOG, default streams/catalog.toml)")
     spot = on_demand * (100 - Decimal(entry["spot_discount_pct"])) / 100
     as_of = entry["as_of"]
     return Instance(gpu, on_demand, spot, float(entry["interruptions_per_hour"]), entry["source"],

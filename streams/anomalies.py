@@ -374,7 +374,7 @@ class UnpricedModels(_OncePerPeriod):
         return [_anomaly("unpriced_model", "warning", tenant, "model", f"{provider}/{model}"[:128], ts, ts,
                          {"provider": provider, "model": model, "events_last_period": count},
                          f"no price for {provider or '?'}/{model}: events are kept at cost 0 (cost_source=unpriced); "
-                         "add the model to streams/catalog.toml [[models]]")]
+                         "add it under [[models]] of the price catalog (METERLINE_CATALOG, default streams/catalog.toml)")]
 
 
 class UnmeteredCalls(_OncePerPeriod):
