@@ -21,12 +21,17 @@ The fleet (every number below is simulated, reproducible with --seed):
 Every agent checks its allocator guard before each call and obeys: throttled calls back
 off, downgraded calls use the model they are told to, denied calls stop. The demo ends
 with a chargeback table from the ledger, checked against the ledger's own total.
+
+Each run has a namespace of its own (`demo_settings`): topics `demo-<run>.*` and a fresh embedded ledger in
+<data dir>/demo, whatever METERLINE_CLICKHOUSE_DSN names, so simulated tenants never reach a real ledger and a
+rerun never mixes with the run before (the previous runs' demo topics are deleted).
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
+import shutil
 import signal
 import threading
 import time
@@ -344,6 +349,32 @@ def wait_settled(up: Any, settings: Any, timeout: float = 60.0) -> None:
     up.drain(timeout=max(5.0, deadline - time.monotonic()))
 
 
+DEMO_PREFIX = "demo-"
+
+
+def demo_settings(settings: Any, run: str) -> Any:
+    """The run's own namespace: its topics, and an embedded ledger and state store under <data dir>/demo (the
+    broker, logs and spools stay the data dir's: one local broker serves both)."""
+    home = settings.data_dir / "demo"
+    return settings.model_copy(update={"topic_prefix": f"{DEMO_PREFIX}{run}", "clickhouse_dsn": f"chdb://{home / 'clickhouse'}",
+                                       "clickhouse_cluster": None, "streams_state_dir": home / "streams-state"})
+
+
+def fresh_namespace(settings: Any) -> None:
+    """Empty the demo's ledger and delete the demo topics of earlier runs (best effort: a broker that refuses
+    deletes only keeps them), so this run's report is this run's."""
+    from confluent_kafka.admin import AdminClient
+
+    shutil.rmtree(settings.dsn.removeprefix("chdb://"), ignore_errors=True)
+    admin = AdminClient(settings.kafka_config())
+    old = [t for t in admin.list_topics(timeout=30).topics if t.startswith(DEMO_PREFIX) and not t.startswith(settings.topic_prefix + ".")]
+    for topic, done in (admin.delete_topics(old, operation_timeout=30).items() if old else ()):
+        try:
+            done.result(30)
+        except Exception as err:  # noqa: BLE001 - kept, not fatal: this run's topics are its own anyway
+            log.warning("could not delete the old demo topic %s: %s", topic, err)
+
+
 def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_json: bool, keep: bool) -> dict[str, Any]:
     from rich.console import Console
     from rich.live import Live
@@ -361,6 +392,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with console.status("Kafka: starting or finding the broker…"):
         LocalBroker(settings).start(timeout=120)
+        fresh_namespace(settings)
         create_topics(settings)
     start = datetime.now(timezone.utc).replace(second=0, microsecond=0)  # spend windows start on the minute
     up = Up(settings, port=port, simulated=True)
@@ -415,6 +447,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         summary.update(compute_summary(ledger, params, chargeback, totals, workers))
         summary["hard_budgets"] = hard_budget_use(ledger, start, periods)
         summary["agents_ran"] = {"from": ran_from.isoformat(), "until": ran_until.isoformat()}  # inside the per-run periods
+        summary["ledger"] = {"clickhouse_dsn": settings.dsn, "topic_prefix": settings.topic_prefix}  # this run's own
         if as_json:
             print(json.dumps(summary))
         else:
@@ -433,8 +466,9 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
             for tenant, use in summary["hard_budgets"].items():
                 console.print(f"hard budget {tenant}: ${use['spent_usd']} of ${use['budget_usd']} spent in its period = "
                               f"{use['used_pct']} % used, overshoot {use['overshoot_pct']} %")
-            console.print(f"dashboard: {url}/ (served while the demo runs; `--keep` keeps it, `meterline up` serves this "
-                          "data again)  ·  reports: `meterline report chargeback --by team`")
+            console.print(f"dashboard: {url}/ (served while the demo runs; `--keep` keeps it)  ·  this run's ledger, kept "
+                          f"until the next demo: `METERLINE_CLICKHOUSE_DSN={settings.dsn} meterline report chargeback --by team`",
+                          markup=False)
         if keep:
             console.print("serving the dashboard until Ctrl-C…")
             try:
@@ -618,7 +652,7 @@ def demo_command(
 
     from .store import running_up
 
-    settings = get_settings()
+    settings = demo_settings(get_settings(), time.strftime("%Y%m%d%H%M%S", time.gmtime()))
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, filename=str(logs / "demo.log"),

@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from datetime import datetime
 from decimal import Decimal
 
@@ -39,6 +41,9 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
 
     summary = json.loads(meterline("demo", "--duration", "40", "--seed", "11", "--port", str(free_port()), "--json", timeout=600))
     assert summary["simulated"] is True and summary["dashboard"].startswith("http://127.0.0.1:")
+    run = summary["ledger"]  # the run's own ledger and topics, not the ones the environment names
+    assert run["clickhouse_dsn"] == f"chdb://{settings.data_dir / 'demo' / 'clickhouse'}" != settings.dsn
+    env.update(METERLINE_CLICKHOUSE_DSN=run["clickhouse_dsn"], METERLINE_TOPIC_PREFIX=run["topic_prefix"])
 
     actions = {r["action"]: int(r["n"]) for r in json.loads(meterline(
         "sql", "SELECT action, count() AS n FROM throttle_decisions GROUP BY action", "-f", "json"))}
@@ -150,3 +155,39 @@ def test_the_agents_wait_for_the_decision_of_their_budget_s_period():
     assert not wait_for_budget_decisions(Feed, start, {"hooli": 130}, timeout=0.5)
     Feed.decisions["tenant:hooli:normal"] = decision(130)
     assert wait_for_budget_decisions(Feed, start, {"hooli": 130}, timeout=0.5)
+
+
+def wait_until(condition, tries: int = 300) -> None:
+    for _ in range(tries):
+        if condition():
+            return
+        time.sleep(0.1)
+    assert condition()
+
+
+@pytest.mark.kafka
+def test_each_demo_run_has_a_fresh_namespace_of_its_own(settings, tmp_path):
+    """Simulated tenants never reach the ledger the settings name (a server's included), and a rerun starts
+    from an empty ledger with topics of its own: the earlier runs' demo topics are deleted, no other topic."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from meterline.app.demo import demo_settings, fresh_namespace
+
+    real = settings.model_copy(update={"data_dir": tmp_path, "clickhouse_dsn": "http://finance:8123/ledger"})
+    run = uuid.uuid4().hex[:8]
+    before, this = demo_settings(real, f"{run}-0"), demo_settings(real, f"{run}-1")
+    assert this.dsn == f"chdb://{tmp_path / 'demo' / 'clickhouse'}" and this.topic_prefix == f"demo-{run}-1"
+    assert this.bootstrap == real.bootstrap and this.data_dir == real.data_dir  # one broker, one data dir
+    admin = AdminClient(settings.kafka_config())
+    mine = f"demo{run}.usage.v1"  # another deployment's topic whose name merely starts like the demo's
+    for done in admin.create_topics([NewTopic(t, 1, 1) for t in (before.topic("usage"), this.topic("usage"), mine)]).values():
+        done.result(30)
+    wait_until(lambda: {before.topic("usage"), this.topic("usage"), mine} <= set(admin.list_topics(timeout=30).topics))
+    (tmp_path / "demo" / "clickhouse").mkdir(parents=True)
+    (tmp_path / "demo" / "clickhouse" / "last-run").write_text("rows of the run before")
+    fresh_namespace(this)
+    assert not (tmp_path / "demo" / "clickhouse").exists()
+    wait_until(lambda: before.topic("usage") not in admin.list_topics(timeout=30).topics)  # deletion is asynchronous
+    left = set(admin.list_topics(timeout=30).topics)
+    assert this.topic("usage") in left and mine in left
+    admin.delete_topics([this.topic("usage"), mine])
