@@ -51,8 +51,11 @@ def create_topics(settings: Settings, replication_factor: int = 1, timeout: floa
     """Create every catalog topic that is missing, and add partitions to one that has fewer than the
     catalog says (never fewer: Kafka cannot). Returns {topic: 'created' | 'exists' | 'grown to N'}."""
     admin = AdminClient(settings.kafka_config())
-    existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
     wanted = {settings.topic(s.name): s for s in CATALOG}
+    listed = admin.list_topics(timeout=timeout).topics
+    # A topic created a moment ago may be listed with no partitions yet: count them once it has its leaders.
+    _wait_for_leaders(admin, [name for name in wanted if name in listed], timeout)
+    existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
     result = {name: "exists" for name in wanted if name in existing}
     short = [NewPartitions(name, s.partitions) for name, s in wanted.items() if 0 < existing.get(name, 0) < s.partitions]
     for name, future in (admin.create_partitions(short, operation_timeout=timeout) if short else {}).items():

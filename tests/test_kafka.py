@@ -161,3 +161,44 @@ def test_a_topic_with_fewer_partitions_than_the_catalog_is_grown(kafka_bootstrap
         assert create_topics(settings)[gpu] == "exists"
     finally:
         admin.delete_topics([settings.topic(spec.name) for spec in CATALOG])
+
+
+class _Metadata:
+    """What AdminClient.list_topics returns, as far as create_topics reads it."""
+    def __init__(self, partitions: dict[str, int]):
+        part = type("Partition", (), {"leader": 0, "error": None})
+        self.topics = {name: type("Topic", (), {"error": None, "partitions": {i: part() for i in range(n)}})()
+                       for name, n in partitions.items()}
+
+
+class _Done:
+    def result(self, timeout=None):
+        return None
+
+
+class _FreshTopicAdmin:
+    """A broker on which `gpu` was created a moment ago with 6 partitions: KRaft's first metadata
+    lists it with none yet (the race that once failed CI), later ones with all 6."""
+    def __init__(self, gpu: str):
+        self.gpu, self.partitions, self.calls = gpu, {gpu: 6}, 0
+
+    def list_topics(self, topic=None, timeout=None):
+        self.calls += 1
+        return _Metadata({**self.partitions, self.gpu: 0} if self.calls == 1 else self.partitions)
+
+    def create_partitions(self, new, operation_timeout=None):
+        self.partitions.update({p.topic: p.new_total_count for p in new})
+        return {p.topic: _Done() for p in new}
+
+    def create_topics(self, new, operation_timeout=None):
+        self.partitions.update({t.topic: t.num_partitions for t in new})
+        return {t.topic: _Done() for t in new}
+
+
+def test_a_topic_listed_before_its_partitions_are_is_still_grown(monkeypatch):
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", topic_prefix="race")
+    admin = _FreshTopicAdmin(settings.topic("gpu"))
+    monkeypatch.setattr("meterline.topics.AdminClient", lambda config: admin)
+    result = create_topics(settings)
+    assert result[settings.topic("gpu")] == "grown to 12" and admin.partitions[settings.topic("gpu")] == 12
+    assert admin.partitions == {settings.topic(s.name): s.partitions for s in CATALOG}
