@@ -54,8 +54,8 @@ def create_topics(settings: Settings, replication_factor: int = 1, timeout: floa
     wanted = {settings.topic(s.name): s for s in CATALOG}
     listed = admin.list_topics(timeout=timeout).topics
     # A topic created a moment ago may be listed with no partitions yet: count them once it has its leaders.
-    _wait_for_leaders(admin, [name for name in wanted if name in listed], timeout)
-    existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
+    ready = _wait_for_leaders(admin, [name for name in wanted if name in listed], timeout)
+    existing = {name: len(meta.partitions) for name, meta in ready.items()}
     result = {name: "exists" for name in wanted if name in existing}
     short = [NewPartitions(name, s.partitions) for name, s in wanted.items() if 0 < existing.get(name, 0) < s.partitions]
     for name, future in (admin.create_partitions(short, operation_timeout=timeout) if short else {}).items():
@@ -74,14 +74,14 @@ def create_topics(settings: Settings, replication_factor: int = 1, timeout: floa
     return dict(sorted(result.items()))
 
 
-def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
-    """Return once every partition of `topics` has a leader: a new topic's partitions
-    answer NOT_LEADER for a moment, and clients that start right away would trip on it."""
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> dict:
+    """Once every partition of `topics` has a leader, return the metadata that showed it: a new topic's
+    partitions answer NOT_LEADER for a moment, and clients that start right away would trip on it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta = admin.list_topics(timeout=timeout).topics
         if all(t in meta and meta[t].partitions and not meta[t].error
                and all(p.leader >= 0 and not p.error for p in meta[t].partitions.values()) for t in topics):
-            return
+            return meta
         time.sleep(0.1)
     raise TimeoutError(f"topics {topics} have partitions without a leader after {timeout:.0f} s")
