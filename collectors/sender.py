@@ -10,6 +10,8 @@ I/O). One background thread moves records into a confluent-kafka idempotent prod
 * The error callback (`_ALL_BROKERS_DOWN`, fatal errors) and failed deliveries mark an
   outage: new records then go straight to the spool. A probe thread asks for metadata
   once a second during an outage; the first answer (or any successful delivery) ends it.
+  A producer whose probes fail for STALE_PRODUCER_S while it holds nothing is replaced
+  (librdkafka can be left with no broker to ask after a broker restart).
 * While anything is spooled, new records queue behind it on disk, and the spool is
   replayed oldest segment first, so order is kept (records in flight when an outage
   began come back after those spooled before them).
@@ -52,6 +54,8 @@ PERMANENT = {
     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError._INVALID_ARG,
 }
 DROP_LOG_EVERY_S = 10.0
+# An outage whose probe has failed this long gets a new producer (see _probe_loop).
+STALE_PRODUCER_S = 10.0
 
 
 @dataclass
@@ -290,11 +294,26 @@ class Sender:
                         self.topic, reason, self.stats.dropped, self.stats.drop_reasons)
 
     def _probe_loop(self) -> None:
+        failing_since = None
         while not self._closing.wait(1.0):
-            if self._outage:
-                try:
-                    self._producer.list_topics(self.topic, timeout=1.0)
-                except KafkaException:
-                    continue
-                self._outage = False
-                log.warning("meterline: Kafka is back; replaying %d spooled bytes for %s", self._spool.bytes, self.topic)
+            if not self._outage:
+                failing_since = None
+                continue
+            try:
+                self._producer.list_topics(self.topic, timeout=1.0)
+            except KafkaException:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since >= STALE_PRODUCER_S and not len(self._producer):
+                    self._renew_stale_producer()
+                    failing_since = None
+                continue
+            failing_since = None
+            self._outage = False
+            log.warning("meterline: Kafka is back; replaying %d spooled bytes for %s", self._spool.bytes, self.topic)
+
+    def _renew_stale_producer(self) -> None:
+        # Seen after a broker restart under load: a producer waited in rd_kafka_broker_any_usable (no usable broker)
+        # for over 5 min while the broker served the other clients, so its spool never drained. A new producer
+        # bootstraps again; it is only made when the old one holds nothing (len 0), so nothing is lost.
+        log.info("meterline: no broker answered %s's producer for %.0f s; starting a new one", self.topic, STALE_PRODUCER_S)
+        self._reset_producer = True
