@@ -76,8 +76,23 @@ def start_up(env: dict[str, str], port: int, log: Path | None = None) -> subproc
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, "up to become healthy")
+    try:
+        wait_for(healthy, "up to become healthy")
+    except BaseException:  # one that never got healthy would hold its ports and the chDB dir for the rest of the run
+        stop_and_reap(proc)
+        raise
     return proc
+
+
+def stop_and_reap(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM (up checkpoints and drains), SIGKILL if it does not go, then reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
 
 
 def send(settings: Settings, n: int, session: str) -> list[UsageEvent]:
@@ -153,6 +168,27 @@ def test_up_serves_reports_restarts_the_dead_and_loses_nothing_on_sigterm(up_env
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
+
+
+def test_start_up_stops_and_reaps_an_up_that_never_got_healthy(monkeypatch):
+    """A test that gave up waiting left `meterline up` running: its ports and chDB dir stayed taken for the rest of the run."""
+    started = []
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def give_up(condition, what):
+        raise AssertionError(f"gave up waiting for {what}")
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(sys.modules[__name__], "CLI", [sys.executable, "-c", "import time; time.sleep(600)"])
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(sys.modules[__name__], "wait_for", give_up)
+    with pytest.raises(AssertionError, match="gave up waiting for up to become healthy"):
+        start_up(dict(os.environ), free_port())
+    (proc,) = started
+    assert proc.returncode is not None  # stopped and reaped (not a zombie, not running)
 
 
 def test_up_runs_one_stream_worker_per_requested_core(settings):
