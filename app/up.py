@@ -331,6 +331,7 @@ class Up:
         self.ledger_lag = timedelta(minutes=2)
         self._models: dict[tuple[str, str], tuple[float, str | None]] = {}
         self.api = None
+        self.collector = None
         self.registry = None
         self.latency = None
         self.feed = LiveFeed(settings, self.live, on_decision_latency=self._observe_latency)
@@ -475,6 +476,7 @@ class Up:
                   self.settings.group("allocator"): "spend"}
         collector = PipelineCollector(self.settings, groups,
                                       self._unpriced, self.supervisor.health, self._scale)
+        self.collector = collector
         self.registry, self.latency = build_registry(collector)
         self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
                              health=self.supervisor.health, host=self.host, port=self.port,
@@ -547,9 +549,11 @@ class Up:
         log.info("meterline up: stopped")
 
     def _release(self) -> None:
-        """The API and the ledger clients."""
+        """The API, the metrics' Kafka client and the ledger clients."""
         if self.api is not None:
             self.api.stop()
+        if self.collector is not None:  # after the API: no scrape can make a new client now
+            self.collector.close()
         for client in self._clients:
             try:
                 client.close()
