@@ -106,6 +106,7 @@ class ThreadComponent(Component):
         self.make = make
         self.instance: Any = None
         self._thread: threading.Thread | None = None
+        self._abandoned: list[threading.Thread] = []
         self._stop_event = threading.Event()
 
     def _start(self) -> None:
@@ -132,7 +133,13 @@ class ThreadComponent(Component):
     def abandon(self) -> None:
         if self.alive():  # a thread cannot be killed; it exits at its next check of the stop event
             log.warning("%s did not stop; starting a fresh one beside it", self.name)
+            self._abandoned.append(self._thread)
             self._thread = None
+
+    def stuck(self) -> list[threading.Thread]:
+        """Its threads that still run: the current one (if it did not stop), and any abandoned."""
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        return self._abandoned + ([self._thread] if self.alive() else [])
 
 
 class ProcessComponent(Component):
@@ -554,11 +561,15 @@ class Up:
             self.api.stop()
         if self.collector is not None:  # after the API: no scrape can make a new client now
             self.collector.close()
-        for client in self._clients:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - closing at exit
-                pass
+        stuck = [t.name for c in self.supervisor.components if isinstance(c, ThreadComponent) for t in c.stuck()]
+        if stuck:  # it may be inside a query on any of them: a client closed under it can crash the process
+            log.warning("%s still running: the ledger clients are left open for process exit", ", ".join(stuck))
+        else:
+            for client in self._clients:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 - closing at exit
+                    pass
         self._clients.clear()
 
 

@@ -331,3 +331,44 @@ def test_a_component_not_started_yet_reports_no_progress_since_up_began_not_sinc
     began = time.monotonic()
     component = ThreadComponent("streams", lambda: None, group="g", topics=("usage",))
     assert component.state()["last_progress_s"] <= round(time.monotonic() - began, 1) + 0.1
+
+
+def test_stopping_up_leaves_ledger_clients_open_while_a_thread_that_did_not_stop_may_use_them(settings):
+    """A component thread that outlives its stop timeout (or was abandoned for stalling) may still be inside a
+    query: closing its chDB client under it can crash the process. Those clients are left to process exit."""
+    import threading
+
+    from meterline.app.up import ThreadComponent, Up
+
+    class Stubborn:  # ignores the stop event until released
+        def __init__(self):
+            self.release = threading.Event()
+
+        def run(self, stop):
+            self.release.wait()
+
+    class Client:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    pipeline = Up(settings, streams=0, allocator=False)
+    stubborn = ThreadComponent("sink", Stubborn)
+    pipeline.supervisor.components = [stubborn]
+    stubborn.start()
+    stubborn.stop(timeout=0.01)  # did not stop in time
+    pipeline._clients = [left := Client()]
+    pipeline._release()
+    assert not left.closed
+
+    stubborn.abandon()  # replaced for a stall: the old thread still runs
+    pipeline._clients = [left := Client()]
+    pipeline._release()
+    assert not left.closed
+
+    stubborn.instance.release.set()  # once every thread is gone, the clients are closed
+    wait_for(lambda: not stubborn.stuck(), "the stubborn thread to end")
+    pipeline._clients = [done := Client()]
+    pipeline._release()
+    assert done.closed
