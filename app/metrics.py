@@ -64,7 +64,8 @@ class KafkaWatermarks:
         return (sum(done.values()) if done else None), max(0, lag)
 
     def close(self) -> None:
-        self._consumer.close()
+        with self._lock:  # not under a read on another thread (a closed client raises; a closing one may crash)
+            self._consumer.close()
 
 
 class PipelineCollector:
@@ -80,11 +81,24 @@ class PipelineCollector:
         self.components = components
         self.kafka: KafkaWatermarks | None = None
         self._last: tuple[float, int] | None = None
+        self._lock = threading.Lock()  # the API scrapes on several threads: one client, made once
+        self._closed = False
 
     def _watermarks(self) -> KafkaWatermarks:
-        if self.kafka is None:
-            self.kafka = KafkaWatermarks(self.settings)
-        return self.kafka
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the metrics collector is closed")
+            if self.kafka is None:
+                self.kafka = KafkaWatermarks(self.settings)
+            return self.kafka
+
+    def close(self) -> None:
+        """At shutdown: close the Kafka client; a scrape after this reports no Kafka metrics."""
+        with self._lock:
+            self._closed = True
+            kafka, self.kafka = self.kafka, None
+        if kafka is not None:
+            kafka.close()
 
     def collect(self):
         yield from self._component_metrics()

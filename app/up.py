@@ -106,6 +106,7 @@ class ThreadComponent(Component):
         self.make = make
         self.instance: Any = None
         self._thread: threading.Thread | None = None
+        self._abandoned: list[threading.Thread] = []
         self._stop_event = threading.Event()
 
     def _start(self) -> None:
@@ -132,7 +133,13 @@ class ThreadComponent(Component):
     def abandon(self) -> None:
         if self.alive():  # a thread cannot be killed; it exits at its next check of the stop event
             log.warning("%s did not stop; starting a fresh one beside it", self.name)
+            self._abandoned.append(self._thread)
             self._thread = None
+
+    def stuck(self) -> list[threading.Thread]:
+        """Its threads that still run: the current one (if it did not stop), and any abandoned."""
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        return self._abandoned + ([self._thread] if self.alive() else [])
 
 
 class ProcessComponent(Component):
@@ -331,6 +338,7 @@ class Up:
         self.ledger_lag = timedelta(minutes=2)
         self._models: dict[tuple[str, str], tuple[float, str | None]] = {}
         self.api = None
+        self.collector = None
         self.registry = None
         self.latency = None
         self.feed = LiveFeed(settings, self.live, on_decision_latency=self._observe_latency)
@@ -475,6 +483,7 @@ class Up:
                   self.settings.group("allocator"): "spend"}
         collector = PipelineCollector(self.settings, groups,
                                       self._unpriced, self.supervisor.health, self._scale)
+        self.collector = collector
         self.registry, self.latency = build_registry(collector)
         self.api = ApiServer(lambda: DirectLedger(self.settings, self.client()), live=self.live, registry=self.registry,
                              health=self.supervisor.health, host=self.host, port=self.port,
@@ -547,14 +556,20 @@ class Up:
         log.info("meterline up: stopped")
 
     def _release(self) -> None:
-        """The API and the ledger clients."""
+        """The API, the metrics' Kafka client and the ledger clients."""
         if self.api is not None:
             self.api.stop()
-        for client in self._clients:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - closing at exit
-                pass
+        if self.collector is not None:  # after the API: no scrape can make a new client now
+            self.collector.close()
+        stuck = [t.name for c in self.supervisor.components if isinstance(c, ThreadComponent) for t in c.stuck()]
+        if stuck:  # it may be inside a query on any of them: a client closed under it can crash the process
+            log.warning("%s still running: the ledger clients are left open for process exit", ", ".join(stuck))
+        else:
+            for client in self._clients:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 - closing at exit
+                    pass
         self._clients.clear()
 
 

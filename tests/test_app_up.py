@@ -76,8 +76,23 @@ def start_up(env: dict[str, str], port: int, log: Path | None = None) -> subproc
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, "up to become healthy")
+    try:
+        wait_for(healthy, "up to become healthy")
+    except BaseException:  # one that never got healthy would hold its ports and the chDB dir for the rest of the run
+        stop_and_reap(proc)
+        raise
     return proc
+
+
+def stop_and_reap(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM (up checkpoints and drains), SIGKILL if it does not go, then reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
 
 
 def send(settings: Settings, n: int, session: str) -> list[UsageEvent]:
@@ -153,6 +168,27 @@ def test_up_serves_reports_restarts_the_dead_and_loses_nothing_on_sigterm(up_env
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
+
+
+def test_start_up_stops_and_reaps_an_up_that_never_got_healthy(monkeypatch):
+    """A test that gave up waiting left `meterline up` running: its ports and chDB dir stayed taken for the rest of the run."""
+    started = []
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def give_up(condition, what):
+        raise AssertionError(f"gave up waiting for {what}")
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(sys.modules[__name__], "CLI", [sys.executable, "-c", "import time; time.sleep(600)"])
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(sys.modules[__name__], "wait_for", give_up)
+    with pytest.raises(AssertionError, match="gave up waiting for up to become healthy"):
+        start_up(dict(os.environ), free_port())
+    (proc,) = started
+    assert proc.returncode is not None  # stopped and reaped (not a zombie, not running)
 
 
 def test_up_runs_one_stream_worker_per_requested_core(settings):
@@ -295,3 +331,44 @@ def test_a_component_not_started_yet_reports_no_progress_since_up_began_not_sinc
     began = time.monotonic()
     component = ThreadComponent("streams", lambda: None, group="g", topics=("usage",))
     assert component.state()["last_progress_s"] <= round(time.monotonic() - began, 1) + 0.1
+
+
+def test_stopping_up_leaves_ledger_clients_open_while_a_thread_that_did_not_stop_may_use_them(settings):
+    """A component thread that outlives its stop timeout (or was abandoned for stalling) may still be inside a
+    query: closing its chDB client under it can crash the process. Those clients are left to process exit."""
+    import threading
+
+    from meterline.app.up import ThreadComponent, Up
+
+    class Stubborn:  # ignores the stop event until released
+        def __init__(self):
+            self.release = threading.Event()
+
+        def run(self, stop):
+            self.release.wait()
+
+    class Client:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    pipeline = Up(settings, streams=0, allocator=False)
+    stubborn = ThreadComponent("sink", Stubborn)
+    pipeline.supervisor.components = [stubborn]
+    stubborn.start()
+    stubborn.stop(timeout=0.01)  # did not stop in time
+    pipeline._clients = [left := Client()]
+    pipeline._release()
+    assert not left.closed
+
+    stubborn.abandon()  # replaced for a stall: the old thread still runs
+    pipeline._clients = [left := Client()]
+    pipeline._release()
+    assert not left.closed
+
+    stubborn.instance.release.set()  # once every thread is gone, the clients are closed
+    wait_for(lambda: not stubborn.stuck(), "the stubborn thread to end")
+    pipeline._clients = [done := Client()]
+    pipeline._release()
+    assert done.closed
