@@ -16,8 +16,6 @@ from meterline.schemas.events import PRIORITIES, BudgetPolicy, ThrottleDecision,
 
 D = Decimal
 SUITE = {sc.name: sc for sc in builtin_scenarios()}
-# Targets of issue 14 item 2 not met yet (see BENCHMARKS.md "Allocation quality"): strict xfail, so meeting one fails loudly.
-NOT_YET: set[tuple[str, str]] = set()   # all of issue 14 item 2's targets are met (BENCHMARKS.md)
 
 
 def small(seed: int = 3, minutes: int = 10) -> Scenario:
@@ -323,7 +321,6 @@ def test_without_the_waiting_demand_the_engine_sees_no_contention():
     assert g["jain"] == pytest.approx(0.5, abs=1e-3)
 
 
-@pytest.mark.xdist_group("gpu-backlogged")   # shares _report's run with the suite's gpu-backlogged targets
 def test_a_tenant_back_at_its_share_does_not_take_the_next_free_gpu():
     """The engine used to lift the preempt once a tenant was back at its share: the FIFO scheduler handed
     it the next free GPU and the engine preempted it a sample later (2,751 preemptions in gpu-backlogged)."""
@@ -332,14 +329,6 @@ def test_a_tenant_back_at_its_share_does_not_take_the_next_free_gpu():
 
 
 # ---- the built-in suite: issue 14's targets per scenario ----------------------------------
-
-def _targets():
-    for name, sc in SUITE.items():
-        for key, bound in sc.expect.items():
-            mark = [pytest.mark.xfail(strict=True, reason="issue 14 item 2: not met yet")] if (name, key) in NOT_YET else []
-            # one process per scenario under `--dist loadgroup` (make test): _report runs each scenario once there
-            yield pytest.param(name, key, bound, id=f"{name}-{key}", marks=[*mark, pytest.mark.xdist_group(name)])
-
 
 _reports: dict[str, dict] = {}
 
@@ -350,17 +339,25 @@ def _report(name: str) -> dict:
     return _reports[name]
 
 
-@pytest.mark.parametrize("name,key,bound", list(_targets()))
-def test_builtin_suite_meets_its_targets(name, key, bound):
-    r = _report(name)
+def _figure(report: dict, key: str):
     if key.endswith("_served_pct"):
-        value = r["served_pct"][key.removesuffix("_served_pct")]
-    elif key.startswith("gpu_"):
-        value = r["gpu"][key.removeprefix("gpu_")]
-    else:
-        value = r[key]
-    upper = key in ("overshoot_pct", "pacing_rmse_pct", "gpu_in_quota_preemptions")
-    assert (value <= bound) if upper else (value >= bound), f"{name}: {key} = {value}, target {'≤' if upper else '≥'} {bound}"
+        return report["served_pct"][key.removesuffix("_served_pct")]
+    if key.startswith("gpu_"):
+        return report["gpu"][key.removeprefix("gpu_")]
+    return report[key]
+
+
+# One test per scenario, every target checked on its one run: a test per target ran the scenario once per target
+# (pytest-xdist's loadgroup, which was to keep them on one process, does not group under pytest 9).
+@pytest.mark.parametrize("name", list(SUITE))
+def test_builtin_suite_meets_its_targets(name):
+    report, missed = _report(name), []
+    for key, bound in SUITE[name].expect.items():
+        value, upper = _figure(report, key), key in ("overshoot_pct", "pacing_rmse_pct", "gpu_in_quota_preemptions")
+        if not ((value <= bound) if upper else (value >= bound)):
+            missed.append(f"{key} = {value}, target {'≤' if upper else '≥'} {bound}")
+    assert SUITE[name].expect, f"{name} states no targets"
+    assert not missed, f"{name}: " + "; ".join(missed)
 
 
 def test_idle_gpus_move_to_the_tenant_that_waits():
