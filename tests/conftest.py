@@ -69,20 +69,9 @@ def delete_topics_with_prefix(s: Settings) -> None:
 def own_broker(tmp_path: Path):
     """A broker of this test's own, to freeze or restart without disturbing others; yields
     (broker, its status, Settings for a fresh prefix and store on it)."""
-    import socket
+    from brokers import free_port, share_jars
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    jars = Settings().data_dir / "kafka" / "libs"  # the session broker's, when this run started one: no Maven again
-    if not any(jars.glob("kafka_2.13-*.jar")):
-        jars = REPO / ".meterline-test" / "kafka" / "libs"
-    if any(jars.glob("kafka_2.13-*.jar")):
-        (tmp_path / "broker" / "kafka").mkdir(parents=True)
-        os.symlink(jars, tmp_path / "broker" / "kafka" / "libs")
-    broker = LocalBroker(Settings(data_dir=tmp_path / "broker", kafka_bootstrap=None,  # not make test's broker
+    broker = LocalBroker(Settings(data_dir=share_jars(tmp_path / "broker"), kafka_bootstrap=None,  # not make test's broker
                                   kafka_port=free_port(), kafka_controller_port=free_port()))
     try:
         status = broker.start(timeout=120)

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,14 +27,9 @@ from meterline.settings import Settings
 from meterline.streams.pricing import load_catalog
 
 import collectors_kafka  # the tests' shared Kafka helpers
+from brokers import free_port
 
 CLI = [sys.executable, "-c", "from meterline.cli import main; main()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(settings: Settings, port: int) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """Why the project's broker did not start, in one line: its own reason from server.log."""
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -10,23 +9,13 @@ import pytest
 from meterline.broker import BrokerError, LocalBroker
 from meterline.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+from brokers import free_port, share_jars
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    for jars in (Settings().data_dir / "kafka" / "libs", REPO / ".meterline-test" / "kafka" / "libs"):
-        if any(jars.glob("kafka_2.13-*.jar")):  # the session broker's: no Maven again
-            (tmp_path / "kafka").mkdir()
-            os.symlink(jars, tmp_path / "kafka" / "libs")
-            break
-    return tmp_path
+    return share_jars(tmp_path)
 
 
 def test_a_port_held_by_another_program_is_named_with_the_brokers_own_reason(data_dir):

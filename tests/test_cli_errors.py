@@ -18,16 +18,11 @@ from meterline.settings import Settings
 from meterline.topics import create_topics
 
 import collectors_kafka  # the tests' shared Kafka helpers
+from brokers import free_port
 from conftest import delete_topics_with_prefix
 
 METERLINE = str(Path(sys.executable).with_name("meterline"))  # .venv/bin/meterline
 RUN_S = 120  # a safety net so a hang fails; no test asserts on time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -20,6 +20,8 @@ from meterline.schemas import (
 from meterline.settings import Settings
 from meterline.topics import CATALOG, create_topics
 
+from brokers import free_port, share_jars
+
 NOW = utcnow()
 
 
@@ -93,7 +95,7 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 def test_broker_lifecycle_keeps_topics_and_data(tmp_path: Path):
     """kafka start twice, status, stop, start again: topics and records survive."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env |= {"METERLINE_DATA_DIR": str(tmp_path), "METERLINE_KAFKA_PORT": "29192",
+    env |= {"METERLINE_DATA_DIR": str(share_jars(tmp_path)), "METERLINE_KAFKA_PORT": "29192",
             "METERLINE_KAFKA_CONTROLLER_PORT": "29193", "METERLINE_TOPIC_PREFIX": "life"}
     settings = Settings(data_dir=tmp_path, kafka_port=29192, kafka_controller_port=29193, topic_prefix="life")
     try:
@@ -121,9 +123,9 @@ def test_broker_lifecycle_keeps_topics_and_data(tmp_path: Path):
 def test_a_bootstrap_naming_the_brokers_own_port_starts_it(tmp_path: Path):
     """METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:<METERLINE_KAFKA_PORT> (a shell that exports both) starts the local
     broker; before, `kafka start` took it for an external cluster, started nothing and waited 90 s."""
-    port, controller = _free_port(), _free_port()
+    port, controller = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env |= {"METERLINE_DATA_DIR": str(tmp_path), "METERLINE_KAFKA_PORT": str(port), "METERLINE_KAFKA_CONTROLLER_PORT": str(controller),
+    env |= {"METERLINE_DATA_DIR": str(share_jars(tmp_path)), "METERLINE_KAFKA_PORT": str(port), "METERLINE_KAFKA_CONTROLLER_PORT": str(controller),
             "METERLINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
     try:
         started = cli(env, "kafka", "start", "--json")
@@ -134,12 +136,6 @@ def test_a_bootstrap_naming_the_brokers_own_port_starts_it(tmp_path: Path):
         assert "stopped" in cli(env, "kafka", "stop").stdout
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_missing_java_is_one_clear_line(tmp_path: Path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from brokers import free_port, share_jars
 from collectors_kafka import wait_for
 from meterline import kafka_acl
 from meterline.broker import BrokerError, LocalBroker
@@ -31,15 +31,8 @@ from meterline.settings import KafkaSecurity, Settings
 from meterline.topics import create_topics
 
 pytestmark = pytest.mark.kafka
-REPO = Path(__file__).resolve().parents[1]
 METERLINE = str(Path(sys.executable).with_name("meterline"))
 PREFIX = "sec"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 wait_until = partial(wait_for, step=0.01)  # WAIT_S: a subprocess (the Faust alerts job) starts slowly on a loaded machine
@@ -74,12 +67,7 @@ class Secured:
 
 def broker_settings(root: Path, kafka_secure: bool = True) -> Settings:
     """A broker of its own under root/broker on free ports, with the session broker's jars (no Maven again)."""
-    for jars in (Settings().data_dir / "kafka" / "libs", REPO / ".meterline-test" / "kafka" / "libs"):
-        if any(jars.glob("kafka_2.13-*.jar")):
-            (root / "broker" / "kafka").mkdir(parents=True)
-            os.symlink(jars, root / "broker" / "kafka" / "libs")
-            break
-    return Settings(data_dir=root / "broker", kafka_bootstrap=None, kafka_port=free_port(), kafka_controller_port=free_port(),
+    return Settings(data_dir=share_jars(root / "broker"), kafka_bootstrap=None, kafka_port=free_port(), kafka_controller_port=free_port(),
                     kafka_secure=kafka_secure, topic_prefix=PREFIX)
 
 
