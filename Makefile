@@ -7,9 +7,9 @@ BIN        = $(VENV)/bin
 TEST_DIR  ?= $(CURDIR)/.meterline-test
 TEST_PORT ?= 19092
 PYTEST_ARGS ?=
-# 4 processes on 2 cores: most tests wait on a broker or a timeout.
+# 4 processes on 2 cores: most tests wait on a broker or a timeout; a module whose fixture is costly stays on one (xdist_group).
 # Tests marked `alone` (real-time pacing, broker faults) run after, by themselves.
-XDIST     ?= -n 4
+XDIST     ?= -n 4 --dist loadgroup
 TEST_ENV   = METERLINE_DATA_DIR=$(TEST_DIR) METERLINE_KAFKA_PORT=$(TEST_PORT) METERLINE_KAFKA_CONTROLLER_PORT=$$(($(TEST_PORT)+1))
 
 .PHONY: install test demo bench schemas clean

@@ -197,6 +197,9 @@ def scenario() -> tuple[list[PricedEvent], list[tuple[GpuSample, Decimal, Decima
     return ev, gpu
 
 
+pytestmark = pytest.mark.xdist_group("app_drivers")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
     events, gpu = scenario()

@@ -129,6 +129,9 @@ def cost_at(hour: datetime, scale: float) -> Decimal:
     return Decimal(repr(round(scale * daily * weekly * 0.01, 12))) + Decimal("0.000000000001")
 
 
+pytestmark = pytest.mark.xdist_group("app_forecast")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
     path = tmp_path_factory.mktemp("forecast")

@@ -106,6 +106,9 @@ def expected(samples, priced, policy: str) -> dict[str, Decimal]:
     return {k: v for k, v in out.items() if v}
 
 
+pytestmark = pytest.mark.xdist_group("app_gpu_idle")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
     catalog, samples = load_catalog(), make_samples()

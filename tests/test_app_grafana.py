@@ -56,6 +56,9 @@ def strategy_run():
     return strategies.simulate(trace, inst, knobs), trace, inst, knobs
 
 
+pytestmark = pytest.mark.xdist_group("app_grafana")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     path = tmp_path_factory.mktemp("grafana")

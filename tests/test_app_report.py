@@ -127,6 +127,9 @@ def make_compute() -> list[tuple[ComputeSample, Decimal, Decimal]]:
     return rows
 
 
+pytestmark = pytest.mark.xdist_group("app_report")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def truth(tmp_path_factory):
     """Fill a fresh ledger; return the events and GPU rows that went in."""

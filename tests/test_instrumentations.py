@@ -108,6 +108,9 @@ class Runs:
                 proc.communicate()
 
 
+pytestmark = pytest.mark.xdist_group("instrumentations")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def fake():
     with FakeProvider() as provider:

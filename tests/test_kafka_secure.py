@@ -30,7 +30,7 @@ from meterline.broker import BrokerError, LocalBroker
 from meterline.settings import KafkaSecurity, Settings
 from meterline.topics import create_topics
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.xdist_group("kafka_secure")]  # one process makes the module fixtures
 METERLINE = str(Path(sys.executable).with_name("meterline"))
 PREFIX = "sec"
 

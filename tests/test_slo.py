@@ -108,6 +108,9 @@ def seasonal_history() -> list[PricedEvent]:
     return out
 
 
+pytestmark = pytest.mark.xdist_group("slo")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory):
     events = [e for calls in agent_calls().values() for e in calls] + under_decision() + seasonal_history()

@@ -131,6 +131,9 @@ def sql_verdicts(tmp_path, records: list[tuple[str, str, str]]) -> list[dict | N
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+pytestmark = pytest.mark.xdist_group("sql_checks")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
     cases = mutations()

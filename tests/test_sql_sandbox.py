@@ -25,6 +25,9 @@ from meterline.sql.sandbox import Refused, vet
 SECRET = "the-host-secret-42"
 
 
+pytestmark = pytest.mark.xdist_group("sql_sandbox")  # one process makes the module fixtures (make test: loadgroup)
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     from meterline.app.api import ApiServer

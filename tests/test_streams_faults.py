@@ -33,7 +33,7 @@ from meterline.streams.worker import StreamWorker, commit_offsets, usage_digest
 
 from test_streams_pipeline import priced_record, produce, read_topic, run_worker
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.xdist_group("streams_faults")]  # one process makes the module fixtures
 UTC = timezone.utc
 NOW = datetime.now(UTC)
 
