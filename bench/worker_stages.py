@@ -8,7 +8,8 @@ bench.common.worker_stages, which bench.compiled times too):
 - detectors: `Detectors.usage` per event (what the worker calls), with the worker's integer second;
 - priced_v2: `PricedV2Writer.write` per event (a fresh writer: its string cache fills as in a worker);
 - price: `Catalog.price_pico`; spend: `SpendBook.add_many` per 5,000-row batch (the worker's rows);
-- with --stages, also decode (`decode_usage`: decode + validate) and digest (`usage_digest`, the dedupe's).
+- with --stages, also decode (`decode_usage`: decode + validate), digest (`usage_digest`, the dedupe's) and chdb_parse
+  (chDB parsing all the values as JSONEachRow into typed columns, no checks: what a columnar core's decode would cost at least).
 `--code DIR` also loads DIR/streams (e.g. a `git worktree` of the branch point) as a second package: each repeat
 runs after, then before, in this one process, so both see the same load; the ratio is of the minima.
 """
@@ -21,6 +22,26 @@ from pathlib import Path
 
 from .common import STAGES, cpu_us_per_event, parser as make_parser, worker_stages
 from .pipeline import make_events
+
+# chdb_parse's columns: UsageEvent's fields as the bench's events carry them (no checks: a lower bound)
+USAGE_COLUMNS = ("event_id UUID, ts DateTime64(6), tenant_id String, team String, project String, agent_id String, session_id String, "
+                 "kind LowCardinality(String), provider LowCardinality(String), model LowCardinality(String), input_tokens UInt64, "
+                 "output_tokens UInt64, cache_read_tokens UInt64, latency_ms UInt64, tool String")
+
+
+def chdb_parse(values: list[bytes]):
+    """Not a worker stage: every value parsed by chDB in one query and read back as one Arrow table (fewer calls
+    than a worker's batches would make, and no checks), what a columnar core's decode would cost at least."""
+    def run() -> None:
+        import tempfile
+
+        import chdb.session
+
+        with tempfile.NamedTemporaryFile(suffix=".jsonl") as f:
+            f.write(b"\n".join(values))
+            f.flush()
+            chdb.session.Session().query(f"SELECT * FROM file('{f.name}', JSONEachRow, '{USAGE_COLUMNS}')", "Arrow")
+    return run
 
 
 def _package(directory: str | None) -> str:
@@ -40,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--code", metavar="DIR", help="also measure DIR/streams (a baseline), alternated with this tree's")
-    parser.add_argument("--stages", default="detectors,priced_v2,price,spend", help=f"of {', '.join(STAGES)}")
+    parser.add_argument("--stages", default="detectors,priced_v2,price,spend", help=f"of {', '.join(STAGES)}, chdb_parse")
     args = parser.parse_args(argv)
     values = [value for _, value in make_events(args.events, args.sessions, seed=3)]
-    after = worker_stages("meterline.streams", values)
-    before = worker_stages(_package(args.code), values) if args.code else None
+    after = worker_stages("meterline.streams", values) | {"chdb_parse": chdb_parse(values)}
+    before = worker_stages(_package(args.code), values) | {"chdb_parse": chdb_parse(values)} if args.code else None
     print(f"load average {os.getloadavg()[0]:.2f}; {args.events:,} events, {args.sessions:,} sessions; min of {args.repeat}")
     for name in args.stages.split(","):
         runs: dict[str, list[float]] = {"before": [], "after": []}

@@ -64,7 +64,8 @@ def test_offsets_are_normalised_to_utc_and_money_is_fixed_point():
     assert json.loads(encode({"ts": event.ts}))["ts"] == "2025-01-01T10:00:00Z"
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'"x"', b"null", json.dumps(valid_record(input_tokens=-1)).encode()])
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'"x"', b"null", json.dumps(valid_record(input_tokens=-1)).encode()],
+                         ids=["empty", "truncated", "array", "string", "null", "negative-tokens"])  # the same in every xdist process
 def test_garbage_raises_invalid_event_with_a_reason(raw):
     with pytest.raises(InvalidEvent) as err:
         decode_usage(raw)
