@@ -33,21 +33,26 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     assert first["spent_usd"] != other["spent_usd"] and first["requests"] != other["requests"]
 
 
+@pytest.mark.xdist_group("steady-1000")   # this process's run is the suite's steady-1000 run (_report)
 def test_the_same_numbers_in_every_process_whatever_the_hash_seed():
     """Grants tied on priority and fill were ordered by set iteration of session ids, so steady-1000's figures
-    changed with PYTHONHASHSEED; ties now break by id."""
+    changed with PYTHONHASHSEED; ties now break by id. The CLI in a process with another hash seed must print
+    this process's figures."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from meterline.console import dumps
+
     scenario = Path(__file__).parents[1] / "allocator" / "scenarios" / "03-steady-1000.toml"
-    procs = [subprocess.Popen([str(Path(sys.executable).with_name("meterline")), "simulate", "run", str(scenario), "--json"],
-                              env={**os.environ, "PYTHONHASHSEED": seed}, stdout=subprocess.PIPE, text=True)
-             for seed in ("0", "1")]   # side by side: each is a minute of one core
-    runs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    assert runs[0] == runs[1]
+    other_seed = "1" if os.environ.get("PYTHONHASHSEED") == "0" else "0"  # unset here: a random seed, ~never 0
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("meterline")), "simulate", "run", str(scenario), "--json"],
+                            env={**os.environ, "PYTHONHASHSEED": other_seed}, stdout=subprocess.PIPE, text=True)
+    here = dumps(_report("steady-1000"))  # meanwhile, on this core
+    printed = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0
+    assert printed.strip() == here
 
 
 def test_the_real_leases_hold_a_hard_budget_under_pressure():
@@ -280,18 +285,19 @@ def test_the_engine_takes_back_only_the_ceiling_the_guard_held():
 
 # ---- GPU pools: Jain's index of GPU-hours against entitlement, preemptions ------------------
 
-def two_tenants(a_jobs: dict, pending_visible: bool = True, seed: int = 5) -> Scenario:
+def two_tenants(a_jobs: dict, pending_visible: bool = True, seed: int = 5, duration_s: int = 3600) -> Scenario:
     """4 GPUs over an hour; a and b each hold a 2-GPU quota (2 GPU-hours in the hour); b's batch
     backlog arrives at the same instant, queued behind a's jobs, which fill the pool first."""
     return parse_scenario({
-        "name": "two-tenants", "seed": seed, "duration_s": 3600, "budget": {"amount": "1", "period_s": 3600},
+        "name": "two-tenants", "seed": seed, "duration_s": duration_s, "budget": {"amount": "1", "period_s": 3600},
         "gpu": {"gpus": 4, "pending_visible": pending_visible, "tenants": {
             "a": {"gpu_hours": "2", "jobs": [a_jobs]},
             "b": {"gpu_hours": "2", "jobs": [{"priority": "batch", "backlog": 20, "job_s": 600, "job_s_max": 900}]}}}})
 
 
 def test_gpu_figures_are_deterministic():
-    sc = lambda seed: two_tenants({"priority": "batch", "backlog": 20, "job_s": 300, "job_s_max": 1200}, seed=seed)  # noqa: E731
+    sc = lambda seed: two_tenants({"priority": "batch", "backlog": 20, "job_s": 300, "job_s_max": 1200}, seed=seed,  # noqa: E731
+                                  duration_s=1200)  # a third of the hour: seeds 5 and 6 already differ
     first, again, other = simulate(sc(5)), simulate(sc(5)), simulate(sc(6))
     assert first == again
     assert first["gpu"]["tenants"] != other["gpu"]["tenants"]
@@ -321,6 +327,7 @@ def test_without_the_waiting_demand_the_engine_sees_no_contention():
     assert g["jain"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.xdist_group("gpu-backlogged")   # on the process that runs the scenario's targets: one run for both
 def test_a_tenant_back_at_its_share_does_not_take_the_next_free_gpu():
     """The engine used to lift the preempt once a tenant was back at its share: the FIFO scheduler handed
     it the next free GPU and the engine preempted it a sample later (2,751 preemptions in gpu-backlogged)."""
@@ -331,6 +338,7 @@ def test_a_tenant_back_at_its_share_does_not_take_the_next_free_gpu():
 # ---- the built-in suite: issue 14's targets per scenario ----------------------------------
 
 _reports: dict[str, dict] = {}
+SHARED = ("gpu-backlogged", "steady-1000")  # scenarios other tests read too: one process runs them all (xdist_group)
 
 
 def _report(name: str) -> dict:
@@ -347,9 +355,9 @@ def _figure(report: dict, key: str):
     return report[key]
 
 
-# One test per scenario, every target checked on its one run: a test per target ran the scenario once per target
-# (pytest-xdist's loadgroup, which was to keep them on one process, does not group under pytest 9).
-@pytest.mark.parametrize("name", list(SUITE))
+# One test per scenario, every target checked on its one run (a test per target needed them all on one process).
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xdist_group(name)] if name in SHARED else [])
+                                  for name in SUITE])
 def test_builtin_suite_meets_its_targets(name):
     report, missed = _report(name), []
     for key, bound in SUITE[name].expect.items():
