@@ -12,7 +12,6 @@ from meterline.settings import Settings
 from brokers import free_port, share_jars
 
 
-
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return share_jars(tmp_path)

@@ -1,10 +1,9 @@
 """Broker outage: a broker of the test's own is stopped and started again; every event arrives exactly once."""
 from __future__ import annotations
 
-import socket
-
 from confluent_kafka import Producer
 
+from brokers import free_port
 from collectors_kafka import read_topic, wait_for
 from meterline.collectors import Meter
 from meterline.schemas import decode
@@ -44,9 +43,7 @@ def test_events_recorded_during_an_outage_arrive_exactly_once(own_broker):
 def test_a_producer_left_with_no_usable_broker_is_replaced_and_the_spool_drains(settings):
     """The chaos run's stuck meter: an outage whose producer no longer reaches any broker while the broker answers
     (librdkafka waiting in rd_kafka_broker_any_usable for minutes). Modelled with a producer pointed at a closed port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens there
     meter = Meter(settings, tenant_id="acme", agent_id="stale", register_pid=False)
     sender = meter.sender
     live, sender._producer = sender._producer, Producer({"bootstrap.servers": f"127.0.0.1:{closed}", "log_level": 0})
