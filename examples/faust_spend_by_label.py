@@ -50,7 +50,7 @@ def declare(settings: Settings, names: list[str], partitions: int) -> None:
         except KafkaException as err:
             if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-    _wait_for_leaders(admin, names, 30)
+    _wait_for_leaders(admin, dict.fromkeys(names, partitions), 30)
 
 
 def make_app(settings: Settings, label: str = "customer", group: str | None = None) -> faust.App:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from .settings import Settings
@@ -53,35 +53,35 @@ def create_topics(settings: Settings, replication_factor: int = 1, timeout: floa
     admin = AdminClient(settings.kafka_config())
     wanted = {settings.topic(s.name): s for s in CATALOG}
     listed = admin.list_topics(timeout=timeout).topics
-    # A topic created a moment ago may be listed with no partitions yet: count them once it has its leaders.
-    ready = _wait_for_leaders(admin, [name for name in wanted if name in listed], timeout)
-    existing = {name: len(meta.partitions) for name, meta in ready.items()}
-    result = {name: "exists" for name in wanted if name in existing}
-    short = [NewPartitions(name, s.partitions) for name, s in wanted.items() if 0 < existing.get(name, 0) < s.partitions]
-    for name, future in (admin.create_partitions(short, operation_timeout=timeout) if short else {}).items():
-        future.result(timeout)  # e.g. gpu: 6 -> 12, to match usage (its keys move to their new partitions)
-        result[name] = f"grown to {wanted[name].partitions}"
-    missing = [NewTopic(name, s.partitions, replication_factor, config=s.config) for name, s in wanted.items() if name not in existing]
+    result, present = {}, [name for name in wanted if name in listed]
+    missing = [NewTopic(name, s.partitions, replication_factor, config=s.config) for name, s in wanted.items() if name not in listed]
     for name, future in (admin.create_topics(missing, operation_timeout=timeout) if missing else {}).items():
         try:
             future.result(timeout)
             result[name] = "created"
         except KafkaException as err:
-            if err.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
+            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # made by another client a moment ago, not listed yet
                 raise
-            result[name] = "exists"
-    _wait_for_leaders(admin, list(wanted), timeout)
+            present.append(name)  # and perhaps with fewer partitions, like a listed one
+    # A topic created a moment ago may be listed with no partitions yet, or not at all: count once it has its leaders.
+    existing = {name: len(meta.partitions) for name, meta in _wait_for_leaders(admin, dict.fromkeys(present, 1), timeout).items()}
+    short = [NewPartitions(name, wanted[name].partitions) for name in present if existing[name] < wanted[name].partitions]
+    result |= {name: "exists" for name in present}
+    for name, future in (admin.create_partitions(short, operation_timeout=timeout) if short else {}).items():
+        future.result(timeout)  # e.g. gpu: 6 -> 12, to match usage (its keys move to their new partitions)
+        result[name] = f"grown to {wanted[name].partitions}"
+    _wait_for_leaders(admin, {name: s.partitions for name, s in wanted.items()}, timeout)  # as the catalog says, for clients starting now
     return dict(sorted(result.items()))
 
 
-def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> dict:
-    """Once every partition of `topics` has a leader, return the metadata that showed it: a new topic's
-    partitions answer NOT_LEADER for a moment, and clients that start right away would trip on it."""
+def _wait_for_leaders(admin: AdminClient, topics: dict[str, int], timeout: float) -> dict:
+    """Once each of `topics` has at least its number of partitions, each with a leader, return the metadata that
+    showed it: a new topic's partitions answer NOT_LEADER for a moment, and clients that start right away would trip on it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta = admin.list_topics(timeout=timeout).topics
-        if all(t in meta and meta[t].partitions and not meta[t].error
-               and all(p.leader >= 0 and not p.error for p in meta[t].partitions.values()) for t in topics):
+        if all(t in meta and len(meta[t].partitions) >= n and not meta[t].error
+               and all(p.leader >= 0 and not p.error for p in meta[t].partitions.values()) for t, n in topics.items()):
             return meta
         time.sleep(0.1)
-    raise TimeoutError(f"topics {topics} have partitions without a leader after {timeout:.0f} s")
+    raise TimeoutError(f"topics {sorted(topics)} have partitions without a leader after {timeout:.0f} s")
