@@ -213,18 +213,10 @@ class _UnlistedTopicAdmin(_FreshTopicAdmin):
         return {t.topic: _Done() if t.topic in made else _Exists() for t in new}
 
 
-def test_a_topic_not_listed_yet_whose_creation_is_refused_as_existing_is_still_grown(monkeypatch):
+@pytest.mark.parametrize("broker", [_FreshTopicAdmin, _UnlistedTopicAdmin], ids=["listed-without-partitions", "not-listed-yet"])
+def test_a_topic_made_a_moment_ago_is_still_grown(monkeypatch, broker):
     settings = Settings(kafka_bootstrap="127.0.0.1:1", topic_prefix="race")
-    admin = _UnlistedTopicAdmin(settings.topic("gpu"))
-    monkeypatch.setattr("meterline.topics.AdminClient", lambda config: admin)
-    result = create_topics(settings)
-    assert result[settings.topic("gpu")] == "grown to 12" and admin.partitions[settings.topic("gpu")] == 12
-    assert admin.partitions == {settings.topic(s.name): s.partitions for s in CATALOG}
-
-
-def test_a_topic_listed_before_its_partitions_are_is_still_grown(monkeypatch):
-    settings = Settings(kafka_bootstrap="127.0.0.1:1", topic_prefix="race")
-    admin = _FreshTopicAdmin(settings.topic("gpu"))
+    admin = broker(settings.topic("gpu"))
     monkeypatch.setattr("meterline.topics.AdminClient", lambda config: admin)
     result = create_topics(settings)
     assert result[settings.topic("gpu")] == "grown to 12" and admin.partitions[settings.topic("gpu")] == 12
