@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from confluent_kafka import Consumer, TopicPartition
 
+from meterline.allocator._kafka import partition_ends
 from meterline import kafka_acl
 from meterline.schemas import events as ev
 from meterline.settings import Settings
@@ -45,8 +46,7 @@ def ends(settings: Settings, topic: str) -> int:
     """Records on a topic (every partition's high watermark)."""
     consumer = Consumer(settings.kafka_config(**{"group.id": "dlq-test-watermarks"}))
     try:
-        return sum(consumer.get_watermark_offsets(TopicPartition(settings.topic(topic), p), timeout=10)[1]
-                   for p in range(len(consumer.list_topics(settings.topic(topic), timeout=10).topics[settings.topic(topic)].partitions)))
+        return sum(partition_ends(consumer, settings.topic(topic)).values())  # retried while a leader moves
     finally:
         consumer.close()
 

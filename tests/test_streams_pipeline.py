@@ -19,11 +19,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
+from meterline.allocator._kafka import partition_ends
 from meterline.schemas.events import GpuSample, SpendUpdate, UsageEvent, build, decode, new_id
 from meterline.schemas.scopes import scope_ids
 from meterline.settings import Settings
 from meterline.streams.codec import decode_priced
-from meterline.streams.worker import StreamWorker, _high_watermark
+from meterline.streams.worker import StreamWorker
 from meterline.topics import create_topics
 
 pytestmark = pytest.mark.kafka
@@ -77,8 +78,7 @@ def read_topic(settings: Settings, topic: str) -> list[bytes]:
     name = settings.topic(topic) if "." not in topic else topic
     consumer = Consumer(settings.kafka_config(**{"group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False}))
     try:
-        parts = consumer.list_topics(name, timeout=30).topics[name].partitions
-        ends = {p: _high_watermark(consumer, TopicPartition(name, p)) for p in parts}  # retried while a leader moves
+        ends = partition_ends(consumer, name)  # retried while a leader moves
         todo = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in todo])
         out = []
@@ -697,8 +697,7 @@ def _fast_records(n: int, rng: random.Random) -> list[tuple[bytes, bytes, str, s
 
 
 def _priced_count(settings: Settings, consumer: Consumer) -> int:
-    name = settings.topic("priced")
-    return sum(consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10, cached=False)[1] for p in range(12))
+    return sum(partition_ends(consumer, settings.topic("priced")).values())  # retried while a leader moves
 
 
 def test_sigkill_mid_stream_loses_nothing_and_ledger_dedupe_is_exact(kafka_bootstrap, tmp_path):
