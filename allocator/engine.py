@@ -180,6 +180,7 @@ class Pool:
     live: int
     held: Decimal = ZERO  # granted to normal/low/batch sessions, not spent yet
     returnable: Decimal = ZERO   # held by sessions not stuck on a call of their own: it may still come back
+    shared: bool = False  # critical/high sessions are under it (a lower class's rest is their margin: kept)
 
 
 @dataclass
@@ -634,7 +635,8 @@ class Engine:
         return Pool(any=uncommitted - reserve, paced=min(plan + working, lower_cap) - committed - reserve,
                     period=lower_cap - committed - reserve, reserve=reserve, protected=protected, call=call,
                     live=len(live), held=sum((lease.outstanding for lease in leases if lease.priority not in PROTECTED), ZERO),
-                    returnable=sum((lease.outstanding for lease in leases if lease.need <= lease.limit or self._idle(lease, now)), ZERO))
+                    returnable=sum((lease.outstanding for lease in leases if lease.need <= lease.limit or self._idle(lease, now)), ZERO),
+                    shared=bool(prot))
 
     def _starter(self, state: BudgetState, now: datetime) -> Decimal:
         """What an unseen session may spend: the reserve split over max(slots, live sessions).
@@ -748,7 +750,11 @@ class Engine:
                 self._commit(hard, grant)
         binding = min(hard, key=lambda s: self._pool(s, now).any)
         period_left = min(p.any if protected else p.period for p in pools)
-        exhausted = lease.outstanding < max(call_cost, min_grant / 2) and period_left <= 0
+        # out of calls, and the period's rest cannot make up the call a lower class waits for: denied, so it
+        # gives its rest back where `release` takes it (a scrap left uncommitted kept it at 'allow' on a rest a
+        # cheaper session waited for: the demo's hooli ended 86-88 % used in a third of the runs)
+        scrap = not protected and not any(p.shared for p in pools) and period_left < lease.need - lease.limit
+        exhausted = lease.outstanding < max(call_cost, min_grant / 2) and (period_left <= 0 or scrap)
         unreachable = protected and not exhausted and self._out_of_reach(lease, pools)
         return self._decision(
             now, tenant_id=tenant_of(lease.session_id), scope="session", scope_id=lease.session_id,
