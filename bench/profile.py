@@ -134,8 +134,8 @@ WORKER_STAGES = {  # cProfile function name -> stage
     "<method 'flush' of 'cimpl.Producer' objects>": "producer flush (librdkafka)",
 }
 SINK_STAGES = {
-    "_take_many": "intake (_take_many: offsets, line with Kafka columns)", "_load": "stage: truncate + JSONEachRow insert + typed fill",
-    "_load_binary": "  of which priced.v2: RowBinary insert + framing check + typed fill",
+    "_take_many": "intake (_take_many: offsets, line with Kafka columns)", "load": "stage: truncate + JSONEachRow insert + typed fill",
+    "load_binary": "  of which priced.v2: RowBinary insert + framing check + typed fill",
     "_rejected": "checks (rejected rows query)", "insert": "dedupe + insert into the ledger",
     "<method 'query' of 'chdb.state.sqlitelike.Connection' objects>": "(chDB queries, all)",
 }

@@ -22,7 +22,8 @@ from pathlib import Path
 from meterline.schemas.events import PricedEvent, decode
 from meterline.settings import Settings
 from meterline.sql import ledger
-from meterline.sql.sink import UNIQUE_ROWS, LedgerSink
+from meterline.sql.sink import LedgerSink
+from meterline.sql.writer import UNIQUE_ROWS
 from meterline.sql.synth import priced_events
 from meterline.streams.codec import encode_priced_v2
 
@@ -61,8 +62,8 @@ def main() -> None:
     records = priced_events(n, seed=1)[0]
     sink._take_many([Message(topic, i % 12, i // 12, None, encode_priced_v2(decode(PricedEvent, r)))
                      for i, r in enumerate(records)])
-    staged, rows = sink._staged("priced_events"), sink.batch.tables["priced_events"]
-    sink._load(staged, rows, sink.batch.nonce)
+    staged, rows = sink.writer.staged("priced_events"), sink.batch.tables["priced_events"]
+    sink.writer.load(staged, rows, sink.batch.nonce)
     _, lo, hi = client.query(staged.accepted_range()).result_rows[0]
     bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
     insert = {db: staged.insert(f"{db}.priced_events", ("event_id", f"{db}.priced_event_ids", *bounds)) for db in "ac"}

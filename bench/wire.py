@@ -76,15 +76,16 @@ def encode_costs(worker, inputs: list, repeat: int) -> dict[str, float]:
 def stage_costs(settings: Settings, v1: list[bytes], v2: list[bytes], repeat: int) -> dict[str, float]:
     from meterline.sql import ledger
     from meterline.sql.sink import BINARY_TAIL, LedgerSink
+    from meterline.sql.writer import STAGE_SETTINGS, json_line
 
     client = ledger.connect(settings)
     ledger.migrate(client)
     sink = LedgerSink(settings, client=client, group=f"w-{uuid.uuid4().hex[:6]}")
-    staged, topic, nonce = sink._staged("priced_events"), settings.topic("priced"), 7
+    staged, topic, nonce = sink.writer.staged("priced_events"), settings.topic("priced"), 7
     for statement in staged.create():
         client.command(statement)
     n = len(v1)
-    json_lines = [sink._line(r, Msg(topic, i % 12, i, None, r), 0) for i, r in enumerate(v1)]
+    json_lines = [json_line(r, Msg(topic, i % 12, i, None, r), 0) for i, r in enumerate(v1)]
     rows = [r[1:] + BINARY_TAIL(i % 12, i, 0, nonce) for i, r in enumerate(v2)]
     typed_json = staged.stage2.replace("stage2", "stagea")
     client.command(staged.binary_create().replace(staged.stage2, typed_json))
@@ -96,7 +97,7 @@ def stage_costs(settings: Settings, v1: list[bytes], v2: list[bytes], repeat: in
 
     def run_v1() -> None:
         truncate()
-        client.raw_insert(staged.stage, None, b"\n".join(json_lines), settings=__import__("meterline.sql.sink").sql.sink.STAGE_SETTINGS,
+        client.raw_insert(staged.stage, None, b"\n".join(json_lines), settings=STAGE_SETTINGS,
                           fmt="JSONEachRow")
         client.command(staged.fill())
 
@@ -108,7 +109,7 @@ def stage_costs(settings: Settings, v1: list[bytes], v2: list[bytes], repeat: in
 
     def run_b() -> None:
         truncate()
-        sink._load_binary(staged, rows, nonce)
+        sink.writer.load_binary(staged, rows, nonce)
 
     def run_c() -> None:
         import pyarrow as pa

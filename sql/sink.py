@@ -17,10 +17,12 @@ months (one insert per month partition), it re-reads the last batch of each part
 neither loses nor doubles a row. Dead letters are at-least-once: a record that failed after
 the last stored row may be dead-lettered again after a crash.
 
-Three parts, as quix-streams keeps them: this module is the sink (which rows go to ClickHouse,
-how they are staged, checked, de-duplicated and retried); sql/batching.py decides when a batch
-is flushed and runs the one insert in flight; sql/checkpoint.py owns the consumer's side
-(resume points from the ledger on assignment, what each offset read means, lag, commit).
+The parts, as quix-streams keeps them apart: this module is the sink (the consumer loop, intake of
+records into a batch, the flush's order, retries, dead letters to Kafka); sql/writer.py makes a
+batch into inserts (staged in ClickHouse, checked, settled by the contract, de-duplicated by id);
+sql/batching.py decides when a batch is flushed and runs the one insert in flight;
+sql/checkpoint.py owns the consumer's side (resume points from the ledger on assignment, what
+each offset read means, lag, commit).
 """
 from __future__ import annotations
 
@@ -29,8 +31,6 @@ import signal
 import struct
 import threading
 import time
-import uuid
-from collections import Counter
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable
@@ -40,38 +40,21 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from meterline.allocator.budgets import CHANGED_BY
 from meterline.schemas import events as ev
 from meterline.settings import Settings
-from meterline.streams.anomalies import conflicting_duplicate
-
-from . import firstwrite, ledger
-from .batching import Batch, FlushPolicy, InFlight, TableBatch, idle_exit_due
-from .checkpoint import Checkpoint, Seen, resume_points
-from .checks import Staged, canonical_json
-from meterline.streams.codec import decode_priced
 from meterline.topics import CATALOG
-from .rows import budget_policy_row, compute_sample_row, contract_row, gpu_sample_row, insert_rows
+
+from . import ledger
+from .batching import Batch, FlushPolicy, InFlight, idle_exit_due
+from .checkpoint import Checkpoint, Seen, resume_points
+from .rows import budget_policy_row, compute_sample_row, contract_row, gpu_sample_row
+from .writer import STAGED_TABLES, LedgerWriter, dead_letter, json_line
 
 log = logging.getLogger("meterline.sink")
 
-# Staged tables take the record's JSON as text (sql/checks.py): nothing may be coerced on the way in.
-STAGE_SETTINGS = {"input_format_null_as_default": 0, "input_format_skip_unknown_fields": 0,
-                  "input_format_json_read_numbers_as_strings": 0, "input_format_json_read_bools_as_numbers": 0,
-                  "input_format_json_read_objects_as_strings": 0, "input_format_json_read_arrays_as_strings": 0,
-                  "input_format_json_read_bools_as_strings": 0}
-# High-volume tables whose row is their contract's JSON: validated, de-duplicated and inserted inside ClickHouse.
-STAGED_TABLES = ("priced_events", "spend_updates", "anomalies", "dead_letters")
-# An id table's insert: one row per id (deduplicated above), the ids view copies them, the rollup view groups each
-# block: collapsing a part on insert (Replacing/SummingMergeTree) finds nothing. Rollups are read with sum() GROUP BY.
-UNIQUE_ROWS = {"optimize_on_insert": 0}
 # A tombstone there deletes its key's latest value (the allocator retires expired decisions): nothing to store.
 COMPACTED = frozenset(spec.name for spec in CATALOG if spec.config.get("cleanup.policy") == "compact")
-DLQ_NAMESPACE = uuid.UUID("5b0d4c2e-8f0e-4f6a-9c57-0d1e5a1f7e11")
 V2 = ev.PRICED_V2_MAGIC
 # What the sink appends to a priced.v2 row (sql/checks.py BINARY_KAFKA_COLUMNS): partition, offset, batch start, nonce.
 BINARY_TAIL = struct.Struct("<IQQQ").pack
-
-
-class FramingError(Exception):
-    """The batch's priced.v2 rows did not read back one row per record (one is truncated or garbage)."""
 
 
 def month_of(ts: datetime) -> int:
@@ -123,11 +106,10 @@ class LedgerSink:
         self.inflight = InFlight()
         self._staged_cache: tuple[dict, dict[str, tuple[str, bytes, bool]]] = ({}, {})
         self._consuming_thread = threading.get_ident()  # the one thread that calls the consumer (run() resets it)
-        self._staged_tables: dict[str, Staged] = {}
-        self._staging_made: set[str] = set()  # staging tables this session has (sql/checks.py Staged.create)
         self.anomalies_topic = settings.topic("anomalies")
         self.stats = {"rows": 0, "duplicates": 0, "conflicting_duplicates": 0, "dead_letters": 0, "flushes": 0, "retries": 0,
                       "tombstones": 0, "ledger_check_rejections": 0}
+        self.writer = LedgerWriter(self.client, {t.name: settings.topic(t.topic) for t in ledger.TABLES}, self.cluster, self.stats)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -210,7 +192,7 @@ class LedgerSink:
         except Exception as err:  # noqa: BLE001 - one bad record never stops the sink: it is dead-lettered
             if not already_dead:
                 reason = err.reason if isinstance(err, ev.InvalidEvent) else f"could not make a ledger row: {err!r}"
-                batch.dead.append(self._dead_letter(msg, reason, type(err).__name__))
+                batch.dead.append(dead_letter(msg, reason, type(err).__name__))
 
     def _take_many(self, messages: list[Message]) -> None:
         """`_take` for a consumed batch, with the common case inline (a new record of a staged table: append its
@@ -280,7 +262,7 @@ class LedgerSink:
                 rows.binary.add(len(rows.lines))
                 rows.lines.append(raw[1:] + BINARY_TAIL(msg.partition(), msg.offset(), start, batch.nonce))
             else:
-                rows.lines.append(self._line(raw.rstrip(), msg, start))
+                rows.lines.append(json_line(raw.rstrip(), msg, start))
             rows.msgs.append(msg)
         else:
             record = ev.decode(ev.CONTRACTS[table.contract], raw)
@@ -293,12 +275,6 @@ class LedgerSink:
                 rows.ids[month].append((str(row[table.id_column]), row[table.ts_column]))
                 rows.dict_msgs[month].append(msg)
         batch.rows += 1
-
-    @staticmethod
-    def _line(body: bytes, msg: Message, start: int) -> bytes:
-        """A JSON object with the Kafka columns appended (anything else fails to parse, and is then settled)."""
-        return body[:-1] + b',"_topic":"%s","_partition":%d,"_offset":%d,"_batch_start":%d}' % (
-            msg.topic().encode(), msg.partition(), msg.offset(), start)
 
     @staticmethod
     def _coords(msg: Message, start: int) -> dict[str, Any]:
@@ -340,13 +316,6 @@ class LedgerSink:
 
             self._catalog = load_catalog(self.settings.catalog)
         return self._catalog
-
-    def _dead_letter(self, msg: Message, reason: str, error_type: str) -> ev.DeadLetter:
-        # Deterministic id: the same bad record dead-lettered twice is one row in the ledger's history.
-        dlq_id = uuid.uuid5(DLQ_NAMESPACE, f"{msg.topic()}:{msg.partition()}:{msg.offset()}")
-        payload, reason = ev.dead_letter_payload(msg.value(), reason)  # always fits the dlq topic
-        return ev.DeadLetter(dlq_id=dlq_id, ts=ev.utcnow(), stage="sink", source_topic=msg.topic(), partition=msg.partition(),
-                             offset=msg.offset(), reason=reason, error_type=error_type[:ev.MAX_NAME_LEN], payload_b64=payload)
 
     # ------------------------------------------------------------------ flush
 
@@ -393,7 +362,7 @@ class LedgerSink:
         """Steps 2-5 of the module doc; False when partitions were revoked mid-way."""
         self.flushing, self.revoked_mid_flush = True, False
         try:
-            inserts = self._inserts(batch, retry)
+            inserts = self.writer.inserts(batch, self._retry if retry else None)
             self._send_dead_letters(batch.dead, batch.anomalies)
             for describe, insert in inserts:
                 self._retry(insert, describe) if retry else insert()
@@ -407,248 +376,6 @@ class LedgerSink:
             return False
         finally:
             self.flushing = False
-
-    def _inserts(self, batch: Batch, retry: bool) -> list[tuple[str, Callable[[], None]]]:
-        """One insert per staged table and per (table, month) of the others, after dropping duplicate ids."""
-        out = []
-        for name, rows in batch.tables.items():
-            target = ledger.write_table(name, self.cluster)
-            if rows.lines:
-                insert = self._stage(batch, name, target, rows, retry)
-                if insert is not None:
-                    out.append((f"insert staged rows into {target}", insert))
-            fresh = self._fresh_ids(batch, name, rows, retry)
-            for month, dict_items in rows.dict_rows.items():
-                keep_rows = [r for r, ok in zip(dict_items, fresh.get(month, [True] * len(dict_items))) if ok]
-                if keep_rows:
-                    out.append((f"insert {len(keep_rows)} rows into {target}", self._dict_insert(target, keep_rows)))
-        return out
-
-    # ------------------------------------------------------------------ staged tables (sql/checks.py)
-
-    def _stage(self, batch: Batch, name: str, target: str, rows: TableBatch, retry: bool) -> Callable[[], None] | None:
-        """Load the rows into ClickHouse and check them there; the contract settles what ClickHouse rejects.
-        Returns the insert of the accepted rows (None when there are none)."""
-        staged = self._staged(name)
-
-        def run(action: Callable[[], Any], what: str) -> Any:
-            return self._retry(action, f"{what} {name}") if retry else action()
-
-        try:
-            self._load(staged, rows, batch.nonce)
-        except FramingError as err:  # a priced.v2 record is truncated or garbage: the contract reads each binary row
-            log.info("staging %s: %s; checking each priced.v2 record against the contract", name, err)
-            self._settle(batch, staged, rows, sorted(rows.binary))
-            run(lambda: self._load(staged, rows, batch.nonce), "stage")
-        except Exception as err:  # noqa: BLE001 - a record ClickHouse cannot parse, or ClickHouse is down
-            log.info("staging %s failed (%s); checking each record against the contract", name, str(err).splitlines()[0][:200])
-            self._settle(batch, staged, rows, range(len(rows.lines)))
-            run(lambda: self._load(staged, rows, batch.nonce), "stage")
-        rejected = run(lambda: self._rejected(staged, rows), "check")
-        if rejected:  # canonical JSON for what the contract accepts, a dead letter for the rest
-            self._settle(batch, staged, rows, rejected)
-            run(lambda: self._load(staged, rows, batch.nonce), "stage")
-            self._settle(batch, staged, rows, run(lambda: self._rejected(staged, rows), "check"), final=True)
-        count, lo, hi = run(lambda: self.client.query(staged.accepted_range()).result_rows[0], "count")
-        if not count:
-            return None
-        dedupe, exclude = None, frozenset()
-        if name in ledger.ID_TABLES:
-            bounds = tuple(f"toDateTime64('{t:%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')" for t in (lo, hi))
-            dedupe = (staged.id_column, ledger.write_table(ledger.ID_TABLES[name], self.cluster), *bounds)
-            repeated = run(lambda: self.client.query(staged.repeated(*dedupe)).result_rows, "find repeated ids")
-            self.stats["duplicates"] += duplicate_count(repeated)
-            if repeated:
-                exclude = frozenset(self._staged_first_writes(batch, name, rows, repeated, lo, hi, run))
-        query, attempts = staged.insert(target, dedupe, exclude), 0
-        settings = {**self._insert_settings(), **(UNIQUE_ROWS if dedupe else {})}
-
-        def insert() -> None:
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:  # a retry: the staging tables went with the session if ClickHouse restarted
-                self._load(staged, rows, batch.nonce)
-            self.client.command(query, settings=settings)
-        return insert
-
-    def _staged(self, name: str) -> Staged:
-        if name not in self._staged_tables:
-            table = self._table(name)
-            types = {r[0]: r[1] for r in self.client.query(f"DESCRIBE TABLE {ledger.write_table(name, self.cluster)}").result_rows}
-            self._staged_tables[name] = Staged(ev.CONTRACTS[table.contract], name, types, table.ts_column, table.id_column)
-        return self._staged_tables[name]
-
-    def _load(self, staged: Staged, rows: TableBatch, nonce: int) -> None:
-        """Staging tables (per session, created on first use) <- the batch's JSON and its priced.v2 rows (RowBinary,
-        no parse); then typed and checked. Raises FramingError when the binary rows do not read back one per record."""
-        self._empty_staging(staged)
-        binary, lines = rows.binary, rows.lines
-        if binary:
-            body = b"\n".join(line for i, line in enumerate(lines) if line is not None and i not in binary)
-        else:
-            body = b"\n".join(line for line in lines if line is not None)
-        if body:
-            self.client.raw_insert(staged.stage, None, body, settings=STAGE_SETTINGS, fmt="JSONEachRow")
-            self.client.command(staged.fill())
-        if binary:
-            self._load_binary(staged, [lines[i] for i in binary], nonce)
-
-    def _empty_staging(self, staged: Staged) -> None:
-        """Truncate the session's staging tables; create them when the session has none (its first batch, or the
-        server restarted and took them). Creating them every batch cost ~60 ms (the typed table's SELECT is analysed)."""
-        if staged.table in self._staging_made:
-            try:
-                for statement in staged.truncate():
-                    self.client.command(statement)
-                return
-            except Exception:  # noqa: BLE001 - gone with the session (or ClickHouse is down: the create raises, retried)
-                self._staging_made.discard(staged.table)
-        for statement in (*staged.create(), *staged.truncate()):
-            self.client.command(statement)
-        self._staging_made.add(staged.table)
-
-    def _load_binary(self, staged: Staged, lines: list[bytes], nonce: int) -> None:
-        """priced.v2 rows, each with its Kafka columns and the batch's nonce, as one RowBinary insert. A record that
-        does not end where its bytes end shifts every row after it: the count or a nonce then differs."""
-        try:
-            self.client.raw_insert(staged.stage2, None, b"".join(lines), fmt="RowBinary")
-        except Exception as err:  # noqa: BLE001 - cut short (or ClickHouse is down: the JSON path then retries)
-            raise FramingError(f"ClickHouse could not read the priced.v2 rows ({str(err).splitlines()[0][:200]})") from err
-        count, nonces = self.client.query(staged.binary_framing()).result_rows[0]
-        if count != len(lines) or list(nonces) != [nonce]:
-            raise FramingError(f"{len(lines)} priced.v2 records read back as {count} rows")
-        self.client.command(staged.binary_fill(self._topic_of(staged.table)))
-
-    def _topic_of(self, name: str) -> str:
-        return next(topic for topic, table in self.tables.items() if table.name == name)
-
-    def _decode(self, model: type, msg: Message) -> ev.Contract:
-        """The record by its contract; a priced record in either wire format (streams/codec.py decode_priced)."""
-        if model is ev.PricedEvent:
-            return decode_priced(msg.value(), msg.headers())
-        return ev.decode(model, msg.value())
-
-    def _rejected(self, staged: Staged, rows: TableBatch) -> list[int]:
-        found = self.client.query(staged.rejected()).result_rows
-        if not found:
-            return []
-        index = {(m.partition(), m.offset()): i for i, m in enumerate(rows.msgs)}
-        return [index[(partition, offset)] for partition, offset in found]
-
-    def _staged_first_writes(self, batch: Batch, name: str, rows: TableBatch, repeated: list, lo: datetime, hi: datetime,
-                             run: Callable) -> set[tuple[int, int]]:
-        """The (partition, offset) of every staged copy that is not its id's first write."""
-        index = {(m.partition(), m.offset()): i for i, m in enumerate(rows.msgs)}
-        copies = []
-        table = self._table(name)
-        for event_id, partition, offset, _ in repeated:
-            msg = rows.msgs[index[(partition, offset)]]
-            try:
-                values = self._decode(ev.CONTRACTS[table.contract], msg).model_dump()
-            except ev.InvalidEvent:  # the SQL checks and the contract disagree: LIMIT 1 BY still keeps one copy
-                log.warning("%s[%d]@%d passed the SQL checks but not the contract", msg.topic(), partition, offset)
-                continue
-            copies.append(firstwrite.Copy(event_id, values, msg.topic(), partition, offset, msg))
-        stored_ids = {i for i, _, _, stored in repeated if stored}
-        duplicates, conflicts = self._first_writes(batch, name, copies, stored_ids, lo, hi, run)
-        self.stats["duplicates"] -= len(conflicts)  # counted by duplicate_count() with the rest
-        return {(m.partition(), m.offset()) for m in duplicates + conflicts}
-
-    def _first_writes(self, batch: Batch, name: str, copies: list[firstwrite.Copy], stored_ids: set[str],
-                      lo: datetime, hi: datetime, run: Callable) -> tuple[list[Message], list[Message]]:
-        """Judge repeated ids (sql/firstwrite.py); a conflicting copy becomes a dead letter and an anomaly.
-        Returns the messages of the batch copies to drop: (duplicates, conflicts)."""
-        if stored_ids:
-            copies = copies + run(lambda: self._stored_copies(name, stored_ids, lo, hi), "read stored copies")
-        verdict = firstwrite.judge(name, copies)
-        id_name = self._table(name).id_column
-        for first, copy, differ in verdict.conflicts:
-            if (copy.topic, copy.partition, copy.offset) in batch.redelivered:
-                continue  # dead-lettered and alerted before a crash: dropped again, not reported again
-            reason, anomaly = conflicting_duplicate(id_name, copy.id, (first.tenant, first.where), (copy.tenant, copy.where),
-                                                    stage="sink", first_stored=first.index is None, differ=tuple(differ))
-            log.warning("%s", reason)
-            batch.dead.append(self._dead_letter(copy.index, reason, "conflicting_duplicate"))
-            batch.anomalies.append(anomaly)
-        self.stats["conflicting_duplicates"] += len(verdict.conflicts)
-        return [c.index for c in verdict.duplicates], [c.index for _, c, _ in verdict.conflicts]
-
-    def _stored_copies(self, name: str, ids: set[str], lo: datetime, hi: datetime) -> list[firstwrite.Copy]:
-        table, id_column = ledger.write_table(name, self.cluster), self._table(name).id_column
-        fields = firstwrite.BODY_FIELDS[name]
-        lo_s, hi_s = (t.astimezone(timezone.utc).replace(tzinfo=None) for t in (lo, hi))
-        query = (f"SELECT toString({id_column}), {', '.join(fields)}, _topic, _partition, _offset FROM {table} "
-                 f"WHERE ts BETWEEN toDateTime64('{lo_s}', 3, 'UTC') AND toDateTime64('{hi_s}', 3, 'UTC') AND {id_column} IN "
-                 f"(SELECT id FROM format(TSV, 'id UUID', '{chr(10).join(sorted(ids))}'))")
-        return [firstwrite.Copy(r[0], dict(zip(fields, r[1:-3])), r[-3], r[-2], r[-1])
-                for r in self.client.query(query, settings={"max_query_size": len(query) + 4096}).result_rows]
-
-    def _table(self, name: str) -> ledger.LedgerTable:
-        return next(t for t in ledger.TABLES if t.name == name)
-
-    def _settle(self, batch: Batch, staged: Staged, rows: TableBatch, indices, final: bool = False) -> None:
-        """The contract decides: a dead letter with its reason, or (not final) its canonical JSON staged again."""
-        for i in indices:
-            if rows.lines[i] is None:  # dead-lettered already
-                continue
-            msg = rows.msgs[i]
-            rows.binary.discard(i)  # staged again as canonical JSON, or not at all
-            try:
-                record = self._decode(staged.model, msg)
-            except ev.InvalidEvent as err:
-                reason, error_type = err.reason, type(err).__name__
-            else:
-                if not final:
-                    rows.lines[i] = self._line(canonical_json(record), msg, batch.start[(msg.topic(), msg.partition())])
-                    continue
-                reason, error_type = ("valid by the contract but rejected by the ledger's SQL checks (sql/checks.py): "
-                                      "a bug, please report it with this record"), "LedgerCheck"
-            if i not in rows.already_dead:
-                batch.dead.append(self._dead_letter(msg, reason, error_type))
-            rows.lines[i] = None
-
-    def _dict_insert(self, table: str, rows: list[dict[str, Any]]) -> Callable[[], None]:
-        def insert() -> None:
-            for keys in {tuple(r) for r in rows}:  # tombstones carry fewer columns
-                insert_rows(self.client, table, [r for r in rows if tuple(r) == keys])
-        return insert
-
-    def _insert_settings(self) -> dict[str, Any]:
-        return {"distributed_foreground_insert": 1} if self.cluster else {}
-
-    def _fresh_ids(self, batch: Batch, name: str, rows: TableBatch, retry: bool) -> dict[int, list[bool]]:
-        """Per month, a keep-flag per row: False for a copy that is not its id's first write."""
-        if name not in ledger.ID_TABLES or not rows.ids:
-            return {}
-
-        def run(action: Callable[[], Any], what: str) -> Any:
-            return self._retry(action, what) if retry else action()
-
-        all_ids = [(i, ts) for items in rows.ids.values() for i, ts in items]
-        stored = run(lambda: self._stored_ids(name, all_ids), "check duplicate ids")
-        counts = Counter(event_id for event_id, _ in all_ids)
-        copies = [firstwrite.Copy(event_id, row, row["_topic"], row["_partition"], row["_offset"], msg)
-                  for month, items in rows.ids.items()
-                  for (event_id, _), row, msg in zip(items, rows.dict_rows[month], rows.dict_msgs[month])
-                  if counts[event_id] > 1 or event_id in stored]
-        dropped: set[tuple[int, int]] = set()
-        if copies:
-            lo, hi = min(ts for _, ts in all_ids), max(ts for _, ts in all_ids)
-            duplicates, conflicts = self._first_writes(batch, name, copies, stored, lo, hi, run)
-            dropped = {(m.partition(), m.offset()) for m in duplicates + conflicts}
-            self.stats["duplicates"] += len(duplicates)
-        return {month: [(r["_partition"], r["_offset"]) not in dropped for r in rows.dict_rows[month]] for month in rows.ids}
-
-    def _stored_ids(self, name: str, ids: list[tuple[str, datetime]]) -> set[str]:
-        table = ledger.write_table(ledger.ID_TABLES[name], self.cluster)
-        id_column = next(t.id_column for t in ledger.TABLES if t.name == name)
-        lo = min(ts for _, ts in ids).astimezone(timezone.utc).replace(tzinfo=None)
-        hi = max(ts for _, ts in ids).astimezone(timezone.utc).replace(tzinfo=None)
-        data = "\n".join(i for i, _ in ids)  # UUID text: no quoting needed
-        query = (f"SELECT toString({id_column}) FROM {table} WHERE ts BETWEEN toDateTime64('{lo}', 3, 'UTC') "
-                 f"AND toDateTime64('{hi}', 3, 'UTC') AND {id_column} IN "
-                 f"(SELECT id FROM format(TSV, 'id UUID', '{data}'))")
-        return {r[0] for r in self.client.query(query, settings={"max_query_size": len(query) + 4096}).result_rows}
 
     def _send_dead_letters(self, dead: list[ev.DeadLetter], anomalies: list[ev.Anomaly] = ()) -> None:
         for letter in dead:
@@ -715,12 +442,6 @@ def run_sink(settings: Settings, idle_exit_s: float | None = None, **options: An
     log.info("sink consuming %s into %s", ", ".join(sink.tables), settings.dsn)
     sink.run(stop, idle_exit_s=idle_exit_s)
     log.info("sink stopped: %s", sink.stats)
-
-
-def duplicate_count(repeated: list[tuple[str, int, int, bool]]) -> int:
-    """Accepted rows the insert drops, from `Staged.repeated()`'s rows (id, partition, offset, stored): every copy of
-    a stored id, and all but one copy of each id that repeats in the batch (every other row is a new, unique id)."""
-    return len(repeated) - len({event_id for event_id, _, _, stored in repeated if not stored})
 
 
 def _changed_by(msg: Message) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from brokers import free_port, share_jars
+from brokers import committed_sum, free_port, share_jars
 from collectors_kafka import wait_for
 from meterline import kafka_acl
 from meterline.broker import BrokerError, LocalBroker
@@ -260,7 +260,7 @@ def committed_offsets(settings: Settings, group: str, topic: str) -> int:
     consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(max(tp.offset, 0) for tp in consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10))
+        return committed_sum(consumer, [TopicPartition(topic, p) for p in parts])
     finally:
         consumer.close()
 

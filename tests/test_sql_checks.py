@@ -48,7 +48,7 @@ import json, sys, clickhouse_connect
 from meterline.schemas import events as ev
 from meterline.sql import ledger
 from meterline.sql.checks import Staged
-from meterline.sql.sink import STAGE_SETTINGS
+from meterline.sql.writer import STAGE_SETTINGS
 
 client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
 ledger.migrate(client)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from brokers import committed_sum
 from meterline.schemas.events import DeadLetter, GpuSample, PricedEvent, ThrottleDecision, decode, new_id, utcnow
 from meterline.settings import Settings
 from meterline.sql.synth import priced_events
@@ -71,7 +72,7 @@ def produce(settings: Settings, topic: str, records: list[bytes | None], keys: l
 
 def committed_total(consumer: Consumer, settings: Settings, topic: str) -> int:
     tps = [TopicPartition(settings.topic(topic), p) for p in range(catalog_by_name()[topic].partitions)]
-    return sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=10))
+    return committed_sum(consumer, tps)
 
 
 def _usd(units: int) -> Decimal:

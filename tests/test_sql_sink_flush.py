@@ -12,7 +12,8 @@ import pytest
 from meterline.schemas import events as ev
 from meterline.settings import Settings
 from meterline.sql import ledger
-from meterline.sql.sink import LedgerSink, duplicate_count
+from meterline.sql.sink import LedgerSink
+from meterline.sql.writer import duplicate_count
 from meterline.sql.synth import priced_events
 from meterline.streams.codec import encode_priced_v2
 
@@ -147,9 +148,9 @@ def test_a_hidden_character_in_any_checked_field_of_a_v2_row_is_rejected_alone(l
     bad_free = {**clean[ok_row], "team": "re search ü", "project": "", "agent_id": "ä gent", "tool": "\u00e9"}
     records = [encode_priced_v2(bad.get(i, bad_free if i == ok_row else row)) for i, row in enumerate(clean)]
     take(sink, records)
-    staged = sink._staged("priced_events")
+    staged = sink.writer.staged("priced_events")
     rows = sink.batch.tables["priced_events"]
-    sink._load(staged, rows, sink.batch.nonce)
+    sink.writer.load(staged, rows, sink.batch.nonce)
     rejected = {offset for _, offset in client.query(staged.rejected()).result_rows}
     assert rejected == set(bad)  # every damaged field caught, the clean row accepted
 
@@ -161,8 +162,8 @@ def test_a_literal_field_with_bytes_that_are_not_utf8_is_rejected(ledger_setting
     good, bad = (encode_priced_v2({**row, "status": "timeout"}) for row in rows)
     assert bad.count(b"\x07timeout") == 1
     take(sink, [good, bad.replace(b"\x07timeout", b"\x07timeou\xff")])
-    staged = sink._staged("priced_events")
-    sink._load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
+    staged = sink.writer.staged("priced_events")
+    sink.writer.load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
     assert client.query(staged.rejected()).result_rows == [(0, 1)]
 
 
@@ -173,9 +174,9 @@ def test_a_v2_rows_cost_is_checked_typed_without_a_null_branch(ledger_settings, 
     rows = [ev.decode(ev.PricedEvent, r).model_dump() for r in priced_events(4, seed=77, start=START)[0]]
     costs = (Decimal(0), Decimal("-0.000000000001"), Decimal(10**16), rows[3]["cost_usd"])
     take(sink, [encode_priced_v2({**row, "cost_usd": cost}) for row, cost in zip(rows, costs)])
-    staged = sink._staged("priced_events")
+    staged = sink.writer.staged("priced_events")
     assert "NULL" not in staged.binary_fill("t").split(" AS _ok")[0].rpartition("_batch_start, ")[2]  # the rules
-    sink._load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
+    sink.writer.load(staged, sink.batch.tables["priced_events"], sink.batch.nonce)
     assert sorted(offset for _, offset in client.query(staged.rejected()).result_rows) == [1, 2]
 
 

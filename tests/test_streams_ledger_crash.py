@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from brokers import committed_sum
 from meterline.allocator._kafka import partition_ends
 from meterline.schemas.events import UsageEvent, decode, new_id
 from meterline.settings import Settings
@@ -102,7 +103,7 @@ class Pipeline:
         name, parts = self.settings.topic(topic), range(catalog_by_name()[topic].partitions)
         tps = [TopicPartition(name, p) for p in parts]
         ends = sum(partition_ends(self.probe, name).values())  # retried while a leader moves
-        return ends, sum(max(tp.offset, 0) for tp in self.probe.committed(tps, timeout=10))
+        return ends, committed_sum(self.probe, tps)
 
     def wait(self, condition) -> None:
         while not condition():
