@@ -35,7 +35,9 @@ A session that cannot be granted now waits at its ceiling (`allow`); it is denie
 when nothing is left for its class this period, critical/high also when the call it waits for
 fits neither the uncommitted rest nor that plus the unspent leases that may still lapse back
 (`_out_of_reach`: denied at once, not after its guard's lease_timeout; the guard then says
-what its next call needs, a cheaper one may fit). Near the end a lower-class call that would
+what its next call needs, a cheaper one may fit); a lower-class one out of calls also when the rest
+left cannot make up the call it waits for, where no critical/high work shares the budget (a scrap
+left uncommitted would keep it waiting at `allow`, holding a rest a cheaper session could spend). Near the end a lower-class call that would
 strand an unusable rest waits for a dearer one (`_hold_out`). A lower-class guard its lease
 denies gives back the rest it cannot use (`release`), where no critical/high work shares the budget.
 GPU: borrowing and reclaim by fair share (`_gpu_decisions`); a holder idle past
@@ -718,8 +720,9 @@ class Engine:
 
         A ceiling is never lowered (a guard may already spend against it); a session that
         had no live lease is first charged the largest starter it could have drawn. A
-        session the plan cannot top up now keeps its ceiling and waits; it is denied only
-        when nothing is left for its class for the rest of the period.
+        session the plan cannot top up now keeps its ceiling and waits; it is denied when
+        nothing is left for its class for the rest of the period, or (module docstring) when
+        what is left is out of reach of the call it waits for.
         """
         hard = self._hard_ancestors(lease.session_id)
         pools = [self._pool(s, now) for s in hard]
