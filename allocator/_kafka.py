@@ -1,30 +1,13 @@
 """Small confluent-kafka helpers shared by the service, the guard and the budget commands."""
 from __future__ import annotations
 
-import time
+from meterline.topics import partition_ends
 
 ANNOUNCE_HEADER = "meterline-announce"   # on a zero-cost SpendUpdate: a guard's session wants a lease; value = its class
 NEED_HEADER = "meterline-need"           # ... the USD its waiting call needs
 SPENT_HEADER = "meterline-spent"         # ... and what it has spent this lease period, as its guard counts
 RELEASE_HEADER = "meterline-release"     # ... it gives back its lease above what it spent; value = the ceiling it held
 GPU_WAIT_HEADER = "meterline-gpu-wait"   # ... it waits for this many GPUs (a scheduler's queue; 0: no longer waits)
-
-
-def partition_ends(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:
-    """High watermark per partition; retries while a fresh topic is still electing leaders."""
-    from confluent_kafka import KafkaException, TopicPartition
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            if not partitions:
-                raise KafkaException(f"topic {topic} has no partitions yet")
-            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)  # leader election on a just-created topic takes a moment
 
 
 def assign_from_beginning(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:

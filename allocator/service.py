@@ -19,9 +19,10 @@ from datetime import datetime
 from decimal import Decimal
 
 from meterline.schemas.events import PRIORITIES, Anomaly, GpuSample, InvalidEvent, SpendUpdate, decode
+from meterline.topics import partition_ends
 
 from ._kafka import (ANNOUNCE_HEADER, GPU_WAIT_HEADER, NEED_HEADER, RELEASE_HEADER, SPENT_HEADER, assign_from_beginning,
-                     assign_from_time, caught_up, partition_ends)
+                     assign_from_time, caught_up)
 from .budgets import apply_policy_record
 from .engine import Engine, Outputs
 

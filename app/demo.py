@@ -332,21 +332,23 @@ def view(up: Any, outcomes: Outcomes, started: float, duration: float, url: str,
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def wait_settled(up: Any, settings: Any, timeout: float = 60.0) -> None:
-    """Until the stream worker has read all usage and the sink has stored everything."""
+def wait_settled(up: Any, settings: Any, timeout: float = 60.0) -> bool:
+    """Until the stream worker has read all usage and the sink has stored everything; False when it had not
+    after `timeout` (a loaded machine): the summary then says its ledger figures are not final."""
     from .metrics import KafkaWatermarks
 
     kafka = KafkaWatermarks(settings)
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            lag = kafka.lag(settings.group("streams"), settings.topic("usage"))
-            if lag == 0:
+        while True:
+            priced = kafka.lag(settings.group("streams"), settings.topic("usage")) == 0
+            if priced or time.monotonic() >= deadline:
                 break
             time.sleep(0.3)
     finally:
         kafka.close()
-    up.drain(timeout=max(5.0, deadline - time.monotonic()))
+    stored = up.drain(timeout=max(5.0, deadline - time.monotonic()))
+    return priced and stored
 
 
 DEMO_PREFIX = "demo-"
@@ -438,7 +440,7 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
                 collector.stop(10)
         stop_tool_workers(workers)
         with console.status("letting the pipeline settle (every event priced and in the ledger)…"):
-            wait_settled(up, settings)
+            settled = wait_settled(up, settings)
         params = ReportParams.parse(since=(start - timedelta(hours=1)).isoformat())
         ledger = DirectLedger(settings, up.client())
         chargeback = run_report(ledger, "chargeback", params)
@@ -448,12 +450,16 @@ def run_demo(settings: Any, duration: float, seed: int, port: int | None, as_jso
         summary["hard_budgets"] = hard_budget_use(ledger, start, periods)
         summary["agents_ran"] = {"from": ran_from.isoformat(), "until": ran_until.isoformat()}  # inside the per-run periods
         summary["ledger"] = {"clickhouse_dsn": settings.dsn, "topic_prefix": settings.topic_prefix}  # this run's own
+        summary["settled"] = settled  # False: some events were not yet priced or stored when the figures were read
         if as_json:
             print(json.dumps(summary))
         else:
             console.print()
             console.print(render("chargeback", params, chargeback, "table"))
             console.print(f"[bold black on yellow] {BANNER} [/]")
+            if not settled:
+                console.print("[yellow]the pipeline had not settled after 60 s (a busy machine?): the ledger figures "
+                              "below are not final; `meterline report chargeback` later reads the rest[/]")
             console.print(f"ledger: {totals['priced_events']} priced events (agents sent {outcomes.sent}), "
                           f"usage ${summary['ledger_usage_cost_usd']} + GPU ${summary['ledger_gpu_cost_usd']} "
                           f"(${summary['ledger_gpu_idle_cost_usd']} of it idle, charged {params.gpu_idle}) "

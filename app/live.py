@@ -184,7 +184,7 @@ class LiveFeed:
         earliest); partition_ends waits out a fresh topic's leader election instead of failing the feed."""
         from confluent_kafka import TopicPartition
 
-        from meterline.allocator._kafka import partition_ends
+        from meterline.topics import partition_ends
 
         positions = []
         for topic in self.topics:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from meterline.settings import Settings
+from meterline.topics import committed_offsets, partition_end
 
 log = logging.getLogger("meterline.app.metrics")
 
@@ -40,7 +41,7 @@ class KafkaWatermarks:
 
     def end_offsets(self, topic: str) -> int:
         with self._lock:
-            return sum(self._consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in self.partitions(topic))
+            return sum(partition_end(self._consumer, tp, timeout=5) for tp in self.partitions(topic))
 
     def lag(self, group: str, topic: str) -> int | None:
         """Records on `topic` not yet committed by `group` (None when the group committed nothing)."""
@@ -53,10 +54,10 @@ class KafkaWatermarks:
 
         with self._lock:
             tps = [tp for topic in topics for tp in self.partitions(topic)]
-            ends = {(tp.topic, tp.partition): self._consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps}
+            ends = {(tp.topic, tp.partition): partition_end(self._consumer, tp, timeout=5) for tp in tps}
         reader = Consumer(self.settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
         try:
-            committed = reader.committed(tps, timeout=5) if tps else []
+            committed = committed_offsets(reader, tps, timeout=5)
         finally:
             reader.close()
         done = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}

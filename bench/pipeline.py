@@ -33,11 +33,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from meterline.schemas.events import new_id
 from meterline.settings import Settings
-from meterline.topics import create_topics
+from meterline.topics import committed_offsets, create_topics, partition_ends
 
 from .common import append_result, broker_pid, command, machine, parser as make_parser, utc_stamp
 
@@ -122,8 +122,7 @@ def run_workers(settings: Settings, workers: int, data_dir: Path) -> tuple[float
 def topic_time_span(settings: Settings, topic: str) -> tuple[float, float, int]:
     """(first, last) record timestamps (seconds; set when the worker produced them) and the record count."""
     consumer = Consumer(settings.kafka_config(**{"group.id": f"span-{uuid.uuid4().hex}", "enable.auto.commit": False}))
-    parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+    ends = partition_ends(consumer, topic)
     todo = {p for p, end in ends.items() if end > 0}
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
     first, last, count = float("inf"), 0.0, 0
@@ -297,22 +296,6 @@ def warm_broker(settings: Settings, max_s: float = 120.0, round_records: int = 1
     consumer.close()
     return {"rounds": rounds, "seconds": time.perf_counter() - t0, "jit_s": broker_jit_seconds() - jit0,
             "cpu_s": broker_cpu_seconds() - cpu0}
-
-
-def committed_offsets(consumer: Consumer, parts: list[TopicPartition]) -> list[TopicPartition]:
-    """consumer.committed(), retried while the group coordinator is not ready: on a fresh broker the first group
-    creates __consumer_offsets (50 partitions) and answers NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS meanwhile."""
-    from confluent_kafka import KafkaException
-
-    for attempt in range(100):
-        try:
-            return consumer.committed(parts, timeout=30)
-        except KafkaException as err:
-            if not err.args[0].retriable() and err.args[0].code() not in (KafkaError.NOT_COORDINATOR,
-                                                                          KafkaError.COORDINATOR_LOAD_IN_PROGRESS):
-                raise
-            time.sleep(0.2)
-    raise SystemExit("the group coordinator never answered")
 
 
 class _LedgerWatch:

@@ -30,7 +30,7 @@ from pathlib import Path
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from meterline.settings import Settings
-from meterline.topics import create_topics
+from meterline.topics import create_topics, partition_ends
 
 from .common import code_option, load_code, parser as make_parser
 from .fake_kafka import Message as Msg
@@ -43,8 +43,8 @@ def read_all(settings: Settings, topic: str) -> tuple[list, float]:
     """Every message of `topic` (real Messages) and the process CPU seconds a bare consume of them took."""
     consumer = Consumer(settings.kafka_config(**{"group.id": f"p-{uuid.uuid4().hex[:6]}", "enable.auto.commit": False,
                                                  "fetch.max.bytes": 64 * 1024 * 1024}))
-    parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+    ends = partition_ends(consumer, topic)
+    parts = list(ends)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out, todo, c0 = [], sum(ends.values()), time.process_time()
     while len(out) < todo:

@@ -1,10 +1,10 @@
-"""The topic catalog and an idempotent `topics create`."""
+"""The topic catalog, an idempotent `topics create`, and offsets read while leaders and coordinators move."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from .settings import Settings
@@ -85,3 +85,56 @@ def _wait_for_leaders(admin: AdminClient, topics: dict[str, int], timeout: float
             return meta
         time.sleep(0.1)
     raise TimeoutError(f"topics {sorted(topics)} have partitions without a leader after {timeout:.0f} s")
+
+
+# what a watermark read answers while a partition's leader moves or a just-created topic still elects one
+LEADER_MOVING = frozenset((KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                           KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT))
+
+
+def partition_end(consumer, tp: TopicPartition, timeout: float = 30.0) -> int:
+    """A partition's high watermark, waiting out a leader that moves (a bare read fails a caller on the first blip)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=min(10.0, max(deadline - time.monotonic(), 1.0)))[1]
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (error.code() in LEADER_MOVING or error.retriable()) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def partition_ends(consumer, topic: str, timeout: float = 30.0) -> dict[int, int]:
+    """High watermark per partition of `topic`; retries while a fresh topic has no partitions or leaders yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            if not partitions:
+                raise KafkaException(f"topic {topic} has no partitions yet")
+            return {p: partition_end(consumer, TopicPartition(topic, p), max(deadline - time.monotonic(), 0)) for p in partitions}
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+# what a commit or a committed() read answers while the group coordinator moves or loads, or a request times out
+COORDINATOR_MOVING = frozenset((KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR,
+                                KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+                                KafkaError._TIMED_OUT, KafkaError._TRANSPORT))
+
+
+def committed_offsets(consumer, tps: list[TopicPartition], timeout: float = 30.0) -> list[TopicPartition]:
+    """The consumer group's committed offsets of `tps` (-1001 where none), waiting out a coordinator that moves or
+    loads: on a fresh broker the first group creates __consumer_offsets and answers NOT_COORDINATOR meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.committed(tps, timeout=min(10.0, max(deadline - time.monotonic(), 1.0))) if tps else []
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (error.code() in COORDINATOR_MOVING or error.retriable()) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

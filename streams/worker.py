@@ -65,7 +65,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from meterline.schemas import events as ev
 from meterline.settings import Settings
-from meterline.topics import create_topics
+from meterline.topics import COORDINATOR_MOVING, committed_offsets, create_topics, partition_end
 
 from .anomalies import DetectorConfig, Detectors, conflicting_duplicate
 from .codec import PICO, PRICED_V2, ZERO_USD, FastUsage, decode_usage, encode, to_pico, usage_fields, usd
@@ -171,11 +171,8 @@ def usage_digest(event: FastUsage | ev.UsageEvent) -> int:
 # a produce() or delivery error that concerns one record (its size or shape), not the connection
 PER_RECORD_ERRORS = frozenset((KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
                                KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE))
-# commit errors that pass: retried here a few times (the coordinator moves or loads, a request timed out) ...
-COMMIT_RETRIABLE = frozenset((KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR,
-                              KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
-                              KafkaError._TIMED_OUT, KafkaError._TRANSPORT))
-# ... or skipped: the partitions were lost or are being reassigned; the next checkpoint (or the new
+# commit errors that pass: retried here a few times (COORDINATOR_MOVING: it moves or loads, a request timed out),
+# or skipped: the partitions were lost or are being reassigned; the next checkpoint (or the new
 # owner) commits, and what was not committed is replayed (at-least-once)
 COMMIT_SKIP = frozenset((KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS,
                          KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID))
@@ -205,7 +202,7 @@ def commit_offsets(consumer: Any, asynchronous: bool = False, backoff: tuple[flo
             if code in COMMIT_SKIP:
                 log.warning("commit skipped (%s); the next checkpoint commits, uncommitted input is replayed", err)
                 return False
-            if not (code in COMMIT_RETRIABLE or err.retriable()) or err.fatal():
+            if not (code in COORDINATOR_MOVING or err.retriable()) or err.fatal():
                 raise
             if attempt == len(backoff):
                 log.warning("commit failed %d times (%s); the next checkpoint tries again", attempt + 1, err)
@@ -220,28 +217,12 @@ def ensure_state_topic(settings: Settings) -> str:
     return settings.topic(STATE_TOPIC)
 
 
-LEADER_MOVING = frozenset((KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-                           KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT))
-
-
-def _high_watermark(consumer: Any, tp: TopicPartition) -> int:
-    """A partition's end, waiting out a leader that is still being elected (a topic just created)."""
-    for delay in (0.1, 0.3, 1.0, 3.0, None):
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=30)[1]
-        except KafkaException as exc:
-            if delay is None or not (exc.args[0].code() in LEADER_MOVING or exc.args[0].retriable()):
-                raise
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 def _read_topic(settings: Settings, topic: str) -> Iterator[tuple[bytes | None, bytes | None, int, int]]:
     """Every record of `topic` now, oldest first per partition: (key, value, partition, offset)."""
     consumer = Consumer(settings.kafka_config(**{"group.id": "meterline-streams-restore", "enable.auto.commit": False}))
     try:
         parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        ends = {p: _high_watermark(consumer, TopicPartition(topic, p)) for p in parts}
+        ends = {p: partition_end(consumer, TopicPartition(topic, p)) for p in parts}
         todo = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
         while todo:
@@ -427,10 +408,10 @@ class StreamWorker:
             return False
         positions = self.consumer.position(assigned)
         unread = [tp for tp in positions if tp.offset < 0]  # nothing consumed since start: where the group left off
-        committed = {(tp.topic, tp.partition): tp.offset for tp in (self.consumer.committed(unread, timeout=10) if unread else [])}
+        committed = {(tp.topic, tp.partition): tp.offset for tp in committed_offsets(self.consumer, unread)}
         for tp in positions:
             offset = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
-            high = _high_watermark(self.consumer, tp)  # a just-created topic may still be electing leaders
+            high = partition_end(self.consumer, tp)  # a just-created topic may still be electing leaders
             if high > 0 and offset < high:
                 return False
         return True

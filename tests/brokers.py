@@ -28,19 +28,8 @@ def share_jars(data_dir: Path) -> Path:
 
 
 def committed_sum(consumer, tps, timeout: float = 30.0) -> int:
-    """Committed offsets summed over `tps` (none yet counts 0); retried while the group coordinator moves or loads
-    (a bare `committed()` failed a CI run with NOT_COORDINATOR). Any other error is the test's."""
-    import time
+    """Committed offsets summed over `tps` (none yet counts 0), read while the coordinator moves (a bare
+    `committed()` failed a CI run with NOT_COORDINATOR)."""
+    from meterline.topics import committed_offsets
 
-    from confluent_kafka import KafkaException
-
-    from meterline.streams.worker import COMMIT_RETRIABLE
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=10))
-        except KafkaException as err:
-            if err.args[0].code() not in COMMIT_RETRIABLE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    return sum(max(tp.offset, 0) for tp in committed_offsets(consumer, tps, timeout))

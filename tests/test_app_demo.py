@@ -35,6 +35,7 @@ def test_demo_throttles_flags_anomalies_and_charges_back_exactly(settings):
         return done.stdout
 
     summary = json.loads(meterline("demo", "--duration", "40", "--seed", "11", "--port", str(free_port()), "--json", timeout=600))
+    assert summary["settled"] is True, "every event was priced and stored before the summary read the ledger"
     assert summary["simulated"] is True and summary["dashboard"].startswith("http://127.0.0.1:")
     run = summary["ledger"]  # the run's own ledger and topics, not the ones the environment names
     assert run["clickhouse_dsn"] == f"chdb://{settings.data_dir / 'demo' / 'clickhouse'}" != settings.dsn

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from confluent_kafka import Consumer, TopicPartition
 
-from meterline.allocator._kafka import partition_ends
+from meterline.topics import partition_ends
 from meterline import kafka_acl
 from meterline.schemas import events as ev
 from meterline.settings import Settings

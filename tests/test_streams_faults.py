@@ -144,6 +144,35 @@ def test_caught_up_waits_out_a_leader_election_and_raises_what_does_not_pass():
         StreamWorker.caught_up(SimpleNamespace(consumer=WatermarkOnce(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
 
 
+class UnreadSince(WatermarkOnce):
+    """Nothing consumed yet (position -1): where the group left off comes from committed(), which raises the given
+    Kafka errors in turn, then answers `offset`; the end is 7."""
+
+    def __init__(self, offset: int, *codes: int) -> None:
+        super().__init__()
+        self.offset, self.committed_errors = offset, list(codes)
+
+    def position(self, partitions: list) -> list:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
+
+    def committed(self, partitions: list, timeout: float | None = None) -> list:
+        self.calls += 1
+        if self.committed_errors:
+            raise KafkaException(KafkaError(self.committed_errors.pop(0)))
+        return [TopicPartition(tp.topic, tp.partition, self.offset) for tp in partitions]
+
+
+def test_caught_up_reads_where_the_group_left_off_while_the_coordinator_moves():
+    """A worker that consumed nothing since it started is caught up when its group committed the end already;
+    the committed read waits out a coordinator that moves (NOT_COORDINATOR on a fresh broker) instead of raising."""
+    moving = UnreadSince(7, KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    assert StreamWorker.caught_up(SimpleNamespace(consumer=moving)) is True
+    assert moving.calls == 4  # two refused committed() reads, the answer, one watermark read
+    assert StreamWorker.caught_up(SimpleNamespace(consumer=UnreadSince(6))) is False  # one record left to read
+    with pytest.raises(KafkaException):
+        StreamWorker.caught_up(SimpleNamespace(consumer=UnreadSince(7, KafkaError.GROUP_AUTHORIZATION_FAILED)))
+
+
 @pytest.mark.parametrize("code", [KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
                                   KafkaError.FENCED_INSTANCE_ID, KafkaError.INVALID_CONFIG])
 def test_an_error_that_concerns_every_record_still_raises(code):

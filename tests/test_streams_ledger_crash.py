@@ -23,7 +23,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from brokers import committed_sum
-from meterline.allocator._kafka import partition_ends
+from meterline.topics import partition_ends
 from meterline.schemas.events import UsageEvent, decode, new_id
 from meterline.settings import Settings
 from meterline.streams.pricing import load_catalog

@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
-from meterline.allocator._kafka import partition_ends
+from meterline.topics import partition_ends
 from meterline.schemas.events import GpuSample, SpendUpdate, UsageEvent, build, decode, new_id
 from meterline.schemas.scopes import scope_ids
 from meterline.settings import Settings
