@@ -2,12 +2,13 @@
 
     METERLINE_KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python -m bench.pipeline [--events 300000] [--sessions 100000]
 
-1. Produce N usage events (msgspec-encoded, keyed by tenant, `--sessions` distinct sessions,
-   5 models incl. cache tokens and 2% tool calls) to a fresh topic prefix.
-2. Baseline: a bare confluent-kafka consumer reads all N (batch consume, count bytes).
-3. Pipeline: `--workers` x `meterline streams` processes (validate, dedupe, price, spend,
-   anomalies, produce priced + spend + changelog, commit) drain the same N; the rate is the
-   priced record count over the span of the priced records' timestamps (first to last).
+1. Pipeline: `--workers` x `meterline streams` processes (validate, dedupe, price, spend,
+   anomalies, produce priced + spend + changelog, commit) in one group on a fresh topic prefix,
+   warmed by 5,000 events until each holds partitions, then paused while N usage events
+   (msgspec-encoded, keyed by tenant, `--sessions` distinct sessions, 5 models incl. cache tokens
+   and 2% tool calls) are produced; the rate is N over the time from resuming them until priced
+   holds every result.
+2. Baseline: the same N alone in a fresh topic, read by a bare confluent-kafka consumer.
 4. Ledger (optional, --ledger): `meterline sink` drains the priced topic into embedded
    ClickHouse (chDB) in a subprocess; rows counted afterwards.
 5. Memory: RSS of the worker process after the run, and tracemalloc of the worker's state
@@ -33,11 +34,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from meterline.schemas.events import new_id
 from meterline.settings import Settings
-from meterline.topics import committed_offsets, create_topics, partition_ends
+from meterline.topics import COORDINATOR_MOVING, committed_offsets, create_topics
 
 from .common import append_result, broker_pid, command, machine, parser as make_parser, utc_stamp
 
@@ -103,39 +104,80 @@ def bare_consume(settings: Settings, topic: str, n: int) -> float:
     return elapsed
 
 
-def run_workers(settings: Settings, workers: int, data_dir: Path) -> tuple[float, list[dict], int]:
-    """`workers` x `meterline streams --until-caught-up` in one consumer group; rate from the priced records' timestamps."""
+def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[tuple[bytes, bytes]],
+                warmup: int = 5_000) -> tuple[float, float, list[dict], int]:
+    """`workers` x `meterline streams` in one consumer group, warm and each holding its partitions before the clock.
+
+    They carry `warmup` events first (imports, state restore and the group's join are behind them), are paused
+    (SIGSTOP) while the N events are produced, and the clock runs from SIGCONT until priced holds every result
+    (acknowledged by the broker). Started on a full topic instead, the worker that finished importing first took
+    every partition until the rebalance: 2 workers measured 50k/s, below one worker's 60k (268k of 300k events
+    in one of them). Returns (events/s, produce seconds, each worker's counters, max child RSS KiB)."""
     env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
            "METERLINE_DATA_DIR": str(data_dir)}
-    cli = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--until-caught-up", "--json"]
+    cli = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--json"]
+    usage = settings.topic("usage")
+    produce(settings, usage, make_events(warmup, 500, seed=2))
     procs = [subprocess.Popen([*cli, "--instance-id", f"bench-{i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in range(workers)]
-    outputs = [p.communicate() for p in procs]
+    try:
+        wait_for_members(settings, settings.group("streams"), workers, procs)
+        wait_for_priced(settings, warmup)
+        for proc in procs:
+            proc.send_signal(signal.SIGSTOP)
+        produce_s = produce(settings, usage, records)
+        t0 = time.perf_counter()
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+        wait_for_priced(settings, warmup + len(records))
+        elapsed = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()  # SIGTERM: the worker checkpoints, then prints its counters (--json)
+    outputs = [p.communicate(timeout=120) for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit("a worker failed: " + " | ".join(err.decode()[-500:] for _, err in outputs))
     stats = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
-    rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    first, last, count = topic_time_span(settings, settings.topic("priced"))
-    return count / max(last - first, 1e-3), stats, rss_kib
+    return len(records) / elapsed, produce_s, stats, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
-def topic_time_span(settings: Settings, topic: str) -> tuple[float, float, int]:
-    """(first, last) record timestamps (seconds; set when the worker produced them) and the record count."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": f"span-{uuid.uuid4().hex}", "enable.auto.commit": False}))
-    ends = partition_ends(consumer, topic)
-    todo = {p for p, end in ends.items() if end > 0}
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-    first, last, count = float("inf"), 0.0, 0
-    while todo:
-        for msg in consumer.consume(10_000, timeout=1.0):
-            if msg.error():
-                continue
-            ts = msg.timestamp()[1] / 1000
-            first, last, count = min(first, ts), max(last, ts), count + 1
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                todo.discard(msg.partition())
-    consumer.close()
-    return first, last, count
+def wait_for_members(settings: Settings, group: str, workers: int, procs: list, patience: float = 120) -> None:
+    """Until the group is stable with `workers` members, each holding partitions of usage."""
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin, usage, deadline = AdminClient(settings.kafka_config()), settings.topic("usage"), time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc in procs):
+            raise SystemExit("a worker exited before it joined: " + procs[0].stderr.read().decode()[-500:])
+        try:
+            group_info = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+        except KafkaException as exc:  # a fresh broker's coordinator is still loading
+            if exc.args[0].code() not in COORDINATOR_MOVING:
+                raise
+            time.sleep(0.2)
+            continue
+        holders = [m for m in group_info.members if any(tp.topic == usage for tp in m.assignment.topic_partitions)]
+        if group_info.state == ConsumerGroupState.STABLE and len(holders) == workers:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"the {workers} workers did not all hold partitions of {usage} within {patience:.0f} s")
+
+
+def wait_for_priced(settings: Settings, expected: int, patience: float = 60) -> None:
+    """Until the priced topic holds `expected` records; gives up after `patience` seconds without progress."""
+    watch, progress, since = _LedgerWatch(settings), -1, time.monotonic()
+    try:
+        while (count := sum(watch.ends())) < expected:
+            if count != progress:
+                progress, since = count, time.monotonic()
+            elif time.monotonic() - since > patience:
+                raise SystemExit(f"stuck: {count:,} priced records of {expected:,} expected; "
+                                 f"see the dead letters in {settings.topic('dlq')}")
+            time.sleep(0.05)
+    finally:
+        watch.close()
 
 
 def state_memory(sessions: int) -> tuple[int, int]:
@@ -303,20 +345,23 @@ class _LedgerWatch:
     watermark calls every 50 ms were ~240 requests/s, a large share of the broker's CPU in a slow run) and the
     sink group's committed offsets (one OffsetFetch)."""
 
-    def __init__(self, settings: Settings, group: str):
+    def __init__(self, settings: Settings, group: str | None = None):
         from confluent_kafka.admin import AdminClient
 
         topic = settings.topic("priced")
-        self.consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+        self.consumer = Consumer(settings.kafka_config(**{"group.id": group or f"watch-{uuid.uuid4().hex}",
+                                                          "enable.auto.commit": False}))
         self.admin = AdminClient(settings.kafka_config())
         self.parts = [TopicPartition(topic, p) for p in self.consumer.list_topics(topic, timeout=30).topics[topic].partitions]
 
-    def progress(self) -> tuple[list[int], list[int]]:
+    def ends(self) -> list[int]:
         from confluent_kafka.admin import OffsetSpec
 
         futures = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in self.parts}, request_timeout=30)
-        ends = [futures[tp].result().offset for tp in self.parts]
-        return ends, [max(tp.offset, 0) for tp in committed_offsets(self.consumer, self.parts)]
+        return [futures[tp].result().offset for tp in self.parts]
+
+    def progress(self) -> tuple[list[int], list[int]]:
+        return self.ends(), [max(tp.offset, 0) for tp in committed_offsets(self.consumer, self.parts)]
 
     def close(self) -> None:
         self.consumer.close()
@@ -474,10 +519,11 @@ def main() -> None:
     settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     records = make_events(args.events, args.sessions)
-    produce_s = produce(settings, settings.topic("usage"), records)
-    bare_s = bare_consume(settings, settings.topic("usage"), args.events)
-    worker_rate, stats, rss_kib = run_workers(settings, args.workers, Path(f"/tmp/{settings.topic_prefix}"))
-    bare_rate = args.events / bare_s
+    worker_rate, produce_s, stats, rss_kib = run_workers(settings, args.workers, Path(f"/tmp/{settings.topic_prefix}"), records)
+    bare = Settings(topic_prefix=f"{settings.topic_prefix}b")  # the same N alone in a fresh topic, as before the workers ran
+    create_topics(bare)
+    produce(bare, bare.topic("usage"), records)
+    bare_rate = args.events / bare_consume(bare, bare.topic("usage"), args.events)
     state_bytes, scopes = state_memory(args.sessions)
     stages = stage_costs()
     try:
@@ -492,7 +538,7 @@ def main() -> None:
         "",
         f"{machine(SHARED)} Command: "
         f"`{command('pipeline', *_size_args(args), *(['--ledger'] if args.ledger else []))}`. "
-        "Worker rate = priced records / (last - first priced record timestamp), i.e. from its first produced result to its last.",
+        "Worker rate = N / (time from resuming the warm, paused workers until priced holds all N results).",
         "",
         "| measure | value |",
         "|---|---|",
@@ -507,7 +553,7 @@ def main() -> None:
         f"{state_bytes / 2**20:,.1f} MiB ({state_bytes / args.sessions:,.0f} B per session) |",
     ]
     if ledger:
-        lines.append(f"| `meterline sink` priced -> ClickHouse (chDB) drain | {args.events / ledger[0]:,.0f} events/s, {ledger[1]:,} rows |")
+        lines.append(f"| `meterline sink` priced -> ClickHouse (chDB) drain (the N and the warm-up) | {ledger[1] / ledger[0]:,.0f} events/s, {ledger[1]:,} rows |")
     lines += ["", "Per-stage cost, one core, no Kafka I/O (µs per event):", "", "| stage | µs/event |", "|---|---|"]
     lines += [f"| {name} | {us:.2f} |" for name, us in stages.items()]
     if faust_us is not None:
