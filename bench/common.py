@@ -17,6 +17,12 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).with_name("results")
 
+# Every bare-consume baseline's consumer: librdkafka pauses a partition's fetches for fetch.queue.backoff.ms
+# (1000 by default) once its local queue is full (queued.max.messages.kbytes, 64 MiB). A bare consumer drains a
+# backlog faster than that, so 300k events stood still for 0.9 of a 1.2 s read: ~250k/s where it reads ~1.2M/s
+# without the pause (2026-12-04). Every baseline measured before then is the paused one.
+BARE_CONSUMER = {"fetch.queue.backoff.ms": 10}
+
 
 def parser(doc: str) -> argparse.ArgumentParser:
     """The script's options; --help prints its docstring whole (how to run it, what each step measures)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from meterline.settings import Settings
 from meterline.topics import create_topics
 
+from .common import BARE_CONSUMER
 from .pipeline import make_events, produce
 
 RESULTS = Path(__file__).with_name("results") / "frameworks.md"
@@ -71,7 +72,7 @@ def run_bare(settings: Settings, n: int) -> None:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     topic, window = settings.topic("usage"), Window(n)
-    consumer = Consumer(settings.kafka_config(**{"group.id": f"bare-{uuid.uuid4().hex}", "enable.auto.commit": False}))
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"bare-{uuid.uuid4().hex}", "enable.auto.commit": False, **BARE_CONSUMER}))
     parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     while True:

@@ -8,7 +8,10 @@
    (msgspec-encoded, keyed by tenant, `--sessions` distinct sessions, 5 models incl. cache tokens
    and 2% tool calls) are produced; the rate is N over the time from resuming them until priced
    holds every result.
-2. Baseline: the same N alone in a fresh topic, read by a bare confluent-kafka consumer.
+2. Baseline: the same N alone in a fresh topic, read by a bare confluent-kafka consumer, the median of 3 reads
+   (bench/common.py's BARE_CONSUMER: until 2026-12-04 its fetches paused for 1 s once its queue was full, and
+   every ratio this bench printed before then is against those paused reads, ~250k/s instead of ~1.2M/s).
+3. CPU per event of each worker and of the local broker while the clock ran (/proc).
 4. Ledger (optional, --ledger): `meterline sink` drains the priced topic into embedded
    ClickHouse (chDB) in a subprocess; rows counted afterwards.
 5. Memory: RSS of the worker process after the run, and tracemalloc of the worker's state
@@ -40,7 +43,7 @@ from meterline.schemas.events import new_id
 from meterline.settings import Settings
 from meterline.topics import COORDINATOR_MOVING, committed_offsets, create_topics
 
-from .common import append_result, broker_pid, command, machine, parser as make_parser, utc_stamp
+from .common import BARE_CONSUMER, append_result, broker_pid, command, machine, parser as make_parser, require_local_broker, utc_stamp
 
 TITLE = "Stream pipeline benchmark"
 SHARED = " (shared with the broker and other engineers' jobs)"
@@ -88,13 +91,13 @@ def bare_consume(settings: Settings, topic: str, n: int) -> float:
     """Seconds for a plain batch consumer to read n messages, from assign() (librdkafka prefetches from
     there on: a clock started at the first message would miss what was fetched before it)."""
     consumer = Consumer(settings.kafka_config(**{"group.id": f"bare-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                                                 "auto.offset.reset": "earliest", "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50}))
+                                                 "auto.offset.reset": "earliest", "fetch.min.bytes": 65536, "fetch.wait.max.ms": 50, **BARE_CONSUMER}))
     parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
     t0 = time.perf_counter()
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     seen, size = 0, 0
-    while seen < n:
-        for msg in consumer.consume(5000, timeout=1.0):
+    while seen < n:  # never more than are left: consume() waits its whole timeout for a batch it cannot fill
+        for msg in consumer.consume(min(5000, n - seen), timeout=1.0):
             if msg.error():
                 continue
             size += len(msg.value())
@@ -112,7 +115,8 @@ def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[
     (SIGSTOP) while the N events are produced, and the clock runs from SIGCONT until priced holds every result
     (acknowledged by the broker). Started on a full topic instead, the worker that finished importing first took
     every partition until the rebalance: 2 workers measured 50k/s, below one worker's 60k (268k of 300k events
-    in one of them). Returns (events/s, produce seconds, each worker's counters, max child RSS KiB)."""
+    in one of them). Returns (events/s, produce seconds, each worker's counters, max child RSS KiB, CPU µs per
+    event of each worker and of the local broker while the clock ran)."""
     env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": settings.bootstrap, "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
            "METERLINE_DATA_DIR": str(data_dir)}
     cli = [sys.executable, "-c", "from meterline.cli import main; main()", "streams", "--json"]
@@ -126,11 +130,13 @@ def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)
         produce_s = produce(settings, usage, records)
+        cpu0 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds()]
         t0 = time.perf_counter()
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
         wait_for_priced(settings, warmup + len(records))
         elapsed = time.perf_counter() - t0
+        cpu1 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds()]
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
@@ -139,7 +145,9 @@ def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[
     if any(p.returncode for p in procs):
         raise SystemExit("a worker failed: " + " | ".join(err.decode()[-500:] for _, err in outputs))
     stats = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
-    return len(records) / elapsed, produce_s, stats, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    names = [*(f"worker {i}" for i in range(workers)), "broker"]
+    cpu = {name: (b - a) / len(records) * 1e6 for name, a, b in zip(names, cpu0, cpu1)}
+    return len(records) / elapsed, produce_s, stats, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, cpu
 
 
 def wait_for_members(settings: Settings, group: str, workers: int, procs: list, patience: float = 120) -> None:
@@ -510,6 +518,8 @@ def main() -> None:
                              "long; 0: measure a cold broker as it is)")
     args = parser.parse_args()
     if args.end_to_end:
+        if args.broker_warmup_s > 0:  # else the broker's CPU would read 0.0 and its JIT would go unwarmed, silently
+            require_local_broker("measure a broker elsewhere with --broker-warmup-s 0 (its CPU then reads 0)")
         section = end_to_end_section(args, run_end_to_end(make_events(args.events, args.sessions), args.workers,
                                                              broker_warmup_s=args.broker_warmup_s))
         print(section)
@@ -519,11 +529,13 @@ def main() -> None:
     settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     records = make_events(args.events, args.sessions)
-    worker_rate, produce_s, stats, rss_kib = run_workers(settings, args.workers, Path(f"/tmp/{settings.topic_prefix}"), records)
+    worker_rate, produce_s, stats, rss_kib, cpu = run_workers(settings, args.workers, Path(f"/tmp/{settings.topic_prefix}"), records)
     bare = Settings(topic_prefix=f"{settings.topic_prefix}b")  # the same N alone in a fresh topic, as before the workers ran
     create_topics(bare)
     produce(bare, bare.topic("usage"), records)
-    bare_rate = args.events / bare_consume(bare, bare.topic("usage"), args.events)
+    cpu0, bare_rates = time.process_time(), [args.events / bare_consume(bare, bare.topic("usage"), args.events) for _ in range(3)]
+    bare_cpu_us = (time.process_time() - cpu0) / (3 * args.events) * 1e6
+    bare_rate = sorted(bare_rates)[1]
     state_bytes, scopes = state_memory(args.sessions)
     stages = stage_costs()
     try:
@@ -544,9 +556,12 @@ def main() -> None:
         "|---|---|",
         f"| events | {args.events:,} ({args.sessions:,} sessions, 50 tenants, 5 models + tool calls) |",
         f"| produce (idempotent, lz4) | {args.events / produce_s:,.0f} events/s |",
-        f"| bare confluent-kafka consume (baseline) | {bare_rate:,.0f} events/s |",
+        f"| bare confluent-kafka consume (baseline; median of {', '.join(f'{r:,.0f}' for r in bare_rates)}; "
+        f"{bare_cpu_us:.2f} CPU µs/event) | {bare_rate:,.0f} events/s |",
         f"| {args.workers} stream worker process(es): usage -> priced (+ spend, changelog, anomalies, commit) | {worker_rate:,.0f} events/s |",
         f"| **ratio worker / bare consume** | **{worker_rate / bare_rate:.2f}** |",
+        f"| CPU per event while the clock ran (µs, from /proc; the broker's only when it is local) | "
+        f"{', '.join(f'{name} {us:.1f}' for name, us in cpu.items())} |",
         f"| worker counters | {' / '.join(', '.join(f'{k}={v}' for k, v in sorted(s.items())) for s in stats)} |",
         f"| worker process max RSS ({args.sessions:,} sessions{' over ' + str(args.workers) + ' workers' if args.workers > 1 else ''}) | {rss_kib / 1024:,.0f} MiB |",
         f"| worker state at {args.sessions:,} active sessions ({scopes:,} scopes; spend + detectors + dedupe, tracemalloc) | "

@@ -34,6 +34,8 @@ from meterline.sql.synth import priced_events
 from meterline.streams.codec import encode_priced_v2
 from meterline.topics import catalog_by_name, create_topics
 
+from .common import BARE_CONSUMER
+
 RESULTS = Path(__file__).resolve().parent / "results" / "sink.md"
 
 
@@ -52,11 +54,11 @@ def produce(settings: Settings, records: list[bytes]) -> None:
 
 def bare_consume(settings: Settings, n: int) -> float:
     consumer = Consumer(settings.kafka_config(**{"group.id": f"bare-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-                                                 "enable.auto.commit": False, "fetch.max.bytes": 64 * 1024 * 1024}))
+                                                 "enable.auto.commit": False, "fetch.max.bytes": 64 * 1024 * 1024, **BARE_CONSUMER}))
     consumer.subscribe([settings.topic("priced")])
     seen, start = 0, time.perf_counter()
     while seen < n:
-        seen += sum(1 for m in consumer.consume(10_000, 0.2) if not m.error())
+        seen += sum(1 for m in consumer.consume(min(10_000, n - seen), 0.2) if not m.error())  # a batch it cannot fill waits 0.2 s
     elapsed = time.perf_counter() - start
     consumer.close()
     return elapsed

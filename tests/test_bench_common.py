@@ -43,6 +43,15 @@ def test_sizing_refuses_in_one_line_without_a_local_broker(tmp_path):
                                    "set METERLINE_DATA_DIR to the one running, or give the figures with --assume")
 
 
+def test_end_to_end_refuses_in_one_line_without_a_local_broker(tmp_path):
+    """Without it the broker's CPU per event read 0.0 and its JIT went unwarmed, and the table did not say so."""
+    done = bench("bench.pipeline", "--end-to-end", "--events", "10", METERLINE_DATA_DIR=str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (f"error: no local broker under {tmp_path / 'kafka'}: start one (`meterline kafka start`), "
+                                   "set METERLINE_DATA_DIR to the one running, or measure a broker elsewhere with "
+                                   "--broker-warmup-s 0 (its CPU then reads 0)")
+
+
 def test_a_result_section_is_appended_under_the_files_title(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
     common.append_result("x", "## first\n\n| a |\n", "X benchmark")
