@@ -236,29 +236,31 @@ class RunawaySessions:
 
     def _check(self, current: _SessionMinute, tenant: str, agent: str, session: str, ts: datetime, kind: str,
                model: str, tool: str, input_tokens: int, output_tokens: int) -> list[Anomaly]:
-        cfg, costs, reps, found = self.config, current.costs, current.reps, []
-        minute = minute_datetime(current.minute, ts.tzinfo)
-        if costs.n >= cfg.warmup and not current.flagged_cost:
-            limit = costs.threshold(cfg.k, cfg.session_floor_usd)
-            if current.cost > limit and self._cool(("runaway_session", tenant, session), ts):
-                current.flagged_cost = True
-                found.append(_anomaly(
-                    "runaway_session", _severity(current.cost, limit), tenant, "session", session, minute, ts,
-                    {"session_minute_cost_usd": usd(current.cost), "threshold_usd": usd(limit),
-                     "agent_baseline_usd": usd(costs.level), "agent_deviation_usd": usd(costs.dev),
-                     "calls": current.calls, "agent_id": agent, "window_seconds": int((ts - minute).total_seconds()) + 1},
-                    f"session {session} of agent {agent or '?'} spent {usd(current.cost)} USD this minute; "
-                    f"its agent's sessions usually spend {usd(costs.level)} USD a minute"))
-        if reps.n >= cfg.warmup and not current.flagged_repeat:
-            limit = max(cfg.repeat_floor, reps.threshold(cfg.k, 1))
-            if current.top_repeat > limit and self._cool(("repeated_calls", tenant, session), ts):
-                current.flagged_repeat = True
-                found.append(_anomaly(
-                    "repeated_calls", _severity(current.top_repeat, limit), tenant, "session", session, minute, ts,
-                    {"identical_calls": current.top_repeat, "threshold_calls": limit, "agent_baseline_calls": reps.level,
-                     "model": model or tool, "input_tokens": input_tokens, "output_tokens": output_tokens,
-                     "session_minute_cost_usd": usd(current.cost), "agent_id": agent},
-                    f"session {session} repeated a near-identical {model or tool} call {current.top_repeat} times this minute"))
+        cfg, costs, reps = self.config, current.costs, current.reps
+        cost_limit = costs.threshold(cfg.k, cfg.session_floor_usd) if costs.n >= cfg.warmup and not current.flagged_cost else None
+        repeat_limit = (max(cfg.repeat_floor, reps.threshold(cfg.k, 1)) if reps.n >= cfg.warmup and not current.flagged_repeat
+                        else None)
+        if not ((cost_limit is not None and current.cost > cost_limit)
+                or (repeat_limit is not None and current.top_repeat > repeat_limit)):
+            return NOTHING  # where every event of a warmed-up agent ends: no datetime, no list (BENCHMARKS.md, session 19)
+        found, minute = [], minute_datetime(current.minute, ts.tzinfo)
+        if cost_limit is not None and current.cost > cost_limit and self._cool(("runaway_session", tenant, session), ts):
+            current.flagged_cost = True
+            found.append(_anomaly(
+                "runaway_session", _severity(current.cost, cost_limit), tenant, "session", session, minute, ts,
+                {"session_minute_cost_usd": usd(current.cost), "threshold_usd": usd(cost_limit),
+                 "agent_baseline_usd": usd(costs.level), "agent_deviation_usd": usd(costs.dev),
+                 "calls": current.calls, "agent_id": agent, "window_seconds": int((ts - minute).total_seconds()) + 1},
+                f"session {session} of agent {agent or '?'} spent {usd(current.cost)} USD this minute; "
+                f"its agent's sessions usually spend {usd(costs.level)} USD a minute"))
+        if repeat_limit is not None and current.top_repeat > repeat_limit and self._cool(("repeated_calls", tenant, session), ts):
+            current.flagged_repeat = True
+            found.append(_anomaly(
+                "repeated_calls", _severity(current.top_repeat, repeat_limit), tenant, "session", session, minute, ts,
+                {"identical_calls": current.top_repeat, "threshold_calls": repeat_limit, "agent_baseline_calls": reps.level,
+                 "model": model or tool, "input_tokens": input_tokens, "output_tokens": output_tokens,
+                 "session_minute_cost_usd": usd(current.cost), "agent_id": agent},
+                f"session {session} repeated a near-identical {model or tool} call {current.top_repeat} times this minute"))
         return found
 
     def _close(self, closed: _SessionMinute) -> None:
