@@ -108,7 +108,7 @@ def bare_consume(settings: Settings, topic: str, n: int) -> float:
 
 
 def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[tuple[bytes, bytes]],
-                warmup: int = 5_000) -> tuple[float, float, list[dict], int]:
+                warmup: int = 5_000) -> tuple[float, float, list[dict], int, dict[str, float]]:
     """`workers` x `meterline streams` in one consumer group, warm and each holding its partitions before the clock.
 
     They carry `warmup` events first (imports, state restore and the group's join are behind them), are paused
@@ -126,7 +126,7 @@ def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[
              for i in range(workers)]
     try:
         wait_for_members(settings, settings.group("streams"), workers, procs)
-        wait_for_priced(settings, warmup)
+        wait_until_in_ledger(settings, None, warmup)
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)
         produce_s = produce(settings, usage, records)
@@ -134,7 +134,7 @@ def run_workers(settings: Settings, workers: int, data_dir: Path, records: list[
         t0 = time.perf_counter()
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
-        wait_for_priced(settings, warmup + len(records))
+        wait_until_in_ledger(settings, None, warmup + len(records))
         elapsed = time.perf_counter() - t0
         cpu1 = [cpu_seconds(p.pid) for p in procs] + [broker_cpu_seconds()]
     finally:
@@ -157,8 +157,8 @@ def wait_for_members(settings: Settings, group: str, workers: int, procs: list, 
 
     admin, usage, deadline = AdminClient(settings.kafka_config()), settings.topic("usage"), time.monotonic() + patience
     while time.monotonic() < deadline:
-        if any(proc.poll() is not None for proc in procs):
-            raise SystemExit("a worker exited before it joined: " + procs[0].stderr.read().decode()[-500:])
+        if (exited := next((proc for proc in procs if proc.poll() is not None), None)) is not None:
+            raise SystemExit("a worker exited before it joined: " + exited.stderr.read().decode()[-500:])
         try:
             group_info = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
         except KafkaException as exc:  # a fresh broker's coordinator is still loading
@@ -171,21 +171,6 @@ def wait_for_members(settings: Settings, group: str, workers: int, procs: list, 
             return
         time.sleep(0.1)
     raise SystemExit(f"the {workers} workers did not all hold partitions of {usage} within {patience:.0f} s")
-
-
-def wait_for_priced(settings: Settings, expected: int, patience: float = 60) -> None:
-    """Until the priced topic holds `expected` records; gives up after `patience` seconds without progress."""
-    watch, progress, since = _LedgerWatch(settings), -1, time.monotonic()
-    try:
-        while (count := sum(watch.ends())) < expected:
-            if count != progress:
-                progress, since = count, time.monotonic()
-            elif time.monotonic() - since > patience:
-                raise SystemExit(f"stuck: {count:,} priced records of {expected:,} expected; "
-                                 f"see the dead letters in {settings.topic('dlq')}")
-            time.sleep(0.05)
-    finally:
-        watch.close()
 
 
 def state_memory(sessions: int) -> tuple[int, int]:
@@ -395,24 +380,28 @@ def broker_idle_rates(settings: Settings, group: str, procs: list, seconds: floa
     return pipeline, polling
 
 
-def wait_until_in_ledger(settings: Settings, group: str, expected: int, patience: float = 60) -> None:
+def wait_until_in_ledger(settings: Settings, group: str | None, expected: int, patience: float = 60) -> None:
     """Poll until the priced topic holds `expected` records and the sink group committed all of them
-    (the sink commits only after its insert: committed = rows visible in ClickHouse). Gives up after
-    `patience` seconds without progress, naming how far it got (e.g. events dead-lettered upstream)."""
+    (the sink commits only after its insert: committed = rows visible in ClickHouse); group None: until priced
+    holds them (the stream stage alone). Gives up after `patience` seconds without progress, naming how far it
+    got (e.g. events dead-lettered upstream)."""
     watch = _LedgerWatch(settings, group)
     progress, since = None, time.monotonic()
-    while True:
-        ends, committed = watch.progress()
-        if sum(ends) >= expected and committed == ends:
-            break
-        if (sum(ends), sum(committed)) != progress:
-            progress, since = (sum(ends), sum(committed)), time.monotonic()
-        elif time.monotonic() - since > patience:
-            watch.close()
-            raise SystemExit(f"stuck: {sum(ends):,} priced records of {expected:,} expected, {sum(committed):,} in the ledger; "
-                             f"see the dead letters in {settings.topic('dlq')}")
-        time.sleep(0.05)
-    watch.close()
+    try:
+        while True:
+            ends, committed = watch.progress() if group else (watch.ends(), None)
+            if sum(ends) >= expected and committed in (None, ends):
+                return
+            seen = (sum(ends), None if committed is None else sum(committed))
+            if seen != progress:
+                progress, since = seen, time.monotonic()
+            elif time.monotonic() - since > patience:
+                ledger = f", {sum(committed):,} in the ledger" if committed is not None else ""
+                raise SystemExit(f"stuck: {sum(ends):,} priced records of {expected:,} expected{ledger}; "
+                                 f"see the dead letters in {settings.topic('dlq')}")
+            time.sleep(0.05)
+    finally:
+        watch.close()
 
 
 def run_end_to_end(records: list[tuple[bytes, bytes]], workers: int, warmup: int = 20_000, broker_warmup_s: float = 60.0) -> dict:
